@@ -1,0 +1,1 @@
+//! ferro-vmm
