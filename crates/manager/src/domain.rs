@@ -1,0 +1,418 @@
+//! Domain definitions: the human-edited TOML model, its parsing and its validation.
+//!
+//! Every rejection names the offending key (`disk[1].format: ...`) so that a caller can fix the file
+//! without guessing. The TOML text the user defined is kept verbatim for `dumpconfig`.
+
+use serde::{Deserialize, Serialize};
+
+/// One domain definition as written in TOML.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub name: String,
+    /// Guest memory, e.g. "512M" or "2G" (a bare number is bytes).
+    pub memory: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub autostart: bool,
+    pub boot: BootConfig,
+    #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default, rename = "nic", skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicConfig>,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+/// How the guest boots: a Linux kernel (plus optional initrd and command line) or one of the
+/// VMM's built-in test guests.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BootConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Name of a test guest built into the VMM (`ferro run --guest NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    #[serde(default = "default_format")]
+    pub format: String,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+fn default_format() -> String {
+    "raw".to_string()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    pub tap: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// A definition that could not be accepted; `key` is the dotted path of the offending key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.key, self.reason)
+        }
+    }
+}
+
+fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), reason: reason.into() }
+}
+
+/// Disk formats the VMM can open.
+pub const DISK_FORMATS: &[&str] = &["raw", "qcow2"];
+
+/// Largest vCPU count accepted in a definition.
+pub const MAX_VCPUS: u32 = 255;
+
+impl DomainConfig {
+    /// Parses and validates a TOML definition.
+    pub fn parse(text: &str) -> Result<DomainConfig, ConfigError> {
+        let config: DomainConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; see the module documentation for the error shape.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_name(&self.name).map_err(|reason| err("name", reason))?;
+        let memory = parse_size(&self.memory).map_err(|reason| err("memory", reason))?;
+        if memory < 1 << 20 {
+            return Err(err("memory", "must be at least 1M"));
+        }
+        if memory > 1 << 40 {
+            return Err(err("memory", "must be at most 1T"));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(err("vcpus", format!("must be between 1 and {MAX_VCPUS}")));
+        }
+        self.boot.validate()?;
+        for (i, disk) in self.disks.iter().enumerate() {
+            disk.validate().map_err(|e| err(format!("disk[{i}].{}", e.key), e.reason))?;
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            nic.validate().map_err(|e| err(format!("nic[{i}].{}", e.key), e.reason))?;
+            if self.nics[..i].iter().any(|other| other.tap == nic.tap) {
+                return Err(err(format!("nic[{i}].tap"), format!("tap {:?} is used twice", nic.tap)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Guest memory in bytes (the definition is validated, so this cannot fail afterwards).
+    pub fn memory_bytes(&self) -> u64 {
+        parse_size(&self.memory).unwrap_or(0)
+    }
+}
+
+impl BootConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.kernel, &self.guest) {
+            (None, None) => {
+                return Err(err("boot", "set boot.kernel (a Linux kernel) or boot.guest (a built-in test guest)"));
+            }
+            (Some(_), Some(_)) => return Err(err("boot.guest", "cannot be combined with boot.kernel")),
+            (Some(kernel), None) => check_abs_path(kernel).map_err(|r| err("boot.kernel", r))?,
+            (None, Some(guest)) => {
+                let ok = !guest.is_empty()
+                    && guest.len() <= 32
+                    && guest.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+                if !ok {
+                    return Err(err("boot.guest", "must be a built-in guest name such as \"hello\""));
+                }
+                if self.initrd.is_some() {
+                    return Err(err("boot.initrd", "needs boot.kernel"));
+                }
+            }
+        }
+        if let Some(initrd) = &self.initrd {
+            check_abs_path(initrd).map_err(|r| err("boot.initrd", r))?;
+        }
+        if let Some(cmdline) = &self.cmdline {
+            if cmdline.len() > 2048 {
+                return Err(err("boot.cmdline", "longer than 2048 bytes"));
+            }
+            if cmdline.chars().any(|c| c.is_control()) {
+                return Err(err("boot.cmdline", "contains control characters"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DiskConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.path, &self.pool, &self.volume) {
+            (Some(path), None, None) => check_abs_path(path).map_err(|r| err("path", r))?,
+            (None, Some(pool), Some(volume)) => {
+                validate_name(pool).map_err(|r| err("pool", r))?;
+                validate_volume_name(volume).map_err(|r| err("volume", r))?;
+            }
+            (Some(_), _, _) => return Err(err("path", "give either path or pool + volume, not both")),
+            (None, Some(_), None) => return Err(err("volume", "missing (pool needs a volume)")),
+            (None, None, Some(_)) => return Err(err("pool", "missing (volume needs a pool)")),
+            (None, None, None) => return Err(err("path", "missing (give path, or pool + volume)")),
+        }
+        if !DISK_FORMATS.contains(&self.format.as_str()) {
+            return Err(err("format", format!("unknown format {:?} (expected raw or qcow2)", self.format)));
+        }
+        Ok(())
+    }
+}
+
+impl NicConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ok = !self.tap.is_empty()
+            && self.tap.len() <= 15
+            && self.tap.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !ok {
+            return Err(err("tap", "must be an interface name of 1-15 letters, digits, '-', '_' or '.'"));
+        }
+        if let Some(mac) = &self.mac {
+            let parts: Vec<&str> = mac.split(':').collect();
+            let ok = parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok());
+            if !ok {
+                return Err(err("mac", format!("{mac:?} is not a MAC address like 52:54:00:12:34:56")));
+            }
+            let first = u8::from_str_radix(parts[0], 16).unwrap_or(1);
+            if first & 1 == 1 {
+                return Err(err("mac", format!("{mac:?} is a multicast address")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_abs_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("is empty".to_string());
+    }
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} is not an absolute path"));
+    }
+    if path.contains('\0') || path.contains(',') {
+        return Err(format!("{path:?} contains a NUL or ',' character"));
+    }
+    Ok(())
+}
+
+/// Names of domains and pools: 1-64 letters, digits, '.', '-' and '_', not starting with '.' or '-'.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    validate_object_name(name, 64)
+}
+
+/// Volume names are file names inside a pool directory: the same rule, up to 128 characters.
+pub fn validate_volume_name(name: &str) -> Result<(), String> {
+    validate_object_name(name, 128)
+}
+
+fn validate_object_name(name: &str, max: usize) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".to_string());
+    }
+    if name.len() > max {
+        return Err(format!("{name:?} is longer than {max} characters"));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(format!("{name:?} must not start with '.' or '-'"));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_') {
+        return Err(format!("{name:?} may only contain letters, digits, '.', '-' and '_'"));
+    }
+    Ok(())
+}
+
+/// Parses "512M", "2G", "1.5G", "4096K", "1T" or a plain byte count (binary units).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let bad = || format!("{text:?} is not a size (expected e.g. 512M, 2G or a byte count)");
+    let (number, unit) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&t[..i], t[i..].to_ascii_uppercase()),
+        None => (t, String::new()),
+    };
+    let shift = match unit.trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(bad()),
+    };
+    if number.is_empty() {
+        return Err(bad());
+    }
+    let bytes = if let Some((int, frac)) = number.split_once('.') {
+        let whole: u64 = int.parse().map_err(|_| bad())?;
+        if frac.is_empty() || frac.len() > 6 || !frac.chars().all(|c| c.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let frac_val: u64 = frac.parse().map_err(|_| bad())?;
+        let scale = 10u64.pow(frac.len() as u32);
+        let unit = 1u64 << shift;
+        whole
+            .checked_mul(unit)
+            .and_then(|w| frac_val.checked_mul(unit).map(|f| w + f / scale))
+            .ok_or_else(bad)?
+    } else {
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        n.checked_mul(1u64 << shift).ok_or_else(bad)?
+    };
+    Ok(bytes)
+}
+
+/// Turns a TOML/serde error into a one-line error naming the key it happened at.
+fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().replace('\n', " ");
+    let key = e.span().map(|span| key_at(text, span.start)).unwrap_or_default();
+    // serde's "missing field `x`" errors point at the enclosing table; name the field itself.
+    let key = match message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
+        Some(field) if key.is_empty() || !key.ends_with(field) => join_key(&table_at(text, e.span().map_or(0, |s| s.start)), field),
+        _ => key,
+    };
+    ConfigError { key, reason: message }
+}
+
+fn join_key(table: &str, key: &str) -> String {
+    if table.is_empty() { key.to_string() } else { format!("{table}.{key}") }
+}
+
+/// The dotted key path of the `key = value` line (or table header) containing byte offset `at`.
+fn key_at(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let line = text[line_start..line_end].trim();
+    if line.starts_with('[') {
+        return line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+    }
+    let table = table_at(text, line_start);
+    match line.split_once('=') {
+        Some((key, _)) => join_key(&table, key.trim().trim_matches('"')),
+        None => table,
+    }
+}
+
+/// The table header (`boot`, `disk[1]`) in force at byte offset `at`.
+fn table_at(text: &str, at: usize) -> String {
+    let mut table = String::new();
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if offset > at {
+            break;
+        }
+        offset += line.len();
+        let l = line.trim();
+        if let Some(inner) = l.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            let name = inner.trim().to_string();
+            let n = counts.entry(name.clone()).or_insert(0);
+            table = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(inner) = l.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            table = inner.trim().to_string();
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "web1"
+memory = "512M"
+vcpus = 2
+[boot]
+kernel = "/boot/vmlinux"
+cmdline = "console=ttyS0"
+[[disk]]
+path = "/var/disk.qcow2"
+format = "qcow2"
+[[disk]]
+pool = "default"
+volume = "web1.raw"
+[[nic]]
+tap = "tap-web1"
+"#;
+
+    #[test]
+    fn accepts_a_full_definition() {
+        let c = DomainConfig::parse(GOOD).unwrap();
+        assert_eq!(c.memory_bytes(), 512 << 20);
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[1].format, "raw");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = DomainConfig::parse(&GOOD.replace("vcpus = 2", "vcpus = 2\ncolour = 3")).unwrap_err();
+        assert_eq!(e.key, "colour");
+        let e = DomainConfig::parse(&GOOD.replace("format = \"qcow2\"", "format = \"qcow2\"\nsize = 1")).unwrap_err();
+        assert_eq!(e.key, "disk[0].size");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            ("vcpus = 2", "vcpus = 0", "vcpus"),
+            ("vcpus = 2", "vcpus = \"two\"", "vcpus"),
+            ("memory = \"512M\"", "memory = \"lots\"", "memory"),
+            ("name = \"web1\"", "name = \"a/b\"", "name"),
+            ("format = \"qcow2\"", "format = \"vmdk\"", "disk[0].format"),
+            ("volume = \"web1.raw\"", "", "disk[1].volume"),
+            ("tap = \"tap-web1\"", "tap = \"a-very-long-tap-name\"", "nic[0].tap"),
+            ("kernel = \"/boot/vmlinux\"", "kernel = \"vmlinux\"", "boot.kernel"),
+            ("kernel = \"/boot/vmlinux\"", "", "boot"),
+            ("name = \"web1\"", "", "name"),
+        ];
+        for (from, to, key) in cases {
+            let e = DomainConfig::parse(&GOOD.replace(from, to)).unwrap_err();
+            assert_eq!(e.key, key, "{from} -> {to}: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert!(parse_size("1X").is_err());
+    }
+}

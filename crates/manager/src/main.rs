@@ -1,0 +1,132 @@
+//! `ferrod`: the management daemon. `ferrod monitor ...` is the per-VM monitor it starts.
+
+use clap::{Parser, Subcommand};
+use ferro_manager::manager::{Manager, Paths};
+use ferro_manager::{DEFAULT_HOME, api, monitor, socket_for_home};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "ferrod", version, about = "Ferrovisor management daemon")]
+struct Cli {
+    /// State directory (default: $FERRO_HOME, else /var/lib/ferrovisor).
+    #[arg(long, env = "FERRO_HOME")]
+    home: Option<PathBuf>,
+    /// API socket (default: $FERRO_HOME/ferrod.sock, else /run/ferrovisor/ferrod.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The `ferro` binary that runs VMs (default: $FERRO_BIN, else `ferro` next to ferrod).
+    #[arg(long, env = "FERRO_BIN")]
+    ferro_bin: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs one VMM and reports how it ended (started by ferrod, not by hand).
+    #[command(hide = true)]
+    Monitor {
+        #[arg(long)]
+        exit_report: PathBuf,
+        #[arg(long)]
+        log: PathBuf,
+        /// Socket files the VMM creates, removed before each (re)start.
+        #[arg(long)]
+        socket: Vec<PathBuf>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Monitor { exit_report, log, socket, command }) = cli.command {
+        return monitor::run(monitor::MonitorArgs { exit_report, log, sockets: socket, command });
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match serve(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferrod: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(cli: Cli) -> Result<(), String> {
+    let home_given = cli.home.is_some();
+    let home = cli.home.unwrap_or_else(|| PathBuf::from(DEFAULT_HOME));
+    let socket = cli.socket.unwrap_or_else(|| socket_for_home(home_given.then_some(home.as_path())));
+    let self_exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
+    let ferro_bin = cli.ferro_bin.unwrap_or_else(|| self_exe.with_file_name("ferro"));
+    std::fs::create_dir_all(&home).map_err(|e| format!("cannot create {}: {e}", home.display()))?;
+    let _lock = lock_home(&home)?;
+    let paths = Paths {
+        db: home.join("ferrod.db"),
+        run: home.join("run"),
+        home,
+        socket,
+        ferro_bin,
+        monitor_bin: self_exe,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let manager = Manager::open(paths.clone())?;
+        let listener = bind(&paths.socket)?;
+        manager.recover().await;
+        tracing::info!(socket = %paths.socket.display(), home = %paths.home.display(), "ferrod ready");
+        let app = api::router(manager);
+        let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+        let _ = std::fs::remove_file(&paths.socket);
+        result.map_err(|e| format!("serving the API failed: {e}"))
+    })
+}
+
+/// Takes an exclusive lock on the state directory so that two daemons never share it.
+fn lock_home(home: &std::path::Path) -> Result<std::fs::File, String> {
+    let path = home.join("ferrod.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!("another ferrod is already using {}", home.display()));
+    }
+    Ok(file)
+}
+
+fn bind(socket: &std::path::Path) -> Result<tokio::net::UnixListener, String> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    // The home lock is held, so a socket file left here belongs to a daemon that is gone.
+    let _ = std::fs::remove_file(socket);
+    tokio::net::UnixListener::bind(socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("stopping; running VMs keep running");
+}

@@ -1,0 +1,127 @@
+//! The per-VM monitor: a tiny process (`ferrod monitor ...`) that ferrod starts in its own session,
+//! which runs the VMM as its child, restarts it after a guest reset, and writes the VMM's final
+//! exit status to a report file.
+//!
+//! It exists so that the exit status of a VMM is known even when ferrod was restarted (or killed)
+//! while the VM ran: a restarted ferrod is not the VMM's parent and could not `wait` for it.
+
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+/// What the monitor reports when the VMM is gone for good.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExitReport {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// One line: the VMM's last stderr line, or how it died.
+    pub reason: String,
+    /// How many guest resets the monitor handled during this run.
+    pub resets: u32,
+}
+
+pub struct MonitorArgs {
+    pub exit_report: PathBuf,
+    pub log: PathBuf,
+    pub sockets: Vec<PathBuf>,
+    pub command: Vec<String>,
+}
+
+/// Line the VMM prints on stderr before exiting for a hard reset (docs/vmm-control.md).
+const RESET_LINE: &str = "reset";
+
+/// Runs the VMM until it exits for a reason other than a reset; never returns early on errors
+/// without writing a report, so ferrod always learns why the domain stopped.
+pub fn run(args: MonitorArgs) -> ExitCode {
+    let mut resets = 0;
+    let report = loop {
+        for socket in &args.sockets {
+            let _ = std::fs::remove_file(socket);
+        }
+        match run_once(&args) {
+            Ok((status, last_line)) => {
+                if status.code() == Some(0) && last_line.as_deref() == Some(RESET_LINE) {
+                    resets += 1;
+                    continue;
+                }
+                let reason = match (status.code(), status.signal(), last_line) {
+                    (Some(0), _, _) => "guest powered off or VMM stopped".to_string(),
+                    (_, _, Some(line)) => line,
+                    (_, Some(sig), None) => format!("VMM killed by signal {sig} ({})", signal_name(sig)),
+                    (Some(code), _, None) => format!("VMM exited with status {code} without a message"),
+                    (None, None, None) => "VMM exited".to_string(),
+                };
+                break ExitReport { code: status.code(), signal: status.signal(), reason, resets };
+            }
+            Err(reason) => break ExitReport { code: None, signal: None, reason, resets },
+        }
+    };
+    let failed = report.code != Some(0);
+    if let Err(e) = write_report(&args.exit_report, &report) {
+        eprintln!("ferrod monitor: cannot write {}: {e}", args.exit_report.display());
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+fn run_once(args: &MonitorArgs) -> Result<(std::process::ExitStatus, Option<String>), String> {
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args.log)
+        .map_err(|e| format!("cannot open VMM log {}: {e}", args.log.display()))?;
+    let start = log.seek(SeekFrom::End(0)).unwrap_or(0);
+    let stderr = log.try_clone().map_err(|e| format!("cannot open VMM log: {e}"))?;
+    let (program, rest) = args.command.split_first().ok_or("no VMM command given")?;
+    let mut child = Command::new(program)
+        .args(rest)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| format!("cannot open VMM log: {e}"))?)
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| format!("cannot run VMM {program}: {e}"))?;
+    let status = child.wait().map_err(|e| format!("cannot wait for VMM: {e}"))?;
+    let _ = log.flush();
+    Ok((status, last_line_since(&args.log, start)))
+}
+
+/// The last non-empty line written to `path` after byte offset `start` (at most 4 KiB back).
+fn last_line_since(path: &Path, start: u64) -> Option<String> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let end = file.seek(SeekFrom::End(0)).ok()?;
+    let from = start.max(end.saturating_sub(4096));
+    file.seek(SeekFrom::Start(from)).ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    // Prefer an error line among the last few (clap, for one, ends with a "--help" hint).
+    let recent = &lines[lines.len().saturating_sub(3)..];
+    recent.iter().rev().find(|l| l.to_ascii_lowercase().contains("error")).or(recent.last()).map(|l| l.to_string())
+}
+
+fn write_report(path: &Path, report: &ExitReport) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(report).map_err(std::io::Error::other)?)?;
+    std::fs::rename(tmp, path)
+}
+
+/// Reads a report written by a monitor, if there is one.
+pub fn read_report(path: &Path) -> Option<ExitReport> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGINT => "SIGINT",
+        libc::SIGSYS => "SIGSYS",
+        libc::SIGILL => "SIGILL",
+        _ => "signal",
+    }
+}
