@@ -3,8 +3,11 @@
 //! `ferro run` boots a VM in the foreground (no daemon), `ferro host-check` validates the host,
 //! `ferro img` works on disk images, and the virsh-like verbs talk to `ferrod`.
 
+mod host_check;
 mod img;
 mod manage;
+mod run;
+mod test_guest;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -18,6 +21,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Boot a VM in the foreground with its serial console on this terminal (no daemon).
+    Run(run::RunArgs),
+    /// Check that this host can run VMs, like virt-host-validate.
+    HostCheck,
+    /// List or export the built-in test guests (PVH ELF files, also bootable by QEMU).
+    #[command(hide = true)]
+    TestGuest(test_guest::TestGuestArgs),
     /// Work on disk images (qemu-img compatible verbs).
     Img(img::ImgArgs),
     #[command(flatten)]
@@ -27,6 +37,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::HostCheck => host_check::run(),
+        Command::TestGuest(args) => test_guest::run(args),
         Command::Img(args) => img::run(args),
         Command::Manage(cmd) => manage::run(cmd),
     }

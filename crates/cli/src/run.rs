@@ -1,0 +1,110 @@
+//! `ferro run`: boot one VM in the foreground, console on the terminal, no daemon.
+
+use ferro_hypervisor::Hypervisor;
+use ferro_vmm::{ExitReason, VmConfig};
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Kernel to boot: ELF vmlinux (PVH note or 64-bit boot protocol) or bzImage.
+    #[arg(long, conflicts_with = "guest")]
+    kernel: Option<PathBuf>,
+    /// Boot a built-in test guest instead of a kernel file (see `ferro test-guest list`).
+    #[arg(long)]
+    guest: Option<String>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Guest memory, with a K, M or G suffix (plain numbers are bytes).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+}
+
+/// Parses "256M", "1G", "65536K", "1048576".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix '{c}' in '{s}': use K, M, G or T")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size (examples: 256M, 2G)"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+/// Writes a built-in guest into an anonymous memory file and returns a path to it.
+fn builtin_guest_path(name: &str) -> Result<(PathBuf, OwnedFd), String> {
+    let image = ferro_guests::get(name).ok_or_else(|| {
+        let names: Vec<&str> = ferro_guests::names().collect();
+        format!("no built-in guest named '{name}'; available: {}", names.join(", "))
+    })?;
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"ferro-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut file = std::fs::File::from(owned.try_clone().map_err(|e| e.to_string())?);
+    file.write_all(image).map_err(|e| format!("writing the guest image: {e}"))?;
+    Ok((PathBuf::from(format!("/proc/self/fd/{fd}")), owned))
+}
+
+pub fn run(args: RunArgs) -> ExitCode {
+    let guest_name = args.guest.clone().unwrap_or_else(|| "hello".to_owned());
+    let (kernel, _guest_fd) = match args.kernel {
+        Some(k) => (k, None),
+        None => match builtin_guest_path(&guest_name) {
+            Ok((p, fd)) => (p, Some(fd)),
+            Err(e) => return fail(&e),
+        },
+    };
+    let hv = match Hypervisor::open() {
+        Ok(hv) => hv,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let config = VmConfig { kernel, initrd: args.initrd, cmdline: args.cmdline, memory: args.memory, vcpus: args.cpus };
+    match ferro_vmm::run_foreground(&hv, config) {
+        Ok(ExitReason::Error(msg)) => fail(&msg),
+        Ok(reason) => ExitCode::from(reason.status() as u8),
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("ferro: {msg}");
+    ExitCode::from(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert!(parse_size("12Q").unwrap_err().contains("suffix"));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+        assert!(parse_size("99999999999G").unwrap_err().contains("too large"));
+    }
+}

@@ -1,0 +1,145 @@
+//! Loading a guest kernel and preparing the boot state.
+//!
+//! Formats, detected from the file's bytes: ELF with a PVH note (booted through the PVH entry in
+//! 32-bit protected mode with an `hvm_start_info`), ELF without one (the 64-bit Linux boot
+//! protocol, entered in long mode with a zero page), and bzImage (64-bit Linux boot protocol).
+
+mod e820;
+mod linux;
+mod pvh;
+pub mod regs;
+
+use crate::layout::{CMDLINE_MAX, CMDLINE_START, HIMEM_START, MMIO_HOLE_START};
+use crate::memory::GuestMemoryMmap;
+use crate::{Error, Result};
+use linux_loader::loader::{self, KernelLoader, PvhBootCapability};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// What the guest should be booted with.
+pub struct BootSource<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
+    pub rsdp: u64,
+}
+
+/// How the boot vCPU must start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryPoint {
+    /// PVH: 32-bit protected mode at `entry`, %ebx = start_info.
+    Pvh { entry: u64 },
+    /// Linux 64-bit boot protocol: long mode at `entry`, %rsi = zero page.
+    Linux64 { entry: u64 },
+}
+
+/// The kernel formats we recognise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat> {
+    let mut head = [0u8; 0x206];
+    let n = read_up_to(file, &mut head).map_err(|e| Error::Kernel(format!("{}: cannot read: {e}", path.display())))?;
+    if n >= 4 && &head[..4] == b"\x7fELF" {
+        if n > 4 && head[4] != 2 {
+            return Err(Error::Kernel(format!(
+                "{}: 32-bit ELF kernels are not supported; build the kernel as a 64-bit ELF (a PVH note may still carry a 32-bit entry)",
+                path.display()
+            )));
+        }
+        return Ok(KernelFormat::Elf);
+    }
+    if n >= 0x206 && &head[0x202..0x206] == b"HdrS" {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(Error::Kernel(format!("{}: not a kernel this VMM can boot (expected an ELF vmlinux or a bzImage)", path.display())))
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    file.seek(SeekFrom::Start(0))?;
+    Ok(n)
+}
+
+/// Loads the kernel, initrd and command line into `mem` and writes the boot structures.
+pub fn load(mem: &GuestMemoryMmap, src: &BootSource) -> Result<EntryPoint> {
+    if src.cmdline.len() >= CMDLINE_MAX {
+        return Err(Error::Config(format!(
+            "kernel command line is {} bytes; the limit is {} bytes",
+            src.cmdline.len(),
+            CMDLINE_MAX - 1
+        )));
+    }
+    if src.cmdline.as_bytes().contains(&0) {
+        return Err(Error::Config("kernel command line contains a NUL byte".into()));
+    }
+    let path = src.kernel;
+    let mut file = File::open(path).map_err(|e| Error::Kernel(format!("{}: {e}", path.display())))?;
+    let format = detect_format(&mut file, path)?;
+    let loaded = match format {
+        KernelFormat::Elf => loader::Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))),
+        KernelFormat::BzImage => loader::BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))),
+    }
+    .map_err(|e| Error::Kernel(format!("{}: cannot load: {e}", path.display())))?;
+
+    let low_ram_end = mem.last_addr().0.min(MMIO_HOLE_START - 1) + 1;
+    let initrd = match src.initrd {
+        Some(p) => Some(load_initrd(mem, p, loaded.kernel_end, low_ram_end)?),
+        None => None,
+    };
+
+    let mut cmdline = src.cmdline.as_bytes().to_vec();
+    cmdline.push(0);
+    mem.write_slice(&cmdline, GuestAddress(CMDLINE_START))
+        .map_err(|e| Error::Internal(format!("writing the command line: {e}")))?;
+
+    match (format, loaded.pvh_boot_cap) {
+        (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
+            pvh::write_start_info(mem, initrd, src.rsdp)?;
+            Ok(EntryPoint::Pvh { entry: entry.0 })
+        }
+        (KernelFormat::Elf, _) => {
+            linux::write_zero_page(mem, None, src.cmdline.len(), initrd, src.rsdp)?;
+            Ok(EntryPoint::Linux64 { entry: loaded.kernel_load.0 })
+        }
+        (KernelFormat::BzImage, _) => {
+            let header = loaded
+                .setup_header
+                .ok_or_else(|| Error::Kernel(format!("{}: bzImage without a setup header", path.display())))?;
+            linux::write_zero_page(mem, Some(header), src.cmdline.len(), initrd, src.rsdp)?;
+            // The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
+            Ok(EntryPoint::Linux64 { entry: loaded.kernel_load.0 + 0x200 })
+        }
+    }
+}
+
+/// Places the initrd page-aligned at the top of low RAM; it must not overlap the kernel.
+fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, low_ram_end: u64) -> Result<(u64, u64)> {
+    let mut file = File::open(path).map_err(|e| Error::Initrd(format!("{}: {e}", path.display())))?;
+    let size = file.metadata().map_err(|e| Error::Initrd(format!("{}: {e}", path.display())))?.len();
+    let too_big = || {
+        Error::Initrd(format!(
+            "{}: {} MiB does not fit in guest memory after the kernel; give the VM more memory",
+            path.display(),
+            size >> 20
+        ))
+    };
+    let start = low_ram_end.checked_sub(size).ok_or_else(too_big)? & !0xfff;
+    if start < kernel_end.max(HIMEM_START) {
+        return Err(too_big());
+    }
+    mem.read_exact_volatile_from(GuestAddress(start), &mut file, size as usize)
+        .map_err(|e| Error::Initrd(format!("{}: cannot load: {e}", path.display())))?;
+    Ok((start, size))
+}

@@ -1,0 +1,280 @@
+//! Building a VM from a [`VmConfig`] and running it to the end.
+
+use crate::boot::{self, BootSource, EntryPoint};
+use crate::bus::PioBus;
+use crate::console::{EscapeDecoder, FdWriter, RawTerminal};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vcpu::{self, Shared, VcpuHandle};
+use crate::{Error, Result, acpi, cpuid};
+use ferro_devices::acpi::{AcpiPm, GED_IRQ, PM_BASE, PM_SIZE};
+use ferro_devices::legacy::debug_exit::{DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
+use ferro_devices::legacy::i8042::{I8042_DATA_PORT, I8042_SIZE};
+use ferro_devices::legacy::serial::{COM1_IRQ, COM1_PORT, SERIAL_SIZE};
+use ferro_devices::legacy::{DebugExit, I8042, Serial};
+use ferro_devices::IrqLine;
+use ferro_hypervisor::{Hypervisor, ioctl_err};
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{VcpuFd, VmFd};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Where the KVM TSS (three pages) goes: just below the IOAPIC, inside the device hole.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// What to boot and with how much.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory: u64,
+    pub vcpus: u8,
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    config: VmConfig,
+    // Field order matters for drop: vCPUs and the VM fd go before the memory they map.
+    vcpus: Vec<VcpuFd>,
+    vm: VmFd,
+    _memory: GuestMemoryMmap,
+    serial: Arc<Mutex<Serial>>,
+    pm: Arc<Mutex<AcpiPm>>,
+    shared: Arc<Shared>,
+}
+
+impl Vm {
+    /// Creates the VM, loads the guest and prepares every vCPU. Guest output goes to `serial_out`.
+    pub fn new(hv: &Hypervisor, config: VmConfig, serial_out: Box<dyn std::io::Write + Send>) -> Result<Self> {
+        let max = hv.max_vcpus().min(usize::from(u8::MAX));
+        if config.vcpus == 0 || usize::from(config.vcpus) > max {
+            return Err(Error::Config(format!("{} vCPUs requested; this host allows 1 to {max}", config.vcpus)));
+        }
+        let vm = hv.create_vm()?;
+        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
+        let memory = memory::create(&vm, config.memory)?;
+
+        let rsdp = acpi::write_tables(&memory, config.vcpus)?;
+        let src = BootSource {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &config.cmdline,
+            rsdp,
+        };
+        let entry: EntryPoint = boot::load(&memory, &src)?;
+        boot::regs::write_tables(&memory, entry)?;
+
+        let irq = |gsi: u32| -> Result<IrqLine> {
+            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
+            vm.register_irqfd(&fd, gsi).map_err(ioctl_err("KVM_IRQFD"))?;
+            Ok(IrqLine(fd))
+        };
+        let serial = Arc::new(Mutex::new(Serial::new(irq(COM1_IRQ)?, serial_out)));
+        let pm = Arc::new(Mutex::new(AcpiPm::new(irq(GED_IRQ)?)));
+        let mut bus = PioBus::default();
+        bus.insert(COM1_PORT, SERIAL_SIZE, serial.clone());
+        bus.insert(PM_BASE, PM_SIZE, pm.clone());
+        bus.insert(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, Arc::new(Mutex::new(DebugExit)));
+        bus.insert(I8042_DATA_PORT, I8042_SIZE, Arc::new(Mutex::new(I8042)));
+
+        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        for index in 0..config.vcpus {
+            let fd = vm.create_vcpu(u64::from(index)).map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&cpuid::for_vcpu(hv.supported_cpuid(), index, config.vcpus))
+                .map_err(ioctl_err("KVM_SET_CPUID2"))?;
+            boot::regs::setup_fpu_and_msrs(&fd)?;
+            boot::regs::setup_lapic_lint(&fd)?;
+            if index == 0 {
+                boot::regs::setup_boot_vcpu(&fd, entry)?;
+            }
+            vcpus.push(fd);
+        }
+        let shared = Arc::new(Shared {
+            bus,
+            exit: ExitSignal::new().map_err(|e| Error::Io("eventfd", e))?,
+            stop: AtomicBool::new(false),
+            exits: AtomicU64::new(0),
+        });
+        Ok(Vm { config, vcpus, vm, _memory: memory, serial, pm, shared })
+    }
+
+    /// The KVM VM, for state save/restore.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// The vCPUs before they run, for state save/restore.
+    pub fn vcpu_fds(&self) -> &[VcpuFd] {
+        &self.vcpus
+    }
+
+    /// Presses the ACPI power button.
+    pub fn press_power_button(&self) -> std::io::Result<()> {
+        self.pm.lock().unwrap_or_else(|p| p.into_inner()).press_power_button()
+    }
+
+    /// Runs the VM until it stops. With `interactive`, stdin (a terminal) feeds COM1.
+    pub fn run(mut self, interactive: bool) -> Result<ExitReason> {
+        vcpu::install_kick_handler().map_err(|e| Error::Io("installing the vCPU kick handler", e))?;
+        let signals = SignalFd::block_and_open(&[libc::SIGINT, libc::SIGTERM])?;
+        let stdin = std::io::stdin();
+        let _raw = if interactive { RawTerminal::enable(stdin.as_fd()) } else { None };
+        if _raw.is_some() {
+            eprintln!("ferro: console attached to COM1; press Ctrl-A x to quit\r");
+        }
+
+        let handles: Vec<Arc<VcpuHandle>> = (0..self.vcpus.len())
+            .map(|i| Arc::new(VcpuHandle { started: AtomicBool::new(i == 0), time_ns: AtomicU64::new(0) }))
+            .collect();
+        let mut threads = Vec::new();
+        for (index, fd) in self.vcpus.drain(..).enumerate() {
+            let (shared, handle) = (self.shared.clone(), handles[index].clone());
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu::run(index as u8, fd, shared, handle))
+                .map_err(|e| Error::Io("spawning a vCPU thread", e))?;
+            threads.push(t);
+        }
+
+        let reason = self.main_loop(&signals, _raw.is_some(), &threads, &handles);
+
+        self.shared.stop.store(true, Ordering::Release);
+        for t in &threads {
+            // SAFETY: the pthread handle is valid until join below; the signal has a handler.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        Ok(reason)
+    }
+
+    fn main_loop(
+        &self,
+        signals: &SignalFd,
+        interactive: bool,
+        threads: &[std::thread::JoinHandle<()>],
+        handles: &[Arc<VcpuHandle>],
+    ) -> ExitReason {
+        let exit_fd = self.shared.exit.event.as_raw_fd();
+        let mut decoder = EscapeDecoder::default();
+        let mut kick_interval = Duration::from_millis(1);
+        loop {
+            let aps_waiting = handles.iter().any(|h| !h.started.load(Ordering::Relaxed));
+            let timeout = if aps_waiting { kick_interval.as_millis() as i32 } else { -1 };
+            let mut fds = vec![
+                libc::pollfd { fd: exit_fd, events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: signals.0, events: libc::POLLIN, revents: 0 },
+            ];
+            if interactive {
+                fds.push(libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 });
+            }
+            // SAFETY: `fds` is a valid array of pollfd for its length.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return ExitReason::Error(format!("poll: {err}"));
+            }
+            if n == 0 {
+                for (t, h) in threads.iter().zip(handles) {
+                    if !h.started.load(Ordering::Relaxed) {
+                        // SAFETY: the thread is alive (joined only after this loop).
+                        unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+                    }
+                }
+                kick_interval = (kick_interval * 2).min(Duration::from_millis(50));
+                continue;
+            }
+            if fds[0].revents != 0 {
+                if let Some(reason) = self.shared.exit.take() {
+                    return reason;
+                }
+            }
+            if fds[1].revents != 0 {
+                if let Some(sig) = signals.read() {
+                    return ExitReason::Signal(sig);
+                }
+            }
+            if interactive && fds[2].revents != 0 {
+                let mut buf = [0u8; 64];
+                // SAFETY: reading into a buffer we own, within its length.
+                let got = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+                if got <= 0 {
+                    continue;
+                }
+                let mut to_guest = Vec::new();
+                if decoder.feed(&buf[..got as usize], &mut to_guest) {
+                    return ExitReason::Quit;
+                }
+                self.serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(&to_guest);
+            }
+        }
+    }
+
+    /// The configuration this VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+}
+
+/// Runs `config` with the console on this process's stdout (and stdin when it is a terminal).
+pub fn run_foreground(hv: &Hypervisor, config: VmConfig) -> Result<ExitReason> {
+    let vm = Vm::new(hv, config, Box::new(FdWriter(1)))?;
+    vm.run(true)
+}
+
+/// Blocks the given signals for the whole process (threads spawned later inherit the mask) and
+/// reads them from a signalfd instead.
+struct SignalFd(i32);
+
+impl SignalFd {
+    fn block_and_open(signals: &[i32]) -> Result<Self> {
+        // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+        unsafe {
+            libc::sigemptyset(&mut set);
+            for s in signals {
+                libc::sigaddset(&mut set, *s);
+            }
+        }
+        // SAFETY: `set` is initialised; the old mask is not needed.
+        if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+            return Err(Error::Io("blocking signals", std::io::Error::last_os_error()));
+        }
+        // SAFETY: creates a new fd from a valid mask.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::Io("signalfd", std::io::Error::last_os_error()));
+        }
+        Ok(SignalFd(fd))
+    }
+
+    fn read(&self) -> Option<i32> {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reads at most `size` bytes into `info`.
+        let n = unsafe { libc::read(self.0, (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+        (n == size as isize).then_some(info.ssi_signo as i32)
+    }
+}
+
+impl Drop for SignalFd {
+    fn drop(&mut self) {
+        // SAFETY: we own the fd.
+        unsafe { libc::close(self.0) };
+    }
+}
