@@ -48,3 +48,132 @@ fn our_qcow2_passes_qemu_check_and_compare() {
         assert_eq!(read_all(&q), model, "our read-back, cluster {cluster} refcount bits {rbits}");
     }
 }
+
+fn p(path: &std::path::Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn qemu_written_qcow2_reads_back_byte_for_byte() {
+    let s = Scratch::new("theirs");
+    for opts in ["cluster_size=65536", "cluster_size=4096,refcount_bits=8", "compat=0.10", "cluster_size=512"] {
+        let q = s.path("q.qcow2");
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", opts, p(&q), "16M"]);
+        qemu_io(
+            "qcow2",
+            &q,
+            &[
+                "write -P 0xab 0 4k",
+                "write -P 0x11 65000 70000",
+                "write -P 0x22 5M 1M",
+                "write -z 5M 64k",
+                "discard 5505024 65536",
+                "write -P 0x33 16769024 8192",
+            ],
+        );
+        assert_eq!(read_all(&q), qemu_read_all(&q, &s), "options {opts}");
+    }
+}
+
+#[test]
+fn compressed_clusters_read_like_qemu() {
+    let s = Scratch::new("compressed");
+    let r = s.path("src.raw");
+    let mut content = data(7, 3 * MIB as usize);
+    content[MIB as usize..2 * MIB as usize].iter_mut().enumerate().for_each(|(i, b)| *b = (i / 1000) as u8);
+    std::fs::write(&r, &content).expect("write raw");
+    let q = s.path("c.qcow2");
+    qemu_img_ok(&["convert", "-c", "-O", "qcow2", p(&r), p(&q)]);
+    assert_eq!(read_all(&q), content);
+    // Overwriting part of a compressed cluster copies it out and frees the compressed data.
+    {
+        let mut img = open(&q, None, false).expect("open rw");
+        img.write_at(&[0x5a; 100], MIB + 7).expect("write into compressed cluster");
+        img.flush().expect("flush");
+    }
+    content[MIB as usize + 7..MIB as usize + 107].fill(0x5a);
+    assert_eq!(read_all(&q), content);
+    let out = qemu_img(&["check", p(&q)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn backing_chains_both_ways() {
+    let s = Scratch::new("chain");
+    let size = 4 * MIB;
+    // qemu builds raw <- qcow2 <- qcow2 with a relative and an absolute backing name.
+    let base = s.path("base.raw");
+    std::fs::write(&base, data(1, size as usize)).expect("base");
+    let mid = s.path("mid.qcow2");
+    let top = s.path("top.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", p(&mid)]);
+    qemu_io("qcow2", &mid, &["write -P 0x44 1M 100k", "write -z 3M 64k"]);
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", p(&mid), "-F", "qcow2", p(&top)]);
+    qemu_io("qcow2", &top, &["write -P 0x55 1100k 10k", "discard 0 64k"]);
+    assert_eq!(read_all(&top), qemu_read_all(&top, &s));
+
+    // We build a chain on top of theirs, write partial clusters (copy-on-write from backing).
+    let ours = s.path("ours.qcow2");
+    let mut o = CreateOptions::new(Format::Qcow2, None);
+    o.backing_file = Some("top.qcow2".into());
+    o.backing_format = Some(Format::Qcow2);
+    create(&ours, &o).expect("create overlay");
+    {
+        let mut img = open(&ours, None, false).expect("open overlay");
+        assert_eq!(img.size(), size);
+        img.write_at(&data(9, 3000), 1024 * 1024 + 5000).expect("cow write");
+        img.write_zeroes(2 * MIB, 128 * 1024).expect("zeroes over backing");
+        img.write_zeroes(2 * MIB + 128 * 1024 + 100, 50).expect("partial zeroes");
+        img.discard(3 * MIB + 65536, 65536).expect("discard");
+        img.flush().expect("flush");
+    }
+    assert_qemu_check_clean(&ours);
+    let theirs_view = qemu_read_all(&ours, &s);
+    assert_eq!(read_all(&ours), theirs_view);
+    assert_eq!(&theirs_view[MIB as usize + 5000..MIB as usize + 8000], &data(9, 3000)[..]);
+    assert!(theirs_view[2 * MIB as usize..2 * MIB as usize + 128 * 1024].iter().all(|&b| b == 0));
+    let info = qemu_img_ok(&["info", "--output", "json", p(&ours)]);
+    assert!(info.contains("\"backing-filename\": \"top.qcow2\""), "{info}");
+    assert!(info.contains("\"backing-filename-format\": \"qcow2\""), "{info}");
+}
+
+#[test]
+fn refcount_table_growth_with_small_clusters() {
+    let s = Scratch::new("grow");
+    let q = s.path("g.qcow2");
+    let size = 24 * MIB;
+    let mut o = CreateOptions::new(Format::Qcow2, Some(size));
+    o.cluster_size = 512;
+    create(&q, &o).expect("create");
+    let content = data(3, size as usize);
+    {
+        let mut img = open(&q, None, false).expect("open");
+        for (i, chunk) in content.chunks(256 * 1024).enumerate() {
+            img.write_at(chunk, i as u64 * 256 * 1024).expect("write");
+        }
+        img.flush().expect("flush");
+    }
+    assert_qemu_check_clean(&q);
+    assert_eq!(qemu_read_all(&q, &s), content);
+}
+
+#[test]
+fn resize_grows_and_shrinks_like_qemu_sees_it() {
+    let s = Scratch::new("resize");
+    let q = s.path("r.qcow2");
+    create(&q, &CreateOptions::new(Format::Qcow2, Some(MIB + 1000))).expect("create");
+    {
+        let mut img = open(&q, None, false).expect("open");
+        img.write_at(&[7; 1000], MIB).expect("write tail");
+        img.resize(600 * MIB).expect("grow past one L2 table");
+        img.write_at(&[9; 10], 599 * MIB).expect("write far");
+        img.resize(MIB + 500).expect("shrink");
+        img.resize(2 * MIB).expect("grow again");
+        img.flush().expect("flush");
+    }
+    assert_qemu_check_clean(&q);
+    let v = qemu_read_all(&q, &s);
+    assert_eq!(v.len() as u64, 2 * MIB);
+    assert!(v[MIB as usize..MIB as usize + 500].iter().all(|&b| b == 7));
+    assert!(v[MIB as usize + 500..].iter().all(|&b| b == 0), "shrunk-away data must not reappear");
+}
