@@ -51,7 +51,7 @@ pub fn vmm_args(config: &DomainConfig, disks: &[ResolvedDisk], files: &RunFiles)
         files.serial_socket().display().to_string(),
         "--memory".to_string(),
         format!("{}M", config.memory_bytes() >> 20),
-        "--vcpus".to_string(),
+        "--cpus".to_string(),
         config.vcpus.to_string(),
     ];
     let boot = &config.boot;

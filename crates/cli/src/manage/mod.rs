@@ -1,13 +1,525 @@
-//! virsh-like verbs that talk to `ferrod`: placeholder until the daemon lands.
+//! virsh-like verbs that talk to `ferrod` over its unix socket (REST, see crates/manager/openapi.json).
+//!
+//! Human tables by default, `--json` for scripts; on failure one line on stderr and exit status 1.
+
+mod client;
+mod console;
+mod show;
+
+use client::{Body, Client, socket_path};
+use serde_json::{Value, json};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-#[derive(clap::Subcommand)]
-pub enum ManageCommand {
-    /// List domains.
-    List,
+/// Which daemon to talk to.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Connect {
+    /// ferrod's API socket (default: $FERRO_HOME/ferrod.sock, else /run/ferrovisor/ferrod.sock).
+    #[arg(long, value_name = "SOCKET")]
+    connect: Option<PathBuf>,
 }
 
-pub fn run(_cmd: ManageCommand) -> ExitCode {
-    eprintln!("ferro: the management daemon is not built yet");
-    ExitCode::FAILURE
+#[derive(clap::Args, Debug)]
+pub struct Dom {
+    /// Domain name.
+    name: String,
+    #[command(flatten)]
+    conn: Connect,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DomJson {
+    /// Domain name.
+    name: String,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Connect,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PoolArg {
+    /// Pool name.
+    pool: String,
+    #[command(flatten)]
+    conn: Connect,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VolArg {
+    /// Volume name.
+    vol: String,
+    /// Pool holding the volume.
+    #[arg(long)]
+    pool: String,
+    #[command(flatten)]
+    conn: Connect,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ManageCommand {
+    /// Define (or redefine) a domain from a TOML file.
+    Define {
+        /// The TOML definition.
+        file: PathBuf,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Remove a domain's definition (the domain must not be running).
+    Undefine(Dom),
+    /// Start a defined domain.
+    Start {
+        name: String,
+        /// Attach to the serial console once started.
+        #[arg(long)]
+        console: bool,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Ask the guest to shut down (ACPI power button).
+    Shutdown {
+        name: String,
+        /// Wait up to this many seconds for the domain to be off; fail if it is not.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Stop a domain at once (like pulling the plug).
+    Destroy(Dom),
+    /// Ask the guest to reboot (power button, then start again once it is off).
+    Reboot(Dom),
+    /// Hard-reset a domain.
+    Reset(Dom),
+    /// Pause every vCPU of a domain.
+    Suspend(Dom),
+    /// Resume a paused domain.
+    Resume(Dom),
+    /// List domains (running ones; --all for every defined domain).
+    List {
+        /// Include domains that are not running.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Show a domain's details.
+    Dominfo(DomJson),
+    /// Show a domain's state.
+    Domstate {
+        name: String,
+        /// Also show why it is in that state.
+        #[arg(long)]
+        reason: bool,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Print a domain's TOML definition.
+    Dumpconfig(Dom),
+    /// Attach to a domain's serial console (Ctrl-] detaches).
+    Console(Dom),
+    /// Start a domain whenever the host boots (ferrod's first start after boot).
+    Autostart {
+        name: String,
+        /// Turn autostart off.
+        #[arg(long)]
+        disable: bool,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Show a running domain's counters (CPU time, memory, disks, NICs).
+    Domstats(DomJson),
+    /// Show lifecycle events (follows new ones until interrupted, unless --no-follow).
+    Events {
+        /// Print past events and exit.
+        #[arg(long)]
+        no_follow: bool,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// A live view of running domains (like virt-top).
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2)]
+        delay: u64,
+        /// Stop after this many refreshes.
+        #[arg(long)]
+        iterations: Option<u64>,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Define a storage pool (only `dir` pools).
+    PoolDefineAs {
+        name: String,
+        /// Pool type: dir.
+        #[arg(value_name = "TYPE")]
+        kind: String,
+        /// Directory holding the volumes.
+        #[arg(long)]
+        target: PathBuf,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Create a pool's directory.
+    PoolBuild(PoolArg),
+    /// Activate a pool.
+    PoolStart(PoolArg),
+    /// Deactivate a pool (its volumes stay on disk).
+    PoolDestroy(PoolArg),
+    /// Remove a pool's definition.
+    PoolUndefine(PoolArg),
+    /// Rescan a pool's volumes.
+    PoolRefresh(PoolArg),
+    /// Activate a pool whenever the host boots.
+    PoolAutostart {
+        pool: String,
+        /// Turn autostart off.
+        #[arg(long)]
+        disable: bool,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// List pools (active ones; --all for every pool).
+    PoolList {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Show a pool's details.
+    PoolInfo {
+        pool: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Create a volume in a pool.
+    VolCreateAs {
+        pool: String,
+        name: String,
+        /// Virtual size, e.g. 10G.
+        capacity: String,
+        /// raw or qcow2.
+        #[arg(long, default_value = "raw")]
+        format: String,
+        /// Volume of the same pool to use as a qcow2 backing file.
+        #[arg(long)]
+        backing_vol: Option<String>,
+        /// Format of the backing volume (detected if omitted).
+        #[arg(long)]
+        backing_vol_format: Option<String>,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// List a pool's volumes.
+    VolList {
+        pool: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Show a volume's details.
+    VolInfo {
+        #[command(flatten)]
+        vol: VolArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a volume's file path.
+    VolPath(VolArg),
+    /// Delete a volume (refused while a running domain uses it).
+    VolDelete(VolArg),
+    /// Fill a volume with zeros (keeps its size and format).
+    VolWipe(VolArg),
+    /// Copy a volume to a new volume in the same pool.
+    VolClone {
+        #[command(flatten)]
+        vol: VolArg,
+        /// Name of the copy.
+        new_name: String,
+    },
+    /// Grow a volume.
+    VolResize {
+        #[command(flatten)]
+        vol: VolArg,
+        /// New virtual size, e.g. 20G.
+        capacity: String,
+    },
+    /// Replace a volume's contents with a local file.
+    VolUpload {
+        #[command(flatten)]
+        vol: VolArg,
+        file: PathBuf,
+    },
+    /// Save a volume's contents to a local file.
+    VolDownload {
+        #[command(flatten)]
+        vol: VolArg,
+        file: PathBuf,
+    },
+}
+
+pub fn run(cmd: ManageCommand) -> ExitCode {
+    match execute(cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn client(conn: &Connect) -> Client {
+    Client::new(socket_path(conn.connect.as_deref()))
+}
+
+/// Percent-free path segment check: names are validated by the daemon, but never let a `/`, `?`
+/// or space change which URL we ask for.
+fn seg(name: &str) -> Result<&str, String> {
+    if name.is_empty() || name.bytes().any(|b| !(b.is_ascii_alphanumeric() || b"._-".contains(&b))) {
+        return Err(format!("{name:?} is not a valid name (letters, digits, '.', '-', '_')"));
+    }
+    Ok(name)
+}
+
+fn dom_path(name: &str) -> Result<String, String> {
+    Ok(format!("/v1/domains/{}", seg(name)?))
+}
+
+fn vol_path(v: &VolArg) -> Result<String, String> {
+    Ok(format!("/v1/pools/{}/volumes/{}", seg(&v.pool)?, seg(&v.vol)?))
+}
+
+fn print_json(value: &Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+fn execute(cmd: ManageCommand) -> Result<(), String> {
+    use ManageCommand as C;
+    match cmd {
+        C::Define { file, conn } => {
+            let text = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let (status, data) = client(&conn).call("POST", "/v1/domains", Body::Bytes(&text, "application/toml"))?;
+            let info: Value = serde_json::from_slice(&data).map_err(|e| format!("ferrod sent invalid JSON: {e}"))?;
+            let verb = if status == 201 { "defined" } else { "redefined" };
+            println!("Domain '{}' {verb} from {}", info["name"].as_str().unwrap_or("?"), file.display());
+        }
+        C::Undefine(d) => {
+            client(&d.conn).json("DELETE", &dom_path(&d.name)?, None)?;
+            println!("Domain '{}' has been undefined", d.name);
+        }
+        C::Start { name, console, conn } => {
+            let c = client(&conn);
+            c.post(&format!("{}/start", dom_path(&name)?), None)?;
+            println!("Domain '{name}' started");
+            if console {
+                console::attach(&c, &name)?;
+            }
+        }
+        C::Shutdown { name, timeout, conn } => {
+            let body = timeout.map(|t| json!({ "timeout": t }));
+            client(&conn).post(&format!("{}/shutdown", dom_path(&name)?), body.as_ref())?;
+            if timeout.is_some() {
+                println!("Domain '{name}' is shut off");
+            } else {
+                println!("Domain '{name}' is being shutdown");
+            }
+        }
+        C::Destroy(d) => action(&d, "destroy", "destroyed")?,
+        C::Reboot(d) => action(&d, "reboot", "is being rebooted")?,
+        C::Reset(d) => action(&d, "reset", "was reset")?,
+        C::Suspend(d) => action(&d, "suspend", "suspended")?,
+        C::Resume(d) => action(&d, "resume", "resumed")?,
+        C::List { all, json, conn } => {
+            let list = client(&conn).get("/v1/domains")?;
+            let shown: Vec<Value> = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|d| all || matches!(d["state"].as_str(), Some("running" | "paused")))
+                .cloned()
+                .collect();
+            if json { print_json(&Value::Array(shown)) } else { show::domain_table(&shown) }
+        }
+        C::Dominfo(d) => {
+            let info = client(&d.conn).get(&dom_path(&d.name)?)?;
+            if d.json { print_json(&info) } else { show::dominfo(&info) }
+        }
+        C::Domstate { name, reason, conn } => {
+            let info = client(&conn).get(&dom_path(&name)?)?;
+            let state = show::state_word(&info["state"]);
+            match (reason, info["crash"]["reason"].as_str(), info["error"].as_str()) {
+                (true, Some(why), _) => println!("{state} ({why})"),
+                (_, _, Some(error)) => println!("{state} (invalid definition: {error})"),
+                _ => println!("{state}"),
+            }
+        }
+        C::Dumpconfig(d) => {
+            let (_, data) = client(&d.conn).call("GET", &format!("{}/config", dom_path(&d.name)?), Body::None)?;
+            print!("{}", String::from_utf8_lossy(&data));
+        }
+        C::Console(d) => console::attach(&client(&d.conn), seg(&d.name)?)?,
+        C::Autostart { name, disable, conn } => {
+            client(&conn).post(&format!("{}/autostart", dom_path(&name)?), Some(&json!({ "enabled": !disable })))?;
+            let word = if disable { "unmarked" } else { "marked" };
+            println!("Domain '{name}' {word} as autostarted");
+        }
+        C::Domstats(d) => {
+            let stats = client(&d.conn).get(&format!("{}/stats", dom_path(&d.name)?))?;
+            if d.json { print_json(&stats) } else { show::domstats(&stats) }
+        }
+        C::Events { no_follow, json, conn } => events(&client(&conn), !no_follow, json)?,
+        C::Top { delay, iterations, conn } => show::top(&client(&conn), delay, iterations)?,
+        C::PoolDefineAs { name, kind, target, conn } => {
+            let body = json!({ "name": name, "type": kind, "target": target.display().to_string() });
+            client(&conn).post("/v1/pools", Some(&body))?;
+            println!("Pool {name} defined");
+        }
+        C::PoolBuild(p) => pool_action(&p, "build", "built")?,
+        C::PoolStart(p) => pool_action(&p, "start", "started")?,
+        C::PoolDestroy(p) => pool_action(&p, "destroy", "destroyed")?,
+        C::PoolRefresh(p) => pool_action(&p, "refresh", "refreshed")?,
+        C::PoolUndefine(p) => {
+            client(&p.conn).json("DELETE", &format!("/v1/pools/{}", seg(&p.pool)?), None)?;
+            println!("Pool {} has been undefined", p.pool);
+        }
+        C::PoolAutostart { pool, disable, conn } => {
+            let path = format!("/v1/pools/{}/autostart", seg(&pool)?);
+            client(&conn).post(&path, Some(&json!({ "enabled": !disable })))?;
+            println!("Pool {pool} {} as autostarted", if disable { "unmarked" } else { "marked" });
+        }
+        C::PoolList { all, json, conn } => {
+            let list = client(&conn).get("/v1/pools")?;
+            let shown: Vec<Value> =
+                list.as_array().into_iter().flatten().filter(|p| all || p["active"] == true).cloned().collect();
+            if json { print_json(&Value::Array(shown)) } else { show::pool_table(&shown) }
+        }
+        C::PoolInfo { pool, json, conn } => {
+            let info = client(&conn).get(&format!("/v1/pools/{}", seg(&pool)?))?;
+            if json { print_json(&info) } else { show::pool_info(&info) }
+        }
+        C::VolCreateAs { pool, name, capacity, format, backing_vol, backing_vol_format, conn } => {
+            let mut body = json!({ "name": name, "capacity": capacity, "format": format });
+            if let Some(b) = backing_vol {
+                body["backing_volume"] = json!(b);
+            }
+            if let Some(f) = backing_vol_format {
+                body["backing_format"] = json!(f);
+            }
+            client(&conn).post(&format!("/v1/pools/{}/volumes", seg(&pool)?), Some(&body))?;
+            println!("Vol {name} created");
+        }
+        C::VolList { pool, json, conn } => {
+            let list = client(&conn).get(&format!("/v1/pools/{}/volumes", seg(&pool)?))?;
+            if json { print_json(&list) } else { show::volume_table(list.as_array().map(Vec::as_slice).unwrap_or(&[])) }
+        }
+        C::VolInfo { vol, json } => {
+            let info = client(&vol.conn).get(&vol_path(&vol)?)?;
+            if json { print_json(&info) } else { show::volume_info(&info) }
+        }
+        C::VolPath(vol) => {
+            let info = client(&vol.conn).get(&vol_path(&vol)?)?;
+            println!("{}", info["path"].as_str().unwrap_or_default());
+        }
+        C::VolDelete(vol) => {
+            client(&vol.conn).json("DELETE", &vol_path(&vol)?, None)?;
+            println!("Vol {} deleted", vol.vol);
+        }
+        C::VolWipe(vol) => {
+            client(&vol.conn).post(&format!("{}/wipe", vol_path(&vol)?), None)?;
+            println!("Vol {} wiped", vol.vol);
+        }
+        C::VolClone { vol, new_name } => {
+            client(&vol.conn).post(&format!("{}/clone", vol_path(&vol)?), Some(&json!({ "name": new_name })))?;
+            println!("Vol {new_name} cloned from {}", vol.vol);
+        }
+        C::VolResize { vol, capacity } => {
+            client(&vol.conn).post(&format!("{}/resize", vol_path(&vol)?), Some(&json!({ "capacity": capacity })))?;
+            println!("Size of volume '{}' successfully changed to {capacity}", vol.vol);
+        }
+        C::VolUpload { vol, file } => {
+            let f = std::fs::File::open(&file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+            let len = f.metadata().map_err(|e| format!("cannot stat {}: {e}", file.display()))?.len();
+            client(&vol.conn).call("PUT", &format!("{}/data", vol_path(&vol)?), Body::File(&f, len))?;
+            println!("Vol {} uploaded from {}", vol.vol, file.display());
+        }
+        C::VolDownload { vol, file } => download(&vol, &file)?,
+    }
+    Ok(())
+}
+
+fn action(d: &Dom, action: &str, done: &str) -> Result<(), String> {
+    client(&d.conn).post(&format!("{}/{action}", dom_path(&d.name)?), None)?;
+    println!("Domain '{}' {done}", d.name);
+    Ok(())
+}
+
+fn pool_action(p: &PoolArg, action: &str, done: &str) -> Result<(), String> {
+    client(&p.conn).post(&format!("/v1/pools/{}/{action}", seg(&p.pool)?), None)?;
+    println!("Pool {} {done}", p.pool);
+    Ok(())
+}
+
+fn download(vol: &VolArg, file: &std::path::Path) -> Result<(), String> {
+    use std::io::Write;
+    let mut pending = client(&vol.conn).send("GET", &format!("{}/data", vol_path(vol)?), "", Body::None)?;
+    if pending.status != 200 {
+        let mut data = Vec::new();
+        while let Ok(Some(chunk)) = pending.next_chunk() {
+            data.extend_from_slice(&chunk);
+        }
+        return Err(client::error_message(pending.status, &data));
+    }
+    let mut out = std::fs::File::create(file).map_err(|e| format!("cannot create {}: {e}", file.display()))?;
+    while let Some(chunk) = pending.next_chunk()? {
+        out.write_all(&chunk).map_err(|e| format!("writing {}: {e}", file.display()))?;
+    }
+    println!("Vol {} downloaded to {}", vol.vol, file.display());
+    Ok(())
+}
+
+fn events(c: &Client, follow: bool, json: bool) -> Result<(), String> {
+    let print = |event: &Value| {
+        if json {
+            println!("{event}");
+        } else {
+            show::event_line(event);
+        }
+    };
+    if !follow {
+        for event in c.get("/v1/events")?.as_array().into_iter().flatten() {
+            print(event);
+        }
+        return Ok(());
+    }
+    // Only what happens from now on, like `virsh event --loop`.
+    let last = c.get("/v1/events")?.as_array().and_then(|a| a.last()).and_then(|e| e["seq"].as_u64()).unwrap_or(0);
+    let mut pending = c.send("GET", &format!("/v1/events?follow=true&since={last}"), "", Body::None)?;
+    if pending.status != 200 {
+        return Err(format!("ferrod answered HTTP {} to the event stream", pending.status));
+    }
+    let mut partial = Vec::new();
+    while let Some(chunk) = pending.next_chunk()? {
+        partial.extend_from_slice(&chunk);
+        while let Some(end) = partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=end).collect();
+            if let Ok(event) = serde_json::from_slice::<Value>(&line) {
+                print(&event);
+            }
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    Ok(())
 }

@@ -1,0 +1,263 @@
+//! Human output: virsh-style tables and key/value blocks.
+
+use super::client::Client;
+use serde_json::Value;
+
+/// Prints rows under a header, each column as wide as its widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!(" {}", text.join("   ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    println!("{}", "-".repeat(widths.iter().sum::<usize>() + 3 * widths.len()));
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn kv(rows: &[(&str, String)]) {
+    for (k, v) in rows {
+        println!("{:<16}{v}", format!("{k}:"));
+    }
+}
+
+pub fn state_word(state: &Value) -> &'static str {
+    match state.as_str() {
+        Some("running") => "running",
+        Some("paused") => "paused",
+        Some("crashed") => "crashed",
+        Some("shutoff") => "shut off",
+        _ => "unknown",
+    }
+}
+
+/// 1536 -> "1.5 KiB"
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{value:.2} {}", UNITS[unit]) }
+}
+
+fn opt_u64(v: &Value) -> String {
+    v.as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".to_string())
+}
+
+pub fn domain_table(list: &[Value]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|d| {
+            let mut state = state_word(&d["state"]).to_string();
+            if d["error"].is_string() {
+                state.push_str(" (invalid definition)");
+            }
+            vec![
+                d["name"].as_str().unwrap_or("?").to_string(),
+                state,
+                opt_u64(&d["vcpus"]),
+                d["memory_bytes"].as_u64().map(bytes).unwrap_or_else(|| "-".into()),
+                opt_u64(&d["pid"]),
+                if d["autostart"] == true { "yes".into() } else { "no".into() },
+            ]
+        })
+        .collect();
+    table(&["Name", "State", "vCPUs", "Memory", "PID", "Autostart"], &rows);
+}
+
+pub fn dominfo(d: &Value) {
+    let mut rows = vec![
+        ("Name", d["name"].as_str().unwrap_or("?").to_string()),
+        ("UUID", d["uuid"].as_str().unwrap_or("?").to_string()),
+        ("State", state_word(&d["state"]).to_string()),
+        ("CPU(s)", opt_u64(&d["vcpus"])),
+        ("Memory", d["memory_bytes"].as_u64().map(bytes).unwrap_or_else(|| "-".into())),
+        ("Autostart", if d["autostart"] == true { "enable".into() } else { "disable".into() }),
+    ];
+    if let Some(pid) = d["pid"].as_u64() {
+        rows.push(("PID", pid.to_string()));
+    }
+    if let Some(ms) = d["started_ms"].as_u64() {
+        let secs = crate_now_ms().saturating_sub(ms) / 1000;
+        rows.push(("Uptime", format!("{}h {:02}m {:02}s", secs / 3600, secs / 60 % 60, secs % 60)));
+    }
+    if let Some(reason) = d["crash"]["reason"].as_str() {
+        rows.push(("Crash reason", reason.to_string()));
+        let status = match (d["crash"]["exit_code"].as_i64(), d["crash"]["signal"].as_i64()) {
+            (Some(c), _) => format!("exit status {c}"),
+            (None, Some(s)) => format!("killed by signal {s}"),
+            _ => "unknown".into(),
+        };
+        rows.push(("Exit status", status));
+    }
+    if let Some(error) = d["error"].as_str() {
+        rows.push(("Definition", format!("INVALID: {error}")));
+    }
+    rows.push(("VMM log", d["log"].as_str().unwrap_or("-").to_string()));
+    kv(&rows);
+}
+
+fn crate_now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub fn domstats(s: &Value) {
+    let secs = |v: &Value| v.as_f64().map(|ns| format!("{:.3} s", ns / 1e9)).unwrap_or_else(|| "-".into());
+    let mut rows = vec![
+        ("Domain", s["name"].as_str().unwrap_or("?").to_string()),
+        ("State", state_word(&s["state"]).to_string()),
+        ("CPU time", secs(&s["cpu_time_ns"])),
+        ("Memory", s["memory_bytes"].as_u64().map(bytes).unwrap_or_else(|| "-".into())),
+        ("RSS", s["rss_bytes"].as_u64().map(bytes).unwrap_or_else(|| "-".into())),
+        ("vCPU exits", opt_u64(&s["exits"])),
+    ];
+    let vcpu_labels: Vec<String> =
+        (0..s["vcpu_time_ns"].as_array().map_or(0, Vec::len)).map(|i| format!("vCPU {i} time")).collect();
+    for (i, t) in s["vcpu_time_ns"].as_array().into_iter().flatten().enumerate() {
+        rows.push((vcpu_labels[i].as_str(), secs(t)));
+    }
+    kv(&rows);
+    for (kind, key) in [("Disk", "disks"), ("NIC", "nics")] {
+        for (i, dev) in s[key].as_array().into_iter().flatten().enumerate() {
+            let counters: Vec<String> = dev
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+                .collect();
+            println!("{:<16}{}", format!("{kind} {i}:"), counters.join(" "));
+        }
+    }
+}
+
+pub fn pool_table(list: &[Value]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|p| {
+            vec![
+                p["name"].as_str().unwrap_or("?").to_string(),
+                if p["active"] == true { "active".into() } else { "inactive".into() },
+                if p["autostart"] == true { "yes".into() } else { "no".into() },
+                p["target"].as_str().unwrap_or("?").to_string(),
+            ]
+        })
+        .collect();
+    table(&["Name", "State", "Autostart", "Target"], &rows);
+}
+
+pub fn pool_info(p: &Value) {
+    let size = |v: &Value| v.as_u64().map(bytes).unwrap_or_else(|| "-".into());
+    kv(&[
+        ("Name", p["name"].as_str().unwrap_or("?").to_string()),
+        ("UUID", p["uuid"].as_str().unwrap_or("?").to_string()),
+        ("Type", p["type"].as_str().unwrap_or("?").to_string()),
+        ("State", if p["active"] == true { "running".into() } else { "inactive".into() }),
+        ("Autostart", if p["autostart"] == true { "yes".into() } else { "no".into() }),
+        ("Target", p["target"].as_str().unwrap_or("?").to_string()),
+        ("Capacity", size(&p["capacity"])),
+        ("Allocation", size(&p["allocation"])),
+        ("Available", size(&p["available"])),
+        ("Volumes", opt_u64(&p["volumes"])),
+    ]);
+}
+
+pub fn volume_table(list: &[Value]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|v| {
+            vec![
+                v["name"].as_str().unwrap_or("?").to_string(),
+                v["format"].as_str().unwrap_or("?").to_string(),
+                v["capacity"].as_u64().map(bytes).unwrap_or_default(),
+                v["path"].as_str().unwrap_or("?").to_string(),
+            ]
+        })
+        .collect();
+    table(&["Name", "Format", "Capacity", "Path"], &rows);
+}
+
+pub fn volume_info(v: &Value) {
+    let mut rows = vec![
+        ("Name", v["name"].as_str().unwrap_or("?").to_string()),
+        ("Pool", v["pool"].as_str().unwrap_or("?").to_string()),
+        ("Path", v["path"].as_str().unwrap_or("?").to_string()),
+        ("Format", v["format"].as_str().unwrap_or("?").to_string()),
+        ("Capacity", v["capacity"].as_u64().map(bytes).unwrap_or_default()),
+        ("Allocation", v["allocation"].as_u64().map(bytes).unwrap_or_default()),
+    ];
+    if let Some(b) = v["backing"].as_str() {
+        rows.push(("Backing", b.to_string()));
+    }
+    kv(&rows);
+}
+
+pub fn event_line(e: &Value) {
+    let detail = e["detail"].as_str().unwrap_or_default();
+    let secs = e["time_ms"].as_u64().unwrap_or(0) / 1000;
+    println!(
+        "#{} [{:02}:{:02}:{:02} UTC] {} '{}': {}{}{}",
+        e["seq"],
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60,
+        e["object"].as_str().unwrap_or("?"),
+        e["name"].as_str().unwrap_or("?"),
+        e["kind"].as_str().unwrap_or("?"),
+        if detail.is_empty() { "" } else { ": " },
+        detail
+    );
+}
+
+/// Refreshes a table of running domains with CPU use between two samples.
+pub fn top(c: &Client, delay: u64, iterations: Option<u64>) -> Result<(), String> {
+    let mut previous: std::collections::HashMap<String, (f64, std::time::Instant)> = Default::default();
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut n = 0;
+    loop {
+        let list = c.get("/v1/domains")?;
+        let mut rows = Vec::new();
+        for d in list.as_array().into_iter().flatten() {
+            let name = d["name"].as_str().unwrap_or("?").to_string();
+            if !matches!(d["state"].as_str(), Some("running" | "paused")) {
+                continue;
+            }
+            let Ok(s) = c.get(&format!("/v1/domains/{name}/stats")) else { continue };
+            let cpu_ns = s["cpu_time_ns"].as_f64().unwrap_or(0.0);
+            let now = std::time::Instant::now();
+            let pct = previous
+                .get(&name)
+                .map(|(ns, at)| (cpu_ns - ns) / now.duration_since(*at).as_nanos().max(1) as f64 * 100.0)
+                .map(|p| format!("{p:.1}"))
+                .unwrap_or_else(|| "-".into());
+            previous.insert(name.clone(), (cpu_ns, now));
+            rows.push(vec![
+                name,
+                state_word(&d["state"]).to_string(),
+                pct,
+                opt_u64(&d["vcpus"]),
+                s["rss_bytes"].as_u64().map(bytes).unwrap_or_else(|| "-".into()),
+                opt_u64(&s["exits"]),
+            ]);
+        }
+        if interactive {
+            print!("\x1b[H\x1b[2J");
+        }
+        println!("ferro top - {} running domain(s), every {delay} s", rows.len());
+        table(&["Name", "State", "%CPU", "vCPUs", "RSS", "Exits"], &rows);
+        n += 1;
+        if iterations.is_some_and(|max| n >= max) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(delay.max(1)));
+    }
+}
