@@ -155,7 +155,13 @@ void kit_poweroff(void) {
 }
 
 /* ---- LAPIC / IOAPIC ---- */
-void lapic_enable(void) { mmio_write32(LAPIC_BASE + 0xf0, 0x1ff); }
+void lapic_enable(void) {
+    /* Mask both 8259 PICs: KVM wires ISA lines to them too, and an unprogrammed PIC would
+     * deliver IRQ n as vector n through LINT0. */
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+    mmio_write32(LAPIC_BASE + 0xf0, 0x1ff);
+}
 void lapic_eoi(void) { mmio_write32(LAPIC_BASE + 0xb0, 0); }
 u32 lapic_id(void) { return mmio_read32(LAPIC_BASE + 0x20) >> 24; }
 void lapic_send_ipi(u32 apic_id, u32 icr_low) {
@@ -207,5 +213,8 @@ void kit_trap(struct kit_frame *f) {
 void kit_main(struct hvm_start_info *si) {
     kit_start_info = (si && si->magic == HVM_START_MAGIC) ? si : 0;
     int rc = guest_main(kit_start_info);
+    /* Pass: power off (exit status 0 under Ferrovisor and QEMU alike). Fail: debug-exit with
+     * the guest's code, so the status is (rc << 1) | 1. */
+    if (rc == 0) kit_poweroff();
     kit_exit((u32)rc);
 }

@@ -11,7 +11,7 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
 // Boot GDT: null, 32-bit code, 64-bit code, data, TSS.
-const GDT: [u64; 5] = [0, 0x00cf_9b00_0000_ffff, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0080_8b00_0000_0067];
+const GDT: [u64; 5] = [0, 0x00cf_9b00_0000_ffff, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8b00_0000_0067];
 const SEL_CODE32: u16 = 0x08;
 const SEL_CODE64: u16 = 0x10;
 const SEL_DATA: u16 = 0x18;

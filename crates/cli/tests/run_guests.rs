@@ -1,0 +1,152 @@
+//! `ferro run` on the real /dev/kvm with the built-in test guests: what each guest reports on
+//! its console and the exit status it ends with.
+
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn ferro(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferro")).args(args).stdin(Stdio::null()).output().expect("run ferro")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn hello_prints_and_powers_off() {
+    let o = ferro(&["run", "--guest", "hello", "--cmdline", "console=ttyS0 quiet"]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("Hello from the Ferrovisor test guest!"), "{out}");
+    assert!(out.contains("cmdline: console=ttyS0 quiet"), "{out}");
+}
+
+#[test]
+fn hello_is_the_default_guest() {
+    let o = ferro(&["run"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("Hello from the Ferrovisor test guest!"));
+}
+
+#[test]
+fn debug_exit_status_is_value_shifted_with_low_bit() {
+    for (value, status) in [(0, 1), (3, 7), (21, 43)] {
+        let o = ferro(&["run", "--guest", "hello", "--cmdline", &format!("exit={value}")]);
+        assert_eq!(o.status.code(), Some(status), "exit={value}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn smp_every_vcpu_checks_in() {
+    for cpus in [1, 2, 4] {
+        let o = ferro(&["run", "--guest", "smp", "--cpus", &cpus.to_string()]);
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(0), "{cpus} CPUs: {out}{}", stderr(&o));
+        assert!(out.contains(&format!("smp: {cpus} of {cpus} CPUs checked in")), "{out}");
+        for ap in 1..cpus {
+            assert!(out.contains(&format!("smp: AP {ap} has APIC id")), "{out}");
+        }
+    }
+}
+
+#[test]
+fn timer_and_ioapic_interrupts_arrive() {
+    let o = ferro(&["run", "--guest", "timer"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(out.contains("timer: 10 LAPIC ticks"), "{out}");
+    assert!(out.contains("timer: 1 serial interrupts through IOAPIC pin 4"), "{out}");
+}
+
+#[test]
+fn memory_pattern_over_all_ram_from_ring3() {
+    let o = ferro(&["run", "--guest", "memory", "--memory", "64M"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    // 64 MiB minus the 4 MiB below the first 2 MiB boundary past the image.
+    assert!(out.contains("memory: verified 60 MiB in ring 3 with 0 errors"), "{out}");
+}
+
+#[test]
+fn guest_exception_handlers_run() {
+    let o = ferro(&["run", "--guest", "exceptions"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(out.contains("exceptions: all handled"), "{out}");
+    assert!(out.contains("cr2 4000"), "{out}");
+}
+
+fn wait_for(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_vm_cleanly() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferro"))
+            .args(["run", "--guest", "idle", "--cpus", "2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("idle: up") {
+            let n = out.read(&mut buf).unwrap();
+            assert!(n > 0, "guest never came up");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let status = wait_for(&mut child, Duration::from_secs(5)).expect("ferro did not stop on the signal");
+        assert_eq!(status.code(), Some(0), "signal {sig}");
+    }
+}
+
+#[test]
+fn bad_inputs_get_one_clear_line_and_nonzero_status() {
+    let dir = std::env::temp_dir().join(format!("ferro-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("notakernel");
+    std::fs::write(&text, "just some text, definitely not a kernel\n".repeat(20)).unwrap();
+    let big = dir.join("big.img");
+    std::fs::File::create(&big).unwrap().set_len(64 << 20).unwrap();
+    let hello = dir.join("hello.elf");
+    assert!(ferro(&["test-guest", "write", "hello", hello.to_str().unwrap()]).status.success());
+    let long = "x".repeat(3000);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "--kernel", "/nonexistent/vmlinux"], "/nonexistent/vmlinux"),
+        (vec!["run", "--kernel", text.to_str().unwrap()], "not a kernel"),
+        (vec!["run", "--kernel", hello.to_str().unwrap(), "--memory", "32M", "--initrd", big.to_str().unwrap()], "does not fit"),
+        (vec!["run", "--memory", "64T"], "more than this host has"),
+        (vec!["run", "--memory", "1M"], "too small"),
+        (vec!["run", "--memory", "12Q"], "suffix"),
+        (vec!["run", "--cpus", "0"], "vCPUs requested"),
+        (vec!["run", "--cpus", "300"], "300"),
+        (vec!["run", "--cmdline", &long], "command line is 3000 bytes"),
+        (vec!["run", "--guest", "nosuch"], "no built-in guest named 'nosuch'"),
+    ];
+    for (args, expect) in cases {
+        let o = ferro(&args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert_ne!(o.status.code(), None, "{args:?} died from a signal");
+        assert!(err.contains(expect), "{args:?}: stderr {err:?} lacks {expect:?}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
