@@ -1,1 +1,561 @@
-//! Image tool operations.
+//! The operations behind `ferro img`, with qemu-img's semantics and JSON field names: info,
+//! check, convert, compare, map, commit, rebase, resize.
+use crate::error::{Error, Result};
+use crate::qcow2::{Qcow2, check::CheckReport};
+use crate::{CreateOptions, DiskImage, Format, ImageInfo, OpenOptions, Status, create, open, open_with, probe};
+use serde_json::{Map, Value, json};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// Unit of copying for convert, compare, commit and rebase.
+const CHUNK: u64 = 1 << 20;
+
+/// Progress callback: (bytes done, bytes total).
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+fn opened_format(path: &Path, format: Option<Format>) -> Result<Format> {
+    match format {
+        Some(f) => Ok(f),
+        None => probe(path),
+    }
+}
+
+/// `info` as qemu-img's JSON object (same field names).
+pub fn info_json(info: &ImageInfo) -> Result<Value> {
+    let meta = std::fs::metadata(&info.path).map_err(Error::io(&info.path, "stat"))?;
+    let mut m = Map::new();
+    m.insert("virtual-size".into(), json!(info.virtual_size));
+    m.insert("filename".into(), json!(info.path.display().to_string()));
+    if let Some(cs) = info.cluster_size {
+        m.insert("cluster-size".into(), json!(cs));
+    }
+    m.insert("format".into(), json!(info.format.name()));
+    m.insert("actual-size".into(), json!(meta.blocks() * 512));
+    if let Some(q) = &info.qcow2 {
+        let mut data = json!({
+            "compat": q.compat,
+            "lazy-refcounts": q.lazy_refcounts,
+            "refcount-bits": q.refcount_bits,
+            "corrupt": q.corrupt,
+            "extended-l2": q.extended_l2,
+        });
+        if q.compat == "1.1" {
+            data["compression-type"] = json!("zlib");
+        }
+        m.insert("format-specific".into(), json!({ "type": "qcow2", "data": data }));
+    }
+    if let Some(b) = &info.backing_file {
+        m.insert("backing-filename".into(), json!(b));
+    }
+    if let Some(b) = &info.full_backing_file {
+        m.insert("full-backing-filename".into(), json!(b.display().to_string()));
+    }
+    if let Some(f) = &info.backing_format {
+        m.insert("backing-filename-format".into(), json!(f));
+    }
+    m.insert("dirty-flag".into(), json!(info.dirty));
+    Ok(Value::Object(m))
+}
+
+/// Infos of an image and (with `chain`) each image below it, top first.
+pub fn info(path: &Path, format: Option<Format>, chain: bool) -> Result<Vec<ImageInfo>> {
+    let mut out = Vec::new();
+    let mut next = Some((path.to_path_buf(), format));
+    let mut seen = Vec::new();
+    while let Some((p, f)) = next.take() {
+        let canonical = p.canonicalize().map_err(Error::io(&p, "open"))?;
+        if seen.contains(&canonical) || seen.len() >= crate::MAX_CHAIN_DEPTH {
+            return Err(Error::BackingChain { path: p, reason: "loop or chain too deep".into() });
+        }
+        seen.push(canonical);
+        let img = open_with(&p, &OpenOptions { format: f, readonly: true, open_backing: false })?;
+        let i = img.info();
+        if chain {
+            if let Some(full) = &i.full_backing_file {
+                let bf = match &i.backing_format {
+                    Some(name) => Format::from_name(name),
+                    None => None,
+                };
+                next = Some((full.clone(), bf));
+            }
+        }
+        out.push(i);
+    }
+    Ok(out)
+}
+
+/// qemu-img's human `info` text.
+pub fn info_text(info: &ImageInfo) -> Result<String> {
+    let meta = std::fs::metadata(&info.path).map_err(Error::io(&info.path, "stat"))?;
+    let mut s = format!(
+        "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\n",
+        info.path.display(),
+        info.format,
+        human_size(info.virtual_size),
+        info.virtual_size,
+        human_size(meta.blocks() * 512)
+    );
+    if let Some(cs) = info.cluster_size {
+        s += &format!("cluster_size: {cs}\n");
+    }
+    if let Some(b) = &info.backing_file {
+        s += &format!("backing file: {b}\n");
+    }
+    if let Some(f) = &info.backing_format {
+        s += &format!("backing file format: {f}\n");
+    }
+    if let Some(q) = &info.qcow2 {
+        s += &format!(
+            "Format specific information:\n    compat: {}\n    lazy refcounts: {}\n    refcount bits: {}\n    corrupt: {}\n    extended l2: {}\n",
+            q.compat, q.lazy_refcounts, q.refcount_bits, q.corrupt, q.extended_l2
+        );
+    }
+    Ok(s)
+}
+
+/// Sizes the way qemu prints them ("4 MiB", "1.5 GiB").
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else if v.fract() == 0.0 {
+        format!("{v} {}", UNITS[u])
+    } else {
+        format!("{v:.3} {}", UNITS[u]).replace(".000", "")
+    }
+}
+
+/// Parses qemu-style sizes: bytes, or a number with k/K, M, G, T, P, E suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last()? {
+        'b' | 'B' => (&s[..s.len() - 1], 1u64),
+        'k' | 'K' => (&s[..s.len() - 1], 1 << 10),
+        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
+        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
+        'T' | 't' => (&s[..s.len() - 1], 1 << 40),
+        'P' | 'p' => (&s[..s.len() - 1], 1 << 50),
+        'E' | 'e' => (&s[..s.len() - 1], 1 << 60),
+        _ => (s, 1),
+    };
+    if let Ok(v) = num.parse::<u64>() {
+        return v.checked_mul(mult);
+    }
+    let f: f64 = num.parse().ok()?;
+    let v = f * mult as f64;
+    (f >= 0.0 && v < 1.8e19).then_some(v as u64)
+}
+
+/// Outcome of [`check`] on any format.
+pub enum CheckOutcome {
+    Checked(CheckReport),
+    /// The format has no consistency metadata (qemu-img exits 63).
+    NotSupported(Format),
+}
+
+/// `check`: qcow2 metadata consistency (other formats have none to check).
+pub fn check(path: &Path, format: Option<Format>, repair: bool) -> Result<CheckOutcome> {
+    match opened_format(path, format)? {
+        Format::Qcow2 => Ok(CheckOutcome::Checked(crate::qcow2::check::check(path, repair)?)),
+        f => Ok(CheckOutcome::NotSupported(f)),
+    }
+}
+
+impl CheckReport {
+    /// qemu-img's exit status: 0 clean, 2 corruptions, 3 leaks only, 1 check errors.
+    pub fn exit_code(&self) -> u8 {
+        if self.check_errors > 0 {
+            1
+        } else if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+
+    /// The JSON object qemu-img prints for `check --output json`.
+    pub fn to_json(&self, filename: &str) -> Value {
+        let mut m = Map::new();
+        m.insert("image-end-offset".into(), json!(self.image_end_offset));
+        m.insert("total-clusters".into(), json!(self.total_clusters));
+        m.insert("check-errors".into(), json!(self.check_errors));
+        for (k, v) in [
+            ("leaks", self.leaks),
+            ("corruptions", self.corruptions),
+            ("leaks-fixed", self.leaks_fixed),
+            ("corruptions-fixed", self.corruptions_fixed),
+            ("fragmented-clusters", self.fragmented_clusters),
+            ("compressed-clusters", self.compressed_clusters),
+        ] {
+            if v > 0 {
+                m.insert(k.into(), json!(v));
+            }
+        }
+        m.insert("allocated-clusters".into(), json!(self.allocated_clusters));
+        m.insert("filename".into(), json!(filename));
+        m.insert("format".into(), json!("qcow2"));
+        Value::Object(m)
+    }
+
+    /// qemu-img's human text.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        for m in &self.messages {
+            s += m;
+            s.push('\n');
+        }
+        if self.leaks_fixed > 0 {
+            s += &format!("The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    0 corruptions\n\n", self.leaks_fixed);
+        }
+        if self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0 {
+            s += "No errors were found on the image.\n";
+        }
+        if self.corruptions > 0 {
+            s += &format!("\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n", self.corruptions);
+        }
+        if self.leaks > 0 {
+            s += &format!("\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n", self.leaks);
+        }
+        let pct = |n: u64| if self.total_clusters == 0 { 0.0 } else { n as f64 * 100.0 / self.total_clusters as f64 };
+        s += &format!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\nImage end offset: {}\n",
+            self.allocated_clusters,
+            self.total_clusters,
+            pct(self.allocated_clusters),
+            pct(self.fragmented_clusters),
+            pct(self.compressed_clusters),
+            self.image_end_offset
+        );
+        s
+    }
+}
+
+/// Where a range of the virtual disk comes from, through the whole chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    pub start: u64,
+    pub length: u64,
+    pub depth: u32,
+    pub present: bool,
+    pub zero: bool,
+    pub data: bool,
+    pub offset: Option<u64>,
+    /// The file holding the data (for human output).
+    pub file: String,
+}
+
+/// Status of the chain at `off`: walks down while layers are unallocated.
+fn chain_status(img: &mut dyn DiskImage, off: u64, len: u64, depth: u32) -> Result<MapEntry> {
+    let info_format = img.info().format;
+    let file = img.info().path.display().to_string();
+    let e = img.block_status(off, len)?;
+    let mut entry = MapEntry { start: off, length: e.len, depth, present: true, zero: false, data: false, offset: None, file };
+    match e.status {
+        Status::Data { offset } => {
+            entry.data = true;
+            entry.offset = offset;
+        }
+        Status::Compressed => entry.data = true,
+        Status::Zero => {
+            entry.zero = true;
+            if info_format == Format::Raw {
+                entry.offset = Some(off);
+            }
+        }
+        Status::Unallocated => {
+            let bsize = img.backing_mut().map(|b| b.size());
+            match (img.backing_mut(), bsize) {
+                (Some(b), Some(bsize)) if off < bsize => {
+                    let mut below = chain_status(b, off, e.len.min(bsize - off), depth + 1)?;
+                    below.start = off;
+                    return Ok(below);
+                }
+                (Some(_), Some(_)) => {
+                    entry.depth = depth + 1;
+                    entry.zero = true;
+                    entry.present = false;
+                }
+                _ => {
+                    entry.zero = true;
+                    entry.present = false;
+                }
+            }
+        }
+    }
+    Ok(entry)
+}
+
+/// `map`: the allocation of every byte of the virtual disk, merged into runs.
+pub fn map(path: &Path, format: Option<Format>) -> Result<Vec<MapEntry>> {
+    let mut img = open(path, format, true)?;
+    let size = img.size();
+    let mut out: Vec<MapEntry> = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let e = chain_status(img.as_mut(), off, size - off, 0)?;
+        off += e.length;
+        if let Some(last) = out.last_mut() {
+            let contiguous = match (last.offset, e.offset) {
+                (Some(a), Some(b)) => a + last.length == b,
+                (None, None) => true,
+                _ => false,
+            };
+            if contiguous
+                && (last.depth, last.present, last.zero, last.data) == (e.depth, e.present, e.zero, e.data)
+                && last.file == e.file
+            {
+                last.length += e.length;
+                continue;
+            }
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// qemu-img's JSON for `map --output json` (one object per line inside a list).
+pub fn map_json(entries: &[MapEntry]) -> String {
+    let lines: Vec<String> = entries
+        .iter()
+        .map(|e| {
+            let mut s = format!(
+                "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}",
+                e.start, e.length, e.depth, e.present, e.zero, e.data
+            );
+            if let Some(o) = e.offset {
+                s += &format!(", \"offset\": {o}");
+            }
+            s + "}"
+        })
+        .collect();
+    format!("[{}]", lines.join(",\n"))
+}
+
+/// Whether a range of the chain reads as zeroes without reading data.
+fn known_zero(img: &mut dyn DiskImage, off: u64, len: u64) -> Result<u64> {
+    let e = chain_status(img, off, len, 0)?;
+    Ok(if e.zero && !e.data { e.length } else { 0 })
+}
+
+/// Options for [`convert`].
+pub struct ConvertOptions {
+    pub src_format: Option<Format>,
+    pub dst: CreateOptions,
+}
+
+/// `convert`: copies the whole virtual disk into a new image, skipping zero ranges so the
+/// target stays sparse.
+pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: Progress) -> Result<()> {
+    let mut s = open(src, opts.src_format, true)?;
+    let size = s.size();
+    let mut create_opts = opts.dst.clone();
+    create_opts.size = Some(size);
+    create(dst, &create_opts)?;
+    let mut d = open(dst, Some(opts.dst.format), false)?;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut off = 0;
+    while off < size {
+        let len = (size - off).min(CHUNK);
+        let z = known_zero(s.as_mut(), off, len)?;
+        if z > 0 {
+            off += z;
+            progress(off, size);
+            continue;
+        }
+        let b = &mut buf[..len as usize];
+        s.read_at(b, off)?;
+        // Write only the non-zero 4 KiB blocks: the new target already reads zeroes.
+        let mut i = 0;
+        while i < b.len() {
+            let end = (i + 4096).min(b.len());
+            if b[i..end].iter().all(|&x| x == 0) {
+                i = end;
+                continue;
+            }
+            let mut j = end;
+            while j < b.len() && !b[j..(j + 4096).min(b.len())].iter().all(|&x| x == 0) {
+                j = (j + 4096).min(b.len());
+            }
+            d.write_at(&b[i..j], off + i as u64)?;
+            i = j;
+        }
+        off += len;
+        progress(off, size);
+    }
+    d.flush()
+}
+
+/// Result of [`compare`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum CompareResult {
+    Identical,
+    /// First differing byte offset.
+    Mismatch(u64),
+    /// Only with `strict`: the sizes differ.
+    SizeMismatch,
+}
+
+/// `compare`: content equality; the longer image's tail must be zero unless `strict`.
+pub fn compare(a: &Path, fa: Option<Format>, b: &Path, fb: Option<Format>, strict: bool, progress: Progress) -> Result<CompareResult> {
+    let mut x = open(a, fa, true)?;
+    let mut y = open(b, fb, true)?;
+    let (sx, sy) = (x.size(), y.size());
+    if strict && sx != sy {
+        return Ok(CompareResult::SizeMismatch);
+    }
+    let total = sx.max(sy);
+    let mut bx = vec![0u8; CHUNK as usize];
+    let mut by = vec![0u8; CHUNK as usize];
+    let mut off = 0;
+    while off < total {
+        let len = (total - off).min(CHUNK);
+        let zx = if off < sx { known_zero(x.as_mut(), off, len.min(sx - off))? } else { len };
+        let zy = if off < sy { known_zero(y.as_mut(), off, len.min(sy - off))? } else { len };
+        let both_zero = zx.min(zy);
+        if both_zero > 0 {
+            off += both_zero;
+            progress(off, total);
+            continue;
+        }
+        let read = |img: &mut Box<dyn DiskImage>, buf: &mut [u8], size: u64| -> Result<()> {
+            buf.fill(0);
+            if off < size {
+                let n = (size - off).min(buf.len() as u64) as usize;
+                img.read_at(&mut buf[..n], off)?;
+            }
+            Ok(())
+        };
+        read(&mut x, &mut bx[..len as usize], sx)?;
+        read(&mut y, &mut by[..len as usize], sy)?;
+        if let Some(i) = bx[..len as usize].iter().zip(&by[..len as usize]).position(|(p, q)| p != q) {
+            return Ok(CompareResult::Mismatch(off + i as u64));
+        }
+        off += len;
+        progress(off, total);
+    }
+    Ok(CompareResult::Identical)
+}
+
+/// `commit`: writes what the top image holds into its backing file, then (unless `keep`)
+/// empties the top image.
+pub fn commit(path: &Path, format: Option<Format>, keep: bool, progress: Progress) -> Result<()> {
+    if opened_format(path, format)? != Format::Qcow2 {
+        return Err(Error::invalid(path, "commit needs a qcow2 image with a backing file"));
+    }
+    let mut top = Qcow2::open(path, true)?;
+    let Some((bpath, bfmt)) = top.backing_target()? else {
+        return Err(Error::invalid(path, "image has no backing file to commit into"));
+    };
+    let mut base = open(&bpath, bfmt, false)?;
+    let size = top.size();
+    if base.size() < size {
+        base.resize(size)?;
+    }
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut off = 0;
+    while off < size {
+        let e = top.block_status(off, (size - off).min(CHUNK))?;
+        match e.status {
+            Status::Unallocated => {}
+            Status::Zero => base.write_zeroes(off, e.len)?,
+            Status::Data { .. } | Status::Compressed => {
+                let b = &mut buf[..e.len as usize];
+                top.read_at(b, off)?;
+                base.write_at(b, off)?;
+            }
+        }
+        off += e.len;
+        progress(off, size);
+    }
+    base.flush()?;
+    drop(base);
+    drop(top);
+    if !keep {
+        Qcow2::open(path, false)?.make_empty()?;
+    }
+    Ok(())
+}
+
+/// `rebase`: points the image at a new backing file (`None`: no backing file). In safe mode,
+/// first copies into the image every range where the old and new backing contents differ, so
+/// the guest-visible content is unchanged.
+pub fn rebase(
+    path: &Path,
+    new_backing: Option<&str>,
+    new_format: Option<Format>,
+    unsafe_mode: bool,
+    progress: Progress,
+) -> Result<()> {
+    if opened_format(path, None)? != Format::Qcow2 {
+        return Err(Error::invalid(path, "rebase needs a qcow2 image"));
+    }
+    let new_format = match (new_backing, new_format) {
+        (Some(name), None) => Some(probe(&crate::resolve_backing(path, name))?),
+        (_, f) => f,
+    };
+    if !unsafe_mode {
+        let mut img = open(path, Some(Format::Qcow2), false)?;
+        let mut new = match new_backing {
+            Some(name) => Some(open(crate::resolve_backing(path, name), new_format, true)?),
+            None => None,
+        };
+        let size = img.size();
+        let mut old_buf = vec![0u8; CHUNK as usize];
+        let mut new_buf = vec![0u8; CHUNK as usize];
+        let mut off = 0;
+        while off < size {
+            let e = img.block_status(off, (size - off).min(CHUNK))?;
+            if e.status == Status::Unallocated {
+                let n = e.len as usize;
+                img.read_at(&mut old_buf[..n], off)?;
+                new_buf[..n].fill(0);
+                if let Some(nb) = new.as_mut() {
+                    let nsize = nb.size();
+                    if off < nsize {
+                        let m = (nsize - off).min(e.len) as usize;
+                        nb.read_at(&mut new_buf[..m], off)?;
+                    }
+                }
+                if old_buf[..n] != new_buf[..n] {
+                    img.write_at(&old_buf[..n], off)?;
+                }
+            }
+            off += e.len;
+            progress(off, size);
+        }
+        img.flush()?;
+    }
+    let mut img = Qcow2::open(path, false)?;
+    img.set_backing_file(new_backing, new_format)
+}
+
+/// `resize`: absolute size, or relative with a leading '+' / '-'. Shrinking needs `shrink`.
+pub fn resize(path: &Path, format: Option<Format>, spec: &str, shrink: bool) -> Result<u64> {
+    let mut img = open_with(path, &OpenOptions { format, readonly: false, open_backing: true })?;
+    let cur = img.size();
+    let bad = || Error::invalid(path, format!("invalid size {spec:?}"));
+    let new = if let Some(d) = spec.strip_prefix('+') {
+        cur.checked_add(parse_size(d).ok_or_else(bad)?).ok_or_else(bad)?
+    } else if let Some(d) = spec.strip_prefix('-') {
+        cur.checked_sub(parse_size(d).ok_or_else(bad)?).ok_or_else(bad)?
+    } else {
+        parse_size(spec).ok_or_else(bad)?
+    };
+    if new < cur && !shrink {
+        return Err(Error::invalid(
+            path,
+            "use the --shrink option to confirm shrinking (data beyond the new size is lost)",
+        ));
+    }
+    img.resize(new)?;
+    img.flush()?;
+    Ok(new)
+}

@@ -1,10 +1,347 @@
-//! `ferro img`: placeholder until the block layer lands.
+//! `ferro img`: qemu-img compatible verbs over the block layer (ferro-block). Option names,
+//! JSON field names and exit statuses follow qemu-img so that scripts can switch.
+mod progress;
+
+use clap::{Args, Subcommand, ValueEnum};
+use ferro_block::ops::{self, CheckOutcome, CompareResult, ConvertOptions};
+use ferro_block::{CreateOptions, Format};
+use progress::Bar;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-#[derive(clap::Args)]
-pub struct ImgArgs {}
+#[derive(Args)]
+pub struct ImgArgs {
+    #[command(subcommand)]
+    verb: Verb,
+}
 
-pub fn run(_args: ImgArgs) -> ExitCode {
-    eprintln!("ferro img: not built yet");
-    ExitCode::FAILURE
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Create a new image.
+    Create {
+        /// Format: qcow2 or raw.
+        #[arg(short = 'f', default_value = "raw")]
+        format: String,
+        /// Backing file (qcow2 only), relative to the new image's directory unless absolute.
+        #[arg(short = 'b')]
+        backing: Option<String>,
+        /// Backing file format.
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        /// Format options: cluster_size=, compat=0.10|1.1, refcount_bits=, backing_file=, backing_fmt=.
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        filename: PathBuf,
+        /// Size in bytes or with a k/M/G/T suffix; defaults to the backing file's size.
+        size: Option<String>,
+    },
+    /// Show facts about an image.
+    Info {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Also show every backing file.
+        #[arg(long)]
+        backing_chain: bool,
+        filename: PathBuf,
+    },
+    /// Check qcow2 metadata; exit 0 clean, 2 corrupt, 3 leaks, 1 check failed, 63 unsupported.
+    Check {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Repair: "leaks" (or "all", which repairs leaks too).
+        #[arg(short = 'r')]
+        repair: Option<String>,
+        #[arg(short = 'q')]
+        quiet: bool,
+        filename: PathBuf,
+    },
+    /// Copy an image into a new one, possibly of another format.
+    Convert {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(short = 'O', default_value = "raw")]
+        output_format: String,
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        source: PathBuf,
+        target: PathBuf,
+    },
+    /// Change the virtual size: SIZE, +DELTA or -DELTA.
+    Resize {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Confirm that shrinking may lose data.
+        #[arg(long)]
+        shrink: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        filename: PathBuf,
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
+    /// Write the image's own data into its backing file.
+    Commit {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Keep the image's data instead of emptying it.
+        #[arg(short = 'd')]
+        keep: bool,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        filename: PathBuf,
+    },
+    /// Change the backing file (safe mode keeps the guest-visible content).
+    Rebase {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// New backing file ("" for none).
+        #[arg(short = 'b')]
+        backing: String,
+        #[arg(short = 'F')]
+        backing_format: Option<String>,
+        /// Unsafe: only rewrite the backing file name.
+        #[arg(short = 'u')]
+        unsafe_mode: bool,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        filename: PathBuf,
+    },
+    /// Show where each range of the virtual disk is stored.
+    Map {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        filename: PathBuf,
+    },
+    /// Compare the contents of two images; exit 0 identical, 1 different, 2 error.
+    Compare {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        #[arg(short = 'F')]
+        format2: Option<String>,
+        /// Strict: images of different sizes differ.
+        #[arg(short = 's')]
+        strict: bool,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        image1: PathBuf,
+        image2: PathBuf,
+    },
+}
+
+/// An error for the user: printed as "ferro img: ..." with the given exit status.
+struct Failure(String, u8);
+
+impl From<ferro_block::Error> for Failure {
+    fn from(e: ferro_block::Error) -> Self {
+        Failure(e.to_string(), 1)
+    }
+}
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure(msg.into(), 1))
+}
+
+pub fn run(args: ImgArgs) -> ExitCode {
+    let code = match args.verb {
+        Verb::Compare { .. } => 2,
+        _ => 1,
+    };
+    match dispatch(args.verb) {
+        Ok(c) => ExitCode::from(c),
+        Err(Failure(msg, c)) => {
+            eprintln!("ferro img: {msg}");
+            ExitCode::from(if c == 1 { code } else { c })
+        }
+    }
+}
+
+fn format_arg(f: &Option<String>) -> Result<Option<Format>, Failure> {
+    match f {
+        None => Ok(None),
+        Some(name) => match Format::from_name(name) {
+            Some(f) => Ok(Some(f)),
+            None => fail(format!("unknown format {name:?} (known: raw, qcow2, vmdk)")),
+        },
+    }
+}
+
+/// Applies qemu-img style `-o key=value,...` options to create options.
+fn apply_options(o: &mut CreateOptions, options: &[String]) -> Result<(), Failure> {
+    for kv in options.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "cluster_size" => {
+                o.cluster_size = ops::parse_size(v).ok_or_else(|| Failure(format!("invalid cluster_size {v:?}"), 1))?
+            }
+            "compat" => match v {
+                "0.10" | "v2" => o.compat_v2 = true,
+                "1.1" | "v3" => o.compat_v2 = false,
+                _ => return fail(format!("invalid compat {v:?} (0.10 or 1.1)")),
+            },
+            "refcount_bits" => o.refcount_bits = v.parse().map_err(|_| Failure(format!("invalid refcount_bits {v:?}"), 1))?,
+            "backing_file" => o.backing_file = Some(v.to_string()),
+            "backing_fmt" => o.backing_format = format_arg(&Some(v.to_string()))?,
+            "size" => o.size = Some(ops::parse_size(v).ok_or_else(|| Failure(format!("invalid size {v:?}"), 1))?),
+            _ => return fail(format!("unsupported option {k:?}")),
+        }
+    }
+    Ok(())
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn dispatch(verb: Verb) -> Result<u8, Failure> {
+    match verb {
+        Verb::Create { format, backing, backing_format, options, quiet, filename, size } => {
+            let fmt = format_arg(&Some(format))?.unwrap_or(Format::Raw);
+            let size = match size {
+                Some(s) => Some(ops::parse_size(&s).ok_or_else(|| Failure(format!("invalid size {s:?}"), 1))?),
+                None => None,
+            };
+            let mut o = CreateOptions::new(fmt, size);
+            o.backing_file = backing;
+            o.backing_format = format_arg(&backing_format)?;
+            apply_options(&mut o, &options)?;
+            ferro_block::create(&filename, &o)?;
+            if !quiet {
+                let size = ferro_block::open(&filename, Some(fmt), true)?.size();
+                println!("Formatting '{}', fmt={} size={size}", display(&filename), fmt);
+            }
+            Ok(0)
+        }
+        Verb::Info { format, output, backing_chain, filename } => {
+            let infos = ops::info(&filename, format_arg(&format)?, backing_chain)?;
+            if output == Output::Json {
+                let values = infos.iter().map(ops::info_json).collect::<Result<Vec<_>, _>>()?;
+                if backing_chain {
+                    print_json(&serde_json::Value::Array(values));
+                } else if let Some(v) = values.first() {
+                    print_json(v);
+                }
+            } else {
+                let texts = infos.iter().map(ops::info_text).collect::<Result<Vec<_>, _>>()?;
+                print!("{}", texts.join("\n"));
+            }
+            Ok(0)
+        }
+        Verb::Check { format, output, repair, quiet, filename } => {
+            let repair = match repair.as_deref() {
+                None => false,
+                Some("leaks" | "all") => true,
+                Some(r) => return fail(format!("invalid repair mode {r:?} (leaks or all)")),
+            };
+            let report = match ops::check(&filename, format_arg(&format)?, repair) {
+                Ok(CheckOutcome::Checked(r)) => r,
+                Ok(CheckOutcome::NotSupported(_)) => {
+                    return Err(Failure("This image format does not support checks".into(), 63));
+                }
+                Err(e) => return Err(Failure(format!("Check failed: {e}"), 1)),
+            };
+            if output == Output::Json {
+                print_json(&report.to_json(&display(&filename)));
+            } else if !quiet {
+                print!("{}", report.to_text());
+            }
+            Ok(report.exit_code())
+        }
+        Verb::Convert { format, output_format, options, progress, quiet, source, target } => {
+            let fmt = format_arg(&Some(output_format))?.unwrap_or(Format::Raw);
+            let mut dst = CreateOptions::new(fmt, None);
+            apply_options(&mut dst, &options)?;
+            let opts = ConvertOptions { src_format: format_arg(&format)?, dst };
+            let mut bar = Bar::new(progress && !quiet);
+            ops::convert(&source, &target, &opts, &mut |d, t| bar.update(d, t))?;
+            bar.finish();
+            Ok(0)
+        }
+        Verb::Resize { format, shrink, quiet, filename, size } => {
+            ops::resize(&filename, format_arg(&format)?, &size, shrink)?;
+            if !quiet {
+                println!("Image resized.");
+            }
+            Ok(0)
+        }
+        Verb::Commit { format, keep, progress, quiet, filename } => {
+            let mut bar = Bar::new(progress && !quiet);
+            ops::commit(&filename, format_arg(&format)?, keep, &mut |d, t| bar.update(d, t))?;
+            bar.finish();
+            if !quiet {
+                println!("Image committed.");
+            }
+            Ok(0)
+        }
+        Verb::Rebase { format, backing, backing_format, unsafe_mode, progress, quiet, filename } => {
+            if format_arg(&format)?.is_some_and(|f| f != Format::Qcow2) {
+                return fail("rebase needs a qcow2 image");
+            }
+            let new = (!backing.is_empty()).then_some(backing.as_str());
+            let mut bar = Bar::new(progress && !quiet);
+            ops::rebase(&filename, new, format_arg(&backing_format)?, unsafe_mode, &mut |d, t| bar.update(d, t))?;
+            bar.finish();
+            Ok(0)
+        }
+        Verb::Map { format, output, filename } => {
+            let entries = ops::map(&filename, format_arg(&format)?)?;
+            if output == Output::Json {
+                println!("{}", ops::map_json(&entries));
+            } else {
+                println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+                for e in entries.iter().filter(|e| e.data) {
+                    if let Some(o) = e.offset {
+                        println!("{:<#16x}{:<#16x}{:<#16x}{}", e.start, e.length, o, e.file);
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Verb::Compare { format, format2, strict, progress, quiet, image1, image2 } => {
+            let fa = format_arg(&format)?;
+            let fb = format_arg(&format2)?.or(fa);
+            let mut bar = Bar::new(progress && !quiet);
+            let r = ops::compare(&image1, fa, &image2, fb, strict, &mut |d, t| bar.update(d, t))
+                .map_err(|e| Failure(e.to_string(), 2))?;
+            bar.finish();
+            let (msg, code) = match r {
+                CompareResult::Identical => ("Images are identical.".to_string(), 0),
+                CompareResult::Mismatch(off) => (format!("Content mismatch at offset {off}!"), 1),
+                CompareResult::SizeMismatch => ("Strict mode: Image size mismatch!".to_string(), 1),
+            };
+            if !quiet {
+                println!("{msg}");
+            }
+            Ok(code)
+        }
+    }
 }

@@ -20,11 +20,9 @@ pub(crate) const OUR_HEADER_LEN: u32 = 112;
 
 pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
-pub(crate) const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 pub(crate) const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub(crate) const INCOMPAT_EXTL2: u64 = 1 << 4;
 pub(crate) const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
-pub(crate) const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 
 pub(crate) const EXT_END: u32 = 0;
 pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -35,7 +33,6 @@ pub(crate) const EXT_BITMAPS: u32 = 0x2385_2875;
 pub(crate) const OFF_SIZE: u64 = 24;
 pub(crate) const OFF_L1: u64 = 36; // l1_size (u32) then l1_table_offset (u64): 12 bytes
 pub(crate) const OFF_REFTABLE: u64 = 48; // refcount_table_offset (u64) then clusters (u32): 12 bytes
-pub(crate) const OFF_INCOMPAT: u64 = 72;
 pub(crate) const OFF_AUTOCLEAR: u64 = 88;
 
 /// A header extension we do not interpret but keep when rewriting the header.

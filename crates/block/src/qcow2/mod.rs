@@ -654,11 +654,6 @@ impl Qcow2 {
         self.h.size = size;
         Ok(())
     }
-
-    /// Raw header facts for `check` and tools.
-    pub(crate) fn header(&self) -> &Header {
-        &self.h
-    }
 }
 
 impl DiskImage for Qcow2 {
