@@ -95,6 +95,21 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
             fixes.push((c, real));
         }
     }
+    // Refcounts for clusters past the end of the file reference nothing: leaks.
+    let per_block = 1u64 << img.rb_bits();
+    for ti in 0..img.reftable.len() as u64 {
+        if img.reftable[ti as usize] & super::REFT_OFFSET_MASK == 0 {
+            continue;
+        }
+        for c in (ti * per_block).max(nclusters)..(ti + 1) * per_block {
+            let stored = img.get_refcount(c)?;
+            if stored > 0 {
+                n.report.leaks += 1;
+                n.report.messages.push(format!("Leaked cluster {c} refcount={stored} reference=0"));
+                fixes.push((c, 0));
+            }
+        }
+    }
     if repair && !fixes.is_empty() {
         drop(img);
         let mut rw = Qcow2::open(path, false)?;

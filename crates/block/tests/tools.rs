@@ -1,0 +1,166 @@
+//! The `ferro img` operations (ferro_block::ops) against qemu-img's own answers.
+mod common;
+use common::*;
+use ferro_block::ops::{self, CheckOutcome, CompareResult, ConvertOptions};
+use ferro_block::{CreateOptions, Format, create, open};
+use std::path::Path;
+
+const MIB: u64 = 1 << 20;
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn checked(path: &Path) -> ferro_block::qcow2::check::CheckReport {
+    match ops::check(path, None, false).expect("check runs") {
+        CheckOutcome::Checked(r) => r,
+        CheckOutcome::NotSupported(f) => panic!("check unsupported for {f}"),
+    }
+}
+
+/// qemu builds a chain with data, zero clusters and discards; used by several tests.
+fn qemu_chain(s: &Scratch) -> std::path::PathBuf {
+    let base = s.path("base.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", p(&base), "8M"]);
+    qemu_io("qcow2", &base, &["write -P 0x61 0 3M", "write -P 0x62 6M 512k"]);
+    let top = s.path("top.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", p(&top)]);
+    qemu_io("qcow2", &top, &["write -P 0x71 1M 64k", "write -z 2M 128k", "write -P 0x72 7M 4k"]);
+    top
+}
+
+#[test]
+fn map_and_info_match_qemu() {
+    let s = Scratch::new("map");
+    let top = qemu_chain(&s);
+    let ours = ops::map_json(&ops::map(&top, None).expect("map"));
+    let theirs = qemu_img_ok(&["map", "--output", "json", p(&top)]);
+    assert_eq!(ours.trim(), theirs.trim());
+
+    let info = ops::info(&top, None, false).expect("info");
+    let ours: serde_json::Value = ops::info_json(&info[0]).expect("json");
+    let theirs: serde_json::Value = serde_json::from_str(&qemu_img_ok(&["info", "--output", "json", p(&top)])).expect("parse");
+    for k in ["virtual-size", "format", "cluster-size", "backing-filename", "backing-filename-format", "dirty-flag", "format-specific", "actual-size"] {
+        assert_eq!(ours[k], theirs[k], "field {k}");
+    }
+    let chain = ops::info(&top, None, true).expect("chain");
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain[1].format, Format::Qcow2);
+}
+
+#[test]
+fn check_finds_leaks_and_corruption_like_qemu() {
+    let s = Scratch::new("check");
+    let q = s.path("c.qcow2");
+    create(&q, &CreateOptions::new(Format::Qcow2, Some(4 * MIB))).expect("create");
+    {
+        let mut img = open(&q, None, false).expect("open");
+        img.write_at(&[1; 65536], 0).expect("write");
+        img.flush().expect("flush");
+    }
+    let r = checked(&q);
+    assert_eq!((r.corruptions, r.leaks, r.exit_code()), (0, 0, 0), "{r:?}");
+    // Leak: an extra cluster at the end of the file with refcount 1 that nothing references
+    // (refcount block 0 is cluster 2; the file has clusters 0..=5).
+    let mut bytes = std::fs::read(&q).expect("read");
+    assert_eq!(bytes.len(), 6 * 65536);
+    bytes.resize(7 * 65536, 0);
+    let rb = 2 * 65536;
+    bytes[rb + 2 * 6..rb + 2 * 6 + 2].copy_from_slice(&1u16.to_be_bytes());
+    std::fs::write(&q, &bytes).expect("write");
+    let r = checked(&q);
+    assert_eq!((r.corruptions, r.leaks, r.exit_code()), (0, 1, 3), "{r:?}");
+    assert_eq!(qemu_img(&["check", p(&q)]).status.code(), Some(3));
+    let CheckOutcome::Checked(fixed) = ops::check(&q, None, true).expect("repair") else { panic!("qcow2") };
+    assert_eq!((fixed.leaks_fixed, fixed.leaks), (1, 0));
+    assert_qemu_check_clean(&q);
+    // Corruption: zero the refcount of the data cluster.
+    let mut bytes = std::fs::read(&q).expect("read");
+    let data_cluster = {
+        let l1 = u64::from_be_bytes(bytes[40..48].try_into().expect("8 bytes")) as usize;
+        let l2 = u64::from_be_bytes(bytes[l1..l1 + 8].try_into().expect("8")) & 0x00ff_ffff_ffff_fe00;
+        (u64::from_be_bytes(bytes[l2 as usize..l2 as usize + 8].try_into().expect("8")) & 0x00ff_ffff_ffff_fe00) / 65536
+    } as usize;
+    bytes[rb + 2 * data_cluster..rb + 2 * data_cluster + 2].copy_from_slice(&0u16.to_be_bytes());
+    std::fs::write(&q, &bytes).expect("write");
+    let r = checked(&q);
+    assert!(r.corruptions >= 1 && r.exit_code() == 2, "{r:?}");
+    assert_eq!(qemu_img(&["check", p(&q)]).status.code(), Some(2));
+    // Raw has nothing to check (qemu-img exits 63).
+    let raw = s.path("r.raw");
+    create(&raw, &CreateOptions::new(Format::Raw, Some(MIB))).expect("raw");
+    assert!(matches!(ops::check(&raw, None, false).expect("check"), CheckOutcome::NotSupported(Format::Raw)));
+}
+
+#[test]
+fn convert_matches_qemu_convert_and_stays_sparse() {
+    let s = Scratch::new("convert");
+    let top = qemu_chain(&s);
+    for (fmt, name) in [(Format::Qcow2, "out.qcow2"), (Format::Raw, "out.raw")] {
+        let out = s.path(name);
+        let opts = ConvertOptions { src_format: None, dst: CreateOptions::new(fmt, None) };
+        ops::convert(&top, &out, &opts, &mut |_, _| {}).expect("convert");
+        assert_qemu_identical(&top, &out);
+        if fmt == Format::Qcow2 {
+            assert_qemu_check_clean(&out);
+            let r = checked(&out);
+            // 3M + 512k + 4k of data at 64k clusters, no more.
+            assert!(r.allocated_clusters <= 57, "converted image not sparse: {r:?}");
+        }
+    }
+    // Compare against our own converted raw, and a mismatch is found at the right offset.
+    let raw = s.path("out.raw");
+    assert_eq!(ops::compare(&top, None, &raw, None, false, &mut |_, _| {}).expect("compare"), CompareResult::Identical);
+    {
+        let mut img = open(&raw, None, false).expect("open raw");
+        img.write_at(&[0xee], 5 * MIB + 3).expect("write");
+    }
+    assert_eq!(
+        ops::compare(&top, None, &raw, None, false, &mut |_, _| {}).expect("compare"),
+        CompareResult::Mismatch(5 * MIB + 3)
+    );
+}
+
+#[test]
+fn commit_and_rebase_keep_content() {
+    let s = Scratch::new("commit");
+    let top = qemu_chain(&s);
+    let before = qemu_read_all(&top, &s);
+    // Safe rebase onto nothing: the image must now hold everything itself.
+    let flat = s.path("flat.qcow2");
+    std::fs::copy(&top, &flat).expect("copy");
+    ops::rebase(&flat, None, None, false, &mut |_, _| {}).expect("rebase to none");
+    assert_qemu_check_clean(&flat);
+    assert!(!qemu_img_ok(&["info", p(&flat)]).contains("backing file"));
+    assert_eq!(qemu_read_all(&flat, &s), before);
+    // Safe rebase onto a different base: content unchanged, new name recorded.
+    let other = s.path("other.raw");
+    std::fs::write(&other, data(5, 8 * MIB as usize)).expect("other");
+    let moved = s.path("moved.qcow2");
+    std::fs::copy(&top, &moved).expect("copy");
+    ops::rebase(&moved, Some("other.raw"), Some(Format::Raw), false, &mut |_, _| {}).expect("rebase");
+    assert_qemu_check_clean(&moved);
+    assert!(qemu_img_ok(&["info", p(&moved)]).contains("backing file: other.raw"));
+    assert_eq!(qemu_read_all(&moved, &s), before);
+    // Commit top into base: base now shows the merged content and top is empty.
+    ops::commit(&top, None, false, &mut |_, _| {}).expect("commit");
+    assert_qemu_check_clean(&top);
+    assert_qemu_check_clean(&s.path("base.qcow2"));
+    assert_eq!(qemu_read_all(&s.path("base.qcow2"), &s), before);
+    assert_eq!(checked(&top).allocated_clusters, 0);
+    assert_eq!(qemu_read_all(&top, &s), before);
+}
+
+#[test]
+fn resize_parses_qemu_sizes() {
+    let s = Scratch::new("rs");
+    let q = s.path("r.qcow2");
+    create(&q, &CreateOptions::new(Format::Qcow2, Some(MIB))).expect("create");
+    assert_eq!(ops::resize(&q, None, "+1M", false).expect("grow"), 2 * MIB);
+    assert!(ops::resize(&q, None, "-512K", false).is_err(), "shrink needs --shrink");
+    assert_eq!(ops::resize(&q, None, "-512K", true).expect("shrink"), 2 * MIB - 512 * 1024);
+    assert_eq!(ops::resize(&q, None, "3G", false).expect("abs"), 3 << 30);
+    assert_qemu_check_clean(&q);
+    assert!(qemu_img_ok(&["info", p(&q)]).contains("(3221225472 bytes)"));
+    assert_eq!(ops::parse_size("1.5G"), Some(3 << 29));
+}
