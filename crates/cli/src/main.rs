@@ -23,6 +23,9 @@ struct Cli {
 enum Command {
     /// Boot a VM in the foreground with its serial console on this terminal (no daemon).
     Run(run::RunArgs),
+    /// Run one VM as a supervised process with control and console sockets (used by ferrod).
+    #[command(hide = true)]
+    Vmm(run::VmmArgs),
     /// Check that this host can run VMs, like virt-host-validate.
     HostCheck,
     /// List or export the built-in test guests (PVH ELF files, also bootable by QEMU).
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Vmm(args) => run::vmm(args),
         Command::HostCheck => host_check::run(),
         Command::TestGuest(args) => test_guest::run(args),
         Command::Img(args) => img::run(args),

@@ -1,7 +1,9 @@
 //! `ferro run`: boot one VM in the foreground, console on the terminal, no daemon.
 
 use ferro_hypervisor::Hypervisor;
-use ferro_vmm::{ExitReason, VmConfig};
+use ferro_vmm::console::FdWriter;
+use ferro_vmm::serial_socket::SerialHub;
+use ferro_vmm::{ExitReason, RunOptions, Vm, VmConfig};
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -9,6 +11,29 @@ use std::process::ExitCode;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+/// `ferro vmm`: the VMM process ferrod supervises (docs/vmm-control.md). Same VM flags as `run`.
+#[derive(clap::Args)]
+pub struct VmmArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Serve the control protocol on this unix socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Serve the serial console on this unix socket.
+    #[arg(long)]
+    serial_socket: Option<PathBuf>,
+    /// Domain name, reported by the control socket.
+    #[arg(long, default_value = "")]
+    name: String,
+}
+
+/// The flags that describe a VM.
+#[derive(clap::Args)]
+struct VmArgs {
     /// Kernel to boot: ELF vmlinux (PVH note or 64-bit boot protocol) or bzImage.
     #[arg(long, conflicts_with = "guest")]
     kernel: Option<PathBuf>,
@@ -67,25 +92,69 @@ fn builtin_guest_path(name: &str) -> Result<(PathBuf, OwnedFd), String> {
     Ok((PathBuf::from(format!("/proc/self/fd/{fd}")), owned))
 }
 
+impl VmArgs {
+    /// The VM configuration; the returned fd keeps a built-in guest's memory file open.
+    fn config(self) -> Result<(VmConfig, Option<OwnedFd>), String> {
+        let (kernel, fd) = match self.kernel {
+            Some(k) => (k, None),
+            None => {
+                let (p, fd) = builtin_guest_path(self.guest.as_deref().unwrap_or("hello"))?;
+                (p, Some(fd))
+            }
+        };
+        Ok((VmConfig { kernel, initrd: self.initrd, cmdline: self.cmdline, memory: self.memory, vcpus: self.cpus }, fd))
+    }
+}
+
+fn finish(result: ferro_vmm::Result<ExitReason>) -> ExitCode {
+    match result {
+        Ok(ExitReason::Error(msg)) => fail(&msg),
+        Ok(ExitReason::Reset) => {
+            eprintln!("ferro: guest reset");
+            ExitCode::SUCCESS
+        }
+        Ok(reason) => ExitCode::from(reason.status() as u8),
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
 pub fn run(args: RunArgs) -> ExitCode {
-    let guest_name = args.guest.clone().unwrap_or_else(|| "hello".to_owned());
-    let (kernel, _guest_fd) = match args.kernel {
-        Some(k) => (k, None),
-        None => match builtin_guest_path(&guest_name) {
-            Ok((p, fd)) => (p, Some(fd)),
-            Err(e) => return fail(&e),
-        },
+    let (config, _guest_fd) = match args.vm.config() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
     };
     let hv = match Hypervisor::open() {
         Ok(hv) => hv,
         Err(e) => return fail(&e.to_string()),
     };
-    let config = VmConfig { kernel, initrd: args.initrd, cmdline: args.cmdline, memory: args.memory, vcpus: args.cpus };
-    match ferro_vmm::run_foreground(&hv, config) {
-        Ok(ExitReason::Error(msg)) => fail(&msg),
-        Ok(reason) => ExitCode::from(reason.status() as u8),
-        Err(e) => fail(&e.to_string()),
+    finish(ferro_vmm::run_foreground(&hv, config))
+}
+
+pub fn vmm(args: VmmArgs) -> ExitCode {
+    let (config, _guest_fd) = match args.vm.config() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let hv = match Hypervisor::open() {
+        Ok(hv) => hv,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let hub = SerialHub::new(Some(Box::new(FdWriter(1))));
+    let vm = match Vm::new(&hv, config, hub.writer()) {
+        Ok(vm) => vm,
+        Err(e) => return fail(&e.to_string()),
+    };
+    if let Some(path) = &args.serial_socket {
+        if let Err(e) = hub.serve(path, vm.serial()) {
+            return fail(&format!("serial socket {}: {e}", path.display()));
+        }
     }
+    let opts = RunOptions { interactive: false, api_socket: args.api_socket.clone(), name: args.name };
+    let status = finish(vm.run(&opts));
+    for p in [&args.api_socket, &args.serial_socket].into_iter().flatten() {
+        let _ = std::fs::remove_file(p);
+    }
+    status
 }
 
 fn fail(msg: &str) -> ExitCode {

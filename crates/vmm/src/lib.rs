@@ -5,15 +5,17 @@ pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod console;
+pub mod control;
 pub mod cpuid;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod serial_socket;
 pub mod vcpu;
 mod vm;
 
 pub use exit::ExitReason;
-pub use vm::{Vm, VmConfig, run_foreground};
+pub use vm::{RunOptions, Vm, VmConfig, run_foreground};
 
 /// Errors building or running a VM. Every message names the input or the call that failed.
 #[derive(Debug, thiserror::Error)]

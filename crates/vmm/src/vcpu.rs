@@ -14,8 +14,8 @@ use ferro_devices::BusAction;
 use kvm_bindings::{KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 thread_local! {
     /// This thread's `kvm_run.immediate_exit`, for the kick signal handler.
@@ -46,25 +46,44 @@ pub struct Shared {
     pub bus: PioBus,
     pub exit: ExitSignal,
     pub stop: AtomicBool,
+    /// Total exits to userspace, all vCPUs.
     pub exits: AtomicU64,
+    /// Pause gate: while true, vCPU threads park outside KVM_RUN.
+    pub paused: Mutex<bool>,
+    pub resume: Condvar,
+    /// How many vCPU threads are parked right now.
+    pub parked: AtomicUsize,
+}
+
+impl Shared {
+    /// Parks the calling vCPU thread while the VM is paused (and not stopping).
+    fn park_while_paused(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if !*paused {
+            return;
+        }
+        self.parked.fetch_add(1, Ordering::AcqRel);
+        while *paused && !self.stop.load(Ordering::Acquire) {
+            paused = self.resume.wait(paused).unwrap_or_else(|p| p.into_inner());
+        }
+        self.parked.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// State of one vCPU visible to other threads.
 pub struct VcpuHandle {
     pub started: AtomicBool,
-    pub time_ns: AtomicU64,
 }
 
 /// Runs vCPU `index` until the VM stops.
 pub fn run(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, handle: Arc<VcpuHandle>) {
     let immediate_exit: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
-    let clock_start = thread_cpu_time_ns();
-    let mut exits = 0u64;
     while !shared.stop.load(Ordering::Acquire) {
+        shared.park_while_paused();
         let action = match vcpu.run() {
             Ok(exit) => {
-                exits += 1;
+                shared.exits.fetch_add(1, Ordering::Relaxed);
                 let failed = matches!(exit, VcpuExit::InternalError | VcpuExit::FailEntry(..) | VcpuExit::Shutdown);
                 let reason = handle_exit(index, exit, &shared.bus);
                 if failed {
@@ -89,12 +108,7 @@ pub fn run(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, handle: Arc<VcpuHan
             shared.exit.request(reason);
             break;
         }
-        if exits % 1024 == 0 {
-            handle.time_ns.store(thread_cpu_time_ns().saturating_sub(clock_start), Ordering::Relaxed);
-        }
     }
-    shared.exits.fetch_add(exits, Ordering::Relaxed);
-    handle.time_ns.store(thread_cpu_time_ns().saturating_sub(clock_start), Ordering::Relaxed);
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
 }
 
@@ -150,10 +164,15 @@ fn describe_failure(index: u8, vcpu: &mut VcpuFd) {
     }
 }
 
-/// CPU time this thread has used.
-pub fn thread_cpu_time_ns() -> u64 {
+/// CPU time used so far by the thread `thread` (any thread of this process).
+pub fn thread_cpu_time_ns(thread: libc::pthread_t) -> u64 {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `thread` is a live thread of this process (callers hold its JoinHandle).
+    if unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } != 0 {
+        return 0;
+    }
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_THREAD_CPUTIME_ID is valid.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

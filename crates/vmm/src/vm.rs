@@ -6,6 +6,7 @@ use crate::console::{EscapeDecoder, FdWriter, RawTerminal};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{self, Shared, VcpuHandle};
+use crate::control::{self, Controller};
 use crate::{Error, Result, acpi, cpuid};
 use ferro_devices::acpi::{AcpiPm, GED_IRQ, PM_BASE, PM_SIZE};
 use ferro_devices::legacy::debug_exit::{DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
@@ -19,8 +20,8 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -35,6 +36,17 @@ pub struct VmConfig {
     pub cmdline: String,
     pub memory: u64,
     pub vcpus: u8,
+}
+
+/// How to run a built VM.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Feed COM1 from stdin when it is a terminal (raw mode, Ctrl-A x quits).
+    pub interactive: bool,
+    /// Serve the control protocol of docs/vmm-control.md on this unix socket.
+    pub api_socket: Option<PathBuf>,
+    /// The domain name reported by `info`.
+    pub name: String,
 }
 
 /// A built VM, ready to run.
@@ -103,6 +115,9 @@ impl Vm {
             exit: ExitSignal::new().map_err(|e| Error::Io("eventfd", e))?,
             stop: AtomicBool::new(false),
             exits: AtomicU64::new(0),
+            paused: Mutex::new(false),
+            resume: Condvar::new(),
+            parked: AtomicUsize::new(0),
         });
         Ok(Vm { config, vcpus, vm, _memory: memory, serial, pm, shared })
     }
@@ -122,8 +137,14 @@ impl Vm {
         self.pm.lock().unwrap_or_else(|p| p.into_inner()).press_power_button()
     }
 
-    /// Runs the VM until it stops. With `interactive`, stdin (a terminal) feeds COM1.
-    pub fn run(mut self, interactive: bool) -> Result<ExitReason> {
+    /// The serial device, for a console socket.
+    pub fn serial(&self) -> Arc<Mutex<Serial>> {
+        self.serial.clone()
+    }
+
+    /// Runs the VM until it stops.
+    pub fn run(mut self, opts: &RunOptions) -> Result<ExitReason> {
+        let interactive = opts.interactive;
         vcpu::install_kick_handler().map_err(|e| Error::Io("installing the vCPU kick handler", e))?;
         let signals = SignalFd::block_and_open(&[libc::SIGINT, libc::SIGTERM])?;
         let stdin = std::io::stdin();
@@ -133,7 +154,7 @@ impl Vm {
         }
 
         let handles: Vec<Arc<VcpuHandle>> = (0..self.vcpus.len())
-            .map(|i| Arc::new(VcpuHandle { started: AtomicBool::new(i == 0), time_ns: AtomicU64::new(0) }))
+            .map(|i| Arc::new(VcpuHandle { started: AtomicBool::new(i == 0) }))
             .collect();
         let mut threads = Vec::new();
         for (index, fd) in self.vcpus.drain(..).enumerate() {
@@ -145,9 +166,26 @@ impl Vm {
             threads.push(t);
         }
 
-        let reason = self.main_loop(&signals, _raw.is_some(), &threads, &handles);
+        let controller = Arc::new(Controller {
+            shared: self.shared.clone(),
+            pm: self.pm.clone(),
+            vcpu_threads: Mutex::new(threads.iter().map(|t| t.as_pthread_t()).collect()),
+            name: opts.name.clone(),
+            vcpus: self.config.vcpus,
+            memory: self.config.memory,
+        });
+        let reason = match &opts.api_socket {
+            Some(path) => match control::serve(path, controller.clone()) {
+                Ok(()) => self.main_loop(&signals, _raw.is_some(), &threads, &handles),
+                Err(e) => ExitReason::Error(format!("control socket {}: {e}", path.display())),
+            },
+            None => self.main_loop(&signals, _raw.is_some(), &threads, &handles),
+        };
 
         self.shared.stop.store(true, Ordering::Release);
+        controller.resume();
+        // From here on the control socket must not signal these threads.
+        controller.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner()).clear();
         for t in &threads {
             // SAFETY: the pthread handle is valid until join below; the signal has a handler.
             unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
@@ -232,7 +270,7 @@ impl Vm {
 /// Runs `config` with the console on this process's stdout (and stdin when it is a terminal).
 pub fn run_foreground(hv: &Hypervisor, config: VmConfig) -> Result<ExitReason> {
     let vm = Vm::new(hv, config, Box::new(FdWriter(1)))?;
-    vm.run(true)
+    vm.run(&RunOptions { interactive: true, ..Default::default() })
 }
 
 /// Blocks the given signals for the whole process (threads spawned later inherit the mask) and

@@ -1,0 +1,167 @@
+//! The per-VM control socket (docs/vmm-control.md): newline-delimited JSON requests from
+//! `ferrod` (or any client) to pause, resume, press the power button, quit, and read stats.
+
+use crate::exit::ExitReason;
+use crate::vcpu::{self, Shared};
+use ferro_devices::acpi::AcpiPm;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The longest request line accepted; longer lines are refused and the connection closed.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// What the control socket can do to a running VM.
+pub struct Controller {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) pm: Arc<Mutex<AcpiPm>>,
+    /// vCPU threads while they are alive; emptied (under the lock) before they are joined.
+    pub(crate) vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+    pub(crate) name: String,
+    pub(crate) vcpus: u8,
+    pub(crate) memory: u64,
+}
+
+impl Controller {
+    fn kick_all(&self) {
+        for t in self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            // SAFETY: the list only holds threads that have not been joined yet (the run loop
+            // clears it under this lock before joining).
+            unsafe { libc::pthread_kill(*t, vcpu::kick_signal()) };
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        *self.shared.paused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops every vCPU outside KVM_RUN; returns once all are parked (or after 5 s).
+    pub fn pause(&self) -> Result<(), String> {
+        *self.shared.paused.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        let n = self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let start = Instant::now();
+        while self.shared.parked.load(Ordering::Acquire) < n {
+            if start.elapsed() > Duration::from_secs(5) {
+                return Err("vCPUs did not stop within 5 s".into());
+            }
+            self.kick_all();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) {
+        *self.shared.paused.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.shared.resume.notify_all();
+    }
+
+    fn stats(&self) -> Value {
+        let threads = self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner());
+        let vcpu_time: Vec<u64> = threads.iter().map(|t| vcpu::thread_cpu_time_ns(*t)).collect();
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        json!({
+            "ok": true,
+            "vcpu_time_ns": vcpu_time,
+            "cpu_time_ns": ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+            "rss_bytes": rss_bytes(),
+            "exits": self.shared.exits.load(Ordering::Relaxed),
+            "disks": [],
+            "nics": [],
+        })
+    }
+
+    /// Answers one request object.
+    pub fn handle(&self, req: &Value) -> Value {
+        let Some(op) = req.get("op").and_then(Value::as_str) else {
+            return err("request needs a string field \"op\"");
+        };
+        match op {
+            "info" => json!({
+                "ok": true,
+                "state": if self.is_paused() { "paused" } else { "running" },
+                "pid": std::process::id(),
+                "vcpus": self.vcpus,
+                "memory_bytes": self.memory,
+                "name": self.name,
+            }),
+            "pause" => match self.pause() {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => err(&e),
+            },
+            "resume" => {
+                self.resume();
+                json!({"ok": true})
+            }
+            "power_button" => match self.pm.lock().unwrap_or_else(|p| p.into_inner()).press_power_button() {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => err(&format!("power button: {e}")),
+            },
+            "reset" => {
+                self.shared.exit.request(ExitReason::Reset);
+                json!({"ok": true})
+            }
+            "quit" => {
+                self.shared.exit.request(ExitReason::Quit);
+                json!({"ok": true})
+            }
+            "stats" => self.stats(),
+            other => err(&format!("unknown op {other:?}; known: info, pause, resume, power_button, reset, quit, stats")),
+        }
+    }
+}
+
+fn err(msg: &str) -> Value {
+    json!({"ok": false, "error": msg})
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no memory effects.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+}
+
+/// Binds `path` (replacing a stale socket file) and serves requests on background threads.
+pub fn serve(path: &Path, controller: Arc<Controller>) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new().name("api".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let c = controller.clone();
+            let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || serve_connection(stream, &c));
+        }
+    })?;
+    Ok(())
+}
+
+fn serve_connection(stream: UnixStream, c: &Controller) {
+    let Ok(mut out) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match reader.by_ref().take(MAX_REQUEST).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST {
+            let _ = writeln!(out, "{}", err("request line longer than 64 KiB"));
+            return;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => c.handle(&req),
+            Err(e) => err(&format!("malformed JSON: {e}")),
+        };
+        if writeln!(out, "{reply}").is_err() {
+            return;
+        }
+    }
+}
