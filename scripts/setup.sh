@@ -1,0 +1,35 @@
+#!/bin/bash
+# Installs what building and testing Ferrovisor needs on a Debian machine (idempotent: only
+# missing packages are installed, after one apt-get update). The Rust toolchain itself must
+# already be there (rustup); the Linux test-guest recipe installs its own packages.
+set -euo pipefail
+
+packages=(
+    build-essential   # gcc and binutils build the test guests (guests/build.rs)
+    qemu-utils        # qemu-img / qemu-io: the interop peer of the block layer's tests
+    iproute2          # ip: network namespaces, veth, tap for network tests
+    util-linux        # flock, setsid
+    procps            # ps, for leak checks in the daemon tests
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup.sh: missing Debian packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "setup.sh: installing ${missing[*]}" >&2
+    apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "setup.sh: cargo not found: install the Rust toolchain (rustup, Rust 1.85 or newer)" >&2
+    exit 1
+fi
+if [ ! -e /dev/kvm ]; then
+    echo "setup.sh: warning: /dev/kvm is missing; VM tests will fail (see 'ferro host-check')" >&2
+fi

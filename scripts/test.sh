@@ -1,0 +1,11 @@
+#!/bin/bash
+# All tests on a fresh machine: install what is needed, build the Linux test guest (cached
+# under ~/.cache/ferrovisor, rebuilt only when its recipe changes), then run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+start=$(date +%s)
+linux_dir=$(guests/linux/build.sh | tail -n 1)
+echo "test.sh: Linux test guest in $linux_dir ($(( $(date +%s) - start )) s)" >&2
+export FERRO_LINUX_DIR=$linux_dir
+cargo test --workspace --no-fail-fast -- --test-threads=2
