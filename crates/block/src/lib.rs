@@ -193,7 +193,10 @@ fn open_layer(
             let mut img = qcow2::Qcow2::open(path, readonly)?;
             if open_backing {
                 if let Some((bpath, bfmt)) = img.backing_target()? {
-                    let backing = open_layer(&bpath, bfmt, true, true, seen)?;
+                    let backing = open_layer(&bpath, bfmt, true, true, seen).map_err(|e| match e {
+                        Error::BackingChain { .. } => e,
+                        e => Error::BackingChain { path: path.to_path_buf(), reason: format!("backing file: {e}") },
+                    })?;
                     img.set_backing_image(backing);
                 }
             }

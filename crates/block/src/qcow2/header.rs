@@ -178,6 +178,9 @@ impl Header {
                 return Err(bad("backing file name lies outside the first cluster".into()));
             };
             let name = &first[bf_off as usize..end as usize];
+            if name.contains(&0) {
+                return Err(bad("backing file name contains NUL bytes".into()));
+            }
             let name = String::from_utf8(name.to_vec())
                 .map_err(|_| bad("backing file name is not UTF-8".into()))?;
             if !name.is_empty() {

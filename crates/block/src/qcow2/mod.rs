@@ -174,6 +174,25 @@ impl Qcow2 {
                 ));
             }
         }
+        // Tables must not point into the header, the L1 table or the refcount table: writing
+        // through such a pointer would destroy the image.
+        let overlaps = |off: u64| {
+            let within = |start: u64, bytes: u64| bytes > 0 && off >= start && off < start + bytes.next_multiple_of(cs);
+            off < cs
+                || within(h.l1_table_offset, u64::from(h.l1_size) * 8)
+                || within(h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs)
+        };
+        if let Some(i) = l1.iter().position(|&e| e & L1E_OFFSET_MASK != 0 && overlaps(e & L1E_OFFSET_MASK)) {
+            return Err(Error::corrupt(path, format!("L1 entry {i} points into fixed metadata")));
+        }
+        if let Some(i) = reftable.iter().position(|&e| e & REFT_OFFSET_MASK != 0 && overlaps(e & REFT_OFFSET_MASK)) {
+            return Err(Error::corrupt(path, format!("refcount table entry {i} points into fixed metadata")));
+        }
+        if h.l1_size > 0 && h.l1_table_offset < h.refcount_table_offset + u64::from(h.refcount_table_clusters) * cs
+            && h.refcount_table_offset < h.l1_table_offset + u64::from(h.l1_size) * 8
+        {
+            return Err(Error::corrupt(path, "L1 table and refcount table overlap"));
+        }
         let mut img = Qcow2 {
             path: path.to_path_buf(),
             file,
