@@ -164,3 +164,23 @@ fn resize_parses_qemu_sizes() {
     assert!(qemu_img_ok(&["info", p(&q)]).contains("(3221225472 bytes)"));
     assert_eq!(ops::parse_size("1.5G"), Some(3 << 29));
 }
+
+#[test]
+fn vmdk_input_converts_to_the_same_bytes_as_qemu() {
+    let s = Scratch::new("vmdk");
+    let raw = s.path("src.raw");
+    let mut content = data(11, 5 * MIB as usize);
+    content[MIB as usize..3 * MIB as usize].fill(0);
+    content[4 * MIB as usize..4 * MIB as usize + 70_000].fill(0x3c);
+    std::fs::write(&raw, &content).expect("raw");
+    for sub in ["monolithicSparse", "streamOptimized"] {
+        let vmdk = s.path(&format!("{sub}.vmdk"));
+        qemu_img_ok(&["convert", "-f", "raw", "-O", "vmdk", "-o", &format!("subformat={sub}"), p(&raw), p(&vmdk)]);
+        let ours = s.path(&format!("{sub}.qcow2"));
+        let opts = ConvertOptions { src_format: None, dst: CreateOptions::new(Format::Qcow2, None) };
+        ops::convert(&vmdk, &ours, &opts, &mut |_, _| {}).expect("convert vmdk");
+        assert_qemu_check_clean(&ours);
+        assert_eq!(qemu_read_all(&ours, &s), qemu_read_all(&vmdk, &s), "{sub}");
+        assert_eq!(read_all(&vmdk), content, "{sub}");
+    }
+}

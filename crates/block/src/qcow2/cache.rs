@@ -26,10 +26,9 @@ impl MetaCache {
     pub fn get_mut(&mut self, off: u64) -> Option<&mut Slot> {
         self.tick += 1;
         let tick = self.tick;
-        self.map.get_mut(&off).map(|s| {
-            s.used = tick;
-            s
-        })
+        let slot = self.map.get_mut(&off)?;
+        slot.used = tick;
+        Some(slot)
     }
 
     /// The entry to evict before inserting another one, if the cache is full.
