@@ -32,6 +32,8 @@ enum Command {
         exit_report: PathBuf,
         #[arg(long)]
         log: PathBuf,
+        #[arg(long)]
+        stderr: PathBuf,
         /// Socket files the VMM creates, removed before each (re)start.
         #[arg(long)]
         socket: Vec<PathBuf>,
@@ -42,8 +44,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Monitor { exit_report, log, socket, command }) = cli.command {
-        return monitor::run(monitor::MonitorArgs { exit_report, log, sockets: socket, command });
+    if let Some(Command::Monitor { exit_report, log, stderr, socket, command }) = cli.command {
+        return monitor::run(monitor::MonitorArgs { exit_report, log, stderr, sockets: socket, command });
     }
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -423,7 +423,9 @@ impl Manager {
         for stale in [files.exit_report(), files.api_socket(), files.serial_socket()] {
             let _ = std::fs::remove_file(stale);
         }
-        std::fs::File::create(files.log()).map_err(|e| ApiError::internal(format!("cannot create VMM log: {e}")))?;
+        for log in [files.log(), files.stderr()] {
+            std::fs::File::create(log).map_err(|e| ApiError::internal(format!("cannot create VMM log: {e}")))?;
+        }
 
         let mut cmd = tokio::process::Command::new(&self.paths.monitor_bin);
         cmd.arg("monitor")
@@ -431,6 +433,8 @@ impl Manager {
             .arg(files.exit_report())
             .arg("--log")
             .arg(files.log())
+            .arg("--stderr")
+            .arg(files.stderr())
             .arg("--socket")
             .arg(files.api_socket())
             .arg("--socket")

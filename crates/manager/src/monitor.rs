@@ -24,13 +24,19 @@ pub struct ExitReport {
 
 pub struct MonitorArgs {
     pub exit_report: PathBuf,
+    /// The VMM's stdout (guest console output when it has no terminal).
     pub log: PathBuf,
+    /// The VMM's stderr: its error and reset lines.
+    pub stderr: PathBuf,
     pub sockets: Vec<PathBuf>,
     pub command: Vec<String>,
 }
 
-/// Line the VMM prints on stderr before exiting for a hard reset (docs/vmm-control.md).
-const RESET_LINE: &str = "reset";
+/// The VMM prints `reset` on stderr before exiting for a hard reset (docs/vmm-control.md); the
+/// current VMM prefixes it ("ferro: guest reset"), so the last word is what counts.
+fn is_reset_line(line: &str) -> bool {
+    line == "reset" || line.ends_with(" reset")
+}
 
 /// Runs the VMM until it exits for a reason other than a reset; never returns early on errors
 /// without writing a report, so ferrod always learns why the domain stopped.
@@ -42,7 +48,7 @@ pub fn run(args: MonitorArgs) -> ExitCode {
         }
         match run_once(&args) {
             Ok((status, last_line)) => {
-                if status.code() == Some(0) && last_line.as_deref() == Some(RESET_LINE) {
+                if status.code() == Some(0) && last_line.as_deref().is_some_and(is_reset_line) {
                     resets += 1;
                     continue;
                 }
@@ -66,24 +72,27 @@ pub fn run(args: MonitorArgs) -> ExitCode {
 }
 
 fn run_once(args: &MonitorArgs) -> Result<(std::process::ExitStatus, Option<String>), String> {
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&args.log)
-        .map_err(|e| format!("cannot open VMM log {}: {e}", args.log.display()))?;
-    let start = log.seek(SeekFrom::End(0)).unwrap_or(0);
-    let stderr = log.try_clone().map_err(|e| format!("cannot open VMM log: {e}"))?;
+    let open = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("cannot open VMM log {}: {e}", path.display()))
+    };
+    let stdout = open(&args.log)?;
+    let mut stderr = open(&args.stderr)?;
+    let start = stderr.seek(SeekFrom::End(0)).unwrap_or(0);
     let (program, rest) = args.command.split_first().ok_or("no VMM command given")?;
     let mut child = Command::new(program)
         .args(rest)
         .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| format!("cannot open VMM log: {e}"))?)
-        .stderr(stderr)
+        .stdout(stdout)
+        .stderr(stderr.try_clone().map_err(|e| format!("cannot open VMM log: {e}"))?)
         .spawn()
         .map_err(|e| format!("cannot run VMM {program}: {e}"))?;
     let status = child.wait().map_err(|e| format!("cannot wait for VMM: {e}"))?;
-    let _ = log.flush();
-    Ok((status, last_line_since(&args.log, start)))
+    let _ = stderr.flush();
+    Ok((status, last_line_since(&args.stderr, start)))
 }
 
 /// The last non-empty line written to `path` after byte offset `start` (at most 4 KiB back).

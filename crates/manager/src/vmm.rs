@@ -26,6 +26,9 @@ impl RunFiles {
     pub fn log(&self) -> PathBuf {
         self.dir.join("vmm.log")
     }
+    pub fn stderr(&self) -> PathBuf {
+        self.dir.join("vmm.stderr")
+    }
     /// Written by the monitor when the VMM has finally exited (see `monitor`).
     pub fn exit_report(&self) -> PathBuf {
         self.dir.join("exit.json")

@@ -39,8 +39,31 @@ impl Home {
     }
 }
 
+impl Home {
+    /// Pids of processes whose command line mentions this home (monitors and VMMs).
+    pub fn processes(&self) -> Vec<i32> {
+        let needle = self.0.to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+                    && alive(*pid as i64)
+            })
+            .collect()
+    }
+}
+
 impl Drop for Home {
     fn drop(&mut self) {
+        // Whatever a failed test left running under this home goes too.
+        for pid in self.processes() {
+            // SAFETY: kill(2) on a pid; no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -126,6 +149,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.cleanup();
+        }
         self.kill9();
     }
 }

@@ -1,0 +1,290 @@
+//! Domains running real VMM processes (`ferro vmm` booting the built-in test guests on /dev/kvm)
+//! under a real ferrod: lifecycle, console, crashes, SIGKILL of the daemon, concurrency and leaks.
+
+mod common;
+
+use common::{Daemon, Home, alive, guest_toml, openapi, wait_for};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+fn state(d: &Daemon, name: &str) -> Value {
+    d.api().expect("GET", &format!("/v1/domains/{name}"), None, 200)
+}
+
+fn vmm_pid(d: &Daemon, name: &str) -> i64 {
+    state(d, name)["pid"].as_i64().unwrap_or_else(|| panic!("{name} has no pid"))
+}
+
+/// Opens the console through ferrod and returns the upgraded stream.
+fn console(d: &Daemon, name: &str) -> UnixStream {
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    write!(s, "GET /v1/domains/{name}/console HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: ferro-console\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "console closed during the upgrade");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    openapi::check("GET", &format!("/v1/domains/{name}/console"), 101, "", b"");
+    s
+}
+
+/// Reads from the console until `needle` appears.
+fn read_until(s: &mut UnixStream, needle: &str) -> String {
+    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        if let Ok(n) = s.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        if String::from_utf8_lossy(&got).contains(needle) {
+            return String::from_utf8_lossy(&got).into_owned();
+        }
+    }
+    panic!("console never showed {needle:?}; got {:?}", String::from_utf8_lossy(&got));
+}
+
+#[test]
+fn full_lifecycle_of_a_domain() {
+    let home = Home::new("life");
+    let d = Daemon::start(&home);
+    let api = d.api();
+    let file = home.0.join("idle1.toml");
+    std::fs::write(&file, guest_toml("idle1", "idle")).unwrap();
+
+    let t = Instant::now();
+    d.ferro_ok(&["define", file.to_str().unwrap()]);
+    d.ferro_ok(&["start", "idle1"]);
+    eprintln!("define + start through the CLI: {:?}", t.elapsed());
+    let info = state(&d, "idle1");
+    assert_eq!(info["state"], "running");
+    let pid = info["pid"].as_i64().unwrap();
+    assert!(alive(pid));
+    let v = api.expect("POST", "/v1/domains/idle1/start", None, 409);
+    assert!(v["message"].as_str().unwrap().contains("already running"), "{v}");
+    api.expect("DELETE", "/v1/domains/idle1", None, 409);
+
+    let stats = api.expect("GET", "/v1/domains/idle1/stats", None, 200);
+    assert_eq!(stats["vcpu_time_ns"].as_array().unwrap().len(), 1);
+    assert!(stats["rss_bytes"].as_u64().unwrap() > 0);
+    let cli_stats: Value = serde_json::from_str(&d.ferro_ok(&["domstats", "idle1", "--json"])).unwrap();
+    openapi::validate(&serde_json::json!({"$ref": "#/components/schemas/DomainStats"}), &cli_stats, "$").unwrap();
+
+    // The console reaches the guest, which echoes what it is sent.
+    let mut con = console(&d, "idle1");
+    read_until(&mut con, "idle: up");
+    con.write_all(b"k").unwrap();
+    read_until(&mut con, "echo: k");
+    drop(con);
+
+    // A paused guest does not echo until resumed.
+    assert_eq!(api.expect("POST", "/v1/domains/idle1/suspend", None, 200)["state"], "paused");
+    assert_eq!(d.ferro_ok(&["domstate", "idle1"]).trim(), "paused");
+    let mut con = console(&d, "idle1");
+    read_until(&mut con, "echo: k");
+    con.write_all(b"p").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut early = [0u8; 4096];
+    con.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let n = con.read(&mut early).unwrap_or(0);
+    assert!(!String::from_utf8_lossy(&early[..n]).contains("echo: p"), "paused guest echoed");
+    assert_eq!(api.expect("POST", "/v1/domains/idle1/resume", None, 200)["state"], "running");
+    read_until(&mut con, "echo: p");
+    drop(con);
+
+    // The test guest has no ACPI: the power button is ignored and the timed shutdown says so.
+    let v = api.expect("POST", "/v1/domains/idle1/shutdown", Some(r#"{"timeout": 1}"#), 504);
+    assert!(v["message"].as_str().unwrap().contains("ferro destroy"), "{v}");
+    assert_eq!(state(&d, "idle1")["state"], "running");
+
+    // A hard reset restarts the VMM: new process, still running.
+    let after = api.expect("POST", "/v1/domains/idle1/reset", None, 200);
+    assert_eq!(after["state"], "running");
+    let new_pid = after["pid"].as_i64().unwrap();
+    assert_ne!(new_pid, pid);
+    assert!(!alive(pid));
+
+    let off = api.expect("POST", "/v1/domains/idle1/destroy", None, 200);
+    assert_eq!(off["state"], "shutoff");
+    assert!(off["pid"].is_null());
+    wait_for("the VMM to exit", Duration::from_secs(5), || !alive(new_pid));
+    assert!(home.processes().is_empty(), "processes left: {:?}", home.processes());
+    api.expect("POST", "/v1/domains/idle1/destroy", None, 409);
+
+    // A guest that powers off by itself ends up shut off, not crashed.
+    api.expect("POST", "/v1/domains", Some(&guest_toml("hello1", "hello")), 201);
+    api.expect("POST", "/v1/domains/hello1/start", None, 200);
+    wait_for("hello to power off", Duration::from_secs(10), || state(&d, "hello1")["state"] == "shutoff");
+    let events = api.expect("GET", "/v1/events", None, 200);
+    let kinds: Vec<String> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "hello1")
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds, ["defined", "started", "stopped"]);
+    assert_eq!(d.ferro(&["undefine", "idle1"]).status.code(), Some(0));
+}
+
+#[test]
+fn a_vmm_killed_behind_the_daemons_back_is_crashed() {
+    let home = Home::new("crash");
+    let d = Daemon::start(&home);
+    let api = d.api();
+    api.expect("POST", "/v1/domains", Some(&guest_toml("victim", "idle")), 201);
+    api.expect("POST", "/v1/domains/victim/start", None, 200);
+    let pid = vmm_pid(&d, "victim");
+    // SAFETY: kill(2) on the VMM's pid; no memory is involved.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_for("the crash to be noticed", Duration::from_secs(10), || state(&d, "victim")["state"] == "crashed");
+    let info = state(&d, "victim");
+    assert_eq!(info["crash"]["signal"], 9, "{info}");
+    assert!(info["crash"]["reason"].as_str().unwrap().contains("SIGKILL"), "{info}");
+    assert!(d.ferro_ok(&["domstate", "victim", "--reason"]).contains("crashed (VMM killed by signal 9"));
+    let out = d.ferro_ok(&["dominfo", "victim"]);
+    assert!(out.contains("Exit status:    killed by signal 9"), "{out}");
+    let metrics = String::from_utf8(api.raw("GET", "/metrics", "", None).body).unwrap();
+    assert!(metrics.contains("ferro_domain_state{domain=\"victim\",state=\"crashed\"} 1"));
+    // A crashed domain starts again.
+    assert_eq!(api.expect("POST", "/v1/domains/victim/start", None, 200)["state"], "running");
+    assert!(api.expect("GET", "/v1/domains/victim", None, 200)["crash"].is_null());
+}
+
+#[test]
+fn ferrod_killed_and_restarted_reattaches_to_running_vms() {
+    let home = Home::new("reattach");
+    let mut d = Daemon::start(&home);
+    let api = d.api();
+    for name in ["r1", "r2", "r3"] {
+        api.expect("POST", "/v1/domains", Some(&guest_toml(name, "idle")), 201);
+        api.expect("POST", &format!("/v1/domains/{name}/start"), None, 200);
+    }
+    api.expect("POST", "/v1/domains/r2/suspend", None, 200);
+    let pids: Vec<i64> = ["r1", "r2", "r3"].iter().map(|n| vmm_pid(&d, n)).collect();
+
+    d.kill9();
+    assert!(pids.iter().all(|&p| alive(p)), "VMs must survive the daemon");
+    // While the daemon is gone, r3's VMM dies.
+    // SAFETY: kill(2) on the VMM's pid; no memory is involved.
+    unsafe { libc::kill(pids[2] as i32, libc::SIGKILL) };
+    wait_for("r3 to die", Duration::from_secs(5), || !alive(pids[2]));
+
+    let d = Daemon::start(&home);
+    let api = d.api();
+    let r1 = state(&d, "r1");
+    assert_eq!((r1["state"].as_str(), r1["pid"].as_i64()), (Some("running"), Some(pids[0])));
+    let r2 = state(&d, "r2");
+    assert_eq!((r2["state"].as_str(), r2["pid"].as_i64()), (Some("paused"), Some(pids[1])));
+    let r3 = state(&d, "r3");
+    assert_eq!(r3["state"], "crashed", "{r3}");
+    assert_eq!(r3["crash"]["signal"], 9, "exit status known across the restart: {r3}");
+
+    // The re-attached VMs are fully controllable.
+    let mut con = console(&d, "r1");
+    con.write_all(b"z").unwrap();
+    read_until(&mut con, "echo: z");
+    api.expect("POST", "/v1/domains/r2/resume", None, 200);
+    api.expect("GET", "/v1/domains/r2/stats", None, 200);
+    // A re-attached VMM that crashes is noticed too (through its pidfd, not as our child).
+    // SAFETY: kill(2) on the VMM's pid; no memory is involved.
+    unsafe { libc::kill(pids[1] as i32, libc::SIGKILL) };
+    wait_for("r2's crash", Duration::from_secs(10), || state(&d, "r2")["state"] == "crashed");
+    api.expect("POST", "/v1/domains/r1/destroy", None, 200);
+    wait_for("r1 to exit", Duration::from_secs(5), || !alive(pids[0]));
+    assert!(home.processes().is_empty(), "left: {:?}", home.processes());
+}
+
+#[test]
+fn autostart_runs_on_the_first_daemon_start_after_boot() {
+    let home = Home::new("autostart");
+    let mut d = Daemon::start(&home);
+    let api = d.api();
+    api.expect("POST", "/v1/domains", Some(&guest_toml("auto", "idle").replace("vcpus = 1", "vcpus = 1\nautostart = true")), 201);
+    api.expect("POST", "/v1/domains", Some(&guest_toml("manual", "idle")), 201);
+    d.kill9();
+    // Same boot: a restart does not autostart.
+    let mut d = Daemon::start(&home);
+    assert_eq!(state(&d, "auto")["state"], "shutoff");
+    d.kill9();
+    // Pretend the host rebooted since the daemon last ran.
+    let db = rusqlite::Connection::open(home.0.join("ferrod.db")).unwrap();
+    db.execute("UPDATE meta SET value = 'an-earlier-boot' WHERE key = 'boot_id'", []).unwrap();
+    drop(db);
+    let d = Daemon::start(&home);
+    assert_eq!(state(&d, "auto")["state"], "running");
+    assert_eq!(state(&d, "manual")["state"], "shutoff");
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn fifty_domains_start_and_stop_concurrently_without_leaks() {
+    const N: usize = 50;
+    let home = Home::new("fifty");
+    let d = Daemon::start(&home);
+    let api = d.api();
+    for i in 0..N {
+        api.expect("POST", "/v1/domains", Some(&guest_toml(&format!("c{i:02}"), "idle")), 201);
+    }
+    // Warm up (one start/stop) so lazily created runtime resources are counted in the baseline.
+    api.expect("POST", "/v1/domains/c00/start", None, 200);
+    api.expect("POST", "/v1/domains/c00/destroy", None, 200);
+    let fds_before = fd_count(d.child.id());
+
+    let run_all = |action: &'static str, expect: &'static str| {
+        let threads: Vec<_> = (0..10)
+            .map(|t| {
+                let api = api.clone();
+                std::thread::spawn(move || {
+                    for i in (t..N).step_by(10) {
+                        let v = api.expect("POST", &format!("/v1/domains/c{i:02}/{action}"), None, 200);
+                        assert_eq!(v["state"], expect);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    };
+    let t = Instant::now();
+    run_all("start", "running");
+    eprintln!("{N} concurrent starts: {:?}", t.elapsed());
+    let list = api.expect("GET", "/v1/domains", None, 200);
+    let pids: Vec<i64> = list.as_array().unwrap().iter().map(|d| d["pid"].as_i64().unwrap()).collect();
+    assert_eq!(pids.len(), N);
+    assert!(pids.iter().all(|&p| alive(p)));
+    let metrics = String::from_utf8(api.raw("GET", "/metrics", "", None).body).unwrap();
+    assert_eq!(metrics.matches("ferro_domain_rss_bytes{").count(), N);
+
+    let t = Instant::now();
+    run_all("destroy", "shutoff");
+    eprintln!("{N} concurrent destroys: {:?}", t.elapsed());
+    wait_for("every VMM to exit", Duration::from_secs(10), || pids.iter().all(|&p| !alive(p)));
+    assert!(home.processes().is_empty(), "left: {:?}", home.processes());
+    wait_for("ferrod's descriptors to settle", Duration::from_secs(5), || fd_count(d.child.id()) <= fds_before);
+    let sockets: Vec<_> = walk(&home.0.join("run")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "sock")).collect();
+    assert!(sockets.is_empty(), "sockets left: {sockets:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
