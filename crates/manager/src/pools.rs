@@ -1,7 +1,7 @@
 //! Storage pools (directory pools) and their volumes (image files in the pool's directory).
 //!
-//! Raw volumes are sparse files made here; qcow2 creation, clone and resize go through `qemu-img`
-//! (Debian's qemu-utils) until the block layer offers those operations.
+//! Image work (create, clone, resize, header info) goes through the block layer, `ferro-block`,
+//! on blocking threads so a large clone never stalls the API.
 
 use crate::domain::{DISK_FORMATS, parse_size, validate_name, validate_volume_name};
 use crate::error::{ApiError, ApiResult};
@@ -9,7 +9,9 @@ use crate::manager::{Manager, lock};
 use crate::store::{Store, StoredPool};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
+use ferro_block::Format;
+use ferro_block::CreateOptions;
+use ferro_block::ops::ConvertOptions;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -63,6 +65,13 @@ pub struct VolumeInfo {
     /// Bytes the file occupies on the host.
     pub allocation: u64,
     pub backing: Option<String>,
+    #[serde(skip)]
+    format_enum: Format,
+    /// The backing file name as recorded in the image (relative names stay relative).
+    #[serde(skip)]
+    backing_raw: Option<String>,
+    #[serde(skip)]
+    backing_format: Option<String>,
 }
 
 /// A size given as a byte count or as a string such as "10G".
@@ -306,35 +315,29 @@ impl Manager {
         if path.exists() {
             return Err(ApiError::conflict(format!("volume {} already exists in pool {pool}", def.name)));
         }
-        match (&def.backing_volume, def.format.as_str()) {
-            (None, "raw") => {
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", path.display())))?;
-                file.set_len(capacity).map_err(|e| ApiError::internal(format!("cannot size {}: {e}", path.display())))?;
+        let format = block_format(&def.format);
+        let mut opts = CreateOptions::new(format, Some(capacity));
+        match &def.backing_volume {
+            Some(_) if format != Format::Qcow2 => {
+                return Err(ApiError::invalid("backing_volume: only qcow2 volumes can have a backing volume"));
             }
-            (Some(_), "raw") => return Err(ApiError::invalid("backing_volume: only qcow2 volumes can have a backing volume")),
-            (backing, _) => {
-                let mut args = vec!["create".to_string(), "-q".into(), "-f".into(), "qcow2".into()];
-                if let Some(backing) = backing {
-                    let backing_path = self
-                        .volume_path(pool, backing, false)
-                        .map_err(|e| ApiError { message: format!("backing_volume: {}", e.message), ..e })?;
-                    let detected = volume_info(pool, backing, &backing_path)?.format;
-                    let backing_format = def.backing_format.clone().unwrap_or_else(|| detected.to_string());
-                    if !DISK_FORMATS.contains(&backing_format.as_str()) {
-                        return Err(ApiError::invalid(format!("backing_format: {backing_format:?} is not raw or qcow2")));
-                    }
-                    args.extend(["-b".into(), backing_path.display().to_string(), "-F".into(), backing_format]);
-                } else if def.backing_format.is_some() {
-                    return Err(ApiError::invalid("backing_format: needs backing_volume"));
-                }
-                args.extend([path.display().to_string(), capacity.to_string()]);
-                qemu_img(&args).await?;
+            Some(backing) => {
+                let backing_path = self
+                    .volume_path(pool, backing, false)
+                    .map_err(|e| ApiError { message: format!("backing_volume: {}", e.message), ..e })?;
+                let backing_format = match &def.backing_format {
+                    Some(f) if DISK_FORMATS.contains(&f.as_str()) => block_format(f),
+                    Some(f) => return Err(ApiError::invalid(format!("backing_format: {f:?} is not raw or qcow2"))),
+                    None => volume_info(pool, backing, &backing_path)?.format_enum,
+                };
+                opts.backing_file = Some(backing.clone());
+                opts.backing_format = Some(backing_format);
             }
+            None if def.backing_format.is_some() => return Err(ApiError::invalid("backing_format: needs backing_volume")),
+            None => {}
         }
+        let target = path.clone();
+        blocking(move || ferro_block::create(&target, &opts)).await?;
         self.events.emit("volume", &format!("{pool}/{}", def.name), "created", def.format.clone());
         volume_info(pool, &def.name, &path)
     }
@@ -359,11 +362,13 @@ impl Manager {
                 if dst.exists() {
                     return Err(ApiError::conflict(format!("volume {new_name} already exists in pool {pool}")));
                 }
-                let format = volume_info(pool, name, &src)?.format;
-                let args = ["convert", "-q", "-U", "-f", format, "-O", format];
-                let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-                args.extend([src.display().to_string(), dst.display().to_string()]);
-                qemu_img(&args).await?;
+                let format = volume_info(pool, name, &src)?.format_enum;
+                let opts = ConvertOptions { src_format: Some(format), dst: CreateOptions::new(format, None) };
+                let target = dst.clone();
+                if let Err(e) = blocking(move || ferro_block::ops::convert(&src, &target, &opts, &mut |_, _| {})).await {
+                    let _ = std::fs::remove_file(&dst);
+                    return Err(e);
+                }
                 self.events.emit("volume", &format!("{pool}/{new_name}"), "created", format!("clone of {name}"));
                 volume_info(pool, new_name, &dst)?
             }
@@ -382,11 +387,8 @@ impl Manager {
                         info.capacity
                     )));
                 }
-                if info.format == "raw" {
-                    set_len(&path, capacity)?;
-                } else {
-                    qemu_img(&["resize".into(), "-q".into(), "-f".into(), "qcow2".into(), path.display().to_string(), capacity.to_string()]).await?;
-                }
+                let (target, format) = (path.clone(), info.format_enum);
+                blocking(move || ferro_block::ops::resize(&target, Some(format), &capacity.to_string(), false)).await?;
                 volume_info(pool, name, &path)?
             }
             "wipe" => {
@@ -396,12 +398,15 @@ impl Manager {
                     set_len(&path, 0)?;
                     set_len(&path, info.capacity)?;
                 } else {
-                    let mut args = vec!["create".to_string(), "-q".into(), "-f".into(), "qcow2".into()];
-                    if let Some(backing) = &info.backing {
-                        args.extend(["-b".into(), backing.clone(), "-F".into(), backing_format(Path::new(backing))]);
-                    }
-                    args.extend([path.display().to_string(), info.capacity.to_string()]);
-                    qemu_img(&args).await?;
+                    // A fresh image of the same size and backing file reads as the backing file
+                    // again (zeros without one); written to the side, then renamed over the old.
+                    let mut opts = CreateOptions::new(info.format_enum, Some(info.capacity));
+                    opts.backing_file = info.backing_raw.clone();
+                    opts.backing_format = info.backing_format.as_deref().and_then(Format::from_name);
+                    let fresh = path.with_file_name(format!(".{name}.wipe"));
+                    let target = fresh.clone();
+                    blocking(move || ferro_block::create(&target, &opts)).await?;
+                    std::fs::rename(&fresh, &path).map_err(|e| ApiError::internal(format!("cannot replace {}: {e}", path.display())))?;
                 }
                 volume_info(pool, name, &path)?
             }
@@ -447,20 +452,17 @@ fn set_len(path: &Path, len: u64) -> ApiResult<()> {
         .map_err(|e| ApiError::internal(format!("cannot resize {}: {e}", path.display())))
 }
 
-async fn qemu_img(args: &[String]) -> ApiResult<()> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| ApiError::internal(format!("cannot run qemu-img ({e}); install qemu-utils")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let line = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("failed");
-        Err(ApiError::internal(format!("qemu-img {}: {line}", args[0])))
+/// Runs block-layer work on a blocking thread, mapping its errors.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> ferro_block::Result<T> + Send + 'static) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(ApiError::internal(e.to_string())),
+        Err(e) => Err(ApiError::internal(format!("image task failed: {e}"))),
     }
+}
+
+fn block_format(name: &str) -> Format {
+    if name == "qcow2" { Format::Qcow2 } else { Format::Raw }
 }
 
 /// Names of the regular files in a pool directory that are valid volume names, sorted.
@@ -477,44 +479,25 @@ fn volume_files(dir: &Path) -> Vec<String> {
     names
 }
 
-const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
-
-/// Reads format, virtual size and backing file from the image header.
+/// Format, virtual size and backing file as the block layer reads them from the image.
 fn volume_info(pool: &str, name: &str, path: &Path) -> ApiResult<VolumeInfo> {
-    let io = |e: std::io::Error| ApiError::internal(format!("cannot read {}: {e}", path.display()));
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    let mut header = [0u8; 32];
-    let is_qcow2 = file.read_exact(&mut header).is_ok() && &header[..4] == QCOW2_MAGIC;
-    let (format, capacity, backing) = if is_qcow2 {
-        let be64 = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap_or_default());
-        let backing_offset = be64(8);
-        let backing_len = u32::from_be_bytes(header[16..20].try_into().unwrap_or_default()) as usize;
-        let backing = if backing_offset != 0 && backing_len > 0 && backing_len <= 4096 {
-            let mut buf = vec![0u8; backing_len];
-            file.seek(SeekFrom::Start(backing_offset)).map_err(io)?;
-            file.read_exact(&mut buf).map_err(io)?;
-            Some(String::from_utf8_lossy(&buf).into_owned())
-        } else {
-            None
-        };
-        ("qcow2", be64(24), backing)
-    } else {
-        ("raw", meta.len(), None)
-    };
+    let meta = std::fs::metadata(path).map_err(|e| ApiError::internal(format!("cannot read {}: {e}", path.display())))?;
+    let info = ferro_block::ops::info(path, None, false)
+        .ok()
+        .and_then(|mut chain| chain.drain(..).next())
+        .ok_or_else(|| ApiError::conflict(format!("volume {name}: {} is not a readable disk image", path.display())))?;
     Ok(VolumeInfo {
         name: name.to_string(),
         pool: pool.to_string(),
         path: path.display().to_string(),
-        format,
-        capacity,
+        format: info.format.name(),
+        capacity: info.virtual_size,
         allocation: meta.blocks() * 512,
-        backing,
+        backing: info.full_backing_file.as_ref().map(|p| p.display().to_string()),
+        format_enum: info.format,
+        backing_raw: info.backing_file,
+        backing_format: info.backing_format,
     })
-}
-
-fn backing_format(path: &Path) -> String {
-    volume_info("", "", path).map(|i| i.format).unwrap_or("raw").to_string()
 }
 
 /// (total, available) bytes of the filesystem holding `path`.
