@@ -90,9 +90,23 @@ fn serve(cli: Cli) -> Result<(), String> {
         manager.recover().await;
         tracing::info!(socket = %paths.socket.display(), home = %paths.home.display(), "ferrod ready");
         let app = api::router(manager);
-        let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+        let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+        let signalled = stopping.clone();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            signalled.notify_one();
+        });
+        // Requests in flight get a moment to finish; endless ones (event streams, consoles) do not
+        // hold the daemon up.
+        let result = tokio::select! {
+            r = server.into_future() => r.map_err(|e| format!("serving the API failed: {e}")),
+            () = async {
+                stopping.notified().await;
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            } => Ok(()),
+        };
         let _ = std::fs::remove_file(&paths.socket);
-        result.map_err(|e| format!("serving the API failed: {e}"))
+        result
     })
 }
 

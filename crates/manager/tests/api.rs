@@ -447,3 +447,25 @@ fn a_second_daemon_on_the_same_home_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another ferrod"));
 }
+
+#[test]
+fn sigterm_stops_the_daemon_even_with_an_event_stream_open() {
+    let home = Home::new("sigterm");
+    let mut d = Daemon::start(&home);
+    let mut stream = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    write!(stream, "GET /v1/events?follow=true HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut first = [0u8; 12];
+    std::io::Read::read_exact(&mut stream, &mut first).unwrap();
+    // SAFETY: kill(2) on the daemon's pid; no memory is involved.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "ferrod ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}: {}", d.stderr());
+    assert!(!d.socket.exists(), "socket removed on a clean stop");
+}

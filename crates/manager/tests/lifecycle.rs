@@ -110,10 +110,33 @@ fn full_lifecycle_of_a_domain() {
     assert_ne!(new_pid, pid);
     assert!(!alive(pid));
 
+    // `ferro top` shows it; `ferro console` (stdin not a terminal) relays input and ends when the
+    // domain stops.
+    let top = d.ferro_ok(&["top", "--iterations", "1"]);
+    assert!(top.contains("idle1") && top.contains("running"), "{top}");
+    let mut cli_console = std::process::Command::new(common::ferro_bin())
+        .args(["console", "idle1"])
+        .env("FERRO_HOME", &home.0)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    cli_console.stdin.take().unwrap().write_all(b"c").unwrap();
+    let mut cli_out = cli_console.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = cli_out.read_to_string(&mut text);
+        text
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
     let off = api.expect("POST", "/v1/domains/idle1/destroy", None, 200);
     assert_eq!(off["state"], "shutoff");
     assert!(off["pid"].is_null());
     wait_for("the VMM to exit", Duration::from_secs(5), || !alive(new_pid));
+    wait_for("`ferro console` to end", Duration::from_secs(10), || cli_console.try_wait().unwrap().is_some());
+    let text = reader.join().unwrap();
+    assert!(text.contains("echo: c"), "console output: {text:?}");
     assert!(home.processes().is_empty(), "processes left: {:?}", home.processes());
     api.expect("POST", "/v1/domains/idle1/destroy", None, 409);
 
