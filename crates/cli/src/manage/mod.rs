@@ -39,6 +39,18 @@ pub struct DomJson {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    /// Include inactive objects too.
+    #[arg(long)]
+    all: bool,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Connect,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct PoolArg {
     /// Pool name.
     pool: String,
@@ -97,16 +109,7 @@ pub enum ManageCommand {
     /// Resume a paused domain.
     Resume(Dom),
     /// List domains (running ones; --all for every defined domain).
-    List {
-        /// Include domains that are not running.
-        #[arg(long)]
-        all: bool,
-        /// Print JSON for scripts.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        conn: Connect,
-    },
+    List(ListArgs),
     /// Show a domain's details.
     Dominfo(DomJson),
     /// Show a domain's state.
@@ -187,14 +190,7 @@ pub enum ManageCommand {
         conn: Connect,
     },
     /// List pools (active ones; --all for every pool).
-    PoolList {
-        #[arg(long)]
-        all: bool,
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        conn: Connect,
-    },
+    PoolList(ListArgs),
     /// Show a pool's details.
     PoolInfo {
         pool: String,
@@ -341,7 +337,7 @@ fn execute(cmd: ManageCommand) -> Result<(), String> {
         C::Reset(d) => action(&d, "reset", "was reset")?,
         C::Suspend(d) => action(&d, "suspend", "suspended")?,
         C::Resume(d) => action(&d, "resume", "resumed")?,
-        C::List { all, json, conn } => {
+        C::List(ListArgs { all, json, conn }) => {
             let list = client(&conn).get("/v1/domains")?;
             let shown: Vec<Value> = list
                 .as_array()
@@ -399,7 +395,7 @@ fn execute(cmd: ManageCommand) -> Result<(), String> {
             client(&conn).post(&path, Some(&json!({ "enabled": !disable })))?;
             println!("Pool {pool} {} as autostarted", if disable { "unmarked" } else { "marked" });
         }
-        C::PoolList { all, json, conn } => {
+        C::PoolList(ListArgs { all, json, conn }) => {
             let list = client(&conn).get("/v1/pools")?;
             let shown: Vec<Value> =
                 list.as_array().into_iter().flatten().filter(|p| all || p["active"] == true).cloned().collect();
