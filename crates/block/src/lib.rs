@@ -106,6 +106,38 @@ pub struct ImageInfo {
     pub qcow2: Option<Qcow2Details>,
 }
 
+impl ImageInfo {
+    /// Facts about an image without a backing file or qcow2 specifics.
+    pub(crate) fn plain(format: Format, path: &Path, virtual_size: u64, cluster_size: Option<u64>) -> ImageInfo {
+        ImageInfo {
+            format,
+            path: path.to_path_buf(),
+            virtual_size,
+            cluster_size,
+            backing_file: None,
+            backing_format: None,
+            full_backing_file: None,
+            dirty: false,
+            qcow2: None,
+        }
+    }
+}
+
+/// Reads file bytes at `off`; what lies past the end of the file reads as zeroes.
+pub(crate) fn read_padded(file: &File, path: &Path, buf: &mut [u8], off: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        let n = file.read_at(&mut buf[done..], off + done as u64).map_err(Error::io(path, "read"))?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// One open disk image (and, through it, its backing chain).
 pub trait DiskImage: Send {
     /// Facts about the image (format, sizes, backing file).

@@ -1,7 +1,7 @@
 //! Raw images: the file is the disk. Sparse-aware: holes are reported as zero extents, discard
 //! punches holes, and write_zeroes uses fallocate instead of writing zero buffers.
 use crate::error::{Error, Result};
-use crate::{DiskImage, Extent, Format, ImageInfo, Status, check_range};
+use crate::{DiskImage, Extent, Format, ImageInfo, Status, check_range, read_padded};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -50,17 +50,7 @@ impl RawImage {
 
 impl DiskImage for RawImage {
     fn info(&self) -> ImageInfo {
-        ImageInfo {
-            format: Format::Raw,
-            path: self.path.clone(),
-            virtual_size: self.size,
-            cluster_size: None,
-            backing_file: None,
-            backing_format: None,
-            full_backing_file: None,
-            dirty: false,
-            qcow2: None,
-        }
+        ImageInfo::plain(Format::Raw, &self.path, self.size, None)
     }
 
     fn size(&self) -> u64 {
@@ -69,17 +59,8 @@ impl DiskImage for RawImage {
 
     fn read_at(&mut self, buf: &mut [u8], off: u64) -> Result<()> {
         check_range(&self.path, off, buf.len() as u64, self.size)?;
-        let mut done = 0;
-        while done < buf.len() {
-            let n = self.file.read_at(&mut buf[done..], off + done as u64).map_err(Error::io(&self.path, "read"))?;
-            if n == 0 {
-                // The file shrank under us: the rest reads as zeroes.
-                buf[done..].fill(0);
-                break;
-            }
-            done += n;
-        }
-        Ok(())
+        // If the file shrank under us, the rest reads as zeroes.
+        read_padded(&self.file, &self.path, buf, off)
     }
 
     fn write_at(&mut self, buf: &[u8], off: u64) -> Result<()> {

@@ -162,17 +162,7 @@ impl VmdkImage {
 
 impl DiskImage for VmdkImage {
     fn info(&self) -> ImageInfo {
-        ImageInfo {
-            format: Format::Vmdk,
-            path: self.path.clone(),
-            virtual_size: self.size,
-            cluster_size: Some(self.grain),
-            backing_file: None,
-            backing_format: None,
-            full_backing_file: None,
-            dirty: false,
-            qcow2: None,
-        }
+        ImageInfo::plain(Format::Vmdk, &self.path, self.size, Some(self.grain))
     }
 
     fn size(&self) -> u64 {

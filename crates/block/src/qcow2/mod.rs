@@ -290,16 +290,7 @@ impl Qcow2 {
 
     /// Reads file bytes; what lies past the end of the file reads as zeroes.
     fn pread(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            let n = self.file.read_at(&mut buf[done..], off + done as u64).map_err(Error::io(&self.path, "read"))?;
-            if n == 0 {
-                buf[done..].fill(0);
-                break;
-            }
-            done += n;
-        }
-        Ok(())
+        crate::read_padded(&self.file, &self.path, buf, off)
     }
 
     fn sync(&mut self) -> Result<()> {
