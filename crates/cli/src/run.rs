@@ -149,7 +149,7 @@ pub fn vmm(args: VmmArgs) -> ExitCode {
             return fail(&format!("serial socket {}: {e}", path.display()));
         }
     }
-    let opts = RunOptions { interactive: false, api_socket: args.api_socket.clone(), name: args.name };
+    let opts = RunOptions { interactive: false, api_socket: args.api_socket.clone(), name: args.name, exiting: true };
     let status = finish(vm.run(&opts));
     for p in [&args.api_socket, &args.serial_socket].into_iter().flatten() {
         let _ = std::fs::remove_file(p);

@@ -58,6 +58,10 @@ pub fn create(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
+        // Guest RAM is never needed in a forked child (see vm::defer_kvm_teardown); this also
+        // keeps fork from copying its page tables.
+        // SAFETY: madvise on a mapping `mem` owns, covering exactly the region.
+        unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTFORK) };
         // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM (the Vm
         // struct keeps both and drops the VM fd first), and the slots do not overlap.
         unsafe { vm.set_user_memory_region(desc) }
