@@ -21,6 +21,7 @@ struct Launch {
 }
 
 /// Spawns `cmd`, timing the first byte on stdout and the exit; peak RSS from wait4.
+#[allow(clippy::zombie_processes)] // reaped with wait4 (for its rusage), which clippy cannot see
 fn launch(cmd: &mut Command, expect_status: i32) -> Launch {
     let start = Instant::now();
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");

@@ -16,7 +16,7 @@ impl Bar {
         if !self.enabled {
             return;
         }
-        let pct = if total == 0 { 100 } else { done.min(total) * 100 / total };
+        let pct = (done.min(total) * 100).checked_div(total).unwrap_or(100);
         if self.last == Some(pct) {
             return;
         }
