@@ -26,6 +26,8 @@ enum Command {
     /// Run one VM as a supervised process with control and console sockets (used by ferrod).
     #[command(hide = true)]
     Vmm(run::VmmArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
     /// Check that this host can run VMs, like virt-host-validate.
     HostCheck,
     /// List or export the built-in test guests (PVH ELF files, also bootable by QEMU).
@@ -42,6 +44,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Vmm(args) => run::vmm(args),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "ferro", &mut script);
+            // A closed pipe (`| head`) is not an error worth more than the exit status.
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            }
+        }
         Command::HostCheck => host_check::run(),
         Command::TestGuest(args) => test_guest::run(args),
         Command::Img(args) => img::run(args),

@@ -57,20 +57,17 @@ struct VmArgs {
 /// Parses "256M", "1G", "65536K", "1048576".
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let (digits, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size suffix '{c}' in '{s}': use K, M, G or T")),
-            };
-            (&s[..i], shift)
-        }
-        _ => (s, 0),
-    };
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(split);
     let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size (examples: 256M, 2G)"))?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("unknown size suffix '{suffix}' in '{s}': use K, M, G or T")),
+    };
     n.checked_mul(1 << shift).ok_or_else(|| format!("size '{s}' is too large"))
 }
 
@@ -139,7 +136,11 @@ pub fn vmm(args: VmmArgs) -> ExitCode {
         Ok(hv) => hv,
         Err(e) => return fail(&e.to_string()),
     };
-    let hub = SerialHub::new(Some(Box::new(FdWriter(1))));
+    // With a console socket the output lives there (and in its replay buffer); stdout is then
+    // left to the VMM's own messages so a supervisor's log does not grow with guest output.
+    let echo: Option<Box<dyn std::io::Write + Send>> =
+        if args.serial_socket.is_some() { None } else { Some(Box::new(FdWriter(1))) };
+    let hub = SerialHub::new(echo);
     let vm = match Vm::new(&hv, config, hub.writer()) {
         Ok(vm) => vm,
         Err(e) => return fail(&e.to_string()),
@@ -149,7 +150,9 @@ pub fn vmm(args: VmmArgs) -> ExitCode {
             return fail(&format!("serial socket {}: {e}", path.display()));
         }
     }
-    let opts = RunOptions { interactive: false, api_socket: args.api_socket.clone(), name: args.name, exiting: true };
+    // Supervised VMMs tear KVM down themselves: when the process is gone, so is the VM, which
+    // is what ferrod's accounting (and its leak tests) rely on.
+    let opts = RunOptions { interactive: false, api_socket: args.api_socket.clone(), name: args.name, exiting: false };
     let status = finish(vm.run(&opts));
     for p in [&args.api_socket, &args.serial_socket].into_iter().flatten() {
         let _ = std::fs::remove_file(p);
