@@ -150,3 +150,75 @@ fn bad_inputs_get_one_clear_line_and_nonzero_status() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn elf32_with_a_pvh_note_boots_like_qemu_accepts_it() {
+    let dir = std::env::temp_dir().join(format!("ferro-elf32-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (e64, e32) = (dir.join("hello64.elf"), dir.join("hello32.elf"));
+    assert!(ferro(&["test-guest", "write", "hello", e64.to_str().unwrap()]).status.success());
+    let conv = Command::new("objcopy").args(["-O", "elf32-i386"]).arg(&e64).arg(&e32).status().expect("objcopy (binutils)");
+    assert!(conv.success());
+    let o = ferro(&["run", "--kernel", e32.to_str().unwrap(), "--cmdline", "exit=5"]);
+    assert_eq!(o.status.code(), Some(11), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Hello from the Ferrovisor test guest!"));
+    // A 32-bit ELF whose segment lies beyond guest memory is refused, not loaded.
+    let mut bytes = std::fs::read(&e32).unwrap();
+    let phoff = u32::from_le_bytes(bytes[28..32].try_into().unwrap()) as usize;
+    bytes[phoff + 12..phoff + 16].copy_from_slice(&0xf000_0000u32.to_le_bytes()); // first p_paddr
+    std::fs::write(&e32, &bytes).unwrap();
+    let o = ferro(&["run", "--kernel", e32.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("does not fit in guest memory"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The interactive console on a real terminal (a pty): typed bytes reach the guest, Ctrl-A x
+/// quits, and the terminal's settings are restored afterwards.
+#[test]
+fn terminal_console_input_escape_and_restore() {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two fds into the integers we own; the other arguments may be null.
+    let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    assert_eq!(rc, 0, "openpty");
+    let termios = |fd| {
+        // SAFETY: termios is plain data filled by tcgetattr on a valid terminal fd.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
+        (t.c_lflag, t.c_iflag, t.c_oflag)
+    };
+    let before = termios(slave);
+    // SAFETY: each File takes ownership of its own dup of the slave fd.
+    let (sin, sout) = unsafe { (std::fs::File::from_raw_fd(libc::dup(slave)), std::fs::File::from_raw_fd(libc::dup(slave))) };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferro"))
+        .args(["run", "--guest", "idle"])
+        .stdin(Stdio::from(sin))
+        .stdout(Stdio::from(sout))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // SAFETY: the master fd is ours alone from here on.
+    let mut m = unsafe { std::fs::File::from_raw_fd(master) };
+    let mut seen = String::new();
+    let read_until = |m: &mut std::fs::File, seen: &mut String, what: &str| {
+        let start = Instant::now();
+        let mut buf = [0u8; 256];
+        while !seen.contains(what) {
+            assert!(start.elapsed() < Duration::from_secs(10), "never saw {what:?}: {seen:?}");
+            let n = m.read(&mut buf).unwrap();
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    };
+    read_until(&mut m, &mut seen, "idle: up");
+    use std::io::Write;
+    m.write_all(b"k").unwrap();
+    read_until(&mut m, &mut seen, "echo: k");
+    m.write_all(b"\x01x").unwrap();
+    let status = wait_for(&mut child, Duration::from_secs(5)).expect("Ctrl-A x did not quit");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(termios(slave), before, "terminal settings not restored");
+    // SAFETY: closing the slave fd we opened.
+    unsafe { libc::close(slave) };
+}

@@ -5,6 +5,7 @@
 //! protocol, entered in long mode with a zero page), and bzImage (64-bit Linux boot protocol).
 
 mod e820;
+mod elf32;
 mod linux;
 mod pvh;
 pub mod regs;
@@ -39,6 +40,7 @@ pub enum EntryPoint {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum KernelFormat {
     Elf,
+    Elf32,
     BzImage,
 }
 
@@ -46,13 +48,11 @@ fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat> {
     let mut head = [0u8; 0x206];
     let n = read_up_to(file, &mut head).map_err(|e| Error::Kernel(format!("{}: cannot read: {e}", path.display())))?;
     if n >= 4 && &head[..4] == b"\x7fELF" {
-        if n > 4 && head[4] != 2 {
-            return Err(Error::Kernel(format!(
-                "{}: 32-bit ELF kernels are not supported; build the kernel as a 64-bit ELF (a PVH note may still carry a 32-bit entry)",
-                path.display()
-            )));
-        }
-        return Ok(KernelFormat::Elf);
+        return match head.get(4) {
+            Some(2) => Ok(KernelFormat::Elf),
+            Some(1) => Ok(KernelFormat::Elf32),
+            _ => Err(Error::Kernel(format!("{}: ELF of an unknown class", path.display()))),
+        };
     }
     if n >= 0x206 && &head[0x202..0x206] == b"HdrS" {
         return Ok(KernelFormat::BzImage);
@@ -87,22 +87,27 @@ pub fn load(mem: &GuestMemoryMmap, src: &BootSource) -> Result<EntryPoint> {
     let path = src.kernel;
     let mut file = File::open(path).map_err(|e| Error::Kernel(format!("{}: {e}", path.display())))?;
     let format = detect_format(&mut file, path)?;
+    let low_ram_end = mem.last_addr().0.min(MMIO_HOLE_START - 1) + 1;
+    let write_cmdline = || -> Result<()> {
+        let mut cmdline = src.cmdline.as_bytes().to_vec();
+        cmdline.push(0);
+        mem.write_slice(&cmdline, GuestAddress(CMDLINE_START))
+            .map_err(|e| Error::Internal(format!("writing the command line: {e}")))
+    };
+    if format == KernelFormat::Elf32 {
+        let (entry, kernel_end) = elf32::load(mem, &mut file, path)?;
+        let initrd = src.initrd.map(|p| load_initrd(mem, p, kernel_end, low_ram_end)).transpose()?;
+        write_cmdline()?;
+        pvh::write_start_info(mem, initrd, src.rsdp)?;
+        return Ok(EntryPoint::Pvh { entry });
+    }
     let loaded = match format {
-        KernelFormat::Elf => loader::Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))),
         KernelFormat::BzImage => loader::BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))),
+        _ => loader::Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))),
     }
     .map_err(|e| Error::Kernel(format!("{}: cannot load: {e}", path.display())))?;
-
-    let low_ram_end = mem.last_addr().0.min(MMIO_HOLE_START - 1) + 1;
-    let initrd = match src.initrd {
-        Some(p) => Some(load_initrd(mem, p, loaded.kernel_end, low_ram_end)?),
-        None => None,
-    };
-
-    let mut cmdline = src.cmdline.as_bytes().to_vec();
-    cmdline.push(0);
-    mem.write_slice(&cmdline, GuestAddress(CMDLINE_START))
-        .map_err(|e| Error::Internal(format!("writing the command line: {e}")))?;
+    let initrd = src.initrd.map(|p| load_initrd(mem, p, loaded.kernel_end, low_ram_end)).transpose()?;
+    write_cmdline()?;
 
     match (format, loaded.pvh_boot_cap) {
         (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
@@ -113,7 +118,7 @@ pub fn load(mem: &GuestMemoryMmap, src: &BootSource) -> Result<EntryPoint> {
             linux::write_zero_page(mem, None, src.cmdline.len(), initrd, src.rsdp)?;
             Ok(EntryPoint::Linux64 { entry: loaded.kernel_load.0 })
         }
-        (KernelFormat::BzImage, _) => {
+        (KernelFormat::BzImage | KernelFormat::Elf32, _) => {
             let header = loaded
                 .setup_header
                 .ok_or_else(|| Error::Kernel(format!("{}: bzImage without a setup header", path.display())))?;
