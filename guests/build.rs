@@ -28,9 +28,19 @@ fn main() {
     println!("cargo:rerun-if-changed=src");
 
     let start_o = out.join("start.o");
-    let kit_o = out.join("kit.o");
     compile(&kit.join("start.S"), &start_o, &kit);
-    compile(&kit.join("kit.c"), &kit_o, &kit);
+    let mut kit_objs = vec![start_o];
+    let mut kit_sources: Vec<PathBuf> = std::fs::read_dir(&kit)
+        .expect("guests/kit")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "c"))
+        .collect();
+    kit_sources.sort();
+    for src in &kit_sources {
+        let obj = out.join(format!("kit-{}.o", src.file_stem().unwrap().to_string_lossy()));
+        compile(src, &obj, &kit);
+        kit_objs.push(obj);
+    }
 
     let mut names: Vec<String> = std::fs::read_dir(here.join("src"))
         .expect("guests/src")
@@ -49,7 +59,8 @@ fn main() {
             .arg(kit.join("guest.ld"))
             .arg("-o")
             .arg(&elf)
-            .args([&start_o, &kit_o, &obj]));
+            .args(&kit_objs)
+            .arg(&obj));
         table.push_str(&format!("    ({name:?}, include_bytes!({:?})),\n", elf.display().to_string()));
     }
     table.push_str("];\n");

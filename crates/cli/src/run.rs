@@ -3,6 +3,7 @@
 use ferro_hypervisor::Hypervisor;
 use ferro_vmm::console::FdWriter;
 use ferro_vmm::serial_socket::SerialHub;
+use ferro_vmm::virtio::{ConsoleBackend, Transport, VirtioConfig};
 use ferro_vmm::{ExitReason, RunOptions, Vm, VmConfig};
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -52,6 +53,70 @@ struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u8,
+    /// Add a virtio-rng device; `--rng rate=BYTES` limits it to BYTES per second.
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS")]
+    rng: Option<String>,
+    /// Add a virtio disk: path=FILE[,format=raw|qcow2][,readonly=on]. Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    disk: Vec<String>,
+    /// Add a virtio NIC on a tap: tap=NAME[,mac=52:54:00:12:34:56]. Repeatable.
+    #[arg(long, value_name = "OPTIONS")]
+    net: Vec<String>,
+    /// Add a virtio-console port: `--console` (this terminal), `--console pty`, `--console socket=PATH`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS")]
+    console: Option<String>,
+    /// Add a memory balloon: size=MIB (memory to take back from the guest)[,deflate_on_oom=on].
+    #[arg(long, value_name = "OPTIONS")]
+    balloon: Option<String>,
+    /// Add a vsock device: cid=N,uds=PATH (Firecracker's host-side convention).
+    #[arg(long, value_name = "OPTIONS")]
+    vsock: Option<String>,
+    /// How virtio devices attach: mmio (described in ACPI) or pci.
+    #[arg(long, value_enum, default_value_t = TransportArg::Mmio)]
+    transport: TransportArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TransportArg {
+    Mmio,
+    Pci,
+}
+
+fn on_off(flag: &str, key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("--{flag} {key}: '{v}' is not on or off")),
+    }
+}
+
+fn parse_mac(v: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("--net mac: '{v}' is not a MAC address like 52:54:00:12:34:56");
+    let parts: Vec<&str> = v.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("--net mac: '{v}' is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// Splits "key=value,key=value" device options, refusing keys not in `known`.
+fn device_options(flag: &str, spec: &str, known: &[&str]) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("--{flag}: '{part}' is not key=value"))?;
+        if !known.contains(&k) {
+            return Err(format!("--{flag}: unknown option '{k}' (known: {})", known.join(", ")));
+        }
+        out.push((k.to_owned(), v.to_owned()));
+    }
+    Ok(out)
 }
 
 /// Parses "256M", "1G", "65536K", "1048576".
@@ -99,7 +164,89 @@ impl VmArgs {
                 (p, Some(fd))
             }
         };
-        Ok((VmConfig { kernel, initrd: self.initrd, cmdline: self.cmdline, memory: self.memory, vcpus: self.cpus }, fd))
+        let mut devices = Vec::new();
+        if let Some(spec) = &self.rng {
+            let mut rate = None;
+            for (k, v) in device_options("rng", spec, &["rate"])? {
+                if k == "rate" {
+                    let r = parse_size(&v).map_err(|e| format!("--rng rate: {e}"))?;
+                    if r == 0 {
+                        return Err("--rng rate: must be at least 1 byte per second".into());
+                    }
+                    rate = Some(r);
+                }
+            }
+            devices.push(VirtioConfig::Rng { rate });
+        }
+        for spec in &self.disk {
+            let mut path = None;
+            let mut format = None;
+            let mut readonly = false;
+            for (k, v) in device_options("disk", spec, &["path", "format", "readonly"])? {
+                match k.as_str() {
+                    "path" => path = Some(PathBuf::from(v)),
+                    "format" if v == "raw" || v == "qcow2" => format = Some(v),
+                    "format" => return Err(format!("--disk format: '{v}' is not raw or qcow2")),
+                    _ => readonly = on_off("disk", "readonly", &v)?,
+                }
+            }
+            let path = path.ok_or("--disk: path=FILE is required")?;
+            devices.push(VirtioConfig::Block { path, format, readonly });
+        }
+        for spec in &self.net {
+            let mut tap = None;
+            let mut mac = None;
+            for (k, v) in device_options("net", spec, &["tap", "mac"])? {
+                match k.as_str() {
+                    "tap" if !v.is_empty() && v.len() < 16 => tap = Some(v),
+                    "tap" => return Err(format!("--net tap: '{v}' is not a valid interface name (1 to 15 bytes)")),
+                    _ => mac = Some(parse_mac(&v)?),
+                }
+            }
+            devices.push(VirtioConfig::Net { tap: tap.ok_or("--net: tap=NAME is required")?, mac });
+        }
+        if let Some(spec) = &self.console {
+            let backend = match spec.as_str() {
+                "" => ConsoleBackend::Stdio,
+                "pty" => ConsoleBackend::Pty,
+                other => match other.strip_prefix("socket=") {
+                    Some(p) if !p.is_empty() => ConsoleBackend::Socket(PathBuf::from(p)),
+                    _ => return Err(format!("--console: '{other}' is not pty or socket=PATH")),
+                },
+            };
+            devices.push(VirtioConfig::Console { backend });
+        }
+        if let Some(spec) = &self.balloon {
+            let mut size_mib = 0;
+            let mut deflate_on_oom = false;
+            for (k, v) in device_options("balloon", spec, &["size", "deflate_on_oom"])? {
+                match k.as_str() {
+                    "size" => size_mib = v.parse().map_err(|_| format!("--balloon size: '{v}' is not a number of MiB"))?,
+                    _ => deflate_on_oom = on_off("balloon", "deflate_on_oom", &v)?,
+                }
+            }
+            devices.push(VirtioConfig::Balloon { size_mib, deflate_on_oom });
+        }
+        if let Some(spec) = &self.vsock {
+            let mut cid = None;
+            let mut uds = None;
+            for (k, v) in device_options("vsock", spec, &["cid", "uds"])? {
+                match k.as_str() {
+                    "cid" => cid = Some(v.parse::<u64>().ok().filter(|c| *c >= 3 && *c < u64::from(u32::MAX)).ok_or_else(|| {
+                        format!("--vsock cid: '{v}' must be a number from 3 to 4294967294 (0-2 are reserved)")
+                    })?),
+                    _ => uds = Some(PathBuf::from(v)),
+                }
+            }
+            let cid = cid.ok_or("--vsock: cid=N is required")?;
+            devices.push(VirtioConfig::Vsock { cid, uds: uds.ok_or("--vsock: uds=PATH is required")? });
+        }
+        let transport = match self.transport {
+            TransportArg::Mmio => Transport::Mmio,
+            TransportArg::Pci => Transport::Pci,
+        };
+        let config = VmConfig { kernel, initrd: self.initrd, cmdline: self.cmdline, memory: self.memory, vcpus: self.cpus, devices, transport };
+        Ok((config, fd))
     }
 }
 

@@ -45,66 +45,101 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     v
 }
 
-fn dsdt() -> Vec<u8> {
-    let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    let (event_bit, port, one_byte, s5_type) = (GED_EVENT_POWER_BUTTON, u64::from(GED_EVENT_PORT), 1u64, S5_SLEEP_TYPE);
-    // One statement, so every temporary the AML builders borrow lives until it is serialized.
-    aml::Scope::new(
-        "\\_SB_".into(),
+/// AML already serialized, so devices can be built one statement at a time (the builders
+/// borrow their children) and then placed together in a scope.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+fn com1() -> RawAml {
+    RawAml(to_bytes(&aml::Device::new(
+        "COM1".into(),
         vec![
-            &aml::Device::new(
-                "COM1".into(),
-                vec![
-                    &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
-                    &aml::Name::new("_UID".into(), &aml::ZERO),
-                    &aml::Name::new(
-                        "_CRS".into(),
-                        &aml::ResourceTemplate::new(vec![
-                            &aml::IO::new(COM1_PORT, COM1_PORT, 1, SERIAL_SIZE as u8),
-                            &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
-                        ]),
-                    ),
-                ],
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(COM1_PORT, COM1_PORT, 1, SERIAL_SIZE as u8),
+                    &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
+                ]),
             ),
-            &aml::Device::new(
-                "PWRB".into(),
-                vec![&aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")), &aml::Name::new("_UID".into(), &aml::ZERO)],
+        ],
+    )))
+}
+
+fn power_button() -> RawAml {
+    RawAml(to_bytes(&aml::Device::new(
+        "PWRB".into(),
+        vec![&aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")), &aml::Name::new("_UID".into(), &aml::ZERO)],
+    )))
+}
+
+/// The Generic Event Device: its interrupt runs `_EVT`, which reads (and so acknowledges) the
+/// event register and notifies the power button on a power-button event.
+fn ged() -> RawAml {
+    let (event_bit, port, one_byte) = (GED_EVENT_POWER_BUTTON, u64::from(GED_EVENT_PORT), 1u64);
+    RawAml(to_bytes(&aml::Device::new(
+        "GED0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(true, true, false, false, GED_IRQ)])),
+            &aml::OpRegion::new("GDOR".into(), aml::OpRegionSpace::SystemIO, &port, &one_byte),
+            &aml::Field::new(
+                "GDOR".into(),
+                aml::FieldAccessType::Byte,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::WriteAsZeroes,
+                vec![aml::FieldEntry::Named(*b"GDAT", 8)],
             ),
-            &aml::Device::new(
-                "GED0".into(),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
                 vec![
-                    &aml::Name::new("_HID".into(), &"ACPI0013"),
-                    &aml::Name::new("_UID".into(), &aml::ZERO),
-                    &aml::Name::new(
-                        "_CRS".into(),
-                        &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(true, true, false, false, GED_IRQ)]),
-                    ),
-                    &aml::OpRegion::new("GDOR".into(), aml::OpRegionSpace::SystemIO, &port, &one_byte),
-                    &aml::Field::new(
-                        "GDOR".into(),
-                        aml::FieldAccessType::Byte,
-                        aml::FieldLockRule::NoLock,
-                        aml::FieldUpdateRule::WriteAsZeroes,
-                        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
-                    ),
-                    // _EVT: read (and so acknowledge) the events; a power-button event notifies PWRB.
-                    &aml::Method::new(
-                        "_EVT".into(),
-                        1,
-                        true,
-                        vec![
-                            &aml::Store::new(&aml::Local(0), &Path::new("GDAT")),
-                            &aml::If::new(
-                                &aml::Equal::new(&aml::And::new(&aml::Local(1), &aml::Local(0), &event_bit), &event_bit),
-                                vec![&aml::Notify::new(&Path::new("\\_SB_.PWRB"), &0x80u8)],
-                            ),
-                        ],
+                    &aml::Store::new(&aml::Local(0), &Path::new("GDAT")),
+                    &aml::If::new(
+                        &aml::Equal::new(&aml::And::new(&aml::Local(1), &aml::Local(0), &event_bit), &event_bit),
+                        vec![&aml::Notify::new(&Path::new("\\_SB_.PWRB"), &0x80u8)],
                     ),
                 ],
             ),
         ],
-    )
-    .to_aml_bytes(&mut table);
+    )))
+}
+
+/// A virtio-mmio device as Linux's virtio_mmio driver finds it through ACPI (HID LNRO0005).
+fn virtio_mmio(index: usize, slot: &MmioSlot) -> RawAml {
+    let name = format!("VR{index:02X}");
+    let uid = index as u32;
+    RawAml(to_bytes(&aml::Device::new(
+        name.as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::Memory32Fixed::new(true, slot.base as u32, slot.size as u32),
+                    &aml::Interrupt::new(true, true, false, false, slot.gsi),
+                ]),
+            ),
+        ],
+    )))
+}
+
+fn dsdt(mmio: &[MmioSlot]) -> Vec<u8> {
+    let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let mut devices = vec![com1(), power_button(), ged()];
+    devices.extend(mmio.iter().enumerate().map(|(i, slot)| virtio_mmio(i, slot)));
+    let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
+    aml::Scope::new("\\_SB_".into(), children).to_aml_bytes(&mut table);
+    let s5_type = S5_SLEEP_TYPE;
     aml::Name::new("_S5_".into(), &aml::Package::new(vec![&s5_type, &s5_type, &aml::ZERO, &aml::ZERO])).to_aml_bytes(&mut table);
     table.update_checksum();
     table.as_slice().to_vec()
@@ -130,7 +165,15 @@ fn madt(vcpus: u8) -> Vec<u8> {
 }
 
 /// Writes every table into the reserved area below 1 MiB; returns the RSDP address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64> {
+/// Where a virtio-mmio device sits, for the DSDT and the kernel command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioSlot {
+    pub base: u64,
+    pub size: u64,
+    pub gsi: u32,
+}
+
+pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8, mmio: &[MmioSlot]) -> Result<u64> {
     let mut next = ACPI_START + 0x100; // the RSDP takes the first slot
     let mut place = |bytes: &[u8]| -> Result<u64> {
         let at = next;
@@ -142,7 +185,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64> {
         next = (end + 15) & !15;
         Ok(at)
     };
-    let dsdt_addr = place(&dsdt())?;
+    let dsdt_addr = place(&dsdt(mmio))?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
     let madt_addr = place(&madt(vcpus))?;
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -164,7 +207,7 @@ mod tests {
 
     #[test]
     fn tables_have_valid_lengths_and_checksums() {
-        for t in [dsdt(), fadt(0x1000), madt(4)] {
+        for t in [dsdt(&[MmioSlot { base: 0xd000_0000, size: 0x1000, gsi: 16 }]), fadt(0x1000), madt(4)] {
             let len = u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize;
             assert_eq!(len, t.len());
             assert!(checksum_ok(&t), "bad checksum in {}", String::from_utf8_lossy(&t[..4]));

@@ -1,4 +1,5 @@
-//! The port I/O bus: which device answers which port range. Built once, then read-only.
+//! An address bus (port I/O or MMIO): which device answers which range. Built once, then
+//! read-only.
 
 use ferro_devices::{BusAction, BusDevice};
 use std::sync::{Arc, Mutex};
@@ -6,39 +7,36 @@ use std::sync::{Arc, Mutex};
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
 #[derive(Default)]
-pub struct PioBus {
-    devices: Vec<(u16, u16, SharedDevice)>,
+pub struct Bus {
+    devices: Vec<(u64, u64, SharedDevice)>,
 }
 
-impl PioBus {
+impl Bus {
     /// Adds a device at `base..base+size`. Ranges must not overlap (a VMM bug, not guest input).
-    pub fn insert(&mut self, base: u16, size: u16, device: SharedDevice) {
-        let end = u32::from(base) + u32::from(size);
+    pub fn insert(&mut self, base: u64, size: u64, device: SharedDevice) {
+        let end = base + size;
         assert!(
-            self.devices.iter().all(|(b, s, _)| end <= u32::from(*b) || u32::from(base) >= u32::from(*b) + u32::from(*s)),
-            "overlapping port ranges at {base:#x}"
+            self.devices.iter().all(|(b, s, _)| end <= *b || base >= *b + *s),
+            "overlapping bus ranges at {base:#x}"
         );
         self.devices.push((base, size, device));
     }
 
-    fn find(&self, port: u16) -> Option<(u64, &SharedDevice)> {
-        self.devices
-            .iter()
-            .find(|(b, s, _)| port >= *b && u32::from(port) < u32::from(*b) + u32::from(*s))
-            .map(|(b, _, d)| (u64::from(port - b), d))
+    fn find(&self, addr: u64) -> Option<(u64, &SharedDevice)> {
+        self.devices.iter().find(|(b, s, _)| addr >= *b && addr - *b < *s).map(|(b, _, d)| (addr - b, d))
     }
 
-    /// A guest read; unclaimed ports read as all ones, like an empty ISA bus.
-    pub fn read(&self, port: u16, data: &mut [u8]) {
-        match self.find(port) {
+    /// A guest read; unclaimed addresses read as all ones, like an empty ISA bus.
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
             Some((offset, dev)) => lock(dev).read(offset, data),
             None => data.fill(0xff),
         }
     }
 
-    /// A guest write; unclaimed ports ignore it.
-    pub fn write(&self, port: u16, data: &[u8]) -> BusAction {
-        match self.find(port) {
+    /// A guest write; unclaimed addresses ignore it.
+    pub fn write(&self, addr: u64, data: &[u8]) -> BusAction {
+        match self.find(addr) {
             Some((offset, dev)) => lock(dev).write(offset, data),
             None => BusAction::None,
         }
@@ -58,7 +56,7 @@ mod tests {
 
     #[test]
     fn dispatches_by_range_and_defaults() {
-        let mut bus = PioBus::default();
+        let mut bus = Bus::default();
         bus.insert(0xf4, 4, Arc::new(Mutex::new(DebugExit)));
         bus.insert(0x60, 5, Arc::new(Mutex::new(I8042)));
         assert_eq!(bus.write(0xf4, &[2]), BusAction::DebugExit(5));

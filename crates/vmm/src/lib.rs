@@ -12,6 +12,7 @@ pub mod layout;
 pub mod memory;
 pub mod serial_socket;
 pub mod vcpu;
+pub mod virtio;
 mod vm;
 
 pub use exit::ExitReason;

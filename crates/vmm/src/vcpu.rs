@@ -8,7 +8,7 @@
 //! (DESIGN.md section 4). Until each AP runs, it is kicked at growing intervals; after the kick,
 //! KVM_RUN is entered again and KVM delivers the pending INIT/SIPI.
 
-use crate::bus::PioBus;
+use crate::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use ferro_devices::BusAction;
 use kvm_bindings::{KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -43,7 +43,8 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 
 /// What every vCPU thread shares.
 pub struct Shared {
-    pub bus: PioBus,
+    pub pio: Bus,
+    pub mmio: Bus,
     pub exit: ExitSignal,
     pub stop: AtomicBool,
     /// Total exits to userspace, all vCPUs.
@@ -85,7 +86,7 @@ pub fn run(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, handle: Arc<VcpuHan
             Ok(exit) => {
                 shared.exits.fetch_add(1, Ordering::Relaxed);
                 let failed = matches!(exit, VcpuExit::InternalError | VcpuExit::FailEntry(..) | VcpuExit::Shutdown);
-                let reason = handle_exit(index, exit, &shared.bus);
+                let reason = handle_exit(index, exit, &shared);
                 if failed {
                     describe_failure(index, &mut vcpu);
                 }
@@ -112,18 +113,18 @@ pub fn run(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, handle: Arc<VcpuHan
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
 }
 
-fn handle_exit(index: u8, exit: VcpuExit, bus: &PioBus) -> Option<ExitReason> {
+fn handle_exit(index: u8, exit: VcpuExit, shared: &Shared) -> Option<ExitReason> {
     let action = match exit {
-        VcpuExit::IoOut(port, data) => bus.write(port, data),
+        VcpuExit::IoOut(port, data) => shared.pio.write(u64::from(port), data),
         VcpuExit::IoIn(port, data) => {
-            bus.read(port, data);
+            shared.pio.read(u64::from(port), data);
             BusAction::None
         }
-        VcpuExit::MmioRead(_, data) => {
-            data.fill(0xff);
+        VcpuExit::MmioRead(addr, data) => {
+            shared.mmio.read(addr, data);
             BusAction::None
         }
-        VcpuExit::MmioWrite(..) => BusAction::None,
+        VcpuExit::MmioWrite(addr, data) => shared.mmio.write(addr, data),
         VcpuExit::Shutdown => return Some(ExitReason::Reset),
         VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_SHUTDOWN => BusAction::PowerOff,
         VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_RESET => BusAction::Reset,

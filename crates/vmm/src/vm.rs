@@ -1,7 +1,8 @@
 //! Building a VM from a [`VmConfig`] and running it to the end.
 
 use crate::boot::{self, BootSource, EntryPoint};
-use crate::bus::PioBus;
+use crate::bus::Bus;
+use crate::virtio::{self, Transport, VirtioConfig};
 use crate::console::{EscapeDecoder, FdWriter, RawTerminal};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{self, GuestMemoryMmap};
@@ -36,6 +37,9 @@ pub struct VmConfig {
     pub cmdline: String,
     pub memory: u64,
     pub vcpus: u8,
+    /// Virtio devices, in the order they appear to the guest.
+    pub devices: Vec<VirtioConfig>,
+    pub transport: Transport,
 }
 
 /// How to run a built VM.
@@ -81,7 +85,26 @@ impl Vm {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
 
-        let rsdp = acpi::write_tables(&memory, config.vcpus)?;
+        let irq = |gsi: u32| -> Result<IrqLine> {
+            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
+            vm.register_irqfd(&fd, gsi).map_err(ioctl_err("KVM_IRQFD"))?;
+            Ok(IrqLine(fd))
+        };
+        let serial = Arc::new(Mutex::new(Serial::new(irq(COM1_IRQ)?, serial_out)));
+        let pm = Arc::new(Mutex::new(AcpiPm::new(irq(GED_IRQ)?)));
+        let mut pio = Bus::default();
+        pio.insert(u64::from(COM1_PORT), u64::from(SERIAL_SIZE), serial.clone());
+        pio.insert(u64::from(PM_BASE), u64::from(PM_SIZE), pm.clone());
+        pio.insert(u64::from(DEBUG_EXIT_PORT), u64::from(DEBUG_EXIT_SIZE), Arc::new(Mutex::new(DebugExit)));
+        pio.insert(u64::from(I8042_DATA_PORT), u64::from(I8042_SIZE), Arc::new(Mutex::new(I8042)));
+        let mut mmio = Bus::default();
+        let mmio_slots = match config.transport {
+            Transport::Mmio => virtio::attach_mmio(&vm, &memory, &mut mmio, &config.devices)?,
+            Transport::Pci if config.devices.is_empty() => Vec::new(),
+            Transport::Pci => return Err(Error::Config("--transport pci: virtio-pci is not available yet; use --transport mmio".into())),
+        };
+
+        let rsdp = acpi::write_tables(&memory, config.vcpus, &mmio_slots)?;
         let src = BootSource {
             kernel: &config.kernel,
             initrd: config.initrd.as_deref(),
@@ -90,19 +113,6 @@ impl Vm {
         };
         let entry: EntryPoint = boot::load(&memory, &src)?;
         boot::regs::write_tables(&memory, entry)?;
-
-        let irq = |gsi: u32| -> Result<IrqLine> {
-            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
-            vm.register_irqfd(&fd, gsi).map_err(ioctl_err("KVM_IRQFD"))?;
-            Ok(IrqLine(fd))
-        };
-        let serial = Arc::new(Mutex::new(Serial::new(irq(COM1_IRQ)?, serial_out)));
-        let pm = Arc::new(Mutex::new(AcpiPm::new(irq(GED_IRQ)?)));
-        let mut bus = PioBus::default();
-        bus.insert(COM1_PORT, SERIAL_SIZE, serial.clone());
-        bus.insert(PM_BASE, PM_SIZE, pm.clone());
-        bus.insert(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, Arc::new(Mutex::new(DebugExit)));
-        bus.insert(I8042_DATA_PORT, I8042_SIZE, Arc::new(Mutex::new(I8042)));
 
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         for index in 0..config.vcpus {
@@ -117,7 +127,8 @@ impl Vm {
             vcpus.push(fd);
         }
         let shared = Arc::new(Shared {
-            bus,
+            pio,
+            mmio,
             exit: ExitSignal::new().map_err(|e| Error::Io("eventfd", e))?,
             stop: AtomicBool::new(false),
             exits: AtomicU64::new(0),

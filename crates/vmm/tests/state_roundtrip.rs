@@ -10,7 +10,7 @@ use ferro_vmm::{Vm, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 fn hello_vm(hv: &Hypervisor, path: &std::path::Path, vcpus: u8) -> Vm {
-    let config = VmConfig { kernel: path.to_owned(), initrd: None, cmdline: String::new(), memory: 64 << 20, vcpus };
+    let config = VmConfig { kernel: path.to_owned(), initrd: None, cmdline: String::new(), memory: 64 << 20, vcpus, devices: Vec::new(), transport: Default::default() };
     Vm::new(hv, config, Box::new(std::io::sink())).expect("build VM")
 }
 

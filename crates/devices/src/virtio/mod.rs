@@ -1,0 +1,100 @@
+//! Virtio 1.x: the device model shared by every transport and device.
+//!
+//! A transport (`mmio`, later `pci`) owns the registers the driver programs: status, feature
+//! words, queue addresses. When the driver sets DRIVER_OK the transport hands the device its
+//! guest memory, its configured queues with their notification eventfds (KVM ioeventfds, so a
+//! kick never exits to userspace) and an interrupt to raise. The device then runs its own worker
+//! thread (`worker`) and never blocks a vCPU. Every value a guest can write is checked; a bad
+//! one fails the device (NEEDS_RESET) rather than the VMM.
+
+pub mod mmio;
+pub mod rng;
+pub mod worker;
+
+use std::sync::Arc;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Device status bits (virtio 1.x section 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const NEEDS_RESET: u8 = 64;
+    pub const FAILED: u8 = 128;
+}
+
+/// Feature bits every device offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Device type ids (virtio 1.x section 5).
+pub mod device_type {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+    pub const CONSOLE: u32 = 3;
+    pub const RNG: u32 = 4;
+    pub const BALLOON: u32 = 5;
+    pub const VSOCK: u32 = 19;
+}
+
+/// Why a device raises its interrupt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptReason {
+    /// Buffers were put in used ring `queue`.
+    Queue(u16),
+    /// The device configuration changed.
+    Config,
+}
+
+/// How a device signals the driver; implemented by each transport.
+pub trait VirtioInterrupt: Send + Sync {
+    fn trigger(&self, reason: InterruptReason);
+}
+
+/// A queue as handed to a device at activation: the ring and the eventfd KVM signals on a kick.
+pub struct ActiveQueue {
+    pub queue: Queue,
+    pub kick: EventFd,
+}
+
+/// What a device needs to run.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub queues: Vec<ActiveQueue>,
+    /// Features the driver accepted.
+    pub features: u64,
+}
+
+/// A virtio device, independent of its transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue; the driver may choose smaller ones.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered (VERSION_1 is added by the transport).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space; reads past its end return zeros.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space; unknown offsets are ignored.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts the device's worker.
+    fn activate(&mut self, activation: Activation) -> Result<(), String>;
+    /// Stops the worker and returns the device to its initial state (driver reset).
+    fn reset(&mut self);
+}
+
+/// Reads `data.len()` bytes at `offset` of `config`, zero past its end.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Ok(start) = usize::try_from(offset) {
+        if start < config.len() {
+            let n = data.len().min(config.len() - start);
+            data[..n].copy_from_slice(&config[start..start + n]);
+        }
+    }
+}
