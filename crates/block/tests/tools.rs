@@ -35,7 +35,19 @@ fn map_and_info_match_qemu() {
     let top = qemu_chain(&s);
     let ours = ops::map_json(&ops::map(&top, None).expect("map"));
     let theirs = qemu_img_ok(&["map", "--output", "json", p(&top)]);
-    assert_eq!(ours.trim(), theirs.trim());
+    // Entry by entry and field by field: qemu-img 8.1 and later add a "compressed" field that
+    // 7.2 lacks and we do not emit (this chain has no compressed clusters).
+    let ours: Vec<serde_json::Value> = serde_json::from_str(&ours).expect("our map is JSON");
+    let theirs: Vec<serde_json::Value> = serde_json::from_str(&theirs).expect("qemu's map is JSON");
+    assert_eq!(ours.len(), theirs.len(), "number of map entries");
+    for (o, t) in ours.iter().zip(&theirs) {
+        for k in ["start", "length", "depth", "present", "zero", "data", "offset"] {
+            assert_eq!(o.get(k), t.get(k), "field {k} of {t}");
+        }
+        if let Some(c) = t.get("compressed") {
+            assert_eq!(c, &serde_json::Value::Bool(false));
+        }
+    }
 
     let info = ops::info(&top, None, false).expect("info");
     let ours: serde_json::Value = ops::info_json(&info[0]).expect("json");

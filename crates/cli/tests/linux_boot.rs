@@ -28,6 +28,9 @@ fn base_cmdline() -> String {
         .to_owned()
 }
 
+/// Far above the ~30 s a boot takes here, so only a hang reaches it.
+const BOOT_LIMIT_SECS: u32 = 300;
+
 struct Boot {
     stdout: String,
     status: Option<i32>,
@@ -38,7 +41,11 @@ fn boot(kernel: &str, cpus: u32, memory: &str, guest_cmd: &str) -> Boot {
     let dir = linux_dir();
     let cmdline = format!("{} ferro.cmd={guest_cmd}", base_cmdline());
     let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_ferro"))
+    // A hung boot must fail the test, not the whole run: coreutils' timeout sends SIGTERM,
+    // which ferro turns into a clean stop.
+    let out = Command::new("timeout")
+        .arg(BOOT_LIMIT_SECS.to_string())
+        .arg(env!("CARGO_BIN_EXE_ferro"))
         .args(["run", "--kernel"])
         .arg(dir.join(kernel))
         .arg("--initrd")
