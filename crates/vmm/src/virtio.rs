@@ -8,7 +8,7 @@ use crate::memory::GuestMemoryMmap;
 use crate::{Error, Result};
 use ferro_devices::IrqLine;
 use ferro_devices::virtio::mmio::{MMIO_WINDOW, MmioTransport, QUEUE_NOTIFY};
-use ferro_devices::virtio::{VirtioDevice, rng::Rng};
+use ferro_devices::virtio::{VirtioDevice, net::Net, rng::Rng};
 use ferro_hypervisor::ioctl_err;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::path::PathBuf;
@@ -60,6 +60,9 @@ pub enum ConsoleBackend {
 fn build(config: &VirtioConfig) -> Result<Box<dyn VirtioDevice>> {
     match config {
         VirtioConfig::Rng { rate } => Ok(Box::new(Rng::new(*rate))),
+        VirtioConfig::Net { tap, mac } => {
+            Ok(Box::new(Net::new(tap, *mac).map_err(|e| Error::Config(format!("--net tap={tap}: {e}")))?))
+        }
         other => Err(Error::Config(format!("{other:?}: this virtio device is not available yet"))),
     }
 }

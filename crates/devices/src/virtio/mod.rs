@@ -8,6 +8,7 @@
 //! one fails the device (NEEDS_RESET) rather than the VMM.
 
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod worker;
 

@@ -1,0 +1,192 @@
+//! virtio-net on a tap device: a receive and a transmit queue, the MAC and link status in the
+//! configuration space, checksum/TSO offloads offered only when the tap takes them, and
+//! mergeable receive buffers. Frames keep their virtio-net header end to end (the tap speaks the
+//! same header), so the worker (`datapath`) only copies bytes between guest buffers and the tap.
+
+mod datapath;
+mod state;
+pub mod tap;
+
+pub use state::NetState;
+
+use super::worker::Worker;
+use super::{Activation, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, device_type, read_config_bytes};
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::sync::Arc;
+use tap::Tap;
+use virtio_bindings::virtio_net as vn;
+
+const QUEUE_SIZE: u16 = 256;
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+
+const fn bit(b: u32) -> u64 {
+    1 << b
+}
+
+/// Features that need the tap's offloads: the guest may hand us partial checksums and large
+/// segments (CSUM, HOST_*), and receive them (GUEST_*).
+const OFFLOAD_FEATURES: u64 = bit(vn::VIRTIO_NET_F_CSUM)
+    | bit(vn::VIRTIO_NET_F_GUEST_CSUM)
+    | bit(vn::VIRTIO_NET_F_GUEST_TSO4)
+    | bit(vn::VIRTIO_NET_F_GUEST_TSO6)
+    | bit(vn::VIRTIO_NET_F_GUEST_ECN)
+    | bit(vn::VIRTIO_NET_F_HOST_TSO4)
+    | bit(vn::VIRTIO_NET_F_HOST_TSO6)
+    | bit(vn::VIRTIO_NET_F_HOST_ECN);
+
+const BASE_FEATURES: u64 = bit(vn::VIRTIO_NET_F_MAC)
+    | bit(vn::VIRTIO_NET_F_STATUS)
+    | bit(vn::VIRTIO_NET_F_MRG_RXBUF)
+    | VIRTIO_RING_F_EVENT_IDX
+    | VIRTIO_RING_F_INDIRECT_DESC;
+
+pub struct Net {
+    tap: Arc<Tap>,
+    mac: [u8; 6],
+    offered: u64,
+    acked: u64,
+    worker: Option<Worker>,
+}
+
+/// A locally administered unicast address in QEMU's 52:54:00 range, its last three bytes random.
+pub fn generated_mac() -> [u8; 6] {
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish().to_le_bytes();
+    [0x52, 0x54, 0x00, r[0], r[1], r[2]]
+}
+
+/// TUN_F_* offloads the tap may use towards a guest that accepted `features`.
+fn tap_offloads(features: u64) -> u32 {
+    [
+        (vn::VIRTIO_NET_F_GUEST_CSUM, libc::TUN_F_CSUM),
+        (vn::VIRTIO_NET_F_GUEST_TSO4, libc::TUN_F_TSO4),
+        (vn::VIRTIO_NET_F_GUEST_TSO6, libc::TUN_F_TSO6),
+        (vn::VIRTIO_NET_F_GUEST_ECN, libc::TUN_F_TSO_ECN),
+    ]
+    .into_iter()
+    .filter(|(f, _)| features & bit(*f) != 0)
+    .fold(0, |acc, (_, t)| acc | t)
+}
+
+impl Net {
+    /// Opens (or creates) the tap `tap`; `mac` None generates one.
+    pub fn new(tap: &str, mac: Option<[u8; 6]>) -> io::Result<Net> {
+        let tap = Tap::open(tap)?;
+        let offered = if tap.supports_offloads() { BASE_FEATURES | OFFLOAD_FEATURES } else { BASE_FEATURES };
+        Ok(Net { tap: Arc::new(tap), mac: mac.unwrap_or_else(generated_mac), offered, acked: 0, worker: None })
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    pub fn snapshot(&self) -> NetState {
+        NetState { tap: self.tap.name().to_owned(), mac: self.mac, offered_features: self.offered, acked_features: self.acked }
+    }
+
+    /// Reopens the tap of a snapshot; fails if it no longer offers what the guest was promised.
+    pub fn restore(s: &NetState) -> io::Result<Net> {
+        let mut net = Net::new(&s.tap, Some(s.mac))?;
+        if s.offered_features & !net.offered != 0 {
+            return Err(io::Error::other(format!("tap {} no longer supports the offloads the guest was offered", s.tap)));
+        }
+        net.offered = s.offered_features;
+        net.acked = s.acked_features;
+        Ok(net)
+    }
+
+    fn config(&self) -> [u8; 8] {
+        let mut c = [0u8; 8];
+        c[..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&(vn::VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.offered
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), String> {
+        if a.queues.len() != 2 {
+            return Err(format!("virtio-net needs 2 queues, got {}", a.queues.len()));
+        }
+        self.tap.set_offload(tap_offloads(a.features)).map_err(|e| format!("TUNSETOFFLOAD on {}: {e}", self.tap.name()))?;
+        self.acked = a.features;
+        let worker = datapath::spawn(self.tap.clone(), a).map_err(|e| format!("starting the net worker: {e}"))?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+        self.acked = 0;
+        let _ = self.tap.set_offload(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_macs_are_local_unicast_and_differ() {
+        let (a, b) = (generated_mac(), generated_mac());
+        assert_eq!(a[0] & 1, 0, "unicast");
+        assert_eq!(a[0] & 2, 2, "locally administered");
+        assert_ne!(a, b);
+    }
+
+    /// Runs `f` on a thread in a new, private network namespace (gone when the thread ends), so
+    /// taps made there never touch the host's interfaces. None when we may not make one.
+    fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        std::thread::spawn(move || {
+            // SAFETY: unshare(2) with a flag; it changes only this thread's network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!("skipped: cannot make a network namespace: {}", io::Error::last_os_error());
+                return None;
+            }
+            Some(f())
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn snapshot_round_trips_and_restore_reopens_the_tap() {
+        in_private_netns(|| {
+            let net = Net::new("fsnap0", Some([0x52, 0x54, 0, 1, 2, 3])).unwrap();
+            let mut config = [0u8; 8];
+            net.read_config(0, &mut config);
+            assert_eq!(config, [0x52, 0x54, 0, 1, 2, 3, 1, 0], "MAC, then link up");
+            assert_eq!(net.features() & OFFLOAD_FEATURES, OFFLOAD_FEATURES, "a tap takes checksum and TSO offloads");
+            let state = net.snapshot();
+            let json = serde_json::to_string(&state).unwrap();
+            drop(net);
+            let restored = Net::restore(&serde_json::from_str(&json).unwrap()).unwrap();
+            assert_eq!(restored.snapshot(), state);
+            assert_eq!(restored.mac(), [0x52, 0x54, 0, 1, 2, 3]);
+        });
+    }
+
+    #[test]
+    fn offloads_follow_the_guest_features() {
+        assert_eq!(tap_offloads(BASE_FEATURES), 0);
+        assert_eq!(tap_offloads(OFFLOAD_FEATURES), tap::ALL_OFFLOADS);
+        assert_eq!(tap_offloads(bit(vn::VIRTIO_NET_F_GUEST_CSUM)), libc::TUN_F_CSUM);
+    }
+}
