@@ -8,6 +8,7 @@ use crate::memory::GuestMemoryMmap;
 use crate::{Error, Result};
 use ferro_devices::IrqLine;
 use ferro_devices::virtio::mmio::{MMIO_WINDOW, MmioTransport, QUEUE_NOTIFY};
+use ferro_devices::virtio::block::Block;
 use ferro_devices::virtio::{VirtioDevice, net::Net, rng::Rng};
 use ferro_hypervisor::ioctl_err;
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -62,6 +63,9 @@ fn build(config: &VirtioConfig) -> Result<Box<dyn VirtioDevice>> {
         VirtioConfig::Rng { rate } => Ok(Box::new(Rng::new(*rate))),
         VirtioConfig::Net { tap, mac } => {
             Ok(Box::new(Net::new(tap, *mac).map_err(|e| Error::Config(format!("--net tap={tap}: {e}")))?))
+        }
+        VirtioConfig::Block { path, format, readonly } => {
+            Ok(Box::new(Block::new(path, format.as_deref(), *readonly).map_err(Error::Config)?))
         }
         other => Err(Error::Config(format!("{other:?}: this virtio device is not available yet"))),
     }

@@ -215,7 +215,7 @@ impl MmioTransport {
             0x34 => queue.map_or(0, |q| u32::from(q.max_size())),
             0x44 => queue.map_or(0, |q| u32::from(q.ready())),
             0x60 => self.interrupt.status.load(Ordering::Acquire),
-            0x70 => u32::from(self.status),
+            0x70 => u32::from(self.status | if self.device.needs_reset() { status::NEEDS_RESET } else { 0 }),
             0xfc => 0, // config generation: no device changes its config on its own yet
             _ => 0,
         }

@@ -7,6 +7,8 @@
 //! thread (`worker`) and never blocks a vCPU. Every value a guest can write is checked; a bad
 //! one fails the device (NEEDS_RESET) rather than the VMM.
 
+pub mod block;
+pub mod chains;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -87,6 +89,11 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), String>;
     /// Stops the worker and returns the device to its initial state (driver reset).
     fn reset(&mut self);
+    /// Whether the worker found a queue broken beyond a per-request answer (see `chains`); the
+    /// transport then shows NEEDS_RESET in the device status until the driver resets the device.
+    fn needs_reset(&self) -> bool {
+        false
+    }
 }
 
 /// Reads `data.len()` bytes at `offset` of `config`, zero past its end.
