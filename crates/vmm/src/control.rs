@@ -3,6 +3,7 @@
 
 use crate::exit::ExitReason;
 use crate::vcpu::{self, Shared};
+use crate::virtio::DeviceHandles;
 use ferro_devices::acpi::AcpiPm;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -24,6 +25,7 @@ pub struct Controller {
     pub(crate) name: String,
     pub(crate) vcpus: u8,
     pub(crate) memory: u64,
+    pub(crate) devices: DeviceHandles,
 }
 
 impl Controller {
@@ -73,7 +75,28 @@ impl Controller {
             "exits": self.shared.exits.load(Ordering::Relaxed),
             "disks": [],
             "nics": [],
+            "balloon": self.devices.balloon.as_ref().map(|b| {
+                // Answer with what the guest last said, and ask it for fresh numbers for next time.
+                b.request_stats();
+                serde_json::to_value(b.info()).unwrap_or(Value::Null)
+            }),
         })
+    }
+
+    /// `{"op":"balloon","target_mib":N}`: N MiB of guest memory to take back.
+    fn balloon(&self, req: &Value) -> Value {
+        let Some(balloon) = &self.devices.balloon else {
+            return err("this VM has no balloon device (start it with --balloon size=0)");
+        };
+        let memory_mib = self.memory >> 20;
+        match req.get("target_mib").and_then(Value::as_u64) {
+            Some(mib) if mib <= memory_mib => {
+                balloon.set_target_pages((mib << 8) as u32);
+                json!({"ok": true, "target_mib": mib, "actual_mib": balloon.info().actual_mib})
+            }
+            Some(mib) => err(&format!("target_mib {mib} is more than the guest's {memory_mib} MiB")),
+            None => err("balloon needs \"target_mib\": a number of MiB to take from the guest"),
+        }
     }
 
     /// Answers one request object.
@@ -111,7 +134,8 @@ impl Controller {
                 json!({"ok": true})
             }
             "stats" => self.stats(),
-            other => err(&format!("unknown op {other:?}; known: info, pause, resume, power_button, reset, quit, stats")),
+            "balloon" => self.balloon(req),
+            other => err(&format!("unknown op {other:?}; known: info, pause, resume, power_button, reset, quit, stats, balloon")),
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::memory::GuestMemoryMmap;
 use crate::{Error, Result};
 use ferro_devices::IrqLine;
 use ferro_devices::virtio::mmio::{MMIO_WINDOW, MmioTransport, QUEUE_NOTIFY};
+use ferro_devices::virtio::balloon::{Balloon, BalloonControl};
 use ferro_devices::virtio::block::Block;
 use ferro_devices::virtio::{VirtioDevice, net::Net, rng::Rng};
 use ferro_hypervisor::ioctl_err;
@@ -58,9 +59,23 @@ pub enum ConsoleBackend {
     Socket(PathBuf),
 }
 
-fn build(config: &VirtioConfig) -> Result<Box<dyn VirtioDevice>> {
+/// Handles to devices the VMM controls while the VM runs (the control socket uses them).
+#[derive(Clone, Default)]
+pub struct DeviceHandles {
+    pub balloon: Option<Arc<BalloonControl>>,
+}
+
+fn build(config: &VirtioConfig, handles: &mut DeviceHandles) -> Result<Box<dyn VirtioDevice>> {
     match config {
         VirtioConfig::Rng { rate } => Ok(Box::new(Rng::new(*rate))),
+        VirtioConfig::Balloon { size_mib, deflate_on_oom } => {
+            if handles.balloon.is_some() {
+                return Err(Error::Config("only one balloon device is supported".into()));
+            }
+            let balloon = Balloon::new(*size_mib, *deflate_on_oom).map_err(|e| Error::Io("eventfd", e))?;
+            handles.balloon = Some(balloon.control());
+            Ok(Box::new(balloon))
+        }
         VirtioConfig::Net { tap, mac } => {
             Ok(Box::new(Net::new(tap, *mac).map_err(|e| Error::Config(format!("--net tap={tap}: {e}")))?))
         }
@@ -71,15 +86,22 @@ fn build(config: &VirtioConfig) -> Result<Box<dyn VirtioDevice>> {
     }
 }
 
-/// Attaches every configured device on virtio-mmio; returns their slots for ACPI.
-pub fn attach_mmio(vm: &VmFd, mem: &GuestMemoryMmap, bus: &mut Bus, configs: &[VirtioConfig]) -> Result<Vec<MmioSlot>> {
+/// Attaches every configured device on virtio-mmio; returns their slots for ACPI and fills in
+/// `handles`.
+pub fn attach_mmio(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    bus: &mut Bus,
+    configs: &[VirtioConfig],
+    handles: &mut DeviceHandles,
+) -> Result<Vec<MmioSlot>> {
     if configs.len() > VIRTIO_MMIO_MAX {
         return Err(Error::Config(format!("{} virtio devices requested; at most {VIRTIO_MMIO_MAX} fit on virtio-mmio", configs.len())));
     }
     let mut slots = Vec::new();
     for (i, config) in configs.iter().enumerate() {
         let slot = MmioSlot { base: VIRTIO_MMIO_START + i as u64 * MMIO_WINDOW, size: MMIO_WINDOW, gsi: VIRTIO_MMIO_FIRST_GSI + i as u32 };
-        let device = build(config)?;
+        let device = build(config, handles)?;
         let mut kicks = Vec::new();
         for q in 0..device.queue_max_sizes().len() {
             let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;

@@ -66,6 +66,7 @@ pub struct Vm {
     serial: Arc<Mutex<Serial>>,
     pm: Arc<Mutex<AcpiPm>>,
     shared: Arc<Shared>,
+    devices: virtio::DeviceHandles,
 }
 
 impl Vm {
@@ -98,8 +99,9 @@ impl Vm {
         pio.insert(u64::from(DEBUG_EXIT_PORT), u64::from(DEBUG_EXIT_SIZE), Arc::new(Mutex::new(DebugExit)));
         pio.insert(u64::from(I8042_DATA_PORT), u64::from(I8042_SIZE), Arc::new(Mutex::new(I8042)));
         let mut mmio = Bus::default();
+        let mut devices = virtio::DeviceHandles::default();
         let mmio_slots = match config.transport {
-            Transport::Mmio => virtio::attach_mmio(&vm, &memory, &mut mmio, &config.devices)?,
+            Transport::Mmio => virtio::attach_mmio(&vm, &memory, &mut mmio, &config.devices, &mut devices)?,
             Transport::Pci if config.devices.is_empty() => Vec::new(),
             Transport::Pci => return Err(Error::Config("--transport pci: virtio-pci is not available yet; use --transport mmio".into())),
         };
@@ -136,7 +138,7 @@ impl Vm {
             resume: Condvar::new(),
             parked: AtomicUsize::new(0),
         });
-        Ok(Vm { config, vcpus, vm, _memory: memory, serial, pm, shared })
+        Ok(Vm { config, vcpus, vm, _memory: memory, serial, pm, shared, devices })
     }
 
     /// The KVM VM, for state save/restore.
@@ -190,6 +192,7 @@ impl Vm {
             name: opts.name.clone(),
             vcpus: self.config.vcpus,
             memory: self.config.memory,
+            devices: self.devices.clone(),
         });
         let reason = match &opts.api_socket {
             Some(path) => match control::serve(path, controller.clone()) {

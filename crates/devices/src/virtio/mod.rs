@@ -7,6 +7,7 @@
 //! thread (`worker`) and never blocks a vCPU. Every value a guest can write is checked; a bad
 //! one fails the device (NEEDS_RESET) rather than the VMM.
 
+pub mod balloon;
 pub mod block;
 pub mod chains;
 pub mod mmio;

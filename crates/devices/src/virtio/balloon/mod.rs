@@ -1,0 +1,247 @@
+//! virtio-balloon (virtio 1.x section 5.5): the host sets a target (`num_pages`) and the driver
+//! inflates towards it by giving pages on the inflate queue, which the host releases with
+//! MADV_DONTNEED (the VMM's RSS drops), or deflates by taking pages back on the deflate queue
+//! (nothing to do on the host: they fault back in, zero-filled, when the guest touches them).
+//! The statistics queue carries the guest's memory statistics: the device keeps the driver's
+//! buffer and hands it back for a refill when someone asks for fresh numbers.
+//! DEFLATE_ON_OOM is offered when configured. The state shared with the VMM's control socket
+//! (target, actual, statistics) lives in [`BalloonControl`].
+
+mod control;
+pub mod pages;
+pub mod state;
+
+pub use control::{BalloonControl, BalloonInfo};
+
+use super::worker::Worker;
+use super::{Activation, GuestMemoryMmap, InterruptReason, VirtioDevice, VirtioInterrupt, device_type, read_config_bytes};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+/// The driver reports statistics on a third queue.
+pub const F_STATS_VQ: u64 = 1 << 1;
+/// The driver may take pages back from the balloon when the guest runs out of memory.
+pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+
+const QUEUE_SIZE: u16 = 256;
+const INFLATE: usize = 0;
+const DEFLATE: usize = 1;
+const STATS: usize = 2;
+/// Most statistics bytes read from one buffer (the spec's ten tags take 100).
+const MAX_STATS_BYTES: usize = 4096;
+
+pub struct Balloon {
+    control: Arc<BalloonControl>,
+    deflate_on_oom: bool,
+    worker: Option<Worker>,
+}
+
+impl Balloon {
+    /// A balloon whose initial target is `target_mib` MiB taken from the guest.
+    pub fn new(target_mib: u64, deflate_on_oom: bool) -> std::io::Result<Self> {
+        let pages = u32::try_from(target_mib << (20 - pages::PAGE_SHIFT)).unwrap_or(u32::MAX);
+        Ok(Balloon { control: Arc::new(BalloonControl::new(pages)?), deflate_on_oom, worker: None })
+    }
+
+    /// The handle the VMM keeps to change the target and read statistics at run time.
+    pub fn control(&self) -> Arc<BalloonControl> {
+        self.control.clone()
+    }
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        device_type::BALLOON
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn features(&self) -> u64 {
+        let oom = if self.deflate_on_oom { F_DEFLATE_ON_OOM } else { 0 };
+        super::VIRTIO_RING_F_EVENT_IDX | super::VIRTIO_RING_F_INDIRECT_DESC | F_STATS_VQ | oom
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let inner = self.control.lock();
+        let mut config = [0u8; 8];
+        config[..4].copy_from_slice(&inner.num_pages.to_le_bytes());
+        config[4..].copy_from_slice(&inner.actual.to_le_bytes());
+        read_config_bytes(&config, offset, data);
+    }
+
+    /// Only `actual` (bytes 4..8) is the driver's to write; any byte-wise part of it is accepted.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let mut inner = self.control.lock();
+        let mut actual = inner.actual.to_le_bytes();
+        for (i, b) in data.iter().enumerate() {
+            if let Some(slot) = offset.checked_add(i as u64).and_then(|o| o.checked_sub(4)).and_then(|o| actual.get_mut(o as usize)) {
+                *slot = *b;
+            }
+        }
+        inner.actual = u32::from_le_bytes(actual);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), String> {
+        let Activation { mem, interrupt, queues, features } = a;
+        if queues.len() != 3 {
+            return Err(format!("balloon needs 3 queues, got {}", queues.len()));
+        }
+        let stats_enabled = features & F_STATS_VQ != 0;
+        let (queues, kicks): (Vec<_>, Vec<_>) = queues.into_iter().map(|q| (q.queue, q.kick)).unzip();
+        let mut fds: Vec<_> = kicks.iter().map(|k| k.as_raw_fd()).collect();
+        fds.push(self.control.refresh.as_raw_fd());
+        let max_pages = mem.iter().map(|r| r.len() >> pages::PAGE_SHIFT).sum();
+        let mut worker = QueueWorker {
+            mem,
+            interrupt: interrupt.clone(),
+            queues,
+            control: self.control.clone(),
+            max_pages,
+        };
+        self.control.lock().interrupt = Some(interrupt);
+        let control = self.control.clone();
+        let spawned = Worker::spawn("virtio-balloon", fds, move |wake| {
+            match kicks.get(wake) {
+                Some(kick) => {
+                    let _ = kick.read();
+                }
+                None => {
+                    let _ = control.refresh.read();
+                }
+            }
+            match wake {
+                INFLATE => worker.pages(INFLATE, true),
+                DEFLATE => worker.pages(DEFLATE, false),
+                STATS if stats_enabled => worker.stats(),
+                STATS => {}
+                _ if stats_enabled => worker.give_back_stats_buffer(),
+                _ => {}
+            }
+        });
+        match spawned {
+            Ok(w) => {
+                self.worker = Some(w);
+                Ok(())
+            }
+            Err(e) => {
+                self.control.lock().interrupt = None;
+                Err(format!("starting the balloon worker: {e}"))
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+        let mut inner = self.control.lock();
+        inner.interrupt = None;
+        inner.actual = 0;
+        inner.stats_head = None;
+    }
+}
+
+/// The worker's side: the three queues and what it needs to serve them.
+struct QueueWorker {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queues: Vec<Queue>,
+    control: Arc<BalloonControl>,
+    /// Page numbers accepted from one buffer: as many as the guest has pages.
+    max_pages: u64,
+}
+
+impl QueueWorker {
+    fn notify(&mut self, q: usize) {
+        if self.queues[q].needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.trigger(InterruptReason::Queue(q as u16));
+        }
+    }
+
+    /// Serves the inflate (`release`) or deflate queue until the driver adds nothing more.
+    fn pages(&mut self, q: usize, release: bool) {
+        let (mem, queue) = (&self.mem, &mut self.queues[q]);
+        if !queue.ready() {
+            return;
+        }
+        let mut used = false;
+        loop {
+            let _ = queue.disable_notification(mem);
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let count = pages::process(mem, chain.readable(), self.max_pages, release);
+                {
+                    let mut inner = self.control.lock();
+                    if release {
+                        inner.inflated += count.valid;
+                    } else {
+                        inner.deflated += count.valid;
+                    }
+                    inner.invalid += count.invalid;
+                }
+                if queue.add_used(mem, head, 0).is_err() {
+                    return;
+                }
+                used = true;
+            }
+            if !matches!(queue.enable_notification(mem), Ok(true)) {
+                break;
+            }
+        }
+        if used {
+            self.notify(q);
+        }
+    }
+
+    /// Takes the driver's statistics buffer: records what it says and keeps it until fresh
+    /// numbers are wanted.
+    fn stats(&mut self) {
+        let (mem, queue) = (&self.mem, &mut self.queues[STATS]);
+        if !queue.ready() {
+            return;
+        }
+        let mut returned = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let mut bytes = Vec::new();
+            for desc in chain.readable() {
+                let n = (desc.len() as usize).min(MAX_STATS_BYTES - bytes.len());
+                let start = bytes.len();
+                bytes.resize(start + n, 0);
+                if mem.read_slice(&mut bytes[start..], desc.addr()).is_err() {
+                    bytes.truncate(start);
+                    break;
+                }
+            }
+            let mut stats = Vec::new();
+            control::parse_stats(&bytes, &mut stats);
+            let older = {
+                let mut inner = self.control.lock();
+                inner.stats = stats;
+                inner.stats_time = Some(Instant::now());
+                inner.stats_head.replace(head)
+            };
+            // The driver has only one buffer in flight; if it sent another, the older goes back.
+            if let Some(old) = older {
+                if queue.add_used(mem, old, 0).is_err() {
+                    return;
+                }
+                returned = true;
+            }
+        }
+        if returned {
+            self.notify(STATS);
+        }
+    }
+
+    /// Returns the held statistics buffer so the driver refills it with fresh numbers.
+    fn give_back_stats_buffer(&mut self) {
+        let Some(head) = self.control.lock().stats_head.take() else { return };
+        if self.queues[STATS].add_used(&self.mem, head, 0).is_ok() {
+            self.notify(STATS);
+        }
+    }
+}
