@@ -81,7 +81,8 @@ static void serve_stats(void) {
 }
 
 /* Waits up to `seconds` for num_pages to satisfy want_more (num_pages > actual) or its
- * opposite, serving the statistics queue meanwhile. Returns the last num_pages read. */
+ * opposite, serving the statistics queue meanwhile; num_pages is read again after each
+ * interrupt. Returns the last num_pages read. */
 static u32 wait_target(u64 seconds, int want_more) {
     u32 irqs = b.d->irqs;
     u32 target = virtio_config32(b.d, 0);
@@ -89,10 +90,11 @@ static u32 wait_target(u64 seconds, int want_more) {
         if (want_more ? target > b.actual : target < b.actual) break;
         sti();
         cpu_relax();
+        cli();
+        /* The buffer may have come back before this wait began: look at the ring itself. */
+        serve_stats();
         if (b.d->irqs != irqs) {
-            cli();
             irqs = b.d->irqs;
-            serve_stats();
             target = virtio_config32(b.d, 0);
         }
     }

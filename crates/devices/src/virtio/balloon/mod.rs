@@ -4,7 +4,8 @@
 //! (nothing to do on the host: they fault back in, zero-filled, when the guest touches them).
 //! The statistics queue carries the guest's memory statistics: the device keeps the driver's
 //! buffer and hands it back for a refill when someone asks for fresh numbers.
-//! DEFLATE_ON_OOM is offered when configured. The state shared with the VMM's control socket
+//! DEFLATE_ON_OOM is offered when configured. Page numbers outside guest RAM are ignored; a
+//! broken queue marks the device NEEDS_RESET. The state shared with the VMM's control socket
 //! (target, actual, statistics) lives in [`BalloonControl`].
 
 mod control;
@@ -13,6 +14,7 @@ pub mod state;
 
 pub use control::{BalloonControl, BalloonInfo};
 
+use super::chains::{self, Broken};
 use super::worker::Worker;
 use super::{Activation, GuestMemoryMmap, InterruptReason, VirtioDevice, VirtioInterrupt, device_type, read_config_bytes};
 use std::os::fd::AsRawFd;
@@ -37,13 +39,14 @@ pub struct Balloon {
     control: Arc<BalloonControl>,
     deflate_on_oom: bool,
     worker: Option<Worker>,
+    broken: Broken,
 }
 
 impl Balloon {
     /// A balloon whose initial target is `target_mib` MiB taken from the guest.
     pub fn new(target_mib: u64, deflate_on_oom: bool) -> std::io::Result<Self> {
         let pages = u32::try_from(target_mib << (20 - pages::PAGE_SHIFT)).unwrap_or(u32::MAX);
-        Ok(Balloon { control: Arc::new(BalloonControl::new(pages)?), deflate_on_oom, worker: None })
+        Ok(Balloon { control: Arc::new(BalloonControl::new(pages)?), deflate_on_oom, worker: None, broken: Broken::default() })
     }
 
     /// The handle the VMM keeps to change the target and read statistics at run time.
@@ -102,6 +105,7 @@ impl VirtioDevice for Balloon {
             queues,
             control: self.control.clone(),
             max_pages,
+            broken: self.broken.clone(),
         };
         self.control.lock().interrupt = Some(interrupt);
         let control = self.control.clone();
@@ -113,6 +117,9 @@ impl VirtioDevice for Balloon {
                 None => {
                     let _ = control.refresh.read();
                 }
+            }
+            if worker.broken.is_set() {
+                return;
             }
             match wake {
                 INFLATE => worker.pages(INFLATE, true),
@@ -137,10 +144,15 @@ impl VirtioDevice for Balloon {
 
     fn reset(&mut self) {
         self.worker = None;
+        self.broken.clear();
         let mut inner = self.control.lock();
         inner.interrupt = None;
         inner.actual = 0;
         inner.stats_head = None;
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken.is_set()
     }
 }
 
@@ -152,6 +164,7 @@ struct QueueWorker {
     control: Arc<BalloonControl>,
     /// Page numbers accepted from one buffer: as many as the guest has pages.
     max_pages: u64,
+    broken: Broken,
 }
 
 impl QueueWorker {
@@ -161,38 +174,28 @@ impl QueueWorker {
         }
     }
 
+    fn fail(&self, why: &str) {
+        self.broken.set("virtio-balloon", why, self.interrupt.as_ref());
+    }
+
     /// Serves the inflate (`release`) or deflate queue until the driver adds nothing more.
     fn pages(&mut self, q: usize, release: bool) {
-        let (mem, queue) = (&self.mem, &mut self.queues[q]);
-        if !queue.ready() {
-            return;
-        }
-        let mut used = false;
-        loop {
-            let _ = queue.disable_notification(mem);
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let count = pages::process(mem, chain.readable(), self.max_pages, release);
-                {
-                    let mut inner = self.control.lock();
-                    if release {
-                        inner.inflated += count.valid;
-                    } else {
-                        inner.deflated += count.valid;
-                    }
-                    inner.invalid += count.invalid;
-                }
-                if queue.add_used(mem, head, 0).is_err() {
-                    return;
-                }
-                used = true;
+        let (mem, control, max_pages) = (&self.mem, &self.control, self.max_pages);
+        let drained = chains::drain(&mut self.queues[q], mem, |chain| {
+            let count = pages::process(mem, chain.readable(), max_pages, release);
+            let mut inner = control.lock();
+            if release {
+                inner.inflated += count.valid;
+            } else {
+                inner.deflated += count.valid;
             }
-            if !matches!(queue.enable_notification(mem), Ok(true)) {
-                break;
-            }
-        }
-        if used {
-            self.notify(q);
+            inner.invalid += count.invalid;
+            0
+        });
+        match drained {
+            Ok(true) => self.interrupt.trigger(InterruptReason::Queue(q as u16)),
+            Ok(false) => {}
+            Err(why) => self.fail(&why),
         }
     }
 
@@ -204,7 +207,12 @@ impl QueueWorker {
             return;
         }
         let mut returned = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        loop {
+            let chain = match chains::next_chain(queue, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(why) => return self.broken.set("virtio-balloon", &why, self.interrupt.as_ref()),
+            };
             let head = chain.head_index();
             let mut bytes = Vec::new();
             for desc in chain.readable() {
@@ -226,8 +234,8 @@ impl QueueWorker {
             };
             // The driver has only one buffer in flight; if it sent another, the older goes back.
             if let Some(old) = older {
-                if queue.add_used(mem, old, 0).is_err() {
-                    return;
+                if let Err(e) = queue.add_used(mem, old, 0) {
+                    return self.broken.set("virtio-balloon", &format!("statistics buffer {old}: {e}"), self.interrupt.as_ref());
                 }
                 returned = true;
             }
@@ -240,8 +248,9 @@ impl QueueWorker {
     /// Returns the held statistics buffer so the driver refills it with fresh numbers.
     fn give_back_stats_buffer(&mut self) {
         let Some(head) = self.control.lock().stats_head.take() else { return };
-        if self.queues[STATS].add_used(&self.mem, head, 0).is_ok() {
-            self.notify(STATS);
+        match self.queues[STATS].add_used(&self.mem, head, 0) {
+            Ok(()) => self.notify(STATS),
+            Err(e) => self.fail(&format!("statistics buffer {head}: {e}")),
         }
     }
 }
