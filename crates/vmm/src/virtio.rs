@@ -10,6 +10,7 @@ use ferro_devices::IrqLine;
 use ferro_devices::virtio::mmio::{MMIO_WINDOW, MmioTransport, QUEUE_NOTIFY};
 use ferro_devices::virtio::balloon::{Balloon, BalloonControl};
 use ferro_devices::virtio::block::Block;
+use ferro_devices::virtio::console::{Console, ConsoleIo};
 use ferro_devices::virtio::{VirtioDevice, net::Net, rng::Rng};
 use ferro_hypervisor::ioctl_err;
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -63,6 +64,9 @@ pub enum ConsoleBackend {
 #[derive(Clone, Default)]
 pub struct DeviceHandles {
     pub balloon: Option<Arc<BalloonControl>>,
+    /// With a virtio console on stdio: where the VMM's stdin reader sends the terminal's input
+    /// (instead of COM1). stdin is one per process, so there is at most one such console.
+    pub console_input: Option<Arc<std::fs::File>>,
 }
 
 fn build(config: &VirtioConfig, handles: &mut DeviceHandles) -> Result<Box<dyn VirtioDevice>> {
@@ -82,8 +86,39 @@ fn build(config: &VirtioConfig, handles: &mut DeviceHandles) -> Result<Box<dyn V
         VirtioConfig::Block { path, format, readonly } => {
             Ok(Box::new(Block::new(path, format.as_deref(), *readonly).map_err(Error::Config)?))
         }
+        VirtioConfig::Console { backend } => {
+            let io = match backend {
+                ConsoleBackend::Stdio => {
+                    if handles.console_input.is_some() {
+                        return Err(Error::Config("only one virtio console can be on stdio".into()));
+                    }
+                    let (input, feed) = console_pipe()?;
+                    handles.console_input = Some(Arc::new(feed));
+                    ConsoleIo::Stdio { input }
+                }
+                ConsoleBackend::Pty => ConsoleIo::Pty,
+                ConsoleBackend::Socket(path) => ConsoleIo::Socket(path.clone()),
+            };
+            Ok(Box::new(Console::new(io).map_err(|e| Error::Config(format!("--console: {e}")))?))
+        }
         other => Err(Error::Config(format!("{other:?}: this virtio device is not available yet"))),
     }
+}
+
+/// A pipe from the VMM's stdin reader to a stdio console: (read end, write end). The write end is
+/// nonblocking so a guest that never reads cannot stall the VMM's main loop (input is dropped).
+fn console_pipe() -> Result<(std::os::fd::OwnedFd, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::Io("pipe", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created and belong to nobody else.
+    let (read, write) = unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETFL on the write end we own.
+    unsafe { libc::fcntl(fds[1], libc::F_SETFL, libc::O_NONBLOCK) };
+    Ok((read, write))
 }
 
 /// Attaches every configured device on virtio-mmio; returns their slots for ACPI and fills in

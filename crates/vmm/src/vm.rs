@@ -18,6 +18,7 @@ use ferro_devices::IrqLine;
 use ferro_hypervisor::{Hypervisor, ioctl_err};
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{VcpuFd, VmFd};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
@@ -169,7 +170,8 @@ impl Vm {
         let stdin = std::io::stdin();
         let _raw = if interactive { RawTerminal::enable(stdin.as_fd()) } else { None };
         if _raw.is_some() {
-            eprintln!("ferro: console attached to COM1; press Ctrl-A x to quit\r");
+            let to = if self.devices.console_input.is_some() { "the virtio console" } else { "COM1" };
+            eprintln!("ferro: console attached to {to}; press Ctrl-A x to quit\r");
         }
 
         let handles: Vec<Arc<VcpuHandle>> = (0..self.vcpus.len())
@@ -279,7 +281,11 @@ impl Vm {
                 if decoder.feed(&buf[..got as usize], &mut to_guest) {
                     return ExitReason::Quit;
                 }
-                self.serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(&to_guest);
+                match &self.devices.console_input {
+                    // Full pipe: the guest is not reading its console; like a full UART, drop.
+                    Some(feed) => drop((&**feed).write(&to_guest)),
+                    None => drop(self.serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(&to_guest)),
+                }
             }
         }
     }

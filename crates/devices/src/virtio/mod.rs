@@ -10,6 +10,7 @@
 pub mod balloon;
 pub mod block;
 pub mod chains;
+pub mod console;
 pub mod mmio;
 pub mod net;
 pub mod rng;
