@@ -71,8 +71,8 @@ struct VmArgs {
     /// Add a vsock device: cid=N,uds=PATH (Firecracker's host-side convention).
     #[arg(long, value_name = "OPTIONS")]
     vsock: Option<String>,
-    /// How virtio devices attach: mmio (described in ACPI) or pci.
-    #[arg(long, value_enum, default_value_t = TransportArg::Mmio)]
+    /// How virtio devices attach: pci (modern virtio-pci with MSI-X) or mmio (described in ACPI).
+    #[arg(long, value_enum, default_value_t = TransportArg::Pci)]
     transport: TransportArg,
 }
 

@@ -18,16 +18,21 @@ fn run_virtio_guest(extra: &[&str]) -> String {
 }
 
 #[test]
-fn rng_on_mmio_returns_random_bytes_with_an_interrupt() {
-    let out = run_virtio_guest(&["--transport", "mmio", "--rng"]);
-    assert!(out.contains("virtio-rng: got 64 bytes"), "{out}");
-    assert!(out.contains("irqs 1"), "{out}");
+fn rng_returns_random_bytes_with_an_interrupt_on_both_transports() {
+    for transport in ["mmio", "pci"] {
+        let out = run_virtio_guest(&["--transport", transport, "--rng"]);
+        assert!(out.contains(&format!("type 4 on {transport}")), "{out}");
+        assert!(out.contains("virtio-rng: got 64 bytes"), "{transport}: {out}");
+        assert!(out.contains("irqs 1"), "{transport}: {out}");
+    }
 }
 
 #[test]
-fn rng_rate_limit_still_answers() {
-    let out = run_virtio_guest(&["--transport", "mmio", "--rng", "rate=1K"]);
-    assert!(out.contains("virtio-rng: got 64 bytes"), "{out}");
+fn rng_rate_limit_still_answers_on_both_transports() {
+    for transport in ["mmio", "pci"] {
+        let out = run_virtio_guest(&["--transport", transport, "--rng", "rate=1K"]);
+        assert!(out.contains("virtio-rng: got 64 bytes"), "{transport}: {out}");
+    }
 }
 
 #[test]

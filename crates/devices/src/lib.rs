@@ -7,6 +7,7 @@
 
 pub mod acpi;
 pub mod legacy;
+pub mod pci;
 pub mod virtio;
 
 /// What the VMM must do after a device access.

@@ -1,15 +1,19 @@
 //! ACPI tables so guests find CPUs, interrupt controllers and devices without probing: RSDP,
 //! XSDT, FADT (hardware-reduced, with sleep control/status registers for poweroff), MADT (one
-//! local APIC per vCPU, the IOAPIC, ISA interrupt overrides) and a DSDT describing COM1, the
-//! power button and the Generic Event Device that signals it.
+//! local APIC per vCPU, the IOAPIC, ISA interrupt overrides), MCFG (ECAM of PCI bus 0) and a
+//! DSDT describing COM1, the power button, the Generic Event Device that signals it, and the PCI
+//! host bridge with its resources.
 
 use crate::layout::{ACPI_END, ACPI_START, IOAPIC_START, LAPIC_START};
 use crate::memory::GuestMemoryMmap;
+use crate::pci::{PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_WINDOW};
 use crate::{Error, Result};
 use acpi_tables::aml::{self, Path};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
+use ferro_devices::pci::bus::{CONFIG_IO_PORT, CONFIG_IO_SIZE};
 use acpi_tables::{Aml, rsdp::Rsdp, sdt::Sdt, xsdt::XSDT};
 use ferro_devices::acpi::{GED_EVENT_PORT, GED_EVENT_POWER_BUTTON, GED_IRQ, S5_SLEEP_TYPE, SLEEP_CONTROL_PORT};
 use ferro_devices::legacy::serial::{COM1_IRQ, COM1_PORT, SERIAL_SIZE};
@@ -133,9 +137,56 @@ fn virtio_mmio(index: usize, slot: &MmioSlot) -> RawAml {
     )))
 }
 
+/// The PCI host bridge of segment 0: bus 0, the configuration ports it decodes, and the MMIO
+/// window its BARs live in (a stock kernel enumerates it with no `pci=` option).
+fn pci_host_bridge() -> RawAml {
+    let (start, end) = (PCI_MMIO_WINDOW.start as u32, (PCI_MMIO_WINDOW.end - 1) as u32);
+    RawAml(to_bytes(&aml::Device::new(
+        "PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::AddressSpace::new_bus_number(0u16, 0u16),
+                    &aml::IO::new(CONFIG_IO_PORT, CONFIG_IO_PORT, 1, CONFIG_IO_SIZE as u8),
+                    &aml::AddressSpace::new_memory(aml::AddressSpaceCacheable::NotCacheable, true, start, end, None),
+                ]),
+            ),
+        ],
+    )))
+}
+
+/// Reserves the ECAM window as a motherboard resource: Linux uses MCFG's area only when the
+/// firmware reserved it.
+fn ecam_reservation() -> RawAml {
+    RawAml(to_bytes(&aml::Device::new(
+        "MRES".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &aml::ONE),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(false, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32)]),
+            ),
+        ],
+    )))
+}
+
+fn mcfg() -> Vec<u8> {
+    let mut m = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    m.add_ecam(PCI_ECAM_START, 0, 0, 0);
+    to_bytes(&m)
+}
+
 fn dsdt(mmio: &[MmioSlot]) -> Vec<u8> {
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    let mut devices = vec![com1(), power_button(), ged()];
+    let mut devices = vec![com1(), power_button(), ged(), pci_host_bridge(), ecam_reservation()];
     devices.extend(mmio.iter().enumerate().map(|(i, slot)| virtio_mmio(i, slot)));
     let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
     aml::Scope::new("\\_SB_".into(), children).to_aml_bytes(&mut table);
@@ -188,9 +239,11 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8, mmio: &[MmioSlot]) -> Resu
     let dsdt_addr = place(&dsdt(mmio))?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
     let madt_addr = place(&madt(vcpus))?;
+    let mcfg_addr = place(&mcfg())?;
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt_addr = place(&to_bytes(&xsdt))?;
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
     mem.write_slice(&rsdp, GuestAddress(ACPI_START)).map_err(|e| Error::Internal(format!("writing the RSDP: {e}")))?;
@@ -207,11 +260,26 @@ mod tests {
 
     #[test]
     fn tables_have_valid_lengths_and_checksums() {
-        for t in [dsdt(&[MmioSlot { base: 0xd000_0000, size: 0x1000, gsi: 16 }]), fadt(0x1000), madt(4)] {
+        for t in [dsdt(&[MmioSlot { base: 0xd000_0000, size: 0x1000, gsi: 16 }]), fadt(0x1000), madt(4), mcfg()] {
             let len = u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize;
             assert_eq!(len, t.len());
             assert!(checksum_ok(&t), "bad checksum in {}", String::from_utf8_lossy(&t[..4]));
         }
+    }
+
+    #[test]
+    fn mcfg_describes_bus_0_ecam_and_the_dsdt_has_the_host_bridge() {
+        let m = mcfg();
+        assert_eq!(&m[..4], b"MCFG");
+        assert_eq!(m.len(), 44 + 16);
+        assert_eq!(u64::from_le_bytes(m[44..52].try_into().unwrap()), PCI_ECAM_START);
+        assert_eq!((m[54], m[55]), (0, 0), "buses 0 to 0");
+        let d = dsdt(&[]);
+        let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"PCI0") && has(b"MRES"));
+        // PNP0A08 as an EISA id, and the window's first byte address in a DWord descriptor.
+        assert!(has(&[0x41, 0xd0, 0x0a, 0x08]));
+        assert!(has(&(PCI_MMIO_WINDOW.start as u32).to_le_bytes()));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod cpuid;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod pci;
 pub mod serial_socket;
 pub mod vcpu;
 pub mod virtio;

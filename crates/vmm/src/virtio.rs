@@ -6,7 +6,11 @@ use crate::acpi::MmioSlot;
 use crate::bus::Bus;
 use crate::memory::GuestMemoryMmap;
 use crate::{Error, Result};
+use crate::pci::{FIRST_MSI_GSI, GsiRoutes, KvmIoEvents, PCI_MMIO_WINDOW};
 use ferro_devices::IrqLine;
+use ferro_devices::pci::bus::PciBus;
+use ferro_devices::pci::msix::{MsiRoutes, MsixVector};
+use ferro_devices::virtio::pci::{BAR_SIZE, PciResources, VirtioPciTransport};
 use ferro_devices::virtio::mmio::{MMIO_WINDOW, MmioTransport, QUEUE_NOTIFY};
 use ferro_devices::virtio::balloon::{Balloon, BalloonControl};
 use ferro_devices::virtio::block::Block;
@@ -27,8 +31,9 @@ pub const VIRTIO_MMIO_MAX: usize = 8;
 /// How virtio devices reach the guest.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Transport {
-    #[default]
     Mmio,
+    /// The default: modern virtio-pci, what stock guests expect.
+    #[default]
     Pci,
 }
 
@@ -151,4 +156,39 @@ pub fn attach_mmio(
         slots.push(slot);
     }
     Ok(slots)
+}
+
+/// Attaches every configured device as a virtio-pci function on `bus`: BAR 0 of device i at
+/// the i-th 32 KiB of the PCI window, one MSI-X vector (a GSI with an irqfd) per queue plus one
+/// for configuration changes. Kick ioeventfds are registered by the transport when the guest
+/// enables memory decoding.
+pub fn attach_pci(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, bus: &mut PciBus, configs: &[VirtioConfig], handles: &mut DeviceHandles) -> Result<()> {
+    let routes: Arc<dyn MsiRoutes> = Arc::new(GsiRoutes::new(vm.clone()));
+    let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e));
+    let mut gsi = FIRST_MSI_GSI;
+    for (i, config) in configs.iter().enumerate() {
+        let device = build(config, handles)?;
+        let queues = device.queue_max_sizes().len();
+        let kicks = (0..queues).map(|_| eventfd()).collect::<Result<Vec<_>>>()?;
+        let mut vectors = Vec::with_capacity(queues + 1);
+        for _ in 0..=queues {
+            let irq = eventfd()?;
+            vm.register_irqfd(&irq, gsi).map_err(ioctl_err("KVM_IRQFD"))?;
+            vectors.push(MsixVector { gsi, irq: IrqLine(irq) });
+            gsi += 1;
+        }
+        let resources = PciResources {
+            bar: PCI_MMIO_WINDOW.start + i as u64 * BAR_SIZE,
+            window: PCI_MMIO_WINDOW,
+            kicks,
+            vectors,
+            routes: routes.clone(),
+            ioevents: Box::new(KvmIoEvents(vm.clone())),
+        };
+        let transport = VirtioPciTransport::new(device, mem.clone(), resources).map_err(Error::Internal)?;
+        if bus.add(Arc::new(Mutex::new(transport))).is_none() {
+            return Err(Error::Config(format!("{} virtio devices requested; PCI bus 0 has room for 31", configs.len())));
+        }
+    }
+    Ok(())
 }

@@ -8,13 +8,14 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{self, Shared, VcpuHandle};
 use crate::control::{self, Controller};
-use crate::{Error, Result, acpi, cpuid};
+use crate::{Error, Result, acpi, cpuid, pci};
 use ferro_devices::acpi::{AcpiPm, GED_IRQ, PM_BASE, PM_SIZE};
 use ferro_devices::legacy::debug_exit::{DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
 use ferro_devices::legacy::i8042::{I8042_DATA_PORT, I8042_SIZE};
 use ferro_devices::legacy::serial::{COM1_IRQ, COM1_PORT, SERIAL_SIZE};
 use ferro_devices::legacy::{DebugExit, I8042, Serial};
 use ferro_devices::IrqLine;
+use ferro_devices::pci::bus::PciBus;
 use ferro_hypervisor::{Hypervisor, ioctl_err};
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -62,7 +63,7 @@ pub struct Vm {
     config: VmConfig,
     // Field order matters for drop: vCPUs and the VM fd go before the memory they map.
     vcpus: Vec<VcpuFd>,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     _memory: GuestMemoryMmap,
     serial: Arc<Mutex<Serial>>,
     pm: Arc<Mutex<AcpiPm>>,
@@ -77,7 +78,7 @@ impl Vm {
         if config.vcpus == 0 || usize::from(config.vcpus) > max {
             return Err(Error::Config(format!("{} vCPUs requested; this host allows 1 to {max}", config.vcpus)));
         }
-        let vm = hv.create_vm()?;
+        let vm = Arc::new(hv.create_vm()?);
         // Guest RAM goes in before the irqchip: on kvm-pvm a memslot added after
         // KVM_CREATE_IRQCHIP costs ~7 ms instead of ~0.3 ms (measured; KVM then has to
         // synchronize with the irqchip's readers on every slot change).
@@ -101,11 +102,15 @@ impl Vm {
         pio.insert(u64::from(I8042_DATA_PORT), u64::from(I8042_SIZE), Arc::new(Mutex::new(I8042)));
         let mut mmio = Bus::default();
         let mut devices = virtio::DeviceHandles::default();
+        let mut pci = PciBus::default();
         let mmio_slots = match config.transport {
             Transport::Mmio => virtio::attach_mmio(&vm, &memory, &mut mmio, &config.devices, &mut devices)?,
-            Transport::Pci if config.devices.is_empty() => Vec::new(),
-            Transport::Pci => return Err(Error::Config("--transport pci: virtio-pci is not available yet; use --transport mmio".into())),
+            Transport::Pci => {
+                virtio::attach_pci(&vm, &memory, &mut pci, &config.devices, &mut devices)?;
+                Vec::new()
+            }
         };
+        pci::install(pci, &mut pio, &mut mmio);
 
         let rsdp = acpi::write_tables(&memory, config.vcpus, &mmio_slots)?;
         let src = BootSource {

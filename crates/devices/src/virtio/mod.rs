@@ -13,7 +13,9 @@ pub mod chains;
 pub mod console;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod rng;
+pub mod transport;
 pub mod worker;
 
 use std::sync::Arc;
