@@ -145,6 +145,16 @@ async fn domain_action(State(mgr): Mgr, Path((name, action)): Path<(String, Stri
         "suspend" => mgr.suspend(&name).await?,
         "resume" => mgr.resume(&name).await?,
         "autostart" => mgr.set_autostart(&name, enabled_flag(&body)?).await?,
+        "setmem" => {
+            let memory = if let Some(text) = body["memory"].as_str() {
+                crate::domain::parse_size(text).map_err(|e| ApiError::invalid(format!("memory: {e}")))?
+            } else if let Some(bytes) = body["memory"].as_u64() {
+                bytes
+            } else {
+                return Err(ApiError::invalid("memory: give a size such as \"256M\" or a byte count"));
+            };
+            mgr.setmem(&name, memory).await?
+        }
         _ => return Err(ApiError::not_found(format!("domains have no action {action:?}"))),
     };
     ok(&info)

@@ -21,6 +21,9 @@ pub struct DomainConfig {
     pub disks: Vec<DiskConfig>,
     #[serde(default, rename = "nic", skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<NicConfig>,
+    /// A memory balloon, so that `setmem` can take memory back while the domain runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
 }
 
 fn default_vcpus() -> u32 {
@@ -68,6 +71,15 @@ pub struct NicConfig {
     pub tap: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+}
+
+/// `[balloon]`: a virtio balloon that starts empty (the guest has all of `memory`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// The guest may take pages back from the balloon when it runs out of memory.
+    #[serde(default)]
+    pub deflate_on_oom: bool,
 }
 
 /// A definition that could not be accepted; `key` is the dotted path of the offending key.
@@ -366,6 +378,7 @@ pool = "default"
 volume = "web1.raw"
 [[nic]]
 tap = "tap-web1"
+[balloon]
 "#;
 
     #[test]
@@ -374,6 +387,7 @@ tap = "tap-web1"
         assert_eq!(c.memory_bytes(), 512 << 20);
         assert_eq!(c.disks.len(), 2);
         assert_eq!(c.disks[1].format, "raw");
+        assert_eq!(c.balloon, Some(BalloonConfig { deflate_on_oom: false }));
     }
 
     #[test]

@@ -715,6 +715,28 @@ impl Manager {
         self.info(name)
     }
 
+    /// Sets the memory a running guest may use (virsh setmem, live only): the balloon takes back
+    /// the rest of the defined memory. The definition is not changed.
+    pub async fn setmem(&self, name: &str, memory: u64) -> ApiResult<DomainInfo> {
+        let _op = self.lock_op(name).await;
+        let socket = self.active_socket(name, true)?;
+        let config = self.info(name)?.config.ok_or_else(|| ApiError::conflict(format!("domain {name} has an invalid definition")))?;
+        if config.balloon.is_none() {
+            return Err(ApiError::conflict(format!(
+                "domain {name} has no balloon: add a [balloon] table to its definition, then restart it"
+            )));
+        }
+        let defined = config.memory_bytes();
+        if memory < 1 << 20 || memory > defined {
+            return Err(ApiError::invalid(format!("memory: must be between 1M and the defined {}M", defined >> 20)));
+        }
+        let target_mib = (defined - memory) >> 20;
+        let request = serde_json::json!({ "op": "balloon", "target_mib": target_mib });
+        vmm::request(&socket, request, VMM_TIMEOUT).await.map_err(ApiError::vmm)?;
+        self.events.emit("domain", name, "memory_set", format!("{}M for the guest, balloon target {target_mib}M", memory >> 20));
+        self.info(name)
+    }
+
     /// Counters of a running domain: what the VMM reports plus the configured sizes.
     pub async fn stats(&self, name: &str) -> ApiResult<Value> {
         let socket = self.active_socket(name, true)?;

@@ -84,6 +84,11 @@ pub fn vmm_args(config: &DomainConfig, disks: &[ResolvedDisk], files: &RunFiles)
         }
         args.push(spec);
     }
+    if let Some(balloon) = &config.balloon {
+        // Empty at start; `setmem` sets the target through the control socket.
+        let spec = if balloon.deflate_on_oom { "size=0,deflate_on_oom=on" } else { "size=0" };
+        args.extend(["--balloon".to_string(), spec.to_string()]);
+    }
     args
 }
 

@@ -136,6 +136,14 @@ pub enum ManageCommand {
     },
     /// Show a running domain's counters (CPU time, memory, disks, NICs).
     Domstats(DomJson),
+    /// Set how much memory a running domain's guest may use (its balloon takes the rest back).
+    Setmem {
+        name: String,
+        /// Memory for the guest, e.g. 256M; at most the defined memory.
+        size: String,
+        #[command(flatten)]
+        conn: Connect,
+    },
     /// Show lifecycle events (follows new ones until interrupted, unless --no-follow).
     Events {
         /// Print past events and exit.
@@ -374,6 +382,10 @@ fn execute(cmd: ManageCommand) -> Result<(), String> {
         C::Domstats(d) => {
             let stats = client(&d.conn).get(&format!("{}/stats", dom_path(&d.name)?))?;
             if d.json { print_json(&stats) } else { show::domstats(&stats) }
+        }
+        C::Setmem { name, size, conn } => {
+            client(&conn).post(&format!("{}/setmem", dom_path(&name)?), Some(&json!({ "memory": size })))?;
+            println!("Domain '{name}' memory set to {size}");
         }
         C::Events { no_follow, json, conn } => events(&client(&conn), !no_follow, json)?,
         C::Top { delay, iterations, conn } => show::top(&client(&conn), delay, iterations)?,

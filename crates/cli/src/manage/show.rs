@@ -121,6 +121,9 @@ pub fn domstats(s: &Value) {
         ("RSS", s["rss_bytes"].as_u64().map(bytes).unwrap_or_else(|| "-".into())),
         ("vCPU exits", opt_u64(&s["exits"])),
     ];
+    if let Some(b) = s["balloon"].as_object() {
+        rows.push(("Balloon", format!("target {} MiB, actual {} MiB", opt_u64(&b["target_mib"]), opt_u64(&b["actual_mib"]))));
+    }
     let vcpu_labels: Vec<String> =
         (0..s["vcpu_time_ns"].as_array().map_or(0, Vec::len)).map(|i| format!("vCPU {i} time")).collect();
     for (i, t) in s["vcpu_time_ns"].as_array().into_iter().flatten().enumerate() {
