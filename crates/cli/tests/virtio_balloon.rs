@@ -103,12 +103,21 @@ fn number_after(line: &str, key: &str) -> u64 {
 }
 
 #[test]
-fn inflating_through_the_control_socket_returns_memory_to_the_host() {
+fn inflating_through_the_control_socket_returns_memory_to_the_host_on_mmio() {
+    inflate_and_deflate_through_the_control_socket("mmio");
+}
+
+#[test]
+fn inflating_through_the_control_socket_returns_memory_to_the_host_on_pci() {
+    inflate_and_deflate_through_the_control_socket("pci");
+}
+
+fn inflate_and_deflate_through_the_control_socket(transport: &str) {
     // The guest's wait (balloon_wait_s) is generous: the test drives each step.
     let mut vm = Vmm::start(
-        "ctl",
+        transport,
         &[
-            "--guest", "virtio", "--transport", "mmio", "--memory", "128M", "--balloon", "size=0",
+            "--guest", "virtio", "--transport", transport, "--memory", "128M", "--balloon", "size=0",
             "--cmdline", "balloon_touch_mib=48 balloon_wait_s=30",
         ],
     );
@@ -126,7 +135,7 @@ fn inflating_through_the_control_socket_returns_memory_to_the_host() {
     let after = vm.stats_until("actual reaches 48 MiB", |s| s["balloon"]["actual_mib"] == 48);
     let rss_inflated = after["rss_bytes"].as_u64().unwrap();
     eprintln!(
-        "VMM RSS: {} MiB after the guest touched 48 MiB, {} MiB after inflating it (-{} MiB)",
+        "{transport}: VMM RSS: {} MiB after the guest touched 48 MiB, {} MiB after inflating it (-{} MiB)",
         rss_touched / MIB,
         rss_inflated / MIB,
         rss_touched.saturating_sub(rss_inflated) / MIB
