@@ -15,7 +15,7 @@ use ferro_devices::virtio::mmio::{MMIO_WINDOW, MmioTransport, QUEUE_NOTIFY};
 use ferro_devices::virtio::balloon::{Balloon, BalloonControl};
 use ferro_devices::virtio::block::Block;
 use ferro_devices::virtio::console::{Console, ConsoleIo};
-use ferro_devices::virtio::{VirtioDevice, net::Net, rng::Rng};
+use ferro_devices::virtio::{VirtioDevice, net::Net, rng::Rng, vsock::Vsock};
 use ferro_hypervisor::ioctl_err;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::path::PathBuf;
@@ -106,7 +106,9 @@ fn build(config: &VirtioConfig, handles: &mut DeviceHandles) -> Result<Box<dyn V
             };
             Ok(Box::new(Console::new(io).map_err(|e| Error::Config(format!("--console: {e}")))?))
         }
-        other => Err(Error::Config(format!("{other:?}: this virtio device is not available yet"))),
+        VirtioConfig::Vsock { cid, uds } => {
+            Ok(Box::new(Vsock::new(*cid, uds).map_err(|e| Error::Config(format!("--vsock uds: {e}")))?))
+        }
     }
 }
 

@@ -16,6 +16,7 @@ pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod transport;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::Arc;

@@ -7,6 +7,7 @@
 
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{RX_QUEUE, TX_QUEUE};
+use crate::virtio::chains::{Broken, drain, next_chain};
 use crate::virtio::worker::Worker;
 use crate::virtio::{Activation, GuestMemoryMmap, InterruptReason, VirtioInterrupt};
 use std::io::{ErrorKind, Read, Write};
@@ -36,10 +37,11 @@ struct NetIo {
     /// Length of the frame in `frame` still to deliver; 0 when none.
     pending: usize,
     tx_buf: Vec<u8>,
+    broken: Broken,
 }
 
 /// Starts the worker; it stops when the returned handle is dropped.
-pub(super) fn spawn(tap: Arc<Tap>, a: Activation) -> std::io::Result<Worker> {
+pub(super) fn spawn(tap: Arc<Tap>, a: Activation, broken: Broken) -> std::io::Result<Worker> {
     let Activation { mem, interrupt, queues, features } = a;
     let mut queues = queues.into_iter();
     let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
@@ -61,18 +63,25 @@ pub(super) fn spawn(tap: Arc<Tap>, a: Activation) -> std::io::Result<Worker> {
         frame: vec![0; MAX_FRAME],
         pending: 0,
         tx_buf: vec![0; MAX_FRAME],
+        broken,
     };
-    Worker::spawn("virtio-net", fds, move |wake| match wake {
-        RX_QUEUE => {
-            let _ = kicks[RX_QUEUE].read();
-            io.want_tap(true);
-            io.receive();
+    Worker::spawn("virtio-net", fds, move |wake| {
+        if wake < kicks.len() {
+            let _ = kicks[wake].read();
         }
-        TX_QUEUE => {
-            let _ = kicks[TX_QUEUE].read();
-            io.transmit();
+        if io.broken.is_set() {
+            // Until the driver resets the device: drain what wakes us, touch no ring.
+            io.want_tap(false);
+            return;
         }
-        _ => io.receive(),
+        match wake {
+            RX_QUEUE => {
+                io.want_tap(true);
+                io.receive();
+            }
+            TX_QUEUE => io.transmit(),
+            _ => io.receive(),
+        }
     })
 }
 
@@ -87,17 +96,16 @@ impl NetIo {
         }
     }
 
-    fn notify(&mut self, queue: usize) {
-        let q = if queue == RX_QUEUE { &mut self.rx } else { &mut self.tx };
-        if q.needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.trigger(InterruptReason::Queue(queue as u16));
+    fn notify_rx(&mut self) {
+        if self.rx.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.trigger(InterruptReason::Queue(RX_QUEUE as u16));
         }
     }
 
     /// Delivers frames from the tap until it is empty or the guest runs out of buffers.
     fn receive(&mut self) {
-        let mut delivered = false;
-        loop {
+        let (mut delivered, mut rechecked) = (false, false);
+        while !self.broken.is_set() {
             if self.pending == 0 {
                 match self.tap.read_frame(&mut self.frame) {
                     Ok(n) if n > VNET_HDR_LEN => self.pending = n,
@@ -106,34 +114,41 @@ impl NetIo {
                     Err(_) => break, // WouldBlock, or the tap went away
                 }
             }
-            if self.deliver() {
-                self.pending = 0;
-                delivered = true;
-            } else if !self.rx.enable_notification(&self.mem).unwrap_or(false) {
-                // No buffers, and none arrived while we looked: wait for the guest's kick.
-                self.want_tap(false);
-                break;
+            match self.deliver() {
+                Ok(true) => {
+                    self.pending = 0;
+                    delivered = true;
+                    rechecked = false;
+                }
+                Ok(false) if !rechecked && self.rx.enable_notification(&self.mem).unwrap_or(false) => rechecked = true,
+                Ok(false) => {
+                    // No buffers, and none arrived while we looked: wait for the guest's kick.
+                    self.want_tap(false);
+                    break;
+                }
+                Err(why) => self.broken.set("virtio-net", &format!("receive queue: {why}"), self.interrupt.as_ref()),
             }
         }
         if delivered {
-            self.notify(RX_QUEUE);
+            self.notify_rx();
         }
     }
 
     /// Puts the pending frame in the guest's receive buffers: one chain, or as many as it
     /// takes with mergeable buffers. False when the guest has too few buffers for it (they are
     /// left in the ring). A frame that cannot be delivered (a chain too small without mergeable
-    /// buffers, or with bad addresses) is dropped and its buffers returned empty.
-    fn deliver(&mut self) -> bool {
+    /// buffers, or with bad addresses) is dropped and its buffers returned empty. Err for a
+    /// broken ring.
+    fn deliver(&mut self) -> Result<bool, String> {
         let len = self.pending;
         let mut chains: Vec<(u16, Option<Writer<'_>>)> = Vec::new();
         let mut room = 0usize;
         while room < len {
-            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
+            let Some(chain) = next_chain(&mut self.rx, &self.mem)? else {
                 for _ in &chains {
                     self.rx.go_to_previous_position();
                 }
-                return false;
+                return Ok(false);
             };
             let head = chain.head_index();
             let writer = Writer::new(&self.mem, chain).ok();
@@ -161,36 +176,29 @@ impl NetIo {
             used.push((head, n as u32));
         }
         for (head, n) in used {
-            // add_used fails only for a head outside the ring, which pop never returns.
-            let _ = self.rx.add_used(&self.mem, head, n);
+            self.rx.add_used(&self.mem, head, n).map_err(|e| format!("descriptor head {head}: {e}"))?;
         }
-        true
+        Ok(true)
     }
 
     /// Sends every frame the guest queued.
     fn transmit(&mut self) {
-        let mut sent = false;
-        loop {
-            while let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) {
-                let head = chain.head_index();
-                if let Ok(mut r) = Reader::new(&self.mem, chain) {
-                    let n = r.available_bytes();
-                    // Frames without a header, or larger than any the tap takes, are dropped.
-                    if n > VNET_HDR_LEN && n <= MAX_FRAME && r.read_exact(&mut self.tx_buf[..n]).is_ok() {
-                        // A full or downed tap drops the frame, as a real link would.
-                        let _ = self.tap.write_frame(&self.tx_buf[..n]);
-                    }
+        let (mem, tap, buf) = (&self.mem, &self.tap, &mut self.tx_buf);
+        let sent = drain(&mut self.tx, mem, |chain| {
+            if let Ok(mut r) = Reader::new(mem, chain) {
+                let n = r.available_bytes();
+                // Frames without a header, or larger than any the tap takes, are dropped.
+                if n > VNET_HDR_LEN && n <= MAX_FRAME && r.read_exact(&mut buf[..n]).is_ok() {
+                    // A full or downed tap drops the frame, as a real link would.
+                    let _ = tap.write_frame(&buf[..n]);
                 }
-                let _ = self.tx.add_used(&self.mem, head, 0);
-                sent = true;
             }
-            // Re-arms the kick (with EVENT_IDX: avail_event); true if frames came meanwhile.
-            if !self.tx.enable_notification(&self.mem).unwrap_or(false) {
-                break;
-            }
-        }
-        if sent {
-            self.notify(TX_QUEUE);
+            0
+        });
+        match sent {
+            Ok(true) => self.interrupt.trigger(InterruptReason::Queue(TX_QUEUE as u16)),
+            Ok(false) => {}
+            Err(why) => self.broken.set("virtio-net", &format!("transmit queue: {why}"), self.interrupt.as_ref()),
         }
     }
 }

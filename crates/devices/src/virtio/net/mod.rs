@@ -9,6 +9,7 @@ pub mod tap;
 
 pub use state::NetState;
 
+use super::chains::Broken;
 use super::worker::Worker;
 use super::{Activation, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, device_type, read_config_bytes};
 use std::hash::{BuildHasher, Hasher};
@@ -48,6 +49,7 @@ pub struct Net {
     offered: u64,
     acked: u64,
     worker: Option<Worker>,
+    broken: Broken,
 }
 
 /// A locally administered unicast address in QEMU's 52:54:00 range, its last three bytes random.
@@ -74,7 +76,7 @@ impl Net {
     pub fn new(tap: &str, mac: Option<[u8; 6]>) -> io::Result<Net> {
         let tap = Tap::open(tap)?;
         let offered = if tap.supports_offloads() { BASE_FEATURES | OFFLOAD_FEATURES } else { BASE_FEATURES };
-        Ok(Net { tap: Arc::new(tap), mac: mac.unwrap_or_else(generated_mac), offered, acked: 0, worker: None })
+        Ok(Net { tap: Arc::new(tap), mac: mac.unwrap_or_else(generated_mac), offered, acked: 0, worker: None, broken: Broken::default() })
     }
 
     pub fn mac(&self) -> [u8; 6] {
@@ -127,7 +129,7 @@ impl VirtioDevice for Net {
         }
         self.tap.set_offload(tap_offloads(a.features)).map_err(|e| format!("TUNSETOFFLOAD on {}: {e}", self.tap.name()))?;
         self.acked = a.features;
-        let worker = datapath::spawn(self.tap.clone(), a).map_err(|e| format!("starting the net worker: {e}"))?;
+        let worker = datapath::spawn(self.tap.clone(), a, self.broken.clone()).map_err(|e| format!("starting the net worker: {e}"))?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -135,7 +137,12 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.worker = None;
         self.acked = 0;
+        self.broken.clear();
         let _ = self.tap.set_offload(0);
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken.is_set()
     }
 }
 
