@@ -41,10 +41,10 @@ impl Netns {
     }
 
     /// The ferro command line, run inside the namespace so its tap lives there.
-    fn ferro(&self, tap_opts: &str) -> Command {
+    fn ferro(&self, transport: &str, tap_opts: &str) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.0, env!("CARGO_BIN_EXE_ferro")]);
-        c.args(["run", "--guest", "virtio", "--memory", "64M", "--transport", "mmio", "--net", tap_opts]);
+        c.args(["run", "--guest", "virtio", "--memory", "64M", "--transport", transport, "--net", tap_opts]);
         c.args(["--cmdline", &format!("net.ip={HOST_IP} net.me={GUEST_IP}")]);
         c.stdin(Stdio::null());
         c
@@ -121,7 +121,16 @@ fn assert_guest_talked_to_host(o: &Output, host_mac: &str) -> String {
 }
 
 #[test]
-fn guest_arps_and_pings_the_host_through_an_existing_tap() {
+fn guest_arps_and_pings_the_host_through_an_existing_tap_on_mmio() {
+    arp_and_ping_through_an_existing_tap("mmio");
+}
+
+#[test]
+fn guest_arps_and_pings_the_host_through_an_existing_tap_on_pci() {
+    arp_and_ping_through_an_existing_tap("pci");
+}
+
+fn arp_and_ping_through_an_existing_tap(transport: &str) {
     let ns = Netns::new();
     ns.ip(&["tuntap", "add", "dev", "ftap0", "mode", "tap"]);
     ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", "ftap0"]);
@@ -129,7 +138,7 @@ fn guest_arps_and_pings_the_host_through_an_existing_tap() {
     let host_mac = ns.mac_of("ftap0");
     let sock = capture(&ns, "ftap0");
 
-    let o = ns.ferro("tap=ftap0").output().expect("run ferro");
+    let o = ns.ferro(transport, "tap=ftap0").output().expect("run ferro");
     let out = assert_guest_talked_to_host(&o, &host_mac);
     let mac = parse_mac(&guest_mac(&out));
     assert_eq!(mac[0] & 3, 2, "generated MACs are local unicast: {out}");
@@ -147,7 +156,7 @@ fn guest_arps_and_pings_the_host_through_an_existing_tap() {
 #[test]
 fn ferro_creates_the_tap_brings_it_up_and_uses_the_given_mac() {
     let ns = Netns::new();
-    let child = ns.ferro("tap=ftap1,mac=52:54:00:12:34:56").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = ns.ferro("mmio", "tap=ftap1,mac=52:54:00:12:34:56").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     // The guest retries its ARP request while the host side gets its address.
     let start = Instant::now();
     while !ns.link_exists("ftap1") {
@@ -166,7 +175,7 @@ fn ferro_creates_the_tap_brings_it_up_and_uses_the_given_mac() {
 fn a_tun_device_is_refused_as_a_tap() {
     let ns = Netns::new();
     ns.ip(&["tuntap", "add", "dev", "ftun0", "mode", "tun"]);
-    let o = ns.ferro("tap=ftun0").output().unwrap();
+    let o = ns.ferro("mmio", "tap=ftun0").output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_ne!(o.status.code(), Some(0));
     assert!(err.contains("--net tap=ftun0") && err.contains("TUNSETIFF"), "{err}");

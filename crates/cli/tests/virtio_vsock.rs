@@ -66,8 +66,17 @@ fn connect_line(uds: &Path, request: &str) -> (BufReader<UnixStream>, String) {
 }
 
 #[test]
-fn streams_both_ways_between_guest_and_host_unix_sockets() {
-    let dir = TempDir::new("vsock");
+fn streams_both_ways_between_guest_and_host_unix_sockets_on_mmio() {
+    streams_both_ways("mmio");
+}
+
+#[test]
+fn streams_both_ways_between_guest_and_host_unix_sockets_on_pci() {
+    streams_both_ways("pci");
+}
+
+fn streams_both_ways(transport: &str) {
+    let dir = TempDir::new(&format!("vsock-{transport}"));
     let uds = dir.0.join("v.sock");
     let listener = UnixListener::bind(format!("{}_{ECHO_PORT}", uds.display())).unwrap();
     let (done_tx, done_rx) = mpsc::channel();
@@ -78,7 +87,7 @@ fn streams_both_ways_between_guest_and_host_unix_sockets() {
     });
 
     let child = Command::new(env!("CARGO_BIN_EXE_ferro"))
-        .args(["run", "--guest", "virtio", "--memory", "64M", "--transport", "mmio"])
+        .args(["run", "--guest", "virtio", "--memory", "64M", "--transport", transport])
         .args(["--vsock", &format!("cid=7,uds={}", uds.display())])
         .args(["--cmdline", &format!("vsock.refused={UNBOUND_PORT} vsock.port={ECHO_PORT} vsock.listen={GUEST_PORT}")])
         .stdin(Stdio::null())
