@@ -147,7 +147,7 @@ impl VirtioDevice for Net {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -160,7 +160,7 @@ mod tests {
 
     /// Runs `f` on a thread in a new, private network namespace (gone when the thread ends), so
     /// taps made there never touch the host's interfaces. None when we may not make one.
-    fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    pub(crate) fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
         std::thread::spawn(move || {
             // SAFETY: unshare(2) with a flag; it changes only this thread's network namespace.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
