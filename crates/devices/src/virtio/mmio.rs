@@ -2,6 +2,7 @@
 //! device, queue kicks through KVM ioeventfds on QueueNotify, interrupts through an irqfd.
 
 use super::{Activation, ActiveQueue, GuestMemoryMmap, InterruptReason, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, status};
+use super::transport::set_queue_size;
 use crate::{BusAction, BusDevice, IrqLine};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -45,6 +46,8 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
+    /// An invalid queue setting the driver wrote; fails DRIVER_OK.
+    queue_error: Option<String>,
 }
 
 impl MmioTransport {
@@ -71,6 +74,7 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
+            queue_error: None,
         })
     }
 
@@ -97,6 +101,7 @@ impl MmioTransport {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.queue_sel = 0;
+        self.queue_error = None;
         self.interrupt.status.store(0, Ordering::Release);
     }
 
@@ -129,6 +134,9 @@ impl MmioTransport {
     fn activate(&mut self) {
         if self.status & status::FEATURES_OK == 0 {
             return self.fail("DRIVER_OK without FEATURES_OK");
+        }
+        if let Some(e) = self.queue_error.take() {
+            return self.fail(&e);
         }
         for (i, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
@@ -173,9 +181,11 @@ impl MmioTransport {
             0x38 | 0x44 | 0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if self.queue_config_allowed() => {
                 if let Some(q) = self.selected_queue() {
                     match offset {
-                        // virtio-queue refuses sizes that are zero, above the maximum or not a
-                        // power of two; the queue then stays invalid and activation fails it.
-                        0x38 => q.set_size(v as u16),
+                        0x38 => {
+                            if let Err(e) = set_queue_size(q, v) {
+                                self.queue_error = Some(e);
+                            }
+                        }
                         0x44 => q.set_ready(v == 1),
                         0x80 => q.set_desc_table_address(Some(v), None),
                         0x84 => q.set_desc_table_address(None, Some(v)),

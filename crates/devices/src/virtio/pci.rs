@@ -8,7 +8,7 @@
 //! BAR 0 layout (32 KiB): common configuration at 0x0000, ISR at 0x1000, device configuration
 //! at 0x2000, notifications at 0x3000 (queue q at q * 4), MSI-X table at 0x4000, PBA at 0x6000.
 
-use super::transport::VirtioCore;
+use super::transport::{VirtioCore, set_queue_size};
 use super::{GuestMemoryMmap, InterruptReason, VirtioDevice, VirtioInterrupt, device_type};
 use crate::pci::PciFunction;
 use crate::pci::config::{BAR0, COMMAND, COMMAND_MEMORY, ConfigSpace, ConfigSpaceState, Identity};
@@ -303,9 +303,11 @@ impl VirtioPciTransport {
             _ => {
                 let Some(q) = self.core.configurable_queue() else { return };
                 match field {
-                    // virtio-queue refuses sizes that are zero, too big or not a power of two;
-                    // the queue then stays invalid and DRIVER_OK fails the device.
-                    0x18 => q.set_size(v as u16),
+                    0x18 => {
+                        if let Err(e) = set_queue_size(q, v) {
+                            self.core.queue_error = Some(e);
+                        }
+                    }
                     0x1c if v == 1 => q.set_ready(true),
                     0x20 => q.set_desc_table_address(Some(v), None),
                     0x24 => q.set_desc_table_address(None, Some(v)),

@@ -21,6 +21,8 @@ pub struct VirtioCore {
     pub driver_features_sel: u32,
     driver_features: u64,
     pub queue_sel: u32,
+    /// An invalid queue setting the driver wrote (see [`set_queue_size`]); fails DRIVER_OK.
+    pub queue_error: Option<String>,
 }
 
 impl VirtioCore {
@@ -45,6 +47,7 @@ impl VirtioCore {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
+            queue_error: None,
         })
     }
 
@@ -120,6 +123,7 @@ impl VirtioCore {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.queue_sel = 0;
+        self.queue_error = None;
     }
 
     fn fail(&mut self, why: &str) {
@@ -154,6 +158,9 @@ impl VirtioCore {
         if self.status & status::FEATURES_OK == 0 {
             return self.fail("DRIVER_OK without FEATURES_OK");
         }
+        if let Some(e) = self.queue_error.take() {
+            return self.fail(&e);
+        }
         for (i, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
                 return self.fail(&format!("queue {i} is not valid (size or ring addresses)"));
@@ -177,5 +184,16 @@ impl VirtioCore {
         if let Err(e) = self.device.activate(activation) {
             self.fail(&e);
         }
+    }
+}
+
+/// Sets a queue's size as the driver wrote it. virtio-queue keeps the old size when the new one
+/// is zero, above the maximum or not a power of two, so the device would use a ring of another
+/// size than the driver's; the error lets the transport fail the device at DRIVER_OK instead.
+pub fn set_queue_size(q: &mut Queue, v: u32) -> Result<(), String> {
+    let max = q.max_size();
+    match u16::try_from(v).map_err(|_| ()).and_then(|size| q.try_set_size(size).map_err(|_| ())) {
+        Ok(()) => Ok(()),
+        Err(()) => Err(format!("queue size {v} is zero, above {max} or not a power of two")),
     }
 }

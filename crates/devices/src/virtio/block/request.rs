@@ -70,6 +70,16 @@ impl Requests {
         let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
         let out_len = out.iter().map(|s| u64::from(s.len)).sum::<u64>() - HEADER;
         let in_len: u64 = data_in.iter().map(|s| u64::from(s.len)).sum();
+        // Data on the wrong side (a read-only buffer for a read, a writable one for a write) is
+        // refused rather than ignored.
+        let misdirected = match kind {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID => out_len != 0,
+            VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_FLUSH | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => in_len != 0,
+            _ => false,
+        };
+        if misdirected {
+            return ioerr();
+        }
         match kind {
             VIRTIO_BLK_T_IN => self.read(disk, mem, sector, data_in, in_len),
             VIRTIO_BLK_T_OUT if self.readonly => ioerr(),
@@ -251,6 +261,10 @@ mod tests {
         assert_eq!(run(&mut d, false, &mem, VIRTIO_BLK_T_OUT, 0, &[seg(DATA, 100)], &[]).0, IOERR);
         assert_eq!(run(&mut d, false, &mem, VIRTIO_BLK_T_OUT, u64::MAX / 256, &[seg(DATA, 512)], &[]).0, IOERR);
         assert_eq!(run(&mut d, false, &mem, 77, 0, &[], &[]).0, UNSUPP);
+        // Data buffers on the wrong side.
+        assert_eq!(run(&mut d, false, &mem, VIRTIO_BLK_T_IN, 0, &[seg(DATA, 512)], &[]).0, IOERR);
+        assert_eq!(run(&mut d, false, &mem, VIRTIO_BLK_T_OUT, 0, &[], &[seg(DATA, 512)]).0, IOERR);
+        assert_eq!(run(&mut d, false, &mem, VIRTIO_BLK_T_FLUSH, 0, &[], &[seg(DATA, 512)]).0, IOERR);
         // A header shorter than 16 bytes.
         let mut chain = Chain { readable: vec![seg(HDR, 8)], writable: vec![seg(STATUS, 1)], fault: None };
         let mut r = Requests::new(false, 65536, [0; 20]);
