@@ -41,8 +41,12 @@ fn tool(cmd: &str, args: &[&str]) -> Output {
 }
 
 fn run_guest(disks: &[String]) -> (Option<i32>, String) {
+    run_guest_on("mmio", disks)
+}
+
+fn run_guest_on(transport: &str, disks: &[String]) -> (Option<i32>, String) {
     let cmdline = format!("blk.seed={SEED} blk.sector={FIRST}");
-    let mut args = vec!["run", "--guest", "virtio", "--memory", "64M", "--transport", "mmio", "--cmdline", &cmdline];
+    let mut args = vec!["run", "--guest", "virtio", "--memory", "64M", "--transport", transport, "--cmdline", &cmdline];
     for d in disks {
         args.extend_from_slice(&["--disk", d]);
     }
@@ -67,14 +71,23 @@ fn qcow2_as_raw(dir: &TempDir, image: &Path) -> Vec<u8> {
 }
 
 #[test]
-fn raw_and_qcow2_disks_hold_what_the_guest_wrote() {
-    let dir = TempDir::new("rw");
+fn raw_and_qcow2_disks_hold_what_the_guest_wrote_on_mmio() {
+    raw_and_qcow2_disks_hold_what_the_guest_wrote("mmio");
+}
+
+#[test]
+fn raw_and_qcow2_disks_hold_what_the_guest_wrote_on_pci() {
+    raw_and_qcow2_disks_hold_what_the_guest_wrote("pci");
+}
+
+fn raw_and_qcow2_disks_hold_what_the_guest_wrote(transport: &str) {
+    let dir = TempDir::new(&format!("rw-{transport}"));
     let raw = dir.path("disk.raw");
     std::fs::File::create(&raw).unwrap().set_len(1 << 20).unwrap();
     let qcow2 = dir.path("disk.qcow2");
     tool("qemu-img", &["create", "-q", "-f", "qcow2", qcow2.to_str().unwrap(), "2M"]);
 
-    let (status, out) = run_guest(&[format!("path={}", raw.display()), format!("path={},format=qcow2", qcow2.display())]);
+    let (status, out) = run_guest_on(transport, &[format!("path={}", raw.display()), format!("path={},format=qcow2", qcow2.display())]);
     assert_eq!(status, Some(0), "{out}");
     assert!(out.contains("virtio: all devices passed"), "{out}");
     for (name, sectors) in [("disk.raw", 2048), ("disk.qcow2", 4096)] {

@@ -11,8 +11,12 @@ use std::time::{Duration, Instant};
 const HELLO: &str = "virtio-console: hello from the guest\n";
 
 fn ferro(console: &str) -> Command {
+    ferro_on("mmio", console)
+}
+
+fn ferro_on(transport: &str, console: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferro"));
-    c.args(["run", "--guest", "virtio", "--memory", "64M", "--transport", "mmio", "--cmdline", "console.rx=1", "--console", console]);
+    c.args(["run", "--guest", "virtio", "--memory", "64M", "--transport", transport, "--cmdline", "console.rx=1", "--console", console]);
     c
 }
 
@@ -39,9 +43,18 @@ fn finish(child: Child) -> String {
 }
 
 #[test]
-fn socket_client_reads_the_guest_line_and_its_input_comes_back() {
-    let path = std::env::temp_dir().join(format!("ferro-console-{}.sock", std::process::id()));
-    let child = ferro(&format!("socket={}", path.display())).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+fn socket_client_reads_the_guest_line_and_its_input_comes_back_on_mmio() {
+    socket_client_reads_the_guest_line_and_its_input_comes_back("mmio");
+}
+
+#[test]
+fn socket_client_reads_the_guest_line_and_its_input_comes_back_on_pci() {
+    socket_client_reads_the_guest_line_and_its_input_comes_back("pci");
+}
+
+fn socket_client_reads_the_guest_line_and_its_input_comes_back(transport: &str) {
+    let path = std::env::temp_dir().join(format!("ferro-console-{transport}-{}.sock", std::process::id()));
+    let child = ferro_on(transport, &format!("socket={}", path.display())).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let start = Instant::now();
     let mut client = loop {
         if let Ok(c) = std::os::unix::net::UnixStream::connect(&path) {
