@@ -2,12 +2,12 @@
 //! getrandom, optionally limited to a number of bytes per second (a token bucket; requests wait
 //! for tokens instead of getting short answers).
 
+use super::chains::{self, Broken, Chain};
 use super::worker::Worker;
-use super::{Activation, InterruptReason, VirtioDevice, device_type, read_config_bytes};
+use super::{Activation, GuestMemoryMmap, InterruptReason, VirtioDevice, device_type, read_config_bytes};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
-use virtio_queue::QueueT;
-use vm_memory::Bytes;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::timerfd::TimerFd;
 
 const QUEUE_SIZE: u16 = 256;
@@ -18,12 +18,58 @@ pub struct Rng {
     /// Bytes per second, or None for unlimited.
     rate: Option<u64>,
     worker: Option<Worker>,
+    broken: Broken,
 }
 
 impl Rng {
     pub fn new(rate: Option<u64>) -> Self {
-        Rng { rate, worker: None }
+        Rng { rate, worker: None, broken: Broken::default() }
     }
+}
+
+/// Answers every request the bucket allows; returns whether the driver wants an interrupt.
+/// Requests beyond the budget stay in the ring and the timer wakes the worker for them.
+fn serve(queue: &mut Queue, mem: &GuestMemoryMmap, bucket: &mut Option<Bucket>, timer: &mut TimerFd) -> Result<bool, String> {
+    let mut used = false;
+    loop {
+        let budget = match bucket {
+            Some(b) => {
+                b.refill();
+                if b.tokens == 0 {
+                    let wait = Duration::from_secs_f64(1.0 / b.rate as f64).max(Duration::from_millis(1));
+                    let _ = timer.reset(wait, None);
+                    break;
+                }
+                (b.tokens as usize).min(MAX_REQUEST)
+            }
+            None => MAX_REQUEST,
+        };
+        queue.disable_notification(mem).map_err(|e| format!("used ring: {e}"))?;
+        let Some(chain) = chains::next_chain(queue, mem)? else {
+            // Re-enable kicks, then look once more so a request that raced in is not missed.
+            if queue.enable_notification(mem).map_err(|e| format!("used ring: {e}"))? {
+                continue;
+            }
+            break;
+        };
+        let head = chain.head_index();
+        let parsed = Chain::parse(chain, mem);
+        let mut written = 0usize;
+        if parsed.fault.is_none() {
+            let want = (parsed.writable_len() as usize).min(budget);
+            let mut bytes = vec![0u8; want];
+            if getrandom(&mut bytes).is_ok() && chains::scatter(mem, &parsed.writable, 0, &bytes) {
+                written = want;
+            }
+        }
+        if let Some(b) = bucket {
+            b.tokens -= written as u64;
+        }
+        // A faulty chain (bad addresses, a loop, a read-only buffer) gets a zero-length answer.
+        queue.add_used(mem, head, written as u32).map_err(|e| format!("descriptor head {head}: {e}"))?;
+        used = true;
+    }
+    Ok(used && queue.needs_notification(mem).unwrap_or(true))
 }
 
 struct Bucket {
@@ -68,56 +114,30 @@ impl VirtioDevice for Rng {
         let fds = vec![kick.as_raw_fd(), timer.as_raw_fd()];
         let mut bucket = self.rate.map(|rate| Bucket { rate, tokens: rate, last: Instant::now() });
         let mut timer = timer;
+        let broken = self.broken.clone();
+        broken.clear();
         let worker = Worker::spawn("virtio-rng", fds, move |wake| {
             if wake == 0 {
                 let _ = kick.read();
             } else {
                 let _ = timer.wait();
             }
-            let mut used_any = false;
-            loop {
-                let budget = match &mut bucket {
-                    Some(b) => {
-                        b.refill();
-                        if b.tokens == 0 {
-                            let wait = Duration::from_secs_f64(1.0 / b.rate as f64).max(Duration::from_millis(1));
-                            let _ = timer.reset(wait, None);
-                            break;
-                        }
-                        b.tokens as usize
-                    }
-                    None => MAX_REQUEST,
-                };
-                let Some(chain) = queue.pop_descriptor_chain(&mem) else { break };
-                let head = chain.head_index();
-                let mut written = 0usize;
-                for desc in chain.writable() {
-                    let want = (desc.len() as usize).min(budget.min(MAX_REQUEST) - written);
-                    if want == 0 {
-                        break;
-                    }
-                    let mut bytes = vec![0u8; want];
-                    if getrandom(&mut bytes).is_err() || mem.write_slice(&bytes, desc.addr()).is_err() {
-                        break;
-                    }
-                    written += want;
-                }
-                if let Some(b) = &mut bucket {
-                    b.tokens -= written as u64;
-                }
-                // A chain with bad addresses gets a zero-length answer; the device keeps going.
-                if queue.add_used(&mem, head, written as u32).is_err() {
-                    break;
-                }
-                used_any = true;
+            if broken.is_set() || !queue.ready() {
+                return;
             }
-            if used_any && queue.needs_notification(&mem).unwrap_or(true) {
-                interrupt.trigger(InterruptReason::Queue(0));
+            match serve(&mut queue, &mem, &mut bucket, &mut timer) {
+                Ok(true) => interrupt.trigger(InterruptReason::Queue(0)),
+                Ok(false) => {}
+                Err(e) => broken.set("virtio-rng", &e, &*interrupt),
             }
         })
         .map_err(|e| format!("starting the rng worker: {e}"))?;
         self.worker = Some(worker);
         Ok(())
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken.is_set()
     }
 
     fn reset(&mut self) {
