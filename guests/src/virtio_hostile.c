@@ -105,15 +105,11 @@ static int refused_at(struct vdev *d, u32 q, const char *what, volatile u8 *at) 
 
 static int refused(struct vdev *d, u32 q, const char *what) { return refused_at(d, q, what, status); }
 
-/* Resets and re-initialises blk, then reads sector 0 the proper way. */
-static int blk_recovers(u64 features) {
-    if (virtio_init(blk, features, 1)) return 0;
-    blk_header(T_IN, 0);
-    set_desc(blk, 0, 0, (u64)hdr, 16, D_NEXT, 1);
-    set_desc(blk, 0, 1, (u64)data, 512, D_NEXT | D_WRITE, 2);
-    set_desc(blk, 0, 2, (u64)status, 1, D_WRITE, 0);
+/* Makes descriptor 0 (addr, len, flags, next) of blk's queue available and judges the answer. */
+static int head_refused(u64 addr, u32 len, u16 flags, u16 next, const char *what) {
+    set_desc(blk, 0, 0, addr, len, flags, next);
     post(blk, 0, 0, 0);
-    return outcome(blk, 0) == ANSWERED && used_len == 513 && *status == 0;
+    return refused(blk, 0, what);
 }
 
 /* A read request: header at h (len hl), data at a (len al, flags af), status at s (len sl, flags sf). */
@@ -123,6 +119,13 @@ static void blk_read3(u64 h, u32 hl, u64 a, u32 al, u16 af, u64 s, u32 sl, u16 s
     set_desc(blk, 0, 1, a, al, (u16)(af | D_NEXT), 2);
     set_desc(blk, 0, 2, s, sl, sf, 0);
     post(blk, 0, 0, 0);
+}
+
+/* Resets and re-initialises blk, then reads sector 0 the proper way. */
+static int blk_recovers(u64 features) {
+    if (virtio_init(blk, features, 1)) return 0;
+    blk_read3((u64)hdr, 16, (u64)data, 512, D_WRITE, (u64)status, 1, D_WRITE);
+    return outcome(blk, 0) == ANSWERED && used_len == 513 && *status == 0;
 }
 
 static void attack(const char *name, int ok, u64 features) {
@@ -152,12 +155,8 @@ static void loop(void) {
     set_desc(blk, 0, 1, (u64)status, 1, D_NEXT | D_WRITE, 0);
     post(blk, 0, 0, 0);
     int a = refused(blk, 0, "loop: 0 -> 1 -> 0");
-    set_desc(blk, 0, 0, (u64)hdr, 16, D_NEXT, 0);
-    post(blk, 0, 0, 0);
-    int b = refused(blk, 0, "loop: 0 -> 0");
-    set_desc(blk, 0, 0, (u64)hdr, 16, D_NEXT, 300);
-    post(blk, 0, 0, 0);
-    int c = refused(blk, 0, "loop: next past the table");
+    int b = head_refused((u64)hdr, 16, D_NEXT, 0, "loop: 0 -> 0");
+    int c = head_refused((u64)hdr, 16, D_NEXT, 300, "loop: next past the table");
     attack("loop", a && b && c, 0);
 }
 
@@ -188,18 +187,12 @@ static void dir(void) {
 static void indirect(void) {
     if (blk_recovers(F_INDIRECT) == 0 || !(virtio_negotiated & F_INDIRECT)) { check("indirect: negotiated", 0); return; }
     blk_header(T_IN, 0);
-    set_desc(blk, 0, 0, (u64)table, 0x100000, D_INDIRECT, 0);
-    post(blk, 0, 0, 0);
-    int a = refused(blk, 0, "indirect: table of 65536 descriptors");
-    set_desc(blk, 0, 0, (u64)table, 17, D_INDIRECT, 0);
-    post(blk, 0, 0, 0);
-    int b = refused(blk, 0, "indirect: table length not a multiple of 16");
+    int a = head_refused((u64)table, 0x100000, D_INDIRECT, 0, "indirect: table of 65536 descriptors");
+    int b = head_refused((u64)table, 17, D_INDIRECT, 0, "indirect: table length not a multiple of 16");
     table[0] = (struct vring_desc){ (u64)hdr, 16, D_NEXT, 1 };
     table[1] = (struct vring_desc){ (u64)(table + 4), 48, D_INDIRECT | D_NEXT, 2 };
     table[2] = (struct vring_desc){ (u64)status, 1, D_WRITE, 0 };
-    set_desc(blk, 0, 0, (u64)table, 3 * 16, D_INDIRECT, 0);
-    post(blk, 0, 0, 0);
-    int c = refused(blk, 0, "indirect: nested table");
+    int c = head_refused((u64)table, 3 * 16, D_INDIRECT, 0, "indirect: nested table");
     /* 2000 chained descriptors (header, 1998 one-byte reads into data, status). */
     table[0] = (struct vring_desc){ (u64)hdr, 16, D_NEXT, 1 };
     for (u16 i = 1; i < 1999; i++) table[i] = (struct vring_desc){ (u64)data, 1, D_NEXT | D_WRITE, (u16)(i + 1) };
@@ -208,9 +201,7 @@ static void indirect(void) {
     post(blk, 0, 0, 0);
     /* Cut at the device's limit: the last writable byte it saw is data[0]. */
     int e = refused_at(blk, 0, "indirect: a chain of 2000 descriptors", data) && *status == 0xee;
-    set_desc(blk, 0, 0, OUTSIDE, 64, D_INDIRECT, 0);
-    post(blk, 0, 0, 0);
-    int f = refused(blk, 0, "indirect: table outside RAM");
+    int f = head_refused(OUTSIDE, 64, D_INDIRECT, 0, "indirect: table outside RAM");
     attack("indirect", a && b && c && e && f, F_INDIRECT);
 }
 

@@ -14,6 +14,15 @@ fn pattern(pos: u64) -> u8 {
     (SEED + pos * 7 + (pos >> 9) * 13) as u8
 }
 
+/// A 1 MiB raw image that already holds the guest's pattern where the guest writes it.
+fn patterned_image() -> Vec<u8> {
+    let mut bytes = vec![0u8; 1 << 20];
+    for pos in FIRST * 512..(FIRST + SECTORS) * 512 {
+        bytes[pos as usize] = pattern(pos);
+    }
+    bytes
+}
+
 struct TempDir(PathBuf);
 
 impl TempDir {
@@ -112,10 +121,7 @@ fn qcow2_format_is_detected_and_backing_files_are_read() {
     // and the guest's own writes land in the overlay only.
     let dir = TempDir::new("backing");
     let base = dir.path("base.raw");
-    let mut bytes = vec![0u8; 1 << 20];
-    for pos in FIRST * 512..(FIRST + SECTORS) * 512 {
-        bytes[pos as usize] = pattern(pos);
-    }
+    let bytes = patterned_image();
     std::fs::write(&base, &bytes).unwrap();
     let overlay = dir.path("overlay.qcow2");
     tool("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", base.to_str().unwrap(), overlay.to_str().unwrap()]);
@@ -132,10 +138,7 @@ fn qcow2_format_is_detected_and_backing_files_are_read() {
 fn read_only_disk_refuses_writes_and_keeps_its_bytes() {
     let dir = TempDir::new("ro");
     let raw = dir.path("ro.raw");
-    let mut bytes = vec![0u8; 1 << 20];
-    for pos in FIRST * 512..(FIRST + SECTORS) * 512 {
-        bytes[pos as usize] = pattern(pos);
-    }
+    let bytes = patterned_image();
     // The guest writes these same bytes; the modification time shows whether anything was written.
     std::fs::write(&raw, &bytes).unwrap();
     let mtime = std::fs::metadata(&raw).unwrap().modified().unwrap();

@@ -94,50 +94,39 @@ impl Chain {
     }
 }
 
-/// Reads `buf.len()` bytes starting `skip` bytes into `segs`; false if they do not hold that many
-/// or memory fails.
-pub fn gather(mem: &GuestMemoryMmap, segs: &[Segment], mut skip: u64, buf: &mut [u8]) -> bool {
+/// Walks `len` bytes of `segs` starting `skip` bytes in, calling `f(address, range of the
+/// caller's buffer)` piece by piece; false if the segments end first or `f` fails.
+fn walk(segs: &[Segment], mut skip: u64, len: usize, mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> bool) -> bool {
     let mut done = 0;
     for seg in segs {
-        if done == buf.len() {
+        if done == len {
             break;
         }
-        let len = u64::from(seg.len);
-        if skip >= len {
-            skip -= len;
+        let seg_len = u64::from(seg.len);
+        if skip >= seg_len {
+            skip -= seg_len;
             continue;
         }
-        let n = ((len - skip) as usize).min(buf.len() - done);
-        if mem.read_slice(&mut buf[done..done + n], seg.addr.unchecked_add(skip)).is_err() {
+        let n = ((seg_len - skip) as usize).min(len - done);
+        if !f(seg.addr.unchecked_add(skip), done..done + n) {
             return false;
         }
         done += n;
         skip = 0;
     }
-    done == buf.len()
+    done == len
+}
+
+/// Reads `buf.len()` bytes starting `skip` bytes into `segs`; false if they do not hold that many
+/// or memory fails.
+pub fn gather(mem: &GuestMemoryMmap, segs: &[Segment], skip: u64, buf: &mut [u8]) -> bool {
+    walk(segs, skip, buf.len(), |addr, r| mem.read_slice(&mut buf[r], addr).is_ok())
 }
 
 /// Writes `buf` starting `skip` bytes into `segs`; false if they do not hold that many or memory
 /// fails.
-pub fn scatter(mem: &GuestMemoryMmap, segs: &[Segment], mut skip: u64, buf: &[u8]) -> bool {
-    let mut done = 0;
-    for seg in segs {
-        if done == buf.len() {
-            break;
-        }
-        let len = u64::from(seg.len);
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let n = ((len - skip) as usize).min(buf.len() - done);
-        if mem.write_slice(&buf[done..done + n], seg.addr.unchecked_add(skip)).is_err() {
-            return false;
-        }
-        done += n;
-        skip = 0;
-    }
-    done == buf.len()
+pub fn scatter(mem: &GuestMemoryMmap, segs: &[Segment], skip: u64, buf: &[u8]) -> bool {
+    walk(segs, skip, buf.len(), |addr, r| mem.write_slice(&buf[r], addr).is_ok())
 }
 
 /// Set by a worker when the driver broke a queue; read by the transport as NEEDS_RESET.
