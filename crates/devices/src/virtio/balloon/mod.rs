@@ -202,47 +202,55 @@ impl QueueWorker {
     /// Takes the driver's statistics buffer: records what it says and keeps it until fresh
     /// numbers are wanted.
     fn stats(&mut self) {
+        match self.take_stats_buffers() {
+            Ok(true) => self.notify(STATS),
+            Ok(false) => {}
+            Err(why) => self.fail(&why),
+        }
+    }
+
+    /// Pops every statistics buffer the driver added, re-arming notifications as it goes (with
+    /// EVENT_IDX that publishes `avail_event`, without which the driver stops kicking after its
+    /// first buffer). True when an older buffer went back to the driver.
+    fn take_stats_buffers(&mut self) -> Result<bool, String> {
         let (mem, queue) = (&self.mem, &mut self.queues[STATS]);
         if !queue.ready() {
-            return;
+            return Ok(false);
         }
         let mut returned = false;
         loop {
-            let chain = match chains::next_chain(queue, mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => break,
-                Err(why) => return self.broken.set("virtio-balloon", &why, self.interrupt.as_ref()),
-            };
-            let head = chain.head_index();
-            let mut bytes = Vec::new();
-            for desc in chain.readable() {
-                let n = (desc.len() as usize).min(MAX_STATS_BYTES - bytes.len());
-                let start = bytes.len();
-                bytes.resize(start + n, 0);
-                if mem.read_slice(&mut bytes[start..], desc.addr()).is_err() {
-                    bytes.truncate(start);
-                    break;
+            queue.disable_notification(mem).map_err(|e| format!("used ring: {e}"))?;
+            while let Some(chain) = chains::next_chain(queue, mem)? {
+                let head = chain.head_index();
+                let mut bytes = Vec::new();
+                for desc in chain.readable() {
+                    let n = (desc.len() as usize).min(MAX_STATS_BYTES - bytes.len());
+                    let start = bytes.len();
+                    bytes.resize(start + n, 0);
+                    if mem.read_slice(&mut bytes[start..], desc.addr()).is_err() {
+                        bytes.truncate(start);
+                        break;
+                    }
+                }
+                let mut stats = Vec::new();
+                control::parse_stats(&bytes, &mut stats);
+                let older = {
+                    let mut inner = self.control.lock();
+                    inner.stats = stats;
+                    inner.stats_time = Some(Instant::now());
+                    inner.stats_head.replace(head)
+                };
+                // The driver keeps one buffer in flight; if it sent another, the older goes back.
+                if let Some(old) = older {
+                    queue.add_used(mem, old, 0).map_err(|e| format!("statistics buffer {old}: {e}"))?;
+                    returned = true;
                 }
             }
-            let mut stats = Vec::new();
-            control::parse_stats(&bytes, &mut stats);
-            let older = {
-                let mut inner = self.control.lock();
-                inner.stats = stats;
-                inner.stats_time = Some(Instant::now());
-                inner.stats_head.replace(head)
-            };
-            // The driver has only one buffer in flight; if it sent another, the older goes back.
-            if let Some(old) = older {
-                if let Err(e) = queue.add_used(mem, old, 0) {
-                    return self.broken.set("virtio-balloon", &format!("statistics buffer {old}: {e}"), self.interrupt.as_ref());
-                }
-                returned = true;
+            if !queue.enable_notification(mem).map_err(|e| format!("used ring: {e}"))? {
+                break;
             }
         }
-        if returned {
-            self.notify(STATS);
-        }
+        Ok(returned)
     }
 
     /// Returns the held statistics buffer so the driver refills it with fresh numbers.
@@ -252,5 +260,84 @@ impl QueueWorker {
             Ok(()) => self.notify(STATS),
             Err(e) => self.fail(&format!("statistics buffer {head}: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, GuestAddress};
+
+    struct Recorder(Mutex<Vec<InterruptReason>>);
+    impl VirtioInterrupt for Recorder {
+        fn trigger(&self, reason: InterruptReason) {
+            self.0.lock().unwrap().push(reason);
+        }
+    }
+
+    fn stat(tag: u16, value: u64) -> Vec<u8> {
+        [tag.to_le_bytes().as_slice(), value.to_le_bytes().as_slice()].concat()
+    }
+
+    /// The driver's side of the statistics queue: offers one buffer of `stats` per call.
+    fn offer(mem: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>, n: u16, stats: &[u8]) {
+        let addr = 0x8000 + u64::from(n) * 0x100;
+        mem.write_slice(stats, GuestAddress(addr)).unwrap();
+        vq.desc_table().store(n, RawDescriptor::from(Descriptor::new(addr, stats.len() as u32, 0, 0))).unwrap();
+        vq.avail().ring().ref_at(usize::from(n)).unwrap().store(n.to_le());
+        vq.avail().idx().store((n + 1).to_le());
+    }
+
+    #[test]
+    fn the_stats_buffer_is_held_until_a_refresh_and_avail_event_is_published() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let vqs: Vec<_> = (0..3u64).map(|i| MockSplitQueue::create(&mem, GuestAddress(0x1_0000 * (i + 1)), 16)).collect();
+        let queues = vqs
+            .iter()
+            .map(|vq| {
+                let mut q: Queue = vq.create_queue().unwrap();
+                q.set_event_idx(true);
+                q
+            })
+            .collect();
+        let irq = Arc::new(Recorder(Mutex::new(Vec::new())));
+        let balloon = Balloon::new(0, false).unwrap();
+        let mut w = QueueWorker {
+            mem: mem.clone(),
+            interrupt: irq.clone(),
+            queues,
+            control: balloon.control(),
+            max_pages: 256,
+            broken: Broken::default(),
+        };
+        let used_idx = |vq: &MockSplitQueue<GuestMemoryMmap>| u16::from_le(vq.used().idx().load());
+        let avail_event = |vq: &MockSplitQueue<GuestMemoryMmap>| {
+            mem.read_obj::<u16>(vq.used_addr().unchecked_add(4 + 8 * 16)).unwrap()
+        };
+
+        offer(&mem, &vqs[STATS], 0, &[stat(4, 1000), stat(5, 4000)].concat());
+        w.stats();
+        assert_eq!(balloon.control().info().guest_stats.get("free_memory"), Some(&1000));
+        assert_eq!(used_idx(&vqs[STATS]), 0, "the buffer is held");
+        assert_eq!(avail_event(&vqs[STATS]), 1, "the driver is told to kick for its next buffer");
+
+        w.give_back_stats_buffer();
+        assert_eq!(used_idx(&vqs[STATS]), 1);
+        assert_eq!(*irq.0.lock().unwrap(), vec![InterruptReason::Queue(STATS as u16)]);
+        w.give_back_stats_buffer();
+        assert_eq!(used_idx(&vqs[STATS]), 1, "nothing held, nothing returned");
+
+        offer(&mem, &vqs[STATS], 1, &stat(4, 2000));
+        w.stats();
+        assert_eq!(balloon.control().info().guest_stats.get("free_memory"), Some(&2000));
+        assert_eq!(avail_event(&vqs[STATS]), 2);
+
+        // A queue whose available index runs ahead of its size is broken: NEEDS_RESET.
+        vqs[STATS].avail().idx().store(40u16.to_le());
+        w.stats();
+        assert!(w.broken.is_set());
     }
 }
