@@ -8,7 +8,7 @@
 //! BAR 0 layout (32 KiB): common configuration at 0x0000, ISR at 0x1000, device configuration
 //! at 0x2000, notifications at 0x3000 (queue q at q * 4), MSI-X table at 0x4000, PBA at 0x6000.
 
-use super::transport::{VirtioCore, set_queue_size};
+use super::transport::{QueueRegister, VirtioCore};
 use super::{GuestMemoryMmap, InterruptReason, VirtioDevice, VirtioInterrupt, device_type};
 use crate::pci::PciFunction;
 use crate::pci::config::{BAR0, COMMAND, COMMAND_MEMORY, ConfigSpace, ConfigSpaceState, Identity};
@@ -300,24 +300,15 @@ impl VirtioPciTransport {
                     slot.store(v, Ordering::Release);
                 }
             }
-            _ => {
-                let Some(q) = self.core.configurable_queue() else { return };
-                match field {
-                    0x18 => {
-                        if let Err(e) = set_queue_size(q, v) {
-                            self.core.queue_error = Some(e);
-                        }
-                    }
-                    0x1c if v == 1 => q.set_ready(true),
-                    0x20 => q.set_desc_table_address(Some(v), None),
-                    0x24 => q.set_desc_table_address(None, Some(v)),
-                    0x28 => q.set_avail_ring_address(Some(v), None),
-                    0x2c => q.set_avail_ring_address(None, Some(v)),
-                    0x30 => q.set_used_ring_address(Some(v), None),
-                    0x34 => q.set_used_ring_address(None, Some(v)),
-                    _ => {} // read-only fields
-                }
-            }
+            0x18 => self.core.write_queue(QueueRegister::Size, v),
+            0x1c => self.core.write_queue(QueueRegister::Ready, v),
+            0x20 => self.core.write_queue(QueueRegister::DescLo, v),
+            0x24 => self.core.write_queue(QueueRegister::DescHi, v),
+            0x28 => self.core.write_queue(QueueRegister::DriverLo, v),
+            0x2c => self.core.write_queue(QueueRegister::DriverHi, v),
+            0x30 => self.core.write_queue(QueueRegister::DeviceLo, v),
+            0x34 => self.core.write_queue(QueueRegister::DeviceHi, v),
+            _ => {} // read-only fields
         }
     }
 

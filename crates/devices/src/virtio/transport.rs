@@ -9,6 +9,20 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+/// The per-queue registers every transport has: size, ready, and the three ring addresses in
+/// 32-bit halves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueRegister {
+    Size,
+    Ready,
+    DescLo,
+    DescHi,
+    DriverLo,
+    DriverHi,
+    DeviceLo,
+    DeviceHi,
+}
+
 pub struct VirtioCore {
     pub device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
@@ -22,7 +36,7 @@ pub struct VirtioCore {
     driver_features: u64,
     pub queue_sel: u32,
     /// An invalid queue setting the driver wrote (see [`set_queue_size`]); fails DRIVER_OK.
-    pub queue_error: Option<String>,
+    queue_error: Option<String>,
 }
 
 impl VirtioCore {
@@ -98,10 +112,25 @@ impl VirtioCore {
         self.queues.get(self.queue_sel as usize)
     }
 
-    /// The selected queue, if it may be configured now: only between FEATURES_OK and DRIVER_OK.
-    pub fn configurable_queue(&mut self) -> Option<&mut Queue> {
+    /// A driver write to a register of the selected queue. Queues may be configured only between
+    /// FEATURES_OK and DRIVER_OK; other writes are ignored.
+    pub fn write_queue(&mut self, reg: QueueRegister, v: u32) {
         let allowed = self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0;
-        if allowed { self.queues.get_mut(self.queue_sel as usize) } else { None }
+        let Some(q) = self.queues.get_mut(self.queue_sel as usize).filter(|_| allowed) else { return };
+        match reg {
+            QueueRegister::Size => {
+                if let Err(e) = set_queue_size(q, v) {
+                    self.queue_error = Some(e);
+                }
+            }
+            QueueRegister::Ready => q.set_ready(v == 1),
+            QueueRegister::DescLo => q.set_desc_table_address(Some(v), None),
+            QueueRegister::DescHi => q.set_desc_table_address(None, Some(v)),
+            QueueRegister::DriverLo => q.set_avail_ring_address(Some(v), None),
+            QueueRegister::DriverHi => q.set_avail_ring_address(None, Some(v)),
+            QueueRegister::DeviceLo => q.set_used_ring_address(Some(v), None),
+            QueueRegister::DeviceHi => q.set_used_ring_address(None, Some(v)),
+        }
     }
 
     /// Signals queue `q`'s kick eventfd: the path taken when a notification reached userspace
