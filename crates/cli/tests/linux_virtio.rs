@@ -87,7 +87,7 @@ fn boot_with_devices(transport: &str) {
         "ip+link+set+eth0+up",
         "ip+addr+add+10.0.0.2/24+dev+eth0",
         "ping+-c+2+-W+10+10.0.0.1",
-        "echo+RNG:$(head+-c+16+/dev/hwrng|od+-An+-tx1)",
+        "echo+RNG:$(timeout+30+head+-c+16+/dev/hwrng|od+-An+-tx1)",
         "echo+hvc-hello>/dev/hvc0",
         "ls+/sys/bus/virtio/devices",
         "sleep+4",
