@@ -8,9 +8,9 @@
 #
 # One boot prints the guest console with wall-clock offsets on stderr and one
 # RESULT line on stdout, e.g.
-#   RESULT kernel=vmlinux machine=microvm,acpi=on smp=1 up_s=21.30 exit_s=22.10 qemu_rc=0 cpus=1 mem_kb=... cmd_rc=0
+#   RESULT kernel=vmlinux machine=microvm,acpi=on smp=1 up_s=21.30 exit_s=22.10 qemu_rc=0 cpus=1 mem_kb=... cmd_rc=0 load1=0.50
 # up_s is QEMU start -> FERRO-GUEST-UP on the console, exit_s is QEMU start ->
-# QEMU exited. --matrix boots the measured set (microvm vmlinux and bzImage with
+# QEMU exited, load1 the host's 1-minute load average before the boot. --matrix boots the measured set (microvm vmlinux and bzImage with
 # 1 and 2 vCPUs, then pc and q35 with vmlinux) --runs times each and prints one
 # RESULT line per boot.
 #
@@ -71,6 +71,8 @@ elapsed() {  # sets $t to the seconds since $start_us, two decimals, without for
 boot() {  # boot KERNEL MACHINE SMP
     local k=$1 m=$2 n=$3
     local append="$base_cmdline ferro.cmd=$cmd${extra:+ $extra}"
+    local load
+    read -r load _ < /proc/loadavg    # other work on the host slows an interpreted guest a lot
     local start_us=${EPOCHREALTIME/[.,]/} up=none cpus=none mem_kb=none cmd_rc=none line t rc
     log "boot: kernel=$k machine=$m smp=$n mem=${mem}M"
     set +o pipefail    # QEMU's status is read from PIPESTATUS below
@@ -93,7 +95,7 @@ boot() {  # boot KERNEL MACHINE SMP
     elapsed
     set -o pipefail
     [ "$rc" -ne 124 ] || log "timed out after ${timeout_s} s"
-    echo "RESULT kernel=$k machine=$m smp=$n up_s=$up exit_s=$t qemu_rc=$rc cpus=$cpus mem_kb=$mem_kb cmd_rc=$cmd_rc"
+    echo "RESULT kernel=$k machine=$m smp=$n up_s=$up exit_s=$t qemu_rc=$rc cpus=$cpus mem_kb=$mem_kb cmd_rc=$cmd_rc load1=$load"
 }
 
 if [ $matrix -eq 0 ]; then
