@@ -156,6 +156,37 @@ fn full_lifecycle_of_a_domain() {
     assert_eq!(d.ferro(&["undefine", "idle1"]).status.code(), Some(0));
 }
 
+/// A guest that honours the ACPI power button (the idle guest with `powerbutton=1`) shuts down
+/// cleanly on `ferro shutdown`, and `ferro reboot` brings it back with a new VMM.
+#[test]
+fn shutdown_and_reboot_through_the_acpi_power_button() {
+    let home = Home::new("powerbutton");
+    let d = Daemon::start(&home);
+    let api = d.api();
+    let toml = format!("{}cmdline = \"powerbutton=1\"\n", guest_toml("acpi1", "idle"));
+    api.expect("POST", "/v1/domains", Some(&toml), 201);
+    api.expect("POST", "/v1/domains/acpi1/start", None, 200);
+    let mut con = console(&d, "acpi1");
+    read_until(&mut con, "idle: up");
+    let pid = vmm_pid(&d, "acpi1");
+
+    d.ferro_ok(&["reboot", "acpi1"]);
+    wait_for("the reboot", Duration::from_secs(20), || {
+        let s = state(&d, "acpi1");
+        s["state"] == "running" && s["pid"].as_i64().is_some_and(|p| p != pid)
+    });
+    assert!(!alive(pid), "the old VMM must be gone after a reboot");
+    let pid = vmm_pid(&d, "acpi1");
+
+    let out = d.ferro_ok(&["shutdown", "acpi1", "--timeout", "20"]);
+    eprintln!("{out}");
+    let s = state(&d, "acpi1");
+    assert_eq!(s["state"], "shutoff", "{s}");
+    assert!(s["crash"].is_null(), "a clean shutdown is not a crash: {s}");
+    wait_for("the VMM to exit", Duration::from_secs(5), || !alive(pid));
+    assert!(home.processes().is_empty(), "left: {:?}", home.processes());
+}
+
 #[test]
 fn a_vmm_killed_behind_the_daemons_back_is_crashed() {
     let home = Home::new("crash");
