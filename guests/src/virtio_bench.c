@@ -42,6 +42,9 @@
 #define BENCH_ETHERTYPE 0x88b5
 #define BUF_BASE 0x400000UL      /* request buffers: above the kit image, identity-mapped */
 #define WAIT_TICKS 40000000000UL /* a stuck device fails the run instead of hanging it */
+#define RNG_SEED 0x243f6a8885a308d3UL /* random offsets: a 64-bit LCG, request (state >> 24) & mask */
+#define RNG_MUL 6364136223846793005UL
+#define RNG_ADD 1442695040888963407UL
 
 enum op { OP_READ, OP_WRITE, OP_TX };
 
@@ -55,13 +58,11 @@ static struct vring_desc itab[VQ_SIZE + 1][3] __attribute__((aligned(16)));
 struct bench {
     enum op op;
     u64 size, count, random, depth, verify;
-    u64 limit;               /* blk: requests wrap or are drawn below this byte offset */
-    u64 mask;                /* blk random: request index mask (a power of two less one) */
-    u64 next_off, rng;       /* blk: next offset; random state */
-    u64 errors;
+    u64 blocks;              /* blk: requests of `size` that fit the disk */
+    u64 mask;                /* blk random: the largest power of two <= blocks, less one */
     struct vq *v;
     u32 q;
-    u64 notify;              /* notify register address */
+    u64 notify;              /* the queue's notify register */
 };
 
 static struct bench b;
@@ -77,84 +78,78 @@ static int op_is(const char *word) {
     return 0;
 }
 
-static void kick(void) {
+static inline void kick(void) {
     if (dev.transport == VIRTIO_PCI) *(volatile u16 *)b.notify = (u16)b.q;
     else *(volatile u32 *)b.notify = b.q;
 }
 
 static u8 *slot_buf(u32 s) { return (u8 *)(BUF_BASE + (u64)s * (b.op == OP_TX ? TX_STRIDE : b.size)); }
 
-/* The next request's byte offset on the disk. */
-static inline u64 next_offset(void) {
-    if (b.random) {
-        b.rng = b.rng * 6364136223846793005UL + 1442695040888963407UL;
-        return ((b.rng >> 24) & b.mask) * b.size;
-    }
-    u64 off = b.next_off;
-    b.next_off = off + b.size >= b.limit ? 0 : off + b.size;
-    return off;
-}
-
-/* Fills slot s with its next request (blk) or frame (tx). */
-static inline void prepare(u32 s, u64 seq) {
-    if (b.op == OP_TX) {
-        *(u64 *)(slot_buf(s) + NET_HDR + 14) = seq;
-        return;
-    }
-    u64 off = next_offset();
-    hdrs[s].sector = off >> 9;
-    if (b.op == OP_WRITE) *(u64 *)slot_buf(s) = off;
-}
-
-/* Checks a completed slot: the status byte, and with bench.verify the offset a read found. */
-static inline void complete(u32 s) {
-    if (b.op == OP_TX) return;
-    if (status[s]) b.errors++;
-    else if (b.verify && *(u64 *)slot_buf(s) != hdrs[s].sector << 9) b.errors++;
-    status[s] = 0xff;
-}
-
-/* Waits for the used index to move past `seen`; returns it, or `seen` after WAIT_TICKS. */
-static u16 wait_used(u16 seen) {
-    volatile u16 *idx = &b.v->used->idx;
-    u64 t = rdtsc();
-    while (*idx == seen)
-        if (rdtsc() - t > WAIT_TICKS) return seen;
-    return *idx;
-}
-
-/* Keeps `depth` slots in flight until `count` have completed; returns 0, or 1 on a timeout. */
-static int run(void) {
-    struct vq *v = b.v;
-    u16 avail = v->avail->idx, used = v->used->idx;
-    u64 issued = 0, done = 0;
-    for (u32 s = 0; s < b.depth && issued < b.count; s++, issued++) {
-        prepare(s, issued);
-        v->avail->ring[avail++ & (VQ_SIZE - 1)] = (u16)s;
-    }
+/* Publishes the available index and kicks unless the device said it is still processing. */
+static inline void publish(struct vq *v, u16 avail) {
     __asm__ volatile("" ::: "memory");
     v->avail->idx = avail;
     __asm__ volatile("mfence" ::: "memory");
-    kick();
-    while (done < b.count) {
-        u16 now = wait_used(used);
-        if (now == used) return 1;
-        while (used != now) {
-            u32 s = v->used->ring[used++ & (VQ_SIZE - 1)].id;
-            done++;
-            complete(s);
-            if (issued < b.count) {
-                prepare(s, issued++);
-                v->avail->ring[avail++ & (VQ_SIZE - 1)] = (u16)s;
-            }
-        }
-        __asm__ volatile("" ::: "memory");
-        v->avail->idx = avail;
-        __asm__ volatile("mfence" ::: "memory");
-        if (!(v->used->flags & USED_F_NO_NOTIFY)) kick();
+    if (!(v->used->flags & USED_F_NO_NOTIFY)) kick();
+}
+
+/* Waits for the used index to move past `seen`; returns it, or `seen` after WAIT_TICKS. The
+ * clock is read once every 1024 polls: a poll is then five instructions. */
+static inline __attribute__((always_inline)) u16 wait_used(volatile u16 *idx, u16 seen) {
+    u16 now;
+    u64 spins = 0, deadline = 0;
+    while ((now = *idx) == seen) {
+        if (++spins & 1023) continue;
+        u64 t = rdtsc();
+        if (!deadline) deadline = t + WAIT_TICKS;
+        else if (t > deadline) break;
     }
+    return now;
+}
+
+/* Keeps `depth` slots in flight until `count` have completed. OP, RANDOM and VERIFY are
+ * constants at each call, so what a workload does not use is compiled out and its state stays
+ * in registers. Returns the number of failed requests, or ~0 when the device stopped. */
+static inline __attribute__((always_inline)) u64 run(const enum op op, const int random, const int verify) {
+    struct vq *v = b.v;
+    volatile u16 *used_idx = &v->used->idx;
+    volatile struct vring_used_elem *uring = v->used->ring;
+    u16 *aring = v->avail->ring;
+    const u64 count = b.count, size = b.size, mask = b.mask, spb = b.size >> 9, end = b.blocks * spb;
+    u64 rng = RNG_SEED, next = 0, issued = 0, done = 0, errors = 0;
+    u16 avail = v->avail->idx, used = *used_idx;
+#define POST(s) do {                                                                        \
+        if (op == OP_TX) {                                                                  \
+            *(u64 *)(BUF_BASE + ((u64)(s) << 11) + NET_HDR + 14) = issued;                  \
+        } else {                                                                            \
+            u64 sector;                                                                     \
+            if (random) { rng = rng * RNG_MUL + RNG_ADD; sector = ((rng >> 24) & mask) * spb; } \
+            else { sector = next; next += spb; if (next >= end) next = 0; }                 \
+            hdrs[s].sector = sector;                                                        \
+            if (op == OP_WRITE) *(u64 *)(BUF_BASE + (s) * size) = sector << 9;              \
+        }                                                                                   \
+        aring[avail++ & (VQ_SIZE - 1)] = (u16)(s);                                          \
+        issued++;                                                                           \
+    } while (0)
+    for (u32 s = 0; s < b.depth && issued < count; s++) POST(s);
+    publish(v, avail);
+    while (done < count) {
+        u16 now = wait_used(used_idx, used);
+        if (now == used) return ~0UL;
+        while (used != now) {
+            u32 s = uring[used++ & (VQ_SIZE - 1)].id;
+            done++;
+            if (op != OP_TX) {
+                if (status[s] || (verify && *(u64 *)(BUF_BASE + s * size) != hdrs[s].sector << 9)) errors++;
+                status[s] = 0xff;
+            }
+            if (issued < count) POST(s);
+        }
+        publish(v, avail);
+    }
+#undef POST
     v->last_used = used;
-    return 0;
+    return errors;
 }
 
 /* One FLUSH on descriptor 0 (every slot is free by now); 0 when it succeeded. */
@@ -173,7 +168,7 @@ static int flush(void) {
     v->avail->idx = (u16)(avail + 1);
     __asm__ volatile("mfence" ::: "memory");
     kick();
-    if (wait_used(used) == used) return 1;
+    if (wait_used(&v->used->idx, used) == used) return 1;
     return status[s] != 0;
 }
 
@@ -184,10 +179,9 @@ static int setup_blk(void) {
     u64 capacity = virtio_config32(&dev, 0) | ((u64)virtio_config32(&dev, 4) << 32);
     if (!b.size || b.size % 512 || capacity * 512 < b.size) { kit_printf("bench: bad size %lu for a disk of %lu sectors\n", b.size, capacity); return 1; }
     u64 blocks = capacity * 512 / b.size;
-    b.limit = blocks * b.size;
+    b.blocks = blocks;
     for (b.mask = 1; b.mask * 2 <= blocks; b.mask *= 2) {}
     b.mask -= 1;
-    b.rng = 0x243f6a8885a308d3UL;
     b.q = 0;
     b.v = &dev.vq[0];
     for (u32 s = 0; s < VQ_SIZE; s++) {
@@ -250,11 +244,16 @@ int guest_main(struct hvm_start_info *si) {
         b.notify = dev.base + 0x50;
     }
     u64 t0 = rdtsc();
-    int stuck = run();
-    if (!stuck && b.op == OP_WRITE && b.count) b.errors += (u64)flush();
+    u64 errors;
+    if (b.op == OP_TX) errors = run(OP_TX, 0, 0);
+    else if (b.op == OP_WRITE) errors = b.random ? run(OP_WRITE, 1, 0) : run(OP_WRITE, 0, 0);
+    else if (b.verify) errors = b.random ? run(OP_READ, 1, 1) : run(OP_READ, 0, 1);
+    else errors = b.random ? run(OP_READ, 1, 0) : run(OP_READ, 0, 0);
+    int stuck = errors == ~0UL;
+    if (!stuck && b.op == OP_WRITE && b.count) errors += (u64)flush();
     u64 cycles = rdtsc() - t0;
-    if (stuck) { kit_puts("bench: the device stopped completing requests\n"); b.errors++; }
+    if (stuck) { kit_puts("bench: the device stopped completing requests\n"); errors = 1; }
     kit_printf("bench: %s size %lu count %lu depth %lu random %lu cycles %lu errors %lu\n",
-               b.op == OP_READ ? "read" : b.op == OP_WRITE ? "write" : "tx", b.size, b.count, b.depth, b.random, cycles, b.errors);
-    kit_exit(b.errors ? 2 : 0);
+               b.op == OP_READ ? "read" : b.op == OP_WRITE ? "write" : "tx", b.size, b.count, b.depth, b.random, cycles, errors);
+    kit_exit(errors ? 2 : 0);
 }
