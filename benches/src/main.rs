@@ -5,9 +5,13 @@
 //! - first instruction: process start -> first guest output, against the raw-ioctl floor
 //!   (`boottime` from ../shared/reference/pvm, C, no VMM at all).
 //! - exits: the cost of one PIO and one MMIO exit round trip, against the same floor harness.
+//! - `ferro-bench virtio [runs]` (a separate section, default 3 runs): virtio-blk and virtio-net
+//!   throughput beside QEMU and the host itself (see `virtio.rs`).
 //!
 //! Run on an idle machine: `cargo build --release -p ferro-cli -p ferro-bench &&
 //! target/release/ferro-bench [runs]`. Numbers are medians; ratios are ours / peer.
+
+mod virtio;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -90,11 +94,17 @@ fn number_after(output: &str, key: &str, unit: &str) -> Option<f64> {
 }
 
 fn main() {
-    let runs: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20);
+    let virtio = std::env::args().nth(1).is_some_and(|a| a == "virtio");
+    let runs: usize = std::env::args().nth(1 + usize::from(virtio)).and_then(|s| s.parse().ok()).unwrap_or(if virtio { 3 } else { 20 });
     let ferro = ferro_bin();
     assert!(ferro.exists(), "{} not found: cargo build --release -p ferro-cli", ferro.display());
     let scratch = std::env::temp_dir().join(format!("ferro-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
+    if virtio {
+        virtio::run(&ferro, runs, &scratch);
+        let _ = std::fs::remove_dir_all(&scratch);
+        return;
+    }
     let hello = scratch.join("hello.elf");
     std::fs::write(&hello, ferro_guests::get("hello").unwrap()).unwrap();
 
