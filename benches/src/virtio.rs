@@ -147,20 +147,33 @@ impl Ctx {
     }
 }
 
-/// Medians of ferro, qemu and host for one row, each a rate in units/s.
+/// The rates of ferro, qemu and the host for one row (one sample per run), in units/s.
 struct Row {
-    ferro: f64,
-    qemu: f64,
-    host: f64,
+    ferro: Vec<f64>,
+    qemu: Vec<f64>,
+    host: Vec<f64>,
 }
 
-/// Prints one row; `requests_per_unit` turns a rate into requests per second.
+impl Row {
+    fn scaled(&self, k: f64) -> Row {
+        let s = |v: &[f64]| v.iter().map(|x| x * k).collect();
+        Row { ferro: s(&self.ferro), qemu: s(&self.qemu), host: s(&self.host) }
+    }
+}
+
+/// Prints one row of medians, their ratios, the time per request and the spread of the runs;
+/// `requests_per_unit` turns a rate into requests per second.
 fn print_row(label: &str, unit: &str, requests_per_unit: f64, r: &Row) {
+    let (f, q, h) = (median(r.ferro.clone()), median(r.qemu.clone()), median(r.host.clone()));
     let per_req = |rate: f64| 1e6 / (rate * requests_per_unit);
+    let range = |v: &[f64]| format!("{:.1}-{:.1}", v.iter().copied().fold(f64::MAX, f64::min), v.iter().copied().fold(0.0, f64::max));
     println!(
-        "  {label:<26} ferro {:9.1} {unit}  qemu {:9.1} {unit}  ferro/qemu {:5.2}  host {:9.1} {unit}  ferro/host {:5.2}  qemu/host {:5.2}   (us per request: ferro {:.1}, qemu {:.1}, host {:.1})",
-        r.ferro, r.qemu, r.ferro / r.qemu, r.host, r.ferro / r.host, r.qemu / r.host,
-        per_req(r.ferro), per_req(r.qemu), per_req(r.host)
+        "  {label:<27} ferro {f:8.1} {unit}  qemu {q:8.1} {unit}  ferro/qemu {:5.2}  host {h:8.1} {unit}  ferro/host {:5.2}  qemu/host {:5.2}",
+        f / q, f / h, q / h
+    );
+    println!(
+        "  {:<27} us per request: ferro {:.1}, qemu {:.1}, host {:.1}; runs: ferro {}, qemu {}, host {}",
+        "", per_req(f), per_req(q), per_req(h), range(&r.ferro), range(&r.qemu), range(&r.host)
     );
 }
 
@@ -255,7 +268,7 @@ fn bench_block(ctx: &Ctx, place: &str, dir: &Path) {
             h.push(bytes / host_block(&image.0, w));
         }
         let mib = (1u64 << 20) as f64;
-        let row = Row { ferro: median(f) / mib, qemu: median(q) / mib, host: median(h) / mib };
+        let row = Row { ferro: f, qemu: q, host: h }.scaled(1.0 / mib);
         print_row(&format!("blk {place} {}", w.name), "MiB/s", mib / w.size as f64, &row);
     }
 }
@@ -397,11 +410,10 @@ fn bench_net(ctx: &Ctx) {
             drop(tap);
             rate(secs, 2, &mut h);
         }
-        let pps = Row { ferro: median(f), qemu: median(q), host: median(h) };
-        print_row(&format!("net {} (kpps)", w.name), "k/s  ", 1e3, &Row { ferro: pps.ferro / 1e3, qemu: pps.qemu / 1e3, host: pps.host / 1e3 });
+        let pps = Row { ferro: f, qemu: q, host: h };
+        print_row(&format!("net {} (kpps)", w.name), "k/s  ", 1e3, &pps.scaled(1e-3));
         let mib = (1u64 << 20) as f64;
-        let thr = Row { ferro: pps.ferro * w.size as f64 / mib, qemu: pps.qemu * w.size as f64 / mib, host: pps.host * w.size as f64 / mib };
-        print_row(&format!("net {} (MiB/s)", w.name), "MiB/s", mib / w.size as f64, &thr);
+        print_row(&format!("net {} (MiB/s)", w.name), "MiB/s", mib / w.size as f64, &pps.scaled(w.size as f64 / mib));
         if lost.iter().any(|&l| l > 0) {
             println!("  ({} frames not seen on the tap: ferro {}, qemu {}, host {})", w.name, lost[0], lost[1], lost[2]);
         }
