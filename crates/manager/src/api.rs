@@ -4,12 +4,13 @@
 //! that no input can produce a non-JSON error or take the daemon down.
 
 use crate::error::{ApiError, ApiResult};
+use crate::jobs::JobState;
 use crate::manager::{Manager, check_name};
 use crate::pools::{PoolDefinition, VolumeDefinition, enabled_flag};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::StreamExt;
@@ -38,6 +39,9 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/pools/{pool}/volumes/{vol}", get(volume_get).delete(volume_delete))
         .route("/v1/pools/{pool}/volumes/{vol}/data", get(volume_download).put(volume_upload))
         .route("/v1/pools/{pool}/volumes/{vol}/{action}", axum::routing::post(volume_action))
+        .route("/v1/jobs", get(jobs_list))
+        .route("/v1/jobs/{id}", get(job_get))
+        .route("/v1/jobs/{id}/{action}", axum::routing::post(job_action))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such endpoint (see openapi.json)") })
@@ -82,6 +86,15 @@ fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         (k == key).then_some(v)
     })
+}
+
+/// A true/false query parameter (`?key` alone means true, absent means false).
+fn query_flag(query: Option<&str>, key: &str) -> ApiResult<bool> {
+    match query_param(query, key) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") | Some("") => Ok(true),
+        Some(other) => Err(ApiError::invalid(format!("{key}: {other:?} is not true or false"))),
+    }
 }
 
 async fn version(State(mgr): Mgr) -> ApiResult<Response> {
@@ -244,11 +257,52 @@ async fn volume_delete(State(mgr): Mgr, Path((pool, vol)): Path<(String, String)
 async fn volume_action(
     State(mgr): Mgr,
     Path((pool, vol, action)): Path<(String, String, String)>,
+    uri: Uri,
     body: Body,
 ) -> ApiResult<Response> {
     check_name("pool", &pool)?;
     let body = read_json(body).await?;
+    if action == "clone" || action == "convert" {
+        return volume_copy(mgr, &pool, &vol, &action, &body, query_flag(uri.query(), "wait")?).await;
+    }
     ok(&mgr.volume_action(&pool, &vol, &action, &body).await?)
+}
+
+/// Starts a clone or convert job: 202 with the job, or with `wait` the new volume once the job
+/// has completed (the job goes on if the client hangs up).
+async fn volume_copy(mgr: Arc<Manager>, pool: &str, vol: &str, action: &str, body: &Value, wait: bool) -> ApiResult<Response> {
+    let job = mgr.volume_copy(pool, vol, action, body)?;
+    if !wait {
+        return Ok(json(StatusCode::ACCEPTED, &job.info()));
+    }
+    let info = job.finished(None).await;
+    match info.state {
+        JobState::Completed => {
+            let name = info.target.rsplit('/').next().unwrap_or_default();
+            ok(&mgr.volume_get(pool, name)?)
+        }
+        JobState::Cancelled => Err(ApiError::conflict(format!("job {} was cancelled", info.id))),
+        _ => Err(ApiError::internal(format!("job {} failed: {}", info.id, info.error.unwrap_or_default()))),
+    }
+}
+
+async fn jobs_list(State(mgr): Mgr) -> ApiResult<Response> {
+    ok(&mgr.jobs_list())
+}
+
+async fn job_get(State(mgr): Mgr, Path(id): Path<String>) -> ApiResult<Response> {
+    ok(&mgr.job(&id)?.info())
+}
+
+async fn job_action(State(mgr): Mgr, Path((id, action)): Path<(String, String)>, body: Body) -> ApiResult<Response> {
+    read_json(body).await?;
+    match action.as_str() {
+        "cancel" => ok(&mgr.job_cancel(&id).await?),
+        _ => {
+            mgr.job(&id)?;
+            Err(ApiError::not_found(format!("jobs have no action {action:?}")))
+        }
+    }
 }
 
 /// Streams the volume's bytes (vol-download).
@@ -321,11 +375,7 @@ async fn events(State(mgr): Mgr, req: Request) -> ApiResult<Response> {
         None => 0,
         Some(s) => s.parse().map_err(|_| ApiError::invalid(format!("since: {s:?} is not an event number")))?,
     };
-    let follow = match query_param(query, "follow") {
-        None | Some("false") | Some("0") => false,
-        Some("true") | Some("1") | Some("") => true,
-        Some(other) => return Err(ApiError::invalid(format!("follow: {other:?} is not true or false"))),
-    };
+    let follow = query_flag(query, "follow")?;
     if !follow {
         return ok(&mgr.events.since(since));
     }

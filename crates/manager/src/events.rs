@@ -14,10 +14,11 @@ pub struct Event {
     pub seq: u64,
     /// Unix time in milliseconds.
     pub time_ms: u64,
-    /// "domain" or "pool" or "volume".
+    /// "domain", "pool", "volume" or "job" (named by its id).
     pub object: &'static str,
     pub name: String,
-    /// What happened: defined, undefined, started, stopped, crashed, paused, resumed, reset, ...
+    /// What happened: defined, undefined, started, stopped, crashed, paused, resumed, reset, ...;
+    /// for jobs: started, then completed, failed or cancelled.
     pub kind: &'static str,
     pub detail: String,
 }

@@ -1,10 +1,11 @@
 //! ferrod, the Ferrovisor management daemon: persistent domain and pool definitions in SQLite,
-//! one supervised VMM process per running domain, and a REST API on a unix socket.
+//! one supervised VMM process per running domain, volume jobs, and a REST API on a unix socket.
 
 pub mod api;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod jobs;
 pub mod manager;
 pub mod monitor;
 pub mod pools;

@@ -89,7 +89,7 @@ fn serve(cli: Cli) -> Result<(), String> {
         let listener = bind(&paths.socket)?;
         manager.recover().await;
         tracing::info!(socket = %paths.socket.display(), home = %paths.home.display(), "ferrod ready");
-        let app = api::router(manager);
+        let app = api::router(manager.clone());
         let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
         let signalled = stopping.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -106,6 +106,7 @@ fn serve(cli: Cli) -> Result<(), String> {
             } => Ok(()),
         };
         let _ = std::fs::remove_file(&paths.socket);
+        manager.stop_jobs().await;
         result
     })
 }

@@ -7,6 +7,7 @@
 use crate::domain::{DomainConfig, validate_name};
 use crate::error::{ApiError, ApiResult};
 use crate::events::EventHub;
+use crate::jobs::Jobs;
 use crate::monitor::{self, ExitReport};
 use crate::pools::Pool;
 use crate::store::Store;
@@ -115,6 +116,7 @@ pub struct Manager {
     store: Mutex<Store>,
     domains: Mutex<BTreeMap<String, Domain>>,
     pub(crate) pools: Mutex<BTreeMap<String, Pool>>,
+    pub(crate) jobs: Jobs,
     op_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Domains to start again after a guest-requested reboot (see `run_restarter`).
     restarts: tokio::sync::mpsc::UnboundedSender<String>,
@@ -170,8 +172,9 @@ impl Manager {
             );
         }
         let pools = crate::pools::load(&store).map_err(|e| format!("cannot read pools: {e}"))?;
+        let (jobs, interrupted) = crate::jobs::load(&store).map_err(|e| format!("cannot read jobs: {e}"))?;
         let (restarts, queue) = tokio::sync::mpsc::unbounded_channel();
-        Ok(Arc::new(Manager {
+        let manager = Arc::new(Manager {
             restarts,
             restart_queue: Mutex::new(Some(queue)),
             paths,
@@ -179,8 +182,13 @@ impl Manager {
             store: Mutex::new(store),
             domains: Mutex::new(domains),
             pools: Mutex::new(pools),
+            jobs,
             op_locks: Mutex::new(HashMap::new()),
-        }))
+        });
+        for job in interrupted {
+            manager.events.emit("job", &job.id.to_string(), job.state.name(), job.error.unwrap_or_default());
+        }
+        Ok(manager)
     }
 
     pub(crate) fn store(&self) -> MutexGuard<'_, Store> {

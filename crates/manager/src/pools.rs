@@ -1,19 +1,21 @@
 //! Storage pools (directory pools) and their volumes (image files in the pool's directory).
 //!
-//! Image work (create, clone, resize, header info) goes through the block layer, `ferro-block`,
-//! on blocking threads so a large clone never stalls the API.
+//! Image work (create, resize, header info) goes through the block layer, `ferro-block`, on
+//! blocking threads so that no image stalls the API; copies (clone, convert) run as jobs (`jobs`).
 
 use crate::domain::{DISK_FORMATS, parse_size, validate_name, validate_volume_name};
 use crate::error::{ApiError, ApiResult};
+use crate::jobs::{CopySpec, Job};
 use crate::manager::{Manager, lock};
 use crate::store::{Store, StoredPool};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use ferro_block::Format;
 use ferro_block::CreateOptions;
-use ferro_block::ops::ConvertOptions;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct Pool {
@@ -288,6 +290,9 @@ impl Manager {
         if for_write && let Some((domain, _)) = self.disks_in_use().into_iter().find(|(_, p)| *p == path) {
             return Err(ApiError::conflict(format!("volume {name} is in use by running domain {domain}")));
         }
+        if for_write && let Some(job) = self.job_using(&path) {
+            return Err(ApiError::conflict(format!("volume {name} is being copied by job {job} (see `ferro job-info {job}`)")));
+        }
         Ok(path)
     }
 
@@ -314,6 +319,9 @@ impl Manager {
         let path = dir.join(&def.name);
         if path.exists() {
             return Err(ApiError::conflict(format!("volume {} already exists in pool {pool}", def.name)));
+        }
+        if let Some(job) = self.job_using(&path) {
+            return Err(ApiError::conflict(format!("name: volume {} is being made by job {job}", def.name)));
         }
         let format = block_format(&def.format);
         let mut opts = CreateOptions::new(format, Some(capacity));
@@ -349,29 +357,53 @@ impl Manager {
         Ok(())
     }
 
+    /// Starts a job copying a volume into a new one of the same pool: `clone` keeps the format,
+    /// `convert` writes the format the body names. The copy stands alone (backing data is copied in).
+    pub fn volume_copy(self: &Arc<Self>, pool: &str, name: &str, kind: &str, body: &Value) -> ApiResult<Arc<Job>> {
+        let (kind, fields): (&'static str, &[&str]) = match kind {
+            "clone" => ("clone", &["name"]),
+            "convert" => ("convert", &["name", "format"]),
+            _ => return Err(ApiError::not_found(format!("volumes have no action {kind:?}"))),
+        };
+        if let Some(key) = body.as_object().and_then(|o| o.keys().find(|k| !fields.contains(&k.as_str()))) {
+            return Err(ApiError::invalid(format!("{key}: unknown field (expected {})", fields.join(", "))));
+        }
+        let target = match body.get("name") {
+            Some(Value::String(n)) => n.clone(),
+            _ => return Err(ApiError::invalid("name: missing (the name of the new volume, a string)")),
+        };
+        validate_volume_name(&target).map_err(|e| ApiError::invalid(format!("name: {e}")))?;
+        let target_format = match body.get("format") {
+            None if kind == "clone" => None,
+            None => return Err(ApiError::invalid("format: missing (raw or qcow2)")),
+            Some(Value::String(f)) if DISK_FORMATS.contains(&f.as_str()) => Some(block_format(f)),
+            Some(f) => return Err(ApiError::invalid(format!("format: {f} is not raw or qcow2"))),
+        };
+        let source_path = self.volume_path(pool, name, false)?;
+        let source_format = volume_info(pool, name, &source_path)?.format_enum;
+        let target_format = match target_format {
+            Some(f) => f,
+            None if DISK_FORMATS.contains(&source_format.name()) => source_format,
+            None => {
+                return Err(ApiError::conflict(format!(
+                    "volume {name} is {source_format}, which ferrod only reads; convert it to raw or qcow2 instead"
+                )));
+            }
+        };
+        self.start_copy(CopySpec {
+            kind,
+            pool: pool.to_string(),
+            source: name.to_string(),
+            target_path: source_path.with_file_name(&target),
+            source_path,
+            source_format,
+            target,
+            target_format,
+        })
+    }
+
     pub async fn volume_action(&self, pool: &str, name: &str, action: &str, body: &serde_json::Value) -> ApiResult<VolumeInfo> {
         let info = match action {
-            "clone" => {
-                let new_name = body
-                    .get("name")
-                    .and_then(|v| v.as_str())
-                    .ok_or_else(|| ApiError::invalid("name: missing (the name of the clone)"))?;
-                validate_volume_name(new_name).map_err(|e| ApiError::invalid(format!("name: {e}")))?;
-                let src = self.volume_path(pool, name, false)?;
-                let dst = src.with_file_name(new_name);
-                if dst.exists() {
-                    return Err(ApiError::conflict(format!("volume {new_name} already exists in pool {pool}")));
-                }
-                let format = volume_info(pool, name, &src)?.format_enum;
-                let opts = ConvertOptions { src_format: Some(format), dst: CreateOptions::new(format, None) };
-                let target = dst.clone();
-                if let Err(e) = blocking(move || ferro_block::ops::convert(&src, &target, &opts, &mut |_, _| {})).await {
-                    let _ = std::fs::remove_file(&dst);
-                    return Err(e);
-                }
-                self.events.emit("volume", &format!("{pool}/{new_name}"), "created", format!("clone of {name}"));
-                volume_info(pool, new_name, &dst)?
-            }
             "resize" => {
                 let capacity = match body.get("capacity") {
                     Some(v) => serde_json::from_value::<Size>(v.clone())
@@ -429,7 +461,6 @@ fn pool_event(action: &str) -> &'static str {
 
 fn volume_event(action: &str) -> &'static str {
     match action {
-        "clone" => "cloned",
         "resize" => "resized",
         _ => "wiped",
     }

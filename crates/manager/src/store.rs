@@ -1,8 +1,9 @@
-//! The state store: one SQLite file per host holding definitions, runtime records and pools.
+//! The state store: one SQLite file per host holding definitions, runtime records, pools and jobs.
 //!
 //! Every write is a single statement (SQLite makes each atomic and durable in WAL mode), so a crash
 //! of ferrod at any point leaves either the old or the new row, never a torn definition.
 
+use crate::jobs::{JobInfo, JobState};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 
@@ -28,6 +29,12 @@ pub struct StoredPool {
     pub active: bool,
 }
 
+/// A job row as stored: what the API shows plus the scratch file a running job writes.
+pub struct StoredJob {
+    pub info: JobInfo,
+    pub scratch: Option<String>,
+}
+
 pub type StoreResult<T> = Result<T, rusqlite::Error>;
 
 impl Store {
@@ -51,6 +58,19 @@ impl Store {
                  target TEXT NOT NULL,
                  autostart INTEGER NOT NULL DEFAULT 0,
                  active INTEGER NOT NULL DEFAULT 0
+             );
+             CREATE TABLE IF NOT EXISTS jobs (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 kind TEXT NOT NULL,
+                 source TEXT NOT NULL,
+                 target TEXT NOT NULL,
+                 state TEXT NOT NULL,
+                 done_bytes INTEGER NOT NULL DEFAULT 0,
+                 total_bytes INTEGER NOT NULL DEFAULT 0,
+                 started_ms INTEGER NOT NULL,
+                 finished_ms INTEGER,
+                 error TEXT,
+                 scratch TEXT
              );",
         )?;
         Ok(Store { conn })
@@ -128,6 +148,63 @@ impl Store {
 
     pub fn delete_pool(&self, name: &str) -> StoreResult<()> {
         self.conn.execute("DELETE FROM pools WHERE name = ?1", [name])?;
+        Ok(())
+    }
+
+    /// Records a job that is starting and returns its id (ids never repeat, even after deletes).
+    pub fn insert_job(&self, job: &JobInfo, scratch: &str) -> StoreResult<u64> {
+        self.conn.execute(
+            "INSERT INTO jobs (kind, source, target, state, done_bytes, total_bytes, started_ms, scratch)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![job.kind, job.source, job.target, job.state.name(), job.done_bytes, job.total_bytes, job.started_ms, scratch],
+        )?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    /// Records how a job ended; its scratch file is gone by then.
+    pub fn finish_job(&self, job: &JobInfo) -> StoreResult<()> {
+        self.conn.execute(
+            "UPDATE jobs SET state = ?2, done_bytes = ?3, total_bytes = ?4, finished_ms = ?5, error = ?6, scratch = NULL
+             WHERE id = ?1",
+            params![job.id, job.state.name(), job.done_bytes, job.total_bytes, job.finished_ms, job.error],
+        )?;
+        Ok(())
+    }
+
+    /// Every job, oldest first; a row whose state is unreadable comes back as failed.
+    pub fn jobs(&self) -> StoreResult<Vec<StoredJob>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, kind, source, target, state, done_bytes, total_bytes, started_ms, finished_ms, error, scratch
+             FROM jobs ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let state: String = r.get(4)?;
+            Ok(StoredJob {
+                info: JobInfo {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    source: r.get(2)?,
+                    target: r.get(3)?,
+                    state: JobState::from_name(&state).unwrap_or(JobState::Failed),
+                    done_bytes: r.get(5)?,
+                    total_bytes: r.get(6)?,
+                    started_ms: r.get(7)?,
+                    finished_ms: r.get(8)?,
+                    error: r.get(9)?,
+                },
+                scratch: r.get(10)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Forgets the oldest finished jobs beyond the newest `keep`.
+    pub fn prune_jobs(&self, keep: usize) -> StoreResult<()> {
+        self.conn.execute(
+            "DELETE FROM jobs WHERE state != 'running' AND id NOT IN
+             (SELECT id FROM jobs WHERE state != 'running' ORDER BY id DESC LIMIT ?1)",
+            [keep as i64],
+        )?;
         Ok(())
     }
 }

@@ -257,7 +257,7 @@ fn pools_and_volumes() {
     let names: Vec<&str> = list.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["a.raw", "base.qcow2", "overlay.qcow2"]);
 
-    let clone = api.expect("POST", "/v1/pools/default/volumes/base.qcow2/clone", Some(r#"{"name": "copy.qcow2"}"#), 200);
+    let clone = api.expect("POST", "/v1/pools/default/volumes/base.qcow2/clone?wait=true", Some(r#"{"name": "copy.qcow2"}"#), 200);
     assert_eq!((clone["format"].as_str(), clone["capacity"].as_u64()), (Some("qcow2"), Some(1 << 30)));
     let grown = api.expect("POST", "/v1/pools/default/volumes/a.raw/resize", Some(r#"{"capacity": "32M"}"#), 200);
     assert_eq!(grown["capacity"], 32u64 << 20);
