@@ -246,12 +246,23 @@ pub enum ManageCommand {
     VolDelete(VolArg),
     /// Fill a volume with zeros (keeps its size and format).
     VolWipe(VolArg),
-    /// Copy a volume to a new volume in the same pool.
+    /// Copy a volume to a new volume in the same pool (a job: progress on a terminal; Ctrl-C
+    /// stops watching, not the job, see job-cancel).
     VolClone {
         #[command(flatten)]
         vol: VolArg,
         /// Name of the copy.
         new_name: String,
+    },
+    /// Convert a volume to a new volume of the same pool in another format (a job, like vol-clone).
+    VolConvert {
+        #[command(flatten)]
+        vol: VolArg,
+        /// Name of the new volume.
+        new_name: String,
+        /// Format of the new volume: raw or qcow2.
+        #[arg(long)]
+        format: String,
     },
     /// Grow a volume.
     VolResize {
@@ -271,6 +282,31 @@ pub enum ManageCommand {
         #[command(flatten)]
         vol: VolArg,
         file: PathBuf,
+    },
+    /// List jobs (volume clones and conversions): running ones and the last finished ones.
+    JobList {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Show a job's state and progress.
+    JobInfo {
+        /// Job id (see job-list).
+        id: String,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connect,
+    },
+    /// Cancel a running job; its unfinished volume is removed.
+    JobCancel {
+        /// Job id (see job-list).
+        id: String,
+        #[command(flatten)]
+        conn: Connect,
     },
 }
 
@@ -449,8 +485,12 @@ fn execute(cmd: ManageCommand) -> Result<(), String> {
             println!("Vol {} wiped", vol.vol);
         }
         C::VolClone { vol, new_name } => {
-            client(&vol.conn).post(&format!("{}/clone", vol_path(&vol)?), Some(&json!({ "name": new_name })))?;
+            copy_volume(&vol, "clone", json!({ "name": new_name }))?;
             println!("Vol {new_name} cloned from {}", vol.vol);
+        }
+        C::VolConvert { vol, new_name, format } => {
+            copy_volume(&vol, "convert", json!({ "name": new_name, "format": format }))?;
+            println!("Vol {new_name} converted from {} to {format}", vol.vol);
         }
         C::VolResize { vol, capacity } => {
             client(&vol.conn).post(&format!("{}/resize", vol_path(&vol)?), Some(&json!({ "capacity": capacity })))?;
@@ -463,6 +503,21 @@ fn execute(cmd: ManageCommand) -> Result<(), String> {
             println!("Vol {} uploaded from {}", vol.vol, file.display());
         }
         C::VolDownload { vol, file } => download(&vol, &file)?,
+        C::JobList { json, conn } => {
+            let list = client(&conn).get("/v1/jobs")?;
+            if json { print_json(&list) } else { show::job_table(list.as_array().map(Vec::as_slice).unwrap_or(&[])) }
+        }
+        C::JobInfo { id, json, conn } => {
+            let job = client(&conn).get(&format!("/v1/jobs/{}", seg(&id)?))?;
+            if json { print_json(&job) } else { show::job_info(&job) }
+        }
+        C::JobCancel { id, conn } => {
+            let job = client(&conn).post(&format!("/v1/jobs/{}/cancel", seg(&id)?), None)?;
+            match job["state"].as_str() {
+                Some("cancelled") => println!("Job {id} cancelled"),
+                other => println!("Job {id} {} before it could be cancelled", other.unwrap_or("ended")),
+            }
+        }
     }
     Ok(())
 }
@@ -477,6 +532,35 @@ fn pool_action(p: &PoolArg, action: &str, done: &str) -> Result<(), String> {
     client(&p.conn).post(&format!("/v1/pools/{}/{action}", seg(&p.pool)?), None)?;
     println!("Pool {} {done}", p.pool);
     Ok(())
+}
+
+/// Starts a clone or convert job and follows it to its end, with a progress line on stderr when
+/// that is a terminal.
+fn copy_volume(vol: &VolArg, action: &str, body: Value) -> Result<(), String> {
+    use std::io::{IsTerminal, Write};
+    let c = client(&vol.conn);
+    let job = c.post(&format!("{}/{action}", vol_path(vol)?), Some(&body))?;
+    let id = job["id"].as_u64().ok_or("ferrod answered without a job id")?;
+    let tty = std::io::stderr().is_terminal();
+    let job = loop {
+        let job = c.get(&format!("/v1/jobs/{id}"))?;
+        if tty {
+            eprint!("\r\x1b[K{}", show::job_line(&job));
+            let _ = std::io::stderr().flush();
+        }
+        if job["state"] != "running" {
+            break job;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    match job["state"].as_str() {
+        Some("completed") => Ok(()),
+        Some("cancelled") => Err(format!("job {id} was cancelled")),
+        _ => Err(format!("job {id} failed: {}", job["error"].as_str().unwrap_or("no reason given"))),
+    }
 }
 
 fn download(vol: &VolArg, file: &std::path::Path) -> Result<(), String> {

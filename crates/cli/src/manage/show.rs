@@ -204,6 +204,70 @@ pub fn volume_info(v: &Value) {
     kv(&rows);
 }
 
+/// "45% (450.00 MiB of 1.00 GiB)" for a job.
+fn job_progress(job: &Value) -> String {
+    let (done, total) = (job["done_bytes"].as_u64().unwrap_or(0), job["total_bytes"].as_u64().unwrap_or(0));
+    let percent = match (total, job["state"].as_str()) {
+        (0, Some("completed")) => 100,
+        (0, _) => 0,
+        _ => done.saturating_mul(100) / total,
+    };
+    format!("{percent}% ({} of {})", bytes(done), bytes(total))
+}
+
+/// Seconds a job has run (until now, or until it ended).
+fn job_elapsed(job: &Value) -> String {
+    let start = job["started_ms"].as_u64().unwrap_or(0);
+    let end = job["finished_ms"].as_u64().unwrap_or_else(crate_now_ms);
+    format!("{:.1} s", end.saturating_sub(start) as f64 / 1000.0)
+}
+
+/// The one-line progress shown on a terminal while a verb waits for its job.
+pub fn job_line(job: &Value) -> String {
+    format!(
+        "job {}: {} {} -> {}: {}",
+        job["id"],
+        job["kind"].as_str().unwrap_or("?"),
+        job["source"].as_str().unwrap_or("?"),
+        job["target"].as_str().unwrap_or("?"),
+        job_progress(job)
+    )
+}
+
+pub fn job_table(list: &[Value]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|j| {
+            vec![
+                j["id"].to_string(),
+                j["kind"].as_str().unwrap_or("?").to_string(),
+                j["source"].as_str().unwrap_or("?").to_string(),
+                j["target"].as_str().unwrap_or("?").to_string(),
+                j["state"].as_str().unwrap_or("?").to_string(),
+                job_progress(j),
+                job_elapsed(j),
+            ]
+        })
+        .collect();
+    table(&["Id", "Kind", "Source", "Target", "State", "Progress", "Time"], &rows);
+}
+
+pub fn job_info(j: &Value) {
+    let mut rows = vec![
+        ("Id", j["id"].to_string()),
+        ("Kind", j["kind"].as_str().unwrap_or("?").to_string()),
+        ("Source", j["source"].as_str().unwrap_or("?").to_string()),
+        ("Target", j["target"].as_str().unwrap_or("?").to_string()),
+        ("State", j["state"].as_str().unwrap_or("?").to_string()),
+        ("Progress", job_progress(j)),
+        ("Time", job_elapsed(j)),
+    ];
+    if let Some(error) = j["error"].as_str() {
+        rows.push(("Error", error.to_string()));
+    }
+    kv(&rows);
+}
+
 pub fn event_line(e: &Value) {
     let detail = e["detail"].as_str().unwrap_or_default();
     let secs = e["time_ms"].as_u64().unwrap_or(0) / 1000;
