@@ -38,12 +38,12 @@ impl Controller {
     }
 
     fn is_paused(&self) -> bool {
-        *self.shared.paused.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.is_paused()
     }
 
     /// Stops every vCPU outside KVM_RUN; returns once all are parked (or after 5 s).
     pub fn pause(&self) -> Result<(), String> {
-        *self.shared.paused.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.shared.set_paused(true);
         let n = self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner()).len();
         let start = Instant::now();
         while self.shared.parked.load(Ordering::Acquire) < n {
@@ -57,8 +57,7 @@ impl Controller {
     }
 
     pub fn resume(&self) {
-        *self.shared.paused.lock().unwrap_or_else(|p| p.into_inner()) = false;
-        self.shared.resume.notify_all();
+        self.shared.set_paused(false);
     }
 
     fn stats(&self) -> Value {

@@ -50,15 +50,35 @@ pub struct Shared {
     /// Total exits to userspace, all vCPUs.
     pub exits: AtomicU64,
     /// Pause gate: while true, vCPU threads park outside KVM_RUN.
+    /// Written only through [`Shared::set_paused`], which keeps it and `pause_flag` in step.
     pub paused: Mutex<bool>,
+    /// Lock-free copy of `paused` for the exit path, which checks it on every exit.
+    pub pause_flag: AtomicBool,
     pub resume: Condvar,
     /// How many vCPU threads are parked right now.
     pub parked: AtomicUsize,
 }
 
 impl Shared {
+    /// Pauses or resumes every vCPU (a pause takes effect at each vCPU's next exit or kick).
+    pub fn set_paused(&self, paused: bool) {
+        let mut guard = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        *guard = paused;
+        self.pause_flag.store(paused, Ordering::Release);
+        if !paused {
+            self.resume.notify_all();
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.pause_flag.load(Ordering::Acquire)
+    }
+
     /// Parks the calling vCPU thread while the VM is paused (and not stopping).
     fn park_while_paused(&self) {
+        if !self.is_paused() {
+            return;
+        }
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
         if !*paused {
             return;

@@ -141,6 +141,7 @@ impl Vm {
             stop: AtomicBool::new(false),
             exits: AtomicU64::new(0),
             paused: Mutex::new(false),
+            pause_flag: AtomicBool::new(false),
             resume: Condvar::new(),
             parked: AtomicUsize::new(0),
         });
