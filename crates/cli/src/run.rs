@@ -262,26 +262,26 @@ fn finish(result: ferro_vmm::Result<ExitReason>) -> ExitCode {
     }
 }
 
+/// The VM configuration and an open /dev/kvm, or the exit code of the one-line error. The fd
+/// keeps a built-in guest's memory file open.
+fn prepare(vm: VmArgs) -> Result<(VmConfig, Option<OwnedFd>, Hypervisor), ExitCode> {
+    let (config, fd) = vm.config().map_err(|e| fail(&e))?;
+    let hv = Hypervisor::open().map_err(|e| fail(&e.to_string()))?;
+    Ok((config, fd, hv))
+}
+
 pub fn run(args: RunArgs) -> ExitCode {
-    let (config, _guest_fd) = match args.vm.config() {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
-    };
-    let hv = match Hypervisor::open() {
-        Ok(hv) => hv,
-        Err(e) => return fail(&e.to_string()),
+    let (config, _guest_fd, hv) = match prepare(args.vm) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     finish(ferro_vmm::run_foreground(&hv, config))
 }
 
 pub fn vmm(args: VmmArgs) -> ExitCode {
-    let (config, _guest_fd) = match args.vm.config() {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
-    };
-    let hv = match Hypervisor::open() {
-        Ok(hv) => hv,
-        Err(e) => return fail(&e.to_string()),
+    let (config, _guest_fd, hv) = match prepare(args.vm) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     // With a console socket the output lives there (and in its replay buffer); stdout is then
     // left to the VMM's own messages so a supervisor's log does not grow with guest output.
