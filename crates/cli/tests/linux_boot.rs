@@ -4,29 +4,12 @@
 //!
 //! Tier 3 (stock Debian kernel) runs only on hardware KVM and says why it skips elsewhere.
 
+mod common;
+
+use common::{linux_cmdline, linux_dir};
 use ferro_hypervisor::probe_host_kind;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
-
-/// The cached build of the Linux test guest: $FERRO_LINUX_DIR, or whatever build.sh prints
-/// (instant when the recipe has not changed; a full kernel build otherwise).
-fn linux_dir() -> PathBuf {
-    if let Ok(d) = std::env::var("FERRO_LINUX_DIR") {
-        return PathBuf::from(d);
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../guests/linux/build.sh");
-    let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().expect("run guests/linux/build.sh");
-    assert!(out.status.success(), "guests/linux/build.sh failed");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().expect("build.sh printed no directory"))
-}
-
-fn base_cmdline() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../guests/linux/cmdline.txt"))
-        .expect("guests/linux/cmdline.txt")
-        .trim()
-        .to_owned()
-}
 
 /// Far above the ~30 s a boot takes here, so only a hang reaches it.
 const BOOT_LIMIT_SECS: u32 = 300;
@@ -39,7 +22,7 @@ struct Boot {
 
 fn boot(kernel: &str, cpus: u32, memory: &str, guest_cmd: &str) -> Boot {
     let dir = linux_dir();
-    let cmdline = format!("{} ferro.cmd={guest_cmd}", base_cmdline());
+    let cmdline = format!("{} ferro.cmd={guest_cmd}", linux_cmdline());
     let start = Instant::now();
     // A hung boot must fail the test, not the whole run: coreutils' timeout sends SIGTERM,
     // which ferro turns into a clean stop.

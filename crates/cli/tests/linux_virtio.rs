@@ -5,6 +5,9 @@
 //! reads /dev/hwrng; writes to the virtio console, which the test reads on its socket; and its
 //! balloon driver takes memory as the balloon's initial size asks.
 
+mod common;
+
+use common::{linux_cmdline, linux_dir};
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -12,16 +15,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BOOT_LIMIT_SECS: u32 = 400;
-
-fn linux_dir() -> PathBuf {
-    if let Ok(d) = std::env::var("FERRO_LINUX_DIR") {
-        return PathBuf::from(d);
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../guests/linux/build.sh");
-    let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().expect("run guests/linux/build.sh");
-    assert!(out.status.success(), "guests/linux/build.sh failed");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().expect("build.sh printed no directory"))
-}
 
 fn run(cmd: &str, args: &[&str]) -> String {
     let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
@@ -81,7 +74,6 @@ fn boot_with_devices(transport: &str) {
     run("mkfs.ext4", &["-q", "-F", disk.to_str().unwrap()]);
     let console_sock = scratch.join("console.sock");
     let ns = Netns::with_tap(transport);
-    let base = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../guests/linux/cmdline.txt")).unwrap();
     let guest_cmd = [
         "mount+-t+ext4+/dev/vda+/mnt&&echo+linux-wrote-this>/mnt/ferro.txt&&umount+/mnt&&echo+DISK-OK",
         "ip+link+set+eth0+up",
@@ -94,7 +86,7 @@ fn boot_with_devices(transport: &str) {
         "grep+MemTotal+/proc/meminfo",
     ]
     .join(";");
-    let cmdline = format!("{} ferro.cmd={guest_cmd}", base.trim());
+    let cmdline = format!("{} ferro.cmd={guest_cmd}", linux_cmdline());
     let console = read_console(console_sock.clone());
     let start = Instant::now();
     let out = Command::new("timeout")

@@ -4,6 +4,8 @@
 //! delivered by KVM (irqfd + GSI route) and kicks caught by KVM ioeventfds. Hostile
 //! configuration and MSI-X traffic from the guest must leave the VMM and the device working.
 
+mod common;
+
 use std::process::{Command, Output, Stdio};
 
 fn ferro(args: &[&str]) -> Output {
@@ -73,16 +75,8 @@ fn virtio_mmio_guests_still_see_an_empty_pci_bus() {
 /// both transports it sometimes blocks in this guest kernel while the hwrng fill thread waits.)
 #[test]
 fn linux_binds_virtio_rng_over_pci_with_msix() {
-    let dir = match std::env::var("FERRO_LINUX_DIR") {
-        Ok(d) => std::path::PathBuf::from(d),
-        Err(_) => {
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../guests/linux/build.sh");
-            let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().expect("run guests/linux/build.sh");
-            assert!(out.status.success(), "guests/linux/build.sh failed");
-            std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().lines().last().expect("no directory").to_owned())
-        }
-    };
-    let base = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../guests/linux/cmdline.txt")).expect("cmdline.txt");
+    let dir = common::linux_dir();
+    let base = common::linux_cmdline();
     let cmd = [
         "cat /sys/bus/pci/devices/0000:00:01.0/vendor /sys/bus/pci/devices/0000:00:01.0/device",
         "ls /sys/bus/virtio/devices",
@@ -95,7 +89,7 @@ fn linux_binds_virtio_rng_over_pci_with_msix() {
     .replace(' ', "+");
     let kernel = dir.join("vmlinux");
     let initrd = dir.join("initramfs.cpio");
-    let cmdline = format!("{} ferro.cmd={cmd}", base.trim());
+    let cmdline = format!("{base} ferro.cmd={cmd}");
     let o = Command::new("timeout")
         .args(["300", env!("CARGO_BIN_EXE_ferro"), "run", "--memory", "256M", "--rng", "--kernel"])
         .arg(&kernel)
