@@ -1,0 +1,250 @@
+//! The per-VM control protocol: [`Request`]s on the VMM's control socket, the typed replies,
+//! and the [`VmEvent`]s a VMM reports to its supervisor.
+//!
+//! Wire form (docs/vmm-control.md): one JSON object per line each way. A request is
+//! `{"op": "<snake_case variant>", ...fields}`; a reply is the reply type's fields plus
+//! `"ok": true`, or `{"ok": false, "error": "<one line>"}`. [`encode_reply`] and [`decode_reply`]
+//! are the two ends of that rule, so the VMM and its clients cannot drift apart.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The longest request or reply line either side accepts.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// What a client can ask a running VMM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Name, state, pid and size of the VM. Reply: [`InfoReply`].
+    Info,
+    /// Stops every vCPU and device worker (idempotent). Reply: [`Done`].
+    Pause,
+    /// Resumes after a pause (idempotent). Reply: [`Done`].
+    Resume,
+    /// Presses the ACPI power button. Reply: [`Done`].
+    PowerButton,
+    /// Hard reset: the VMM exits and reports [`ExitReason::Reset`]. Reply: [`Done`].
+    Reset,
+    /// Stops the VM at once (pulling the plug, disks flushed). Reply: [`Done`].
+    Quit,
+    /// Counters of the VM and its devices. Reply: [`StatsReply`].
+    Stats,
+    /// Sets how much memory the balloon takes from the guest. Reply: [`BalloonReply`].
+    Balloon { target_mib: u64 },
+}
+
+impl Request {
+    /// The op name as it appears on the wire.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Info => "info",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::PowerButton => "power_button",
+            Request::Reset => "reset",
+            Request::Quit => "quit",
+            Request::Stats => "stats",
+            Request::Balloon { .. } => "balloon",
+        }
+    }
+}
+
+/// The reply of requests that only succeed or fail.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Done {}
+
+/// Whether the guest's vCPUs run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InfoReply {
+    pub state: RunState,
+    pub pid: u32,
+    pub vcpus: u8,
+    pub memory_bytes: u64,
+    pub name: String,
+}
+
+/// Counters of one virtio disk since the VM started.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskStats {
+    /// The device id (`vda`, ...).
+    pub id: String,
+    pub read_ops: u64,
+    pub read_bytes: u64,
+    pub write_ops: u64,
+    pub write_bytes: u64,
+    pub flush_ops: u64,
+    /// Requests answered with an error status.
+    pub errors: u64,
+}
+
+/// Counters of one virtio NIC since the VM started (from the guest's point of view: `rx` is
+/// what the guest received).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NicStats {
+    /// The device id (`net0`, ...).
+    pub id: String,
+    pub mac: String,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Frames from the tap dropped because the guest had no buffer for them.
+    pub rx_dropped: u64,
+}
+
+/// The balloon as the host and the guest see it (4 KiB pages).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BalloonStats {
+    pub target_pages: u32,
+    pub actual_pages: u32,
+    pub target_mib: u64,
+    pub actual_mib: u64,
+    /// Pages the driver put in the balloon / took back since the VM started.
+    pub inflated_pages_total: u64,
+    pub deflated_pages_total: u64,
+    /// Page numbers outside guest RAM the driver sent (ignored).
+    pub invalid_pages_total: u64,
+    /// The guest's latest statistics by name (only those it reported), and their age.
+    pub guest_stats: BTreeMap<String, u64>,
+    pub guest_stats_age_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatsReply {
+    /// CPU time of each vCPU thread.
+    pub vcpu_time_ns: Vec<u64>,
+    /// CPU time of the whole VMM process.
+    pub cpu_time_ns: u64,
+    pub rss_bytes: u64,
+    /// Exits to userspace, all vCPUs.
+    pub exits: u64,
+    pub disks: Vec<DiskStats>,
+    pub nics: Vec<NicStats>,
+    /// None without a balloon device.
+    pub balloon: Option<BalloonStats>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BalloonReply {
+    pub target_mib: u64,
+    pub actual_mib: u64,
+}
+
+/// Why a VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The guest powered off (ACPI S5 or a KVM shutdown event).
+    PowerOff,
+    /// The guest reset (i8042, triple fault, KVM reset event) or a `reset` request.
+    Reset,
+    /// A test guest wrote to isa-debug-exit; the process status to exit with.
+    DebugExit(i32),
+    /// SIGINT or SIGTERM.
+    Signal(i32),
+    /// The user typed the console escape, or the control socket asked to quit.
+    Quit,
+    /// A fatal error; the message says what failed.
+    Error(String),
+}
+
+impl ExitReason {
+    /// The process exit status for `ferro run`.
+    pub fn status(&self) -> i32 {
+        match self {
+            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Quit | ExitReason::Signal(_) => 0,
+            ExitReason::DebugExit(s) => *s,
+            ExitReason::Error(_) => 2,
+        }
+    }
+}
+
+/// What a VMM tells its supervisor, one JSON object per line on the event pipe it was given.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum VmEvent {
+    /// The VM is built and its vCPUs run; the control socket answers.
+    Started { pid: u32 },
+    /// A device found its queue broken and waits for the driver to reset it.
+    DeviceNeedsReset { device: String, reason: String },
+    /// The VM has stopped, with why; the process exits right after.
+    Exited { reason: ExitReason },
+}
+
+/// The line for a reply: its fields plus `"ok": true`, or `{"ok": false, "error": ...}`.
+/// No trailing newline.
+pub fn encode_reply<T: Serialize>(reply: &Result<T, String>) -> String {
+    let value = match reply {
+        Ok(body) => match serde_json::to_value(body) {
+            Ok(serde_json::Value::Object(mut fields)) => {
+                fields.insert("ok".into(), true.into());
+                serde_json::Value::Object(fields)
+            }
+            Ok(other) => serde_json::json!({"ok": false, "error": format!("internal error: reply is not an object: {other}")}),
+            Err(e) => serde_json::json!({"ok": false, "error": format!("internal error: reply not serializable: {e}")}),
+        },
+        Err(message) => serde_json::json!({"ok": false, "error": message}),
+    };
+    value.to_string()
+}
+
+/// Reads a reply line as `T`; `Err` carries the VMM's error message, or says the line was not
+/// a reply of that shape.
+pub fn decode_reply<T: DeserializeOwned>(line: &str) -> Result<T, String> {
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("malformed reply from the VMM: {e}"))?;
+    match value.get("ok").and_then(serde_json::Value::as_bool) {
+        Some(true) => serde_json::from_value(value).map_err(|e| format!("unexpected reply from the VMM: {e}")),
+        Some(false) => Err(value.get("error").and_then(serde_json::Value::as_str).unwrap_or("no error message").to_string()),
+        None => Err("reply from the VMM has no \"ok\" field".to_string()),
+    }
+}
+
+/// Reads a request line; the error says what was wrong with it.
+pub fn decode_request(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_the_documented_wire_form() {
+        assert_eq!(serde_json::to_string(&Request::PowerButton).unwrap(), r#"{"op":"power_button"}"#);
+        assert_eq!(decode_request(r#"{"op":"balloon","target_mib":16}"#), Ok(Request::Balloon { target_mib: 16 }));
+        for bad in ["not json", r#"{"op":42}"#, r#"{"op":"explode"}"#, "{}", r#"{"op":"balloon"}"#] {
+            assert!(decode_request(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let info = InfoReply { state: RunState::Paused, pid: 7, vcpus: 2, memory_bytes: 1 << 28, name: "vm".into() };
+        let line = encode_reply(&Ok(info.clone()));
+        assert!(line.contains(r#""ok":true"#) && line.contains(r#""state":"paused""#), "{line}");
+        assert_eq!(decode_reply::<InfoReply>(&line), Ok(info));
+        assert_eq!(decode_reply::<Done>(&encode_reply(&Ok(Done {}))), Ok(Done {}));
+        let err = encode_reply::<Done>(&Err("no balloon".into()));
+        assert_eq!(decode_reply::<Done>(&err), Err("no balloon".into()));
+        assert!(decode_reply::<InfoReply>(&encode_reply(&Ok(Done {}))).unwrap_err().contains("unexpected reply"));
+    }
+
+    #[test]
+    fn events_are_tagged() {
+        let e = VmEvent::Exited { reason: ExitReason::DebugExit(3) };
+        let line = serde_json::to_string(&e).unwrap();
+        assert_eq!(line, r#"{"event":"exited","reason":{"debug_exit":3}}"#);
+        assert_eq!(serde_json::from_str::<VmEvent>(&line).unwrap(), e);
+        let reset = serde_json::to_string(&VmEvent::Exited { reason: ExitReason::Reset }).unwrap();
+        assert_eq!(reset, r#"{"event":"exited","reason":"reset"}"#);
+    }
+}

@@ -1,0 +1,20 @@
+//! What the VMM, `ferro` and `ferrod` say to each other, as types.
+//!
+//! - [`config`]: the one serde description of a VM ([`VmConfig`]) that `ferro run` builds from its
+//!   flags, `ferrod` builds from a domain definition, and the VMM boots from.
+//! - [`control`]: requests and replies on the per-VM control socket, and the events a VMM reports
+//!   to its supervisor (docs/vmm-control.md describes the wire form).
+//! - [`size`] and [`mac`]: the one grammar for sizes (`512M`, `1.5G`, `2TiB`) and MAC addresses
+//!   used by every command-line flag and definition file.
+//!
+//! This crate has no dependency beyond serde, so every other crate can use it.
+
+pub mod config;
+pub mod control;
+pub mod mac;
+pub mod size;
+
+pub use config::{BootConfig, ConsoleBackend, DeviceConfig, DeviceKind, DiskFormat, Kernel, MemoryConfig, Transport, VmConfig};
+pub use control::{ExitReason, Request, VmEvent};
+pub use mac::MacAddr;
+pub use size::parse_size;
