@@ -106,7 +106,7 @@ fn damaged_headers_and_tables_give_clear_errors() {
     // Compressed entry with garbage data.
     let q = valid(&s, "zlib.qcow2");
     let l2 = (be64(&q, be64(&q, 40) as usize) & 0x00ff_ffff_ffff_fe00) as usize;
-    patch(&q, l2, &((1u64 << 62) | (3 * 65536)).to_be_bytes());
+    patch(&q, l2, &((1u64 << 62) | (6 * 65536)).to_be_bytes());
     expect_error(&q, "compressed cluster");
 
     // Refcount table pointing at the header: refused before anything is written through it.
@@ -116,7 +116,112 @@ fn damaged_headers_and_tables_give_clear_errors() {
     assert!(open(&q, None, false).is_err());
     let q = valid(&s, "overlap2.qcow2");
     patch(&q, 65536, &65536u64.to_be_bytes());
-    expect_error(&q, "fixed metadata");
+    expect_error(&q, "used as both the refcount table and a refcount block");
+}
+
+const COPIED: u64 = 1 << 63;
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// The L2 entry of guest cluster `guest_cluster` (first L2 table).
+fn l2_entry_pos(path: &Path, guest_cluster: usize) -> usize {
+    (be64(path, be64(path, 40) as usize) & OFFSET_MASK) as usize + 8 * guest_cluster
+}
+
+/// Points the L2 entry of guest cluster `guest_cluster` at `host`.
+fn point_l2_entry(path: &Path, guest_cluster: usize, host: u64) {
+    patch(path, l2_entry_pos(path, guest_cluster), &(COPIED | host).to_be_bytes());
+}
+
+/// An L2 entry that points data into metadata or past the end of the file is refused by every
+/// path that follows it (write in place, zero, discard, map, read, commit), with an error that
+/// names the file and what the pointer leads into, and no metadata byte changes.
+#[test]
+fn data_pointers_into_metadata_are_refused_on_every_path() {
+    let s = Scratch::new("l2-targets");
+    let pristine = valid(&s, "pristine.qcow2");
+    // Growing past one L2 table's reach moves the L1 table to the end of the file, right
+    // after the last data cluster: a write running over that cluster's end must stop there.
+    ferro_block::ops::resize(&pristine, None, "1G", false).expect("grow");
+    let cs = 65536u64;
+    let data_hosts: Vec<u64> = (0..4).map(|i| be64(&pristine, l2_entry_pos(&pristine, i)) & OFFSET_MASK).collect();
+    let last_data = *data_hosts.iter().max().expect("data");
+    let reftable = be64(&pristine, 48);
+    let refblock = be64(&pristine, reftable as usize) & OFFSET_MASK;
+    let l1 = be64(&pristine, 40);
+    assert_eq!(l1, last_data + cs, "the L1 table should follow the last data cluster");
+    let l2 = be64(&pristine, l1 as usize) & OFFSET_MASK;
+    let past_end = std::fs::metadata(&pristine).expect("stat").len() + 10 * cs;
+    let targets = [
+        (reftable, "the refcount table"),
+        (refblock, "a refcount block"),
+        (l1, "the L1 table"),
+        (l2, "an L2 table"),
+        (past_end, "past the end of the file"),
+    ];
+    type Op = fn(&mut dyn DiskImage) -> ferro_block::Result<()>;
+    let ops: [(&str, Op); 7] = [
+        ("write in place", |d| d.write_at(&[0xaa; 4096], 65536 + 100)),
+        ("write across clusters", |d| d.write_at(&[0xbb; 3 * 65536], 1000)),
+        ("write_zeroes", |d| d.write_zeroes(65536, 65536)),
+        ("discard", |d| d.discard(65536, 2 * 65536)),
+        ("partial write_zeroes", |d| d.write_zeroes(65536 + 512, 512)),
+        ("block_status", |d| d.block_status(65536, 65536).map(|_| ())),
+        ("read", |d| d.read_at(&mut [0u8; 65536], 65536 + 7)),
+    ];
+    // Everything but the guest's own data clusters must stay as it was.
+    let metadata_of = |bytes: &[u8]| -> Vec<u8> {
+        let mut v = bytes.to_vec();
+        for &h in &data_hosts {
+            v[h as usize..(h + cs) as usize].fill(0);
+        }
+        v
+    };
+    for (target, what) in targets {
+        let q = s.path("target.qcow2");
+        std::fs::copy(&pristine, &q).expect("copy");
+        point_l2_entry(&q, 0, last_data);
+        point_l2_entry(&q, 1, target);
+        let before = metadata_of(&std::fs::read(&q).expect("read"));
+        for (name, op) in ops {
+            let mut img = open(&q, None, false).expect("open");
+            let err = op(img.as_mut()).err().unwrap_or_else(|| panic!("{name} through a pointer to {what} succeeded"));
+            drop(img);
+            let msg = err.to_string();
+            assert!(msg.contains("corrupt image") && msg.contains(what), "{name} -> {what}: {msg}");
+            assert!(msg.contains("target.qcow2"), "{msg} should name the file");
+            let after = std::fs::read(&q).expect("read");
+            assert!(after.len() == before.len() && metadata_of(&after) == before, "{name} through a pointer to {what} changed metadata");
+        }
+        let map = ferro_block::ops::map(&q, None).expect_err("map must fail").to_string();
+        assert!(map.contains(what), "map -> {what}: {map}");
+    }
+
+    // Commit reads the top image through the same lookups: the base gets no metadata bytes.
+    let base = s.path("base.raw");
+    std::fs::write(&base, data(4, 4 * MIB as usize)).expect("base");
+    let top = s.path("top.qcow2");
+    let mut o = CreateOptions::new(Format::Qcow2, None);
+    o.backing_file = Some("base.raw".into());
+    o.backing_format = Some(Format::Raw);
+    create(&top, &o).expect("top");
+    {
+        let mut img = open(&top, None, false).expect("open top");
+        img.write_at(&data(5, 3 * 65536), 0).expect("write top");
+        img.flush().expect("flush");
+    }
+    point_l2_entry(&top, 1, reftable);
+    let err = ferro_block::ops::commit(&top, None, false, &mut |_, _| {}).expect_err("commit must fail").to_string();
+    assert!(err.contains("the refcount table"), "{err}");
+    let (base_now, base_then) = (std::fs::read(&base).expect("base"), data(4, 4 * MIB as usize));
+    assert!(base_now[65536..] == base_then[65536..], "commit copied metadata into the base");
+
+    // An L1 entry that makes a refcount block double as an L2 table is refused at open, before
+    // a write through it could overwrite refcounts.
+    let q = s.path("l1-refblock.qcow2");
+    std::fs::copy(&pristine, &q).expect("copy");
+    patch(&q, l1 as usize, &(COPIED | refblock).to_be_bytes());
+    let err = open(&q, None, false).err().expect("open must fail").to_string();
+    assert!(err.contains("a refcount block") && err.contains("an L2 table"), "{err}");
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! 12-byte header field switch that makes it live. Breaking off anywhere leaves leaks only.
 use super::Qcow2;
 use super::header::OFF_REFTABLE;
+use super::metamap::MetaKind;
 use super::{REFT_OFFSET_MASK, cache::Slot};
 use crate::error::{Error, Result};
 
@@ -158,8 +159,12 @@ impl Qcow2 {
             self.reftable_moved = true;
             self.free_later(old_off, old_clusters * cs);
         }
+        if new_len > old_len {
+            self.meta.insert(&self.path, self.cb, (start + nblocks) * cs, tclusters * cs, MetaKind::RefcountTable)?;
+        }
         for (i, &ti) in missing.iter().enumerate() {
             let off = (start + i as u64) * cs;
+            self.meta.insert(&self.path, self.cb, off, cs, MetaKind::RefcountBlock)?;
             self.rb_cache.remove(off);
             self.evict_one_rb()?;
             self.rb_cache.insert(off, vec![0u8; cs as usize], true);
@@ -183,24 +188,13 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Clusters that hold the header, the L1 table or the refcount table are never handed out,
-    /// even if a damaged refcount says they are free.
-    fn is_fixed_metadata(&self, c: u64) -> bool {
-        let within = |off: u64, bytes: u64| {
-            let first = off >> self.cb;
-            bytes > 0 && c >= first && c < first + bytes.div_ceil(self.cs)
-        };
-        c == 0
-            || within(self.h.l1_table_offset, u64::from(self.h.l1_size) * 8)
-            || within(self.h.refcount_table_offset, u64::from(self.h.refcount_table_clusters) * self.cs)
-    }
-
     /// Allocates one cluster. Returns its offset and whether it is fresh (past the old end of
     /// the file, so it reads as zeroes without being written).
     pub(crate) fn alloc_cluster(&mut self) -> Result<(u64, bool)> {
         let mut c = self.free_hint;
         while c < self.end_cluster {
-            if !self.is_fixed_metadata(c) && self.get_refcount(c)? == 0 {
+            // A metadata cluster is never handed out, even if a damaged refcount says it is free.
+            if !self.meta.contains(c) && self.get_refcount(c)? == 0 {
                 break;
             }
             c += 1;
@@ -246,6 +240,7 @@ impl Qcow2 {
                 }
                 self.set_refcount(c, r - 1)?;
                 if r == 1 {
+                    self.meta.remove(c);
                     self.free_hint = self.free_hint.min(c);
                     if self.compressed_cache.as_ref().is_some_and(|(h, _)| h >> self.cb == c) {
                         self.compressed_cache = None;

@@ -2,7 +2,6 @@
 //! refcount structures, snapshot tables, bitmap directory and tables), compares the counts with
 //! the stored refcounts, and optionally repairs leaks. Severity follows qemu-img: a stored
 //! refcount below the real count is a corruption, above it a leak.
-use super::header::EXT_BITMAPS;
 use super::{L1E_OFFSET_MASK, L2Entry, OFLAG_COPIED, Qcow2};
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -63,8 +62,8 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
     let mut n = Counter { refs: vec![0; nclusters as usize], cb: img.cb, report: CheckReport::default() };
     n.report.total_clusters = img.h.size.div_ceil(cs);
     n.inc(0, cs, "header");
-    let (l1_off, l1_size) = (img.h.l1_table_offset, u64::from(img.h.l1_size));
-    walk_l1(&mut img, &mut n, l1_off, l1_size, true)?;
+    let (l1_off, l1) = (img.h.l1_table_offset, img.l1.clone());
+    walk_l1(&mut img, &mut n, l1_off, &l1, true)?;
     let rt_off = img.h.refcount_table_offset;
     n.inc(rt_off, u64::from(img.h.refcount_table_clusters) * cs, "refcount table");
     for i in 0..img.reftable.len() {
@@ -125,16 +124,9 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
 
 /// Counts references from an L1 table, its L2 tables and their data clusters. For the active
 /// table (`active`) also checks the COPIED flags and collects allocation statistics.
-fn walk_l1(img: &mut Qcow2, n: &mut Counter, l1_off: u64, l1_size: u64, active: bool) -> Result<()> {
+fn walk_l1(img: &mut Qcow2, n: &mut Counter, l1_off: u64, l1: &[u64], active: bool) -> Result<()> {
     let cs = img.cs;
-    n.inc(l1_off, l1_size * 8, "L1 table");
-    let l1: Vec<u64> = if active {
-        img.l1.clone()
-    } else {
-        let mut raw = vec![0u8; (l1_size * 8) as usize];
-        img.pread(&mut raw, l1_off)?;
-        raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect()
-    };
+    n.inc(l1_off, l1.len() as u64 * 8, "L1 table");
     let mut last_host = None;
     for (i, &e) in l1.iter().enumerate() {
         let l2_off = e & L1E_OFFSET_MASK;
@@ -200,81 +192,21 @@ fn walk_l1(img: &mut Qcow2, n: &mut Counter, l1_off: u64, l1_size: u64, active: 
     Ok(())
 }
 
-fn be_u32(b: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-
-fn be_u64(b: &[u8], o: usize) -> u64 {
-    u64::from_be_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]))
-}
-
-/// Reads `len` bytes of a metadata structure that must lie inside the file.
-fn read_struct(img: &Qcow2, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
-    if off.checked_add(len).is_none_or(|e| e > img.file_len) || len > 64 << 20 {
-        return Err(Error::corrupt(&img.path, format!("{what} at {off:#x} ({len} bytes) is past the end of the file")));
-    }
-    let mut b = vec![0u8; len as usize];
-    img.pread(&mut b, off)?;
-    Ok(b)
-}
-
 /// Internal snapshots: the snapshot table and every snapshot's L1 tree.
 fn walk_snapshots(img: &mut Qcow2, n: &mut Counter) -> Result<()> {
-    let count = img.h.nb_snapshots;
-    if count == 0 {
-        return Ok(());
+    let (snapshots, table_bytes) = img.read_snapshot_table()?;
+    for s in &snapshots {
+        let l1 = img.read_snapshot_l1(s)?;
+        walk_l1(img, n, s.l1_offset, &l1, false)?;
     }
-    let mut off = img.h.snapshots_offset;
-    let start = off;
-    for _ in 0..count {
-        let fixed = read_struct(img, off, 40, "snapshot table entry")?;
-        let l1_off = be_u64(&fixed, 0);
-        let l1_size = u64::from(be_u32(&fixed, 8));
-        let id_len = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
-        let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
-        let extra = u64::from(be_u32(&fixed, 36));
-        if l1_size * 8 > super::header::MAX_L1_BYTES || l1_off % img.cs != 0 {
-            return Err(Error::corrupt(&img.path, format!("snapshot L1 table at {l1_off:#x} of {l1_size} entries")));
-        }
-        read_struct(img, l1_off, l1_size * 8, "snapshot L1 table")?;
-        walk_l1(img, n, l1_off, l1_size, false)?;
-        off = (off + 40 + extra + id_len + name_len).next_multiple_of(8);
-    }
-    n.inc(start, off - start, "snapshot table");
+    n.inc(img.h.snapshots_offset, table_bytes, "snapshot table");
     Ok(())
 }
 
 /// Persistent dirty bitmaps: the directory and each bitmap's table and data clusters.
 fn walk_bitmaps(img: &mut Qcow2, n: &mut Counter) -> Result<()> {
-    let Some(ext) = img.h.extensions.iter().find(|e| e.kind == EXT_BITMAPS).map(|e| e.data.clone()) else {
-        return Ok(());
-    };
-    if ext.len() < 24 {
-        return Err(Error::corrupt(&img.path, "bitmaps header extension shorter than 24 bytes"));
-    }
-    let count = be_u32(&ext, 0);
-    let dir_size = be_u64(&ext, 8);
-    let dir_off = be_u64(&ext, 16);
-    let dir = read_struct(img, dir_off, dir_size, "bitmap directory")?;
-    n.inc(dir_off, dir_size, "bitmap directory");
-    let mut pos = 0usize;
-    for _ in 0..count {
-        if pos + 24 > dir.len() {
-            return Err(Error::corrupt(&img.path, "bitmap directory entry runs past the directory"));
-        }
-        let table_off = be_u64(&dir, pos);
-        let table_size = u64::from(be_u32(&dir, pos + 8));
-        let name_len = u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]) as usize;
-        let extra = be_u32(&dir, pos + 20) as usize;
-        let table = read_struct(img, table_off, table_size * 8, "bitmap table")?;
-        n.inc(table_off, table_size * 8, "bitmap table");
-        for e in table.chunks_exact(8) {
-            let off = u64::from_be_bytes(e.try_into().unwrap_or([0; 8])) & L1E_OFFSET_MASK;
-            if off != 0 {
-                n.inc(off, img.cs, "bitmap data");
-            }
-        }
-        pos = (pos + 24 + extra + name_len).next_multiple_of(8);
+    for (off, len, what) in img.bitmap_regions()? {
+        n.inc(off, len, what);
     }
     Ok(())
 }

@@ -1,17 +1,22 @@
 //! qcow2 images: lookup through L1/L2 tables, reads (normal, zero, compressed clusters, backing
 //! fall-through), allocating writes with copy-on-write, zeroing and discard, resize.
 //! Cluster allocation, refcounts and the ordered write-back live in `alloc`; `check` walks the
-//! metadata to find corruptions and leaks.
+//! metadata to find corruptions and leaks; `metamap` knows where metadata lies, and every L2
+//! entry is checked against it (and the end of the file) before anything follows it.
 mod alloc;
+mod bitmaps;
 mod cache;
 pub mod check;
 mod header;
+mod metamap;
+mod snapshot;
 
 use crate::error::{Error, Result};
 use crate::{CreateOptions, DiskImage, Extent, Format, ImageInfo, Qcow2Details, Status, check_range, resolve_backing};
 use cache::MetaCache;
 pub(crate) use header::MAGIC;
 use header::*;
+use metamap::{MetaKind, MetaMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -74,6 +79,8 @@ pub struct Qcow2 {
     backing: Option<Box<dyn DiskImage>>,
     /// Last decompressed cluster (host offset of the compressed data, contents).
     compressed_cache: Option<(u64, Vec<u8>)>,
+    /// Where the metadata lies: no data pointer may lead into it.
+    meta: MetaMap,
 }
 
 /// Creates a qcow2 image: header, one refcount table cluster and one refcount block, then grows
@@ -174,25 +181,6 @@ impl Qcow2 {
                 ));
             }
         }
-        // Tables must not point into the header, the L1 table or the refcount table: writing
-        // through such a pointer would destroy the image.
-        let overlaps = |off: u64| {
-            let within = |start: u64, bytes: u64| bytes > 0 && off >= start && off < start + bytes.next_multiple_of(cs);
-            off < cs
-                || within(h.l1_table_offset, u64::from(h.l1_size) * 8)
-                || within(h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs)
-        };
-        if let Some(i) = l1.iter().position(|&e| e & L1E_OFFSET_MASK != 0 && overlaps(e & L1E_OFFSET_MASK)) {
-            return Err(Error::corrupt(path, format!("L1 entry {i} points into fixed metadata")));
-        }
-        if let Some(i) = reftable.iter().position(|&e| e & REFT_OFFSET_MASK != 0 && overlaps(e & REFT_OFFSET_MASK)) {
-            return Err(Error::corrupt(path, format!("refcount table entry {i} points into fixed metadata")));
-        }
-        if h.l1_size > 0 && h.l1_table_offset < h.refcount_table_offset + u64::from(h.refcount_table_clusters) * cs
-            && h.refcount_table_offset < h.l1_table_offset + u64::from(h.l1_size) * 8
-        {
-            return Err(Error::corrupt(path, "L1 table and refcount table overlap"));
-        }
         let mut img = Qcow2 {
             path: path.to_path_buf(),
             file,
@@ -213,8 +201,10 @@ impl Qcow2 {
             unsynced: false,
             backing: None,
             compressed_cache: None,
+            meta: MetaMap::default(),
             h,
         };
+        img.meta = img.map_metadata()?;
         if !readonly && img.h.autoclear != 0 {
             // We do not maintain what autoclear features describe (e.g. dirty bitmaps); clearing
             // the bits tells other readers that those structures are stale, as the spec asks.
@@ -223,6 +213,60 @@ impl Qcow2 {
             img.sync()?;
         }
         Ok(img)
+    }
+
+    /// Finds every metadata cluster: header, L1 and refcount tables, refcount blocks, L2
+    /// tables (active and of snapshots), the snapshot table and snapshot L1 tables, bitmaps.
+    /// Two structures sharing a cluster make the image corrupt.
+    fn map_metadata(&self) -> Result<MetaMap> {
+        let (path, cb, cs) = (self.path.as_path(), self.cb, self.cs);
+        let mut m = MetaMap::default();
+        m.insert(path, cb, 0, cs, MetaKind::Header)?;
+        m.insert(path, cb, self.h.l1_table_offset, u64::from(self.h.l1_size) * 8, MetaKind::L1Table)?;
+        let rt_bytes = u64::from(self.h.refcount_table_clusters) * cs;
+        m.insert(path, cb, self.h.refcount_table_offset, rt_bytes, MetaKind::RefcountTable)?;
+        let present = |off: &u64| *off != 0;
+        for off in self.reftable.iter().map(|e| e & REFT_OFFSET_MASK).filter(present) {
+            m.insert(path, cb, off, cs, MetaKind::RefcountBlock)?;
+        }
+        for off in self.l1.iter().map(|e| e & L1E_OFFSET_MASK).filter(present) {
+            m.insert(path, cb, off, cs, MetaKind::L2Table)?;
+        }
+        let (snapshots, table_bytes) = self.read_snapshot_table()?;
+        m.insert(path, cb, self.h.snapshots_offset, table_bytes, MetaKind::SnapshotTable)?;
+        for (i, s) in snapshots.iter().enumerate() {
+            m.insert(path, cb, s.l1_offset, u64::from(s.l1_size) * 8, MetaKind::SnapshotL1Table)?;
+            for e in self.read_snapshot_l1(s)? {
+                let off = e & L1E_OFFSET_MASK;
+                if e & L1E_RESERVED != 0 || off.saturating_add(cs) > self.file_len {
+                    return Err(Error::corrupt(path, format!("snapshot {i}: L1 entry {e:#x} is invalid or past the end of the file")));
+                }
+                if off != 0 {
+                    m.insert(path, cb, off, cs, MetaKind::L2Table)?;
+                }
+            }
+        }
+        for (off, len, _) in self.bitmap_regions()? {
+            m.insert(path, cb, off, len, MetaKind::Bitmap)?;
+        }
+        Ok(m)
+    }
+
+    /// Refuses an entry whose data lies past the end of the file or inside metadata: writing
+    /// or freeing through it would destroy the image.
+    fn check_host(&self, e: L2Entry) -> Result<()> {
+        let (host, len) = match e {
+            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => (host, self.cs),
+            L2Entry::Compressed { host, len } => (host, len),
+            L2Entry::Zero { host: None, .. } | L2Entry::Unallocated => return Ok(()),
+        };
+        if host >= self.file_len {
+            return Err(Error::corrupt(
+                &self.path,
+                format!("data cluster at {host:#x} is past the end of the file ({} bytes)", self.file_len),
+            ));
+        }
+        self.meta.check_data(&self.path, self.cb, host, len.min(self.file_len - host))
     }
 
     /// The backing file to open (resolved path and recorded format), if the image names one.
@@ -336,9 +380,12 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// The decoded entry `idx` of an L2 table, refused if it points outside the data area.
     fn entry(&mut self, l2_off: u64, idx: usize) -> Result<L2Entry> {
         let raw = self.l2_get(l2_off, idx)?;
-        self.decode(raw)
+        let e = self.decode(raw)?;
+        self.check_host(e)?;
+        Ok(e)
     }
 
     fn decode(&self, e: u64) -> Result<L2Entry> {
@@ -383,7 +430,8 @@ impl Qcow2 {
         }
         let mut i = l2i + 1;
         while len < max && (i as u64) < self.l2_entries() {
-            let next = self.entry(l2_off, i)?;
+            // An entry that does not decode ends the run; the caller meets its error next.
+            let Ok(next) = self.l2_get(l2_off, i).and_then(|raw| self.decode(raw)) else { break };
             let same = match (first, next) {
                 (L2Entry::Normal { host: a, copied: ca }, L2Entry::Normal { host: b, copied: cb }) => {
                     ca == cb && b == a + (i - l2i) as u64 * self.cs
@@ -398,7 +446,26 @@ impl Qcow2 {
             len = (len + self.cs).min(max);
             i += 1;
         }
+        if let L2Entry::Normal { host, .. } = first {
+            len = self.clamp_data_run(host, in_cluster, len);
+        }
         Ok((first, len))
+    }
+
+    /// Cuts a contiguous data run starting at `host` (already checked) before the first cluster
+    /// that lies past the end of the file or holds metadata, so that no read or write of the
+    /// run reaches it; the next lookup then reports that cluster as corrupt.
+    fn clamp_data_run(&self, host: u64, in_cluster: u64, len: u64) -> u64 {
+        let clusters = (in_cluster + len).div_ceil(self.cs);
+        if clusters == 1 {
+            return len;
+        }
+        let first = host >> self.cb;
+        let mut good = clusters.min((self.file_len - host).div_ceil(self.cs));
+        if let Some((c, _)) = self.meta.first_in(first + 1, good - 1) {
+            good = c - first;
+        }
+        len.min(good * self.cs - in_cluster)
     }
 
     fn read_backing(&mut self, buf: &mut [u8], off: u64) -> Result<()> {
@@ -442,15 +509,7 @@ impl Qcow2 {
                 buf.fill(0);
                 Ok(())
             }
-            L2Entry::Normal { host, .. } => {
-                if host >= self.file_len {
-                    return Err(Error::corrupt(
-                        &self.path,
-                        format!("data cluster at {host:#x} is past the end of the file ({} bytes)", self.file_len),
-                    ));
-                }
-                self.pread(buf, host + in_cluster)
-            }
+            L2Entry::Normal { host, .. } => self.pread(buf, host + in_cluster),
             L2Entry::Compressed { host, len } => {
                 let data = self.decompress(host, len)?;
                 let s = in_cluster as usize;
@@ -470,6 +529,7 @@ impl Qcow2 {
         }
         let contents = if old != 0 { self.l2_table(old)?.data.clone() } else { vec![0u8; self.cs as usize] };
         let (new, _) = self.alloc_cluster()?;
+        self.meta.insert(&self.path, self.cb, new, self.cs, MetaKind::L2Table)?;
         self.evict_one_l2()?;
         self.l2_cache.insert(new, contents, true);
         self.l1[l1i] = new | OFLAG_COPIED;
@@ -556,6 +616,7 @@ impl Qcow2 {
             let (l2_off, l2i) = self.l2_for_write(off)?;
             let raw = self.l2_get(l2_off, l2i)?;
             let entry = self.decode(raw)?;
+            self.check_host(entry)?;
             let new = match mode {
                 ZeroMode::Unmap => 0,
                 ZeroMode::ZeroFlag => OFLAG_ZERO,
@@ -637,6 +698,7 @@ impl Qcow2 {
         self.writeback()?;
         let clusters = (entries * 8).div_ceil(self.cs);
         let new_off = self.alloc_contiguous(clusters)?;
+        self.meta.insert(&self.path, self.cb, new_off, clusters * self.cs, MetaKind::L1Table)?;
         self.write_refcounts()?;
         let mut l1 = self.l1.clone();
         l1.resize(entries as usize, 0);
