@@ -61,10 +61,9 @@ fn summarize(name: &str, runs: &[Launch]) -> (f64, f64, f64) {
     (first, exit, rss)
 }
 
+/// $FERRO_BIN, or the `ferro` built beside this binary.
 fn ferro_bin() -> PathBuf {
-    std::env::var_os("FERRO_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        std::env::current_exe().unwrap().with_file_name("ferro")
-    })
+    std::env::var_os("FERRO_BIN").map(PathBuf::from).unwrap_or_else(ferro_test_support::ferro_bin)
 }
 
 /// Builds the reference C harness into a scratch directory; None when it cannot.

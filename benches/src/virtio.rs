@@ -18,8 +18,9 @@
 //! - Time: the guest reports TSC cycles from its first request to its last completion; guest
 //!   TSC = host TSC on this KVM (no scaling), and the host measures the TSC frequency.
 
+use ferro_test_support::net::Netns;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -105,7 +106,7 @@ fn qemu_command(guest: &Path, device: &[String], cmdline: &str) -> Command {
 }
 
 /// Runs a VMM with the bench guest (inside `netns` if given); returns the guest's TSC cycles.
-fn run_guest(vmm: Vmm, ctx: &Ctx, devices: (&[String], &[String]), w: &Workload, netns: Option<&str>) -> u64 {
+fn run_guest(vmm: Vmm, ctx: &Ctx, devices: (&[String], &[String]), w: &Workload, netns: Option<&Netns>) -> u64 {
     let cmdline = w.cmdline();
     let inner = match vmm {
         Vmm::Ferro => ferro_command(&ctx.ferro, &ctx.guest, devices.0, &cmdline),
@@ -113,8 +114,8 @@ fn run_guest(vmm: Vmm, ctx: &Ctx, devices: (&[String], &[String]), w: &Workload,
     };
     let mut cmd = match netns {
         Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(inner.get_program()).args(inner.get_args());
+            let mut c = ns.command(inner.get_program());
+            c.args(inner.get_args());
             c
         }
         None => inner,
@@ -276,43 +277,6 @@ fn bench_block(ctx: &Ctx, place: &str, dir: &Path) {
 // ---------------------------------------------------------------------------------------------
 // Net
 
-/// A network namespace holding the bench tap; deleted (with the tap) when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        let ns = Netns(format!("ferro-bench-{}", std::process::id()));
-        ip(&["netns", "add", &ns.0]);
-        ip(&["-n", &ns.0, "tuntap", "add", "dev", TAP, "mode", "tap"]);
-        ip(&["-n", &ns.0, "link", "set", TAP, "up"]);
-        ns
-    }
-
-    /// Runs `f` on a thread inside the namespace (sockets and taps it opens stay there).
-    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open the namespace");
-            // SAFETY: setns on an fd we own; it changes only this thread's namespace.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-            f()
-        })
-        .join()
-        .expect("namespace thread")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let o = Command::new("ip").args(args).output().expect("run ip (iproute2)");
-    assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-}
-
 fn ifreq(name: &str) -> libc::ifreq {
     // SAFETY: ifreq is plain data; all zeros is valid.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -320,25 +284,6 @@ fn ifreq(name: &str) -> libc::ifreq {
         *d = s as libc::c_char;
     }
     req
-}
-
-/// An AF_PACKET socket on the tap that sees only the bench ethertype (call inside the netns).
-fn counting_socket() -> OwnedFd {
-    let proto = i32::from(ETHERTYPE.to_be());
-    // SAFETY: plain socket/bind syscalls with an address that lives for the call; checked.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto);
-        assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-        let sock = OwnedFd::from_raw_fd(fd);
-        let name = std::ffi::CString::new(TAP).unwrap();
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = ETHERTYPE.to_be();
-        addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-        let len = size_of::<libc::sockaddr_ll>() as u32;
-        assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0, "bind: {}", std::io::Error::last_os_error());
-        sock
-    }
 }
 
 /// Frames the socket saw since the last call (delivered and dropped for a full buffer alike).
@@ -381,8 +326,9 @@ fn host_tx(tap: &std::fs::File, w: &Workload) -> f64 {
 }
 
 fn bench_net(ctx: &Ctx) {
-    let ns = Netns::new();
-    let sock = ns.enter(counting_socket);
+    let ns = Netns::with_tap("bench", TAP, None);
+    // Only counted (PACKET_STATISTICS), never read, so no reader competes for the CPU.
+    let sock = ns.packet_socket(TAP, ETHERTYPE);
     let ours = vec!["--net".to_owned(), format!("tap={TAP}")];
     let qemu = vec![
         "-netdev".to_owned(),
@@ -401,9 +347,9 @@ fn bench_net(ctx: &Ctx) {
         };
         frames_seen(&sock);
         for _ in 0..ctx.reps {
-            let secs = run_guest(Vmm::Ferro, ctx, (&ours, &qemu), w, Some(&ns.0)) as f64 / ctx.tsc_hz;
+            let secs = run_guest(Vmm::Ferro, ctx, (&ours, &qemu), w, Some(&ns)) as f64 / ctx.tsc_hz;
             rate(secs, 0, &mut f);
-            let secs = run_guest(Vmm::Qemu, ctx, (&ours, &qemu), w, Some(&ns.0)) as f64 / ctx.tsc_hz;
+            let secs = run_guest(Vmm::Qemu, ctx, (&ours, &qemu), w, Some(&ns)) as f64 / ctx.tsc_hz;
             rate(secs, 1, &mut q);
             let tap = ns.enter(open_tap);
             let secs = host_tx(&tap, w);

@@ -51,8 +51,8 @@ fn crash_child_entry() {
 
 #[test]
 fn kill_minus_nine_leaves_consistent_image() {
-    let s = Scratch::new("crash");
-    let img = s.path("crash.qcow2");
+    let s = TempDir::new("block-crash");
+    let img = s.join("crash.qcow2");
     create(&img, &CreateOptions::new(Format::Qcow2, Some(SIZE))).expect("create");
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
     let mut rng = seed | 1;

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 const MIB: u64 = 1 << 20;
 
 /// A small valid image with data in a few clusters (64 KiB clusters, 4 MiB).
-fn valid(s: &Scratch, name: &str) -> PathBuf {
-    let q = s.path(name);
+fn valid(s: &TempDir, name: &str) -> PathBuf {
+    let q = s.join(name);
     create(&q, &CreateOptions::new(Format::Qcow2, Some(4 * MIB))).expect("create");
     let mut img = open(&q, None, false).expect("open");
     img.write_at(&data(1, 200_000), 10_000).expect("write");
@@ -50,7 +50,7 @@ fn expect_error(path: &Path, want: &str) {
 
 #[test]
 fn damaged_headers_and_tables_give_clear_errors() {
-    let s = Scratch::new("hostile");
+    let s = TempDir::new("block-hostile");
     let q = valid(&s, "truncated.qcow2");
     std::fs::write(&q, &std::fs::read(&q).expect("read")[..50]).expect("truncate");
     expect_error(&q, "shorter than the header");
@@ -226,9 +226,9 @@ fn data_pointers_into_metadata_are_refused_on_every_path() {
 
 #[test]
 fn backing_loops_and_missing_backing_files() {
-    let s = Scratch::new("loops");
-    let a = s.path("a.qcow2");
-    let b = s.path("b.qcow2");
+    let s = TempDir::new("block-loops");
+    let a = s.join("a.qcow2");
+    let b = s.join("b.qcow2");
     create(&a, &CreateOptions::new(Format::Qcow2, Some(MIB))).expect("a");
     let mut o = CreateOptions::new(Format::Qcow2, None);
     o.backing_file = Some("a.qcow2".into());
@@ -247,16 +247,16 @@ fn backing_loops_and_missing_backing_files() {
     assert!(e.contains("gone.raw"), "{e}");
     // A chain deeper than the limit.
     let mut prev = "a0.raw".to_string();
-    std::fs::write(s.path(&prev), [0u8; 512]).expect("base");
+    std::fs::write(s.join(&prev), [0u8; 512]).expect("base");
     for i in 1..=ferro_block::MAX_CHAIN_DEPTH + 1 {
         let name = format!("a{i}.qcow2");
         let mut o = CreateOptions::new(Format::Qcow2, Some(512));
         o.backing_file = Some(prev.clone());
         o.backing_format = Some(if i == 1 { Format::Raw } else { Format::Qcow2 });
-        create(&s.path(&name), &o).expect("chain link");
+        create(&s.join(&name), &o).expect("chain link");
         prev = name;
     }
-    let e = open(s.path(&prev), None, true).err().expect("too deep").to_string();
+    let e = open(s.join(&prev), None, true).err().expect("too deep").to_string();
     assert!(e.contains("deeper"), "{e}");
 }
 
@@ -264,11 +264,11 @@ fn backing_loops_and_missing_backing_files() {
 /// result is fine except a panic (caught and reported with the seed).
 #[test]
 fn mutation_fuzz_never_panics() {
-    let s = Scratch::new("fuzz");
+    let s = TempDir::new("block-fuzz");
     let base = valid(&s, "base.qcow2");
     let pristine = std::fs::read(&base).expect("read");
     let meta_len = pristine.len().min(6 * 65536);
-    let q = s.path("m.qcow2");
+    let q = s.join("m.qcow2");
     for seed in 0..300u64 {
         let mut v = pristine.clone();
         let r = data(seed + 1000, 64);

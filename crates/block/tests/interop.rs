@@ -26,9 +26,9 @@ fn scribble(img: &mut dyn ferro_block::DiskImage, model: &mut [u8], seed: u64) {
 
 #[test]
 fn our_qcow2_passes_qemu_check_and_compare() {
-    let s = Scratch::new("ours");
+    let s = TempDir::new("block-ours");
     for (cluster, rbits, v2) in [(65536u64, 16u32, false), (512, 16, false), (2 * MIB, 16, false), (4096, 1, false), (65536, 64, false), (65536, 16, true)] {
-        let q = s.path("a.qcow2");
+        let q = s.join("a.qcow2");
         let size = 8 * MIB;
         let mut o = CreateOptions::new(Format::Qcow2, Some(size));
         o.cluster_size = cluster;
@@ -42,7 +42,7 @@ fn our_qcow2_passes_qemu_check_and_compare() {
             img.flush().expect("flush");
         }
         assert_qemu_check_clean(&q);
-        let r = s.path("model.raw");
+        let r = s.join("model.raw");
         std::fs::write(&r, &model).expect("write model");
         assert_qemu_identical(&q, &r);
         assert_eq!(read_all(&q), model, "our read-back, cluster {cluster} refcount bits {rbits}");
@@ -55,9 +55,9 @@ fn p(path: &std::path::Path) -> &str {
 
 #[test]
 fn qemu_written_qcow2_reads_back_byte_for_byte() {
-    let s = Scratch::new("theirs");
+    let s = TempDir::new("block-theirs");
     for opts in ["cluster_size=65536", "cluster_size=4096,refcount_bits=8", "compat=0.10", "cluster_size=512"] {
-        let q = s.path("q.qcow2");
+        let q = s.join("q.qcow2");
         qemu_img_ok(&["create", "-q", "-f", "qcow2", "-o", opts, p(&q), "16M"]);
         qemu_io(
             "qcow2",
@@ -77,12 +77,12 @@ fn qemu_written_qcow2_reads_back_byte_for_byte() {
 
 #[test]
 fn compressed_clusters_read_like_qemu() {
-    let s = Scratch::new("compressed");
-    let r = s.path("src.raw");
+    let s = TempDir::new("block-compressed");
+    let r = s.join("src.raw");
     let mut content = data(7, 3 * MIB as usize);
     content[MIB as usize..2 * MIB as usize].iter_mut().enumerate().for_each(|(i, b)| *b = (i / 1000) as u8);
     std::fs::write(&r, &content).expect("write raw");
-    let q = s.path("c.qcow2");
+    let q = s.join("c.qcow2");
     qemu_img_ok(&["convert", "-c", "-O", "qcow2", p(&r), p(&q)]);
     assert_eq!(read_all(&q), content);
     // Overwriting part of a compressed cluster copies it out and frees the compressed data.
@@ -99,13 +99,13 @@ fn compressed_clusters_read_like_qemu() {
 
 #[test]
 fn backing_chains_both_ways() {
-    let s = Scratch::new("chain");
+    let s = TempDir::new("block-chain");
     let size = 4 * MIB;
     // qemu builds raw <- qcow2 <- qcow2 with a relative and an absolute backing name.
-    let base = s.path("base.raw");
+    let base = s.join("base.raw");
     std::fs::write(&base, data(1, size as usize)).expect("base");
-    let mid = s.path("mid.qcow2");
-    let top = s.path("top.qcow2");
+    let mid = s.join("mid.qcow2");
+    let top = s.join("top.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", p(&mid)]);
     qemu_io("qcow2", &mid, &["write -P 0x44 1M 100k", "write -z 3M 64k"]);
     qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", p(&mid), "-F", "qcow2", p(&top)]);
@@ -113,7 +113,7 @@ fn backing_chains_both_ways() {
     assert_eq!(read_all(&top), qemu_read_all(&top, &s));
 
     // We build a chain on top of theirs, write partial clusters (copy-on-write from backing).
-    let ours = s.path("ours.qcow2");
+    let ours = s.join("ours.qcow2");
     let mut o = CreateOptions::new(Format::Qcow2, None);
     o.backing_file = Some("top.qcow2".into());
     o.backing_format = Some(Format::Qcow2);
@@ -139,8 +139,8 @@ fn backing_chains_both_ways() {
 
 #[test]
 fn refcount_table_growth_with_small_clusters() {
-    let s = Scratch::new("grow");
-    let q = s.path("g.qcow2");
+    let s = TempDir::new("block-grow");
+    let q = s.join("g.qcow2");
     let size = 24 * MIB;
     let mut o = CreateOptions::new(Format::Qcow2, Some(size));
     o.cluster_size = 512;
@@ -159,8 +159,8 @@ fn refcount_table_growth_with_small_clusters() {
 
 #[test]
 fn resize_grows_and_shrinks_like_qemu_sees_it() {
-    let s = Scratch::new("resize");
-    let q = s.path("r.qcow2");
+    let s = TempDir::new("block-resize");
+    let q = s.join("r.qcow2");
     create(&q, &CreateOptions::new(Format::Qcow2, Some(MIB + 1000))).expect("create");
     {
         let mut img = open(&q, None, false).expect("open");

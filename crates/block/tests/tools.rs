@@ -19,11 +19,11 @@ fn checked(path: &Path) -> ferro_block::qcow2::check::CheckReport {
 }
 
 /// qemu builds a chain with data, zero clusters and discards; used by several tests.
-fn qemu_chain(s: &Scratch) -> std::path::PathBuf {
-    let base = s.path("base.qcow2");
+fn qemu_chain(s: &TempDir) -> std::path::PathBuf {
+    let base = s.join("base.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", p(&base), "8M"]);
     qemu_io("qcow2", &base, &["write -P 0x61 0 3M", "write -P 0x62 6M 512k"]);
-    let top = s.path("top.qcow2");
+    let top = s.join("top.qcow2");
     qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", p(&top)]);
     qemu_io("qcow2", &top, &["write -P 0x71 1M 64k", "write -z 2M 128k", "write -P 0x72 7M 4k"]);
     top
@@ -31,7 +31,7 @@ fn qemu_chain(s: &Scratch) -> std::path::PathBuf {
 
 #[test]
 fn map_and_info_match_qemu() {
-    let s = Scratch::new("map");
+    let s = TempDir::new("block-map");
     let top = qemu_chain(&s);
     let ours = ops::map_json(&ops::map(&top, None).expect("map"));
     let theirs = qemu_img_ok(&["map", "--output", "json", p(&top)]);
@@ -62,8 +62,8 @@ fn map_and_info_match_qemu() {
 
 #[test]
 fn check_finds_leaks_and_corruption_like_qemu() {
-    let s = Scratch::new("check");
-    let q = s.path("c.qcow2");
+    let s = TempDir::new("block-check");
+    let q = s.join("c.qcow2");
     create(&q, &CreateOptions::new(Format::Qcow2, Some(4 * MIB))).expect("create");
     {
         let mut img = open(&q, None, false).expect("open");
@@ -99,17 +99,17 @@ fn check_finds_leaks_and_corruption_like_qemu() {
     assert!(r.corruptions >= 1 && r.exit_code() == 2, "{r:?}");
     assert_eq!(qemu_img(&["check", p(&q)]).status.code(), Some(2));
     // Raw has nothing to check (qemu-img exits 63).
-    let raw = s.path("r.raw");
+    let raw = s.join("r.raw");
     create(&raw, &CreateOptions::new(Format::Raw, Some(MIB))).expect("raw");
     assert!(matches!(ops::check(&raw, None, false).expect("check"), CheckOutcome::NotSupported(Format::Raw)));
 }
 
 #[test]
 fn convert_matches_qemu_convert_and_stays_sparse() {
-    let s = Scratch::new("convert");
+    let s = TempDir::new("block-convert");
     let top = qemu_chain(&s);
     for (fmt, name) in [(Format::Qcow2, "out.qcow2"), (Format::Raw, "out.raw")] {
-        let out = s.path(name);
+        let out = s.join(name);
         let opts = ConvertOptions { src_format: None, dst: CreateOptions::new(fmt, None) };
         ops::convert(&top, &out, &opts, &mut |_, _| {}).expect("convert");
         assert_qemu_identical(&top, &out);
@@ -121,7 +121,7 @@ fn convert_matches_qemu_convert_and_stays_sparse() {
         }
     }
     // Compare against our own converted raw, and a mismatch is found at the right offset.
-    let raw = s.path("out.raw");
+    let raw = s.join("out.raw");
     assert_eq!(ops::compare(&top, None, &raw, None, false, &mut |_, _| {}).expect("compare"), CompareResult::Identical);
     {
         let mut img = open(&raw, None, false).expect("open raw");
@@ -135,20 +135,20 @@ fn convert_matches_qemu_convert_and_stays_sparse() {
 
 #[test]
 fn commit_and_rebase_keep_content() {
-    let s = Scratch::new("commit");
+    let s = TempDir::new("block-commit");
     let top = qemu_chain(&s);
     let before = qemu_read_all(&top, &s);
     // Safe rebase onto nothing: the image must now hold everything itself.
-    let flat = s.path("flat.qcow2");
+    let flat = s.join("flat.qcow2");
     std::fs::copy(&top, &flat).expect("copy");
     ops::rebase(&flat, None, None, false, &mut |_, _| {}).expect("rebase to none");
     assert_qemu_check_clean(&flat);
     assert!(!qemu_img_ok(&["info", p(&flat)]).contains("backing file"));
     assert_eq!(qemu_read_all(&flat, &s), before);
     // Safe rebase onto a different base: content unchanged, new name recorded.
-    let other = s.path("other.raw");
+    let other = s.join("other.raw");
     std::fs::write(&other, data(5, 8 * MIB as usize)).expect("other");
-    let moved = s.path("moved.qcow2");
+    let moved = s.join("moved.qcow2");
     std::fs::copy(&top, &moved).expect("copy");
     ops::rebase(&moved, Some("other.raw"), Some(Format::Raw), false, &mut |_, _| {}).expect("rebase");
     assert_qemu_check_clean(&moved);
@@ -157,16 +157,16 @@ fn commit_and_rebase_keep_content() {
     // Commit top into base: base now shows the merged content and top is empty.
     ops::commit(&top, None, false, &mut |_, _| {}).expect("commit");
     assert_qemu_check_clean(&top);
-    assert_qemu_check_clean(&s.path("base.qcow2"));
-    assert_eq!(qemu_read_all(&s.path("base.qcow2"), &s), before);
+    assert_qemu_check_clean(&s.join("base.qcow2"));
+    assert_eq!(qemu_read_all(&s.join("base.qcow2"), &s), before);
     assert_eq!(checked(&top).allocated_clusters, 0);
     assert_eq!(qemu_read_all(&top, &s), before);
 }
 
 #[test]
 fn resize_parses_qemu_sizes() {
-    let s = Scratch::new("rs");
-    let q = s.path("r.qcow2");
+    let s = TempDir::new("block-rs");
+    let q = s.join("r.qcow2");
     create(&q, &CreateOptions::new(Format::Qcow2, Some(MIB))).expect("create");
     assert_eq!(ops::resize(&q, None, "+1M", false).expect("grow"), 2 * MIB);
     assert!(ops::resize(&q, None, "-512K", false).is_err(), "shrink needs --shrink");
@@ -179,16 +179,16 @@ fn resize_parses_qemu_sizes() {
 
 #[test]
 fn vmdk_input_converts_to_the_same_bytes_as_qemu() {
-    let s = Scratch::new("vmdk");
-    let raw = s.path("src.raw");
+    let s = TempDir::new("block-vmdk");
+    let raw = s.join("src.raw");
     let mut content = data(11, 5 * MIB as usize);
     content[MIB as usize..3 * MIB as usize].fill(0);
     content[4 * MIB as usize..4 * MIB as usize + 70_000].fill(0x3c);
     std::fs::write(&raw, &content).expect("raw");
     for sub in ["monolithicSparse", "streamOptimized"] {
-        let vmdk = s.path(&format!("{sub}.vmdk"));
+        let vmdk = s.join(&format!("{sub}.vmdk"));
         qemu_img_ok(&["convert", "-f", "raw", "-O", "vmdk", "-o", &format!("subformat={sub}"), p(&raw), p(&vmdk)]);
-        let ours = s.path(&format!("{sub}.qcow2"));
+        let ours = s.join(&format!("{sub}.qcow2"));
         let opts = ConvertOptions { src_format: None, dst: CreateOptions::new(Format::Qcow2, None) };
         ops::convert(&vmdk, &ours, &opts, &mut |_, _| {}).expect("convert vmdk");
         assert_qemu_check_clean(&ours);

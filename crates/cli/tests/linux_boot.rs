@@ -4,11 +4,8 @@
 //!
 //! Tier 3 (stock Debian kernel) runs only on hardware KVM and says why it skips elsewhere.
 
-mod common;
-
-use common::{linux_cmdline, linux_dir};
 use ferro_hypervisor::probe_host_kind;
-use std::process::{Command, Stdio};
+use ferro_test_support::vm::{ferro_command, linux_dir, linux_run};
 use std::time::Instant;
 
 /// Far above the ~30 s a boot takes here, so only a hang reaches it.
@@ -21,22 +18,8 @@ struct Boot {
 }
 
 fn boot(kernel: &str, cpus: u32, memory: &str, guest_cmd: &str) -> Boot {
-    let dir = linux_dir();
-    let cmdline = format!("{} ferro.cmd={guest_cmd}", linux_cmdline());
     let start = Instant::now();
-    // A hung boot must fail the test, not the whole run: coreutils' timeout sends SIGTERM,
-    // which ferro turns into a clean stop.
-    let out = Command::new("timeout")
-        .arg(BOOT_LIMIT_SECS.to_string())
-        .arg(env!("CARGO_BIN_EXE_ferro"))
-        .args(["run", "--kernel"])
-        .arg(dir.join(kernel))
-        .arg("--initrd")
-        .arg(dir.join("initramfs.cpio"))
-        .args(["--cpus", &cpus.to_string(), "--memory", memory, "--cmdline", &cmdline])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ferro");
+    let out = linux_run(BOOT_LIMIT_SECS, &[], kernel, guest_cmd).args(["--cpus", &cpus.to_string(), "--memory", memory]).output().expect("run ferro");
     let b = Boot {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         status: out.status.code(),
@@ -100,13 +83,12 @@ fn stock_debian_kernel_needs_hardware_kvm() {
         panic!("hardware KVM present but no /boot/vmlinuz-*cloud*: apt-get install linux-image-cloud-amd64");
     };
     let dir = linux_dir();
-    let out = Command::new(env!("CARGO_BIN_EXE_ferro"))
+    let out = ferro_command()
         .args(["run", "--kernel"])
         .arg(&kernel)
         .arg("--initrd")
         .arg(dir.join("initramfs.cpio"))
         .args(["--memory", "512M", "--cmdline", "console=ttyS0 panic=-1 ferro.cmd=true"])
-        .stdin(Stdio::null())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -5,42 +5,15 @@
 //! reads /dev/hwrng; writes to the virtio console, which the test reads on its socket; and its
 //! balloon driver takes memory as the balloon's initial size asks.
 
-mod common;
-
-use common::{linux_cmdline, linux_dir};
+use ferro_test_support::net::Netns;
+use ferro_test_support::vm::linux_run;
+use ferro_test_support::{TempDir, run_ok};
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BOOT_LIMIT_SECS: u32 = 400;
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// A network namespace holding a tap with the host address; deleted with the tap on drop.
-struct Netns(String);
-
-impl Netns {
-    fn with_tap(tag: &str) -> Netns {
-        let ns = Netns(format!("ferro-lx-{tag}-{}", std::process::id()));
-        run("ip", &["netns", "add", &ns.0]);
-        run("ip", &["-n", &ns.0, "tuntap", "add", "tap0", "mode", "tap"]);
-        run("ip", &["-n", &ns.0, "addr", "add", "10.0.0.1/24", "dev", "tap0"]);
-        run("ip", &["-n", &ns.0, "link", "set", "tap0", "up"]);
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 /// Collects what the guest writes to its virtio console, from the VMM's console socket.
 fn read_console(path: PathBuf) -> std::thread::JoinHandle<String> {
@@ -66,14 +39,12 @@ fn mem_kb(line_prefix: &str, out: &str) -> Option<u64> {
 }
 
 fn boot_with_devices(transport: &str) {
-    let dir = linux_dir();
-    let scratch = std::env::temp_dir().join(format!("ferro-lxv-{transport}-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).unwrap();
+    let scratch = TempDir::new(&format!("linux-virtio-{transport}"));
     let disk = scratch.join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
-    run("mkfs.ext4", &["-q", "-F", disk.to_str().unwrap()]);
+    run_ok("mkfs.ext4", &["-q", "-F", disk.to_str().unwrap()]);
     let console_sock = scratch.join("console.sock");
-    let ns = Netns::with_tap(transport);
+    let ns = Netns::with_tap(&format!("lx-{transport}"), "tap0", Some("10.0.0.1/24"));
     let guest_cmd = [
         "mount+-t+ext4+/dev/vda+/mnt&&echo+linux-wrote-this>/mnt/ferro.txt&&umount+/mnt&&echo+DISK-OK",
         "ip+link+set+eth0+up",
@@ -86,22 +57,14 @@ fn boot_with_devices(transport: &str) {
         "grep+MemTotal+/proc/meminfo",
     ]
     .join(";");
-    let cmdline = format!("{} ferro.cmd={guest_cmd}", linux_cmdline());
     let console = read_console(console_sock.clone());
     let start = Instant::now();
-    let out = Command::new("timeout")
-        .arg(BOOT_LIMIT_SECS.to_string())
-        .args(["ip", "netns", "exec", &ns.0, env!("CARGO_BIN_EXE_ferro"), "run", "--kernel"])
-        .arg(dir.join("vmlinux"))
-        .arg("--initrd")
-        .arg(dir.join("initramfs.cpio"))
+    let out = linux_run(BOOT_LIMIT_SECS, &["ip", "netns", "exec", ns.name()], "vmlinux", &guest_cmd)
         .args(["--memory", "192M", "--transport", transport, "--rng", "--net", "tap=tap0", "--balloon", "size=32"])
         .arg("--disk")
         .arg(format!("path={}", disk.display()))
         .arg("--console")
         .arg(format!("socket={}", console_sock.display()))
-        .args(["--cmdline", &cmdline])
-        .stdin(Stdio::null())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -109,7 +72,7 @@ fn boot_with_devices(transport: &str) {
 
     assert!(stdout.contains("FERRO-GUEST-UP"), "never reached userspace");
     assert!(stdout.contains("DISK-OK"), "ext4 on the virtio disk failed");
-    let file = run("debugfs", &["-R", "cat /ferro.txt", disk.to_str().unwrap()]);
+    let file = run_ok("debugfs", &["-R", "cat /ferro.txt", disk.to_str().unwrap()]);
     assert_eq!(file.trim(), "linux-wrote-this", "the file the guest wrote is not in the image");
     assert!(stdout.contains("2 packets received"), "ping through the tap failed");
     let rng_line = stdout.lines().find(|l| l.starts_with("RNG:")).expect("no RNG line");
@@ -124,7 +87,6 @@ fn boot_with_devices(transport: &str) {
     assert!(stdout.contains("FERRO-POWEROFF"));
     assert_eq!(out.status.code(), Some(0));
     assert!(console.join().unwrap().contains("hvc-hello"), "nothing arrived on the virtio console socket");
-    std::fs::remove_dir_all(&scratch).unwrap();
 }
 
 #[test]

@@ -1,21 +1,10 @@
 //! `ferro run` on the real /dev/kvm with the built-in test guests: what each guest reports on
 //! its console and the exit status it ends with.
 
-use std::io::Read;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-fn ferro(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferro")).args(args).stdin(Stdio::null()).output().expect("run ferro")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use ferro_test_support::vm::{ferro, ferro_command, read_until, stderr, stdout};
+use ferro_test_support::{TempDir, wait_exit};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 #[test]
 fn hello_prints_and_powers_off() {
@@ -81,46 +70,27 @@ fn guest_exception_handlers_run() {
     assert!(out.contains("cr2 4000"), "{out}");
 }
 
-fn wait_for(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
-}
-
 #[test]
 fn sigterm_and_sigint_stop_the_vm_cleanly() {
     for sig in [libc::SIGTERM, libc::SIGINT] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferro"))
+        let mut child = ferro_command()
             .args(["run", "--guest", "idle", "--cpus", "2"])
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let mut out = child.stdout.take().unwrap();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 256];
-        while !String::from_utf8_lossy(&seen).contains("idle: up") {
-            let n = out.read(&mut buf).unwrap();
-            assert!(n > 0, "guest never came up");
-            seen.extend_from_slice(&buf[..n]);
-        }
+        read_until(&mut out, &mut String::new(), "idle: up");
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(child.id() as i32, sig) };
-        let status = wait_for(&mut child, Duration::from_secs(5)).expect("ferro did not stop on the signal");
+        let status = wait_exit(&mut child, Duration::from_secs(5)).expect("ferro did not stop on the signal");
         assert_eq!(status.code(), Some(0), "signal {sig}");
     }
 }
 
 #[test]
 fn bad_inputs_get_one_clear_line_and_nonzero_status() {
-    let dir = std::env::temp_dir().join(format!("ferro-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("bad-inputs");
     let text = dir.join("notakernel");
     std::fs::write(&text, "just some text, definitely not a kernel\n".repeat(20)).unwrap();
     let big = dir.join("big.img");
@@ -148,13 +118,11 @@ fn bad_inputs_get_one_clear_line_and_nonzero_status() {
         assert!(err.contains(expect), "{args:?}: stderr {err:?} lacks {expect:?}");
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn elf32_with_a_pvh_note_boots_like_qemu_accepts_it() {
-    let dir = std::env::temp_dir().join(format!("ferro-elf32-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("elf32");
     let (e64, e32) = (dir.join("hello64.elf"), dir.join("hello32.elf"));
     assert!(ferro(&["test-guest", "write", "hello", e64.to_str().unwrap()]).status.success());
     let conv = Command::new("objcopy").args(["-O", "elf32-i386"]).arg(&e64).arg(&e32).status().expect("objcopy (binutils)");
@@ -170,7 +138,6 @@ fn elf32_with_a_pvh_note_boots_like_qemu_accepts_it() {
     let o = ferro(&["run", "--kernel", e32.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("does not fit in guest memory"), "{}", stderr(&o));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The interactive console on a real terminal (a pty): typed bytes reach the guest, Ctrl-A x
@@ -192,7 +159,7 @@ fn terminal_console_input_escape_and_restore() {
     let before = termios(slave);
     // SAFETY: each File takes ownership of its own dup of the slave fd.
     let (sin, sout) = unsafe { (std::fs::File::from_raw_fd(libc::dup(slave)), std::fs::File::from_raw_fd(libc::dup(slave))) };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferro"))
+    let mut child = ferro_command()
         .args(["run", "--guest", "idle"])
         .stdin(Stdio::from(sin))
         .stdout(Stdio::from(sout))
@@ -202,21 +169,12 @@ fn terminal_console_input_escape_and_restore() {
     // SAFETY: the master fd is ours alone from here on.
     let mut m = unsafe { std::fs::File::from_raw_fd(master) };
     let mut seen = String::new();
-    let read_until = |m: &mut std::fs::File, seen: &mut String, what: &str| {
-        let start = Instant::now();
-        let mut buf = [0u8; 256];
-        while !seen.contains(what) {
-            assert!(start.elapsed() < Duration::from_secs(10), "never saw {what:?}: {seen:?}");
-            let n = m.read(&mut buf).unwrap();
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    };
     read_until(&mut m, &mut seen, "idle: up");
     use std::io::Write;
     m.write_all(b"k").unwrap();
     read_until(&mut m, &mut seen, "echo: k");
     m.write_all(b"\x01x").unwrap();
-    let status = wait_for(&mut child, Duration::from_secs(5)).expect("Ctrl-A x did not quit");
+    let status = wait_exit(&mut child, Duration::from_secs(5)).expect("Ctrl-A x did not quit");
     assert_eq!(status.code(), Some(0));
     assert_eq!(termios(slave), before, "terminal settings not restored");
     // SAFETY: closing the slave fd we opened.

@@ -3,57 +3,26 @@
 //! much; the target is changed through the control socket while the VM runs and the guest
 //! follows; its statistics arrive; deflated pages read back as zeros (released on the host).
 
+use ferro_test_support::TempDir;
+use ferro_test_support::vm::{Vmm, ferro};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::ChildStdout;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
-fn ferro(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferro")).args(args).stdin(Stdio::null()).output().expect("run ferro")
-}
-
 /// A `ferro vmm` with its control socket; the console is read from stdout.
-struct Vmm {
-    child: Child,
-    dir: PathBuf,
-    console: BufReader<std::process::ChildStdout>,
-    api: BufReader<UnixStream>,
+struct BalloonVm {
+    vmm: Vmm,
+    console: BufReader<ChildStdout>,
 }
 
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Vmm {
-    fn start(tag: &str, args: &[&str]) -> Vmm {
-        let dir = std::env::temp_dir().join(format!("ferro-balloon-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let api_path = dir.join("api.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferro"))
-            .arg("vmm")
-            .args(args)
-            .arg("--api-socket")
-            .arg(&api_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let console = BufReader::new(child.stdout.take().unwrap());
-        let start = Instant::now();
-        while !api_path.exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "{} never appeared", api_path.display());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let api = BufReader::new(UnixStream::connect(&api_path).unwrap());
-        Vmm { child, dir, console, api }
+impl BalloonVm {
+    fn start(tag: &str, args: &[&str]) -> BalloonVm {
+        let mut vmm = Vmm::start(TempDir::new(&format!("balloon-{tag}")), args);
+        let console = vmm.stdout();
+        BalloonVm { vmm, console }
     }
 
     /// Reads console lines until one contains `needle`; returns that line.
@@ -71,10 +40,7 @@ impl Vmm {
     }
 
     fn request(&mut self, req: Value) -> Value {
-        self.api.get_mut().write_all(format!("{req}\n").as_bytes()).unwrap();
-        let mut reply = String::new();
-        self.api.read_line(&mut reply).unwrap();
-        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?}: {e}"))
+        self.vmm.request(&req.to_string())
     }
 
     fn stats(&mut self) -> Value {
@@ -114,7 +80,7 @@ fn inflating_through_the_control_socket_returns_memory_to_the_host_on_pci() {
 
 fn inflate_and_deflate_through_the_control_socket(transport: &str) {
     // The guest's wait (balloon_wait_s) is generous: the test drives each step.
-    let mut vm = Vmm::start(
+    let mut vm = BalloonVm::start(
         transport,
         &[
             "--guest", "virtio", "--transport", transport, "--memory", "128M", "--balloon", "size=0",
@@ -169,13 +135,13 @@ fn inflate_and_deflate_through_the_control_socket(transport: &str) {
     let deflated = vm.line_with("deflated to");
     assert!(deflated.contains("32 MiB back read 0 non-zero words, 0 errors"), "{deflated}");
     vm.line_with("virtio: all devices passed");
-    let status = vm.child.wait().unwrap();
+    let status = vm.vmm.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
 
 #[test]
 fn the_balloon_op_needs_a_balloon() {
-    let mut vm = Vmm::start("none", &["--guest", "idle", "--memory", "64M"]);
+    let mut vm = BalloonVm::start("none", &["--guest", "idle", "--memory", "64M"]);
     let r = vm.request(serde_json::json!({"op": "balloon", "target_mib": 8}));
     assert_eq!(r["ok"], false);
     assert!(r["error"].as_str().unwrap().contains("no balloon"), "{r}");

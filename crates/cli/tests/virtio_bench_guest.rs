@@ -4,23 +4,20 @@
 //! here), a read of the wrong data is reported as an error, and the frames it transmits come
 //! out of a tap, every sequence number once, as a raw socket on the host side sees them.
 
-use std::ffi::CString;
-use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use ferro_test_support::TempDir;
+use ferro_test_support::net::{Netns, read_frames};
+use ferro_test_support::vm::ferro_command;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 const IMAGE: u64 = 1 << 20;
 const ETHERTYPE: u16 = 0x88b5;
 
-/// Runs the bench guest with `devices` and `cmdline`; returns (exit code, console output).
-fn bench_guest(prefix: &[&str], devices: &[&str], cmdline: &str) -> (Option<i32>, String) {
-    let mut c = Command::new(prefix.first().copied().unwrap_or(env!("CARGO_BIN_EXE_ferro")));
-    if !prefix.is_empty() {
-        c.args(&prefix[1..]).arg(env!("CARGO_BIN_EXE_ferro"));
-    }
-    c.args(["run", "--guest", "virtio_bench", "--memory", "64M", "--cmdline", cmdline]).args(devices);
-    let o = c.stdin(Stdio::null()).output().expect("run ferro");
+/// Runs the bench guest with `devices` and `cmdline` through `ferro` (a `ferro_command()`, or
+/// one inside a namespace); returns (exit code, console output).
+fn bench_guest(mut ferro: Command, devices: &[&str], cmdline: &str) -> (Option<i32>, String) {
+    ferro.args(["run", "--guest", "virtio_bench", "--memory", "64M", "--cmdline", cmdline]).args(devices);
+    let o = ferro.output().expect("run ferro");
     (o.status.code(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
 }
 
@@ -30,35 +27,33 @@ fn assert_passed((code, out): &(Option<i32>, String), count: u64) {
     assert!(out.contains(&format!(" count {count} ")) && out.contains(" errors 0\n"), "{out}");
 }
 
-/// An image file removed on drop.
-struct Image(PathBuf);
+/// A raw image in a scratch directory of its own.
+struct Image {
+    path: PathBuf,
+    _dir: TempDir,
+}
 
 impl Image {
     /// `fill(offset of a 512-byte sector)` gives the first 8 bytes of each sector; zeros after.
     fn new(name: &str, fill: impl Fn(u64) -> u64) -> Image {
-        let path = std::env::temp_dir().join(format!("ferro-vbench-{name}-{}.img", std::process::id()));
+        let dir = TempDir::new(&format!("vbench-{name}"));
+        let path = dir.join("disk.img");
         let mut bytes = vec![0u8; IMAGE as usize];
         for (i, sector) in bytes.chunks_mut(512).enumerate() {
             sector[..8].copy_from_slice(&fill(i as u64 * 512).to_le_bytes());
         }
         std::fs::write(&path, bytes).unwrap();
-        Image(path)
+        Image { path, _dir: dir }
     }
 
     fn disk(&self, transport: &str) -> Vec<String> {
-        vec!["--transport".into(), transport.into(), "--disk".into(), format!("path={}", self.0.display())]
+        vec!["--transport".into(), transport.into(), "--disk".into(), format!("path={}", self.path.display())]
     }
 
     /// The first 8 bytes of each `size`-byte block.
     fn stamps(&self, size: u64) -> Vec<u64> {
-        let bytes = std::fs::read(&self.0).unwrap();
+        let bytes = std::fs::read(&self.path).unwrap();
         bytes.chunks(size as usize).map(|b| u64::from_le_bytes(b[..8].try_into().unwrap())).collect()
-    }
-}
-
-impl Drop for Image {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -72,7 +67,7 @@ fn reads_find_what_the_host_wrote_on_both_transports() {
     for transport in ["pci", "mmio"] {
         for (size, count, random) in [(4096, 100, 1), (512, 40, 0), (256 << 10, 9, 0)] {
             let cmdline = format!("bench.op=read bench.size={size} bench.count={count} bench.random={random} bench.verify=1");
-            let r = bench_guest(&[], &strs(&image.disk(transport)), &cmdline);
+            let r = bench_guest(ferro_command(), &strs(&image.disk(transport)), &cmdline);
             assert_passed(&r, count);
         }
     }
@@ -81,7 +76,7 @@ fn reads_find_what_the_host_wrote_on_both_transports() {
 #[test]
 fn a_read_of_the_wrong_data_fails_the_run() {
     let image = Image::new("wrong", |off| off + 1);
-    let (code, out) = bench_guest(&[], &strs(&image.disk("pci")), "bench.op=read bench.size=4096 bench.count=20 bench.verify=1");
+    let (code, out) = bench_guest(ferro_command(), &strs(&image.disk("pci")), "bench.op=read bench.size=4096 bench.count=20 bench.verify=1");
     assert_eq!(code, Some(5), "{out}");
     assert!(out.contains(" errors 20\n"), "{out}");
 }
@@ -90,7 +85,7 @@ fn a_read_of_the_wrong_data_fails_the_run() {
 fn sequential_writes_land_in_order_and_wrap() {
     let image = Image::new("seq", |_| u64::MAX);
     // 300 requests of 4 KiB over a 256-block disk: blocks 0..255, then 0..43 again.
-    let r = bench_guest(&[], &strs(&image.disk("pci")), "bench.op=write bench.size=4096 bench.count=300 bench.depth=7");
+    let r = bench_guest(ferro_command(), &strs(&image.disk("pci")), "bench.op=write bench.size=4096 bench.count=300 bench.depth=7");
     assert_passed(&r, 300);
     let stamps = image.stamps(4096);
     assert!(stamps.iter().enumerate().all(|(i, &s)| s == i as u64 * 4096), "every block holds its offset");
@@ -100,7 +95,7 @@ fn sequential_writes_land_in_order_and_wrap() {
 fn random_writes_land_where_the_guest_generator_says() {
     let image = Image::new("rand", |_| u64::MAX);
     let count = 50;
-    let r = bench_guest(&[], &strs(&image.disk("pci")), &format!("bench.op=write bench.size=4096 bench.count={count} bench.random=1"));
+    let r = bench_guest(ferro_command(), &strs(&image.disk("pci")), &format!("bench.op=write bench.size=4096 bench.count={count} bench.random=1"));
     assert_passed(&r, count);
     // The guest's generator (and ferro-bench's host loop): a 64-bit LCG, block = (state >> 24)
     // masked to the largest power of two of blocks.
@@ -115,61 +110,20 @@ fn random_writes_land_where_the_guest_generator_says() {
     assert_eq!(image.stamps(4096), expect);
 }
 
-/// A network namespace with a tap, deleted on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let o = Command::new("ip").args(args).output().expect("run ip (iproute2)");
-    assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-}
-
-/// A raw socket for the bench ethertype on `dev` inside namespace `ns`.
-fn capture(ns: &str, dev: &str) -> OwnedFd {
-    let (path, dev) = (format!("/run/netns/{ns}"), CString::new(dev).unwrap());
-    std::thread::spawn(move || {
-        let ns_file = std::fs::File::open(&path).expect("open the namespace");
-        // SAFETY: plain syscalls on fds we own and a NUL-terminated name; results are checked.
-        unsafe {
-            assert_eq!(libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET), 0, "setns");
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, i32::from(ETHERTYPE.to_be()));
-            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-            let sock = OwnedFd::from_raw_fd(fd);
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_protocol = ETHERTYPE.to_be();
-            addr.sll_ifindex = libc::if_nametoindex(dev.as_ptr()) as i32;
-            let len = size_of::<libc::sockaddr_ll>() as u32;
-            assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0, "bind: {}", std::io::Error::last_os_error());
-            sock
-        }
-    })
-    .join()
-    .unwrap()
-}
-
 #[test]
 fn transmitted_frames_come_out_of_the_tap_each_once() {
-    let ns = Netns(format!("ferro-vbench-{}", std::process::id()));
-    ip(&["netns", "add", &ns.0]);
-    ip(&["-n", &ns.0, "tuntap", "add", "dev", "vbtap0", "mode", "tap"]);
-    ip(&["-n", &ns.0, "link", "set", "vbtap0", "up"]);
-    let sock = capture(&ns.0, "vbtap0");
+    let ns = Netns::with_tap("vbench", "vbtap0", None);
+    let sock = ns.packet_socket("vbtap0", ETHERTYPE);
     let mac = [0x52, 0x54, 0, 0xbe, 0x4c, 0x01];
     for (size, count) in [(64usize, 100u64), (1514, 60)] {
         let cmdline = format!("bench.op=tx bench.size={size} bench.count={count} bench.depth=5");
-        let r = bench_guest(&["ip", "netns", "exec", &ns.0], &["--net", "tap=vbtap0,mac=52:54:00:be:4c:01"], &cmdline);
+        let mut ferro = ns.command(ferro_test_support::ferro_bin());
+        ferro.stdin(Stdio::null());
+        let r = bench_guest(ferro, &["--net", "tap=vbtap0,mac=52:54:00:be:4c:01"], &cmdline);
         assert_passed(&r, count);
         let mut seen = vec![0u32; count as usize];
-        let mut file = std::fs::File::from(sock.try_clone().unwrap());
-        let mut buf = vec![0u8; 4096];
-        while let Ok(n) = file.read(&mut buf) {
-            assert_eq!(n, size, "frame length");
+        for buf in read_frames(&sock) {
+            assert_eq!(buf.len(), size, "frame length");
             assert_eq!(&buf[..6], &[0xff; 6], "broadcast");
             assert_eq!(buf[6..12], mac, "from the device's MAC");
             assert_eq!(buf[12..14], ETHERTYPE.to_be_bytes());

@@ -2,8 +2,9 @@
 //! pattern the test recomputes, and the test finds it in the image files on the host (raw read
 //! directly, qcow2 through `qemu-img convert`), with `qemu-img check` clean after the run.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use ferro_test_support::vm::ferro_command;
+use ferro_test_support::{TempDir, run_ok};
+use std::path::Path;
 
 const SEED: u64 = 77;
 const FIRST: u64 = 5;
@@ -23,32 +24,6 @@ fn patterned_image() -> Vec<u8> {
     bytes
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("ferro-blk-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tool(cmd: &str, args: &[&str]) -> Output {
-    let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e} (install qemu-utils)"));
-    assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    o
-}
-
 fn run_guest(disks: &[String]) -> (Option<i32>, String) {
     run_guest_on("mmio", disks)
 }
@@ -59,7 +34,7 @@ fn run_guest_on(transport: &str, disks: &[String]) -> (Option<i32>, String) {
     for d in disks {
         args.extend_from_slice(&["--disk", d]);
     }
-    let o = Command::new(env!("CARGO_BIN_EXE_ferro")).args(&args).stdin(Stdio::null()).output().expect("run ferro");
+    let o = ferro_command().args(&args).output().expect("run ferro");
     let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     (o.status.code(), out)
 }
@@ -74,8 +49,8 @@ fn assert_written(raw: &[u8], what: &str) {
 }
 
 fn qcow2_as_raw(dir: &TempDir, image: &Path) -> Vec<u8> {
-    let out = dir.path("converted.raw");
-    tool("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", image.to_str().unwrap(), out.to_str().unwrap()]);
+    let out = dir.join("converted.raw");
+    run_ok("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", image.to_str().unwrap(), out.to_str().unwrap()]);
     std::fs::read(out).unwrap()
 }
 
@@ -90,11 +65,11 @@ fn raw_and_qcow2_disks_hold_what_the_guest_wrote_on_pci() {
 }
 
 fn raw_and_qcow2_disks_hold_what_the_guest_wrote(transport: &str) {
-    let dir = TempDir::new(&format!("rw-{transport}"));
-    let raw = dir.path("disk.raw");
+    let dir = TempDir::new(&format!("blk-rw-{transport}"));
+    let raw = dir.join("disk.raw");
     std::fs::File::create(&raw).unwrap().set_len(1 << 20).unwrap();
-    let qcow2 = dir.path("disk.qcow2");
-    tool("qemu-img", &["create", "-q", "-f", "qcow2", qcow2.to_str().unwrap(), "2M"]);
+    let qcow2 = dir.join("disk.qcow2");
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", qcow2.to_str().unwrap(), "2M"]);
 
     let (status, out) = run_guest_on(transport, &[format!("path={}", raw.display()), format!("path={},format=qcow2", qcow2.display())]);
     assert_eq!(status, Some(0), "{out}");
@@ -112,32 +87,32 @@ fn raw_and_qcow2_disks_hold_what_the_guest_wrote(transport: &str) {
     }
     assert_written(&std::fs::read(&raw).unwrap(), "raw image");
     assert_written(&qcow2_as_raw(&dir, &qcow2), "qcow2 image");
-    tool("qemu-img", &["check", "-q", qcow2.to_str().unwrap()]);
+    run_ok("qemu-img", &["check", "-q", qcow2.to_str().unwrap()]);
 }
 
 #[test]
 fn qcow2_format_is_detected_and_backing_files_are_read() {
     // The guest's pattern goes into a backing file; the overlay (format detected) must show it,
     // and the guest's own writes land in the overlay only.
-    let dir = TempDir::new("backing");
-    let base = dir.path("base.raw");
+    let dir = TempDir::new("blk-backing");
+    let base = dir.join("base.raw");
     let bytes = patterned_image();
     std::fs::write(&base, &bytes).unwrap();
-    let overlay = dir.path("overlay.qcow2");
-    tool("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", base.to_str().unwrap(), overlay.to_str().unwrap()]);
+    let overlay = dir.join("overlay.qcow2");
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", base.to_str().unwrap(), overlay.to_str().unwrap()]);
 
     let (status, out) = run_guest(&[format!("path={}", overlay.display())]);
     assert_eq!(status, Some(0), "{out}");
     assert!(out.contains("virtio-blk[overlay.qcow2]: read back: status 0, 4608 of 4608 bytes match"), "{out}");
     assert_written(&qcow2_as_raw(&dir, &overlay), "overlay");
     assert_eq!(std::fs::read(&base).unwrap(), bytes, "the backing file is never written");
-    tool("qemu-img", &["check", "-q", overlay.to_str().unwrap()]);
+    run_ok("qemu-img", &["check", "-q", overlay.to_str().unwrap()]);
 }
 
 #[test]
 fn read_only_disk_refuses_writes_and_keeps_its_bytes() {
-    let dir = TempDir::new("ro");
-    let raw = dir.path("ro.raw");
+    let dir = TempDir::new("blk-ro");
+    let raw = dir.join("ro.raw");
     let bytes = patterned_image();
     // The guest writes these same bytes; the modification time shows whether anything was written.
     std::fs::write(&raw, &bytes).unwrap();

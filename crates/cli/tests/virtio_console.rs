@@ -3,10 +3,12 @@
 //! reports it on COM1 and echoes it back. Each backend is checked from the outside: a unix
 //! socket client, a pty the VMM created, and this process's terminal (a pty as stdin/stdout).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use ferro_test_support::vm::{ferro_command, read_until};
+use ferro_test_support::{TempDir, wait_for};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::FromRawFd;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const HELLO: &str = "virtio-console: hello from the guest\n";
 
@@ -15,24 +17,9 @@ fn ferro(console: &str) -> Command {
 }
 
 fn ferro_on(transport: &str, console: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferro"));
+    let mut c = ferro_command();
     c.args(["run", "--guest", "virtio", "--memory", "64M", "--transport", transport, "--cmdline", "console.rx=1", "--console", console]);
     c
-}
-
-/// Reads from `r` until `seen` contains `what` (10 s at most).
-fn read_until(r: &mut dyn Read, seen: &mut String, what: &str) {
-    let start = Instant::now();
-    let mut buf = [0u8; 256];
-    while !seen.contains(what) {
-        assert!(start.elapsed() < Duration::from_secs(10), "never saw {what:?}: {seen:?}");
-        match r.read(&mut buf) {
-            Ok(0) => panic!("end of stream before {what:?}: {seen:?}"),
-            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => panic!("reading for {what:?}: {e}; saw {seen:?}"),
-        }
-    }
 }
 
 fn finish(child: Child) -> String {
@@ -53,16 +40,15 @@ fn socket_client_reads_the_guest_line_and_its_input_comes_back_on_pci() {
 }
 
 fn socket_client_reads_the_guest_line_and_its_input_comes_back(transport: &str) {
-    let path = std::env::temp_dir().join(format!("ferro-console-{transport}-{}.sock", std::process::id()));
-    let child = ferro_on(transport, &format!("socket={}", path.display())).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let start = Instant::now();
-    let mut client = loop {
-        if let Ok(c) = std::os::unix::net::UnixStream::connect(&path) {
-            break c;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "console socket never appeared");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let dir = TempDir::new(&format!("console-{transport}"));
+    let path = dir.join("console.sock");
+    let child = ferro_on(transport, &format!("socket={}", path.display())).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut client = None;
+    wait_for("the console socket", Duration::from_secs(10), || {
+        client = std::os::unix::net::UnixStream::connect(&path).ok();
+        client.is_some()
+    });
+    let mut client = client.expect("connected");
     client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut seen = String::new();
     // Printed whether or not we were connected yet: the port keeps it for the first client.
@@ -78,7 +64,7 @@ fn socket_client_reads_the_guest_line_and_its_input_comes_back(transport: &str) 
 
 #[test]
 fn pty_backend_prints_its_path_and_carries_bytes_both_ways() {
-    let mut child = ferro("pty").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = ferro("pty").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
@@ -102,7 +88,7 @@ fn stdio_backend_takes_the_terminal_input_instead_of_com1() {
     assert_eq!(rc, 0, "openpty");
     // SAFETY: each File takes ownership of its own dup of the slave fd.
     let (sin, sout) = unsafe { (std::fs::File::from_raw_fd(libc::dup(slave)), std::fs::File::from_raw_fd(libc::dup(slave))) };
-    let child = Command::new(env!("CARGO_BIN_EXE_ferro"))
+    let child = ferro_command()
         .args(["run", "--guest", "virtio", "--memory", "64M", "--transport", "mmio", "--cmdline", "console.rx=1", "--console"])
         .stdin(Stdio::from(sin))
         .stdout(Stdio::from(sout))

@@ -1,21 +1,7 @@
 //! Virtio devices driven by the `virtio` test guest's own driver (guests/kit/virtio*.c): each
 //! device must move real data on each transport, with an interrupt.
 
-use std::process::{Command, Output, Stdio};
-
-fn ferro(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferro")).args(args).stdin(Stdio::null()).output().expect("run ferro")
-}
-
-fn run_virtio_guest(extra: &[&str]) -> String {
-    let mut args = vec!["run", "--guest", "virtio", "--memory", "64M"];
-    args.extend_from_slice(extra);
-    let o = ferro(&args);
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert_eq!(o.status.code(), Some(0), "{extra:?}: {out}{}", String::from_utf8_lossy(&o.stderr));
-    assert!(out.contains("virtio: all devices passed"), "{out}");
-    out
-}
+use ferro_test_support::vm::{ferro, run_virtio_guest};
 
 #[test]
 fn rng_returns_random_bytes_with_an_interrupt_on_both_transports() {

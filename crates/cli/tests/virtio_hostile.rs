@@ -5,32 +5,20 @@
 //! and work again after a reset; the rng (another device) must keep working; and the VMM must
 //! stay up: the guest finishes and exits 0, and the control socket still answers.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use ferro_test_support::TempDir;
+use ferro_test_support::vm::{Vmm, ferro_command};
+use std::io::BufRead;
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("ferro-hostile-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::File::create(dir.join("disk.raw")).unwrap().set_len(1 << 20).unwrap();
-        Scratch(dir)
-    }
-    fn disk(&self) -> String {
-        format!("path={}", self.0.join("disk.raw").display())
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A scratch directory holding a 1 MiB raw disk; the `--disk` value for it.
+fn scratch_with_disk(name: &str) -> (TempDir, String) {
+    let dir = TempDir::new(&format!("hostile-{name}"));
+    let disk = dir.join("disk.raw");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let arg = format!("path={}", disk.display());
+    (dir, arg)
 }
 
 fn guest_args<'a>(disk: &'a str, cmdline: &'a str) -> Vec<&'a str> {
@@ -39,11 +27,10 @@ fn guest_args<'a>(disk: &'a str, cmdline: &'a str) -> Vec<&'a str> {
 
 /// Runs the attacks `flags` selects; returns the guest's report (stdout) and the VMM's stderr.
 fn attack(name: &str, flags: &str) -> (String, String) {
-    let scratch = Scratch::new(name);
-    let disk = scratch.disk();
+    let (_scratch, disk) = scratch_with_disk(name);
     let mut args = vec!["run"];
     args.extend(guest_args(&disk, flags));
-    let o = Command::new(env!("CARGO_BIN_EXE_ferro")).args(&args).stdin(Stdio::null()).output().expect("run ferro");
+    let o = ferro_command().args(&args).output().expect("run ferro");
     let (out, err) = (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned());
     assert_eq!(o.status.code(), Some(0), "{flags}: the guest failed or the VMM died:\n{out}{err}");
     assert!(out.contains("hostile: all checks passed"), "{out}");
@@ -129,16 +116,14 @@ fn rng_ignores_bad_buffers_and_keeps_serving() {
 /// Every attack in one VM, which then stays up: its control socket must still answer.
 #[test]
 fn after_every_attack_the_vmm_still_answers_its_control_socket() {
-    let scratch = Scratch::new("all");
-    let disk = scratch.disk();
-    let api = scratch.0.join("api.sock");
-    let mut args = vec!["vmm", "--api-socket", api.to_str().unwrap()];
-    args.extend(guest_args(&disk, "hostile.all=1 hostile.linger=1"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferro")).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let (scratch, disk) = scratch_with_disk("all");
+    let mut vmm = Vmm::start_with(scratch, &guest_args(&disk, "hostile.all=1 hostile.linger=1"), |c| {
+        c.stderr(Stdio::null());
+    });
     let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
+    let stdout = vmm.stdout();
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in stdout.lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
             }
@@ -151,27 +136,17 @@ fn after_every_attack_the_vmm_still_answers_its_control_socket() {
         match rx.recv_timeout(left) {
             Ok(line) if line.starts_with("hostile: all checks passed") || line.starts_with("hostile: FAILED") => break line,
             Ok(line) => report.push_str(&(line + "\n")),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("no verdict from the guest: {report}");
-            }
+            Err(_) => panic!("no verdict from the guest: {report}"),
         }
     };
     assert_eq!(verdict, "hostile: all checks passed", "{report}");
     assert_eq!(report.matches("hostile:   device works again after a reset: ok").count(), 10, "{report}");
-    assert!(child.try_wait().unwrap().is_none(), "the VMM is still running");
+    assert!(vmm.child.try_wait().unwrap().is_none(), "the VMM is still running");
 
-    let mut api = BufReader::new(UnixStream::connect(&api).expect("control socket"));
-    let mut ask = |line: &str| {
-        api.get_mut().write_all(format!("{line}\n").as_bytes()).unwrap();
-        let mut reply = String::new();
-        api.read_line(&mut reply).unwrap();
-        serde_json::from_str::<serde_json::Value>(&reply).unwrap_or_else(|e| panic!("reply {reply:?}: {e}"))
-    };
-    let info = ask(r#"{"op":"info"}"#);
+    let info = vmm.request(r#"{"op":"info"}"#);
     assert_eq!(info["ok"], true, "{info}");
     assert_eq!(info["state"], "running", "{info}");
-    assert_eq!(ask(r#"{"op":"quit"}"#)["ok"], true);
-    let status = child.wait().unwrap();
+    assert_eq!(vmm.request(r#"{"op":"quit"}"#)["ok"], true);
+    let status = vmm.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }

@@ -4,26 +4,7 @@
 //! delivered by KVM (irqfd + GSI route) and kicks caught by KVM ioeventfds. Hostile
 //! configuration and MSI-X traffic from the guest must leave the VMM and the device working.
 
-mod common;
-
-use std::process::{Command, Output, Stdio};
-
-fn ferro(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferro")).args(args).stdin(Stdio::null()).output().expect("run ferro")
-}
-
-/// Runs the virtio guest with `extra` flags; asserts it passed and returns its console output.
-fn run_virtio_guest(extra: &[&str]) -> String {
-    let mut args = vec!["run", "--guest", "virtio", "--memory", "64M"];
-    args.extend_from_slice(extra);
-    let o = ferro(&args);
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{extra:?}: {out}{err}");
-    assert!(out.contains("virtio: all devices passed"), "{out}{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    out
-}
+use ferro_test_support::vm::{linux_run, run_virtio_guest};
 
 #[test]
 fn rng_on_pci_moves_data_with_an_msix_interrupt() {
@@ -75,8 +56,6 @@ fn virtio_mmio_guests_still_see_an_empty_pci_bus() {
 /// both transports it sometimes blocks in this guest kernel while the hwrng fill thread waits.)
 #[test]
 fn linux_binds_virtio_rng_over_pci_with_msix() {
-    let dir = common::linux_dir();
-    let base = common::linux_cmdline();
     let cmd = [
         "cat /sys/bus/pci/devices/0000:00:01.0/vendor /sys/bus/pci/devices/0000:00:01.0/device",
         "ls /sys/bus/virtio/devices",
@@ -87,18 +66,7 @@ fn linux_binds_virtio_rng_over_pci_with_msix() {
     ]
     .join(";")
     .replace(' ', "+");
-    let kernel = dir.join("vmlinux");
-    let initrd = dir.join("initramfs.cpio");
-    let cmdline = format!("{base} ferro.cmd={cmd}");
-    let o = Command::new("timeout")
-        .args(["300", env!("CARGO_BIN_EXE_ferro"), "run", "--memory", "256M", "--rng", "--kernel"])
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--cmdline", &cmdline])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ferro");
+    let o = linux_run(300, &[], "vmlinux", &cmd).args(["--memory", "256M", "--rng"]).output().expect("run ferro");
     let out = String::from_utf8_lossy(&o.stdout).replace('\r', "");
     eprintln!("{out}{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("FERRO-GUEST-UP"), "never reached userspace");

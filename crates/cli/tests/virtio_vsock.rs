@@ -2,10 +2,12 @@
 //! guest's stream to host port P reaches a unix-socket echo server on `<uds>_P`, and a host
 //! client that connects to `<uds>` and writes `CONNECT <port>` reaches the guest's listener.
 
+use ferro_test_support::TempDir;
+use ferro_test_support::vm::ferro_command;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -16,23 +18,6 @@ const UNBOUND_PORT: u32 = 5002;
 /// The bytes the guest sends (guests/kit/virtio_vsock.c `msg_byte`).
 fn guest_message() -> Vec<u8> {
     (0..3000u32).map(|i| b'a' + (i % 26) as u8).collect()
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("ferro-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Accepts one stream, echoes it until EOF, and returns what it received.
@@ -77,7 +62,7 @@ fn streams_both_ways_between_guest_and_host_unix_sockets_on_pci() {
 
 fn streams_both_ways(transport: &str) {
     let dir = TempDir::new(&format!("vsock-{transport}"));
-    let uds = dir.0.join("v.sock");
+    let uds = dir.join("v.sock");
     let listener = UnixListener::bind(format!("{}_{ECHO_PORT}", uds.display())).unwrap();
     let (done_tx, done_rx) = mpsc::channel();
     let server = std::thread::spawn(move || {
@@ -86,11 +71,10 @@ fn streams_both_ways(transport: &str) {
         seen
     });
 
-    let child = Command::new(env!("CARGO_BIN_EXE_ferro"))
+    let child = ferro_command()
         .args(["run", "--guest", "virtio", "--memory", "64M", "--transport", transport])
         .args(["--vsock", &format!("cid=7,uds={}", uds.display())])
         .args(["--cmdline", &format!("vsock.refused={UNBOUND_PORT} vsock.port={ECHO_PORT} vsock.listen={GUEST_PORT}")])
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -128,12 +112,11 @@ fn streams_both_ways(transport: &str) {
 #[test]
 fn a_socket_path_in_use_is_refused() {
     let dir = TempDir::new("vsock-busy");
-    let uds = dir.0.join("v.sock");
+    let uds = dir.join("v.sock");
     let _other = UnixListener::bind(&uds).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_ferro"))
+    let o = ferro_command()
         .args(["run", "--guest", "virtio", "--memory", "64M", "--transport", "mmio"])
         .args(["--vsock", &format!("cid=7,uds={}", uds.display())])
-        .stdin(Stdio::null())
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);

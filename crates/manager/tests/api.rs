@@ -2,9 +2,7 @@
 //! need a running VM: definitions, validation, errors, persistence across SIGKILL, pools and
 //! volumes, events, metrics and many domains at once. Every response is checked against openapi.json.
 
-mod common;
-
-use common::{Daemon, Home, guest_toml, openapi};
+use ferro_test_support::daemon::{Daemon, Home, guest_toml, openapi};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::time::{Duration, Instant};
@@ -172,7 +170,7 @@ fn definitions_survive_sigkill_and_a_corrupt_one_is_reported() {
     d.kill9();
 
     // Damage one definition behind the daemon's back.
-    let db = rusqlite::Connection::open(home.0.join("ferrod.db")).unwrap();
+    let db = rusqlite::Connection::open(home.path().join("ferrod.db")).unwrap();
     db.execute("UPDATE domains SET definition = 'name = \"keep1\"\nvcpus = \"many\"' WHERE name = 'keep1'", []).unwrap();
     drop(db);
 
@@ -201,7 +199,7 @@ fn pools_and_volumes() {
     let home = Home::new("pools");
     let d = Daemon::start(&home);
     let api = d.api();
-    let target = home.0.join("images");
+    let target = home.path().join("images");
     let def = serde_json::json!({ "name": "default", "type": "dir", "target": target.display().to_string() }).to_string();
     let pool = api.expect("POST", "/v1/pools", Some(&def), 201);
     assert_eq!(pool["active"], false);
@@ -294,7 +292,7 @@ fn pools_and_volumes() {
 fn cli_verbs_without_vms() {
     let home = Home::new("cli");
     let d = Daemon::start(&home);
-    let file = home.0.join("web1.toml");
+    let file = home.path().join("web1.toml");
     std::fs::write(&file, GOOD).unwrap();
     assert!(d.ferro_ok(&["define", file.to_str().unwrap()]).contains("Domain 'web1' defined"));
     let list: Value = serde_json::from_str(&d.ferro_ok(&["list", "--all", "--json"])).unwrap();
@@ -325,14 +323,14 @@ fn cli_verbs_without_vms() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
-    let bad = home.0.join("bad.toml");
+    let bad = home.path().join("bad.toml");
     std::fs::write(&bad, GOOD.replace("vcpus = 2", "vcpus = 0")).unwrap();
     let out = d.ferro(&["define", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("vcpus: must be between 1 and 255"));
 
     // Pools and volumes through the CLI.
-    let target = home.0.join("pool");
+    let target = home.path().join("pool");
     d.ferro_ok(&["pool-define-as", "p", "dir", "--target", target.to_str().unwrap()]);
     d.ferro_ok(&["pool-build", "p"]);
     d.ferro_ok(&["pool-start", "p"]);
@@ -344,7 +342,7 @@ fn cli_verbs_without_vms() {
     assert_eq!(out.status.code(), Some(1));
 
     // No daemon: a clear message.
-    let out = std::process::Command::new(common::ferro_bin()).args(["list", "--connect", "/nonexistent/sock"]).output().unwrap();
+    let out = std::process::Command::new(ferro_test_support::ferro_bin()).args(["list", "--connect", "/nonexistent/sock"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is ferrod running"));
 
@@ -443,7 +441,7 @@ fn a_hundred_domains_defined_listed_and_removed_concurrently() {
 fn a_second_daemon_on_the_same_home_is_refused() {
     let home = Home::new("twice");
     let _d = Daemon::start(&home);
-    let out = std::process::Command::new(common::ferrod_bin()).env("FERRO_HOME", &home.0).output().unwrap();
+    let out = std::process::Command::new(ferro_test_support::ferrod_bin()).env("FERRO_HOME", home.path()).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another ferrod"));
 }

@@ -2,9 +2,8 @@
 //! final state kept across restarts (crates/manager/src/jobs.rs). qemu-io writes the source data
 //! and qemu-img checks the copies, so both tools must be installed (scripts/setup.sh does it).
 
-mod common;
-
-use common::{Api, Daemon, Home, wait_for};
+use ferro_test_support::daemon::{Api, Daemon, Home};
+use ferro_test_support::wait_for;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,7 +11,7 @@ use std::time::Duration;
 
 /// Defines, builds and starts pool `p` in `$home/images`.
 fn pool(api: &Api, home: &Home) -> PathBuf {
-    let target = home.0.join("images");
+    let target = home.path().join("images");
     let def = json!({ "name": "p", "type": "dir", "target": target.display().to_string() }).to_string();
     api.expect("POST", "/v1/pools", Some(&def), 201);
     api.expect("POST", "/v1/pools/p/build", None, 200);

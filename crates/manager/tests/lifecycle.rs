@@ -1,9 +1,8 @@
 //! Domains running real VMM processes (`ferro vmm` booting the built-in test guests on /dev/kvm)
 //! under a real ferrod: lifecycle, console, crashes, SIGKILL of the daemon, concurrency and leaks.
 
-mod common;
-
-use common::{Daemon, Home, alive, guest_toml, openapi, wait_for};
+use ferro_test_support::daemon::{Daemon, Home, guest_toml, openapi};
+use ferro_test_support::{alive, wait_for};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -55,7 +54,7 @@ fn full_lifecycle_of_a_domain() {
     let home = Home::new("life");
     let d = Daemon::start(&home);
     let api = d.api();
-    let file = home.0.join("idle1.toml");
+    let file = home.path().join("idle1.toml");
     std::fs::write(&file, guest_toml("idle1", "idle")).unwrap();
 
     let t = Instant::now();
@@ -114,9 +113,9 @@ fn full_lifecycle_of_a_domain() {
     // domain stops.
     let top = d.ferro_ok(&["top", "--iterations", "1"]);
     assert!(top.contains("idle1") && top.contains("running"), "{top}");
-    let mut cli_console = std::process::Command::new(common::ferro_bin())
+    let mut cli_console = std::process::Command::new(ferro_test_support::ferro_bin())
         .args(["console", "idle1"])
-        .env("FERRO_HOME", &home.0)
+        .env("FERRO_HOME", home.path())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -270,7 +269,7 @@ fn autostart_runs_on_the_first_daemon_start_after_boot() {
     assert_eq!(state(&d, "auto")["state"], "shutoff");
     d.kill9();
     // Pretend the host rebooted since the daemon last ran.
-    let db = rusqlite::Connection::open(home.0.join("ferrod.db")).unwrap();
+    let db = rusqlite::Connection::open(home.path().join("ferrod.db")).unwrap();
     db.execute("UPDATE meta SET value = 'an-earlier-boot' WHERE key = 'boot_id'", []).unwrap();
     drop(db);
     let d = Daemon::start(&home);
@@ -328,7 +327,7 @@ fn fifty_domains_start_and_stop_concurrently_without_leaks() {
     wait_for("every VMM to exit", Duration::from_secs(10), || pids.iter().all(|&p| !alive(p)));
     assert!(home.processes().is_empty(), "left: {:?}", home.processes());
     wait_for("ferrod's descriptors to settle", Duration::from_secs(5), || fd_count(d.child.id()) <= fds_before);
-    let sockets: Vec<_> = walk(&home.0.join("run")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "sock")).collect();
+    let sockets: Vec<_> = walk(&home.path().join("run")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "sock")).collect();
     assert!(sockets.is_empty(), "sockets left: {sockets:?}");
 }
 
@@ -353,7 +352,7 @@ fn a_running_domains_volume_is_used_and_cannot_be_deleted() {
     let home = Home::new("voluse");
     let d = Daemon::start(&home);
     let api = d.api();
-    let target = home.0.join("images");
+    let target = home.path().join("images");
     let def = serde_json::json!({ "name": "default", "type": "dir", "target": target.display().to_string() }).to_string();
     api.expect("POST", "/v1/pools", Some(&def), 201);
     api.expect("POST", "/v1/pools/default/build", None, 200);

@@ -3,9 +3,8 @@
 //! VMM's RSS drops when the guest inflates, and the guest finds the pages it takes back zeroed
 //! (it exits with a failure otherwise, which would leave the domain crashed).
 
-mod common;
-
-use common::{Daemon, Home, wait_for};
+use ferro_test_support::daemon::{Daemon, Home, guest_toml};
+use ferro_test_support::wait_for;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -75,7 +74,7 @@ fn setmem_needs_a_balloon() {
     let home = Home::new("setmem-none");
     let d = Daemon::start(&home);
     let api = d.api();
-    api.expect("POST", "/v1/domains", Some(&common::guest_toml("idle1", "idle")), 201);
+    api.expect("POST", "/v1/domains", Some(&guest_toml("idle1", "idle")), 201);
     d.ferro_ok(&["start", "idle1"]);
     let v = api.expect("POST", "/v1/domains/idle1/setmem", Some(r#"{"memory": "32M"}"#), 409);
     assert!(v["message"].as_str().unwrap().contains("add a [balloon] table"), "{v}");

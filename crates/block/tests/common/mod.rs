@@ -1,32 +1,9 @@
-//! Helpers shared by the integration tests: scratch directories, qemu-img/qemu-io runners,
-//! deterministic data.
+//! Helpers shared by the block layer's integration tests: qemu-img/qemu-io runners, deterministic
+//! data (scratch directories are ferro-test-support's `TempDir`).
 #![allow(dead_code)]
-use std::path::{Path, PathBuf};
+pub use ferro_test_support::TempDir;
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
-
-/// A scratch directory removed on drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(tag: &str) -> Scratch {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("ferro-block-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
-    }
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn run(cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e} (is qemu-utils installed?)"))
@@ -95,8 +72,8 @@ pub fn read_all(img: &Path) -> Vec<u8> {
 }
 
 /// Converts any image to raw bytes with qemu-img (the reference reader).
-pub fn qemu_read_all(img: &Path, scratch: &Scratch) -> Vec<u8> {
-    let out = scratch.path("qemu-reference.raw");
+pub fn qemu_read_all(img: &Path, scratch: &TempDir) -> Vec<u8> {
+    let out = scratch.join("qemu-reference.raw");
     qemu_img_ok(&["convert", "-O", "raw", img.to_str().expect("utf-8"), out.to_str().expect("utf-8")]);
     let v = std::fs::read(&out).expect("read converted");
     let _ = std::fs::remove_file(&out);

@@ -200,6 +200,26 @@ pub(crate) mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
+    /// An interrupt line for device tests: records every interrupt raised, in order.
+    #[derive(Default)]
+    pub struct InterruptLog(std::sync::Mutex<Vec<InterruptReason>>);
+
+    impl InterruptLog {
+        pub fn reasons(&self) -> Vec<InterruptReason> {
+            self.0.lock().unwrap().clone()
+        }
+
+        pub fn count(&self) -> usize {
+            self.0.lock().unwrap().len()
+        }
+    }
+
+    impl VirtioInterrupt for InterruptLog {
+        fn trigger(&self, reason: InterruptReason) {
+            self.0.lock().unwrap().push(reason);
+        }
+    }
+
     /// Puts `descs` in a 16-entry queue's table with one chain starting at 0, and parses it.
     fn parse(descs: &[(u64, u32, u16, u16)]) -> Chain {
         let mem = memory();

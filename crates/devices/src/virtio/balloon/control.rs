@@ -164,6 +164,7 @@ pub(super) fn parse_stats(bytes: &[u8], into: &mut RawStats) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::chains::tests::InterruptLog;
 
     fn entry(tag: u16, v: u64) -> Vec<u8> {
         let mut e = tag.to_le_bytes().to_vec();
@@ -188,19 +189,13 @@ mod tests {
 
     #[test]
     fn a_new_target_raises_a_config_interrupt_only_when_it_changes() {
-        struct Count(Mutex<Vec<InterruptReason>>);
-        impl VirtioInterrupt for Count {
-            fn trigger(&self, reason: InterruptReason) {
-                self.0.lock().unwrap().push(reason);
-            }
-        }
         let c = BalloonControl::new(0).unwrap();
         c.set_target_pages(10); // not active: nobody to tell
-        let irq = Arc::new(Count(Mutex::new(Vec::new())));
+        let irq = Arc::new(InterruptLog::default());
         c.lock().interrupt = Some(irq.clone());
         c.set_target_pages(10);
         c.set_target_pages(20);
-        assert_eq!(*irq.0.lock().unwrap(), vec![InterruptReason::Config]);
+        assert_eq!(irq.reasons(), vec![InterruptReason::Config]);
         assert_eq!(c.info().target_pages, 20);
     }
 }

@@ -266,17 +266,10 @@ impl QueueWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use crate::virtio::chains::tests::InterruptLog;
     use virtio_queue::desc::{RawDescriptor, split::Descriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, GuestAddress};
-
-    struct Recorder(Mutex<Vec<InterruptReason>>);
-    impl VirtioInterrupt for Recorder {
-        fn trigger(&self, reason: InterruptReason) {
-            self.0.lock().unwrap().push(reason);
-        }
-    }
 
     fn stat(tag: u16, value: u64) -> Vec<u8> {
         [tag.to_le_bytes().as_slice(), value.to_le_bytes().as_slice()].concat()
@@ -303,7 +296,7 @@ mod tests {
                 q
             })
             .collect();
-        let irq = Arc::new(Recorder(Mutex::new(Vec::new())));
+        let irq = Arc::new(InterruptLog::default());
         let balloon = Balloon::new(0, false).unwrap();
         let mut w = QueueWorker {
             mem: mem.clone(),
@@ -326,7 +319,7 @@ mod tests {
 
         w.give_back_stats_buffer();
         assert_eq!(used_idx(&vqs[STATS]), 1);
-        assert_eq!(*irq.0.lock().unwrap(), vec![InterruptReason::Queue(STATS as u16)]);
+        assert_eq!(irq.reasons(), vec![InterruptReason::Queue(STATS as u16)]);
         w.give_back_stats_buffer();
         assert_eq!(used_idx(&vqs[STATS]), 1, "nothing held, nothing returned");
 

@@ -206,39 +206,17 @@ impl NetIo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::chains::tests::{F_WRITE, memory};
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use crate::virtio::chains::tests::{F_WRITE, InterruptLog, memory};
+    use ferro_test_support::net::{ETH_P_ALL, in_private_netns, packet_socket};
     use virtio_queue::desc::{RawDescriptor, split::Descriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, Bytes, GuestAddress};
 
-    struct CountingIrq(AtomicU32);
-
-    impl VirtioInterrupt for CountingIrq {
-        fn trigger(&self, _: InterruptReason) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// Sends raw Ethernet frames out of `dev` (so they come out of its tap fd).
     fn inject(dev: &str, frames: &[Vec<u8>]) {
-        let name = std::ffi::CString::new(dev).unwrap();
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain syscalls on a socket we own, an address struct that lives for each call,
-        // and buffers of the lengths given; results are checked.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
-            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-            let _sock = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_protocol = proto;
-            addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-            addr.sll_halen = 6;
-            for f in frames {
-                let n = libc::sendto(fd, f.as_ptr().cast(), f.len(), 0, (&raw const addr).cast(), size_of::<libc::sockaddr_ll>() as u32);
-                assert_eq!(n, f.len() as isize, "sendto: {}", std::io::Error::last_os_error());
-            }
+        let sock = std::fs::File::from(packet_socket(dev, ETH_P_ALL));
+        for f in frames {
+            assert_eq!((&sock).write(f).expect("send a frame"), f.len());
         }
     }
 
@@ -251,7 +229,7 @@ mod tests {
 
     #[test]
     fn receive_stops_reading_the_tap_without_guest_buffers_and_resumes_on_a_kick() {
-        super::super::tests::in_private_netns(|| {
+        in_private_netns(|| {
             // No IPv6 chatter from the kernel on the new tap: only our frames cross it.
             let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
             let tap = Arc::new(Tap::open("fdp0").unwrap());
@@ -260,7 +238,7 @@ mod tests {
             let txq = MockSplitQueue::create(&mem, GuestAddress(0x4000), 16);
             let tap_poll = Epoll::new().unwrap();
             tap_poll.ctl(ControlOperation::Add, tap.as_raw_fd(), EpollEvent::new(EventSet::IN, 0)).unwrap();
-            let irq = Arc::new(CountingIrq(AtomicU32::new(0)));
+            let irq = Arc::new(InterruptLog::default());
             let mut io = NetIo {
                 mem: mem.clone(),
                 interrupt: irq.clone(),
@@ -284,7 +262,7 @@ mod tests {
             assert!(!io.tap_wanted);
             let mut events = [EpollEvent::default(); 1];
             assert_eq!(io.tap_poll.wait(0, &mut events).unwrap(), 0, "a stalled tap must not wake the worker");
-            assert_eq!(irq.0.load(Ordering::Relaxed), 0);
+            assert_eq!(irq.count(), 0);
 
             // The guest adds one buffer and kicks: frame 1 lands in it, frame 2 waits.
             let buf = GuestAddress(0x8000);
@@ -302,7 +280,7 @@ mod tests {
             let mut got = vec![0u8; frame(1).len()];
             mem.read_slice(&mut got, buf.unchecked_add(VNET_HDR_LEN as u64)).unwrap();
             assert_eq!(got, frame(1));
-            assert_eq!(irq.0.load(Ordering::Relaxed), 1);
+            assert_eq!(irq.count(), 1);
             assert!(!io.tap_wanted && io.pending == VNET_HDR_LEN + frame(2).len(), "frame 2 waits for the next buffer");
         });
     }

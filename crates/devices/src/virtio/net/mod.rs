@@ -147,8 +147,9 @@ impl VirtioDevice for Net {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use ferro_test_support::net::in_private_netns;
 
     #[test]
     fn generated_macs_are_local_unicast_and_differ() {
@@ -156,21 +157,6 @@ pub(crate) mod tests {
         assert_eq!(a[0] & 1, 0, "unicast");
         assert_eq!(a[0] & 2, 2, "locally administered");
         assert_ne!(a, b);
-    }
-
-    /// Runs `f` on a thread in a new, private network namespace (gone when the thread ends), so
-    /// taps made there never touch the host's interfaces. None when we may not make one.
-    pub(crate) fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-        std::thread::spawn(move || {
-            // SAFETY: unshare(2) with a flag; it changes only this thread's network namespace.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                eprintln!("skipped: cannot make a network namespace: {}", io::Error::last_os_error());
-                return None;
-            }
-            Some(f())
-        })
-        .join()
-        .unwrap()
     }
 
     #[test]

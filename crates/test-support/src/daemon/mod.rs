@@ -1,57 +1,45 @@
-//! Test harness: a real `ferrod` process in a private FERRO_HOME, an HTTP client that checks every
-//! response against `openapi.json`, and helpers to run the `ferro` CLI.
-#![allow(dead_code)]
+//! A real `ferrod` for tests: a private `FERRO_HOME` ([`Home`]), the daemon process ([`Daemon`]),
+//! an HTTP client for its REST API over the unix socket that checks every answer against
+//! `crates/manager/openapi.json` ([`Api`], [`openapi`]), and the `ferro` CLI pointed at it.
 
 pub mod openapi;
 
+use crate::{TempDir, ferro_bin, ferrod_bin};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-pub fn ferrod_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ferrod"))
-}
-
-/// The `ferro` binary of the same build (built by `cargo build -p ferro-cli`).
-pub fn ferro_bin() -> PathBuf {
-    let path = ferrod_bin().with_file_name("ferro");
-    assert!(path.exists(), "{} is missing: run `cargo build -p ferro-cli` before these tests", path.display());
-    path
-}
-
-/// A temporary FERRO_HOME, removed on drop.
-pub struct Home(pub PathBuf);
+/// A private FERRO_HOME; on drop, every process still running under it is killed (SIGKILL)
+/// and the directory removed.
+pub struct Home(TempDir);
 
 impl Home {
     pub fn new(tag: &str) -> Home {
-        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("ferrod-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Home(dir)
+        Home(TempDir::new(&format!("home-{tag}")))
     }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.0.join("ferrod.sock")
     }
-}
 
-impl Home {
-    /// Pids of processes whose command line mentions this home (monitors and VMMs).
+    /// Pids of live processes whose command line names a file in this home (monitors, VMMs).
     pub fn processes(&self) -> Vec<i32> {
-        let needle = self.0.to_string_lossy().into_owned();
+        let needle = format!("{}/", self.path().display());
         std::fs::read_dir("/proc")
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
             .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
-                    && alive(*pid as i64)
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+                    && crate::alive(i64::from(*pid))
             })
             .collect()
     }
@@ -64,11 +52,10 @@ impl Drop for Home {
             // SAFETY: kill(2) on a pid; no memory is involved.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
-/// A running ferrod; killed (SIGKILL) on drop. VMs it started are destroyed by `Daemon::cleanup`.
+/// A running ferrod; on drop, the domains it runs are destroyed and it is killed (SIGKILL).
 pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
@@ -80,31 +67,33 @@ impl Daemon {
         Self::start_with(home, &[])
     }
 
+    /// Starts ferrod with extra environment variables; waits for its socket (10 s at most).
     pub fn start_with(home: &Home, env: &[(&str, &str)]) -> Daemon {
         let socket = home.socket();
         let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new(ferrod_bin());
-        cmd.env("FERRO_HOME", &home.0)
+        cmd.env("FERRO_HOME", home.path())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(home.0.join("ferrod.stderr")).map(Stdio::from).unwrap_or(Stdio::null()));
+            .stderr(std::fs::File::create(home.path().join("ferrod.stderr")).map(Stdio::from).unwrap_or(Stdio::null()));
         if std::env::var_os("FERRO_BIN").is_none() {
-            cmd.env("FERRO_BIN", ferrod_bin().with_file_name("ferro"));
+            cmd.env("FERRO_BIN", ferro_bin());
         }
         for (k, v) in env {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn ferrod");
-        let daemon = Daemon { child, socket, home: home.0.clone() };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let daemon = Daemon { child, socket, home: home.path().to_owned() };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while UnixStream::connect(&daemon.socket).is_err() {
-            assert!(Instant::now() < deadline, "ferrod did not open its socket: {}", daemon.stderr());
+            assert!(std::time::Instant::now() < deadline, "ferrod did not open its socket: {}", daemon.stderr());
             std::thread::sleep(Duration::from_millis(5));
         }
         daemon
     }
 
+    /// What ferrod wrote on stderr so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.home.join("ferrod.stderr")).unwrap_or_default()
     }
@@ -120,19 +109,14 @@ impl Daemon {
 
     /// Runs the `ferro` CLI against this daemon.
     pub fn ferro(&self, args: &[&str]) -> Output {
-        Command::new(ferro_bin())
-            .args(args)
-            .env("FERRO_HOME", &self.home)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run ferro")
+        Command::new(ferro_bin()).args(args).env("FERRO_HOME", &self.home).stdin(Stdio::null()).output().expect("run ferro")
     }
 
-    /// Like `ferro`, asserting success and returning stdout.
+    /// Like [`Daemon::ferro`], asserting success and returning stdout.
     pub fn ferro_ok(&self, args: &[&str]) -> String {
         let out = self.ferro(args);
         assert!(out.status.success(), "ferro {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
+        String::from_utf8(out.stdout).expect("UTF-8 output")
     }
 
     /// Destroys every active domain through the API (so no VMM outlives a test).
@@ -141,7 +125,7 @@ impl Daemon {
         let (_, list) = api.call("GET", "/v1/domains", None);
         for d in list.as_array().into_iter().flatten() {
             if matches!(d["state"].as_str(), Some("running" | "paused")) {
-                api.call("POST", &format!("/v1/domains/{}/destroy", d["name"].as_str().unwrap()), None);
+                api.call("POST", &format!("/v1/domains/{}/destroy", d["name"].as_str().unwrap_or_default()), None);
             }
         }
     }
@@ -156,7 +140,8 @@ impl Drop for Daemon {
     }
 }
 
-/// HTTP/1.1 over the unix socket; every response is validated against the OpenAPI document.
+/// HTTP/1.1 over the daemon's unix socket; every response is validated against the OpenAPI
+/// document.
 #[derive(Clone)]
 pub struct Api {
     pub socket: PathBuf,
@@ -170,6 +155,7 @@ pub struct RawResponse {
 
 impl Api {
     /// Sends one request; returns the status and the parsed JSON body (Null if empty or not JSON).
+    /// A body for `/v1/domains` is a TOML definition, any other a JSON document.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         let ctype = if path == "/v1/domains" { "application/toml" } else { "application/json" };
         let raw = self.raw(method, path, ctype, body.map(str::as_bytes));
@@ -191,7 +177,8 @@ impl Api {
     }
 }
 
-/// A minimal HTTP/1.1 exchange (Connection: close), handling sized and chunked bodies.
+/// A minimal HTTP/1.1 exchange (Connection: close), handling sized and chunked bodies; not
+/// checked against the OpenAPI document (see [`Api::raw`]).
 pub fn http(socket: &Path, method: &str, path: &str, ctype: &str, body: Option<&[u8]>) -> RawResponse {
     let mut stream = UnixStream::connect(socket).expect("connect to ferrod");
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -225,7 +212,7 @@ pub fn http(socket: &Path, method: &str, path: &str, ctype: &str, body: Option<&
         loop {
             let mut size = String::new();
             reader.read_line(&mut size).unwrap();
-            let n = usize::from_str_radix(size.trim(), 16).unwrap();
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or_else(|_| panic!("bad chunk size {size:?}"));
             let mut chunk = vec![0; n + 2];
             reader.read_exact(&mut chunk).unwrap();
             if n == 0 {
@@ -239,24 +226,7 @@ pub fn http(socket: &Path, method: &str, path: &str, ctype: &str, body: Option<&
     RawResponse { status, content_type: header("content-type").unwrap_or_default(), body: data }
 }
 
-/// A domain definition booting a built-in test guest.
+/// A domain definition (TOML) booting a built-in test guest with 64 MiB and one vCPU.
 pub fn guest_toml(name: &str, guest: &str) -> String {
     format!("name = \"{name}\"\nmemory = \"64M\"\nvcpus = 1\n[boot]\nguest = \"{guest}\"\n")
-}
-
-/// Waits until `f` holds, panicking with `what` after `timeout`.
-pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Is a process alive (and not a zombie)?
-pub fn alive(pid: i64) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !matches!(stat.rsplit(')').next().and_then(|s| s.split_whitespace().next()), Some("Z" | "X")),
-        Err(_) => false,
-    }
 }

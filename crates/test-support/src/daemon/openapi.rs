@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 fn doc() -> &'static Value {
     static DOC: OnceLock<Value> = OnceLock::new();
-    DOC.get_or_init(|| serde_json::from_str(include_str!("../../openapi.json")).expect("openapi.json is valid JSON"))
+    DOC.get_or_init(|| serde_json::from_str(include_str!("../../../manager/openapi.json")).expect("openapi.json is valid JSON"))
 }
 
 /// The documented path template matching a concrete path (static segments win over parameters).
