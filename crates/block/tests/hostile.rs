@@ -137,7 +137,7 @@ fn point_l2_entry(path: &Path, guest_cluster: usize, host: u64) {
 /// names the file and what the pointer leads into, and no metadata byte changes.
 #[test]
 fn data_pointers_into_metadata_are_refused_on_every_path() {
-    let s = Scratch::new("l2-targets");
+    let s = TempDir::new("block-l2-targets");
     let pristine = valid(&s, "pristine.qcow2");
     // Growing past one L2 table's reach moves the L1 table to the end of the file, right
     // after the last data cluster: a write running over that cluster's end must stop there.
@@ -177,7 +177,7 @@ fn data_pointers_into_metadata_are_refused_on_every_path() {
         v
     };
     for (target, what) in targets {
-        let q = s.path("target.qcow2");
+        let q = s.join("target.qcow2");
         std::fs::copy(&pristine, &q).expect("copy");
         point_l2_entry(&q, 0, last_data);
         point_l2_entry(&q, 1, target);
@@ -197,9 +197,9 @@ fn data_pointers_into_metadata_are_refused_on_every_path() {
     }
 
     // Commit reads the top image through the same lookups: the base gets no metadata bytes.
-    let base = s.path("base.raw");
+    let base = s.join("base.raw");
     std::fs::write(&base, data(4, 4 * MIB as usize)).expect("base");
-    let top = s.path("top.qcow2");
+    let top = s.join("top.qcow2");
     let mut o = CreateOptions::new(Format::Qcow2, None);
     o.backing_file = Some("base.raw".into());
     o.backing_format = Some(Format::Raw);
@@ -217,7 +217,7 @@ fn data_pointers_into_metadata_are_refused_on_every_path() {
 
     // An L1 entry that makes a refcount block double as an L2 table is refused at open, before
     // a write through it could overwrite refcounts.
-    let q = s.path("l1-refblock.qcow2");
+    let q = s.join("l1-refblock.qcow2");
     std::fs::copy(&pristine, &q).expect("copy");
     patch(&q, l1 as usize, &(COPIED | refblock).to_be_bytes());
     let err = open(&q, None, false).err().expect("open must fail").to_string();

@@ -186,9 +186,9 @@ fn vmdk_input_converts_to_the_same_bytes_as_qemu() {
     content[4 * MIB as usize..4 * MIB as usize + 70_000].fill(0x3c);
     std::fs::write(&raw, &content).expect("raw");
     for sub in ["monolithicSparse", "streamOptimized"] {
-        let vmdk = s.join(&format!("{sub}.vmdk"));
+        let vmdk = s.join(format!("{sub}.vmdk"));
         qemu_img_ok(&["convert", "-f", "raw", "-O", "vmdk", "-o", &format!("subformat={sub}"), p(&raw), p(&vmdk)]);
-        let ours = s.join(&format!("{sub}.qcow2"));
+        let ours = s.join(format!("{sub}.qcow2"));
         let opts = ConvertOptions { src_format: None, dst: CreateOptions::new(Format::Qcow2, None) };
         ops::convert(&vmdk, &ours, &opts, &mut |_, _| {}).expect("convert vmdk");
         assert_qemu_check_clean(&ours);
