@@ -46,12 +46,9 @@ while [ $# -gt 0 ]; do
 done
 case $kernel in vmlinux|bzImage) ;; *) die "--kernel must be vmlinux or bzImage, not $kernel" ;; esac
 
-if ! command -v qemu-system-x86_64 >/dev/null; then
-    [ "$(id -u)" -eq 0 ] || die "qemu-system-x86_64 not found: sudo apt-get install qemu-system-x86"
-    log "installing qemu-system-x86"
-    apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-system-x86 >&2
-fi
+# Debian's QEMU, unpacked privately (its package would replace the newer qemu-img).
+qemu=${FERRO_QEMU:-$("$here/../../scripts/qemu-peer.sh" | tail -n 1)}
+[ -x "$qemu" ] || die "no QEMU peer: scripts/qemu-peer.sh failed"
 [ -w /dev/kvm ] || die "/dev/kvm is missing or not writable (load kvm, or add yourself to group kvm)"
 
 # build.sh is a no-op when the recipe is unchanged; its last stdout line is the output dir.
@@ -76,7 +73,8 @@ boot() {  # boot KERNEL MACHINE SMP
     local start_us=${EPOCHREALTIME/[.,]/} up=none cpus=none mem_kb=none cmd_rc=none line t rc
     log "boot: kernel=$k machine=$m smp=$n mem=${mem}M"
     set +o pipefail    # QEMU's status is read from PIPESTATUS below
-    timeout "$timeout_s" qemu-system-x86_64 -accel kvm -M "$m" -cpu host -m "$mem" -smp "$n" \
+    # -arch-capabilities: QEMU 7.2 cannot set IA32_ARCH_CAPABILITIES on this host's KVM.
+    timeout "$timeout_s" "$qemu" -accel kvm -M "$m" -cpu host,-arch-capabilities -m "$mem" -smp "$n" \
         -nographic -no-reboot -serial stdio -monitor none -nodefaults \
         -kernel "$dir/$k" -initrd "$dir/initramfs.cpio" -append "$append" \
         </dev/null 2>&1 |
