@@ -18,6 +18,7 @@
 //! - Time: the guest reports TSC cycles from its first request to its last completion; guest
 //!   TSC = host TSC on this KVM (no scaling), and the host measures the TSC frequency.
 
+use crate::common::{QEMU_CPU, median, qemu_bin};
 use ferro_test_support::net::Netns;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -70,11 +71,6 @@ const NET: [Workload; 2] = [
     Workload { name: "tx 1514B frames", op: "tx", size: 1514, count: 50_000, random: false },
 ];
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn rdtsc() -> u64 {
     // SAFETY: rdtsc reads the time-stamp counter; it has no memory effects.
     unsafe { std::arch::x86_64::_rdtsc() }
@@ -94,9 +90,9 @@ fn ferro_command(ferro: &Path, guest: &Path, device: &[String], cmdline: &str) -
     c
 }
 
-fn qemu_command(guest: &Path, device: &[String], cmdline: &str) -> Command {
-    let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-accel", "kvm", "-M", "q35", "-cpu", "host", "-m", &MEMORY_MIB.to_string(), "-smp", "1"])
+fn qemu_command(qemu: &Path, guest: &Path, device: &[String], cmdline: &str) -> Command {
+    let mut c = Command::new(qemu);
+    c.args(["-accel", "kvm", "-M", "q35", "-cpu", QEMU_CPU, "-m", &MEMORY_MIB.to_string(), "-smp", "1"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
         .args(device)
@@ -110,7 +106,7 @@ fn run_guest(vmm: Vmm, ctx: &Ctx, devices: (&[String], &[String]), w: &Workload,
     let cmdline = w.cmdline();
     let inner = match vmm {
         Vmm::Ferro => ferro_command(&ctx.ferro, &ctx.guest, devices.0, &cmdline),
-        Vmm::Qemu => qemu_command(&ctx.guest, devices.1, &cmdline),
+        Vmm::Qemu => qemu_command(&ctx.qemu, &ctx.guest, devices.1, &cmdline),
     };
     let mut cmd = match netns {
         Some(ns) => {
@@ -135,6 +131,7 @@ fn run_guest(vmm: Vmm, ctx: &Ctx, devices: (&[String], &[String]), w: &Workload,
 
 struct Ctx {
     ferro: PathBuf,
+    qemu: PathBuf,
     guest: PathBuf,
     tsc_hz: f64,
     reps: usize,
@@ -370,7 +367,11 @@ pub fn run(ferro: &Path, reps: usize, scratch: &Path) {
     let guest = scratch.join("virtio_bench.elf");
     std::fs::write(&guest, ferro_guests::get("virtio_bench").expect("the virtio_bench guest")).unwrap();
     let shrink = std::env::var("FERRO_BENCH_SHRINK").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
-    let ctx = Ctx { ferro: ferro.to_owned(), guest, tsc_hz: tsc_hz(), reps, shrink };
+    let Some(qemu) = qemu_bin() else {
+        println!("== virtio throughput: no QEMU peer (see scripts/qemu-peer.sh); nothing measured");
+        return;
+    };
+    let ctx = Ctx { ferro: ferro.to_owned(), qemu, guest, tsc_hz: tsc_hz(), reps, shrink };
     println!("== virtio throughput, virtio_bench guest on virtio-pci, {reps} runs each, medians (TSC {:.0} MHz)", ctx.tsc_hz / 1e6);
     println!("  ferro run --disk/--net    vs  qemu -M q35 virtio-*-pci,disable-legacy=on (cache=writeback,aio=threads; tap vhost=off)");
     println!("  guest: depth 16 (indirect descriptors), polled completions, no interrupts; host: one thread, buffered pread/pwrite, write(2) per frame");
