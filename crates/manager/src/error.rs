@@ -1,66 +1,70 @@
-//! The one error type of the daemon's operations, mapped to HTTP status + `{"code","message"}`.
+//! The error every service returns: a kind saying what went wrong (the API layer turns it into an
+//! HTTP status; services know nothing of HTTP) and one line naming the object and the fix.
 
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+/// What kind of failure, as a caller must react to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A bad definition or argument; the message starts with the offending key.
+    Invalid,
+    /// The named object does not exist.
+    NotFound,
+    /// The object is in the wrong state for the request (running, in use, already there).
+    Conflict,
+    /// The VMM of a running domain failed or did not answer.
+    Vmm,
+    /// A wait (for the guest, for a job) ran out.
+    Timeout,
+    /// Something on the host failed (the store, a file operation).
+    Internal,
+}
 
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub kind: ErrorKind,
     pub message: String,
 }
 
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error { kind, message: message.into() }
     }
-    /// A bad definition or argument (400); the message names the field.
-    pub fn invalid(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid", message)
+    pub fn invalid(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Invalid, message)
     }
-    pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    pub fn not_found(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::NotFound, message)
     }
-    /// The object is in the wrong state for the request (409).
-    pub fn conflict(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::CONFLICT, "conflict", message)
+    pub fn conflict(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Conflict, message)
     }
-    pub fn too_large(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+    pub fn vmm(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Vmm, message)
     }
-    pub fn method_not_allowed(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", message)
+    pub fn timeout(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Timeout, message)
     }
-    /// The VMM of a running domain failed or did not answer (502).
-    pub fn vmm(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_GATEWAY, "vmm_error", message)
+    pub fn internal(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Internal, message)
     }
-    /// A wait for the guest ran out (504).
-    pub fn timeout(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
-    }
-    pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+
+    /// The same error with `key: ` in front, when the failure is about one field of a request.
+    pub fn for_key(self, key: &str) -> Error {
+        Error { message: format!("{key}: {}", self.message), ..self }
     }
 }
 
-impl std::fmt::Display for ApiError {
+impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
     }
 }
 
-impl From<rusqlite::Error> for ApiError {
-    fn from(e: rusqlite::Error) -> ApiError {
-        ApiError::internal(format!("state store: {e}"))
+impl std::error::Error for Error {}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Error {
+        Error::internal(format!("state store: {e}"))
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({ "code": self.code, "message": self.message });
-        (self.status, axum::Json(body)).into_response()
-    }
-}
-
-pub type ApiResult<T> = Result<T, ApiError>;
+pub type Result<T> = std::result::Result<T, Error>;

@@ -40,7 +40,7 @@ impl EventHub {
         history.0 += 1;
         let event = Event {
             seq: history.0,
-            time_ms: crate::now_ms(),
+            time_ms: crate::model::now_ms(),
             object,
             name: name.to_string(),
             kind,

@@ -1,18 +1,22 @@
-//! Jobs: long volume operations (clone, convert) that run on a blocking thread while the API keeps
-//! answering, with progress, cooperative cancellation and a final state.
+//! The job runner: any long task (a volume copy today; backups, snapshots, migrations and imports
+//! next) runs as a job with progress, cooperative cancellation, a durable record and a final
+//! state, while the API keeps answering. The runner knows nothing of what a job does: a service
+//! describes the job ([`NewJob`]) and hands over its work, an async closure that reports progress
+//! and polls for a stop request through its [`JobContext`].
 //!
-//! A job is written to the store when it starts and again when it ends, so `GET /v1/jobs` keeps
-//! finished jobs across restarts and a job cut short by a daemon crash is reported as failed on the
-//! next start. The copy goes to a hidden scratch file in the pool that is renamed into place only
-//! when complete: a cancelled, failed or interrupted job leaves no volume behind.
+//! A job is written to the store when it starts and again when it ends, so finished jobs are
+//! listed across restarts. A job whose ferrod died under it is found still "running" in the store
+//! at the next start: it is recorded as failed and its scratch files are removed. The files a job
+//! reads and writes are claimed (see `claims`) while it runs, so nothing changes them under it.
 
-use crate::error::{ApiError, ApiResult};
-use crate::manager::{Manager, lock};
+use crate::claims::{Access, Claims, Holder};
+use crate::error::{Error, Result};
+use crate::events::EventHub;
+use crate::model::{JobInfo, JobState, Progress, ProgressUnit, now_ms};
 use crate::store::Store;
-use ferro_block::{CreateOptions, DiskImage, Format};
-use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,10 +24,6 @@ use tokio::sync::watch;
 
 /// How many finished jobs are remembered (in memory and in the store).
 const HISTORY: usize = 200;
-/// Bytes copied between two looks at the stop request (and two progress updates).
-const CHUNK: usize = 1 << 20;
-/// Granularity of zero detection: all-zero blocks are not written, so the copy stays sparse.
-const ZERO_BLOCK: usize = 64 << 10;
 /// How long a cancel request waits for the worker to stop.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
 /// How long a stopping daemon waits for its jobs to wind down.
@@ -35,65 +35,42 @@ const CANCEL: u8 = 1;
 const DAEMON_STOPPING: u8 = 2;
 
 /// Why a job started by an earlier ferrod process has no worker any more.
-const INTERRUPTED: &str = "ferrod stopped while the job was running (killed or crashed); its unfinished copy was removed";
+const INTERRUPTED: &str = "ferrod stopped while the job was running (killed or crashed); its unfinished files were removed";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Running,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl JobState {
-    pub fn name(self) -> &'static str {
-        match self {
-            JobState::Running => "running",
-            JobState::Completed => "completed",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<JobState> {
-        [JobState::Running, JobState::Completed, JobState::Failed, JobState::Cancelled].into_iter().find(|s| s.name() == name)
-    }
-}
-
-/// A job as the API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct JobInfo {
-    pub id: u64,
-    /// "clone" or "convert".
-    pub kind: String,
-    /// The volume read, as "pool/volume".
+/// What a service asks the runner to run.
+pub struct NewJob {
+    /// The job kind's name, as the API shows it ("clone", "convert", ...).
+    pub kind: &'static str,
+    /// What the job reads and what it makes, as the API names them.
     pub source: String,
-    /// The volume made, as "pool/volume".
     pub target: String,
-    pub state: JobState,
-    /// Bytes of the source's data copied so far, out of `total_bytes` (ranges that read as zeroes
-    /// are not copied and not counted).
-    pub done_bytes: u64,
-    pub total_bytes: u64,
-    pub started_ms: u64,
-    pub finished_ms: Option<u64>,
-    /// Why the job failed.
-    pub error: Option<String>,
+    pub unit: ProgressUnit,
+    /// Files the job writes that must not outlive it unless it completes: removed when it fails,
+    /// is cancelled, or was cut short by a crash of ferrod (found at the next start).
+    pub scratch_files: Vec<PathBuf>,
+    /// Files nothing else may change (or, for writes, use) while the job runs.
+    pub uses: Vec<(PathBuf, Access)>,
 }
 
-/// One job: its info (which waiters watch) and the stop request its worker polls.
+/// How a job's work ended early.
+#[derive(Debug)]
+pub enum JobError {
+    /// It saw a cancel request.
+    Cancelled,
+    /// It saw that ferrod is stopping.
+    DaemonStopping,
+    Failed(String),
+}
+
+/// One job: its info (which waiters watch) and the stop request its work polls.
 pub struct Job {
     info: watch::Sender<JobInfo>,
     stop: AtomicU8,
-    /// The files a running job reads and writes; other requests may not change them meanwhile.
-    source_path: PathBuf,
-    target_path: PathBuf,
 }
 
 impl Job {
-    fn new(info: JobInfo, source_path: PathBuf, target_path: PathBuf) -> Arc<Job> {
-        Arc::new(Job { info: watch::Sender::new(info), stop: AtomicU8::new(RUN), source_path, target_path })
+    fn new(info: JobInfo) -> Arc<Job> {
+        Arc::new(Job { info: watch::Sender::new(info), stop: AtomicU8::new(RUN) })
     }
 
     pub fn info(&self) -> JobInfo {
@@ -116,182 +93,212 @@ impl Job {
     }
 }
 
+/// What a job's work sees of its job: it reports progress and polls for a stop request. Cheap to
+/// clone and usable from a blocking thread.
+#[derive(Clone)]
+pub struct JobContext {
+    job: Arc<Job>,
+}
+
+impl JobContext {
+    /// Sets the amount of work once it is known (0 until then).
+    pub fn set_total(&self, total: u64) {
+        self.update(|done, _| (done, total));
+    }
+
+    /// Adds `amount` to the work done.
+    pub fn advance(&self, amount: u64) {
+        self.update(|done, total| (done.saturating_add(amount), total));
+    }
+
+    fn update(&self, f: impl FnOnce(u64, u64) -> (u64, u64)) {
+        // Progress is polled by readers, not pushed: waiters only wake for the final state.
+        self.job.info.send_if_modified(|j| {
+            let (done, total) = j.progress.counts();
+            let (done, total) = f(done, total);
+            j.progress = Progress::new(j.progress.unit(), done, total);
+            false
+        });
+    }
+
+    /// `Err` once the job should stop (cancelled, or ferrod stopping); call it between chunks of
+    /// work and return the error as it is.
+    pub fn check_stop(&self) -> std::result::Result<(), JobError> {
+        match self.job.stop.load(Ordering::Relaxed) {
+            CANCEL => Err(JobError::Cancelled),
+            DAEMON_STOPPING => Err(JobError::DaemonStopping),
+            _ => Ok(()),
+        }
+    }
+}
+
+struct Registry {
+    all: BTreeMap<u64, Arc<Job>>,
+    last_id: u64,
+}
+
 /// Every job the daemon remembers, by id.
 pub struct Jobs {
-    all: Mutex<BTreeMap<u64, Arc<Job>>>,
+    store: Arc<Store>,
+    events: Arc<EventHub>,
+    claims: Arc<Claims>,
+    registry: Mutex<Registry>,
 }
 
-/// A copy of one volume into a new one, as the pool layer resolved it.
-pub struct CopySpec {
-    pub kind: &'static str,
-    pub pool: String,
-    pub source: String,
-    pub source_path: PathBuf,
-    pub source_format: Format,
-    pub target: String,
-    pub target_path: PathBuf,
-    pub target_format: Format,
+fn holder(info: &JobInfo) -> Holder {
+    Holder::Job { id: info.id, kind: info.kind.clone() }
 }
 
-/// Loads the remembered jobs. Jobs the store still shows as running belonged to a ferrod that
-/// died: they are recorded as failed and their scratch files removed; returned for the event log.
-pub(crate) fn load(store: &Store) -> rusqlite::Result<(Jobs, Vec<JobInfo>)> {
-    let mut all = BTreeMap::new();
-    let mut interrupted = Vec::new();
-    for row in store.jobs()? {
-        let mut info = row.info;
-        if info.state == JobState::Running {
-            if let Some(scratch) = &row.scratch {
-                let _ = std::fs::remove_file(scratch);
+fn remove_scratch(files: &[PathBuf]) {
+    for file in files {
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+impl Jobs {
+    /// Loads the remembered jobs. Jobs the store still shows as running belonged to a ferrod that
+    /// died: they are recorded as failed and their scratch files removed.
+    pub fn open(store: Arc<Store>, events: Arc<EventHub>, claims: Arc<Claims>) -> std::result::Result<Arc<Jobs>, String> {
+        let fail = |e: rusqlite::Error| format!("cannot read jobs: {e}");
+        let mut all = BTreeMap::new();
+        for row in store.jobs().map_err(fail)? {
+            let mut info = row.info;
+            if info.state == JobState::Running {
+                remove_scratch(&row.scratch_files);
+                info.state = JobState::Failed;
+                info.error = Some(INTERRUPTED.to_string());
+                info.finished_ms = Some(now_ms());
+                store.finish_job(&info).map_err(fail)?;
+                events.emit("job", &info.id.to_string(), info.state.name(), INTERRUPTED);
             }
-            info.state = JobState::Failed;
-            info.error = Some(INTERRUPTED.to_string());
-            info.finished_ms = Some(crate::now_ms());
-            store.finish_job(&info)?;
-            interrupted.push(info.clone());
+            all.insert(info.id, Job::new(info));
         }
-        all.insert(info.id, Job::new(info, PathBuf::new(), PathBuf::new()));
-    }
-    Ok((Jobs { all: Mutex::new(all) }, interrupted))
-}
-
-/// How a worker ended early.
-enum Stop {
-    Cancelled,
-    DaemonStopping,
-    Failed(String),
-}
-
-impl From<ferro_block::Error> for Stop {
-    fn from(e: ferro_block::Error) -> Stop {
-        Stop::Failed(e.to_string())
-    }
-}
-
-impl Manager {
-    pub fn jobs_list(&self) -> Vec<JobInfo> {
-        lock(&self.jobs.all).values().map(|j| j.info()).collect()
+        let last_id = store.last_job_id().map_err(fail)?;
+        Ok(Arc::new(Jobs { store, events, claims, registry: Mutex::new(Registry { all, last_id }) }))
     }
 
-    /// A job by the id given in a URL; anything that names no job is 404.
-    pub fn job(&self, id: &str) -> ApiResult<Arc<Job>> {
-        id.parse::<u64>()
-            .ok()
-            .and_then(|n| lock(&self.jobs.all).get(&n).cloned())
-            .ok_or_else(|| ApiError::not_found(format!("job {id:?} does not exist (see `ferro job-list`)")))
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn list(&self) -> Vec<JobInfo> {
+        self.registry().all.values().map(|j| j.info()).collect()
+    }
+
+    pub fn get(&self, id: u64) -> Result<Arc<Job>> {
+        self.registry()
+            .all
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("job \"{id}\" does not exist (see `ferro job-list`)")))
     }
 
     /// Asks a running job to stop and waits for it; returns the job as it ended (completed, if it
     /// finished before it saw the request).
-    pub async fn job_cancel(&self, id: &str) -> ApiResult<JobInfo> {
-        let job = self.job(id)?;
+    pub async fn cancel(&self, id: u64) -> Result<JobInfo> {
+        let job = self.get(id)?;
         if !job.running() {
             let state = job.info().state;
-            return Err(ApiError::conflict(format!("job {id} is already {}; only running jobs can be cancelled", state.name())));
+            return Err(Error::conflict(format!("job {id} is already {}; only running jobs can be cancelled", state.name())));
         }
         let _ = job.stop.compare_exchange(RUN, CANCEL, Ordering::Relaxed, Ordering::Relaxed);
         let info = job.finished(Some(CANCEL_WAIT)).await;
         if info.state == JobState::Running {
-            return Err(ApiError::timeout(format!("job {id} did not stop within {} s; it stops at its next chunk", CANCEL_WAIT.as_secs())));
+            return Err(Error::timeout(format!(
+                "job {id} did not stop within {} s; it stops at its next chunk of work",
+                CANCEL_WAIT.as_secs()
+            )));
         }
         Ok(info)
     }
 
-    /// The running job that reads or writes `path`, if any.
-    pub(crate) fn job_using(&self, path: &Path) -> Option<u64> {
-        lock(&self.jobs.all)
-            .iter()
-            .find(|(_, j)| j.running() && (j.source_path == path || j.target_path == path))
-            .map(|(id, _)| *id)
-    }
-
-    /// Records a new copy job and starts its worker.
-    pub(crate) fn start_copy(self: &Arc<Self>, spec: CopySpec) -> ApiResult<Arc<Job>> {
-        let scratch = spec.target_path.with_file_name(format!(".{}.part", spec.target));
-        let mut info = JobInfo {
-            id: 0,
-            kind: spec.kind.to_string(),
-            source: format!("{}/{}", spec.pool, spec.source),
-            target: format!("{}/{}", spec.pool, spec.target),
-            state: JobState::Running,
-            done_bytes: 0,
-            total_bytes: 0,
-            started_ms: crate::now_ms(),
-            finished_ms: None,
-            error: None,
-        };
+    /// Records a new job, claims its files and starts its work. A file held by someone else is a
+    /// conflict, and then no job is made.
+    pub fn start<W, F>(self: &Arc<Self>, new: NewJob, work: W) -> Result<Arc<Job>>
+    where
+        W: FnOnce(JobContext) -> F + Send + 'static,
+        F: Future<Output = std::result::Result<(), JobError>> + Send + 'static,
+    {
         let job = {
-            // Checked and recorded under one lock, so two requests cannot both take the name.
-            let mut all = lock(&self.jobs.all);
-            if let Some(other) = all.iter().find(|(_, j)| j.running() && j.target_path == spec.target_path).map(|(id, _)| id) {
-                return Err(ApiError::conflict(format!("name: volume {} is being made by job {other}", spec.target)));
+            // Under one lock: the id, the claims and the record, so two requests cannot both
+            // take a file and ids never skip.
+            let mut registry = self.registry();
+            let info = JobInfo {
+                id: registry.last_id + 1,
+                kind: new.kind.to_string(),
+                source: new.source,
+                target: new.target,
+                state: JobState::Running,
+                progress: Progress::start(new.unit),
+                started_ms: now_ms(),
+                finished_ms: None,
+                error: None,
+            };
+            self.claims
+                .claim(&new.uses, &holder(&info))
+                .map_err(|busy| Error::conflict(format!("{} is in use by {}", busy.path.display(), busy.holder)))?;
+            if let Err(e) = self.store.insert_job(&info, &new.scratch_files) {
+                self.claims.release(&holder(&info));
+                return Err(e.into());
             }
-            if spec.target_path.exists() {
-                return Err(ApiError::conflict(format!("name: volume {} already exists in pool {}", spec.target, spec.pool)));
-            }
-            info.id = self.store().insert_job(&info, &scratch.display().to_string())?;
-            let job = Job::new(info.clone(), spec.source_path.clone(), spec.target_path.clone());
-            all.insert(info.id, job.clone());
+            registry.last_id = info.id;
+            let job = Job::new(info);
+            registry.all.insert(job.info().id, job.clone());
             job
         };
+        let info = job.info();
         self.events.emit("job", &info.id.to_string(), "started", format!("{} {} -> {}", info.kind, info.source, info.target));
-        let mgr = self.clone();
+        let jobs = self.clone();
+        let context = JobContext { job: job.clone() };
+        let scratch = new.scratch_files;
         let worker = job.clone();
-        tokio::spawn(async move { mgr.run_copy(worker, spec, scratch).await });
+        tokio::spawn(async move {
+            // Its own task, so that a panic in the work fails the job instead of leaving it running.
+            let result = tokio::spawn(work(context))
+                .await
+                .unwrap_or_else(|e| Err(JobError::Failed(format!("the job's worker failed: {e}"))));
+            jobs.finish(&worker, result, &scratch);
+        });
         Ok(job)
     }
 
-    async fn run_copy(&self, job: Arc<Job>, spec: CopySpec, scratch: PathBuf) {
-        let worker = job.clone();
-        let (src, dst) = (spec.source_path.clone(), scratch.clone());
-        let (src_format, dst_format) = (spec.source_format, spec.target_format);
-        let copied = tokio::task::spawn_blocking(move || copy_image(&worker, &src, src_format, &dst, dst_format))
-            .await
-            .unwrap_or_else(|e| Err(Stop::Failed(format!("image task failed: {e}"))));
-        let result = copied.and_then(|()| {
-            std::fs::rename(&scratch, &spec.target_path)
-                .map_err(|e| Stop::Failed(format!("cannot move the copy to {}: {e}", spec.target_path.display())))
-        });
+    /// Records how a job ended and tells its waiters and the event stream.
+    fn finish(&self, job: &Job, result: std::result::Result<(), JobError>, scratch: &[PathBuf]) {
         if result.is_err() {
-            let _ = std::fs::remove_file(&scratch);
+            remove_scratch(scratch);
         }
         let mut info = job.info();
+        // Released before anyone hears of the end: a client told "cancelled" may use the files.
+        self.claims.release(&holder(&info));
         (info.state, info.error) = match result {
             Ok(()) => (JobState::Completed, None),
-            Err(Stop::Cancelled) => (JobState::Cancelled, None),
-            Err(Stop::DaemonStopping) => (JobState::Failed, Some("ferrod was stopped while the job was running".to_string())),
-            Err(Stop::Failed(e)) => (JobState::Failed, Some(e)),
+            Err(JobError::Cancelled) => (JobState::Cancelled, None),
+            Err(JobError::DaemonStopping) => (JobState::Failed, Some("ferrod was stopped while the job was running".to_string())),
+            Err(JobError::Failed(e)) => (JobState::Failed, Some(e)),
         };
-        info.finished_ms = Some(crate::now_ms());
+        info.finished_ms = Some(now_ms());
         // Recorded before waiters hear of it: a client told "completed" finds it so after a restart.
-        let recorded = {
-            let store = self.store();
-            store.finish_job(&info).and_then(|()| store.prune_jobs(HISTORY))
-        };
-        if let Err(e) = recorded {
+        if let Err(e) = self.store.finish_job(&info).and_then(|()| self.store.prune_jobs(HISTORY)) {
             tracing::error!(job = info.id, "cannot record the end of the job: {e}");
         }
         job.info.send_replace(info.clone());
-        self.forget_old_jobs();
+        self.forget_old();
         let detail = info.error.clone().unwrap_or_else(|| format!("{} {} -> {}", info.kind, info.source, info.target));
         self.events.emit("job", &info.id.to_string(), info.state.name(), detail);
-        if info.state == JobState::Completed {
-            self.events.emit("volume", &info.target, "created", format!("{} of {}", info.kind, info.source));
-        }
     }
 
     /// Keeps the newest HISTORY finished jobs in memory, like the store.
-    fn forget_old_jobs(&self) {
-        let mut all = lock(&self.jobs.all);
-        let finished: Vec<u64> = all.iter().filter(|(_, j)| !j.running()).map(|(id, _)| *id).collect();
+    fn forget_old(&self) {
+        let mut registry = self.registry();
+        let finished: Vec<u64> = registry.all.iter().filter(|(_, j)| !j.running()).map(|(id, _)| *id).collect();
         for id in finished.iter().take(finished.len().saturating_sub(HISTORY)) {
-            all.remove(id);
+            registry.all.remove(id);
         }
     }
 
     /// Asks every running job to stop because the daemon is stopping, and waits a little for them.
-    pub async fn stop_jobs(&self) {
-        let running: Vec<Arc<Job>> = lock(&self.jobs.all).values().filter(|j| j.running()).cloned().collect();
+    pub async fn stop_all(&self) {
+        let running: Vec<Arc<Job>> = self.registry().all.values().filter(|j| j.running()).cloned().collect();
         for job in &running {
             let _ = job.stop.compare_exchange(RUN, DAEMON_STOPPING, Ordering::Relaxed, Ordering::Relaxed);
         }
@@ -301,102 +308,104 @@ impl Manager {
     }
 }
 
-/// Copies the data of `src` into a new image at `dst`, one chunk at a time, checking the job's
-/// stop request between chunks. Ranges the whole backing chain reads as zeroes are skipped, so
-/// the copy is as sparse as the source and stands alone (no backing file).
-fn copy_image(job: &Job, src: &Path, src_format: Format, dst: &Path, dst_format: Format) -> Result<(), Stop> {
-    let ranges: Vec<(u64, u64)> = ferro_block::ops::map(src, Some(src_format))?
-        .into_iter()
-        .filter(|e| e.data || !e.zero)
-        .map(|e| (e.start, e.length))
-        .collect();
-    let total = ranges.iter().map(|(_, len)| len).sum();
-    job.info.send_if_modified(|j| {
-        j.total_bytes = total;
-        false
-    });
-    let mut source = ferro_block::open(src, Some(src_format), true)?;
-    ferro_block::create(dst, &CreateOptions::new(dst_format, Some(source.size())))?;
-    let mut target = ferro_block::open(dst, Some(dst_format), false)?;
-    let mut buf = vec![0u8; CHUNK];
-    for (start, len) in ranges {
-        let mut off = start;
-        while off < start + len {
-            match job.stop.load(Ordering::Relaxed) {
-                CANCEL => return Err(Stop::Cancelled),
-                DAEMON_STOPPING => return Err(Stop::DaemonStopping),
-                _ => {}
-            }
-            let n = (start + len - off).min(CHUNK as u64) as usize;
-            source.read_at(&mut buf[..n], off)?;
-            write_nonzero(target.as_mut(), &buf[..n], off)?;
-            off += n as u64;
-            // Progress is polled by readers, not pushed: waiters only wake for the final state.
-            job.info.send_if_modified(|j| {
-                j.done_bytes += n as u64;
-                false
-            });
-        }
-    }
-    target.flush()?;
-    Ok(())
-}
-
-/// Writes the runs of `data` that are not all zeroes; the new image already reads zeroes elsewhere.
-fn write_nonzero(img: &mut dyn DiskImage, data: &[u8], off: u64) -> ferro_block::Result<()> {
-    let mut run_start = None;
-    for (i, block) in data.chunks(ZERO_BLOCK).enumerate() {
-        let at = i * ZERO_BLOCK;
-        match (run_start, block.iter().all(|&b| b == 0)) {
-            (None, false) => run_start = Some(at),
-            (Some(start), true) => {
-                img.write_at(&data[start..at], off + start as u64)?;
-                run_start = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(start) = run_start {
-        img.write_at(&data[start..], off + start as u64)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn state_names_round_trip() {
-        for state in [JobState::Running, JobState::Completed, JobState::Failed, JobState::Cancelled] {
-            assert_eq!(JobState::from_name(state.name()), Some(state));
-            assert_eq!(serde_json::to_value(state).unwrap(), state.name());
-        }
-        assert_eq!(JobState::from_name("paused"), None);
+    fn temp_home(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ferro-jobs-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
-    #[test]
-    fn only_nonzero_runs_are_written() {
-        let dir = std::env::temp_dir().join(format!("ferro-jobs-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("sparse.raw");
-        ferro_block::create(&path, &CreateOptions::new(Format::Raw, Some(4 << 20))).unwrap();
-        let mut data = vec![0u8; 4 * ZERO_BLOCK];
-        data[ZERO_BLOCK + 5] = 7;
-        data[3 * ZERO_BLOCK..].fill(9);
-        let mut img = ferro_block::open(&path, Some(Format::Raw), false).unwrap();
-        write_nonzero(img.as_mut(), &data, 1 << 20).unwrap();
-        img.flush().unwrap();
-        let mut back = vec![1u8; data.len()];
-        img.read_at(&mut back, 1 << 20).unwrap();
-        assert!(back == data, "written data reads back");
-        let map = ferro_block::ops::map(&path, Some(Format::Raw)).unwrap();
-        let data_ranges: Vec<(u64, u64)> = map.iter().filter(|e| e.data).map(|e| (e.start, e.length)).collect();
-        let block = ZERO_BLOCK as u64;
-        assert!(
-            data_ranges.iter().all(|&(s, l)| s >= (1 << 20) + block && s + l <= (1 << 20) + 4 * block),
-            "zero blocks stay holes: {data_ranges:?}"
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn open(home: &std::path::Path) -> (Arc<Jobs>, Arc<Claims>, Arc<EventHub>) {
+        let store = Arc::new(Store::open(&home.join("ferrod.db")).unwrap());
+        let (claims, events) = (Arc::new(Claims::default()), Arc::new(EventHub::default()));
+        (Jobs::open(store, events.clone(), claims.clone()).unwrap(), claims, events)
+    }
+
+    fn steps_job(home: &std::path::Path) -> NewJob {
+        NewJob {
+            kind: "test",
+            source: "a".into(),
+            target: "b".into(),
+            unit: ProgressUnit::Steps,
+            scratch_files: vec![home.join("scratch")],
+            uses: vec![(home.join("input"), Access::Read)],
+        }
+    }
+
+    /// A kind the runner has never heard of: counts steps, is cancelled part way, and its
+    /// scratch file and claims go with it.
+    #[tokio::test]
+    async fn any_kind_of_work_runs_reports_progress_and_stops_on_cancel() {
+        let home = temp_home("cancel");
+        let (jobs, claims, events) = open(&home);
+        let scratch = home.join("scratch");
+        let (step_tx, mut step_rx) = tokio::sync::mpsc::unbounded_channel();
+        let job = jobs
+            .start(steps_job(&home), move |ctx| async move {
+                std::fs::write(&scratch, b"partial").unwrap();
+                ctx.set_total(10);
+                for _ in 0..10 {
+                    ctx.check_stop()?;
+                    ctx.advance(1);
+                    let _ = step_tx.send(());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(())
+            })
+            .unwrap();
+        step_rx.recv().await.unwrap();
+        let info = job.info();
+        assert_eq!((info.id, info.state), (1, JobState::Running));
+        assert!(matches!(info.progress, Progress::Steps { done_steps: 1.., total_steps: 10 }), "{info:?}");
+        assert!(claims.check(&home.join("input"), Access::Write).is_err(), "the input is held while the job runs");
+
+        let ended = jobs.cancel(1).await.unwrap();
+        assert_eq!(ended.state, JobState::Cancelled);
+        let (done, total) = ended.progress.counts();
+        assert!(done < total, "{ended:?}");
+        assert!(!home.join("scratch").exists(), "scratch files go with a cancelled job");
+        assert!(claims.check(&home.join("input"), Access::Write).is_ok());
+        assert_eq!(jobs.cancel(1).await.unwrap_err().kind, crate::error::ErrorKind::Conflict);
+        let kinds: Vec<&str> = events.since(0).iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["started", "cancelled"]);
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_or_panicking_job_ends_failed_and_a_dead_daemons_job_is_failed_at_open() {
+        let home = temp_home("fail");
+        let (jobs, _, _) = open(&home);
+        let job = jobs.start(steps_job(&home), |_| async { Err(JobError::Failed("disk full".into())) }).unwrap();
+        let info = job.finished(None).await;
+        assert_eq!((info.state, info.error.as_deref()), (JobState::Failed, Some("disk full")));
+        let job = jobs.start(steps_job(&home), |_| async { panic!("bug") }).unwrap();
+        let info = job.finished(None).await;
+        assert!(info.error.unwrap().contains("worker failed"));
+
+        // A job whose daemon dies: only the start is in the store.
+        let scratch = home.join("scratch");
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        jobs.start(steps_job(&home), move |_| async move {
+            std::fs::write(&scratch, b"partial").unwrap();
+            let _ = started_tx.send(());
+            std::future::pending().await
+        })
+        .unwrap();
+        started_rx.await.unwrap();
+        let (reopened, _, events) = open(&home);
+        let info = reopened.get(3).unwrap().info();
+        assert_eq!(info.state, JobState::Failed);
+        assert!(info.error.unwrap().contains("ferrod stopped while the job was running"));
+        assert!(!home.join("scratch").exists(), "the dead job's scratch file is removed");
+        assert_eq!(events.since(0).len(), 1);
+        assert_eq!(reopened.list().len(), 3);
+        // Ids keep counting.
+        let next = reopened.start(steps_job(&home), |_| async { Ok(()) }).unwrap();
+        assert_eq!(next.finished(None).await.id, 4);
+        std::fs::remove_dir_all(&home).unwrap();
     }
 }

@@ -1,21 +1,28 @@
 //! ferrod, the Ferrovisor management daemon: persistent domain and pool definitions in SQLite,
-//! one supervised VMM process per running domain, volume jobs, and a REST API on a unix socket.
+//! one supervised VMM process per running domain, jobs, and a REST API on a unix socket.
+//!
+//! Module map (docs/ferrod.md tells the story):
+//! - leaves: `model` (shared types), `error` (the services' error), `domain` (the TOML domain
+//!   definition), `events`, `claims` (files in use), `durable` (crash-safe file writes);
+//! - `store`: SQLite rows and schema migrations, over `model` only;
+//! - services: `jobs` (the runner), `pools` (pools, volumes, copies), `domains` (definitions and
+//!   supervision), with `vmm` (VM config and control socket) and `monitor` (the per-VM process);
+//! - `daemon` wires the services together; `api` maps HTTP to them.
 
 pub mod api;
+pub mod claims;
+pub mod daemon;
 pub mod domain;
+pub mod domains;
+pub mod durable;
 pub mod error;
 pub mod events;
 pub mod jobs;
-pub mod manager;
+pub mod model;
 pub mod monitor;
 pub mod pools;
 pub mod store;
 pub mod vmm;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 /// State directory when FERRO_HOME is not set.
 pub const DEFAULT_HOME: &str = "/var/lib/ferrovisor";

@@ -1,7 +1,8 @@
 //! `ferrod`: the management daemon. `ferrod monitor ...` is the per-VM monitor it starts.
 
 use clap::{Parser, Subcommand};
-use ferro_manager::manager::{Manager, Paths};
+use ferro_manager::daemon::Services;
+use ferro_manager::model::Paths;
 use ferro_manager::{DEFAULT_HOME, api, monitor, socket_for_home};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -85,11 +86,11 @@ fn serve(cli: Cli) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
-        let manager = Manager::open(paths.clone())?;
+        let services = Services::open(paths.clone())?;
         let listener = bind(&paths.socket)?;
-        manager.recover().await;
+        services.recover().await;
         tracing::info!(socket = %paths.socket.display(), home = %paths.home.display(), "ferrod ready");
-        let app = api::router(manager.clone());
+        let app = api::router(services.clone());
         let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
         let signalled = stopping.clone();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -106,7 +107,7 @@ fn serve(cli: Cli) -> Result<(), String> {
             } => Ok(()),
         };
         let _ = std::fs::remove_file(&paths.socket);
-        manager.stop_jobs().await;
+        services.stop().await;
         result
     })
 }

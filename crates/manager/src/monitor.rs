@@ -110,10 +110,10 @@ fn last_line_since(path: &Path, start: u64) -> Option<String> {
     recent.iter().rev().find(|l| l.to_ascii_lowercase().contains("error")).or(recent.last()).map(|l| l.to_string())
 }
 
+/// Written whole and synced (see `durable`): ferrod, restarted after a power loss, reads either no
+/// report (the VM was still running) or a complete one.
 fn write_report(path: &Path, report: &ExitReport) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(report).map_err(std::io::Error::other)?)?;
-    std::fs::rename(tmp, path)
+    crate::durable::write(path, &serde_json::to_vec(report).map_err(std::io::Error::other)?)
 }
 
 /// Reads a report written by a monitor, if there is one.
@@ -132,5 +132,34 @@ pub fn signal_name(sig: i32) -> &'static str {
         libc::SIGSYS => "SIGSYS",
         libc::SIGILL => "SIGILL",
         _ => "signal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_says_how_the_vmm_ended() {
+        let dir = std::env::temp_dir().join(format!("ferro-monitor-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let stale_socket = dir.join("api.sock");
+        std::fs::write(&stale_socket, b"").unwrap();
+        let args = MonitorArgs {
+            exit_report: dir.join("exit.json"),
+            log: dir.join("vmm.log"),
+            stderr: dir.join("vmm.stderr"),
+            sockets: vec![stale_socket.clone()],
+            command: ["sh", "-c", "echo booting; echo 'error: no such kernel' >&2; exit 3"].map(String::from).to_vec(),
+        };
+        assert_eq!(run(args), ExitCode::FAILURE);
+        let report = read_report(&dir.join("exit.json")).unwrap();
+        assert_eq!(report, ExitReport { code: Some(3), signal: None, reason: "error: no such kernel".into(), resets: 0 });
+        assert!(!stale_socket.exists(), "stale sockets are removed before the VMM starts");
+        assert_eq!(std::fs::read_to_string(dir.join("vmm.log")).unwrap(), "booting\n");
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

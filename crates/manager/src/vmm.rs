@@ -1,10 +1,14 @@
-//! Talking to one VMM process: its command line and its control socket (docs/vmm-control.md).
+//! Talking to one VMM process: the VM configuration ferrod builds from a domain definition, the
+//! files of one run, and typed requests on its control socket (`ferro_vmm_api::control`, wire form
+//! in docs/vmm-control.md).
 
 use crate::domain::DomainConfig;
-use serde_json::Value;
+use ferro_vmm_api::control::{self, Request};
+use ferro_vmm_api::{BootConfig, DeviceConfig, DeviceKind, DiskFormat, Kernel, MacAddr, MemoryConfig, Transport, VmConfig};
+use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 /// Files of one running domain, under `$FERRO_HOME/run/<uuid>/` (the uuid keeps socket paths short).
@@ -37,90 +41,167 @@ impl RunFiles {
 
 /// A disk as handed to the VMM, after pool volumes have been resolved to paths.
 pub struct ResolvedDisk {
-    pub path: String,
-    pub format: String,
+    pub path: PathBuf,
+    pub format: DiskFormat,
     pub readonly: bool,
 }
 
-/// The `ferro vmm` arguments for a domain (the same flags as `ferro run`, plus the control sockets).
-pub fn vmm_args(config: &DomainConfig, disks: &[ResolvedDisk], files: &RunFiles) -> Vec<String> {
-    let mut args = vec![
-        "vmm".to_string(),
-        "--name".to_string(),
-        config.name.clone(),
-        "--api-socket".to_string(),
-        files.api_socket().display().to_string(),
-        "--serial-socket".to_string(),
-        files.serial_socket().display().to_string(),
-        "--memory".to_string(),
-        format!("{}M", config.memory_bytes() >> 20),
-        "--cpus".to_string(),
-        config.vcpus.to_string(),
-    ];
-    let boot = &config.boot;
-    let mut push = |flag: &str, value: &Option<String>| {
-        if let Some(v) = value {
-            args.push(flag.to_string());
-            args.push(v.clone());
-        }
+/// The VM a domain runs: its definition with pool volumes resolved to files. Devices come in the
+/// order the definition lists them: disks (vda, vdb, ...), NICs (net0, ...), then the balloon.
+pub fn vm_config(config: &DomainConfig, disks: &[ResolvedDisk]) -> Result<VmConfig, String> {
+    let kernel = match (&config.boot.kernel, &config.boot.guest) {
+        (Some(kernel), _) => Kernel::Path(kernel.into()),
+        (None, Some(guest)) => Kernel::TestGuest(guest.clone()),
+        (None, None) => return Err("boot: set boot.kernel or boot.guest".to_string()),
     };
-    push("--guest", &boot.guest);
-    push("--kernel", &boot.kernel);
-    push("--initrd", &boot.initrd);
-    push("--cmdline", &boot.cmdline);
-    for disk in disks {
-        args.push("--disk".to_string());
-        let mut spec = format!("path={},format={}", disk.path, disk.format);
-        if disk.readonly {
-            spec.push_str(",readonly=on");
-        }
-        args.push(spec);
-    }
-    for nic in &config.nics {
-        args.push("--net".to_string());
-        let mut spec = format!("tap={}", nic.tap);
-        if let Some(mac) = &nic.mac {
-            spec.push_str(&format!(",mac={mac}"));
-        }
-        args.push(spec);
+    let mut devices: Vec<DeviceKind> = disks
+        .iter()
+        .map(|d| DeviceKind::Block { path: d.path.clone(), format: Some(d.format), readonly: d.readonly })
+        .collect();
+    for (i, nic) in config.nics.iter().enumerate() {
+        let mac = match &nic.mac {
+            Some(text) => Some(text.parse::<MacAddr>().map_err(|e| format!("nic[{i}].mac: {e}"))?),
+            None => None,
+        };
+        devices.push(DeviceKind::Net { tap: nic.tap.clone(), mac });
     }
     if let Some(balloon) = &config.balloon {
         // Empty at start; `setmem` sets the target through the control socket.
-        let spec = if balloon.deflate_on_oom { "size=0,deflate_on_oom=on" } else { "size=0" };
-        args.extend(["--balloon".to_string(), spec.to_string()]);
+        devices.push(DeviceKind::Balloon { size_mib: 0, deflate_on_oom: balloon.deflate_on_oom });
+    }
+    let vm = VmConfig {
+        name: config.name.clone(),
+        boot: BootConfig {
+            kernel,
+            initrd: config.boot.initrd.as_ref().map(PathBuf::from),
+            cmdline: config.boot.cmdline.clone().unwrap_or_default(),
+        },
+        memory: MemoryConfig::new(config.memory_bytes()),
+        vcpus: u8::try_from(config.vcpus).map_err(|_| format!("vcpus: {} is more than a VM can have", config.vcpus))?,
+        devices: DeviceConfig::with_default_ids(devices),
+        transport: Transport::Pci,
+    };
+    vm.validate()?;
+    Ok(vm)
+}
+
+/// The `ferro vmm` command line for a VM (the flags of `ferro run`, plus the control sockets).
+pub fn vmm_args(vm: &VmConfig, files: &RunFiles) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "vmm".into(),
+        "--name".into(),
+        vm.name.clone(),
+        "--api-socket".into(),
+        files.api_socket().display().to_string(),
+        "--serial-socket".into(),
+        files.serial_socket().display().to_string(),
+        "--memory".into(),
+        format!("{}M", vm.memory.size >> 20),
+        "--cpus".into(),
+        vm.vcpus.to_string(),
+    ];
+    match &vm.boot.kernel {
+        Kernel::Path(path) => args.extend(["--kernel".into(), path.display().to_string()]),
+        Kernel::TestGuest(guest) => args.extend(["--guest".into(), guest.clone()]),
+    }
+    if let Some(initrd) = &vm.boot.initrd {
+        args.extend(["--initrd".into(), initrd.display().to_string()]);
+    }
+    if !vm.boot.cmdline.is_empty() {
+        args.extend(["--cmdline".into(), vm.boot.cmdline.clone()]);
+    }
+    for device in &vm.devices {
+        let (flag, spec) = match &device.kind {
+            DeviceKind::Block { path, format, readonly } => {
+                let mut spec = format!("path={}", path.display());
+                if let Some(format) = format {
+                    spec.push_str(&format!(",format={}", format.name()));
+                }
+                if *readonly {
+                    spec.push_str(",readonly=on");
+                }
+                ("--disk", spec)
+            }
+            DeviceKind::Net { tap, mac } => {
+                let mut spec = format!("tap={tap}");
+                if let Some(mac) = mac {
+                    spec.push_str(&format!(",mac={mac}"));
+                }
+                ("--net", spec)
+            }
+            DeviceKind::Balloon { size_mib, deflate_on_oom } => {
+                let mut spec = format!("size={size_mib}");
+                if *deflate_on_oom {
+                    spec.push_str(",deflate_on_oom=on");
+                }
+                ("--balloon", spec)
+            }
+            // Domain definitions have no other devices (see `vm_config`).
+            DeviceKind::Rng { .. } | DeviceKind::Console { .. } | DeviceKind::Vsock { .. } => continue,
+        };
+        args.extend([flag.to_string(), spec]);
     }
     args
 }
 
-/// Sends one request on a fresh connection to the VMM's control socket and returns the response
-/// object of an `ok: true` answer; anything else is an error line for the caller.
-pub async fn request(socket: &Path, request: Value, timeout: Duration) -> Result<Value, String> {
-    let op = request.get("op").and_then(Value::as_str).unwrap_or("?").to_string();
+/// Sends one request on a fresh connection to the VMM's control socket and returns its typed
+/// reply; an error is one line for the caller (the VMM's own message when it refused).
+pub async fn call<R: DeserializeOwned>(socket: &Path, request: &Request, timeout: Duration) -> Result<R, String> {
+    let op = request.op();
     let exchange = async {
         let mut stream = UnixStream::connect(socket).await.map_err(|e| format!("cannot connect to VMM: {e}"))?;
-        let mut line = request.to_string();
+        let mut line = serde_json::to_string(request).map_err(|e| format!("cannot encode `{op}`: {e}"))?;
         line.push('\n');
         stream.write_all(line.as_bytes()).await.map_err(|e| format!("VMM control socket: {e}"))?;
-        let mut reader = BufReader::new(stream);
+        let mut reader = BufReader::new(stream).take(control::MAX_LINE as u64);
         let mut answer = String::new();
         let n = reader.read_line(&mut answer).await.map_err(|e| format!("VMM control socket: {e}"))?;
         if n == 0 {
             return Err("VMM closed the control socket without answering".to_string());
         }
-        serde_json::from_str::<Value>(&answer).map_err(|e| format!("VMM sent a malformed answer: {e}"))
+        Ok(answer)
     };
     let answer = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| format!("VMM did not answer `{op}` within {} ms", timeout.as_millis()))??;
-    if answer.get("ok").and_then(Value::as_bool) == Some(true) {
-        Ok(answer)
-    } else {
-        let error = answer.get("error").and_then(Value::as_str).unwrap_or("no error message");
-        Err(format!("VMM refused `{op}`: {error}"))
-    }
+    control::decode_reply(&answer).map_err(|e| format!("`{op}` on the VMM failed: {e}"))
 }
 
-/// Shorthand for an op without arguments.
-pub async fn op(socket: &Path, name: &str, timeout: Duration) -> Result<Value, String> {
-    request(socket, serde_json::json!({ "op": name }), timeout).await
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_domain_becomes_one_vm_config_and_its_command_line() {
+        let text = "name = \"web\"\nmemory = \"1.5G\"\nvcpus = 2\n[boot]\nkernel = \"/k\"\ninitrd = \"/i\"\ncmdline = \"console=ttyS0\"\n\
+                    [[nic]]\ntap = \"tap0\"\nmac = \"52:54:00:00:00:07\"\n[balloon]\ndeflate_on_oom = true\n";
+        let config = DomainConfig::parse(text).unwrap();
+        let disks = [
+            ResolvedDisk { path: "/pool/a.qcow2".into(), format: DiskFormat::Qcow2, readonly: false },
+            ResolvedDisk { path: "/iso/b.raw".into(), format: DiskFormat::Raw, readonly: true },
+        ];
+        let vm = vm_config(&config, &disks).unwrap();
+        assert_eq!((vm.name.as_str(), vm.vcpus, vm.memory.size), ("web", 2, 3 << 29));
+        assert_eq!(vm.boot.kernel, Kernel::Path("/k".into()));
+        let ids: Vec<&str> = vm.devices.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["vda", "vdb", "net0", "balloon0"]);
+        // The JSON form is what `ferro vmm --config` reads.
+        let json = serde_json::to_string(&vm).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), vm);
+
+        let files = RunFiles::new(Path::new("/run"), "u");
+        let args = vmm_args(&vm, &files).join(" ");
+        assert_eq!(
+            args,
+            "vmm --name web --api-socket /run/u/api.sock --serial-socket /run/u/serial.sock --memory 1536M --cpus 2 \
+             --kernel /k --initrd /i --cmdline console=ttyS0 --disk path=/pool/a.qcow2,format=qcow2 \
+             --disk path=/iso/b.raw,format=raw,readonly=on --net tap=tap0,mac=52:54:00:00:00:07 \
+             --balloon size=0,deflate_on_oom=on"
+        );
+
+        let guest = DomainConfig::parse("name = \"t\"\nmemory = \"64M\"\n[boot]\nguest = \"idle\"\n").unwrap();
+        let vm = vm_config(&guest, &[]).unwrap();
+        assert_eq!(vm.boot.kernel, Kernel::TestGuest("idle".into()));
+        assert!(vmm_args(&vm, &files).join(" ").ends_with("--cpus 1 --guest idle"));
+    }
 }

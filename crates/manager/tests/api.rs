@@ -446,6 +446,33 @@ fn a_second_daemon_on_the_same_home_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("another ferrod"));
 }
 
+/// A state store written by a newer ferrod (a schema version this one does not know) is refused
+/// at start with a message, and left as it was (the migration of older stores is tested in
+/// src/store).
+#[test]
+fn a_state_store_from_a_newer_ferrod_is_refused() {
+    let home = Home::new("schema");
+    let mut d = Daemon::start(&home);
+    d.api().expect("POST", "/v1/domains", Some(&guest_toml("kept", "idle")), 201);
+    d.kill9();
+    let db = rusqlite::Connection::open(home.path().join("ferrod.db")).unwrap();
+    let current: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    assert!(current >= 2, "the store records its schema version: {current}");
+    db.pragma_update(None, "user_version", current + 1).unwrap();
+    drop(db);
+    let out = std::process::Command::new(ferro_test_support::ferrod_bin()).env("FERRO_HOME", home.path()).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("schema version {}, written by a newer ferrod", current + 1)), "{stderr}");
+    assert!(std::os::unix::net::UnixStream::connect(home.socket()).is_err(), "no API is served from a store it cannot read");
+
+    let db = rusqlite::Connection::open(home.path().join("ferrod.db")).unwrap();
+    db.pragma_update(None, "user_version", current).unwrap();
+    drop(db);
+    let d = Daemon::start(&home);
+    assert_eq!(d.api().expect("GET", "/v1/domains/kept", None, 200)["state"], "shutoff");
+}
+
 #[test]
 fn sigterm_stops_the_daemon_even_with_an_event_stream_open() {
     let home = Home::new("sigterm");

@@ -204,15 +204,21 @@ pub fn volume_info(v: &Value) {
     kv(&rows);
 }
 
-/// "45% (450.00 MiB of 1.00 GiB)" for a job.
+/// "45% (450.00 MiB of 1.00 GiB)" for a job counting bytes, "50% (step 2 of 4)" for one counting
+/// steps.
 fn job_progress(job: &Value) -> String {
-    let (done, total) = (job["done_bytes"].as_u64().unwrap_or(0), job["total_bytes"].as_u64().unwrap_or(0));
+    let steps = job.get("done_steps").is_some();
+    let (done, total) = if steps {
+        (job["done_steps"].as_u64().unwrap_or(0), job["total_steps"].as_u64().unwrap_or(0))
+    } else {
+        (job["done_bytes"].as_u64().unwrap_or(0), job["total_bytes"].as_u64().unwrap_or(0))
+    };
     let percent = match (total, job["state"].as_str()) {
         (0, Some("completed")) => 100,
         (0, _) => 0,
         _ => done.saturating_mul(100) / total,
     };
-    format!("{percent}% ({} of {})", bytes(done), bytes(total))
+    if steps { format!("{percent}% (step {done} of {total})") } else { format!("{percent}% ({} of {})", bytes(done), bytes(total)) }
 }
 
 /// Seconds a job has run (until now, or until it ended).
@@ -326,5 +332,20 @@ pub fn top(c: &Client, delay: u64, iterations: Option<u64>) -> Result<(), String
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_secs(delay.max(1)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_progress_follows_the_jobs_unit() {
+        let copy = serde_json::json!({"state": "running", "done_bytes": 1u64 << 29, "total_bytes": 1u64 << 30});
+        assert_eq!(job_progress(&copy), format!("50% ({} of {})", bytes(1 << 29), bytes(1 << 30)));
+        let steps = serde_json::json!({"state": "running", "done_steps": 1, "total_steps": 4});
+        assert_eq!(job_progress(&steps), "25% (step 1 of 4)");
+        let done = serde_json::json!({"state": "completed", "done_steps": 0, "total_steps": 0});
+        assert_eq!(job_progress(&done), "100% (step 0 of 0)");
     }
 }

@@ -1,0 +1,55 @@
+//! ferrod's services wired together: opened over one store, recovered at start, stopped at the
+//! end. The dependencies go one way: domains use pools (to resolve volumes), pools use jobs (for
+//! copies); all of them share the store, the event hub and the file claims.
+
+use crate::claims::Claims;
+use crate::domains::Domains;
+use crate::events::EventHub;
+use crate::jobs::Jobs;
+use crate::model::Paths;
+use crate::pools::Pools;
+use crate::store::Store;
+use std::sync::Arc;
+
+pub struct Services {
+    pub paths: Paths,
+    pub events: Arc<EventHub>,
+    pub jobs: Arc<Jobs>,
+    pub pools: Arc<Pools>,
+    pub domains: Arc<Domains>,
+    store: Arc<Store>,
+}
+
+impl Services {
+    /// Opens the store and loads every service's records; does not touch running VMs yet (see
+    /// `recover`).
+    pub fn open(paths: Paths) -> Result<Arc<Services>, String> {
+        let store = Arc::new(Store::open(&paths.db)?);
+        let events = Arc::new(EventHub::default());
+        let claims = Arc::new(Claims::default());
+        let jobs = Jobs::open(store.clone(), events.clone(), claims.clone())?;
+        let pools = Pools::open(store.clone(), events.clone(), jobs.clone(), claims.clone())?;
+        let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), claims)?;
+        Ok(Arc::new(Services { paths, events, jobs, pools, domains, store }))
+    }
+
+    /// Re-attaches to the VMs that were running when ferrod last stopped, then, on the first start
+    /// since the host booted, starts the pools and domains set to autostart.
+    pub async fn recover(&self) {
+        self.domains.reattach().await;
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string();
+        let last = self.store.meta("boot_id").ok().flatten();
+        if last.as_deref() != Some(boot_id.as_str()) {
+            self.pools.autostart();
+            self.domains.autostart().await;
+            if let Err(e) = self.store.set_meta("boot_id", &boot_id) {
+                tracing::error!("cannot record boot id: {e}");
+            }
+        }
+    }
+
+    /// Stops the work ferrod does itself (jobs); running VMs keep running.
+    pub async fn stop(&self) {
+        self.jobs.stop_all().await;
+    }
+}

@@ -1,0 +1,307 @@
+//! The domains service: domain definitions (kept as the TOML the user wrote) and their runs. It
+//! owns the domain records and their rows in the store.
+//!
+//! - this file: the records, define/undefine/autostart and the infos the API shows;
+//! - `supervise`: starting a domain's VMM under a monitor process, learning how it ended, and
+//!   re-attaching to running VMs after ferrod restarts;
+//! - `control`: requests to a running VMM (destroy, shutdown, reboot, reset, pause, memory, stats).
+//!
+//! Operations on one domain are serialized by a per-domain async lock; the record map itself is
+//! behind a plain mutex held only for short updates, never across an await.
+
+mod control;
+mod supervise;
+
+use crate::claims::Claims;
+use crate::domain::DomainConfig;
+use crate::error::{Error, Result};
+use crate::events::EventHub;
+use crate::model::{Crash, DomainInfo, DomainState, Paths, new_uuid};
+use crate::pools::Pools;
+use crate::store::Store;
+use crate::vmm::RunFiles;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// What is persisted about a domain's current run.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+struct Runtime {
+    state: DomainState,
+    monitor_pid: Option<i32>,
+    /// Start time of the monitor in clock ticks since boot (field 22 of /proc/PID/stat): tells a
+    /// live monitor from a recycled pid.
+    monitor_start: Option<u64>,
+    vmm_pid: Option<i32>,
+    started_ms: Option<u64>,
+    crash: Option<Crash>,
+    reboot_pending: bool,
+}
+
+struct Domain {
+    uuid: String,
+    definition: String,
+    /// The parsed definition, or why the stored text no longer validates.
+    config: std::result::Result<DomainConfig, String>,
+    autostart: bool,
+    rt: Runtime,
+    /// A destroy is under way: the coming exit is not a crash.
+    stopping: bool,
+}
+
+pub struct Domains {
+    paths: Paths,
+    store: Arc<Store>,
+    events: Arc<EventHub>,
+    pools: Arc<Pools>,
+    claims: Arc<Claims>,
+    domains: Mutex<BTreeMap<String, Domain>>,
+    op_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Domains to start again after a guest-requested reboot (see `supervise`).
+    restarts: tokio::sync::mpsc::UnboundedSender<String>,
+    restart_queue: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn no_domain(name: &str) -> Error {
+    Error::not_found(format!("domain {name:?} is not defined (see `ferro list --all`)"))
+}
+
+fn not_running(name: &str, state: DomainState) -> Error {
+    Error::conflict(format!("domain {name} is not running (state: {}); start it first", state.word()))
+}
+
+impl Domains {
+    /// Loads every domain from the store; does not touch running VMs yet (see `reattach`).
+    pub fn open(
+        paths: Paths,
+        store: Arc<Store>,
+        events: Arc<EventHub>,
+        pools: Arc<Pools>,
+        claims: Arc<Claims>,
+    ) -> std::result::Result<Arc<Domains>, String> {
+        std::fs::create_dir_all(&paths.run).map_err(|e| format!("cannot create {}: {e}", paths.run.display()))?;
+        let mut domains = BTreeMap::new();
+        for row in store.domains().map_err(|e| format!("cannot read domains: {e}"))? {
+            let config = DomainConfig::parse(&row.definition).map_err(|e| e.to_string()).and_then(|c| {
+                if c.name == row.name { Ok(c) } else { Err(format!("name: stored as {:?} but the text says {:?}", row.name, c.name)) }
+            });
+            if let Err(e) = &config {
+                tracing::error!(domain = row.name, "stored definition is invalid: {e}");
+            }
+            let rt = match row.runtime.as_deref().map(serde_json::from_str::<Runtime>) {
+                Some(Ok(rt)) => rt,
+                Some(Err(e)) => {
+                    tracing::error!(domain = row.name, "stored runtime record is unreadable: {e}");
+                    Runtime::default()
+                }
+                None => Runtime::default(),
+            };
+            domains.insert(
+                row.name,
+                Domain { uuid: row.uuid, definition: row.definition, config, autostart: row.autostart, rt, stopping: false },
+            );
+        }
+        let (restarts, queue) = tokio::sync::mpsc::unbounded_channel();
+        Ok(Arc::new(Domains {
+            paths,
+            store,
+            events,
+            pools,
+            claims,
+            domains: Mutex::new(domains),
+            op_locks: Mutex::new(HashMap::new()),
+            restarts,
+            restart_queue: Mutex::new(Some(queue)),
+        }))
+    }
+
+    async fn lock_op(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = lock(&self.op_locks).entry(name.to_string()).or_default().clone();
+        m.lock_owned().await
+    }
+
+    /// Applies `f` to a domain and persists its runtime record under the same lock, so the store
+    /// always sees updates in the order they happened.
+    fn update<R>(&self, name: &str, f: impl FnOnce(&mut Domain) -> R) -> Result<R> {
+        let mut domains = lock(&self.domains);
+        let d = domains.get_mut(name).ok_or_else(|| no_domain(name))?;
+        let r = f(d);
+        let json = serde_json::to_string(&d.rt).map_err(|e| Error::internal(e.to_string()))?;
+        self.store.set_runtime(name, &json)?;
+        Ok(r)
+    }
+
+    fn info_of(&self, name: &str, d: &Domain) -> DomainInfo {
+        let config = d.config.as_ref().ok();
+        DomainInfo {
+            name: name.to_string(),
+            uuid: d.uuid.clone(),
+            state: d.rt.state,
+            autostart: d.autostart,
+            vcpus: config.map(|c| c.vcpus),
+            memory_bytes: config.map(|c| c.memory_bytes()),
+            pid: d.rt.vmm_pid.filter(|_| d.rt.state.is_active()),
+            started_ms: d.rt.started_ms.filter(|_| d.rt.state.is_active()),
+            log: RunFiles::new(&self.paths.run, &d.uuid).log().display().to_string(),
+            crash: d.rt.crash.clone().filter(|_| d.rt.state == DomainState::Crashed),
+            error: d.config.as_ref().err().cloned(),
+            config: config.cloned(),
+        }
+    }
+
+    pub fn list(&self) -> Vec<DomainInfo> {
+        lock(&self.domains).iter().map(|(n, d)| self.info_of(n, d)).collect()
+    }
+
+    pub fn info(&self, name: &str) -> Result<DomainInfo> {
+        let domains = lock(&self.domains);
+        let d = domains.get(name).ok_or_else(|| no_domain(name))?;
+        Ok(self.info_of(name, d))
+    }
+
+    /// The definition as the user wrote it.
+    pub fn definition(&self, name: &str) -> Result<String> {
+        lock(&self.domains).get(name).map(|d| d.definition.clone()).ok_or_else(|| no_domain(name))
+    }
+
+    fn files(&self, name: &str) -> Option<RunFiles> {
+        lock(&self.domains).get(name).map(|d| RunFiles::new(&self.paths.run, &d.uuid))
+    }
+
+    fn state_and_files(&self, name: &str) -> Result<(DomainState, RunFiles)> {
+        let domains = lock(&self.domains);
+        let d = domains.get(name).ok_or_else(|| no_domain(name))?;
+        Ok((d.rt.state, RunFiles::new(&self.paths.run, &d.uuid)))
+    }
+
+    /// Defines a new domain or replaces the definition of an existing one (effective at next start).
+    /// Returns whether it was new.
+    pub async fn define(&self, text: &str) -> Result<(bool, DomainInfo)> {
+        let config = DomainConfig::parse(text).map_err(|e| Error::invalid(e.to_string()))?;
+        let name = config.name.clone();
+        let _op = self.lock_op(&name).await;
+        let mut domains = lock(&self.domains);
+        let created = !domains.contains_key(&name);
+        let uuid = domains.get(&name).map(|d| d.uuid.clone()).unwrap_or_else(new_uuid);
+        self.store.put_domain(&name, &uuid, text, config.autostart)?;
+        let autostart = config.autostart;
+        match domains.get_mut(&name) {
+            Some(d) => {
+                d.definition = text.to_string();
+                d.config = Ok(config);
+                d.autostart = autostart;
+            }
+            None => {
+                let d = Domain {
+                    uuid,
+                    definition: text.to_string(),
+                    config: Ok(config),
+                    autostart,
+                    rt: Runtime::default(),
+                    stopping: false,
+                };
+                domains.insert(name.clone(), d);
+            }
+        }
+        let info = self.info_of(&name, &domains[&name]);
+        drop(domains);
+        self.events.emit("domain", &name, if created { "defined" } else { "redefined" }, "");
+        Ok((created, info))
+    }
+
+    pub async fn undefine(&self, name: &str) -> Result<()> {
+        let _op = self.lock_op(name).await;
+        let mut domains = lock(&self.domains);
+        let d = domains.get(name).ok_or_else(|| no_domain(name))?;
+        if d.rt.state.is_active() {
+            return Err(Error::conflict(format!("domain {name} is {}; destroy or shut it down first", d.rt.state.word())));
+        }
+        let files = RunFiles::new(&self.paths.run, &d.uuid);
+        self.store.delete_domain(name)?;
+        domains.remove(name);
+        drop(domains);
+        let _ = std::fs::remove_dir_all(&files.dir);
+        lock(&self.op_locks).remove(name);
+        self.events.emit("domain", name, "undefined", "");
+        Ok(())
+    }
+
+    pub async fn set_autostart(&self, name: &str, enabled: bool) -> Result<DomainInfo> {
+        let _op = self.lock_op(name).await;
+        let mut domains = lock(&self.domains);
+        let d = domains.get_mut(name).ok_or_else(|| no_domain(name))?;
+        let definition = set_top_level_bool(&d.definition, "autostart", enabled);
+        self.store.put_domain(name, &d.uuid, &definition, enabled)?;
+        d.definition = definition;
+        d.autostart = enabled;
+        if let Ok(c) = &mut d.config {
+            c.autostart = enabled;
+        }
+        let info = self.info_of(name, d);
+        drop(domains);
+        self.events.emit("domain", name, "autostart", if enabled { "enabled" } else { "disabled" });
+        Ok(info)
+    }
+
+    /// The serial socket of a running domain (for the console proxy).
+    pub fn serial_socket(&self, name: &str) -> Result<PathBuf> {
+        let (state, files) = self.state_and_files(name)?;
+        if !state.is_active() {
+            return Err(not_running(name, state));
+        }
+        Ok(files.serial_socket())
+    }
+}
+
+/// Rewrites (or adds) a top-level `key = true|false` line, keeping the rest of the text as written.
+fn set_top_level_bool(text: &str, key: &str, value: bool) -> String {
+    let mut out = Vec::new();
+    let mut done = false;
+    let mut in_table = false;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            if !done {
+                out.push(format!("{key} = {value}"));
+                done = true;
+            }
+            in_table = true;
+        }
+        let is_key = !in_table && trimmed.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='));
+        if is_key {
+            if !done {
+                out.push(format!("{key} = {value}"));
+                done = true;
+            }
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    if !done {
+        out.push(format!("{key} = {value}"));
+    }
+    out.join("\n") + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn autostart_line_is_rewritten_in_place() {
+        let text = "# web\nname = \"a\"\nautostart = false\n[boot]\nguest = \"hello\"\n";
+        let out = set_top_level_bool(text, "autostart", true);
+        assert_eq!(out, "# web\nname = \"a\"\nautostart = true\n[boot]\nguest = \"hello\"\n");
+        let text = "name = \"a\"\n[boot]\nautostart_x = 1\n";
+        let out = set_top_level_bool(text, "autostart", true);
+        assert_eq!(out, "name = \"a\"\nautostart = true\n[boot]\nautostart_x = 1\n");
+        assert!(DomainConfig::parse(&set_top_level_bool("name = \"a\"\nmemory = \"1G\"\n[boot]\nguest = \"x\"\n", "autostart", true))
+            .unwrap()
+            .autostart);
+    }
+}

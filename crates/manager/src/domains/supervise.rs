@@ -1,0 +1,403 @@
+//! Supervision of one VMM per running domain.
+//!
+//! Each running domain has a monitor process (see `monitor`) in its own session that runs the VMM.
+//! ferrod records the monitor's pid and start time; it learns that a VM stopped when the monitor
+//! exits (as its parent, or through a pidfd after a restart) and reads the monitor's exit report.
+//! A running domain holds its disks (`claims`) from its start until its monitor is gone.
+
+use super::{Domain, Domains, Runtime, lock, no_domain};
+use crate::claims::{Access, Holder};
+use crate::domain::DomainConfig;
+use crate::error::{Error, Result};
+use crate::model::{Crash, DomainInfo, DomainState, now_ms};
+use crate::monitor::{self, ExitReport};
+use crate::vmm::{self, ResolvedDisk, RunFiles};
+use ferro_vmm_api::DiskFormat;
+use ferro_vmm_api::control::{InfoReply, Request, RunState};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a new VMM gets to open its control socket.
+pub(super) const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one control request may take.
+pub(super) const VMM_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl Domains {
+    /// Re-attaches to the VMs that were running when ferrod last stopped and starts the task that
+    /// restarts domains after a guest-requested reboot.
+    pub async fn reattach(self: &Arc<Self>) {
+        if let Some(mut queue) = lock(&self.restart_queue).take() {
+            let domains = self.clone();
+            tokio::spawn(async move {
+                while let Some(name) = queue.recv().await {
+                    if let Err(e) = domains.start(&name).await {
+                        tracing::error!(domain = name, "restart after reboot failed: {e}");
+                    }
+                }
+            });
+        }
+        let records: Vec<(String, Runtime, Option<DomainConfig>)> = lock(&self.domains)
+            .iter()
+            .filter(|(_, d)| d.rt.monitor_pid.is_some())
+            .map(|(n, d)| (n.clone(), d.rt.clone(), d.config.clone().ok()))
+            .collect();
+        for (name, rt, config) in records {
+            let Some(pid) = rt.monitor_pid else { continue };
+            match open_pidfd(pid, rt.monitor_start) {
+                Some(pidfd) => {
+                    tracing::info!(domain = name, monitor = pid, "re-attached to running VM");
+                    if let Some(config) = &config {
+                        self.claim_running_disks(&name, config);
+                    }
+                    self.watch_pidfd(name.clone(), pid, pidfd);
+                    // Refresh what the VMM says about itself; a failure here is not fatal.
+                    if let Some(files) = self.files(&name)
+                        && let Ok(info) = vmm::call::<InfoReply>(&files.api_socket(), &Request::Info, VMM_TIMEOUT).await
+                    {
+                        let _ = self.update(&name, |d| {
+                            if d.rt.monitor_pid == Some(pid) {
+                                d.rt.vmm_pid = Some(info.pid as i32);
+                                d.rt.state = match info.state {
+                                    RunState::Paused => DomainState::Paused,
+                                    RunState::Running => DomainState::Running,
+                                };
+                            }
+                        });
+                    }
+                    self.events.emit("domain", &name, "reattached", format!("monitor pid {pid}"));
+                }
+                None => self.monitor_exited(&name, pid).await,
+            }
+        }
+    }
+
+    /// Starts every domain set to autostart that is not running (once per host boot, see `daemon`).
+    pub async fn autostart(self: &Arc<Self>) {
+        let names: Vec<String> =
+            lock(&self.domains).iter().filter(|(_, d)| d.autostart && !d.rt.state.is_active()).map(|(n, _)| n.clone()).collect();
+        for name in names {
+            match self.start(&name).await {
+                Ok(_) => tracing::info!(domain = name, "autostarted"),
+                Err(e) => tracing::error!(domain = name, "autostart failed: {e}"),
+            }
+        }
+    }
+
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<DomainInfo> {
+        let _op = self.lock_op(name).await;
+        let (uuid, config) = {
+            let domains = lock(&self.domains);
+            let d = domains.get(name).ok_or_else(|| no_domain(name))?;
+            if d.rt.state.is_active() {
+                return Err(Error::conflict(format!("domain {name} is already {}", d.rt.state.word())));
+            }
+            let config = d
+                .config
+                .clone()
+                .map_err(|e| Error::conflict(format!("domain {name} has an invalid stored definition ({e}); define it again")))?;
+            (d.uuid.clone(), config)
+        };
+        let disks = self.resolve_disks(&config)?;
+        for (key, path) in [("boot.kernel", &config.boot.kernel), ("boot.initrd", &config.boot.initrd)] {
+            if let Some(path) = path
+                && !std::path::Path::new(path).is_file()
+            {
+                return Err(Error::invalid(format!("{key}: {path} does not exist or is not a file")));
+            }
+        }
+        let vm = vmm::vm_config(&config, &disks).map_err(Error::invalid)?;
+        let holder = Holder::Domain(name.to_string());
+        let uses: Vec<(PathBuf, Access)> = disks.iter().map(|d| (d.path.clone(), disk_access(d.readonly))).collect();
+        self.claims
+            .claim(&uses, &holder)
+            .map_err(|busy| Error::conflict(format!("domain {name}: disk {} is in use by {}", busy.path.display(), busy.holder)))?;
+        let files = RunFiles::new(&self.paths.run, &uuid);
+        let started = self.spawn_monitor(name, &files, &vm);
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                self.claims.release(&holder);
+                return Err(e);
+            }
+        };
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.current_monitor(name) != Some(pid) {
+                let info = self.info(name)?;
+                let reason = info.crash.map(|c| c.reason).unwrap_or_else(|| "it exited at once".to_string());
+                return Err(Error::vmm(format!("domain {name} failed to start: {reason}")));
+            }
+            match vmm::call::<InfoReply>(&files.api_socket(), &Request::Info, VMM_TIMEOUT).await {
+                Ok(info) => {
+                    self.update(name, |d| {
+                        if d.rt.monitor_pid == Some(pid) {
+                            d.rt.vmm_pid = Some(info.pid as i32);
+                        }
+                    })?;
+                    break;
+                }
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(e) => {
+                    self.update(name, |d| d.stopping = true)?;
+                    kill_group(pid);
+                    self.wait_for_exit(name, pid, Duration::from_secs(5)).await;
+                    return Err(Error::vmm(format!(
+                        "domain {name} failed to start: no control socket after {} s ({e})",
+                        START_TIMEOUT.as_secs()
+                    )));
+                }
+            }
+        }
+        self.events.emit("domain", name, "started", format!("monitor pid {pid}"));
+        self.info(name)
+    }
+
+    /// Prepares the run directory, starts the monitor (which starts the VMM) in a new session,
+    /// records the run and watches for its end. Returns the monitor's pid.
+    fn spawn_monitor(self: &Arc<Self>, name: &str, files: &RunFiles, vm: &ferro_vmm_api::VmConfig) -> Result<i32> {
+        std::fs::create_dir_all(&files.dir).map_err(|e| Error::internal(format!("cannot create {}: {e}", files.dir.display())))?;
+        for stale in [files.exit_report(), files.api_socket(), files.serial_socket()] {
+            let _ = std::fs::remove_file(stale);
+        }
+        for log in [files.log(), files.stderr()] {
+            std::fs::File::create(log).map_err(|e| Error::internal(format!("cannot create VMM log: {e}")))?;
+        }
+        let mut cmd = tokio::process::Command::new(&self.paths.monitor_bin);
+        cmd.arg("monitor")
+            .arg("--exit-report")
+            .arg(files.exit_report())
+            .arg("--log")
+            .arg(files.log())
+            .arg("--stderr")
+            .arg(files.stderr())
+            .arg("--socket")
+            .arg(files.api_socket())
+            .arg("--socket")
+            .arg(files.serial_socket())
+            .arg("--")
+            .arg(&self.paths.ferro_bin)
+            .args(vmm::vmm_args(vm, files))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2), which
+        // is async-signal-safe and touches no memory shared with the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::internal(format!("cannot run the VMM monitor {}: {e}", self.paths.monitor_bin.display())))?;
+        let Some(pid) = child.id().map(|p| p as i32) else {
+            return Err(Error::internal("the VMM monitor exited at once"));
+        };
+        let recorded = self.update(name, |d| {
+            d.stopping = false;
+            d.rt = Runtime {
+                state: DomainState::Running,
+                monitor_pid: Some(pid),
+                monitor_start: proc_start_time(pid),
+                started_ms: Some(now_ms()),
+                ..Runtime::default()
+            };
+        });
+        let domains = self.clone();
+        let watched = name.to_string();
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            domains.monitor_exited(&watched, pid).await;
+        });
+        recorded.map(|()| pid)
+    }
+
+    pub(super) fn current_monitor(&self, name: &str) -> Option<i32> {
+        lock(&self.domains).get(name).and_then(|d| d.rt.monitor_pid)
+    }
+
+    /// Waits until the monitor `pid` of `name` has been reaped; false on timeout.
+    pub(super) async fn wait_for_exit(&self, name: &str, pid: i32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.current_monitor(name) == Some(pid) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    fn watch_pidfd(self: &Arc<Self>, name: String, pid: i32, pidfd: OwnedFd) {
+        let domains = self.clone();
+        tokio::spawn(async move {
+            // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped; nothing else
+            // closes or replaces the descriptor.
+            match unsafe { tokio::io::unix::AsyncFd::register(pidfd) } {
+                Ok(fd) => {
+                    let _ = fd.readable().await;
+                }
+                Err(e) => {
+                    tracing::warn!(domain = name, "cannot poll pidfd ({e}); polling /proc instead");
+                    let start = proc_start_time(pid);
+                    while start.is_some() && proc_start_time(pid) == start {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            domains.monitor_exited(&name, pid).await;
+        });
+    }
+
+    /// The monitor of a run has exited: record how the run ended and free its disks.
+    async fn monitor_exited(&self, name: &str, pid: i32) {
+        let Some(files) = self.files(name) else { return };
+        let report = monitor::read_report(&files.exit_report());
+        if report.is_none() {
+            // The monitor itself was killed; make sure its VMM does not live on unsupervised.
+            kill_group(pid);
+        }
+        let report = report.unwrap_or(ExitReport {
+            code: None,
+            signal: None,
+            reason: "the VMM monitor process died without a report".to_string(),
+            resets: 0,
+        });
+        let outcome = self.update(name, |d| record_exit(d, pid, &report));
+        let Ok(Some((kind, detail, reboot))) = outcome else { return };
+        self.claims.release(&Holder::Domain(name.to_string()));
+        for socket in [files.api_socket(), files.serial_socket()] {
+            let _ = std::fs::remove_file(socket);
+        }
+        self.events.emit("domain", name, kind, detail);
+        if reboot {
+            // Handed to the restarter task: starting from here would make `start` recursive.
+            let _ = self.restarts.send(name.to_string());
+        }
+    }
+
+    /// The disks of a definition as files, with pool volumes resolved; each must exist.
+    fn resolve_disks(&self, config: &DomainConfig) -> Result<Vec<ResolvedDisk>> {
+        let mut disks = Vec::new();
+        for (i, disk) in config.disks.iter().enumerate() {
+            let path = match (&disk.path, &disk.pool, &disk.volume) {
+                (Some(p), _, _) => PathBuf::from(p),
+                (None, Some(pool), Some(vol)) => self.pools.disk_path(pool, vol, &format!("disk[{i}].pool"))?,
+                _ => return Err(Error::invalid(format!("disk[{i}]: no path"))),
+            };
+            if !path.is_file() {
+                return Err(Error::invalid(format!("disk[{i}]: {} does not exist", path.display())));
+            }
+            let format = DiskFormat::from_name(&disk.format)
+                .ok_or_else(|| Error::invalid(format!("disk[{i}].format: {:?} is not raw or qcow2", disk.format)))?;
+            disks.push(ResolvedDisk { path, format, readonly: disk.readonly });
+        }
+        Ok(disks)
+    }
+
+    /// Claims the disks of a domain found running after a restart, as far as they still resolve.
+    fn claim_running_disks(&self, name: &str, config: &DomainConfig) {
+        let uses: Vec<(PathBuf, Access)> = config
+            .disks
+            .iter()
+            .filter_map(|disk| {
+                let path = match (&disk.path, &disk.pool, &disk.volume) {
+                    (Some(p), _, _) => PathBuf::from(p),
+                    (None, Some(pool), Some(vol)) => self.pools.volume_file(pool, vol)?,
+                    _ => return None,
+                };
+                Some((path, disk_access(disk.readonly)))
+            })
+            .collect();
+        if let Err(busy) = self.claims.claim(&uses, &Holder::Domain(name.to_string())) {
+            tracing::warn!(domain = name, "disk {} is also used by {}", busy.path.display(), busy.holder);
+        }
+    }
+}
+
+fn disk_access(readonly: bool) -> Access {
+    if readonly { Access::Read } else { Access::Write }
+}
+
+/// Records the end of run `pid` in a domain's record: shut off after a clean exit or a destroy,
+/// crashed otherwise. Returns the event to emit and whether to start the domain again, or None
+/// if the record is about another run.
+fn record_exit(d: &mut Domain, pid: i32, report: &ExitReport) -> Option<(&'static str, String, bool)> {
+    if d.rt.monitor_pid != Some(pid) {
+        return None;
+    }
+    let clean = report.code == Some(0);
+    let stopping = std::mem::take(&mut d.stopping);
+    let reboot = d.rt.reboot_pending && clean;
+    d.rt.monitor_pid = None;
+    d.rt.monitor_start = None;
+    d.rt.vmm_pid = None;
+    d.rt.reboot_pending = false;
+    if clean || stopping {
+        d.rt.state = DomainState::Shutoff;
+        d.rt.crash = None;
+        return Some(("stopped", if stopping { "destroyed".to_string() } else { report.reason.clone() }, reboot));
+    }
+    d.rt.state = DomainState::Crashed;
+    d.rt.crash = Some(Crash { reason: report.reason.clone(), exit_code: report.code, signal: report.signal, time_ms: now_ms() });
+    let status = match (report.code, report.signal) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        (None, None) => "status unknown".to_string(),
+    };
+    Some(("crashed", format!("{} ({status})", report.reason), false))
+}
+
+/// Start time (clock ticks since boot) of a live, non-zombie process.
+pub fn proc_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // Field 22 overall is the 20th after the command name (field 3 is the state just read).
+    fields.nth(18)?.parse().ok()
+}
+
+/// A pidfd for `pid` if it is still the process that started at `start`.
+fn open_pidfd(pid: i32, start: Option<u64>) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new file descriptor or -1; no memory
+    // is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the syscall just returned this descriptor to us and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // Checked after opening: the pidfd pins the process, so a match now cannot be a recycled pid.
+    (start.is_some() && proc_start_time(pid) == start).then_some(fd)
+}
+
+/// SIGKILLs the process group of a monitor (the monitor and its VMM share it).
+pub(super) fn kill_group(pid: i32) {
+    if pid > 1 {
+        // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_start_time_is_readable() {
+        assert!(proc_start_time(std::process::id() as i32).is_some());
+        assert!(proc_start_time(i32::MAX).is_none());
+    }
+}

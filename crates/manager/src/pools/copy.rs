@@ -1,0 +1,170 @@
+//! Volume clone and convert: a job (see `jobs`) that copies one volume into a new one of the same
+//! pool. The copy goes to a hidden scratch file that is renamed into place only when complete, so
+//! a cancelled, failed or interrupted copy leaves no volume behind.
+
+use super::Pools;
+use super::volumes::{block_format, image};
+use crate::claims::Access;
+use crate::domain::{DISK_FORMATS, validate_volume_name};
+use crate::durable;
+use crate::error::{Error, Result};
+use crate::jobs::{Job, JobContext, JobError, NewJob};
+use crate::model::ProgressUnit;
+use ferro_block::{CreateOptions, DiskImage, Format};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Bytes copied between two looks at the stop request (and two progress updates).
+const CHUNK: usize = 1 << 20;
+/// Granularity of zero detection: all-zero blocks are not written, so the copy stays sparse.
+const ZERO_BLOCK: usize = 64 << 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyKind {
+    /// The copy keeps the source's format.
+    Clone,
+    /// The copy is written in the format the request names.
+    Convert,
+}
+
+impl CopyKind {
+    fn name(self) -> &'static str {
+        match self {
+            CopyKind::Clone => "clone",
+            CopyKind::Convert => "convert",
+        }
+    }
+}
+
+impl Pools {
+    /// Starts a job copying volume `name` of `pool` into a new volume `target` of the same pool,
+    /// in `format` (a convert must name one; a clone keeps the source's). The copy stands alone:
+    /// backing data is copied in.
+    pub fn copy_volume(&self, pool: &str, name: &str, kind: CopyKind, target: &str, format: Option<&str>) -> Result<Arc<Job>> {
+        validate_volume_name(target).map_err(|e| Error::invalid(format!("name: {e}")))?;
+        let target_format = match format {
+            None if kind == CopyKind::Clone => None,
+            None => return Err(Error::invalid("format: missing (raw or qcow2)")),
+            Some(f) if DISK_FORMATS.contains(&f) => Some(block_format(f)),
+            Some(f) => return Err(Error::invalid(format!("format: {f:?} is not raw or qcow2"))),
+        };
+        let source_path = self.volume_path(pool, name, false)?;
+        let source_format = image(pool, name, &source_path)?.format;
+        let target_format = match target_format {
+            Some(f) => f,
+            None if DISK_FORMATS.contains(&source_format.name()) => source_format,
+            None => {
+                return Err(Error::conflict(format!(
+                    "volume {name} is {source_format}, which ferrod only reads; convert it to raw or qcow2 instead"
+                )));
+            }
+        };
+        let target_path = source_path.with_file_name(target);
+        self.check_new_name(pool, target, &target_path)?;
+        let scratch = target_path.with_file_name(format!(".{target}.part"));
+        let (source, target) = (format!("{pool}/{name}"), format!("{pool}/{target}"));
+        let new = NewJob {
+            kind: kind.name(),
+            source: source.clone(),
+            target: target.clone(),
+            unit: ProgressUnit::Bytes,
+            scratch_files: vec![scratch.clone()],
+            uses: vec![(source_path.clone(), Access::Read), (target_path.clone(), Access::Write)],
+        };
+        let events = self.events.clone();
+        self.jobs.start(new, move |ctx| async move {
+            tokio::task::spawn_blocking(move || {
+                copy_image(&ctx, &source_path, source_format, &scratch, target_format)?;
+                durable::rename(&scratch, &target_path)
+                    .map_err(|e| JobError::Failed(format!("cannot move the copy to {}: {e}", target_path.display())))
+            })
+            .await
+            .unwrap_or_else(|e| Err(JobError::Failed(format!("image task failed: {e}"))))?;
+            events.emit("volume", &target, "created", format!("{} of {source}", kind.name()));
+            Ok(())
+        })
+    }
+}
+
+fn failed(e: ferro_block::Error) -> JobError {
+    JobError::Failed(e.to_string())
+}
+
+/// Copies the data of `src` into a new image at `dst`, one chunk at a time, checking the job's
+/// stop request between chunks. Ranges the whole backing chain reads as zeroes are skipped, so
+/// the copy is as sparse as the source and stands alone (no backing file). The copy is synced.
+fn copy_image(ctx: &JobContext, src: &Path, src_format: Format, dst: &Path, dst_format: Format) -> std::result::Result<(), JobError> {
+    let ranges: Vec<(u64, u64)> = ferro_block::ops::map(src, Some(src_format))
+        .map_err(failed)?
+        .into_iter()
+        .filter(|e| e.data || !e.zero)
+        .map(|e| (e.start, e.length))
+        .collect();
+    ctx.set_total(ranges.iter().map(|(_, len)| len).sum());
+    let mut source = ferro_block::open(src, Some(src_format), true).map_err(failed)?;
+    ferro_block::create(dst, &CreateOptions::new(dst_format, Some(source.size()))).map_err(failed)?;
+    let mut target = ferro_block::open(dst, Some(dst_format), false).map_err(failed)?;
+    let mut buf = vec![0u8; CHUNK];
+    for (start, len) in ranges {
+        let mut off = start;
+        while off < start + len {
+            ctx.check_stop()?;
+            let n = (start + len - off).min(CHUNK as u64) as usize;
+            source.read_at(&mut buf[..n], off).map_err(failed)?;
+            write_nonzero(target.as_mut(), &buf[..n], off).map_err(failed)?;
+            off += n as u64;
+            ctx.advance(n as u64);
+        }
+    }
+    target.flush().map_err(failed)
+}
+
+/// Writes the runs of `data` that are not all zeroes; the new image already reads zeroes elsewhere.
+fn write_nonzero(img: &mut dyn DiskImage, data: &[u8], off: u64) -> ferro_block::Result<()> {
+    let mut run_start = None;
+    for (i, block) in data.chunks(ZERO_BLOCK).enumerate() {
+        let at = i * ZERO_BLOCK;
+        match (run_start, block.iter().all(|&b| b == 0)) {
+            (None, false) => run_start = Some(at),
+            (Some(start), true) => {
+                img.write_at(&data[start..at], off + start as u64)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run_start {
+        img.write_at(&data[start..], off + start as u64)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_nonzero_runs_are_written() {
+        let dir = std::env::temp_dir().join(format!("ferro-copy-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sparse.raw");
+        ferro_block::create(&path, &CreateOptions::new(Format::Raw, Some(4 << 20))).unwrap();
+        let mut data = vec![0u8; 4 * ZERO_BLOCK];
+        data[ZERO_BLOCK + 5] = 7;
+        data[3 * ZERO_BLOCK..].fill(9);
+        let mut img = ferro_block::open(&path, Some(Format::Raw), false).unwrap();
+        write_nonzero(img.as_mut(), &data, 1 << 20).unwrap();
+        img.flush().unwrap();
+        let mut back = vec![1u8; data.len()];
+        img.read_at(&mut back, 1 << 20).unwrap();
+        assert!(back == data, "written data reads back");
+        let map = ferro_block::ops::map(&path, Some(Format::Raw)).unwrap();
+        let data_ranges: Vec<(u64, u64)> = map.iter().filter(|e| e.data).map(|e| (e.start, e.length)).collect();
+        let block = ZERO_BLOCK as u64;
+        assert!(
+            data_ranges.iter().all(|&(s, l)| s >= (1 << 20) + block && s + l <= (1 << 20) + 4 * block),
+            "zero blocks stay holes: {data_ranges:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
