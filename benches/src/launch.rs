@@ -54,7 +54,7 @@ pub fn run(runs: usize) {
 
     println!("== launch -> first output -> exit, hello guest (PVH ELF), 128 MiB, {runs} runs, medians");
     let ours: Vec<Launch> = (0..runs)
-        .map(|_| launch(Command::new(&ferro).args(["run", "--memory", "128M", "--cmdline", "exit=0", "--kernel"]).arg(&hello), 1))
+        .map(|_| launch(Command::new(&ferro).args(["run", "--memory", "128M", "--debug-exit", "--cmdline", "exit=0", "--kernel"]).arg(&hello), 1))
         .collect();
     let (our_first, our_exit, our_rss) = summarize("ferro run", &ours);
     match qemu_bin() {

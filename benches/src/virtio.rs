@@ -86,7 +86,7 @@ fn tsc_hz() -> f64 {
 
 fn ferro_command(ferro: &Path, guest: &Path, device: &[String], cmdline: &str) -> Command {
     let mut c = Command::new(ferro);
-    c.args(["run", "--memory", &format!("{MEMORY_MIB}M"), "--kernel"]).arg(guest).args(device).args(["--cmdline", cmdline]);
+    c.args(["run", "--memory", &format!("{MEMORY_MIB}M"), "--debug-exit", "--kernel"]).arg(guest).args(device).args(["--cmdline", cmdline]);
     c
 }
 

@@ -1,6 +1,7 @@
 /* virtio: finds every virtio device on virtio-mmio and virtio-pci, brings each up with the kit's
  * driver and runs its test (kit/virtio_<device>.c), which moves real data. Prints one line per
- * check; exit 0 when every device passed. */
+ * check; exit 0 when every device passed. With `virtio.hold=1` it stays up after the verdict
+ * (interrupts on, halted) so the host decides how the VM ends. */
 #include "kit.h"
 #include "virtio.h"
 
@@ -45,5 +46,7 @@ int guest_main(struct hvm_start_info *si) {
         failed |= test(d);
     }
     kit_puts(failed ? "virtio: FAILED\n" : "virtio: all devices passed\n");
+    u64 hold = 0;
+    if (kit_cmdline_u64("virtio.hold", &hold) && hold) for (;;) sti_hlt();
     return failed;
 }

@@ -3,10 +3,10 @@
 use ferro_hypervisor::Hypervisor;
 use ferro_vmm::console::FdWriter;
 use ferro_vmm::serial_socket::SerialHub;
-use ferro_vmm::virtio::{ConsoleBackend, Transport, VirtioConfig};
-use ferro_vmm::{ExitReason, RunOptions, Vm, VmConfig};
-use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
+use ferro_vmm::{EventSink, ExitReason, RunOptions, Vm};
+use ferro_vmm_api::{
+    BootConfig, ConsoleBackend, DeviceConfig, DeviceKind, DiskFormat, Kernel, MacAddr, MemoryConfig, Transport, VmConfig, VmEvent, parse_size,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -16,19 +16,26 @@ pub struct RunArgs {
     vm: VmArgs,
 }
 
-/// `ferro vmm`: the VMM process ferrod supervises (docs/vmm-control.md). Same VM flags as `run`.
+/// `ferro vmm`: the VMM process ferrod supervises (docs/vmm-control.md). Same VM flags as `run`,
+/// or the whole VM as one JSON file.
 #[derive(clap::Args)]
 pub struct VmmArgs {
     #[command(flatten)]
     vm: VmArgs,
+    /// The VM as a JSON `VmConfig` (ferro-vmm-api) instead of the VM flags.
+    #[arg(long, value_name = "FILE", conflicts_with = "VmArgs")]
+    config: Option<PathBuf>,
     /// Serve the control protocol on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// Serve the serial console on this unix socket.
     #[arg(long)]
     serial_socket: Option<PathBuf>,
+    /// Write events (started, device needs reset, exited) as JSON lines to this inherited fd.
+    #[arg(long, value_name = "FD")]
+    event_fd: Option<i32>,
     /// Domain name, reported by the control socket.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", conflicts_with = "config")]
     name: String,
 }
 
@@ -47,7 +54,7 @@ struct VmArgs {
     /// Kernel command line.
     #[arg(long, default_value = "")]
     cmdline: String,
-    /// Guest memory, with a K, M or G suffix (plain numbers are bytes).
+    /// Guest memory: 512M, 512MiB, 1.5G, 2T (plain numbers are bytes).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     memory: u64,
     /// Number of vCPUs.
@@ -65,7 +72,7 @@ struct VmArgs {
     /// Add a virtio-console port: `--console` (this terminal), `--console pty`, `--console socket=PATH`.
     #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "OPTIONS")]
     console: Option<String>,
-    /// Add a memory balloon: size=MIB (memory to take back from the guest)[,deflate_on_oom=on].
+    /// Add a memory balloon: size=SIZE (memory to take back from the guest: MiB, or 16M, 1G)[,deflate_on_oom=on].
     #[arg(long, value_name = "OPTIONS")]
     balloon: Option<String>,
     /// Add a vsock device: cid=N,uds=PATH (Firecracker's host-side convention).
@@ -74,6 +81,10 @@ struct VmArgs {
     /// How virtio devices attach: pci (modern virtio-pci with MSI-X) or mmio (described in ACPI).
     #[arg(long, value_enum, default_value_t = TransportArg::Pci)]
     transport: TransportArg,
+    /// Add QEMU's isa-debug-exit port (0xf4), through which a test guest ends the VMM with a
+    /// status of its choosing (always there for --guest).
+    #[arg(long)]
+    debug_exit: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -90,22 +101,6 @@ fn on_off(flag: &str, key: &str, v: &str) -> Result<bool, String> {
     }
 }
 
-fn parse_mac(v: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("--net mac: '{v}' is not a MAC address like 52:54:00:12:34:56");
-    let parts: Vec<&str> = v.split(':').collect();
-    if parts.len() != 6 {
-        return Err(bad());
-    }
-    let mut mac = [0u8; 6];
-    for (b, p) in mac.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
-    if mac[0] & 1 != 0 {
-        return Err(format!("--net mac: '{v}' is a multicast address"));
-    }
-    Ok(mac)
-}
-
 /// Splits "key=value,key=value" device options, refusing keys not in `known`.
 fn device_options(flag: &str, spec: &str, known: &[&str]) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
@@ -119,50 +114,25 @@ fn device_options(flag: &str, spec: &str, known: &[&str]) -> Result<Vec<(String,
     Ok(out)
 }
 
-/// Parses "256M", "1G", "65536K", "1048576".
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, suffix) = s.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size (examples: 256M, 2G)"))?;
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(format!("unknown size suffix '{suffix}' in '{s}': use K, M, G or T")),
-    };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("size '{s}' is too large"))
-}
-
-/// Writes a built-in guest into an anonymous memory file and returns a path to it.
-fn builtin_guest_path(name: &str) -> Result<(PathBuf, OwnedFd), String> {
-    let image = ferro_guests::get(name).ok_or_else(|| {
-        let names: Vec<&str> = ferro_guests::names().collect();
-        format!("no built-in guest named '{name}'; available: {}", names.join(", "))
-    })?;
-    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"ferro-guest".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+/// A balloon size: a plain number is MiB (as before sizes took suffixes), else a size that is a
+/// whole number of MiB.
+fn balloon_mib(v: &str) -> Result<u64, String> {
+    if let Ok(mib) = v.parse::<u64>() {
+        return Ok(mib);
     }
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut file = std::fs::File::from(owned.try_clone().map_err(|e| e.to_string())?);
-    file.write_all(image).map_err(|e| format!("writing the guest image: {e}"))?;
-    Ok((PathBuf::from(format!("/proc/self/fd/{fd}")), owned))
+    let bytes = parse_size(v).map_err(|_| format!("--balloon size: {v:?} is not a number of MiB or a size like 16M or 1G"))?;
+    if bytes % (1 << 20) != 0 {
+        return Err(format!("--balloon size: {v} is not a whole number of MiB"));
+    }
+    Ok(bytes >> 20)
 }
 
 impl VmArgs {
-    /// The VM configuration; the returned fd keeps a built-in guest's memory file open.
-    fn config(self) -> Result<(VmConfig, Option<OwnedFd>), String> {
-        let (kernel, fd) = match self.kernel {
-            Some(k) => (k, None),
-            None => {
-                let (p, fd) = builtin_guest_path(self.guest.as_deref().unwrap_or("hello"))?;
-                (p, Some(fd))
-            }
+    /// The VM configuration these flags describe (`name` as given by `ferro vmm --name`).
+    fn config(self, name: String) -> Result<VmConfig, String> {
+        let kernel = match self.kernel {
+            Some(k) => Kernel::Path(k),
+            None => Kernel::TestGuest(self.guest.unwrap_or_else(|| "hello".into())),
         };
         let mut devices = Vec::new();
         if let Some(spec) = &self.rng {
@@ -176,7 +146,7 @@ impl VmArgs {
                     rate = Some(r);
                 }
             }
-            devices.push(VirtioConfig::Rng { rate });
+            devices.push(DeviceKind::Rng { rate });
         }
         for spec in &self.disk {
             let mut path = None;
@@ -185,13 +155,12 @@ impl VmArgs {
             for (k, v) in device_options("disk", spec, &["path", "format", "readonly"])? {
                 match k.as_str() {
                     "path" => path = Some(PathBuf::from(v)),
-                    "format" if v == "raw" || v == "qcow2" => format = Some(v),
-                    "format" => return Err(format!("--disk format: '{v}' is not raw or qcow2")),
+                    "format" => format = Some(DiskFormat::from_name(&v).ok_or_else(|| format!("--disk format: '{v}' is not raw or qcow2"))?),
                     _ => readonly = on_off("disk", "readonly", &v)?,
                 }
             }
             let path = path.ok_or("--disk: path=FILE is required")?;
-            devices.push(VirtioConfig::Block { path, format, readonly });
+            devices.push(DeviceKind::Block { path, format, readonly });
         }
         for spec in &self.net {
             let mut tap = None;
@@ -200,10 +169,10 @@ impl VmArgs {
                 match k.as_str() {
                     "tap" if !v.is_empty() && v.len() < 16 => tap = Some(v),
                     "tap" => return Err(format!("--net tap: '{v}' is not a valid interface name (1 to 15 bytes)")),
-                    _ => mac = Some(parse_mac(&v)?),
+                    _ => mac = Some(v.parse::<MacAddr>().map_err(|e| format!("--net mac: {e}"))?),
                 }
             }
-            devices.push(VirtioConfig::Net { tap: tap.ok_or("--net: tap=NAME is required")?, mac });
+            devices.push(DeviceKind::Net { tap: tap.ok_or("--net: tap=NAME is required")?, mac });
         }
         if let Some(spec) = &self.console {
             let backend = match spec.as_str() {
@@ -214,18 +183,18 @@ impl VmArgs {
                     _ => return Err(format!("--console: '{other}' is not pty or socket=PATH")),
                 },
             };
-            devices.push(VirtioConfig::Console { backend });
+            devices.push(DeviceKind::Console { backend });
         }
         if let Some(spec) = &self.balloon {
             let mut size_mib = 0;
             let mut deflate_on_oom = false;
             for (k, v) in device_options("balloon", spec, &["size", "deflate_on_oom"])? {
                 match k.as_str() {
-                    "size" => size_mib = v.parse().map_err(|_| format!("--balloon size: '{v}' is not a number of MiB"))?,
+                    "size" => size_mib = balloon_mib(&v)?,
                     _ => deflate_on_oom = on_off("balloon", "deflate_on_oom", &v)?,
                 }
             }
-            devices.push(VirtioConfig::Balloon { size_mib, deflate_on_oom });
+            devices.push(DeviceKind::Balloon { size_mib, deflate_on_oom });
         }
         if let Some(spec) = &self.vsock {
             let mut cid = None;
@@ -239,15 +208,28 @@ impl VmArgs {
                 }
             }
             let cid = cid.ok_or("--vsock: cid=N is required")?;
-            devices.push(VirtioConfig::Vsock { cid, uds: uds.ok_or("--vsock: uds=PATH is required")? });
+            devices.push(DeviceKind::Vsock { cid, uds: uds.ok_or("--vsock: uds=PATH is required")? });
         }
         let transport = match self.transport {
             TransportArg::Mmio => Transport::Mmio,
             TransportArg::Pci => Transport::Pci,
         };
-        let config = VmConfig { kernel, initrd: self.initrd, cmdline: self.cmdline, memory: self.memory, vcpus: self.cpus, devices, transport };
-        Ok((config, fd))
+        Ok(VmConfig {
+            name,
+            boot: BootConfig { kernel, initrd: self.initrd, cmdline: self.cmdline },
+            memory: MemoryConfig::new(self.memory),
+            vcpus: self.cpus,
+            devices: DeviceConfig::with_default_ids(devices),
+            transport,
+            debug_exit: self.debug_exit,
+        })
     }
+}
+
+/// Reads a JSON `VmConfig` file; the error names the file and what was wrong.
+fn read_config(path: &std::path::Path) -> Result<VmConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("--config {}: {e}", path.display()))
 }
 
 fn finish(result: ferro_vmm::Result<ExitReason>) -> ExitCode {
@@ -262,44 +244,57 @@ fn finish(result: ferro_vmm::Result<ExitReason>) -> ExitCode {
     }
 }
 
-/// The VM configuration and an open /dev/kvm, or the exit code of the one-line error. The fd
-/// keeps a built-in guest's memory file open.
-fn prepare(vm: VmArgs) -> Result<(VmConfig, Option<OwnedFd>, Hypervisor), ExitCode> {
-    let (config, fd) = vm.config().map_err(|e| fail(&e))?;
-    let hv = Hypervisor::open().map_err(|e| fail(&e.to_string()))?;
-    Ok((config, fd, hv))
-}
-
 pub fn run(args: RunArgs) -> ExitCode {
-    let (config, _guest_fd, hv) = match prepare(args.vm) {
-        Ok(p) => p,
-        Err(code) => return code,
+    let config = match args.vm.config(String::new()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let hv = match Hypervisor::open() {
+        Ok(hv) => hv,
+        Err(e) => return fail(&e.to_string()),
     };
     finish(ferro_vmm::run_foreground(&hv, config))
 }
 
 pub fn vmm(args: VmmArgs) -> ExitCode {
-    let (config, _guest_fd, hv) = match prepare(args.vm) {
-        Ok(p) => p,
-        Err(code) => return code,
+    let events = match args.event_fd.map(EventSink::from_fd).transpose() {
+        Ok(sink) => sink.unwrap_or_else(EventSink::none),
+        Err(e) => return fail(&e),
+    };
+    // Every way out after this point is reported, so a supervisor reading events learns why.
+    let failed = |msg: String| {
+        events.emit(&VmEvent::Exited { reason: ExitReason::Error(msg.clone()) });
+        fail(&msg)
+    };
+    let config = match &args.config {
+        Some(path) => read_config(path),
+        None => args.vm.config(args.name),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => return failed(e),
+    };
+    let hv = match Hypervisor::open() {
+        Ok(hv) => hv,
+        Err(e) => return failed(e.to_string()),
     };
     // With a console socket the output lives there (and in its replay buffer); stdout is then
     // left to the VMM's own messages so a supervisor's log does not grow with guest output.
     let echo: Option<Box<dyn std::io::Write + Send>> =
         if args.serial_socket.is_some() { None } else { Some(Box::new(FdWriter(1))) };
     let hub = SerialHub::new(echo);
-    let vm = match Vm::new(&hv, config, hub.writer()) {
+    let vm = match Vm::new(&hv, config, hub.writer(), events.clone()) {
         Ok(vm) => vm,
-        Err(e) => return fail(&e.to_string()),
+        Err(e) => return failed(e.to_string()),
     };
     if let Some(path) = &args.serial_socket {
         if let Err(e) = hub.serve(path, vm.serial()) {
-            return fail(&format!("serial socket {}: {e}", path.display()));
+            return failed(format!("serial socket {}: {e}", path.display()));
         }
     }
     // Supervised VMMs tear KVM down themselves: when the process is gone, so is the VM, which
     // is what ferrod's accounting (and its leak tests) rely on.
-    let opts = RunOptions { interactive: false, api_socket: args.api_socket.clone(), name: args.name, exiting: false };
+    let opts = RunOptions { interactive: false, api_socket: args.api_socket.clone(), exiting: false };
     let status = finish(vm.run(&opts));
     for p in [&args.api_socket, &args.serial_socket].into_iter().flatten() {
         let _ = std::fs::remove_file(p);
@@ -314,16 +309,71 @@ fn fail(msg: &str) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum Cmd {
+        Run(RunArgs),
+        Vmm(VmmArgs),
+    }
+
+    fn run_config(args: &[&str]) -> Result<VmConfig, String> {
+        let cli = Cli::try_parse_from(["ferro", "run"].iter().chain(args)).map_err(|e| e.to_string())?;
+        let Cmd::Run(run) = cli.cmd else { unreachable!() };
+        run.vm.config(String::new())
+    }
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert!(parse_size("12Q").unwrap_err().contains("suffix"));
-        assert!(parse_size("lots").unwrap_err().contains("not a size"));
-        assert!(parse_size("99999999999G").unwrap_err().contains("too large"));
+    fn sizes_take_the_shared_grammar() {
+        assert_eq!(run_config(&["--memory", "1.5G"]).unwrap().memory.size, 3 << 29);
+        assert_eq!(run_config(&["--memory", "512MiB"]).unwrap().memory.size, 512 << 20);
+        assert!(run_config(&["--memory", "12Q"]).unwrap_err().contains("suffix"));
+        let balloon = |spec: &str| match run_config(&["--balloon", spec]) {
+            Ok(c) => match &c.devices[0].kind {
+                DeviceKind::Balloon { size_mib, .. } => Ok(*size_mib),
+                other => panic!("{other:?}"),
+            },
+            Err(e) => Err(e),
+        };
+        assert_eq!(balloon("size=16M"), Ok(16));
+        assert_eq!(balloon("size=32"), Ok(32), "a plain number is MiB");
+        assert_eq!(balloon("size=1G"), Ok(1024));
+        assert!(balloon("size=1536K").unwrap_err().contains("whole number of MiB"));
+        assert!(balloon("size=lots").unwrap_err().contains("not a number of MiB"));
+        let rng = run_config(&["--rng", "rate=1.5K"]).unwrap();
+        assert_eq!(rng.devices[0].kind, DeviceKind::Rng { rate: Some(1536) });
+    }
+
+    #[test]
+    fn flags_become_one_config_with_linux_device_names() {
+        let c = run_config(&[
+            "--guest", "idle", "--disk", "path=/a.qcow2,format=qcow2", "--disk", "path=/b,readonly=on", "--net", "tap=t0,mac=52:54:00:AB:CD:EF",
+            "--rng", "--cpus", "2",
+        ])
+        .unwrap();
+        let ids: Vec<&str> = c.devices.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["rng0", "vda", "vdb", "net0"]);
+        assert_eq!(c.boot.kernel, Kernel::TestGuest("idle".into()));
+        assert!(c.debug_exit_enabled(), "test guests have the debug-exit port");
+        assert_eq!(c.devices[3].kind, DeviceKind::Net { tap: "t0".into(), mac: Some("52:54:00:ab:cd:ef".parse().unwrap()) });
+        let file = run_config(&["--kernel", "/vmlinux"]).unwrap();
+        assert!(!file.debug_exit_enabled(), "a kernel file gets no debug-exit port unless asked");
+        assert!(run_config(&["--kernel", "/vmlinux", "--debug-exit"]).unwrap().debug_exit_enabled());
+    }
+
+    #[test]
+    fn vmm_config_file_excludes_the_vm_flags() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["ferro", "vmm"].iter().chain(args)).map(|_| ()).map_err(|e| e.to_string());
+        parse(&["--config", "/c.json", "--api-socket", "/a.sock", "--event-fd", "3"]).unwrap();
+        assert!(parse(&["--config", "/c.json", "--memory", "1G"]).unwrap_err().contains("cannot be used with"));
+        assert!(parse(&["--config", "/c.json", "--guest", "idle"]).unwrap_err().contains("cannot be used with"));
+        assert!(parse(&["--config", "/c.json", "--name", "x"]).unwrap_err().contains("cannot be used with"));
     }
 }

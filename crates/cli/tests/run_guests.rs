@@ -127,7 +127,7 @@ fn elf32_with_a_pvh_note_boots_like_qemu_accepts_it() {
     assert!(ferro(&["test-guest", "write", "hello", e64.to_str().unwrap()]).status.success());
     let conv = Command::new("objcopy").args(["-O", "elf32-i386"]).arg(&e64).arg(&e32).status().expect("objcopy (binutils)");
     assert!(conv.success());
-    let o = ferro(&["run", "--kernel", e32.to_str().unwrap(), "--cmdline", "exit=5"]);
+    let o = ferro(&["run", "--kernel", e32.to_str().unwrap(), "--debug-exit", "--cmdline", "exit=5"]);
     assert_eq!(o.status.code(), Some(11), "{}", stderr(&o));
     assert!(stdout(&o).contains("Hello from the Ferrovisor test guest!"));
     // A 32-bit ELF whose segment lies beyond guest memory is refused, not loaded.

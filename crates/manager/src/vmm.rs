@@ -80,6 +80,7 @@ pub fn vm_config(config: &DomainConfig, disks: &[ResolvedDisk]) -> Result<VmConf
         vcpus: u8::try_from(config.vcpus).map_err(|_| format!("vcpus: {} is more than a VM can have", config.vcpus))?,
         devices: DeviceConfig::with_default_ids(devices),
         transport: Transport::Pci,
+        debug_exit: false,
     };
     vm.validate()?;
     Ok(vm)

@@ -30,6 +30,10 @@ pub struct VmConfig {
     pub devices: Vec<DeviceConfig>,
     #[serde(default)]
     pub transport: Transport,
+    /// QEMU's isa-debug-exit port (0xf4), which lets the guest end the VMM with a status of its
+    /// choosing: for test guests only. Always on for a [`Kernel::TestGuest`].
+    #[serde(default)]
+    pub debug_exit: bool,
 }
 
 /// What the guest boots.
@@ -211,6 +215,11 @@ impl DeviceConfig {
 }
 
 impl VmConfig {
+    /// Whether the guest may end the VMM through the debug-exit port.
+    pub fn debug_exit_enabled(&self) -> bool {
+        self.debug_exit || matches!(self.boot.kernel, Kernel::TestGuest(_))
+    }
+
     /// Checks what can be checked without the host: vCPU count, memory size, device ids and
     /// per-device values. The error names the field (`devices[2].id: ...`).
     pub fn validate(&self) -> Result<(), String> {
@@ -275,6 +284,7 @@ mod tests {
             vcpus: 1,
             devices: DeviceConfig::with_default_ids(devices),
             transport: Transport::Pci,
+            debug_exit: false,
         }
     }
 

@@ -208,9 +208,24 @@ pub fn decode_reply<T: DeserializeOwned>(line: &str) -> Result<T, String> {
     }
 }
 
-/// Reads a request line; the error says what was wrong with it.
+/// Reads a request line; the error says what was wrong with it, naming the field when one
+/// field has the wrong type (serde names missing and unknown fields, not mistyped ones).
 pub fn decode_request(line: &str) -> Result<Request, String> {
-    serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
+    serde_json::from_value(value.clone()).map_err(|e| {
+        let serde_json::Value::Object(fields) = value else { return format!("bad request: {e}") };
+        // The mistyped field is the one whose absence turns the error into "missing field".
+        let mistyped = fields.keys().filter(|k| *k != "op").find(|key| {
+            let mut without = fields.clone();
+            without.remove(*key);
+            serde_json::from_value::<Request>(serde_json::Value::Object(without))
+                .is_err_and(|e2| e2.to_string().contains(&format!("missing field `{key}`")))
+        });
+        match mistyped {
+            Some(key) => format!("bad request: {key}: {e}"),
+            None => format!("bad request: {e}"),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -224,6 +239,9 @@ mod tests {
         for bad in ["not json", r#"{"op":42}"#, r#"{"op":"explode"}"#, "{}", r#"{"op":"balloon"}"#] {
             assert!(decode_request(bad).is_err(), "{bad}");
         }
+        assert!(decode_request(r#"{"op":"balloon"}"#).unwrap_err().contains("target_mib"));
+        let mistyped = decode_request(r#"{"op":"balloon","target_mib":"lots"}"#).unwrap_err();
+        assert!(mistyped.starts_with("bad request: target_mib: invalid type"), "{mistyped}");
     }
 
     #[test]

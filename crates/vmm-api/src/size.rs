@@ -8,6 +8,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let bad = || format!("{text:?} is not a size (examples: 4096, 512M, 512MiB, 1.5G, 2T)");
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
+    if number.is_empty() {
+        return Err(bad());
+    }
     let unit = unit.to_ascii_uppercase();
     let shift = match unit.strip_suffix("IB").or_else(|| unit.strip_suffix('B')).unwrap_or(&unit) {
         "" => 0,
@@ -16,10 +19,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "G" => 30,
         "T" => 40,
         "P" => 50,
-        _ => return Err(bad()),
+        _ => return Err(format!("{text:?} is not a size: unknown suffix {:?} (use K, M, G, T or P, with or without B/iB)", &t[split..])),
     };
     // "B" alone is bytes; "IB" without a prefix letter is not a unit.
-    if unit == "IB" || number.is_empty() {
+    if unit == "IB" {
         return Err(bad());
     }
     let scale = 1u64 << shift;
@@ -85,6 +88,7 @@ mod tests {
         }
         assert!(parse_size("99999999999T").unwrap_err().contains("too large"));
         assert!(parse_size("lots").unwrap_err().contains("\"lots\""), "the error names the text");
+        assert!(parse_size("12Q").unwrap_err().contains("unknown suffix \"Q\""), "the error names the suffix");
     }
 
     #[test]

@@ -1,20 +1,19 @@
-//! The per-VM control socket (docs/vmm-control.md): newline-delimited JSON requests from
-//! `ferrod` (or any client) to pause, resume, press the power button, quit, and read stats.
+//! The per-VM control socket (docs/vmm-control.md): [`Request`]s from `ferrod` (or any client)
+//! to pause, resume, press the power button, reset, quit, read stats and set the balloon, one
+//! JSON line each way, typed by `ferro-vmm-api`.
 
 use crate::exit::ExitReason;
 use crate::vcpu::{self, Shared};
 use crate::virtio::DeviceHandles;
 use ferro_devices::acpi::AcpiPm;
-use serde_json::{Value, json};
+use ferro_vmm_api::Request;
+use ferro_vmm_api::control::{BalloonReply, Done, InfoReply, MAX_LINE, RunState, StatsReply, decode_request, encode_reply};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// The longest request line accepted; longer lines are refused and the connection closed.
-const MAX_REQUEST: u64 = 64 * 1024;
 
 /// What the control socket can do to a running VM.
 pub struct Controller {
@@ -60,87 +59,80 @@ impl Controller {
         self.shared.set_paused(false);
     }
 
-    fn stats(&self) -> Value {
+    fn info(&self) -> InfoReply {
+        InfoReply {
+            state: if self.is_paused() { RunState::Paused } else { RunState::Running },
+            pid: std::process::id(),
+            vcpus: self.vcpus,
+            memory_bytes: self.memory,
+            name: self.name.clone(),
+        }
+    }
+
+    fn stats(&self) -> StatsReply {
         let threads = self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner());
-        let vcpu_time: Vec<u64> = threads.iter().map(|t| vcpu::thread_cpu_time_ns(*t)).collect();
         let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: clock_gettime writes into the timespec we own.
         unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-        json!({
-            "ok": true,
-            "vcpu_time_ns": vcpu_time,
-            "cpu_time_ns": ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
-            "rss_bytes": rss_bytes(),
-            "exits": self.shared.exits.load(Ordering::Relaxed),
-            "disks": [],
-            "nics": [],
-            "balloon": self.devices.balloon.as_ref().map(|b| {
+        StatsReply {
+            vcpu_time_ns: threads.iter().map(|t| vcpu::thread_cpu_time_ns(*t)).collect(),
+            cpu_time_ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+            rss_bytes: rss_bytes(),
+            exits: self.shared.exits.load(Ordering::Relaxed),
+            disks: self.devices.disk_stats(),
+            nics: self.devices.nic_stats(),
+            balloon: self.devices.balloon.as_ref().map(|b| {
                 // Answer with what the guest last said, and ask it for fresh numbers for next time.
                 b.request_stats();
-                serde_json::to_value(b.info()).unwrap_or(Value::Null)
+                b.stats()
             }),
-        })
+        }
     }
 
-    /// `{"op":"balloon","target_mib":N}`: N MiB of guest memory to take back.
-    fn balloon(&self, req: &Value) -> Value {
+    /// Sets the balloon's target to `mib` MiB of guest memory to take back.
+    fn balloon(&self, mib: u64) -> Result<BalloonReply, String> {
         let Some(balloon) = &self.devices.balloon else {
-            return err("this VM has no balloon device (start it with --balloon size=0)");
+            return Err("this VM has no balloon device (start it with --balloon size=0)".into());
         };
         let memory_mib = self.memory >> 20;
-        match req.get("target_mib").and_then(Value::as_u64) {
-            Some(mib) if mib <= memory_mib => {
-                balloon.set_target_pages((mib << 8) as u32);
-                json!({"ok": true, "target_mib": mib, "actual_mib": balloon.info().actual_mib})
-            }
-            Some(mib) => err(&format!("target_mib {mib} is more than the guest's {memory_mib} MiB")),
-            None => err("balloon needs \"target_mib\": a number of MiB to take from the guest"),
+        if mib > memory_mib {
+            return Err(format!("target_mib {mib} is more than the guest's {memory_mib} MiB"));
         }
+        balloon.set_target_pages((mib << 8) as u32);
+        Ok(BalloonReply { target_mib: mib, actual_mib: balloon.stats().actual_mib })
     }
 
-    /// Answers one request object.
-    pub fn handle(&self, req: &Value) -> Value {
-        let Some(op) = req.get("op").and_then(Value::as_str) else {
-            return err("request needs a string field \"op\"");
+    fn power_button(&self) -> Result<Done, String> {
+        let mut pm = self.pm.lock().unwrap_or_else(|p| p.into_inner());
+        pm.press_power_button().map(|()| Done {}).map_err(|e| format!("power button: {e}"))
+    }
+
+    /// Answers one request line with one reply line (docs/vmm-control.md).
+    pub fn handle(&self, line: &str) -> String {
+        let request = match decode_request(line) {
+            Ok(r) => r,
+            Err(e) => return encode_reply::<Done>(&Err(e)),
         };
-        match op {
-            "info" => json!({
-                "ok": true,
-                "state": if self.is_paused() { "paused" } else { "running" },
-                "pid": std::process::id(),
-                "vcpus": self.vcpus,
-                "memory_bytes": self.memory,
-                "name": self.name,
-            }),
-            "pause" => match self.pause() {
-                Ok(()) => json!({"ok": true}),
-                Err(e) => err(&e),
-            },
-            "resume" => {
+        match request {
+            Request::Info => encode_reply(&Ok(self.info())),
+            Request::Pause => encode_reply(&self.pause().map(|()| Done {})),
+            Request::Resume => {
                 self.resume();
-                json!({"ok": true})
+                encode_reply(&Ok(Done {}))
             }
-            "power_button" => match self.pm.lock().unwrap_or_else(|p| p.into_inner()).press_power_button() {
-                Ok(()) => json!({"ok": true}),
-                Err(e) => err(&format!("power button: {e}")),
-            },
-            "reset" => {
+            Request::PowerButton => encode_reply(&self.power_button()),
+            Request::Reset => {
                 self.shared.exit.request(ExitReason::Reset);
-                json!({"ok": true})
+                encode_reply(&Ok(Done {}))
             }
-            "quit" => {
+            Request::Quit => {
                 self.shared.exit.request(ExitReason::Quit);
-                json!({"ok": true})
+                encode_reply(&Ok(Done {}))
             }
-            "stats" => self.stats(),
-            "balloon" => self.balloon(req),
-            other => err(&format!("unknown op {other:?}; known: info, pause, resume, power_button, reset, quit, stats, balloon")),
+            Request::Stats => encode_reply(&Ok(self.stats())),
+            Request::Balloon { target_mib } => encode_reply(&self.balloon(target_mib)),
         }
     }
-}
-
-fn err(msg: &str) -> Value {
-    json!({"ok": false, "error": msg})
 }
 
 fn rss_bytes() -> u64 {
@@ -168,22 +160,18 @@ fn serve_connection(stream: UnixStream, c: &Controller) {
     let mut reader = BufReader::new(stream);
     loop {
         let mut line = String::new();
-        match reader.by_ref().take(MAX_REQUEST).read_line(&mut line) {
+        match reader.by_ref().take(MAX_LINE as u64).read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST {
-            let _ = writeln!(out, "{}", err("request line longer than 64 KiB"));
+        if !line.ends_with('\n') && line.len() >= MAX_LINE {
+            let _ = writeln!(out, "{}", encode_reply::<Done>(&Err("request line longer than 64 KiB".into())));
             return;
         }
         if line.trim().is_empty() {
             continue;
         }
-        let reply = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => c.handle(&req),
-            Err(e) => err(&format!("malformed JSON: {e}")),
-        };
-        if writeln!(out, "{reply}").is_err() {
+        if writeln!(out, "{}", c.handle(&line)).is_err() {
             return;
         }
     }

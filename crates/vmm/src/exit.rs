@@ -1,34 +1,9 @@
-//! Why a VM stopped, and the one-shot signal vCPU threads use to ask the main thread to stop it.
+//! The one-shot signal vCPU threads and the control socket use to ask the main thread to stop
+//! the VM, with why ([`ExitReason`], from the control protocol).
 
+pub use ferro_vmm_api::ExitReason;
 use std::sync::Mutex;
 use vmm_sys_util::eventfd::EventFd;
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The guest powered off (ACPI S5 or a KVM shutdown event).
-    PowerOff,
-    /// The guest reset (i8042, triple fault, KVM reset event).
-    Reset,
-    /// A test guest wrote to isa-debug-exit; the process status to exit with.
-    DebugExit(i32),
-    /// SIGINT or SIGTERM.
-    Signal(i32),
-    /// The user typed the console escape, or the control socket asked to quit.
-    Quit,
-    /// A fatal error; the message says what failed.
-    Error(String),
-}
-
-impl ExitReason {
-    /// The process exit status for `ferro run`.
-    pub fn status(&self) -> i32 {
-        match self {
-            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Quit | ExitReason::Signal(_) => 0,
-            ExitReason::DebugExit(s) => *s,
-            ExitReason::Error(_) => 2,
-        }
-    }
-}
 
 /// The first reason wins; the eventfd wakes the main loop.
 pub struct ExitSignal {

@@ -7,6 +7,7 @@ pub mod bus;
 pub mod console;
 pub mod control;
 pub mod cpuid;
+pub mod events;
 pub mod exit;
 pub mod layout;
 pub mod memory;
@@ -16,8 +17,10 @@ pub mod vcpu;
 pub mod virtio;
 mod vm;
 
+pub use events::EventSink;
 pub use exit::ExitReason;
-pub use vm::{RunOptions, Vm, VmConfig, run_foreground};
+pub use ferro_vmm_api::VmConfig;
+pub use vm::{RunOptions, Vm, run_foreground};
 
 /// Errors building or running a VM. Every message names the input or the call that failed.
 #[derive(Debug, thiserror::Error)]

@@ -4,6 +4,7 @@
 
 use crate::acpi::MmioSlot;
 use crate::bus::Bus;
+use crate::events::EventSink;
 use crate::memory::GuestMemoryMmap;
 use crate::{Error, Result};
 use crate::pci::{FIRST_MSI_GSI, GsiRoutes, KvmIoEvents, PCI_MMIO_WINDOW};
@@ -13,12 +14,14 @@ use ferro_devices::pci::msix::{MsiRoutes, MsixVector};
 use ferro_devices::virtio::pci::{BAR_SIZE, PciResources, VirtioPciTransport};
 use ferro_devices::virtio::mmio::{MMIO_WINDOW, MmioTransport, QUEUE_NOTIFY};
 use ferro_devices::virtio::balloon::{Balloon, BalloonControl};
-use ferro_devices::virtio::block::Block;
+use ferro_devices::virtio::block::{Block, BlockCounters};
 use ferro_devices::virtio::console::{Console, ConsoleIo};
+use ferro_devices::virtio::net::NetCounters;
 use ferro_devices::virtio::{VirtioDevice, net::Net, rng::Rng, vsock::Vsock};
 use ferro_hypervisor::ioctl_err;
+use ferro_vmm_api::control::{DiskStats, NicStats};
+use ferro_vmm_api::{ConsoleBackend, DeviceConfig, DeviceKind, MacAddr};
 use kvm_ioctls::{IoEventAddress, VmFd};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,43 +31,6 @@ pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_FIRST_GSI: u32 = 16;
 pub const VIRTIO_MMIO_MAX: usize = 8;
 
-/// How virtio devices reach the guest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Transport {
-    Mmio,
-    /// The default: modern virtio-pci, what stock guests expect.
-    #[default]
-    Pci,
-}
-
-/// A virtio device to attach (parsed from `ferro run` flags or a domain definition).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VirtioConfig {
-    /// Entropy from the host; `rate` limits bytes per second.
-    Rng { rate: Option<u64> },
-    /// A disk image; `format` None means detect (qcow2 by its magic, else raw).
-    Block { path: PathBuf, format: Option<String>, readonly: bool },
-    /// A NIC on a tap device (created if missing); `mac` None means a generated address.
-    Net { tap: String, mac: Option<[u8; 6]> },
-    /// A virtio-console port.
-    Console { backend: ConsoleBackend },
-    /// A memory balloon; `size_mib` is the initial target of memory taken from the guest.
-    Balloon { size_mib: u64, deflate_on_oom: bool },
-    /// AF_VSOCK with Firecracker's host convention: guest CID `cid`, host side on unix socket `uds`.
-    Vsock { cid: u64, uds: PathBuf },
-}
-
-/// Where a virtio-console port's other end is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConsoleBackend {
-    /// This process's stdin/stdout (the terminal of `ferro run`).
-    Stdio,
-    /// A new pseudo-terminal; its path is printed on stderr.
-    Pty,
-    /// A unix socket the VMM listens on.
-    Socket(PathBuf),
-}
-
 /// Handles to devices the VMM controls while the VM runs (the control socket uses them).
 #[derive(Clone, Default)]
 pub struct DeviceHandles {
@@ -72,12 +38,27 @@ pub struct DeviceHandles {
     /// With a virtio console on stdio: where the VMM's stdin reader sends the terminal's input
     /// (instead of COM1). stdin is one per process, so there is at most one such console.
     pub console_input: Option<Arc<std::fs::File>>,
+    /// Each disk's id and request counters, in configuration order.
+    pub disks: Vec<(String, Arc<BlockCounters>)>,
+    /// Each NIC's id, MAC and traffic counters, in configuration order.
+    pub nics: Vec<(String, MacAddr, Arc<NetCounters>)>,
 }
 
-fn build(config: &VirtioConfig, handles: &mut DeviceHandles) -> Result<Box<dyn VirtioDevice>> {
-    match config {
-        VirtioConfig::Rng { rate } => Ok(Box::new(Rng::new(*rate))),
-        VirtioConfig::Balloon { size_mib, deflate_on_oom } => {
+impl DeviceHandles {
+    pub fn disk_stats(&self) -> Vec<DiskStats> {
+        self.disks.iter().map(|(id, c)| c.stats(id)).collect()
+    }
+
+    pub fn nic_stats(&self) -> Vec<NicStats> {
+        self.nics.iter().map(|(id, mac, c)| c.stats(id, &mac.to_string())).collect()
+    }
+}
+
+fn build(config: &DeviceConfig, handles: &mut DeviceHandles) -> Result<Box<dyn VirtioDevice>> {
+    let id = &config.id;
+    match &config.kind {
+        DeviceKind::Rng { rate } => Ok(Box::new(Rng::new(*rate))),
+        DeviceKind::Balloon { size_mib, deflate_on_oom } => {
             if handles.balloon.is_some() {
                 return Err(Error::Config("only one balloon device is supported".into()));
             }
@@ -85,13 +66,17 @@ fn build(config: &VirtioConfig, handles: &mut DeviceHandles) -> Result<Box<dyn V
             handles.balloon = Some(balloon.control());
             Ok(Box::new(balloon))
         }
-        VirtioConfig::Net { tap, mac } => {
-            Ok(Box::new(Net::new(tap, *mac).map_err(|e| Error::Config(format!("--net tap={tap}: {e}")))?))
+        DeviceKind::Net { tap, mac } => {
+            let net = Net::new(tap, *mac).map_err(|e| Error::Config(format!("{id}: --net tap={tap}: {e}")))?;
+            handles.nics.push((id.clone(), net.mac(), net.counters()));
+            Ok(Box::new(net))
         }
-        VirtioConfig::Block { path, format, readonly } => {
-            Ok(Box::new(Block::new(path, format.as_deref(), *readonly).map_err(Error::Config)?))
+        DeviceKind::Block { path, format, readonly } => {
+            let block = Block::new(path, *format, *readonly).map_err(|e| Error::Config(format!("{id}: {e}")))?;
+            handles.disks.push((id.clone(), block.counters()));
+            Ok(Box::new(block))
         }
-        VirtioConfig::Console { backend } => {
+        DeviceKind::Console { backend } => {
             let io = match backend {
                 ConsoleBackend::Stdio => {
                     if handles.console_input.is_some() {
@@ -104,10 +89,10 @@ fn build(config: &VirtioConfig, handles: &mut DeviceHandles) -> Result<Box<dyn V
                 ConsoleBackend::Pty => ConsoleIo::Pty,
                 ConsoleBackend::Socket(path) => ConsoleIo::Socket(path.clone()),
             };
-            Ok(Box::new(Console::new(io).map_err(|e| Error::Config(format!("--console: {e}")))?))
+            Ok(Box::new(Console::new(io).map_err(|e| Error::Config(format!("{id}: --console: {e}")))?))
         }
-        VirtioConfig::Vsock { cid, uds } => {
-            Ok(Box::new(Vsock::new(*cid, uds).map_err(|e| Error::Config(format!("--vsock uds: {e}")))?))
+        DeviceKind::Vsock { cid, uds } => {
+            Ok(Box::new(Vsock::new(*cid, uds).map_err(|e| Error::Config(format!("{id}: --vsock uds: {e}")))?))
         }
     }
 }
@@ -134,8 +119,9 @@ pub fn attach_mmio(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     bus: &mut Bus,
-    configs: &[VirtioConfig],
+    configs: &[DeviceConfig],
     handles: &mut DeviceHandles,
+    events: &Arc<EventSink>,
 ) -> Result<Vec<MmioSlot>> {
     if configs.len() > VIRTIO_MMIO_MAX {
         return Err(Error::Config(format!("{} virtio devices requested; at most {VIRTIO_MMIO_MAX} fit on virtio-mmio", configs.len())));
@@ -153,7 +139,8 @@ pub fn attach_mmio(
         }
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
         vm.register_irqfd(&irq, slot.gsi).map_err(ioctl_err("KVM_IRQFD"))?;
-        let transport = MmioTransport::new(device, mem.clone(), IrqLine(irq), kicks).map_err(Error::Internal)?;
+        let report = events.needs_reset_report(&config.id);
+        let transport = MmioTransport::new(device, mem.clone(), IrqLine(irq), kicks, report).map_err(Error::Internal)?;
         bus.insert(slot.base, slot.size, Arc::new(Mutex::new(transport)));
         slots.push(slot);
     }
@@ -164,7 +151,14 @@ pub fn attach_mmio(
 /// the i-th 32 KiB of the PCI window, one MSI-X vector (a GSI with an irqfd) per queue plus one
 /// for configuration changes. Kick ioeventfds are registered by the transport when the guest
 /// enables memory decoding.
-pub fn attach_pci(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, bus: &mut PciBus, configs: &[VirtioConfig], handles: &mut DeviceHandles) -> Result<()> {
+pub fn attach_pci(
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+    bus: &mut PciBus,
+    configs: &[DeviceConfig],
+    handles: &mut DeviceHandles,
+    events: &Arc<EventSink>,
+) -> Result<()> {
     let routes: Arc<dyn MsiRoutes> = Arc::new(GsiRoutes::new(vm.clone()));
     let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e));
     let mut gsi = FIRST_MSI_GSI;
@@ -186,6 +180,7 @@ pub fn attach_pci(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, bus: &mut PciBus, confi
             vectors,
             routes: routes.clone(),
             ioevents: Box::new(KvmIoEvents(vm.clone())),
+            report: events.needs_reset_report(&config.id),
         };
         let transport = VirtioPciTransport::new(device, mem.clone(), resources).map_err(Error::Internal)?;
         if bus.add(Arc::new(Mutex::new(transport))).is_none() {

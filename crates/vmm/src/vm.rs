@@ -2,7 +2,8 @@
 
 use crate::boot::{self, BootSource, EntryPoint};
 use crate::bus::Bus;
-use crate::virtio::{self, Transport, VirtioConfig};
+use crate::events::EventSink;
+use crate::virtio;
 use crate::console::{EscapeDecoder, FdWriter, RawTerminal};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::{self, GuestMemoryMmap};
@@ -17,6 +18,7 @@ use ferro_devices::legacy::{DebugExit, I8042, Serial};
 use ferro_devices::IrqLine;
 use ferro_devices::pci::bus::PciBus;
 use ferro_hypervisor::{Hypervisor, ioctl_err};
+use ferro_vmm_api::{Transport, VmConfig, VmEvent};
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{VcpuFd, VmFd};
 use std::io::Write;
@@ -31,19 +33,6 @@ use vmm_sys_util::eventfd::EventFd;
 /// Where the KVM TSS (three pages) goes: just below the IOAPIC, inside the device hole.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
-/// What to boot and with how much.
-#[derive(Clone, Debug)]
-pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
-    pub memory: u64,
-    pub vcpus: u8,
-    /// Virtio devices, in the order they appear to the guest.
-    pub devices: Vec<VirtioConfig>,
-    pub transport: Transport,
-}
-
 /// How to run a built VM.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -51,8 +40,6 @@ pub struct RunOptions {
     pub interactive: bool,
     /// Serve the control protocol of docs/vmm-control.md on this unix socket.
     pub api_socket: Option<PathBuf>,
-    /// The domain name reported by `info`.
-    pub name: String,
     /// The process exits right after `run` returns: hand KVM's teardown to a child (see
     /// [`defer_kvm_teardown`]) so the exit is not delayed by it.
     pub exiting: bool,
@@ -69,20 +56,28 @@ pub struct Vm {
     pm: Arc<Mutex<AcpiPm>>,
     shared: Arc<Shared>,
     devices: virtio::DeviceHandles,
+    events: Arc<EventSink>,
 }
 
 impl Vm {
-    /// Creates the VM, loads the guest and prepares every vCPU. Guest output goes to `serial_out`.
-    pub fn new(hv: &Hypervisor, config: VmConfig, serial_out: Box<dyn std::io::Write + Send>) -> Result<Self> {
+    /// Creates the VM, loads the guest and prepares every vCPU. Guest output goes to `serial_out`,
+    /// what the supervisor must hear to `events`.
+    pub fn new(hv: &Hypervisor, config: VmConfig, serial_out: Box<dyn std::io::Write + Send>, events: Arc<EventSink>) -> Result<Self> {
         let max = hv.max_vcpus().min(usize::from(u8::MAX));
         if config.vcpus == 0 || usize::from(config.vcpus) > max {
             return Err(Error::Config(format!("{} vCPUs requested; this host allows 1 to {max}", config.vcpus)));
+        }
+        memory::check_size(config.memory.size)?;
+        boot::check_cmdline(&config.boot.cmdline)?;
+        config.validate().map_err(Error::Config)?;
+        if config.memory.hugepages || config.memory.merge {
+            return Err(Error::Config("memory: hugepages and merge are not supported by this VMM yet".into()));
         }
         let vm = Arc::new(hv.create_vm()?);
         // Guest RAM goes in before the irqchip: on kvm-pvm a memslot added after
         // KVM_CREATE_IRQCHIP costs ~7 ms instead of ~0.3 ms (measured; KVM then has to
         // synchronize with the irqchip's readers on every slot change).
-        let memory = memory::create(&vm, config.memory)?;
+        let memory = memory::create(&vm, config.memory.size)?;
         vm.set_tss_address(KVM_TSS_ADDRESS).map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip().map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
@@ -98,15 +93,17 @@ impl Vm {
         let mut pio = Bus::default();
         pio.insert(u64::from(COM1_PORT), u64::from(SERIAL_SIZE), serial.clone());
         pio.insert(u64::from(PM_BASE), u64::from(PM_SIZE), pm.clone());
-        pio.insert(u64::from(DEBUG_EXIT_PORT), u64::from(DEBUG_EXIT_SIZE), Arc::new(Mutex::new(DebugExit)));
+        if config.debug_exit_enabled() {
+            pio.insert(u64::from(DEBUG_EXIT_PORT), u64::from(DEBUG_EXIT_SIZE), Arc::new(Mutex::new(DebugExit)));
+        }
         pio.insert(u64::from(I8042_DATA_PORT), u64::from(I8042_SIZE), Arc::new(Mutex::new(I8042)));
         let mut mmio = Bus::default();
         let mut devices = virtio::DeviceHandles::default();
         let mut pci = PciBus::default();
         let mmio_slots = match config.transport {
-            Transport::Mmio => virtio::attach_mmio(&vm, &memory, &mut mmio, &config.devices, &mut devices)?,
+            Transport::Mmio => virtio::attach_mmio(&vm, &memory, &mut mmio, &config.devices, &mut devices, &events)?,
             Transport::Pci => {
-                virtio::attach_pci(&vm, &memory, &mut pci, &config.devices, &mut devices)?;
+                virtio::attach_pci(&vm, &memory, &mut pci, &config.devices, &mut devices, &events)?;
                 Vec::new()
             }
         };
@@ -114,9 +111,9 @@ impl Vm {
 
         let rsdp = acpi::write_tables(&memory, config.vcpus, &mmio_slots)?;
         let src = BootSource {
-            kernel: &config.kernel,
-            initrd: config.initrd.as_deref(),
-            cmdline: &config.cmdline,
+            kernel: &config.boot.kernel,
+            initrd: config.boot.initrd.as_deref(),
+            cmdline: &config.boot.cmdline,
             rsdp,
         };
         let entry: EntryPoint = boot::load(&memory, &src)?;
@@ -145,7 +142,7 @@ impl Vm {
             resume: Condvar::new(),
             parked: AtomicUsize::new(0),
         });
-        Ok(Vm { config, vcpus, vm, _memory: memory, serial, pm, shared, devices })
+        Ok(Vm { config, vcpus, vm, _memory: memory, serial, pm, shared, devices, events })
     }
 
     /// The KVM VM, for state save/restore.
@@ -197,17 +194,21 @@ impl Vm {
             shared: self.shared.clone(),
             pm: self.pm.clone(),
             vcpu_threads: Mutex::new(threads.iter().map(|t| t.as_pthread_t()).collect()),
-            name: opts.name.clone(),
+            name: self.config.name.clone(),
             vcpus: self.config.vcpus,
-            memory: self.config.memory,
+            memory: self.config.memory.size,
             devices: self.devices.clone(),
         });
-        let reason = match &opts.api_socket {
-            Some(path) => match control::serve(path, controller.clone()) {
-                Ok(()) => self.main_loop(&signals, _raw.is_some(), &threads, &handles),
-                Err(e) => ExitReason::Error(format!("control socket {}: {e}", path.display())),
-            },
-            None => self.main_loop(&signals, _raw.is_some(), &threads, &handles),
+        let served = match &opts.api_socket {
+            Some(path) => control::serve(path, controller.clone()).map_err(|e| format!("control socket {}: {e}", path.display())),
+            None => Ok(()),
+        };
+        let reason = match served {
+            Ok(()) => {
+                self.events.emit(&VmEvent::Started { pid: std::process::id() });
+                self.main_loop(&signals, _raw.is_some(), &threads, &handles)
+            }
+            Err(e) => ExitReason::Error(e),
         };
 
         self.shared.stop.store(true, Ordering::Release);
@@ -221,6 +222,7 @@ impl Vm {
         for t in threads {
             let _ = t.join();
         }
+        self.events.emit(&VmEvent::Exited { reason: reason.clone() });
         if opts.exiting {
             defer_kvm_teardown();
         }
@@ -349,7 +351,7 @@ fn defer_kvm_teardown() {
 
 /// Runs `config` with the console on this process's stdout (and stdin when it is a terminal).
 pub fn run_foreground(hv: &Hypervisor, config: VmConfig) -> Result<ExitReason> {
-    let vm = Vm::new(hv, config, Box::new(FdWriter(1)))?;
+    let vm = Vm::new(hv, config, Box::new(FdWriter(1)), EventSink::none())?;
     vm.run(&RunOptions { interactive: true, exiting: true, ..Default::default() })
 }
 

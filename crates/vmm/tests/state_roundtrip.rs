@@ -6,12 +6,21 @@
 use ferro_devices::IrqLine;
 use ferro_devices::legacy::Serial;
 use ferro_hypervisor::{Hypervisor, VcpuState, VmState};
-use ferro_vmm::{Vm, VmConfig};
+use ferro_vmm::{EventSink, Vm};
+use ferro_vmm_api::{BootConfig, Kernel, MemoryConfig, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
-fn hello_vm(hv: &Hypervisor, path: &std::path::Path, vcpus: u8) -> Vm {
-    let config = VmConfig { kernel: path.to_owned(), initrd: None, cmdline: String::new(), memory: 64 << 20, vcpus, devices: Vec::new(), transport: Default::default() };
-    Vm::new(hv, config, Box::new(std::io::sink())).expect("build VM")
+fn hello_vm(hv: &Hypervisor, vcpus: u8) -> Vm {
+    let config = VmConfig {
+        name: String::new(),
+        boot: BootConfig { kernel: Kernel::TestGuest("hello".into()), initrd: None, cmdline: String::new() },
+        memory: MemoryConfig::new(64 << 20),
+        vcpus,
+        devices: Vec::new(),
+        transport: Default::default(),
+        debug_exit: false,
+    };
+    Vm::new(hv, config, Box::new(std::io::sink()), EventSink::none()).expect("build VM")
 }
 
 /// Field by field, as JSON, leaving out what keeps moving on its own: the LAPIC timer's current
@@ -49,11 +58,9 @@ mod erased {
 #[test]
 fn vcpu_and_vm_state_round_trip_into_a_new_vm() {
     let hv = Hypervisor::open().expect("/dev/kvm");
-    let path = std::env::temp_dir().join(format!("ferro-state-{}.elf", std::process::id()));
-    std::fs::write(&path, ferro_guests::get("hello").unwrap()).unwrap();
     let msrs: Vec<u32> = hv.kvm().get_msr_index_list().unwrap().as_slice().to_vec();
 
-    let a = hello_vm(&hv, &path, 2);
+    let a = hello_vm(&hv, 2);
     // Make the source state distinctive so a restore that did nothing would be caught.
     let mut regs = a.vcpu_fds()[0].get_regs().unwrap();
     regs.rax = 0x1122_3344_5566_7788;
@@ -67,7 +74,7 @@ fn vcpu_and_vm_state_round_trip_into_a_new_vm() {
     let wire = serde_json::to_vec(&(&saved, &vm_saved)).unwrap();
     let (saved, vm_saved): (Vec<VcpuState>, VmState) = serde_json::from_slice(&wire).unwrap();
 
-    let b = hello_vm(&hv, &path, 2);
+    let b = hello_vm(&hv, 2);
     vm_saved.restore(b.vm_fd()).unwrap();
     for (state, fd) in saved.iter().zip(b.vcpu_fds()) {
         state.restore(fd).unwrap();
@@ -90,7 +97,6 @@ fn vcpu_and_vm_state_round_trip_into_a_new_vm() {
     assert_eq!(pit(&vm_again.pit), pit(&vm_saved.pit), "PIT differs after restore");
     // The clock keeps running, but it restarted from the saved value, not from zero.
     assert!(vm_again.clock.clock >= vm_saved.clock.clock);
-    std::fs::remove_file(&path).unwrap();
 }
 
 #[test]

@@ -129,24 +129,37 @@ pub fn scatter(mem: &GuestMemoryMmap, segs: &[Segment], skip: u64, buf: &[u8]) -
     walk(segs, skip, buf.len(), |addr, r| mem.write_slice(&buf[r], addr).is_ok())
 }
 
-/// Set by a worker when the driver broke a queue; read by the transport as NEEDS_RESET.
-#[derive(Clone, Default)]
-pub struct Broken(Arc<AtomicBool>);
+/// Told why, when the driver broke a device beyond a per-request answer; the VMM turns it into
+/// a `DeviceNeedsReset` event for its supervisor (or a log line).
+pub type NeedsResetReport = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Set when the driver broke a queue; read by the transport as NEEDS_RESET until the driver
+/// resets the device. The transport owns it and hands a clone to the device's worker.
+#[derive(Clone)]
+pub struct Broken {
+    flag: Arc<AtomicBool>,
+    report: NeedsResetReport,
+}
 
 impl Broken {
+    pub fn new(report: NeedsResetReport) -> Broken {
+        Broken { flag: Arc::new(AtomicBool::new(false)), report }
+    }
+
     pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.flag.load(Ordering::Acquire)
     }
 
     pub fn clear(&self) {
-        self.0.store(false, Ordering::Release);
+        self.flag.store(false, Ordering::Release);
     }
 
-    /// Marks the device broken and tells the driver (a configuration-change interrupt, after
-    /// which it reads the status and finds NEEDS_RESET).
+    /// Marks the device broken, reports why (once, naming the `device` kind), and tells the
+    /// driver (a configuration-change interrupt, after which it reads the status and finds
+    /// NEEDS_RESET).
     pub fn set(&self, device: &str, why: &str, interrupt: &dyn VirtioInterrupt) {
-        if !self.0.swap(true, Ordering::AcqRel) {
-            eprintln!("ferro: {device}: {why}; the device needs a reset");
+        if !self.flag.swap(true, Ordering::AcqRel) {
+            (self.report)(&format!("{device}: {why}"));
             interrupt.trigger(InterruptReason::Config);
         }
     }
@@ -195,6 +208,11 @@ pub(crate) mod tests {
     pub const F_NEXT: u16 = 1;
     pub const F_WRITE: u16 = 2;
     pub const F_INDIRECT: u16 = 4;
+
+    /// A broken flag whose reports go nowhere.
+    pub fn broken() -> Broken {
+        Broken::new(Arc::new(|_| {}))
+    }
 
     pub fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()

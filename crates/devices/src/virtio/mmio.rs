@@ -3,6 +3,7 @@
 //! register semantics shared with virtio-pci live in `transport::VirtioCore`.
 
 use super::transport::{QueueRegister, VirtioCore};
+use super::chains::NeedsResetReport;
 use super::{GuestMemoryMmap, InterruptReason, VirtioDevice, VirtioInterrupt};
 use crate::{BusAction, BusDevice, IrqLine};
 use std::sync::Arc;
@@ -43,10 +44,10 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// Wraps `device`; `kicks` must hold one eventfd per queue (registered with KVM by the
-    /// caller), `irq` the device's interrupt line.
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: IrqLine, kicks: Vec<EventFd>) -> Result<Self, String> {
+    /// caller), `irq` the device's interrupt line, `report` is told when the driver breaks it.
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: IrqLine, kicks: Vec<EventFd>, report: NeedsResetReport) -> Result<Self, String> {
         let interrupt = Arc::new(MmioInterrupt { status: AtomicU32::new(0), irq });
-        let core = VirtioCore::new(device, mem, interrupt.clone(), kicks)?;
+        let core = VirtioCore::new(device, mem, interrupt.clone(), kicks, report)?;
         Ok(MmioTransport { core, interrupt })
     }
 

@@ -19,6 +19,7 @@ pub mod transport;
 pub mod vsock;
 pub mod worker;
 
+use chains::Broken;
 use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -77,6 +78,9 @@ pub struct Activation {
     pub queues: Vec<ActiveQueue>,
     /// Features the driver accepted.
     pub features: u64,
+    /// Set by the worker when the driver breaks a queue (see `chains`); the transport then
+    /// shows NEEDS_RESET until the driver resets the device.
+    pub broken: Broken,
 }
 
 /// A virtio device, independent of its transport.
@@ -94,11 +98,6 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), String>;
     /// Stops the worker and returns the device to its initial state (driver reset).
     fn reset(&mut self);
-    /// Whether the worker found a queue broken beyond a per-request answer (see `chains`); the
-    /// transport then shows NEEDS_RESET in the device status until the driver resets the device.
-    fn needs_reset(&self) -> bool {
-        false
-    }
 }
 
 /// Reads `data.len()` bytes at `offset` of `config`, zero past its end.

@@ -8,6 +8,7 @@
 //! BAR 0 layout (32 KiB): common configuration at 0x0000, ISR at 0x1000, device configuration
 //! at 0x2000, notifications at 0x3000 (queue q at q * 4), MSI-X table at 0x4000, PBA at 0x6000.
 
+use super::chains::NeedsResetReport;
 use super::transport::{QueueRegister, VirtioCore};
 use super::{GuestMemoryMmap, InterruptReason, VirtioDevice, VirtioInterrupt, device_type};
 use crate::pci::PciFunction;
@@ -65,6 +66,8 @@ pub struct PciResources {
     pub vectors: Vec<MsixVector>,
     pub routes: Arc<dyn MsiRoutes>,
     pub ioevents: Box<dyn IoEvents>,
+    /// Told when the driver breaks the device.
+    pub report: NeedsResetReport,
 }
 
 /// ISR bits and the MSI-X vectors the driver chose; shared with the device's worker.
@@ -189,7 +192,7 @@ impl VirtioPciTransport {
             queue_vectors: (0..nq).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
             msix: Mutex::new(msix),
         });
-        let core = VirtioCore::new(device, mem, interrupt.clone(), res.kicks)?;
+        let core = VirtioCore::new(device, mem, interrupt.clone(), res.kicks, res.report)?;
         Ok(VirtioPciTransport { core, config, interrupt, msix_cap, pci_cfg_cap, window: res.window, ioevents: res.ioevents, notify_at: None })
     }
 
@@ -489,6 +492,7 @@ mod tests {
             vectors,
             routes: log.clone(),
             ioevents: Box::new(Events(log.clone())),
+            report: Arc::new(|_| {}),
         };
         let t = VirtioPciTransport::new(Box::new(Rng::new(None)), mem.clone(), res).unwrap();
         Rig { t, mem, log, vectors: fds }

@@ -4,7 +4,8 @@
 //! (NEEDS_RESET) when the driver programmed something invalid. A transport maps its registers
 //! onto this and adds its own interrupt bookkeeping.
 
-use super::{Activation, ActiveQueue, GuestMemoryMmap, InterruptReason, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, status};
+use super::chains::{Broken, NeedsResetReport};
+use super::{Activation, ActiveQueue, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, status};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -37,11 +38,20 @@ pub struct VirtioCore {
     pub queue_sel: u32,
     /// An invalid queue setting the driver wrote (see [`set_queue_size`]); fails DRIVER_OK.
     queue_error: Option<String>,
+    /// Set when the driver broke the device; NEEDS_RESET until it resets it.
+    broken: Broken,
 }
 
 impl VirtioCore {
-    /// `kicks` must hold one eventfd per queue of `device`.
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, interrupt: Arc<dyn VirtioInterrupt>, kicks: Vec<EventFd>) -> Result<Self, String> {
+    /// `kicks` must hold one eventfd per queue of `device`; `report` is told when the driver
+    /// breaks the device.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        kicks: Vec<EventFd>,
+        report: NeedsResetReport,
+    ) -> Result<Self, String> {
         let queues = device
             .queue_max_sizes()
             .iter()
@@ -62,6 +72,7 @@ impl VirtioCore {
             driver_features: 0,
             queue_sel: 0,
             queue_error: None,
+            broken: Broken::new(report),
         })
     }
 
@@ -105,7 +116,7 @@ impl VirtioCore {
 
     /// The status the driver reads: what it set plus NEEDS_RESET when the device broke.
     pub fn status(&self) -> u8 {
-        self.status | if self.device.needs_reset() { status::NEEDS_RESET } else { 0 }
+        self.status | if self.broken.is_set() { status::NEEDS_RESET } else { 0 }
     }
 
     pub fn queue(&self) -> Option<&Queue> {
@@ -153,12 +164,12 @@ impl VirtioCore {
         self.driver_features_sel = 0;
         self.queue_sel = 0;
         self.queue_error = None;
+        self.broken.clear();
     }
 
     fn fail(&mut self, why: &str) {
-        eprintln!("ferro: virtio device type {}: {why}; the driver must reset it", self.device.device_type());
-        self.status |= status::NEEDS_RESET;
-        self.interrupt.trigger(InterruptReason::Config);
+        let device = format!("virtio device type {}", self.device.device_type());
+        self.broken.set(&device, why, self.interrupt.as_ref());
     }
 
     /// A driver write of the status register. Writing 0 resets (the caller resets its own
@@ -209,7 +220,13 @@ impl VirtioCore {
                 Err(e) => return self.fail(&format!("cannot share a queue eventfd: {e}")),
             }
         }
-        let activation = Activation { mem: self.mem.clone(), interrupt: self.interrupt.clone(), queues, features: self.driver_features };
+        let activation = Activation {
+            mem: self.mem.clone(),
+            interrupt: self.interrupt.clone(),
+            queues,
+            features: self.driver_features,
+            broken: self.broken.clone(),
+        };
         if let Err(e) = self.device.activate(activation) {
             self.fail(&e);
         }

@@ -3,6 +3,7 @@
 //! Formats, detected from the file's bytes: ELF with a PVH note (booted through the PVH entry in
 //! 32-bit protected mode with an `hvm_start_info`), ELF without one (the 64-bit Linux boot
 //! protocol, entered in long mode with a zero page), and bzImage (64-bit Linux boot protocol).
+//! The kernel is a file, or one of the test guests built into this program (`ferro-guests`).
 
 mod e820;
 mod elf32;
@@ -13,15 +14,17 @@ pub mod regs;
 use crate::layout::{CMDLINE_MAX, CMDLINE_START, HIMEM_START, MMIO_HOLE_START};
 use crate::memory::GuestMemoryMmap;
 use crate::{Error, Result};
+use ferro_vmm_api::Kernel;
 use linux_loader::loader::{self, KernelLoader, PvhBootCapability};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// What the guest should be booted with.
 pub struct BootSource<'a> {
-    pub kernel: &'a Path,
+    pub kernel: &'a Kernel,
     pub initrd: Option<&'a Path>,
     pub cmdline: &'a str,
     pub rsdp: u64,
@@ -72,20 +75,22 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Loads the kernel, initrd and command line into `mem` and writes the boot structures.
-pub fn load(mem: &GuestMemoryMmap, src: &BootSource) -> Result<EntryPoint> {
-    if src.cmdline.len() >= CMDLINE_MAX {
-        return Err(Error::Config(format!(
-            "kernel command line is {} bytes; the limit is {} bytes",
-            src.cmdline.len(),
-            CMDLINE_MAX - 1
-        )));
+/// Refuses a command line the guest could not be given.
+pub fn check_cmdline(cmdline: &str) -> Result<()> {
+    if cmdline.len() >= CMDLINE_MAX {
+        return Err(Error::Config(format!("kernel command line is {} bytes; the limit is {} bytes", cmdline.len(), CMDLINE_MAX - 1)));
     }
-    if src.cmdline.as_bytes().contains(&0) {
+    if cmdline.as_bytes().contains(&0) {
         return Err(Error::Config("kernel command line contains a NUL byte".into()));
     }
-    let path = src.kernel;
-    let mut file = File::open(path).map_err(|e| Error::Kernel(format!("{}: {e}", path.display())))?;
+    Ok(())
+}
+
+/// Loads the kernel, initrd and command line into `mem` and writes the boot structures.
+pub fn load(mem: &GuestMemoryMmap, src: &BootSource) -> Result<EntryPoint> {
+    check_cmdline(src.cmdline)?;
+    let (mut file, name) = open_kernel(src.kernel)?;
+    let path = name.as_path();
     let format = detect_format(&mut file, path)?;
     let low_ram_end = mem.last_addr().0.min(MMIO_HOLE_START - 1) + 1;
     let write_cmdline = || -> Result<()> {
@@ -127,6 +132,35 @@ pub fn load(mem: &GuestMemoryMmap, src: &BootSource) -> Result<EntryPoint> {
             Ok(EntryPoint::Linux64 { entry: loaded.kernel_load.0 + 0x200 })
         }
     }
+}
+
+/// Opens the kernel; returns the file and the name error messages use for it.
+fn open_kernel(kernel: &Kernel) -> Result<(File, PathBuf)> {
+    match kernel {
+        Kernel::Path(path) => {
+            let file = File::open(path).map_err(|e| Error::Kernel(format!("{}: {e}", path.display())))?;
+            Ok((file, path.clone()))
+        }
+        Kernel::TestGuest(name) => Ok((test_guest_file(name)?, PathBuf::from(format!("built-in guest {name}")))),
+    }
+}
+
+/// A built-in test guest's image in an anonymous memory file.
+fn test_guest_file(name: &str) -> Result<File> {
+    let image = ferro_guests::get(name).ok_or_else(|| {
+        let names: Vec<&str> = ferro_guests::names().collect();
+        Error::Config(format!("no built-in guest named '{name}'; available: {}", names.join(", ")))
+    })?;
+    // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"ferro-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Io("memfd_create", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let mut file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.write_all(image).map_err(|e| Error::Io("writing the test guest image", e))?;
+    file.seek(SeekFrom::Start(0)).map_err(|e| Error::Io("writing the test guest image", e))?;
+    Ok(file)
 }
 
 /// Places the initrd page-aligned at the top of low RAM; it must not overlap the kernel.

@@ -3,8 +3,7 @@
 //! interrupt), `actual` (written by the driver), the guest's latest statistics and counters.
 
 use super::super::{InterruptReason, VirtioInterrupt};
-use serde::Serialize;
-use std::collections::BTreeMap;
+use ferro_vmm_api::control::BalloonStats;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use vmm_sys_util::eventfd::EventFd;
@@ -23,23 +22,6 @@ pub const STAT_NAMES: &[(u16, &str)] = &[
     (8, "hugetlb_allocations"),
     (9, "hugetlb_failures"),
 ];
-
-/// What the VMM reports about the balloon (the control socket's `stats`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct BalloonInfo {
-    pub target_pages: u32,
-    pub actual_pages: u32,
-    pub target_mib: u64,
-    pub actual_mib: u64,
-    /// Pages the driver put in the balloon / took back since the VM started.
-    pub inflated_pages_total: u64,
-    pub deflated_pages_total: u64,
-    /// Page numbers outside guest RAM the driver sent (ignored).
-    pub invalid_pages_total: u64,
-    /// The guest's latest statistics by name (only those it reported), and their age.
-    pub guest_stats: BTreeMap<String, u64>,
-    pub guest_stats_age_ms: Option<u64>,
-}
 
 /// Raw statistics as the driver sent them: (tag, value), tags we do not know included.
 pub type RawStats = Vec<(u16, u64)>;
@@ -91,16 +73,17 @@ impl BalloonControl {
         }
     }
 
-    /// Asks the driver for fresh statistics (they arrive asynchronously; `info` shows their age).
+    /// Asks the driver for fresh statistics (they arrive asynchronously; `stats` shows their age).
     pub fn request_stats(&self) {
         // A saturated counter already means "refresh pending".
         let _ = self.refresh.write(1);
     }
 
-    pub fn info(&self) -> BalloonInfo {
+    /// What the control socket's `stats` reports about the balloon.
+    pub fn stats(&self) -> BalloonStats {
         let inner = self.lock();
         let mib = |pages: u32| u64::from(pages) >> (20 - super::pages::PAGE_SHIFT);
-        BalloonInfo {
+        BalloonStats {
             target_pages: inner.num_pages,
             actual_pages: inner.actual,
             target_mib: mib(inner.num_pages),
@@ -179,7 +162,7 @@ mod tests {
         let c = BalloonControl::new(256).unwrap();
         parse_stats(&buf, &mut c.lock().stats);
         c.lock().stats_time = Some(Instant::now());
-        let info = c.info();
+        let info = c.stats();
         assert_eq!(info.guest_stats.get("free_memory"), Some(&2000));
         assert_eq!(info.guest_stats.get("total_memory"), Some(&4096));
         assert_eq!(info.guest_stats.len(), 2, "unknown tags are kept raw but not named");
@@ -196,6 +179,6 @@ mod tests {
         c.set_target_pages(10);
         c.set_target_pages(20);
         assert_eq!(irq.reasons(), vec![InterruptReason::Config]);
-        assert_eq!(c.info().target_pages, 20);
+        assert_eq!(c.stats().target_pages, 20);
     }
 }

@@ -12,7 +12,7 @@ mod control;
 pub mod pages;
 pub mod state;
 
-pub use control::{BalloonControl, BalloonInfo};
+pub use control::BalloonControl;
 
 use super::chains::{self, Broken};
 use super::worker::Worker;
@@ -39,14 +39,13 @@ pub struct Balloon {
     control: Arc<BalloonControl>,
     deflate_on_oom: bool,
     worker: Option<Worker>,
-    broken: Broken,
 }
 
 impl Balloon {
     /// A balloon whose initial target is `target_mib` MiB taken from the guest.
     pub fn new(target_mib: u64, deflate_on_oom: bool) -> std::io::Result<Self> {
         let pages = u32::try_from(target_mib << (20 - pages::PAGE_SHIFT)).unwrap_or(u32::MAX);
-        Ok(Balloon { control: Arc::new(BalloonControl::new(pages)?), deflate_on_oom, worker: None, broken: Broken::default() })
+        Ok(Balloon { control: Arc::new(BalloonControl::new(pages)?), deflate_on_oom, worker: None })
     }
 
     /// The handle the VMM keeps to change the target and read statistics at run time.
@@ -90,7 +89,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let Activation { mem, interrupt, queues, features } = a;
+        let Activation { mem, interrupt, queues, features, broken } = a;
         if queues.len() != 3 {
             return Err(format!("balloon needs 3 queues, got {}", queues.len()));
         }
@@ -105,7 +104,7 @@ impl VirtioDevice for Balloon {
             queues,
             control: self.control.clone(),
             max_pages,
-            broken: self.broken.clone(),
+            broken,
         };
         self.control.lock().interrupt = Some(interrupt);
         let control = self.control.clone();
@@ -144,15 +143,10 @@ impl VirtioDevice for Balloon {
 
     fn reset(&mut self) {
         self.worker = None;
-        self.broken.clear();
         let mut inner = self.control.lock();
         inner.interrupt = None;
         inner.actual = 0;
         inner.stats_head = None;
-    }
-
-    fn needs_reset(&self) -> bool {
-        self.broken.is_set()
     }
 }
 
@@ -304,7 +298,7 @@ mod tests {
             queues,
             control: balloon.control(),
             max_pages: 256,
-            broken: Broken::default(),
+            broken: crate::virtio::chains::tests::broken(),
         };
         let used_idx = |vq: &MockSplitQueue<GuestMemoryMmap>| u16::from_le(vq.used().idx().load());
         let avail_event = |vq: &MockSplitQueue<GuestMemoryMmap>| {
@@ -313,7 +307,7 @@ mod tests {
 
         offer(&mem, &vqs[STATS], 0, &[stat(4, 1000), stat(5, 4000)].concat());
         w.stats();
-        assert_eq!(balloon.control().info().guest_stats.get("free_memory"), Some(&1000));
+        assert_eq!(balloon.control().stats().guest_stats.get("free_memory"), Some(&1000));
         assert_eq!(used_idx(&vqs[STATS]), 0, "the buffer is held");
         assert_eq!(avail_event(&vqs[STATS]), 1, "the driver is told to kick for its next buffer");
 
@@ -325,7 +319,7 @@ mod tests {
 
         offer(&mem, &vqs[STATS], 1, &stat(4, 2000));
         w.stats();
-        assert_eq!(balloon.control().info().guest_stats.get("free_memory"), Some(&2000));
+        assert_eq!(balloon.control().stats().guest_stats.get("free_memory"), Some(&2000));
         assert_eq!(avail_event(&vqs[STATS]), 2);
 
         // A queue whose available index runs ahead of its size is broken: NEEDS_RESET.

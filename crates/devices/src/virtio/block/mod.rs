@@ -10,12 +10,14 @@
 mod request;
 mod state;
 
+pub use request::BlockCounters;
 pub use state::BlockState;
 
-use super::chains::{self, Broken, Chain};
+use super::chains::{self, Chain};
 use super::worker::Worker;
 use super::{Activation, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, device_type, read_config_bytes};
 use ferro_block::{DiskImage, Format};
+use ferro_vmm_api::DiskFormat;
 use request::Requests;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -44,20 +46,17 @@ pub struct Block {
     capacity: u64,
     id: [u8; ID_BYTES],
     acked_features: u64,
-    broken: Broken,
+    counters: Arc<BlockCounters>,
     worker: Option<Worker>,
 }
 
 impl Block {
-    /// Opens `path` (`format` "raw" or "qcow2", None to detect) for a guest disk.
-    pub fn new(path: &Path, format: Option<&str>, readonly: bool) -> Result<Block, String> {
-        let format = match format {
-            None => None,
-            Some(name) => match Format::from_name(name) {
-                Some(f @ (Format::Raw | Format::Qcow2)) => Some(f),
-                _ => return Err(format!("disk {}: format '{name}' is not raw or qcow2", path.display())),
-            },
-        };
+    /// Opens `path` (raw or qcow2; None to detect) for a guest disk.
+    pub fn new(path: &Path, format: Option<DiskFormat>, readonly: bool) -> Result<Block, String> {
+        let format = format.map(|f| match f {
+            DiskFormat::Raw => Format::Raw,
+            DiskFormat::Qcow2 => Format::Qcow2,
+        });
         let disk = ferro_block::open(path, format, readonly).map_err(|e| format!("disk {}: {e}", path.display()))?;
         let capacity = disk.size() / SECTOR_SIZE;
         Ok(Block {
@@ -67,9 +66,14 @@ impl Block {
             capacity,
             id: serial_from_path(path),
             acked_features: 0,
-            broken: Broken::default(),
+            counters: Arc::default(),
             worker: None,
         })
+    }
+
+    /// The request counters the worker keeps.
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
     }
 
     fn config(&self) -> [u8; 60] {
@@ -123,13 +127,12 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let Activation { mem, interrupt, mut queues, features } = a;
+        let Activation { mem, interrupt, mut queues, features, broken } = a;
         let aq = queues.drain(..).next().ok_or("virtio-blk needs its request queue")?;
         let (mut queue, kick) = (aq.queue, aq.kick);
         self.acked_features = features;
         let disk = self.disk.clone();
-        let broken = self.broken.clone();
-        let mut requests = Requests::new(self.readonly, self.capacity * SECTOR_SIZE, self.id);
+        let mut requests = Requests::new(self.readonly, self.capacity * SECTOR_SIZE, self.id, self.counters.clone());
         let worker = Worker::spawn("virtio-blk", vec![kick.as_raw_fd()], move |_| {
             let _ = kick.read();
             if broken.is_set() {
@@ -153,14 +156,9 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.worker = None;
-        self.broken.clear();
         self.acked_features = 0;
         if !self.readonly {
             let _ = self.disk.lock().unwrap_or_else(|p| p.into_inner()).flush();
         }
-    }
-
-    fn needs_reset(&self) -> bool {
-        self.broken.is_set()
     }
 }

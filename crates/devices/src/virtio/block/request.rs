@@ -5,6 +5,9 @@ use super::{ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
 use crate::virtio::GuestMemoryMmap;
 use crate::virtio::chains::{Chain, Segment, gather, scatter};
 use ferro_block::DiskImage;
+use ferro_vmm_api::control::DiskStats;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use virtio_bindings::bindings::virtio_blk::*;
 use vm_memory::{Address, Bytes, GuestMemoryBackend};
 
@@ -25,6 +28,56 @@ fn ioerr() -> Outcome {
     (status(VIRTIO_BLK_S_IOERR), 0)
 }
 
+/// What one disk served since the device was created.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    read_ops: AtomicU64,
+    read_bytes: AtomicU64,
+    write_ops: AtomicU64,
+    write_bytes: AtomicU64,
+    flush_ops: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl BlockCounters {
+    /// The counters as the control socket reports them for the disk `id`.
+    pub fn stats(&self, id: &str) -> DiskStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DiskStats {
+            id: id.to_owned(),
+            read_ops: get(&self.read_ops),
+            read_bytes: get(&self.read_bytes),
+            write_ops: get(&self.write_ops),
+            write_bytes: get(&self.write_bytes),
+            flush_ops: get(&self.flush_ops),
+            errors: get(&self.errors),
+        }
+    }
+
+    /// Counts one request of `kind` that moved `bytes` and ended with `status`.
+    fn count(&self, kind: u32, status: u8, bytes: u64) {
+        let add = |c: &AtomicU64, n: u64| c.fetch_add(n, Ordering::Relaxed);
+        if u32::from(status) != VIRTIO_BLK_S_OK {
+            add(&self.errors, 1);
+            return;
+        }
+        match kind {
+            VIRTIO_BLK_T_IN => {
+                add(&self.read_ops, 1);
+                add(&self.read_bytes, bytes);
+            }
+            VIRTIO_BLK_T_OUT => {
+                add(&self.write_ops, 1);
+                add(&self.write_bytes, bytes);
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                add(&self.flush_ops, 1);
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Serves requests for one disk; owns the bounce buffer.
 pub(super) struct Requests {
     readonly: bool,
@@ -32,11 +85,12 @@ pub(super) struct Requests {
     size: u64,
     id: [u8; ID_BYTES],
     buf: Vec<u8>,
+    counters: Arc<BlockCounters>,
 }
 
 impl Requests {
-    pub(super) fn new(readonly: bool, size: u64, id: [u8; ID_BYTES]) -> Self {
-        Requests { readonly, size, id, buf: Vec::new() }
+    pub(super) fn new(readonly: bool, size: u64, id: [u8; ID_BYTES], counters: Arc<BlockCounters>) -> Self {
+        Requests { readonly, size, id, buf: Vec::new(), counters }
     }
 
     /// Executes one chain and returns the used length (bytes written to the driver, status
@@ -52,7 +106,10 @@ impl Requests {
             l.len -= 1;
         }
         let (st, written) = match chain.fault {
-            Some(_) => ioerr(),
+            Some(_) => {
+                self.counters.count(0, status(VIRTIO_BLK_S_IOERR), 0);
+                ioerr()
+            }
             None => self.execute(disk, mem, &chain.readable, &data_in),
         };
         if mem.write_obj(st, status_addr).is_err() {
@@ -64,6 +121,7 @@ impl Requests {
     fn execute(&mut self, disk: &mut dyn DiskImage, mem: &GuestMemoryMmap, out: &[Segment], data_in: &[Segment]) -> Outcome {
         let mut header = [0u8; HEADER as usize];
         if !gather(mem, out, 0, &mut header) {
+            self.counters.count(0, status(VIRTIO_BLK_S_IOERR), 0);
             return ioerr();
         }
         let kind = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
@@ -77,9 +135,24 @@ impl Requests {
             VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_FLUSH | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => in_len != 0,
             _ => false,
         };
-        if misdirected {
-            return ioerr();
-        }
+        let outcome = if misdirected { ioerr() } else { self.dispatch(disk, mem, kind, sector, out, out_len, data_in, in_len) };
+        let bytes = if kind == VIRTIO_BLK_T_IN { in_len } else { out_len };
+        self.counters.count(kind, outcome.0, bytes);
+        outcome
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        &mut self,
+        disk: &mut dyn DiskImage,
+        mem: &GuestMemoryMmap,
+        kind: u32,
+        sector: u64,
+        out: &[Segment],
+        out_len: u64,
+        data_in: &[Segment],
+        in_len: u64,
+    ) -> Outcome {
         match kind {
             VIRTIO_BLK_T_IN => self.read(disk, mem, sector, data_in, in_len),
             VIRTIO_BLK_T_OUT if self.readonly => ioerr(),
@@ -223,7 +296,7 @@ mod tests {
         chain.readable.extend_from_slice(extra);
         chain.writable.extend_from_slice(data_in);
         chain.writable.push(seg(STATUS, 1));
-        let mut r = Requests::new(readonly, d.image.size(), *b"disk.raw\0\0\0\0\0\0\0\0\0\0\0\0");
+        let mut r = Requests::new(readonly, d.image.size(), *b"disk.raw\0\0\0\0\0\0\0\0\0\0\0\0", Arc::default());
         let used = r.serve(d.image.as_mut(), mem, &chain);
         (mem.read_obj(GuestAddress(STATUS)).unwrap(), used)
     }
@@ -267,7 +340,7 @@ mod tests {
         assert_eq!(run(&mut d, false, &mem, VIRTIO_BLK_T_FLUSH, 0, &[], &[seg(DATA, 512)]).0, IOERR);
         // A header shorter than 16 bytes.
         let mut chain = Chain { readable: vec![seg(HDR, 8)], writable: vec![seg(STATUS, 1)], fault: None };
-        let mut r = Requests::new(false, 65536, [0; 20]);
+        let mut r = Requests::new(false, 65536, [0; 20], Arc::default());
         assert_eq!(r.serve(d.image.as_mut(), &mem, &chain), 1);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), IOERR);
         // A faulty chain is refused without touching the disk; no status byte means no answer.
@@ -279,6 +352,35 @@ mod tests {
         assert_eq!(r.serve(d.image.as_mut(), &mem, &chain), 0);
         chain.writable = vec![seg(0xfff_0000_0000, 1)];
         assert_eq!(r.serve(d.image.as_mut(), &mem, &chain), 0);
+    }
+
+    #[test]
+    fn counters_follow_the_requests() {
+        let mem = memory();
+        let mut d = disk("count", false);
+        let counters = Arc::new(BlockCounters::default());
+        let mut r = Requests::new(false, d.image.size(), [0; ID_BYTES], counters.clone());
+        let mut request = |kind: u32, sector: u64, readable: Vec<Segment>, writable: Vec<Segment>| {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+            let mut chain = Chain { readable: vec![seg(HDR, 16)], writable, fault: None };
+            chain.readable.extend(readable);
+            chain.writable.push(seg(STATUS, 1));
+            r.serve(d.image.as_mut(), &mem, &chain)
+        };
+        request(VIRTIO_BLK_T_OUT, 0, vec![seg(DATA, 1024)], vec![]);
+        request(VIRTIO_BLK_T_IN, 0, vec![], vec![seg(DATA, 512)]);
+        request(VIRTIO_BLK_T_IN, 2, vec![], vec![seg(DATA, 1536)]);
+        request(VIRTIO_BLK_T_FLUSH, 0, vec![], vec![]);
+        request(VIRTIO_BLK_T_IN, 1 << 40, vec![], vec![seg(DATA, 512)]);
+        request(77, 0, vec![], vec![]);
+        let s = counters.stats("vda");
+        assert_eq!((s.write_ops, s.write_bytes), (1, 1024));
+        assert_eq!((s.read_ops, s.read_bytes), (2, 2048));
+        assert_eq!((s.flush_ops, s.errors), (1, 2), "a read past the end and an unknown type are errors");
+        assert_eq!(s.id, "vda");
     }
 
     #[test]

@@ -33,7 +33,8 @@ impl Block {
 
     /// Reopens the image of a saved state; the transport restores the queue and reactivates.
     pub fn restore(state: &BlockState) -> Result<Block, String> {
-        let mut block = Block::new(&state.path, Some(&state.format), state.readonly)?;
+        let format = ferro_vmm_api::DiskFormat::from_name(&state.format).ok_or_else(|| format!("disk format {:?} in the snapshot", state.format))?;
+        let mut block = Block::new(&state.path, Some(format), state.readonly)?;
         if block.capacity != state.capacity {
             return Err(format!(
                 "disk {}: {} sectors now, {} in the snapshot",

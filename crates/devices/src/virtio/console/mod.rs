@@ -8,7 +8,7 @@ mod state;
 pub use port::ConsoleIo;
 pub use state::ConsoleState;
 
-use super::chains::{self, Broken, Chain, gather, scatter};
+use super::chains::{self, Chain, gather, scatter};
 use super::worker::Worker;
 use super::{Activation, GuestMemoryMmap, InterruptReason, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, VirtioInterrupt, device_type, read_config_bytes};
 use port::Port;
@@ -25,13 +25,12 @@ const RX_MAX: usize = 64 * 1024;
 pub struct Console {
     port: Arc<Mutex<Port>>,
     acked_features: u64,
-    broken: Broken,
     worker: Option<Worker>,
 }
 
 impl Console {
     pub fn new(io: ConsoleIo) -> Result<Console, String> {
-        Ok(Console { port: Arc::new(Mutex::new(Port::new(io)?)), acked_features: 0, broken: Broken::default(), worker: None })
+        Ok(Console { port: Arc::new(Mutex::new(Port::new(io)?)), acked_features: 0, worker: None })
     }
 }
 
@@ -101,7 +100,7 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let Activation { mem, interrupt, queues, features } = a;
+        let Activation { mem, interrupt, queues, features, broken } = a;
         let mut queues = queues.into_iter();
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             return Err("virtio-console needs its receive and transmit queues".into());
@@ -110,7 +109,6 @@ impl VirtioDevice for Console {
         let (mut rxq, mut txq) = (rx.queue, tx.queue);
         let (rx_kick, tx_kick) = (rx.kick, tx.kick);
         let port = self.port.clone();
-        let broken = self.broken.clone();
         let epoll_fd = port.lock().unwrap_or_else(|p| p.into_inner()).epoll_fd();
         let fds = vec![rx_kick.as_raw_fd(), tx_kick.as_raw_fd(), epoll_fd];
         let worker = Worker::spawn("virtio-console", fds, move |wake| {
@@ -150,11 +148,6 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         self.worker = None;
-        self.broken.clear();
         self.acked_features = 0;
-    }
-
-    fn needs_reset(&self) -> bool {
-        self.broken.is_set()
     }
 }

@@ -10,9 +10,11 @@ use super::{RX_QUEUE, TX_QUEUE};
 use crate::virtio::chains::{Broken, drain, next_chain};
 use crate::virtio::worker::Worker;
 use crate::virtio::{Activation, GuestMemoryMmap, InterruptReason, VirtioInterrupt};
+use ferro_vmm_api::control::NicStats;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -22,6 +24,38 @@ use vmm_sys_util::eventfd::EventFd;
 const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
 /// Offset of `num_buffers` in the header.
 const NUM_BUFFERS: usize = 10;
+
+/// Frames and bytes (without the virtio-net header) since the device was created, as the guest
+/// sees them: `rx` is what it received.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    rx_dropped: AtomicU64,
+}
+
+impl NetCounters {
+    /// The counters as the control socket reports them for the NIC `id`.
+    pub fn stats(&self, id: &str, mac: &str) -> NicStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NicStats {
+            id: id.to_owned(),
+            mac: mac.to_owned(),
+            rx_packets: get(&self.rx_packets),
+            rx_bytes: get(&self.rx_bytes),
+            tx_packets: get(&self.tx_packets),
+            tx_bytes: get(&self.tx_bytes),
+            rx_dropped: get(&self.rx_dropped),
+        }
+    }
+
+    fn count(packets: &AtomicU64, bytes: &AtomicU64, frame_len: usize) {
+        packets.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(frame_len.saturating_sub(VNET_HDR_LEN) as u64, Ordering::Relaxed);
+    }
+}
 
 struct NetIo {
     mem: GuestMemoryMmap,
@@ -38,11 +72,12 @@ struct NetIo {
     pending: usize,
     tx_buf: Vec<u8>,
     broken: Broken,
+    counters: Arc<NetCounters>,
 }
 
 /// Starts the worker; it stops when the returned handle is dropped.
-pub(super) fn spawn(tap: Arc<Tap>, a: Activation, broken: Broken) -> std::io::Result<Worker> {
-    let Activation { mem, interrupt, queues, features } = a;
+pub(super) fn spawn(tap: Arc<Tap>, a: Activation, counters: Arc<NetCounters>) -> std::io::Result<Worker> {
+    let Activation { mem, interrupt, queues, features, broken } = a;
     let mut queues = queues.into_iter();
     let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
         return Err(std::io::Error::other("virtio-net needs its receive and transmit queues"));
@@ -64,6 +99,7 @@ pub(super) fn spawn(tap: Arc<Tap>, a: Activation, broken: Broken) -> std::io::Re
         pending: 0,
         tx_buf: vec![0; MAX_FRAME],
         broken,
+        counters,
     };
     Worker::spawn("virtio-net", fds, move |wake| {
         if wake < kicks.len() {
@@ -160,6 +196,11 @@ impl NetIo {
             }
         }
         let ok = room >= len && chains.iter().all(|(_, w)| w.is_some());
+        if ok {
+            NetCounters::count(&self.counters.rx_packets, &self.counters.rx_bytes, len);
+        } else {
+            self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+        }
         let count = chains.len() as u16;
         self.frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&count.to_le_bytes());
         let mut off = 0;
@@ -183,14 +224,16 @@ impl NetIo {
 
     /// Sends every frame the guest queued.
     fn transmit(&mut self) {
-        let (mem, tap, buf) = (&self.mem, &self.tap, &mut self.tx_buf);
+        let (mem, tap, buf, counters) = (&self.mem, &self.tap, &mut self.tx_buf, &self.counters);
         let sent = drain(&mut self.tx, mem, |chain| {
             if let Ok(mut r) = Reader::new(mem, chain) {
                 let n = r.available_bytes();
                 // Frames without a header, or larger than any the tap takes, are dropped.
                 if n > VNET_HDR_LEN && n <= MAX_FRAME && r.read_exact(&mut buf[..n]).is_ok() {
                     // A full or downed tap drops the frame, as a real link would.
-                    let _ = tap.write_frame(&buf[..n]);
+                    if tap.write_frame(&buf[..n]).is_ok() {
+                        NetCounters::count(&counters.tx_packets, &counters.tx_bytes, n);
+                    }
                 }
             }
             0
@@ -251,7 +294,8 @@ mod tests {
                 frame: vec![0; MAX_FRAME],
                 pending: 0,
                 tx_buf: vec![0; MAX_FRAME],
-                broken: Broken::default(),
+                broken: crate::virtio::chains::tests::broken(),
+                counters: Arc::default(),
             };
             inject("fdp0", &[frame(1), frame(2), frame(3)]);
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -282,6 +326,8 @@ mod tests {
             assert_eq!(got, frame(1));
             assert_eq!(irq.count(), 1);
             assert!(!io.tap_wanted && io.pending == VNET_HDR_LEN + frame(2).len(), "frame 2 waits for the next buffer");
+            let stats = io.counters.stats("net0", "52:54:00:00:00:01");
+            assert_eq!((stats.rx_packets, stats.rx_bytes, stats.rx_dropped), (1, frame(1).len() as u64, 0));
         });
     }
 }

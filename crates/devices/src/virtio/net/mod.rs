@@ -7,12 +7,12 @@ mod datapath;
 mod state;
 pub mod tap;
 
+pub use datapath::NetCounters;
 pub use state::NetState;
 
-use super::chains::Broken;
 use super::worker::Worker;
 use super::{Activation, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, device_type, read_config_bytes};
-use std::hash::{BuildHasher, Hasher};
+use ferro_vmm_api::MacAddr;
 use std::io;
 use std::sync::Arc;
 use tap::Tap;
@@ -45,17 +45,11 @@ const BASE_FEATURES: u64 = bit(vn::VIRTIO_NET_F_MAC)
 
 pub struct Net {
     tap: Arc<Tap>,
-    mac: [u8; 6],
+    mac: MacAddr,
     offered: u64,
     acked: u64,
+    counters: Arc<NetCounters>,
     worker: Option<Worker>,
-    broken: Broken,
-}
-
-/// A locally administered unicast address in QEMU's 52:54:00 range, its last three bytes random.
-pub fn generated_mac() -> [u8; 6] {
-    let r = std::collections::hash_map::RandomState::new().build_hasher().finish().to_le_bytes();
-    [0x52, 0x54, 0x00, r[0], r[1], r[2]]
 }
 
 /// TUN_F_* offloads the tap may use towards a guest that accepted `features`.
@@ -72,15 +66,21 @@ fn tap_offloads(features: u64) -> u32 {
 }
 
 impl Net {
-    /// Opens (or creates) the tap `tap`; `mac` None generates one.
-    pub fn new(tap: &str, mac: Option<[u8; 6]>) -> io::Result<Net> {
+    /// Opens (or creates) the tap `tap`; `mac` None makes one up.
+    pub fn new(tap: &str, mac: Option<MacAddr>) -> io::Result<Net> {
         let tap = Tap::open(tap)?;
         let offered = if tap.supports_offloads() { BASE_FEATURES | OFFLOAD_FEATURES } else { BASE_FEATURES };
-        Ok(Net { tap: Arc::new(tap), mac: mac.unwrap_or_else(generated_mac), offered, acked: 0, worker: None, broken: Broken::default() })
+        let mac = mac.unwrap_or_else(MacAddr::random);
+        Ok(Net { tap: Arc::new(tap), mac, offered, acked: 0, counters: Arc::default(), worker: None })
     }
 
-    pub fn mac(&self) -> [u8; 6] {
+    pub fn mac(&self) -> MacAddr {
         self.mac
+    }
+
+    /// The traffic counters the worker keeps.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
     }
 
     pub fn snapshot(&self) -> NetState {
@@ -100,7 +100,7 @@ impl Net {
 
     fn config(&self) -> [u8; 8] {
         let mut c = [0u8; 8];
-        c[..6].copy_from_slice(&self.mac);
+        c[..6].copy_from_slice(&self.mac.bytes());
         c[6..8].copy_from_slice(&(vn::VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         c
     }
@@ -129,7 +129,7 @@ impl VirtioDevice for Net {
         }
         self.tap.set_offload(tap_offloads(a.features)).map_err(|e| format!("TUNSETOFFLOAD on {}: {e}", self.tap.name()))?;
         self.acked = a.features;
-        let worker = datapath::spawn(self.tap.clone(), a, self.broken.clone()).map_err(|e| format!("starting the net worker: {e}"))?;
+        let worker = datapath::spawn(self.tap.clone(), a, self.counters.clone()).map_err(|e| format!("starting the net worker: {e}"))?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -137,12 +137,7 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.worker = None;
         self.acked = 0;
-        self.broken.clear();
         let _ = self.tap.set_offload(0);
-    }
-
-    fn needs_reset(&self) -> bool {
-        self.broken.is_set()
     }
 }
 
@@ -152,17 +147,9 @@ mod tests {
     use ferro_test_support::net::in_private_netns;
 
     #[test]
-    fn generated_macs_are_local_unicast_and_differ() {
-        let (a, b) = (generated_mac(), generated_mac());
-        assert_eq!(a[0] & 1, 0, "unicast");
-        assert_eq!(a[0] & 2, 2, "locally administered");
-        assert_ne!(a, b);
-    }
-
-    #[test]
     fn snapshot_round_trips_and_restore_reopens_the_tap() {
         in_private_netns(|| {
-            let net = Net::new("fsnap0", Some([0x52, 0x54, 0, 1, 2, 3])).unwrap();
+            let net = Net::new("fsnap0", Some(MacAddr([0x52, 0x54, 0, 1, 2, 3]))).unwrap();
             let mut config = [0u8; 8];
             net.read_config(0, &mut config);
             assert_eq!(config, [0x52, 0x54, 0, 1, 2, 3, 1, 0], "MAC, then link up");
@@ -172,7 +159,7 @@ mod tests {
             drop(net);
             let restored = Net::restore(&serde_json::from_str(&json).unwrap()).unwrap();
             assert_eq!(restored.snapshot(), state);
-            assert_eq!(restored.mac(), [0x52, 0x54, 0, 1, 2, 3]);
+            assert_eq!(restored.mac(), MacAddr([0x52, 0x54, 0, 1, 2, 3]));
         });
     }
 

@@ -2,7 +2,7 @@
 //! getrandom, optionally limited to a number of bytes per second (a token bucket; requests wait
 //! for tokens instead of getting short answers).
 
-use super::chains::{self, Broken, Chain};
+use super::chains::{self, Chain};
 use super::worker::Worker;
 use super::{Activation, GuestMemoryMmap, InterruptReason, VirtioDevice, device_type, read_config_bytes};
 use std::os::fd::AsRawFd;
@@ -18,12 +18,11 @@ pub struct Rng {
     /// Bytes per second, or None for unlimited.
     rate: Option<u64>,
     worker: Option<Worker>,
-    broken: Broken,
 }
 
 impl Rng {
     pub fn new(rate: Option<u64>) -> Self {
-        Rng { rate, worker: None, broken: Broken::default() }
+        Rng { rate, worker: None }
     }
 }
 
@@ -107,15 +106,13 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let Activation { mem, interrupt, mut queues, .. } = a;
+        let Activation { mem, interrupt, mut queues, broken, .. } = a;
         let aq = queues.pop().ok_or("rng needs its request queue")?;
         let (mut queue, kick) = (aq.queue, aq.kick);
         let timer = TimerFd::new().map_err(|e| format!("timerfd: {e}"))?;
         let fds = vec![kick.as_raw_fd(), timer.as_raw_fd()];
         let mut bucket = self.rate.map(|rate| Bucket { rate, tokens: rate, last: Instant::now() });
         let mut timer = timer;
-        let broken = self.broken.clone();
-        broken.clear();
         let worker = Worker::spawn("virtio-rng", fds, move |wake| {
             if wake == 0 {
                 let _ = kick.read();
@@ -134,10 +131,6 @@ impl VirtioDevice for Rng {
         .map_err(|e| format!("starting the rng worker: {e}"))?;
         self.worker = Some(worker);
         Ok(())
-    }
-
-    fn needs_reset(&self) -> bool {
-        self.broken.is_set()
     }
 
     fn reset(&mut self) {

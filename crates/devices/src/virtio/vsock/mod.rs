@@ -9,7 +9,6 @@ mod state;
 
 pub use state::VsockState;
 
-use super::chains::Broken;
 use super::worker::Worker;
 use super::{Activation, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, device_type, read_config_bytes};
 use muxer::{EVENT_QUEUE, Muxer, RX_QUEUE, TX_QUEUE};
@@ -28,7 +27,6 @@ pub struct Vsock {
     /// Restored from a snapshot: the guest must hear that its streams are gone.
     reset_event: bool,
     worker: Option<Worker>,
-    broken: Broken,
 }
 
 impl Vsock {
@@ -39,7 +37,7 @@ impl Vsock {
             io::Error::new(e.kind(), format!("{}: {e}{hint}", uds.display()))
         })?;
         listener.set_nonblocking(true)?;
-        Ok(Vsock { cid, uds: uds.to_owned(), listener, acked: 0, reset_event: false, worker: None, broken: Broken::default() })
+        Ok(Vsock { cid, uds: uds.to_owned(), listener, acked: 0, reset_event: false, worker: None })
     }
 
     pub fn snapshot(&self) -> VsockState {
@@ -80,13 +78,13 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let Activation { mem, interrupt, queues, features } = a;
+        let Activation { mem, interrupt, queues, features, broken } = a;
         let Ok([rx, tx, event]) = <[_; 3]>::try_from(queues) else {
             return Err("virtio-vsock needs its rx, tx and event queues".into());
         };
         let listener = self.listener.try_clone().map_err(|e| format!("vsock listener: {e}"))?;
         let queues = [rx.queue, tx.queue, event.queue];
-        let mut m = Muxer::new(self.cid, self.uds.clone(), listener, mem, interrupt, queues, self.reset_event, self.broken.clone())
+        let mut m = Muxer::new(self.cid, self.uds.clone(), listener, mem, interrupt, queues, self.reset_event, broken)
             .map_err(|e| format!("vsock: {e}"))?;
         let kicks = [rx.kick, tx.kick, event.kick];
         let fds = vec![kicks[0].as_raw_fd(), kicks[1].as_raw_fd(), kicks[2].as_raw_fd(), m.poll_fd(), m.timer.as_raw_fd()];
@@ -132,11 +130,6 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.worker = None;
         self.acked = 0;
-        self.broken.clear();
-    }
-
-    fn needs_reset(&self) -> bool {
-        self.broken.is_set()
     }
 }
 
