@@ -4,19 +4,32 @@
 //!
 //! It exists so that the exit status of a VMM is known even when ferrod was restarted (or killed)
 //! while the VM ran: a restarted ferrod is not the VMM's parent and could not `wait` for it.
+//!
+//! The monitor gives each VMM a pipe (`--event-fd N`, appended to the VMM's command) and reads
+//! its typed events (`ferro_vmm_api::VmEvent`): the `exited` event says why the VM stopped, and
+//! only an exit for a reset restarts it. A device that needs a reset is noted in the VMM's stderr
+//! log. A VMM that dies without an `exited` event (killed, crashed) is described by its status and
+//! its last stderr line.
 
+use ferro_vmm_api::control::MAX_LINE;
+use ferro_vmm_api::{ExitReason, VmEvent};
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+/// How long the monitor waits, after the VMM is gone, for the reader of its event pipe.
+const EVENT_DRAIN: Duration = Duration::from_secs(2);
 
 /// What the monitor reports when the VMM is gone for good.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ExitReport {
     pub code: Option<i32>,
     pub signal: Option<i32>,
-    /// One line: the VMM's last stderr line, or how it died.
+    /// One line: why the VM stopped as the VMM said it, else how it died.
     pub reason: String,
     /// How many guest resets the monitor handled during this run.
     pub resets: u32,
@@ -26,16 +39,19 @@ pub struct MonitorArgs {
     pub exit_report: PathBuf,
     /// The VMM's stdout (guest console output when it has no terminal).
     pub log: PathBuf,
-    /// The VMM's stderr: its error and reset lines.
+    /// The VMM's stderr: its error lines, and the devices its events said need a reset.
     pub stderr: PathBuf,
     pub sockets: Vec<PathBuf>,
+    /// The VMM command line, without `--event-fd` (the monitor adds it).
     pub command: Vec<String>,
 }
 
-/// The VMM prints `reset` on stderr before exiting for a hard reset (docs/vmm-control.md); the
-/// current VMM prefixes it ("ferro: guest reset"), so the last word is what counts.
-fn is_reset_line(line: &str) -> bool {
-    line == "reset" || line.ends_with(" reset")
+/// How one run of the VMM ended.
+struct RunEnd {
+    status: std::process::ExitStatus,
+    /// The reason of its `exited` event, if it sent one.
+    exited: Option<ExitReason>,
+    last_line: Option<String>,
 }
 
 /// Runs the VMM until it exits for a reason other than a reset; never returns early on errors
@@ -47,20 +63,10 @@ pub fn run(args: MonitorArgs) -> ExitCode {
             let _ = std::fs::remove_file(socket);
         }
         match run_once(&args) {
-            Ok((status, last_line)) => {
-                if status.code() == Some(0) && last_line.as_deref().is_some_and(is_reset_line) {
-                    resets += 1;
-                    continue;
-                }
-                let reason = match (status.code(), status.signal(), last_line) {
-                    (Some(0), _, _) => "guest powered off or VMM stopped".to_string(),
-                    (_, _, Some(line)) => line,
-                    (_, Some(sig), None) => format!("VMM killed by signal {sig} ({})", signal_name(sig)),
-                    (Some(code), _, None) => format!("VMM exited with status {code} without a message"),
-                    (None, None, None) => "VMM exited".to_string(),
-                };
-                break ExitReport { code: status.code(), signal: status.signal(), reason, resets };
+            Ok(RunEnd { exited: Some(ExitReason::Reset), status, .. }) if status.success() => {
+                resets += 1;
             }
+            Ok(end) => break ExitReport { code: end.status.code(), signal: end.status.signal(), reason: reason(&end), resets },
             Err(reason) => break ExitReport { code: None, signal: None, reason, resets },
         }
     };
@@ -71,7 +77,27 @@ pub fn run(args: MonitorArgs) -> ExitCode {
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
-fn run_once(args: &MonitorArgs) -> Result<(std::process::ExitStatus, Option<String>), String> {
+/// One line saying why a run ended: the VMM's own word when it sent one, else what its status
+/// and stderr show.
+fn reason(end: &RunEnd) -> String {
+    match &end.exited {
+        Some(ExitReason::PowerOff) => "guest powered off".to_string(),
+        Some(ExitReason::Quit) => "VMM stopped (quit)".to_string(),
+        Some(ExitReason::Reset) => "guest reset, but the VMM did not exit cleanly".to_string(),
+        Some(ExitReason::Signal(sig)) => format!("VMM stopped by signal {sig} ({})", signal_name(*sig)),
+        Some(ExitReason::DebugExit(status)) => format!("guest exited with status {status} (debug-exit port)"),
+        Some(ExitReason::Error(message)) => message.clone(),
+        None => match (end.status.code(), end.status.signal(), &end.last_line) {
+            (Some(0), _, _) => "VMM exited without saying why".to_string(),
+            (_, _, Some(line)) => line.clone(),
+            (_, Some(sig), None) => format!("VMM killed by signal {sig} ({})", signal_name(sig)),
+            (Some(code), _, None) => format!("VMM exited with status {code} without a message"),
+            (None, None, None) => "VMM exited".to_string(),
+        },
+    }
+}
+
+fn run_once(args: &MonitorArgs) -> Result<RunEnd, String> {
     let open = |path: &Path| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -83,16 +109,75 @@ fn run_once(args: &MonitorArgs) -> Result<(std::process::ExitStatus, Option<Stri
     let mut stderr = open(&args.stderr)?;
     let start = stderr.seek(SeekFrom::End(0)).unwrap_or(0);
     let (program, rest) = args.command.split_first().ok_or("no VMM command given")?;
-    let mut child = Command::new(program)
+    let (events, event_writer) = event_pipe()?;
+    let writer_fd = event_writer.as_raw_fd();
+    let mut command = Command::new(program);
+    command
         .args(rest)
+        .arg("--event-fd")
+        .arg(writer_fd.to_string())
         .stdin(Stdio::null())
         .stdout(stdout)
-        .stderr(stderr.try_clone().map_err(|e| format!("cannot open VMM log: {e}"))?)
-        .spawn()
-        .map_err(|e| format!("cannot run VMM {program}: {e}"))?;
+        .stderr(stderr.try_clone().map_err(|e| format!("cannot open VMM log: {e}"))?);
+    // SAFETY: runs in the forked child before exec and only calls fcntl(2), which is
+    // async-signal-safe, on a descriptor the child inherited: the VMM keeps the pipe's write end.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(writer_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| format!("cannot run VMM {program}: {e}"))?;
+    // Only the VMM holds the write end now, so the reader sees the end of the pipe when it exits.
+    drop(event_writer);
+    let notes = stderr.try_clone().map_err(|e| format!("cannot open VMM log: {e}"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || read_events(events, notes, tx));
     let status = child.wait().map_err(|e| format!("cannot wait for VMM: {e}"))?;
+    // The events were written before the VMM exited; the reader has them, or the pipe's end, soon.
+    let mut exited = None;
+    while let Ok(reason) = rx.recv_timeout(EVENT_DRAIN) {
+        exited = Some(reason);
+    }
     let _ = stderr.flush();
-    Ok((status, last_line_since(&args.stderr, start)))
+    Ok(RunEnd { status, exited, last_line: last_line_since(&args.stderr, start) })
+}
+
+/// A pipe for the VMM's events: (read end, write end), both close-on-exec.
+fn event_pipe() -> Result<(std::fs::File, OwnedFd), String> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(format!("cannot make the VMM's event pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 just returned these descriptors to us and nothing else owns them.
+    unsafe { Ok((std::fs::File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))) }
+}
+
+/// Reads the VMM's event lines until the pipe ends: sends the reason of `exited` events to the
+/// monitor and notes devices that need a reset in the stderr log. Lines that are not events, or
+/// longer than a control line may be, are skipped.
+fn read_events(events: std::fs::File, mut notes: std::fs::File, exited: std::sync::mpsc::Sender<ExitReason>) {
+    let mut reader = BufReader::new(events);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.by_ref().take(MAX_LINE as u64).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        match serde_json::from_slice::<VmEvent>(&line) {
+            Ok(VmEvent::Exited { reason }) => {
+                let _ = exited.send(reason);
+            }
+            Ok(VmEvent::DeviceNeedsReset { device, reason }) => {
+                let _ = writeln!(notes, "ferrod monitor: device {device} stopped until its driver resets it: {reason}");
+            }
+            Ok(VmEvent::Started { .. }) | Err(_) => {}
+        }
+    }
 }
 
 /// The last non-empty line written to `path` after byte offset `start` (at most 4 KiB back).
@@ -160,6 +245,45 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dir.join("vmm.log")).unwrap(), "booting\n");
         let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Resets are known by the VMM's `exited` event, not by its stderr: a run that ends for a
+    /// reset is started again; a later run whose last stderr line ends in "reset" (a broken
+    /// queue, say) but that powered off is not.
+    #[test]
+    fn only_an_exited_event_for_a_reset_restarts_the_vmm() {
+        let dir = std::env::temp_dir().join(format!("ferro-monitor-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // The pipe's descriptor may be above 9, which sh cannot name in a redirection.
+        let script = format!(
+            r#"fd=$2
+            if [ ! -e {dir}/reset-done ]; then
+                touch {dir}/reset-done
+                echo '{{"event":"started","pid":1}}' > /proc/self/fd/$fd
+                echo '{{"event":"exited","reason":"reset"}}' > /proc/self/fd/$fd
+                exit 0
+            fi
+            echo 'not an event' > /proc/self/fd/$fd
+            echo '{{"event":"device_needs_reset","device":"vda","reason":"queue 0 is broken"}}' > /proc/self/fd/$fd
+            echo 'virtio-blk vda: the driver broke queue 0; the device needs a reset' >&2
+            echo '{{"event":"exited","reason":"power_off"}}' > /proc/self/fd/$fd
+            exit 0"#,
+            dir = dir.display()
+        );
+        let args = MonitorArgs {
+            exit_report: dir.join("exit.json"),
+            log: dir.join("vmm.log"),
+            stderr: dir.join("vmm.stderr"),
+            sockets: Vec::new(),
+            command: vec!["sh".into(), "-c".into(), script, "vmm".into()],
+        };
+        assert_eq!(run(args), ExitCode::SUCCESS);
+        let report = read_report(&dir.join("exit.json")).unwrap();
+        assert_eq!(report, ExitReport { code: Some(0), signal: None, reason: "guest powered off".into(), resets: 1 });
+        let log = std::fs::read_to_string(dir.join("vmm.stderr")).unwrap();
+        assert!(log.contains("device vda stopped until its driver resets it: queue 0 is broken"), "{log}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

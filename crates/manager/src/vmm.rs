@@ -37,6 +37,10 @@ impl RunFiles {
     pub fn exit_report(&self) -> PathBuf {
         self.dir.join("exit.json")
     }
+    /// The VM's configuration, as JSON, for `ferro vmm --config`.
+    pub fn vm_config(&self) -> PathBuf {
+        self.dir.join("vm.json")
+    }
 }
 
 /// A disk as handed to the VMM, after pool volumes have been resolved to paths.
@@ -80,69 +84,26 @@ pub fn vm_config(config: &DomainConfig, disks: &[ResolvedDisk]) -> Result<VmConf
         vcpus: u8::try_from(config.vcpus).map_err(|_| format!("vcpus: {} is more than a VM can have", config.vcpus))?,
         devices: DeviceConfig::with_default_ids(devices),
         transport: Transport::Pci,
+        // Built-in test guests have the debug-exit port anyway; a domain's kernel never does.
         debug_exit: false,
     };
     vm.validate()?;
     Ok(vm)
 }
 
-/// The `ferro vmm` command line for a VM (the flags of `ferro run`, plus the control sockets).
-pub fn vmm_args(vm: &VmConfig, files: &RunFiles) -> Vec<String> {
-    let mut args: Vec<String> = vec![
-        "vmm".into(),
-        "--name".into(),
-        vm.name.clone(),
-        "--api-socket".into(),
+/// The `ferro vmm` arguments that run the VM whose configuration is in `files.vm_config()`, with
+/// its control and console sockets (the monitor adds `--event-fd`).
+pub fn vmm_args(files: &RunFiles) -> Vec<String> {
+    [
+        "vmm".to_string(),
+        "--config".to_string(),
+        files.vm_config().display().to_string(),
+        "--api-socket".to_string(),
         files.api_socket().display().to_string(),
-        "--serial-socket".into(),
+        "--serial-socket".to_string(),
         files.serial_socket().display().to_string(),
-        "--memory".into(),
-        format!("{}M", vm.memory.size >> 20),
-        "--cpus".into(),
-        vm.vcpus.to_string(),
-    ];
-    match &vm.boot.kernel {
-        Kernel::Path(path) => args.extend(["--kernel".into(), path.display().to_string()]),
-        Kernel::TestGuest(guest) => args.extend(["--guest".into(), guest.clone()]),
-    }
-    if let Some(initrd) = &vm.boot.initrd {
-        args.extend(["--initrd".into(), initrd.display().to_string()]);
-    }
-    if !vm.boot.cmdline.is_empty() {
-        args.extend(["--cmdline".into(), vm.boot.cmdline.clone()]);
-    }
-    for device in &vm.devices {
-        let (flag, spec) = match &device.kind {
-            DeviceKind::Block { path, format, readonly } => {
-                let mut spec = format!("path={}", path.display());
-                if let Some(format) = format {
-                    spec.push_str(&format!(",format={}", format.name()));
-                }
-                if *readonly {
-                    spec.push_str(",readonly=on");
-                }
-                ("--disk", spec)
-            }
-            DeviceKind::Net { tap, mac } => {
-                let mut spec = format!("tap={tap}");
-                if let Some(mac) = mac {
-                    spec.push_str(&format!(",mac={mac}"));
-                }
-                ("--net", spec)
-            }
-            DeviceKind::Balloon { size_mib, deflate_on_oom } => {
-                let mut spec = format!("size={size_mib}");
-                if *deflate_on_oom {
-                    spec.push_str(",deflate_on_oom=on");
-                }
-                ("--balloon", spec)
-            }
-            // Domain definitions have no other devices (see `vm_config`).
-            DeviceKind::Rng { .. } | DeviceKind::Console { .. } | DeviceKind::Vsock { .. } => continue,
-        };
-        args.extend([flag.to_string(), spec]);
-    }
-    args
+    ]
+    .to_vec()
 }
 
 /// Sends one request on a fresh connection to the VMM's control socket and returns its typed
@@ -191,18 +152,14 @@ mod tests {
         assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), vm);
 
         let files = RunFiles::new(Path::new("/run"), "u");
-        let args = vmm_args(&vm, &files).join(" ");
         assert_eq!(
-            args,
-            "vmm --name web --api-socket /run/u/api.sock --serial-socket /run/u/serial.sock --memory 1536M --cpus 2 \
-             --kernel /k --initrd /i --cmdline console=ttyS0 --disk path=/pool/a.qcow2,format=qcow2 \
-             --disk path=/iso/b.raw,format=raw,readonly=on --net tap=tap0,mac=52:54:00:00:00:07 \
-             --balloon size=0,deflate_on_oom=on"
+            vmm_args(&files).join(" "),
+            "vmm --config /run/u/vm.json --api-socket /run/u/api.sock --serial-socket /run/u/serial.sock"
         );
 
         let guest = DomainConfig::parse("name = \"t\"\nmemory = \"64M\"\n[boot]\nguest = \"idle\"\n").unwrap();
         let vm = vm_config(&guest, &[]).unwrap();
         assert_eq!(vm.boot.kernel, Kernel::TestGuest("idle".into()));
-        assert!(vmm_args(&vm, &files).join(" ").ends_with("--cpus 1 --guest idle"));
+        assert!(vm.debug_exit_enabled(), "test guests report through the debug-exit port");
     }
 }

@@ -8,6 +8,7 @@
 use super::{Domain, Domains, Runtime, lock, no_domain};
 use crate::claims::{Access, Holder};
 use crate::domain::DomainConfig;
+use crate::durable;
 use crate::error::{Error, Result};
 use crate::model::{Crash, DomainInfo, DomainState, now_ms};
 use crate::monitor::{self, ExitReport};
@@ -165,6 +166,10 @@ impl Domains {
         for log in [files.log(), files.stderr()] {
             std::fs::File::create(log).map_err(|e| Error::internal(format!("cannot create VMM log: {e}")))?;
         }
+        // Read by the VMM at each (re)start; replaced whole, so a restart never sees half a file.
+        let config = serde_json::to_vec_pretty(vm).map_err(|e| Error::internal(format!("cannot encode the VM config: {e}")))?;
+        durable::write(&files.vm_config(), &config)
+            .map_err(|e| Error::internal(format!("cannot write {}: {e}", files.vm_config().display())))?;
         let mut cmd = tokio::process::Command::new(&self.paths.monitor_bin);
         cmd.arg("monitor")
             .arg("--exit-report")
@@ -179,7 +184,7 @@ impl Domains {
             .arg(files.serial_socket())
             .arg("--")
             .arg(&self.paths.ferro_bin)
-            .args(vmm::vmm_args(vm, files))
+            .args(vmm::vmm_args(files))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
