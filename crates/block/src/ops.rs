@@ -131,27 +131,6 @@ pub fn human_size(n: u64) -> String {
     }
 }
 
-/// Parses qemu-style sizes: bytes, or a number with k/K, M, G, T, P, E suffix (powers of 1024).
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last()? {
-        'b' | 'B' => (&s[..s.len() - 1], 1u64),
-        'k' | 'K' => (&s[..s.len() - 1], 1 << 10),
-        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
-        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
-        'T' | 't' => (&s[..s.len() - 1], 1 << 40),
-        'P' | 'p' => (&s[..s.len() - 1], 1 << 50),
-        'E' | 'e' => (&s[..s.len() - 1], 1 << 60),
-        _ => (s, 1),
-    };
-    if let Ok(v) = num.parse::<u64>() {
-        return v.checked_mul(mult);
-    }
-    let f: f64 = num.parse().ok()?;
-    let v = f * mult as f64;
-    (f >= 0.0 && v < 1.8e19).then_some(v as u64)
-}
-
 /// Outcome of [`check`] on any format.
 pub enum CheckOutcome {
     Checked(CheckReport),
@@ -537,17 +516,25 @@ pub fn rebase(
     img.set_backing_file(new_backing, new_format)
 }
 
-/// `resize`: absolute size, or relative with a leading '+' / '-'. Shrinking needs `shrink`.
-pub fn resize(path: &Path, format: Option<Format>, spec: &str, shrink: bool) -> Result<u64> {
+/// A new virtual size for [`resize`]: absolute, or relative to the current one (qemu-img's
+/// `SIZE`, `+DELTA`, `-DELTA`; the caller parses the text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeChange {
+    To(u64),
+    Grow(u64),
+    Shrink(u64),
+}
+
+/// `resize`: to a new virtual size; shrinking needs `shrink`. Returns the new size.
+pub fn resize(path: &Path, format: Option<Format>, change: SizeChange, shrink: bool) -> Result<u64> {
     let mut img = open_with(path, &OpenOptions { format, readonly: false, open_backing: true })?;
     let cur = img.size();
-    let bad = || Error::invalid(path, format!("invalid size {spec:?}"));
-    let new = if let Some(d) = spec.strip_prefix('+') {
-        cur.checked_add(parse_size(d).ok_or_else(bad)?).ok_or_else(bad)?
-    } else if let Some(d) = spec.strip_prefix('-') {
-        cur.checked_sub(parse_size(d).ok_or_else(bad)?).ok_or_else(bad)?
-    } else {
-        parse_size(spec).ok_or_else(bad)?
+    let new = match change {
+        SizeChange::To(bytes) => bytes,
+        SizeChange::Grow(by) => cur.checked_add(by).ok_or_else(|| Error::invalid(path, format!("{cur} + {by} bytes is too large")))?,
+        SizeChange::Shrink(by) => {
+            cur.checked_sub(by).ok_or_else(|| Error::invalid(path, format!("cannot shrink {cur} bytes by {by}")))?
+        }
     };
     if new < cur && !shrink {
         return Err(Error::invalid(

@@ -141,7 +141,7 @@ fn data_pointers_into_metadata_are_refused_on_every_path() {
     let pristine = valid(&s, "pristine.qcow2");
     // Growing past one L2 table's reach moves the L1 table to the end of the file, right
     // after the last data cluster: a write running over that cluster's end must stop there.
-    ferro_block::ops::resize(&pristine, None, "1G", false).expect("grow");
+    ferro_block::ops::resize(&pristine, None, ferro_block::ops::SizeChange::To(1 << 30), false).expect("grow");
     let cs = 65536u64;
     let data_hosts: Vec<u64> = (0..4).map(|i| be64(&pristine, l2_entry_pos(&pristine, i)) & OFFSET_MASK).collect();
     let last_data = *data_hosts.iter().max().expect("data");

@@ -1,7 +1,7 @@
 //! The `ferro img` operations (ferro_block::ops) against qemu-img's own answers.
 mod common;
 use common::*;
-use ferro_block::ops::{self, CheckOutcome, CompareResult, ConvertOptions};
+use ferro_block::ops::{self, CheckOutcome, CompareResult, ConvertOptions, SizeChange};
 use ferro_block::{CreateOptions, Format, create, open};
 use std::path::Path;
 
@@ -164,17 +164,18 @@ fn commit_and_rebase_keep_content() {
 }
 
 #[test]
-fn resize_parses_qemu_sizes() {
+fn resize_grows_shrinks_and_sets_the_size() {
     let s = TempDir::new("block-rs");
     let q = s.join("r.qcow2");
     create(&q, &CreateOptions::new(Format::Qcow2, Some(MIB))).expect("create");
-    assert_eq!(ops::resize(&q, None, "+1M", false).expect("grow"), 2 * MIB);
-    assert!(ops::resize(&q, None, "-512K", false).is_err(), "shrink needs --shrink");
-    assert_eq!(ops::resize(&q, None, "-512K", true).expect("shrink"), 2 * MIB - 512 * 1024);
-    assert_eq!(ops::resize(&q, None, "3G", false).expect("abs"), 3 << 30);
+    assert_eq!(ops::resize(&q, None, SizeChange::Grow(MIB), false).expect("grow"), 2 * MIB);
+    assert!(ops::resize(&q, None, SizeChange::Shrink(512 * 1024), false).is_err(), "shrink needs --shrink");
+    assert_eq!(ops::resize(&q, None, SizeChange::Shrink(512 * 1024), true).expect("shrink"), 2 * MIB - 512 * 1024);
+    assert!(ops::resize(&q, None, SizeChange::Shrink(4 * MIB), true).is_err(), "below zero");
+    assert!(ops::resize(&q, None, SizeChange::Grow(u64::MAX), false).is_err(), "past 2^64");
+    assert_eq!(ops::resize(&q, None, SizeChange::To(3 << 30), false).expect("abs"), 3 << 30);
     assert_qemu_check_clean(&q);
     assert!(qemu_img_ok(&["info", p(&q)]).contains("(3221225472 bytes)"));
-    assert_eq!(ops::parse_size("1.5G"), Some(3 << 29));
 }
 
 #[test]

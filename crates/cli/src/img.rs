@@ -3,7 +3,7 @@
 mod progress;
 
 use clap::{Args, Subcommand, ValueEnum};
-use ferro_block::ops::{self, CheckOutcome, CompareResult, ConvertOptions};
+use ferro_block::ops::{self, CheckOutcome, CompareResult, ConvertOptions, SizeChange};
 use ferro_block::{CreateOptions, Format};
 use progress::Bar;
 use std::path::{Path, PathBuf};
@@ -191,14 +191,26 @@ fn format_arg(f: &Option<String>) -> Result<Option<Format>, Failure> {
     }
 }
 
+/// A size in the one grammar of ferro-vmm-api (`512`, `64k`, `1.5G`, `2T`), like qemu-img's.
+fn size(what: &str, text: &str) -> Result<u64, Failure> {
+    ferro_vmm_api::parse_size(text).map_err(|e| Failure(format!("invalid {what}: {e}"), 1))
+}
+
+/// `resize`'s SIZE, +DELTA or -DELTA.
+fn size_change(spec: &str) -> Result<SizeChange, Failure> {
+    Ok(match (spec.strip_prefix('+'), spec.strip_prefix('-')) {
+        (Some(delta), _) => SizeChange::Grow(size("size", delta)?),
+        (_, Some(delta)) => SizeChange::Shrink(size("size", delta)?),
+        _ => SizeChange::To(size("size", spec)?),
+    })
+}
+
 /// Applies qemu-img style `-o key=value,...` options to create options.
 fn apply_options(o: &mut CreateOptions, options: &[String]) -> Result<(), Failure> {
     for kv in options.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         match k {
-            "cluster_size" => {
-                o.cluster_size = ops::parse_size(v).ok_or_else(|| Failure(format!("invalid cluster_size {v:?}"), 1))?
-            }
+            "cluster_size" => o.cluster_size = size("cluster_size", v)?,
             "compat" => match v {
                 "0.10" | "v2" => o.compat_v2 = true,
                 "1.1" | "v3" => o.compat_v2 = false,
@@ -207,7 +219,7 @@ fn apply_options(o: &mut CreateOptions, options: &[String]) -> Result<(), Failur
             "refcount_bits" => o.refcount_bits = v.parse().map_err(|_| Failure(format!("invalid refcount_bits {v:?}"), 1))?,
             "backing_file" => o.backing_file = Some(v.to_string()),
             "backing_fmt" => o.backing_format = format_arg(&Some(v.to_string()))?,
-            "size" => o.size = Some(ops::parse_size(v).ok_or_else(|| Failure(format!("invalid size {v:?}"), 1))?),
+            "size" => o.size = Some(size("size", v)?),
             _ => return fail(format!("unsupported option {k:?}")),
         }
     }
@@ -226,10 +238,7 @@ fn dispatch(verb: Verb) -> Result<u8, Failure> {
     match verb {
         Verb::Create { format, backing, backing_format, options, quiet, filename, size } => {
             let fmt = format_arg(&Some(format))?.unwrap_or(Format::Raw);
-            let size = match size {
-                Some(s) => Some(ops::parse_size(&s).ok_or_else(|| Failure(format!("invalid size {s:?}"), 1))?),
-                None => None,
-            };
+            let size = size.map(|s| self::size("size", &s)).transpose()?;
             let mut o = CreateOptions::new(fmt, size);
             o.backing_file = backing;
             o.backing_format = format_arg(&backing_format)?;
@@ -287,7 +296,7 @@ fn dispatch(verb: Verb) -> Result<u8, Failure> {
             Ok(0)
         }
         Verb::Resize { format, shrink, quiet, filename, size } => {
-            ops::resize(&filename, format_arg(&format)?, &size, shrink)?;
+            ops::resize(&filename, format_arg(&format)?, size_change(&size)?, shrink)?;
             if !quiet {
                 println!("Image resized.");
             }

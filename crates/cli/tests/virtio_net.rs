@@ -3,6 +3,7 @@
 //! kernel answers, and a raw AF_PACKET socket in the namespace sees the frames cross the tap.
 
 use ferro_test_support::net::{ETH_P_ALL, Netns, read_frames};
+use ferro_vmm_api::MacAddr;
 use ferro_test_support::wait_for;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -17,10 +18,6 @@ fn ferro_in(ns: &Netns, transport: &str, tap_opts: &str) -> Command {
     c.args(["--cmdline", &format!("net.ip={HOST_IP} net.me={GUEST_IP}")]);
     c.stdin(Stdio::null());
     c
-}
-
-fn parse_mac(s: &str) -> Vec<u8> {
-    s.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
 }
 
 /// The guest MAC the `virtio` guest printed.
@@ -56,7 +53,7 @@ fn arp_and_ping_through_an_existing_tap(transport: &str) {
 
     let o = ferro_in(&ns, transport, "tap=ftap0").output().expect("run ferro");
     let out = assert_guest_talked_to_host(&o, &host_mac);
-    let mac = parse_mac(&guest_mac(&out));
+    let mac = guest_mac(&out).parse::<MacAddr>().expect("the guest's MAC").0;
     assert_eq!(mac[0] & 3, 2, "generated MACs are local unicast: {out}");
 
     // On the host side of the tap: the guest's ARP request for the host address, and the

@@ -3,7 +3,11 @@
 //! Every rejection names the offending key (`disk[1].format: ...`) so that a caller can fix the file
 //! without guessing. The TOML text the user defined is kept verbatim for `dumpconfig`.
 
+use ferro_vmm_api::MacAddr;
 use serde::{Deserialize, Serialize};
+
+/// Sizes in definitions and requests follow the one grammar of ferro-vmm-api (`512M`, `1.5G`).
+pub use ferro_vmm_api::parse_size;
 
 /// One domain definition as written in TOML.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -213,15 +217,7 @@ impl NicConfig {
             return Err(err("tap", "must be an interface name of 1-15 letters, digits, '-', '_' or '.'"));
         }
         if let Some(mac) = &self.mac {
-            let parts: Vec<&str> = mac.split(':').collect();
-            let ok = parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok());
-            if !ok {
-                return Err(err("mac", format!("{mac:?} is not a MAC address like 52:54:00:12:34:56")));
-            }
-            let first = u8::from_str_radix(parts[0], 16).unwrap_or(1);
-            if first & 1 == 1 {
-                return Err(err("mac", format!("{mac:?} is a multicast address")));
-            }
+            mac.parse::<MacAddr>().map_err(|reason| err("mac", reason))?;
         }
         Ok(())
     }
@@ -264,44 +260,6 @@ fn validate_object_name(name: &str, max: usize) -> Result<(), String> {
         return Err(format!("{name:?} may only contain letters, digits, '.', '-' and '_'"));
     }
     Ok(())
-}
-
-/// Parses "512M", "2G", "1.5G", "4096K", "1T" or a plain byte count (binary units).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let bad = || format!("{text:?} is not a size (expected e.g. 512M, 2G or a byte count)");
-    let (number, unit) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => (&t[..i], t[i..].to_ascii_uppercase()),
-        None => (t, String::new()),
-    };
-    let shift = match unit.trim_end_matches("IB").trim_end_matches('B') {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(bad()),
-    };
-    if number.is_empty() {
-        return Err(bad());
-    }
-    let bytes = if let Some((int, frac)) = number.split_once('.') {
-        let whole: u64 = int.parse().map_err(|_| bad())?;
-        if frac.is_empty() || frac.len() > 6 || !frac.chars().all(|c| c.is_ascii_digit()) {
-            return Err(bad());
-        }
-        let frac_val: u64 = frac.parse().map_err(|_| bad())?;
-        let scale = 10u64.pow(frac.len() as u32);
-        let unit = 1u64 << shift;
-        whole
-            .checked_mul(unit)
-            .and_then(|w| frac_val.checked_mul(unit).map(|f| w + f / scale))
-            .ok_or_else(bad)?
-    } else {
-        let n: u64 = number.parse().map_err(|_| bad())?;
-        n.checked_mul(1u64 << shift).ok_or_else(bad)?
-    };
-    Ok(bytes)
 }
 
 /// Turns a TOML/serde error into a one-line error naming the key it happened at.
@@ -419,14 +377,34 @@ tap = "tap-web1"
     }
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
-        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("").is_err());
-        assert!(parse_size("-1G").is_err());
-        assert!(parse_size("99999999999T").is_err());
-        assert!(parse_size("1X").is_err());
+    fn memory_takes_the_shared_size_grammar() {
+        for &(text, bytes) in ferro_test_support::grammar::SIZES {
+            let def = GOOD.replace("memory = \"512M\"", &format!("memory = \"{text}\""));
+            match DomainConfig::parse(&def) {
+                Ok(c) => assert_eq!(c.memory_bytes(), bytes, "{text:?}"),
+                // Sizes the grammar accepts but memory does not: a range, not a syntax error.
+                Err(e) => {
+                    assert!(!(1 << 20..=1 << 40).contains(&bytes), "{text:?}: {e}");
+                    assert!(e.key == "memory" && e.reason.starts_with("must be at"), "{text:?}: {e}");
+                }
+            }
+        }
+        for &text in ferro_test_support::grammar::NOT_SIZES {
+            let e = DomainConfig::parse(&GOOD.replace("memory = \"512M\"", &format!("memory = \"{text}\""))).unwrap_err();
+            assert!(e.key == "memory" && (e.reason.contains("not a size") || e.reason.contains("too large")), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn nic_macs_take_the_shared_mac_grammar() {
+        for &(text, _) in ferro_test_support::grammar::MACS {
+            let def = GOOD.replace("tap = \"tap-web1\"", &format!("tap = \"tap-web1\"\nmac = \"{text}\""));
+            assert!(DomainConfig::parse(&def).is_ok(), "{text:?}");
+        }
+        for &(text, why) in ferro_test_support::grammar::NOT_MACS {
+            let def = GOOD.replace("tap = \"tap-web1\"", &format!("tap = \"tap-web1\"\nmac = \"{text}\""));
+            let e = DomainConfig::parse(&def).unwrap_err();
+            assert!(e.key == "nic[0].mac" && e.reason.contains(why), "{text:?}: {e}");
+        }
     }
 }

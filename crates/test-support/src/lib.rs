@@ -7,13 +7,15 @@
 //! - [`vm`]: `ferro run` with a built-in test guest, `ferro vmm` with its control socket, and the
 //!   cached Linux test guest;
 //! - [`daemon`]: a real `ferrod` in a private `FERRO_HOME`, its REST API (every answer checked
-//!   against `crates/manager/openapi.json`) and the `ferro` CLI pointed at it.
+//!   against `crates/manager/openapi.json`) and the `ferro` CLI pointed at it;
+//! - [`grammar`]: the sizes and MAC addresses every parser of them must accept or refuse.
 //!
 //! A missing prerequisite (a tool, a binary, the right to make a namespace) panics with what is
 //! missing and how to get it: a test never passes without having run. docs/testing.md describes
 //! how to use all this.
 
 pub mod daemon;
+pub mod grammar;
 pub mod net;
 pub mod vm;
 

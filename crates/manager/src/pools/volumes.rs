@@ -153,7 +153,7 @@ impl Pools {
             )));
         }
         let (target, format) = (path.clone(), img.format);
-        blocking(move || ferro_block::ops::resize(&target, Some(format), &capacity.to_string(), false)).await?;
+        blocking(move || ferro_block::ops::resize(&target, Some(format), ferro_block::ops::SizeChange::To(capacity), false)).await?;
         self.events.emit("volume", &format!("{pool}/{name}"), "resized", "");
         Ok(image(pool, name, &path)?.info)
     }
