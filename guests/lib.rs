@@ -1,5 +1,5 @@
 //! The built-in test guests: small freestanding kernels (PVH ELF) built from `kit/` and `src/`
-//! by `build.rs`. They follow the kvm-pvm rules of DESIGN.md section 4 (plain integer ring 0,
+//! by `build.rs`. They follow the kvm-pvm rules of docs/kvm-pvm.md (plain integer ring 0,
 //! heavy work in ring 3), report on COM1 and end through the isa-debug-exit port or ACPI S5, so
 //! the very same files also boot under QEMU (`-kernel FILE`).
 

@@ -1,7 +1,7 @@
 /* Test-guest kit: PVH entry (32-bit protected mode, paging off, %ebx = hvm_start_info),
  * switch to long mode on static page tables, static IDT and TSS, ring-3 entry and return,
  * and the real-mode trampoline that application processors start in after INIT/SIPI.
- * Ring 0 uses only instructions kvm-pvm's emulator implements (DESIGN.md section 4). */
+ * Ring 0 uses only instructions kvm-pvm's emulator implements (docs/kvm-pvm.md). */
 #include "layout.h"
 
 #define MAX_CPUS 64

@@ -8,7 +8,7 @@ int guest_main(struct hvm_start_info *si) {
     u64 pio = 0, mmio = 0;
     kit_cmdline_u64("pio", &pio);
     kit_cmdline_u64("mmio", &mmio);
-    /* The same three-instruction loops as the raw-ioctl floor (shared/reference/pvm/guest.S),
+    /* The same three-instruction loops as the raw-ioctl floor (benches/src/floor.rs),
      * so both sides pay the same emulated guest instructions per exit. */
     if (pio) __asm__ volatile("1: outb %%al, $0xe8; dec %%rcx; jnz 1b" : "+c"(pio) : "a"(0) : "memory");
     if (mmio) __asm__ volatile("1: movl %%ecx, (%%rbx); dec %%rcx; jnz 1b" : "+c"(mmio) : "b"(0xd0000000UL) : "memory");

@@ -71,7 +71,7 @@ fn stock_debian_kernel_needs_hardware_kvm() {
     let kind = probe_host_kind();
     if !kind.is_hardware() {
         eprintln!(
-            "skipped: /dev/kvm is backed by {} here; stock distro kernels need hardware KVM (kvm_intel/kvm_amd) because kvm-pvm interprets guest ring 0 and lacks cmpxchg16b/xsave/int3 (DESIGN.md section 4)",
+            "skipped: /dev/kvm is backed by {} here; stock distro kernels need hardware KVM (kvm_intel/kvm_amd) because kvm-pvm interprets guest ring 0 and lacks cmpxchg16b/xsave/int3 (docs/kvm-pvm.md)",
             kind.module()
         );
         return;

@@ -1,7 +1,7 @@
 //! Thin, safe layer over `kvm-ioctls`.
 //!
 //! Owns: opening `/dev/kvm` with errors a user can act on, probing which KVM module backs it
-//! (hardware VT-x/AMD-V or the kvm-pvm software mode, see DESIGN.md section 4), caching the
+//! (hardware VT-x/AMD-V or the kvm-pvm software mode, see docs/kvm-pvm.md), caching the
 //! expensive supported-CPUID query, and reading/writing the complete state of a vCPU and of a VM
 //! (for snapshot and migration).
 

@@ -10,7 +10,7 @@ pub enum HostKind {
     Intel,
     /// AMD-V (`kvm_amd`).
     Amd,
-    /// kvm-pvm: software nested virtualization; guest ring 0 is interpreted (DESIGN.md section 4).
+    /// kvm-pvm: software nested virtualization; guest ring 0 is interpreted (docs/kvm-pvm.md).
     Pvm,
     /// KVM is there but the backing module could not be identified.
     Unknown,

@@ -5,7 +5,7 @@
 //! if the signal arrived just before it was entered.
 //!
 //! kvm-pvm: an application processor blocked in KVM_RUN is not woken by the guest's SIPI
-//! (DESIGN.md section 4). Until each AP runs, it is kicked at growing intervals; after the kick,
+//! (docs/kvm-pvm.md). Until each AP runs, it is kicked at growing intervals; after the kick,
 //! KVM_RUN is entered again and KVM delivers the pending INIT/SIPI.
 
 use crate::bus::Bus;
@@ -151,7 +151,7 @@ fn handle_exit(index: u8, exit: VcpuExit, shared: &Shared) -> Option<ExitReason>
         VcpuExit::Hlt => return Some(ExitReason::Error(format!("vCPU {index} halted with interrupts off"))),
         VcpuExit::InternalError => {
             return Some(ExitReason::Error(format!(
-                "vCPU {index}: KVM internal error (on kvm-pvm usually an instruction the emulator lacks, see DESIGN.md section 4)"
+                "vCPU {index}: KVM internal error (on kvm-pvm usually an instruction the emulator lacks, see docs/kvm-pvm.md)"
             )));
         }
         VcpuExit::FailEntry(reason, cpu) => {
