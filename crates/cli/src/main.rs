@@ -17,6 +17,8 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    connect: manage::Connect,
 }
 
 #[derive(Subcommand)]
@@ -57,6 +59,6 @@ fn main() -> ExitCode {
         Command::HostCheck => host_check::run(),
         Command::TestGuest(args) => test_guest::run(args),
         Command::Img(args) => img::run(args),
-        Command::Manage(cmd) => manage::run(cmd),
+        Command::Manage(cmd) => manage::run(cmd, &cli.connect),
     }
 }

@@ -1,4 +1,4 @@
-//! virsh-like verbs that talk to `ferrod` over its unix socket (REST, see crates/manager/openapi.json).
+//! virsh-like verbs that talk to `ferrod` (REST, see crates/manager/openapi.json).
 //!
 //! Human tables by default, `--json` for scripts; on failure one line on stderr and exit status 1.
 
@@ -11,11 +11,11 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Which daemon to talk to.
+/// Which daemon the verbs talk to: global options, accepted before or after the verb.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Connect {
     /// ferrod's API socket (default: $FERRO_HOME/ferrod.sock, else /run/ferrovisor/ferrod.sock).
-    #[arg(long, value_name = "SOCKET")]
+    #[arg(long, env = "FERRO_CONNECT", value_name = "SOCKET", global = true)]
     connect: Option<PathBuf>,
 }
 
@@ -23,8 +23,6 @@ pub struct Connect {
 pub struct Dom {
     /// Domain name.
     name: String,
-    #[command(flatten)]
-    conn: Connect,
 }
 
 #[derive(clap::Args, Debug)]
@@ -34,8 +32,6 @@ pub struct DomJson {
     /// Print JSON for scripts.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    conn: Connect,
 }
 
 #[derive(clap::Args, Debug)]
@@ -46,16 +42,12 @@ pub struct ListArgs {
     /// Print JSON for scripts.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    conn: Connect,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct PoolArg {
     /// Pool name.
     pool: String,
-    #[command(flatten)]
-    conn: Connect,
 }
 
 #[derive(clap::Args, Debug)]
@@ -65,8 +57,6 @@ pub struct VolArg {
     /// Pool holding the volume.
     #[arg(long)]
     pool: String,
-    #[command(flatten)]
-    conn: Connect,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -75,8 +65,6 @@ pub enum ManageCommand {
     Define {
         /// The TOML definition.
         file: PathBuf,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// Remove a domain's definition (the domain must not be running).
     Undefine(Dom),
@@ -86,8 +74,6 @@ pub enum ManageCommand {
         /// Attach to the serial console once started.
         #[arg(long)]
         console: bool,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// Ask the guest to shut down (ACPI power button).
     Shutdown {
@@ -95,8 +81,6 @@ pub enum ManageCommand {
         /// Wait up to this many seconds for the domain to be off; fail if it is not.
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// Stop a domain at once (like pulling the plug).
     Destroy(Dom),
@@ -118,8 +102,6 @@ pub enum ManageCommand {
         /// Also show why it is in that state.
         #[arg(long)]
         reason: bool,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// Print a domain's TOML definition.
     Dumpconfig(Dom),
@@ -131,8 +113,6 @@ pub enum ManageCommand {
         /// Turn autostart off.
         #[arg(long)]
         disable: bool,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// Show a running domain's counters (CPU time, memory, disks, NICs).
     Domstats(DomJson),
@@ -141,8 +121,6 @@ pub enum ManageCommand {
         name: String,
         /// Memory for the guest, e.g. 256M; at most the defined memory.
         size: String,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// Show lifecycle events (follows new ones until interrupted, unless --no-follow).
     Events {
@@ -152,8 +130,6 @@ pub enum ManageCommand {
         /// Print JSON lines.
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// A live view of running domains (like virt-top).
     Top {
@@ -163,8 +139,6 @@ pub enum ManageCommand {
         /// Stop after this many refreshes.
         #[arg(long)]
         iterations: Option<u64>,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// Define a storage pool (only `dir` pools).
     PoolDefineAs {
@@ -175,8 +149,6 @@ pub enum ManageCommand {
         /// Directory holding the volumes.
         #[arg(long)]
         target: PathBuf,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// Create a pool's directory.
     PoolBuild(PoolArg),
@@ -194,8 +166,6 @@ pub enum ManageCommand {
         /// Turn autostart off.
         #[arg(long)]
         disable: bool,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// List pools (active ones; --all for every pool).
     PoolList(ListArgs),
@@ -204,8 +174,6 @@ pub enum ManageCommand {
         pool: String,
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// Create a volume in a pool.
     VolCreateAs {
@@ -222,16 +190,12 @@ pub enum ManageCommand {
         /// Format of the backing volume (detected if omitted).
         #[arg(long)]
         backing_vol_format: Option<String>,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// List a pool's volumes.
     VolList {
         pool: String,
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// Show a volume's details.
     VolInfo {
@@ -288,8 +252,6 @@ pub enum ManageCommand {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// Show a job's state and progress.
     JobInfo {
@@ -298,30 +260,23 @@ pub enum ManageCommand {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        conn: Connect,
     },
     /// Cancel a running job; its unfinished volume is removed.
     JobCancel {
         /// Job id (see job-list).
         id: String,
-        #[command(flatten)]
-        conn: Connect,
     },
 }
 
-pub fn run(cmd: ManageCommand) -> ExitCode {
-    match execute(cmd) {
+pub fn run(cmd: ManageCommand, connect: &Connect) -> ExitCode {
+    let client = Client::new(socket_path(connect.connect.as_deref()));
+    match execute(cmd, &client) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
-}
-
-fn client(conn: &Connect) -> Client {
-    Client::new(socket_path(conn.connect.as_deref()))
 }
 
 /// Percent-free path segment check: names are validated by the daemon, but never let a `/`, `?`
@@ -345,44 +300,43 @@ fn print_json(value: &Value) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
-fn execute(cmd: ManageCommand) -> Result<(), String> {
+fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
     use ManageCommand as C;
     match cmd {
-        C::Define { file, conn } => {
+        C::Define { file } => {
             let text = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            let (status, data) = client(&conn).call("POST", "/v1/domains", Body::Bytes(&text, "application/toml"))?;
+            let (status, data) = c.call("POST", "/v1/domains", Body::Bytes(&text, "application/toml"))?;
             let info: Value = serde_json::from_slice(&data).map_err(|e| format!("ferrod sent invalid JSON: {e}"))?;
             let verb = if status == 201 { "defined" } else { "redefined" };
             println!("Domain '{}' {verb} from {}", info["name"].as_str().unwrap_or("?"), file.display());
         }
         C::Undefine(d) => {
-            client(&d.conn).json("DELETE", &dom_path(&d.name)?, None)?;
+            c.json("DELETE", &dom_path(&d.name)?, None)?;
             println!("Domain '{}' has been undefined", d.name);
         }
-        C::Start { name, console, conn } => {
-            let c = client(&conn);
+        C::Start { name, console } => {
             c.post(&format!("{}/start", dom_path(&name)?), None)?;
             println!("Domain '{name}' started");
             if console {
-                console::attach(&c, &name)?;
+                console::attach(c, &name)?;
             }
         }
-        C::Shutdown { name, timeout, conn } => {
+        C::Shutdown { name, timeout } => {
             let body = timeout.map(|t| json!({ "timeout": t }));
-            client(&conn).post(&format!("{}/shutdown", dom_path(&name)?), body.as_ref())?;
+            c.post(&format!("{}/shutdown", dom_path(&name)?), body.as_ref())?;
             if timeout.is_some() {
                 println!("Domain '{name}' is shut off");
             } else {
                 println!("Domain '{name}' is being shutdown");
             }
         }
-        C::Destroy(d) => action(&d, "destroy", "destroyed")?,
-        C::Reboot(d) => action(&d, "reboot", "is being rebooted")?,
-        C::Reset(d) => action(&d, "reset", "was reset")?,
-        C::Suspend(d) => action(&d, "suspend", "suspended")?,
-        C::Resume(d) => action(&d, "resume", "resumed")?,
-        C::List(ListArgs { all, json, conn }) => {
-            let list = client(&conn).get("/v1/domains")?;
+        C::Destroy(d) => action(c, &d, "destroy", "destroyed")?,
+        C::Reboot(d) => action(c, &d, "reboot", "is being rebooted")?,
+        C::Reset(d) => action(c, &d, "reset", "was reset")?,
+        C::Suspend(d) => action(c, &d, "suspend", "suspended")?,
+        C::Resume(d) => action(c, &d, "resume", "resumed")?,
+        C::List(ListArgs { all, json }) => {
+            let list = c.get("/v1/domains")?;
             let shown: Vec<Value> = list
                 .as_array()
                 .into_iter()
@@ -393,11 +347,11 @@ fn execute(cmd: ManageCommand) -> Result<(), String> {
             if json { print_json(&Value::Array(shown)) } else { show::domain_table(&shown) }
         }
         C::Dominfo(d) => {
-            let info = client(&d.conn).get(&dom_path(&d.name)?)?;
+            let info = c.get(&dom_path(&d.name)?)?;
             if d.json { print_json(&info) } else { show::dominfo(&info) }
         }
-        C::Domstate { name, reason, conn } => {
-            let info = client(&conn).get(&dom_path(&name)?)?;
+        C::Domstate { name, reason } => {
+            let info = c.get(&dom_path(&name)?)?;
             let state = show::state_word(&info["state"]);
             match (reason, info["crash"]["reason"].as_str(), info["error"].as_str()) {
                 (true, Some(why), _) => println!("{state} ({why})"),
@@ -406,54 +360,54 @@ fn execute(cmd: ManageCommand) -> Result<(), String> {
             }
         }
         C::Dumpconfig(d) => {
-            let (_, data) = client(&d.conn).call("GET", &format!("{}/config", dom_path(&d.name)?), Body::None)?;
+            let (_, data) = c.call("GET", &format!("{}/config", dom_path(&d.name)?), Body::None)?;
             print!("{}", String::from_utf8_lossy(&data));
         }
-        C::Console(d) => console::attach(&client(&d.conn), seg(&d.name)?)?,
-        C::Autostart { name, disable, conn } => {
-            client(&conn).post(&format!("{}/autostart", dom_path(&name)?), Some(&json!({ "enabled": !disable })))?;
+        C::Console(d) => console::attach(c, seg(&d.name)?)?,
+        C::Autostart { name, disable } => {
+            c.post(&format!("{}/autostart", dom_path(&name)?), Some(&json!({ "enabled": !disable })))?;
             let word = if disable { "unmarked" } else { "marked" };
             println!("Domain '{name}' {word} as autostarted");
         }
         C::Domstats(d) => {
-            let stats = client(&d.conn).get(&format!("{}/stats", dom_path(&d.name)?))?;
+            let stats = c.get(&format!("{}/stats", dom_path(&d.name)?))?;
             if d.json { print_json(&stats) } else { show::domstats(&stats) }
         }
-        C::Setmem { name, size, conn } => {
-            client(&conn).post(&format!("{}/setmem", dom_path(&name)?), Some(&json!({ "memory": size })))?;
+        C::Setmem { name, size } => {
+            c.post(&format!("{}/setmem", dom_path(&name)?), Some(&json!({ "memory": size })))?;
             println!("Domain '{name}' memory set to {size}");
         }
-        C::Events { no_follow, json, conn } => events(&client(&conn), !no_follow, json)?,
-        C::Top { delay, iterations, conn } => show::top(&client(&conn), delay, iterations)?,
-        C::PoolDefineAs { name, kind, target, conn } => {
+        C::Events { no_follow, json } => events(c, !no_follow, json)?,
+        C::Top { delay, iterations } => show::top(c, delay, iterations)?,
+        C::PoolDefineAs { name, kind, target } => {
             let body = json!({ "name": name, "type": kind, "target": target.display().to_string() });
-            client(&conn).post("/v1/pools", Some(&body))?;
+            c.post("/v1/pools", Some(&body))?;
             println!("Pool {name} defined");
         }
-        C::PoolBuild(p) => pool_action(&p, "build", "built")?,
-        C::PoolStart(p) => pool_action(&p, "start", "started")?,
-        C::PoolDestroy(p) => pool_action(&p, "destroy", "destroyed")?,
-        C::PoolRefresh(p) => pool_action(&p, "refresh", "refreshed")?,
+        C::PoolBuild(p) => pool_action(c, &p, "build", "built")?,
+        C::PoolStart(p) => pool_action(c, &p, "start", "started")?,
+        C::PoolDestroy(p) => pool_action(c, &p, "destroy", "destroyed")?,
+        C::PoolRefresh(p) => pool_action(c, &p, "refresh", "refreshed")?,
         C::PoolUndefine(p) => {
-            client(&p.conn).json("DELETE", &format!("/v1/pools/{}", seg(&p.pool)?), None)?;
+            c.json("DELETE", &format!("/v1/pools/{}", seg(&p.pool)?), None)?;
             println!("Pool {} has been undefined", p.pool);
         }
-        C::PoolAutostart { pool, disable, conn } => {
+        C::PoolAutostart { pool, disable } => {
             let path = format!("/v1/pools/{}/autostart", seg(&pool)?);
-            client(&conn).post(&path, Some(&json!({ "enabled": !disable })))?;
+            c.post(&path, Some(&json!({ "enabled": !disable })))?;
             println!("Pool {pool} {} as autostarted", if disable { "unmarked" } else { "marked" });
         }
-        C::PoolList(ListArgs { all, json, conn }) => {
-            let list = client(&conn).get("/v1/pools")?;
+        C::PoolList(ListArgs { all, json }) => {
+            let list = c.get("/v1/pools")?;
             let shown: Vec<Value> =
                 list.as_array().into_iter().flatten().filter(|p| all || p["active"] == true).cloned().collect();
             if json { print_json(&Value::Array(shown)) } else { show::pool_table(&shown) }
         }
-        C::PoolInfo { pool, json, conn } => {
-            let info = client(&conn).get(&format!("/v1/pools/{}", seg(&pool)?))?;
+        C::PoolInfo { pool, json } => {
+            let info = c.get(&format!("/v1/pools/{}", seg(&pool)?))?;
             if json { print_json(&info) } else { show::pool_info(&info) }
         }
-        C::VolCreateAs { pool, name, capacity, format, backing_vol, backing_vol_format, conn } => {
+        C::VolCreateAs { pool, name, capacity, format, backing_vol, backing_vol_format } => {
             let mut body = json!({ "name": name, "capacity": capacity, "format": format });
             if let Some(b) = backing_vol {
                 body["backing_volume"] = json!(b);
@@ -461,58 +415,58 @@ fn execute(cmd: ManageCommand) -> Result<(), String> {
             if let Some(f) = backing_vol_format {
                 body["backing_format"] = json!(f);
             }
-            client(&conn).post(&format!("/v1/pools/{}/volumes", seg(&pool)?), Some(&body))?;
+            c.post(&format!("/v1/pools/{}/volumes", seg(&pool)?), Some(&body))?;
             println!("Vol {name} created");
         }
-        C::VolList { pool, json, conn } => {
-            let list = client(&conn).get(&format!("/v1/pools/{}/volumes", seg(&pool)?))?;
+        C::VolList { pool, json } => {
+            let list = c.get(&format!("/v1/pools/{}/volumes", seg(&pool)?))?;
             if json { print_json(&list) } else { show::volume_table(list.as_array().map(Vec::as_slice).unwrap_or(&[])) }
         }
         C::VolInfo { vol, json } => {
-            let info = client(&vol.conn).get(&vol_path(&vol)?)?;
+            let info = c.get(&vol_path(&vol)?)?;
             if json { print_json(&info) } else { show::volume_info(&info) }
         }
         C::VolPath(vol) => {
-            let info = client(&vol.conn).get(&vol_path(&vol)?)?;
+            let info = c.get(&vol_path(&vol)?)?;
             println!("{}", info["path"].as_str().unwrap_or_default());
         }
         C::VolDelete(vol) => {
-            client(&vol.conn).json("DELETE", &vol_path(&vol)?, None)?;
+            c.json("DELETE", &vol_path(&vol)?, None)?;
             println!("Vol {} deleted", vol.vol);
         }
         C::VolWipe(vol) => {
-            client(&vol.conn).post(&format!("{}/wipe", vol_path(&vol)?), None)?;
+            c.post(&format!("{}/wipe", vol_path(&vol)?), None)?;
             println!("Vol {} wiped", vol.vol);
         }
         C::VolClone { vol, new_name } => {
-            copy_volume(&vol, "clone", json!({ "name": new_name }))?;
+            copy_volume(c, &vol, "clone", json!({ "name": new_name }))?;
             println!("Vol {new_name} cloned from {}", vol.vol);
         }
         C::VolConvert { vol, new_name, format } => {
-            copy_volume(&vol, "convert", json!({ "name": new_name, "format": format }))?;
+            copy_volume(c, &vol, "convert", json!({ "name": new_name, "format": format }))?;
             println!("Vol {new_name} converted from {} to {format}", vol.vol);
         }
         C::VolResize { vol, capacity } => {
-            client(&vol.conn).post(&format!("{}/resize", vol_path(&vol)?), Some(&json!({ "capacity": capacity })))?;
+            c.post(&format!("{}/resize", vol_path(&vol)?), Some(&json!({ "capacity": capacity })))?;
             println!("Size of volume '{}' successfully changed to {capacity}", vol.vol);
         }
         C::VolUpload { vol, file } => {
             let f = std::fs::File::open(&file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
             let len = f.metadata().map_err(|e| format!("cannot stat {}: {e}", file.display()))?.len();
-            client(&vol.conn).call("PUT", &format!("{}/data", vol_path(&vol)?), Body::File(&f, len))?;
+            c.call("PUT", &format!("{}/data", vol_path(&vol)?), Body::File(&f, len))?;
             println!("Vol {} uploaded from {}", vol.vol, file.display());
         }
-        C::VolDownload { vol, file } => download(&vol, &file)?,
-        C::JobList { json, conn } => {
-            let list = client(&conn).get("/v1/jobs")?;
+        C::VolDownload { vol, file } => download(c, &vol, &file)?,
+        C::JobList { json } => {
+            let list = c.get("/v1/jobs")?;
             if json { print_json(&list) } else { show::job_table(list.as_array().map(Vec::as_slice).unwrap_or(&[])) }
         }
-        C::JobInfo { id, json, conn } => {
-            let job = client(&conn).get(&format!("/v1/jobs/{}", seg(&id)?))?;
+        C::JobInfo { id, json } => {
+            let job = c.get(&format!("/v1/jobs/{}", seg(&id)?))?;
             if json { print_json(&job) } else { show::job_info(&job) }
         }
-        C::JobCancel { id, conn } => {
-            let job = client(&conn).post(&format!("/v1/jobs/{}/cancel", seg(&id)?), None)?;
+        C::JobCancel { id } => {
+            let job = c.post(&format!("/v1/jobs/{}/cancel", seg(&id)?), None)?;
             match job["state"].as_str() {
                 Some("cancelled") => println!("Job {id} cancelled"),
                 other => println!("Job {id} {} before it could be cancelled", other.unwrap_or("ended")),
@@ -522,23 +476,22 @@ fn execute(cmd: ManageCommand) -> Result<(), String> {
     Ok(())
 }
 
-fn action(d: &Dom, action: &str, done: &str) -> Result<(), String> {
-    client(&d.conn).post(&format!("{}/{action}", dom_path(&d.name)?), None)?;
+fn action(c: &Client, d: &Dom, action: &str, done: &str) -> Result<(), String> {
+    c.post(&format!("{}/{action}", dom_path(&d.name)?), None)?;
     println!("Domain '{}' {done}", d.name);
     Ok(())
 }
 
-fn pool_action(p: &PoolArg, action: &str, done: &str) -> Result<(), String> {
-    client(&p.conn).post(&format!("/v1/pools/{}/{action}", seg(&p.pool)?), None)?;
+fn pool_action(c: &Client, p: &PoolArg, action: &str, done: &str) -> Result<(), String> {
+    c.post(&format!("/v1/pools/{}/{action}", seg(&p.pool)?), None)?;
     println!("Pool {} {done}", p.pool);
     Ok(())
 }
 
 /// Starts a clone or convert job and follows it to its end, with a progress line on stderr when
 /// that is a terminal.
-fn copy_volume(vol: &VolArg, action: &str, body: Value) -> Result<(), String> {
+fn copy_volume(c: &Client, vol: &VolArg, action: &str, body: Value) -> Result<(), String> {
     use std::io::{IsTerminal, Write};
-    let c = client(&vol.conn);
     let job = c.post(&format!("{}/{action}", vol_path(vol)?), Some(&body))?;
     let id = job["id"].as_u64().ok_or("ferrod answered without a job id")?;
     let tty = std::io::stderr().is_terminal();
@@ -563,9 +516,9 @@ fn copy_volume(vol: &VolArg, action: &str, body: Value) -> Result<(), String> {
     }
 }
 
-fn download(vol: &VolArg, file: &std::path::Path) -> Result<(), String> {
+fn download(c: &Client, vol: &VolArg, file: &std::path::Path) -> Result<(), String> {
     use std::io::Write;
-    let mut pending = client(&vol.conn).send("GET", &format!("{}/data", vol_path(vol)?), "", Body::None)?;
+    let mut pending = c.send("GET", &format!("{}/data", vol_path(vol)?), "", Body::None)?;
     if pending.status != 200 {
         let mut data = Vec::new();
         while let Ok(Some(chunk)) = pending.next_chunk() {
