@@ -10,6 +10,9 @@ packages=(
     iproute2          # ip: network namespaces, veth, tap for network tests
     util-linux        # flock, setsid
     procps            # ps, for leak checks in the daemon tests
+    nftables          # nft: forwarding and NAT of ferrod's networks (crates/net)
+    dnsmasq-base      # DHCP and DNS of ferrod's networks (crates/net)
+    busybox-static    # udhcpc, nslookup and ping for the network tests' guest stand-ins
 )
 
 missing=()

@@ -99,6 +99,13 @@ pub fn run() -> ExitCode {
     } else {
         r.line(Level::Warn, "/dev/vhost-net", "missing: in-kernel virtio-net acceleration unavailable (modprobe vhost_net)");
     }
+    for (what, support) in ferro_net::host_support() {
+        let what = format!("{what} (for ferrod's nat and isolated networks)");
+        match support {
+            Ok(detail) => r.line(Level::Pass, &what, &detail),
+            Err(why) => r.line(Level::Warn, &what, &why),
+        }
+    }
     let hugepages = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
     if hugepages > 0 {
         r.line(Level::Pass, "huge pages", &format!("{hugepages} reserved"));
