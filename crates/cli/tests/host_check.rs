@@ -1,12 +1,11 @@
 //! `ferro host-check` reports what ferrod's networks need: nft, dnsmasq and kernel bridges
 //! (scripts/setup.sh installs the first two; this kernel has the third).
 
-use std::process::Command;
+use ferro_test_support::vm::{ferro, stdout};
 
 #[test]
 fn host_check_reports_network_support() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferro")).arg("host-check").output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = stdout(&ferro(&["host-check"]));
     for what in ["nft", "dnsmasq", "kernel bridges"] {
         let line = text
             .lines()

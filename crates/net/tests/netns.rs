@@ -9,96 +9,44 @@
 use ferro_net::dnsmasq::GuestName;
 use ferro_net::host::{self, Adoption};
 use ferro_net::{HostNetworks, NetError, NetworkConfig};
+use ferro_test_support::net::Netns;
+use ferro_test_support::{TempDir, alive, run_ok, wait_for};
 use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
 const BUSYBOX: &str = "/bin/busybox";
 const OUTSIDE_HOST: &str = "203.0.113.1";
 const OUTSIDE: &str = "203.0.113.2";
 
-/// A network namespace, deleted with every interface in it when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!("fnet-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns(name);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["-n", &self.0];
-        full.extend_from_slice(args);
-        run("ip", &full)
-    }
-
-    /// Runs a command inside the namespace; the output whatever the status.
-    fn exec(&self, args: &[&str]) -> Output {
-        Command::new("ip").args(["netns", "exec", &self.0]).args(args).output().expect("run ip netns exec")
-    }
-
-    fn nft_ruleset(&self) -> String {
-        let out = self.exec(&["nft", "list", "ruleset"]);
-        assert!(out.status.success(), "nft list ruleset: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn has_link(&self, name: &str) -> bool {
-        self.exec(&["ip", "link", "show", name]).status.success()
-    }
-
-    fn ip_forward(&self) -> String {
-        let out = self.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    /// Runs `f` on a thread inside this namespace (ferro-net acts in its caller's namespace).
-    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = std::fs::File::open(&path).expect("open the namespace");
-                // SAFETY: setns on an fd we own; it changes only this thread's namespace.
-                assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
-    }
+/// Runs a command inside `ns`; its output whatever the status.
+fn exec(ns: &Netns, args: &[&str]) -> Output {
+    ns.command(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+fn nft_ruleset(ns: &Netns) -> String {
+    let out = exec(ns, &["nft", "list", "ruleset"]);
+    assert!(out.status.success(), "nft list ruleset (apt-get install nftables): {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
+fn ip_forward(ns: &Netns) -> String {
+    String::from_utf8_lossy(&exec(ns, &["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout).trim().to_owned()
 }
 
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ferro-net-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A namespace with its loopback up.
+fn namespace(tag: &str) -> Netns {
+    let ns = Netns::new(tag);
+    ns.ip(&["link", "set", "lo", "up"]);
+    ns
 }
 
 /// The host namespace with an uplink to the outside namespace.
 fn host_and_outside() -> (Netns, Netns) {
-    let host = Netns::new("host");
-    let outside = Netns::new("out");
-    host.ip(&["link", "add", "uplink", "type", "veth", "peer", "name", "eth0", "netns", &outside.0]);
+    let host = namespace("host");
+    let outside = namespace("out");
+    host.ip(&["link", "add", "uplink", "type", "veth", "peer", "name", "eth0", "netns", outside.name()]);
     host.ip(&["addr", "add", &format!("{OUTSIDE_HOST}/24"), "dev", "uplink"]);
     host.ip(&["link", "set", "uplink", "up"]);
     outside.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "eth0"]);
@@ -108,8 +56,8 @@ fn host_and_outside() -> (Netns, Netns) {
 
 /// A guest stand-in: a namespace whose eth0 (with `mac`) is plugged into `bridge` of `host`.
 fn guest(host: &Netns, bridge: &str, port: &str, mac: &str) -> Netns {
-    let g = Netns::new("guest");
-    host.ip(&["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &g.0]);
+    let g = namespace("guest");
+    host.ip(&["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", g.name()]);
     host.ip(&["link", "set", port, "master", bridge, "up"]);
     g.ip(&["link", "set", "eth0", "address", mac, "up"]);
     g
@@ -122,6 +70,8 @@ struct DhcpResult {
 }
 
 /// Runs busybox udhcpc in each guest at once; the script configures the address and default route.
+/// udhcpc's 3 s timeout (its default) matters: dnsmasq pings an address before offering it and
+/// answers nothing else meanwhile, so with shorter timeouts concurrent clients give up.
 fn dhcp(guests: &[&Netns], dir: &Path) -> Vec<DhcpResult> {
     assert!(Path::new(BUSYBOX).exists(), "{BUSYBOX} is missing: apt-get install busybox-static");
     let script = dir.join("udhcpc.sh");
@@ -131,20 +81,17 @@ fn dhcp(guests: &[&Netns], dir: &Path) -> Vec<DhcpResult> {
          ip addr add \"$ip/$mask\" dev \"$interface\"\n[ -z \"$router\" ] || ip route add default via \"$router\"\n",
     )
     .unwrap();
-    run("chmod", &["+x", script.to_str().unwrap()]);
+    run_ok("chmod", &["+x", script.to_str().unwrap()]);
     let children: Vec<_> = guests
         .iter()
         .map(|g| {
-            Command::new("ip")
-                .args(["netns", "exec", &g.0, BUSYBOX, "udhcpc", "-i", "eth0", "-n", "-q", "-t", "15", "-T", "1", "-s"])
-                .arg(&script)
-                .output()
+            g.command(BUSYBOX).args(["udhcpc", "-i", "eth0", "-n", "-q", "-t", "10", "-T", "3", "-s"]).arg(&script).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
         })
         .collect();
     children
         .into_iter()
         .map(|out| {
-            let out = out.expect("run udhcpc");
+            let out = out.and_then(|child| child.wait_with_output()).expect("run udhcpc");
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             assert!(out.status.success(), "udhcpc got no lease: {text}{}", String::from_utf8_lossy(&out.stderr));
             let line = text.lines().find(|l| l.starts_with("LEASE ")).expect("the script's LEASE line");
@@ -155,12 +102,12 @@ fn dhcp(guests: &[&Netns], dir: &Path) -> Vec<DhcpResult> {
 }
 
 fn pings(from: &Netns, to: &str) -> bool {
-    from.exec(&[BUSYBOX, "ping", "-c", "1", "-W", "2", to]).status.success()
+    exec(from, &[BUSYBOX, "ping", "-c", "1", "-W", "2", to]).status.success()
 }
 
 /// The address `name` resolves to through the DNS server `server`, as busybox nslookup says.
 fn resolve(from: &Netns, name: &str, server: &str) -> Option<String> {
-    let out = from.exec(&[BUSYBOX, "nslookup", name, server]);
+    let out = exec(from, &[BUSYBOX, "nslookup", name, server]);
     let text = String::from_utf8_lossy(&out.stdout);
     let after_name = text.split_once(&format!("Name:\t{name}"))?.1;
     after_name.lines().find_map(|l| l.trim().strip_prefix("Address: ")).map(|a| a.split(':').next().unwrap_or(a).to_owned())
@@ -185,14 +132,15 @@ fn net(text: &str) -> NetworkConfig {
 
 #[test]
 fn nat_and_isolated_networks_end_to_end() {
-    let dir = scratch("e2e");
+    let dir = TempDir::new("net-e2e");
     let state = dir.join("networks");
     let (host, _outside) = host_and_outside();
     // A table of someone else's, which must come through untouched.
-    host.exec(&["nft", "add", "table", "inet", "other"]);
-    run("ip", &["netns", "exec", &host.0, "nft", "add chain inet other input { type filter hook input priority 0; }"]);
-    run("ip", &["netns", "exec", &host.0, "nft", "add rule inet other input udp dport 9 counter"]);
-    let other_before = host.exec(&["nft", "list", "table", "inet", "other"]).stdout;
+    exec(&host, &["nft", "add table inet other"]);
+    exec(&host, &["nft", "add chain inet other input { type filter hook input priority 0; }"]);
+    exec(&host, &["nft", "add rule inet other input udp dport 9 counter"]);
+    let other_before = exec(&host, &["nft", "list", "table", "inet", "other"]).stdout;
+    assert!(String::from_utf8_lossy(&other_before).contains("dport 9"), "the other table was not made");
 
     let nat_a = net(
         "name = \"nat-a\"\nmode = \"nat\"\nbridge = \"fva\"\nip = \"10.10.1.1/24\"\n[dhcp]\nstart = \"10.10.1.100\"\nend = \"10.10.1.199\"\n\
@@ -201,35 +149,35 @@ fn nat_and_isolated_networks_end_to_end() {
     let isolated = net("name = \"iso-b\"\nmode = \"isolated\"\nbridge = \"fvb\"\nip = \"10.10.2.1/24\"\n[dhcp]\nstart = \"10.10.2.100\"\nend = \"10.10.2.199\"\n");
     let nat_c = net("name = \"nat-c\"\nmode = \"nat\"\nbridge = \"fvc\"\nip = \"10.10.3.1/24\"\n[dhcp]\nstart = \"10.10.3.100\"\nend = \"10.10.3.199\"\n");
 
-    assert_eq!(host.ip_forward(), "0", "a new namespace starts with forwarding off");
-    let mut networks = host.enter(|| {
-        let mut n = HostNetworks::new(&state);
+    assert_eq!(ip_forward(&host), "0", "a new namespace starts with forwarding off");
+    let state_dir = state.clone();
+    let (mut networks, tap_fd) = host.enter(move || {
+        let mut n = HostNetworks::new(&state_dir);
         n.start(&nat_a).unwrap();
         n.start(&isolated).unwrap();
         n.start(&nat_c).unwrap();
-        n
+        // A tap for a VMM on nat-a: it will see the guests' broadcasts through the bridge.
+        let tap = host::plug_tap("fvtap0", n.bridge_of("nat-a").unwrap()).unwrap();
+        let busy = host::plug_tap("fvtap0", "fva").unwrap_err();
+        assert!(matches!(busy, NetError::Conflict(_)), "{busy}");
+        n.set_guest_names("nat-a", vec![GuestName { mac: "52:54:00:0a:00:02".parse().unwrap(), name: "beta".into() }]).unwrap();
+        (n, tap)
     });
-    assert_eq!(host.ip_forward(), "1", "a NAT network runs");
-    let ruleset = host.nft_ruleset();
+    assert_eq!(ip_forward(&host), "1", "a NAT network runs");
+    let ruleset = nft_ruleset(&host);
     for chain in ["net-nat-a-forward", "net-nat-a-nat", "net-iso-b-forward", "net-nat-c-forward", "net-nat-c-nat"] {
         assert!(ruleset.contains(&format!("chain {chain} ")), "{chain} missing from\n{ruleset}");
     }
     assert!(!ruleset.contains("net-iso-b-nat"), "an isolated network masquerades nothing");
-
-    // A tap for a VMM on nat-a: it sees the guests' broadcasts through the bridge.
-    let tap_fd = host.enter(|| host::plug_tap("fvtap0", networks.bridge_of("nat-a").unwrap())).unwrap();
     let tap = host.ip(&["-d", "link", "show", "fvtap0"]);
     assert!(tap.contains("master fva") && tap.contains("tun type tap"), "{tap}");
-    let busy = host.enter(|| host::plug_tap("fvtap0", "fva")).unwrap_err();
-    assert!(matches!(busy, NetError::Conflict(_)), "{busy}");
 
     // Guests: alpha (fixed lease) and beta (dynamic, named by ferrod) on nat-a, one on each other.
     let alpha = guest(&host, "fva", "pa1", "52:54:00:0a:00:01");
     let beta = guest(&host, "fva", "pa2", "52:54:00:0a:00:02");
     let iso = guest(&host, "fvb", "pb1", "52:54:00:0b:00:01");
     let gamma = guest(&host, "fvc", "pc1", "52:54:00:0c:00:01");
-    host.enter(|| networks.set_guest_names("nat-a", vec![GuestName { mac: "52:54:00:0a:00:02".parse().unwrap(), name: "beta".into() }])).unwrap();
-    let leases = dhcp(&[&alpha, &beta, &iso, &gamma], &dir);
+    let leases = dhcp(&[&alpha, &beta, &iso, &gamma], dir.path());
     assert_eq!(leases[0].ip, "10.10.1.50", "the fixed lease");
     assert_eq!(leases[0].router, "10.10.1.1");
     let beta_ip: std::net::Ipv4Addr = leases[1].ip.parse().unwrap();
@@ -247,15 +195,18 @@ fn nat_and_isolated_networks_end_to_end() {
     assert_eq!(resolve(&beta, "alpha", "10.10.1.1").as_deref(), Some("10.10.1.50"));
     assert_eq!(resolve(&alpha, "beta", "10.10.1.1"), Some(beta_ip.to_string()));
 
-    let mut frames = Vec::new();
+    let mut frames = 0;
+    let mut from_alpha = 0;
     let mut buf = [0u8; 2048];
     let mut tap_file = std::fs::File::from(tap_fd);
     while let Ok(n) = tap_file.read(&mut buf) {
-        frames.push(buf[..n].to_vec());
+        frames += 1;
+        // A 10-byte virtio-net header, then the Ethernet source address at bytes 6..12.
+        if n > 22 && buf[16..22] == [0x52, 0x54, 0, 0x0a, 0, 1] {
+            from_alpha += 1;
+        }
     }
-    // 10-byte virtio-net header, then the Ethernet source address at bytes 6..12.
-    let from_alpha = frames.iter().filter(|f| f.len() > 22 && f[16..22] == [0x52, 0x54, 0, 0x0a, 0, 1]).count();
-    assert!(from_alpha > 0, "the tap saw none of alpha's {} broadcast frames", frames.len());
+    assert!(from_alpha > 0, "the tap saw none of alpha's broadcasts among its {frames} frames");
 
     assert!(pings(&alpha, "10.10.1.1"), "alpha -> its gateway");
     assert!(pings(&alpha, &leases[1].ip), "alpha -> beta on the same bridge");
@@ -271,33 +222,33 @@ fn nat_and_isolated_networks_end_to_end() {
 
     // Destroy leaves nothing: no bridge or tap, no rule, no dnsmasq, forwarding off again.
     drop(tap_file);
-    host.enter(|| host::unplug_tap("fvtap0")).unwrap();
     let pids: Vec<u32> = ["nat-a", "iso-b", "nat-c"].iter().map(|n| networks.dnsmasq_pid(n).expect("dnsmasq runs")).collect();
-    host.enter(|| {
+    networks = host.enter(move || {
+        host::unplug_tap("fvtap0").unwrap();
         for name in ["nat-a", "iso-b", "nat-c"] {
             networks.destroy(name).unwrap();
         }
+        networks
     });
     for link in ["fva", "fvb", "fvc", "fvtap0"] {
-        assert!(!host.has_link(link), "{link} is still there");
+        assert!(!host.link_exists(link), "{link} is still there");
     }
-    let ruleset = host.nft_ruleset();
+    let ruleset = nft_ruleset(&host);
     assert!(!ruleset.contains("ferrovisor"), "ferrod's table is still there:\n{ruleset}");
-    assert_eq!(host.exec(&["nft", "list", "table", "inet", "other"]).stdout, other_before, "another table was changed");
+    assert_eq!(exec(&host, &["nft", "list", "table", "inet", "other"]).stdout, other_before, "another table was changed");
     for pid in pids {
-        assert!(!Path::new(&format!("/proc/{pid}/cmdline")).exists() || std::fs::read(format!("/proc/{pid}/cmdline")).unwrap().is_empty(), "dnsmasq {pid} lives");
+        assert!(!alive(i64::from(pid)), "dnsmasq {pid} lives");
     }
     assert!(processes_mentioning(state.to_str().unwrap()).is_empty(), "a dnsmasq of ours still runs");
-    assert_eq!(host.ip_forward(), "0", "forwarding switched off with the last NAT network");
+    assert_eq!(ip_forward(&host), "0", "forwarding switched off with the last NAT network");
     drop(networks);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn clashes_are_refused_and_leave_nothing() {
-    let dir = scratch("clash");
+    let dir = TempDir::new("net-clash");
     let state = dir.join("networks");
-    let host = Netns::new("clash");
+    let host = namespace("clash");
     host.ip(&["link", "add", "taken0", "type", "bridge"]);
     host.ip(&["link", "add", "lan0", "type", "veth", "peer", "name", "lan0p"]);
     host.ip(&["addr", "add", "10.20.0.1/16", "dev", "lan0"]);
@@ -305,7 +256,7 @@ fn clashes_are_refused_and_leave_nothing() {
     let link_names = || host.ip(&["-o", "link", "show"]).lines().map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()).collect::<Vec<_>>();
     let links_before = link_names();
 
-    host.enter(|| {
+    host.enter(move || {
         let mut n = HostNetworks::new(&state);
         let e = n.start(&net("name = \"a\"\nmode = \"nat\"\nbridge = \"taken0\"\nip = \"10.30.0.1/24\"\n")).unwrap_err();
         assert!(matches!(&e, NetError::Conflict(m) if m.starts_with("bridge: taken0 already exists")), "{e}");
@@ -323,76 +274,72 @@ fn clashes_are_refused_and_leave_nothing() {
 
         // A bridge network attaches taps to the host's bridge and creates nothing itself.
         n.start(&net("name = \"lan\"\nmode = \"bridge\"\nbridge = \"taken0\"\n")).unwrap();
-        let fd = host::plug_tap(&host::free_ifname("fvtap").unwrap(), n.bridge_of("lan").unwrap()).unwrap();
-        drop(fd);
+        let tap = host::free_ifname("fvtap").unwrap();
+        drop(host::plug_tap(&tap, n.bridge_of("lan").unwrap()).unwrap());
         assert_eq!(n.dnsmasq_pid("lan"), None);
         n.destroy("lan").unwrap();
-        host::unplug_tap("fvtap0").unwrap();
+        host::unplug_tap(&tap).unwrap();
         n.destroy("a").unwrap();
         let e = n.destroy("a").unwrap_err();
         assert!(matches!(e, NetError::Conflict(_)), "{e}");
     });
     assert_eq!(link_names(), links_before, "links changed");
-    assert_eq!(host.nft_ruleset(), "", "rules left behind");
-    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(nft_ruleset(&host), "", "rules left behind");
 }
 
 #[test]
 fn a_restarted_ferrod_adopts_and_dnsmasq_is_supervised() {
-    let dir = scratch("adopt");
+    let dir = TempDir::new("net-adopt");
     let state = dir.join("networks");
-    let host = Netns::new("adopt");
+    let host = namespace("adopt");
     let config = net("name = \"n\"\nmode = \"nat\"\nbridge = \"fvn\"\nip = \"10.50.0.1/24\"\n[dhcp]\nstart = \"10.50.0.10\"\nend = \"10.50.0.20\"\n");
-    let first_pid = host.enter(|| {
-        let mut n = HostNetworks::new(&state);
-        n.start(&config).unwrap();
+    let ours = || processes_mentioning(state.to_str().unwrap());
+    let (s, c) = (state.clone(), config.clone());
+    let first_pid = host.enter(move || {
+        let mut n = HostNetworks::new(&s);
+        n.start(&c).unwrap();
         n.dnsmasq_pid("n").unwrap()
-        // n dropped here, as when ferrod exits: the network keeps running.
+        // n is dropped here, as when ferrod exits: the network keeps running.
     });
-    let rules = host.nft_ruleset();
+    let rules = nft_ruleset(&host);
     assert!(rules.contains("net-n-forward"));
-    assert!(host.has_link("fvn"));
-    assert_eq!(processes_mentioning(state.to_str().unwrap()), vec![first_pid], "dnsmasq outlives the handle");
+    assert!(host.link_exists("fvn"));
+    assert_eq!(ours(), vec![first_pid], "dnsmasq outlives the handle");
 
-    let mut networks = host.enter(|| {
-        let mut n = HostNetworks::new(&state);
-        assert_eq!(n.adopt(&config, Vec::new()).unwrap(), Adoption::Adopted);
-        n
-    });
+    let adopt = |expected: Adoption| {
+        let (s, c) = (state.clone(), config.clone());
+        host.enter(move || {
+            let mut n = HostNetworks::new(&s);
+            assert_eq!(n.adopt(&c, Vec::new()).unwrap(), expected);
+            n
+        })
+    };
+    let networks = adopt(Adoption::Adopted);
     assert_eq!(networks.dnsmasq_pid("n"), Some(first_pid), "the running dnsmasq is adopted");
-    assert_eq!(host.nft_ruleset(), rules, "adoption neither doubles nor drops rules");
-    assert_eq!(processes_mentioning(state.to_str().unwrap()), vec![first_pid], "no second dnsmasq");
+    assert_eq!(nft_ruleset(&host), rules, "adoption neither doubles nor drops rules");
+    assert_eq!(ours(), vec![first_pid], "no second dnsmasq");
 
     // dnsmasq killed: the supervisor starts another, which serves DHCP.
-    run("kill", &["-KILL", &first_pid.to_string()]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let second_pid = loop {
-        match networks.dnsmasq_pid("n") {
-            Some(pid) if pid != first_pid => break pid,
-            _ => assert!(Instant::now() < deadline, "dnsmasq was not restarted"),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    run_ok("kill", &["-KILL", &first_pid.to_string()]);
+    wait_for("the supervisor to restart dnsmasq", Duration::from_secs(30), || networks.dnsmasq_pid("n").is_some_and(|p| p != first_pid));
+    let second_pid = networks.dnsmasq_pid("n").unwrap();
     let g = guest(&host, "fvn", "pn1", "52:54:00:05:00:01");
-    let lease = dhcp(&[&g], &dir);
+    let lease = dhcp(&[&g], dir.path());
     assert!(lease[0].ip.starts_with("10.50.0."), "{}", lease[0].ip);
-    assert_eq!(processes_mentioning(state.to_str().unwrap()), vec![second_pid]);
+    assert_eq!(ours(), vec![second_pid]);
     drop(g);
 
     // The host "rebooted": bridge and dnsmasq gone. Adoption starts the network again.
     drop(networks);
     host.ip(&["link", "del", "fvn"]);
-    run("kill", &["-KILL", &second_pid.to_string()]);
-    networks = host.enter(|| {
-        let mut n = HostNetworks::new(&state);
-        assert_eq!(n.adopt(&config, Vec::new()).unwrap(), Adoption::Restarted);
-        n
-    });
-    assert!(host.has_link("fvn"));
-    assert_eq!(host.nft_ruleset(), rules, "the same rules, once");
-    host.enter(|| networks.destroy("n")).unwrap();
-    assert!(!host.has_link("fvn"));
-    assert_eq!(host.nft_ruleset(), "");
-    assert!(processes_mentioning(state.to_str().unwrap()).is_empty());
-    std::fs::remove_dir_all(&dir).unwrap();
+    run_ok("kill", &["-KILL", &second_pid.to_string()]);
+    wait_for("dnsmasq to die", Duration::from_secs(10), || !alive(i64::from(second_pid)));
+    let mut networks = adopt(Adoption::Restarted);
+    assert!(host.link_exists("fvn"));
+    assert_eq!(nft_ruleset(&host), rules, "the same rules, once");
+    assert_eq!(ours().len(), 1);
+    host.enter(move || networks.destroy("n")).unwrap();
+    assert!(!host.link_exists("fvn"));
+    assert_eq!(nft_ruleset(&host), "");
+    assert!(ours().is_empty());
 }
