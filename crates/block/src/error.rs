@@ -22,6 +22,10 @@ pub enum Error {
     /// A request or option is invalid for this image (out of range, bad size, read-only).
     #[error("{}: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
+    /// Another process (or another open in this one) uses the image in a way that conflicts
+    /// with this open, as its locks say.
+    #[error("{}: image is in use: {reason}", path.display())]
+    InUse { path: PathBuf, reason: String },
     /// Following backing files leads back to an image already in the chain, or too deep.
     #[error("{}: backing chain problem: {reason}", path.display())]
     BackingChain { path: PathBuf, reason: String },

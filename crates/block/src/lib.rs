@@ -3,19 +3,22 @@
 //! Raw (sparse-aware) and qcow2 (v3 read/write, v2 read/write without zero clusters) images with
 //! backing chains, VMDK (monolithicSparse, streamOptimized) as a read-only input format, and the
 //! operations behind `ferro img` in [`ops`]. The API is blocking: one `DiskImage` per open image,
-//! used from one thread at a time.
+//! used from one thread at a time. Every open locks its files the way QEMU does ([`lock`]), so
+//! ferro and QEMU never write one image at the same time.
 //!
 //! Crash safety of qcow2 comes from write ordering, not from a dirty bit: refcount increments
 //! reach the disk before any table that points at the new cluster, and a cluster is only freed
 //! after the table that stopped pointing at it is durable. A process killed at any point leaves
 //! at worst leaked clusters, which `check` reports.
 mod error;
+pub mod lock;
 pub mod ops;
 pub mod qcow2;
 pub mod raw;
 pub mod vmdk;
 
 pub use error::{Error, Result};
+pub use lock::Access;
 
 use std::fs::File;
 use std::io::Read;
@@ -171,26 +174,29 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 pub struct OpenOptions {
     /// Format, or `None` to probe from the file's contents.
     pub format: Option<Format>,
-    pub readonly: bool,
+    /// How the image is used (backing files are always read); decides the locks taken.
+    pub access: Access,
     /// Whether to open the backing chain (tools that only touch metadata skip it).
     pub open_backing: bool,
 }
 
-/// Opens an image and its backing chain (backing files are always read-only).
+/// Opens an image and its backing chain (backing files are always read-only), locking every
+/// file for writing (`readonly` false) or reading (see [`lock`]).
 pub fn open(path: impl AsRef<Path>, format: Option<Format>, readonly: bool) -> Result<Box<dyn DiskImage>> {
-    open_with(path.as_ref(), &OpenOptions { format, readonly, open_backing: true })
+    let access = if readonly { Access::Read } else { Access::Write };
+    open_with(path.as_ref(), &OpenOptions { format, access, open_backing: true })
 }
 
 /// Opens an image with explicit options.
 pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
     let mut seen = Vec::new();
-    open_layer(path, opts.format, opts.readonly, opts.open_backing, &mut seen)
+    open_layer(path, opts.format, opts.access, opts.open_backing, &mut seen)
 }
 
 fn open_layer(
     path: &Path,
     format: Option<Format>,
-    readonly: bool,
+    access: Access,
     open_backing: bool,
     seen: &mut Vec<PathBuf>,
 ) -> Result<Box<dyn DiskImage>> {
@@ -214,19 +220,19 @@ fn open_layer(
         None => probe(path)?,
     };
     match format {
-        Format::Raw => Ok(Box::new(raw::RawImage::open(path, readonly)?)),
+        Format::Raw => Ok(Box::new(raw::RawImage::open(path, access)?)),
         Format::Vmdk => {
-            if !readonly {
+            if !access.readonly() {
                 return Err(Error::unsupported(path, "VMDK images can only be opened read-only (convert them)"));
             }
-            vmdk::VmdkImage::open(path)
+            vmdk::VmdkImage::open(path, access)
         }
         Format::Qcow2 => {
-            let mut img = qcow2::Qcow2::open(path, readonly)?;
+            let mut img = qcow2::Qcow2::open(path, access)?;
             if open_backing {
                 if let Some((bpath, bfmt)) = img.backing_target()? {
-                    let backing = open_layer(&bpath, bfmt, true, true, seen).map_err(|e| match e {
-                        Error::BackingChain { .. } => e,
+                    let backing = open_layer(&bpath, bfmt, access.for_backing(), true, seen).map_err(|e| match e {
+                        Error::BackingChain { .. } | Error::InUse { .. } => e,
                         e => Error::BackingChain { path: path.to_path_buf(), reason: format!("backing file: {e}") },
                     })?;
                     img.set_backing_image(backing);
@@ -235,6 +241,32 @@ fn open_layer(
             Ok(Box::new(img))
         }
     }
+}
+
+/// Creates or empties an image file, after taking its locks for writing (so that a file in
+/// use is refused before anything is lost).
+pub(crate) fn create_locked(path: &Path) -> Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(Error::io(path, "create"))?;
+    lock::lock(&file, path, Access::Write)?;
+    file.set_len(0).map_err(Error::io(path, "truncate"))?;
+    Ok(file)
+}
+
+/// Opens an image file with the given access and takes its locks.
+pub(crate) fn open_locked(path: &Path, access: Access) -> Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!access.readonly())
+        .open(path)
+        .map_err(Error::io(path, "open"))?;
+    lock::lock(&file, path, access)?;
+    Ok(file)
 }
 
 /// Guesses the format from the first bytes of the file (qcow2 and VMDK magic; raw otherwise).

@@ -2,7 +2,7 @@
 //! check, convert, compare, map, commit, rebase, resize.
 use crate::error::{Error, Result};
 use crate::qcow2::{Qcow2, check::CheckReport};
-use crate::{CreateOptions, DiskImage, Format, ImageInfo, OpenOptions, Status, create, open, open_with, probe};
+use crate::{Access, CreateOptions, DiskImage, Format, ImageInfo, OpenOptions, Status, create, open, open_with, probe};
 use serde_json::{Map, Value, json};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -12,6 +12,17 @@ const CHUNK: u64 = 1 << 20;
 
 /// Progress callback: (bytes done, bytes total).
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// The access of a reading operation: `force_share` (`-U`) reads an image others may be
+/// writing instead of refusing it.
+fn read_access(force_share: bool) -> Access {
+    if force_share { Access::ReadShared } else { Access::Read }
+}
+
+/// Opens an image and its chain for reading.
+fn open_read(path: &Path, format: Option<Format>, force_share: bool) -> Result<Box<dyn DiskImage>> {
+    open_with(path, &OpenOptions { format, access: read_access(force_share), open_backing: true })
+}
 
 fn opened_format(path: &Path, format: Option<Format>) -> Result<Format> {
     match format {
@@ -58,7 +69,7 @@ pub fn info_json(info: &ImageInfo) -> Result<Value> {
 }
 
 /// Infos of an image and (with `chain`) each image below it, top first.
-pub fn info(path: &Path, format: Option<Format>, chain: bool) -> Result<Vec<ImageInfo>> {
+pub fn info(path: &Path, format: Option<Format>, chain: bool, force_share: bool) -> Result<Vec<ImageInfo>> {
     let mut out = Vec::new();
     let mut next = Some((path.to_path_buf(), format));
     let mut seen = Vec::new();
@@ -68,7 +79,7 @@ pub fn info(path: &Path, format: Option<Format>, chain: bool) -> Result<Vec<Imag
             return Err(Error::BackingChain { path: p, reason: "loop or chain too deep".into() });
         }
         seen.push(canonical);
-        let img = open_with(&p, &OpenOptions { format: f, readonly: true, open_backing: false })?;
+        let img = open_with(&p, &OpenOptions { format: f, access: read_access(force_share), open_backing: false })?;
         let i = img.info();
         if chain {
             if let Some(full) = &i.full_backing_file {
@@ -138,10 +149,14 @@ pub enum CheckOutcome {
     NotSupported(Format),
 }
 
-/// `check`: qcow2 metadata consistency (other formats have none to check).
-pub fn check(path: &Path, format: Option<Format>, repair: bool) -> Result<CheckOutcome> {
+/// `check`: qcow2 metadata consistency (other formats have none to check). `repair` needs the
+/// image for writing, so it cannot go with `force_share`.
+pub fn check(path: &Path, format: Option<Format>, repair: bool, force_share: bool) -> Result<CheckOutcome> {
+    if repair && force_share {
+        return Err(Error::invalid(path, "repairing needs the image for writing: it cannot be forced shared"));
+    }
     match opened_format(path, format)? {
-        Format::Qcow2 => Ok(CheckOutcome::Checked(crate::qcow2::check::check(path, repair)?)),
+        Format::Qcow2 => Ok(CheckOutcome::Checked(crate::qcow2::check::check(path, repair, read_access(force_share))?)),
         f => Ok(CheckOutcome::NotSupported(f)),
     }
 }
@@ -273,8 +288,8 @@ fn chain_status(img: &mut dyn DiskImage, off: u64, len: u64, depth: u32) -> Resu
 }
 
 /// `map`: the allocation of every byte of the virtual disk, merged into runs.
-pub fn map(path: &Path, format: Option<Format>) -> Result<Vec<MapEntry>> {
-    let mut img = open(path, format, true)?;
+pub fn map(path: &Path, format: Option<Format>, force_share: bool) -> Result<Vec<MapEntry>> {
+    let mut img = open_read(path, format, force_share)?;
     let size = img.size();
     let mut out: Vec<MapEntry> = Vec::new();
     let mut off = 0;
@@ -327,13 +342,15 @@ fn known_zero(img: &mut dyn DiskImage, off: u64, len: u64) -> Result<u64> {
 /// Options for [`convert`].
 pub struct ConvertOptions {
     pub src_format: Option<Format>,
+    /// Read a source others may be writing (`-U`).
+    pub force_share: bool,
     pub dst: CreateOptions,
 }
 
 /// `convert`: copies the whole virtual disk into a new image, skipping zero ranges so the
 /// target stays sparse.
 pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: Progress) -> Result<()> {
-    let mut s = open(src, opts.src_format, true)?;
+    let mut s = open_read(src, opts.src_format, opts.force_share)?;
     let size = s.size();
     let mut create_opts = opts.dst.clone();
     create_opts.size = Some(size);
@@ -382,10 +399,21 @@ pub enum CompareResult {
     SizeMismatch,
 }
 
+/// What [`compare`] compares and how.
+pub struct CompareOptions {
+    pub format_a: Option<Format>,
+    pub format_b: Option<Format>,
+    /// Images of different sizes differ (otherwise the longer one's tail must read zeroes).
+    pub strict: bool,
+    /// Read images others may be writing (`-U`).
+    pub force_share: bool,
+}
+
 /// `compare`: content equality; the longer image's tail must be zero unless `strict`.
-pub fn compare(a: &Path, fa: Option<Format>, b: &Path, fb: Option<Format>, strict: bool, progress: Progress) -> Result<CompareResult> {
-    let mut x = open(a, fa, true)?;
-    let mut y = open(b, fb, true)?;
+pub fn compare(a: &Path, b: &Path, opts: &CompareOptions, progress: Progress) -> Result<CompareResult> {
+    let (strict, force_share) = (opts.strict, opts.force_share);
+    let mut x = open_read(a, opts.format_a, force_share)?;
+    let mut y = open_read(b, opts.format_b, force_share)?;
     let (sx, sy) = (x.size(), y.size());
     if strict && sx != sy {
         return Ok(CompareResult::SizeMismatch);
@@ -429,7 +457,7 @@ pub fn commit(path: &Path, format: Option<Format>, keep: bool, progress: Progres
     if opened_format(path, format)? != Format::Qcow2 {
         return Err(Error::invalid(path, "commit needs a qcow2 image with a backing file"));
     }
-    let mut top = Qcow2::open(path, true)?;
+    let mut top = Qcow2::open(path, Access::Read)?;
     let Some((bpath, bfmt)) = top.backing_target()? else {
         return Err(Error::invalid(path, "image has no backing file to commit into"));
     };
@@ -458,7 +486,7 @@ pub fn commit(path: &Path, format: Option<Format>, keep: bool, progress: Progres
     drop(base);
     drop(top);
     if !keep {
-        Qcow2::open(path, false)?.make_empty()?;
+        Qcow2::open(path, Access::Write)?.make_empty()?;
     }
     Ok(())
 }
@@ -512,7 +540,7 @@ pub fn rebase(
         }
         img.flush()?;
     }
-    let mut img = Qcow2::open(path, false)?;
+    let mut img = Qcow2::open(path, Access::Write)?;
     img.set_backing_file(new_backing, new_format)
 }
 
@@ -527,7 +555,7 @@ pub enum SizeChange {
 
 /// `resize`: to a new virtual size; shrinking needs `shrink`. Returns the new size.
 pub fn resize(path: &Path, format: Option<Format>, change: SizeChange, shrink: bool) -> Result<u64> {
-    let mut img = open_with(path, &OpenOptions { format, readonly: false, open_backing: true })?;
+    let mut img = open_with(path, &OpenOptions { format, access: Access::Write, open_backing: true })?;
     let cur = img.size();
     let new = match change {
         SizeChange::To(bytes) => bytes,

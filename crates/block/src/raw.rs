@@ -1,8 +1,8 @@
 //! Raw images: the file is the disk. Sparse-aware: holes are reported as zero extents, discard
 //! punches holes, and write_zeroes uses fallocate instead of writing zero buffers.
 use crate::error::{Error, Result};
-use crate::{DiskImage, Extent, Format, ImageInfo, Status, check_range, read_padded};
-use std::fs::{File, OpenOptions};
+use crate::{Access, DiskImage, Extent, Format, ImageInfo, Status, check_range, read_padded};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -17,15 +17,16 @@ pub struct RawImage {
 
 /// Creates (or truncates) a sparse raw image of `size` bytes.
 pub fn create(path: &Path, size: u64) -> Result<()> {
-    let f = File::create(path).map_err(Error::io(path, "create"))?;
+    let f = crate::create_locked(path)?;
     f.set_len(size).map_err(Error::io(path, "set size"))
 }
 
 impl RawImage {
-    pub fn open(path: &Path, readonly: bool) -> Result<RawImage> {
-        let file = OpenOptions::new().read(true).write(!readonly).open(path).map_err(Error::io(path, "open"))?;
+    /// Opens a raw image and takes its locks.
+    pub fn open(path: &Path, access: Access) -> Result<RawImage> {
+        let file = crate::open_locked(path, access)?;
         let size = file.metadata().map_err(Error::io(path, "stat"))?.len();
-        Ok(RawImage { path: path.to_path_buf(), file, size, readonly })
+        Ok(RawImage { path: path.to_path_buf(), file, size, readonly: access.readonly() })
     }
 
     fn writable(&self) -> Result<()> {

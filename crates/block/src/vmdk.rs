@@ -2,7 +2,7 @@
 //! extents, both monolithicSparse and streamOptimized (compressed grains, footer at the end).
 //! Split or flat descriptor-based layouts are refused with a clear error.
 use crate::error::{Error, Result};
-use crate::{DiskImage, Extent, Format, ImageInfo, Status, check_range};
+use crate::{Access, DiskImage, Extent, Format, ImageInfo, Status, check_range};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -39,8 +39,9 @@ fn le64(b: &[u8], o: usize) -> u64 {
 }
 
 impl VmdkImage {
-    pub fn open(path: &Path) -> Result<Box<dyn DiskImage>> {
-        let file = File::open(path).map_err(Error::io(path, "open"))?;
+    /// Opens a VMDK file read-only and takes its locks (`access` must be a read access).
+    pub fn open(path: &Path, access: Access) -> Result<Box<dyn DiskImage>> {
+        let file = crate::open_locked(path, access)?;
         let file_len = file.metadata().map_err(Error::io(path, "stat"))?.len();
         let mut hdr = [0u8; 512];
         if file_len < 512 {

@@ -2,7 +2,7 @@
 //! a panic, a hang or a huge allocation. Ends with a short mutation fuzz run over the metadata.
 mod common;
 use common::*;
-use ferro_block::{CreateOptions, DiskImage, Format, create, open};
+use ferro_block::{Access, CreateOptions, DiskImage, Format, create, open};
 use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
@@ -192,7 +192,7 @@ fn data_pointers_into_metadata_are_refused_on_every_path() {
             let after = std::fs::read(&q).expect("read");
             assert!(after.len() == before.len() && metadata_of(&after) == before, "{name} through a pointer to {what} changed metadata");
         }
-        let map = ferro_block::ops::map(&q, None).expect_err("map must fail").to_string();
+        let map = ferro_block::ops::map(&q, None, false).expect_err("map must fail").to_string();
         assert!(map.contains(what), "map -> {what}: {map}");
     }
 
@@ -235,14 +235,14 @@ fn backing_loops_and_missing_backing_files() {
     o.backing_format = Some(Format::Qcow2);
     create(&b, &o).expect("b");
     // Point a at b: a -> b -> a.
-    ferro_block::qcow2::Qcow2::open(&a, false).expect("open a").set_backing_file(Some("b.qcow2"), Some(Format::Qcow2)).expect("set");
+    ferro_block::qcow2::Qcow2::open(&a, Access::Write).expect("open a").set_backing_file(Some("b.qcow2"), Some(Format::Qcow2)).expect("set");
     let e = open(&b, None, true).err().expect("loop must fail").to_string();
     assert!(e.contains("loop"), "{e}");
     // Self loop.
-    ferro_block::qcow2::Qcow2::open(&a, false).expect("open a").set_backing_file(Some("a.qcow2"), None).expect("set");
+    ferro_block::qcow2::Qcow2::open(&a, Access::Write).expect("open a").set_backing_file(Some("a.qcow2"), None).expect("set");
     assert!(open(&a, None, true).err().expect("self loop").to_string().contains("loop"));
     // Missing backing file names it.
-    ferro_block::qcow2::Qcow2::open(&a, false).expect("open a").set_backing_file(Some("gone.raw"), Some(Format::Raw)).expect("set");
+    ferro_block::qcow2::Qcow2::open(&a, Access::Write).expect("open a").set_backing_file(Some("gone.raw"), Some(Format::Raw)).expect("set");
     let e = open(&a, None, true).err().expect("missing").to_string();
     assert!(e.contains("gone.raw"), "{e}");
     // A chain deeper than the limit.
@@ -288,7 +288,7 @@ fn mutation_fuzz_never_panics() {
                 let _ = img.write_at(&[0x42; 5000], 60_000.min(img.size().saturating_sub(5000)));
                 let _ = img.flush();
             }
-            let _ = ferro_block::ops::check(&q, Some(Format::Qcow2), false);
+            let _ = ferro_block::ops::check(&q, Some(Format::Qcow2), false, false);
         });
         assert!(outcome.is_ok(), "panic on mutant seed {seed}");
     }

@@ -1,7 +1,7 @@
 //! The `ferro img` operations (ferro_block::ops) against qemu-img's own answers.
 mod common;
 use common::*;
-use ferro_block::ops::{self, CheckOutcome, CompareResult, ConvertOptions, SizeChange};
+use ferro_block::ops::{self, CheckOutcome, CompareOptions, CompareResult, ConvertOptions, SizeChange};
 use ferro_block::{CreateOptions, Format, create, open};
 use std::path::Path;
 
@@ -11,8 +11,12 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
+fn plain_compare() -> CompareOptions {
+    CompareOptions { format_a: None, format_b: None, strict: false, force_share: false }
+}
+
 fn checked(path: &Path) -> ferro_block::qcow2::check::CheckReport {
-    match ops::check(path, None, false).expect("check runs") {
+    match ops::check(path, None, false, false).expect("check runs") {
         CheckOutcome::Checked(r) => r,
         CheckOutcome::NotSupported(f) => panic!("check unsupported for {f}"),
     }
@@ -33,7 +37,7 @@ fn qemu_chain(s: &TempDir) -> std::path::PathBuf {
 fn map_and_info_match_qemu() {
     let s = TempDir::new("block-map");
     let top = qemu_chain(&s);
-    let ours = ops::map_json(&ops::map(&top, None).expect("map"));
+    let ours = ops::map_json(&ops::map(&top, None, false).expect("map"));
     let theirs = qemu_img_ok(&["map", "--output", "json", p(&top)]);
     // Entry by entry and field by field: qemu-img 8.1 and later add a "compressed" field that
     // 7.2 lacks and we do not emit (this chain has no compressed clusters).
@@ -49,13 +53,13 @@ fn map_and_info_match_qemu() {
         }
     }
 
-    let info = ops::info(&top, None, false).expect("info");
+    let info = ops::info(&top, None, false, false).expect("info");
     let ours: serde_json::Value = ops::info_json(&info[0]).expect("json");
     let theirs: serde_json::Value = serde_json::from_str(&qemu_img_ok(&["info", "--output", "json", p(&top)])).expect("parse");
     for k in ["virtual-size", "format", "cluster-size", "backing-filename", "backing-filename-format", "dirty-flag", "format-specific", "actual-size"] {
         assert_eq!(ours[k], theirs[k], "field {k}");
     }
-    let chain = ops::info(&top, None, true).expect("chain");
+    let chain = ops::info(&top, None, true, false).expect("chain");
     assert_eq!(chain.len(), 2);
     assert_eq!(chain[1].format, Format::Qcow2);
 }
@@ -83,7 +87,7 @@ fn check_finds_leaks_and_corruption_like_qemu() {
     let r = checked(&q);
     assert_eq!((r.corruptions, r.leaks, r.exit_code()), (0, 1, 3), "{r:?}");
     assert_eq!(qemu_img(&["check", p(&q)]).status.code(), Some(3));
-    let CheckOutcome::Checked(fixed) = ops::check(&q, None, true).expect("repair") else { panic!("qcow2") };
+    let CheckOutcome::Checked(fixed) = ops::check(&q, None, true, false).expect("repair") else { panic!("qcow2") };
     assert_eq!((fixed.leaks_fixed, fixed.leaks), (1, 0));
     assert_qemu_check_clean(&q);
     // Corruption: zero the refcount of the data cluster.
@@ -101,7 +105,7 @@ fn check_finds_leaks_and_corruption_like_qemu() {
     // Raw has nothing to check (qemu-img exits 63).
     let raw = s.join("r.raw");
     create(&raw, &CreateOptions::new(Format::Raw, Some(MIB))).expect("raw");
-    assert!(matches!(ops::check(&raw, None, false).expect("check"), CheckOutcome::NotSupported(Format::Raw)));
+    assert!(matches!(ops::check(&raw, None, false, false).expect("check"), CheckOutcome::NotSupported(Format::Raw)));
 }
 
 #[test]
@@ -110,7 +114,7 @@ fn convert_matches_qemu_convert_and_stays_sparse() {
     let top = qemu_chain(&s);
     for (fmt, name) in [(Format::Qcow2, "out.qcow2"), (Format::Raw, "out.raw")] {
         let out = s.join(name);
-        let opts = ConvertOptions { src_format: None, dst: CreateOptions::new(fmt, None) };
+        let opts = ConvertOptions { src_format: None, force_share: false, dst: CreateOptions::new(fmt, None) };
         ops::convert(&top, &out, &opts, &mut |_, _| {}).expect("convert");
         assert_qemu_identical(&top, &out);
         if fmt == Format::Qcow2 {
@@ -122,13 +126,13 @@ fn convert_matches_qemu_convert_and_stays_sparse() {
     }
     // Compare against our own converted raw, and a mismatch is found at the right offset.
     let raw = s.join("out.raw");
-    assert_eq!(ops::compare(&top, None, &raw, None, false, &mut |_, _| {}).expect("compare"), CompareResult::Identical);
+    assert_eq!(ops::compare(&top, &raw, &plain_compare(), &mut |_, _| {}).expect("compare"), CompareResult::Identical);
     {
         let mut img = open(&raw, None, false).expect("open raw");
         img.write_at(&[0xee], 5 * MIB + 3).expect("write");
     }
     assert_eq!(
-        ops::compare(&top, None, &raw, None, false, &mut |_, _| {}).expect("compare"),
+        ops::compare(&top, &raw, &plain_compare(), &mut |_, _| {}).expect("compare"),
         CompareResult::Mismatch(5 * MIB + 3)
     );
 }
@@ -190,7 +194,7 @@ fn vmdk_input_converts_to_the_same_bytes_as_qemu() {
         let vmdk = s.join(format!("{sub}.vmdk"));
         qemu_img_ok(&["convert", "-f", "raw", "-O", "vmdk", "-o", &format!("subformat={sub}"), p(&raw), p(&vmdk)]);
         let ours = s.join(format!("{sub}.qcow2"));
-        let opts = ConvertOptions { src_format: None, dst: CreateOptions::new(Format::Qcow2, None) };
+        let opts = ConvertOptions { src_format: None, force_share: false, dst: CreateOptions::new(Format::Qcow2, None) };
         ops::convert(&vmdk, &ours, &opts, &mut |_, _| {}).expect("convert vmdk");
         assert_qemu_check_clean(&ours);
         assert_eq!(qemu_read_all(&ours, &s), qemu_read_all(&vmdk, &s), "{sub}");

@@ -3,7 +3,7 @@
 mod progress;
 
 use clap::{Args, Subcommand, ValueEnum};
-use ferro_block::ops::{self, CheckOutcome, CompareResult, ConvertOptions, SizeChange};
+use ferro_block::ops::{self, CheckOutcome, CompareOptions, CompareResult, ConvertOptions, SizeChange};
 use ferro_block::{CreateOptions, Format};
 use progress::Bar;
 use std::path::{Path, PathBuf};
@@ -53,6 +53,9 @@ enum Verb {
         /// Also show every backing file.
         #[arg(long)]
         backing_chain: bool,
+        /// Read the image even if another process is writing it.
+        #[arg(short = 'U', long)]
+        force_share: bool,
         filename: PathBuf,
     },
     /// Check qcow2 metadata; exit 0 clean, 2 corrupt, 3 leaks, 1 check failed, 63 unsupported.
@@ -66,6 +69,9 @@ enum Verb {
         repair: Option<String>,
         #[arg(short = 'q')]
         quiet: bool,
+        /// Read the image even if another process is writing it (not with -r).
+        #[arg(short = 'U', long)]
+        force_share: bool,
         filename: PathBuf,
     },
     /// Copy an image into a new one, possibly of another format.
@@ -81,6 +87,9 @@ enum Verb {
         progress: bool,
         #[arg(short = 'q')]
         quiet: bool,
+        /// Read the source even if another process is writing it.
+        #[arg(short = 'U', long)]
+        force_share: bool,
         source: PathBuf,
         target: PathBuf,
     },
@@ -134,6 +143,9 @@ enum Verb {
         format: Option<String>,
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
+        /// Read the image even if another process is writing it.
+        #[arg(short = 'U', long)]
+        force_share: bool,
         filename: PathBuf,
     },
     /// Compare the contents of two images; exit 0 identical, 1 different, 2 error.
@@ -149,6 +161,9 @@ enum Verb {
         progress: bool,
         #[arg(short = 'q')]
         quiet: bool,
+        /// Read the images even if another process is writing them.
+        #[arg(short = 'U', long)]
+        force_share: bool,
         image1: PathBuf,
         image2: PathBuf,
     },
@@ -250,8 +265,8 @@ fn dispatch(verb: Verb) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Verb::Info { format, output, backing_chain, filename } => {
-            let infos = ops::info(&filename, format_arg(&format)?, backing_chain)?;
+        Verb::Info { format, output, backing_chain, force_share, filename } => {
+            let infos = ops::info(&filename, format_arg(&format)?, backing_chain, force_share)?;
             if output == Output::Json {
                 let values = infos.iter().map(ops::info_json).collect::<Result<Vec<_>, _>>()?;
                 if backing_chain {
@@ -265,13 +280,13 @@ fn dispatch(verb: Verb) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Verb::Check { format, output, repair, quiet, filename } => {
+        Verb::Check { format, output, repair, quiet, force_share, filename } => {
             let repair = match repair.as_deref() {
                 None => false,
                 Some("leaks" | "all") => true,
                 Some(r) => return fail(format!("invalid repair mode {r:?} (leaks or all)")),
             };
-            let report = match ops::check(&filename, format_arg(&format)?, repair) {
+            let report = match ops::check(&filename, format_arg(&format)?, repair, force_share) {
                 Ok(CheckOutcome::Checked(r)) => r,
                 Ok(CheckOutcome::NotSupported(_)) => {
                     return Err(Failure("This image format does not support checks".into(), 63));
@@ -285,11 +300,11 @@ fn dispatch(verb: Verb) -> Result<u8, Failure> {
             }
             Ok(report.exit_code())
         }
-        Verb::Convert { format, output_format, options, progress, quiet, source, target } => {
+        Verb::Convert { format, output_format, options, progress, quiet, force_share, source, target } => {
             let fmt = format_arg(&Some(output_format))?.unwrap_or(Format::Raw);
             let mut dst = CreateOptions::new(fmt, None);
             apply_options(&mut dst, &options)?;
-            let opts = ConvertOptions { src_format: format_arg(&format)?, dst };
+            let opts = ConvertOptions { src_format: format_arg(&format)?, force_share, dst };
             let mut bar = Bar::new(progress && !quiet);
             ops::convert(&source, &target, &opts, &mut |d, t| bar.update(d, t))?;
             bar.finish();
@@ -321,8 +336,8 @@ fn dispatch(verb: Verb) -> Result<u8, Failure> {
             bar.finish();
             Ok(0)
         }
-        Verb::Map { format, output, filename } => {
-            let entries = ops::map(&filename, format_arg(&format)?)?;
+        Verb::Map { format, output, force_share, filename } => {
+            let entries = ops::map(&filename, format_arg(&format)?, force_share)?;
             if output == Output::Json {
                 println!("{}", ops::map_json(&entries));
             } else {
@@ -335,11 +350,11 @@ fn dispatch(verb: Verb) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Verb::Compare { format, format2, strict, progress, quiet, image1, image2 } => {
-            let fa = format_arg(&format)?;
-            let fb = format_arg(&format2)?.or(fa);
+        Verb::Compare { format, format2, strict, progress, quiet, force_share, image1, image2 } => {
+            let format_a = format_arg(&format)?;
+            let opts = CompareOptions { format_a, format_b: format_arg(&format2)?.or(format_a), strict, force_share };
             let mut bar = Bar::new(progress && !quiet);
-            let r = ops::compare(&image1, fa, &image2, fb, strict, &mut |d, t| bar.update(d, t))
+            let r = ops::compare(&image1, &image2, &opts, &mut |d, t| bar.update(d, t))
                 .map_err(|e| Failure(e.to_string(), 2))?;
             bar.finish();
             let (msg, code) = match r {

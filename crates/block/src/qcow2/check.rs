@@ -3,6 +3,7 @@
 //! the stored refcounts, and optionally repairs leaks. Severity follows qemu-img: a stored
 //! refcount below the real count is a corruption, above it a leak.
 use super::{L1E_OFFSET_MASK, L2Entry, OFLAG_COPIED, Qcow2};
+use crate::Access;
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -51,9 +52,10 @@ impl Counter {
     }
 }
 
-/// Checks a qcow2 file; with `repair`, fixes leaked clusters (stored refcount above the count).
-pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
-    let mut img = Qcow2::open(path, true)?;
+/// Checks a qcow2 file opened with `access` (a read access); with `repair`, then fixes leaked
+/// clusters (stored refcount above the count).
+pub fn check(path: &Path, repair: bool, access: Access) -> Result<CheckReport> {
+    let mut img = Qcow2::open(path, access)?;
     let cs = img.cs;
     let nclusters = img.file_len.div_ceil(cs);
     if nclusters > MAX_CHECK_CLUSTERS {
@@ -111,7 +113,7 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
     }
     if repair && !fixes.is_empty() {
         drop(img);
-        let mut rw = Qcow2::open(path, false)?;
+        let mut rw = Qcow2::open(path, Access::Write)?;
         for &(c, real) in &fixes {
             rw.set_refcount(c, real)?;
         }

@@ -12,12 +12,12 @@ mod metamap;
 mod snapshot;
 
 use crate::error::{Error, Result};
-use crate::{CreateOptions, DiskImage, Extent, Format, ImageInfo, Qcow2Details, Status, check_range, resolve_backing};
+use crate::{Access, CreateOptions, DiskImage, Extent, Format, ImageInfo, Qcow2Details, Status, check_range, resolve_backing};
 use cache::MetaCache;
 pub(crate) use header::MAGIC;
 use header::*;
 use metamap::{MetaKind, MetaMap};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -122,19 +122,21 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions, backing_format: Opti
     }
     first.extend_from_slice(&table);
     first.extend_from_slice(&block);
-    let file = File::create(path).map_err(Error::io(path, "create"))?;
+    let file = crate::create_locked(path)?;
     file.write_all_at(&first, 0).map_err(Error::io(path, "write"))?;
     file.sync_data().map_err(Error::io(path, "fdatasync"))?;
     drop(file);
-    let mut img = Qcow2::open(path, false)?;
+    let mut img = Qcow2::open(path, Access::Write)?;
     img.resize(size)?;
     img.flush()
 }
 
 impl Qcow2 {
-    /// Opens a qcow2 file without its backing chain (see [`crate::open`] for the chain).
-    pub fn open(path: &Path, readonly: bool) -> Result<Qcow2> {
-        let file = OpenOptions::new().read(true).write(!readonly).open(path).map_err(Error::io(path, "open"))?;
+    /// Opens a qcow2 file without its backing chain (see [`crate::open`] for the chain) and
+    /// takes its locks.
+    pub fn open(path: &Path, access: Access) -> Result<Qcow2> {
+        let readonly = access.readonly();
+        let file = crate::open_locked(path, access)?;
         let file_len = file.metadata().map_err(Error::io(path, "stat"))?.len();
         let mut first = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
         file.read_exact_at(&mut first, 0).map_err(Error::io(path, "read header"))?;

@@ -94,7 +94,7 @@ fn failed(e: ferro_block::Error) -> JobError {
 /// stop request between chunks. Ranges the whole backing chain reads as zeroes are skipped, so
 /// the copy is as sparse as the source and stands alone (no backing file). The copy is synced.
 fn copy_image(ctx: &JobContext, src: &Path, src_format: Format, dst: &Path, dst_format: Format) -> std::result::Result<(), JobError> {
-    let ranges: Vec<(u64, u64)> = ferro_block::ops::map(src, Some(src_format))
+    let ranges: Vec<(u64, u64)> = ferro_block::ops::map(src, Some(src_format), false)
         .map_err(failed)?
         .into_iter()
         .filter(|e| e.data || !e.zero)
@@ -158,7 +158,8 @@ mod tests {
         let mut back = vec![1u8; data.len()];
         img.read_at(&mut back, 1 << 20).unwrap();
         assert!(back == data, "written data reads back");
-        let map = ferro_block::ops::map(&path, Some(Format::Raw)).unwrap();
+        drop(img);
+        let map = ferro_block::ops::map(&path, Some(Format::Raw), false).unwrap();
         let data_ranges: Vec<(u64, u64)> = map.iter().filter(|e| e.data).map(|e| (e.start, e.length)).collect();
         let block = ZERO_BLOCK as u64;
         assert!(

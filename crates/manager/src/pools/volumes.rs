@@ -257,7 +257,8 @@ pub(super) fn volume_files(dir: &Path) -> Vec<String> {
 /// Format, virtual size and backing file as the block layer reads them from the image.
 pub(super) fn image(pool: &str, name: &str, path: &Path) -> Result<Image> {
     let meta = std::fs::metadata(path).map_err(|e| Error::internal(format!("cannot read {}: {e}", path.display())))?;
-    let header = ferro_block::ops::info(path, None, false)
+    // Shared: a volume a running domain writes still has readable metadata.
+    let header = ferro_block::ops::info(path, None, false, true)
         .ok()
         .and_then(|mut chain| chain.drain(..).next())
         .ok_or_else(|| Error::conflict(format!("volume {name}: {} is not a readable disk image", path.display())))?;
