@@ -5,35 +5,17 @@
 
 use ferro_vmm_api::control::{Done, InfoReply, StatsReply, decode_reply};
 use ferro_vmm_api::{BootConfig, DeviceConfig, DeviceKind, DiskFormat, ExitReason, Kernel, MemoryConfig, Transport, VmConfig, VmEvent};
+use ferro_test_support::vm::ferro_command;
+use ferro_test_support::{TempDir, wait_exit, wait_for};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("ferro-vmm-ev-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A `ferro vmm` child with its events, stdout and stderr read on the side.
 struct Vmm {
@@ -66,8 +48,8 @@ impl Vmm {
         // SAFETY: both fds were just created and are owned by nobody else.
         let (read, write) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let write_fd = write.as_raw_fd();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferro"));
-        cmd.arg("vmm").args(args).args(["--event-fd", "3"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut cmd = ferro_command();
+        cmd.arg("vmm").args(args).args(["--event-fd", "3"]).stdout(Stdio::piped()).stderr(Stdio::piped());
         // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec and only
         // puts the pipe's write end on fd 3 (dup2 clears close-on-exec on the copy).
         unsafe {
@@ -106,14 +88,7 @@ impl Vmm {
 
     /// Waits for the process to end; its exit code and everything it wrote on stderr.
     fn finish(mut self) -> (Option<i32>, String) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "the VMM did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = wait_exit(&mut self.child, Duration::from_secs(30)).expect("the VMM did not exit");
         (status.code(), self.stderr.take().map(|t| t.join().unwrap()).unwrap_or_default())
     }
 }
@@ -122,14 +97,6 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn wait_for_socket(p: &Path) {
-    let start = Instant::now();
-    while !p.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "{} never appeared", p.display());
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -154,17 +121,17 @@ fn virtio_guest_config(name: &str, cmdline: &str, disk: &Path) -> VmConfig {
 
 #[test]
 fn config_file_events_and_disk_counters() {
-    let dir = Scratch::new("config");
-    let disk = dir.path("disk.raw");
+    let dir = TempDir::new("vmm-ev-config");
+    let disk = dir.join("disk.raw");
     File::create(&disk).unwrap().set_len(1 << 20).unwrap();
     let config = virtio_guest_config("cfg1", "blk.seed=5 blk.sector=1 virtio.hold=1", &disk);
-    let config_file = dir.path("vm.json");
+    let config_file = dir.join("vm.json");
     std::fs::write(&config_file, serde_json::to_vec(&config).unwrap()).unwrap();
-    let api_path = dir.path("api.sock");
+    let api_path = dir.join("api.sock");
     let mut vmm = Vmm::start(&["--config", config_file.to_str().unwrap(), "--api-socket", api_path.to_str().unwrap()]);
 
     assert_eq!(vmm.event(), VmEvent::Started { pid: vmm.child.id() });
-    wait_for_socket(&api_path);
+    wait_for("the control socket", Duration::from_secs(10), || api_path.exists());
     vmm.wait_console("virtio: all devices passed");
     let mut api = BufReader::new(UnixStream::connect(&api_path).unwrap());
     let info: InfoReply = decode_reply(&request(&mut api, r#"{"op":"info"}"#)).unwrap();
@@ -191,8 +158,8 @@ fn config_file_events_and_disk_counters() {
 
 #[test]
 fn a_config_file_that_is_not_a_vm_is_refused_with_an_exited_event() {
-    let dir = Scratch::new("badconfig");
-    let config_file = dir.path("vm.json");
+    let dir = TempDir::new("vmm-ev-badconfig");
+    let config_file = dir.join("vm.json");
     std::fs::write(&config_file, r#"{"name":"x","vcpu":1}"#).unwrap();
     let vmm = Vmm::start(&["--config", config_file.to_str().unwrap()]);
     let VmEvent::Exited { reason: ExitReason::Error(why) } = vmm.event() else { panic!("expected an exited event with an error") };
@@ -206,8 +173,8 @@ fn a_config_file_that_is_not_a_vm_is_refused_with_an_exited_event() {
 /// reports each as an event naming the device, and the guest recovers and powers off.
 #[test]
 fn a_broken_queue_is_an_event_not_a_reset_line() {
-    let dir = Scratch::new("hostile");
-    let disk = dir.path("disk.raw");
+    let dir = TempDir::new("vmm-ev-hostile");
+    let disk = dir.join("disk.raw");
     File::create(&disk).unwrap().set_len(1 << 20).unwrap();
     let disk_flag = format!("path={}", disk.display());
     let args = ["--guest", "virtio_hostile", "--memory", "64M", "--transport", "mmio", "--disk", &disk_flag, "--rng"];
@@ -231,7 +198,7 @@ fn a_broken_queue_is_an_event_not_a_reset_line() {
     assert!(!err.contains("virtio-blk"), "with an event fd the supervisor hears it as an event: {err}");
 
     // Without an event fd it is a log line, and no line ends the way a reset line does.
-    let o = Command::new(env!("CARGO_BIN_EXE_ferro")).arg("run").args(args).args(cmdline).stdin(Stdio::null()).output().unwrap();
+    let o = ferro_command().arg("run").args(args).args(cmdline).output().unwrap();
     assert_eq!(o.status.code(), Some(0));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("vda: virtio-blk: descriptor head 200"), "{err}");

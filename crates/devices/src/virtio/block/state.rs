@@ -55,7 +55,8 @@ mod tests {
 
     #[test]
     fn state_round_trips_through_serde_and_a_new_device() {
-        let path = std::env::temp_dir().join(format!("ferro-blk-state-{}.qcow2", std::process::id()));
+        let dir = ferro_test_support::TempDir::new("blk-state");
+        let path = dir.join("ferro-blk-state-0.qcow2");
         let opts = ferro_block::CreateOptions::new(ferro_block::Format::Qcow2, Some(1 << 20));
         ferro_block::create(&path, &opts).unwrap();
         let mut block = Block::new(&path, None, false).unwrap();
@@ -71,6 +72,5 @@ mod tests {
         assert_eq!(Block::restore(&back).unwrap().state(), state);
         std::fs::write(&path, b"").unwrap();
         assert!(Block::restore(&back).is_err(), "an image that changed size is refused");
-        let _ = std::fs::remove_file(&path);
     }
 }

@@ -139,8 +139,7 @@ mod tests {
 
     #[test]
     fn config_holds_the_cid_and_the_snapshot_round_trips() {
-        let dir = std::env::temp_dir().join(format!("ferro-vsock-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = ferro_test_support::TempDir::new("vsock-unit");
         let uds = dir.join("v.sock");
         let v = Vsock::new(0x1_0000_0003, &uds).unwrap();
         let mut cfg = [0u8; 8];
@@ -154,7 +153,5 @@ mod tests {
         let restored = Vsock::restore(&serde_json::from_str(&json).unwrap()).unwrap();
         assert_eq!(restored.snapshot(), state);
         assert!(restored.reset_event, "a restored guest hears its streams are gone");
-        drop(restored);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
