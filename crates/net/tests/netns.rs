@@ -126,6 +126,19 @@ fn processes_mentioning(needle: &str) -> Vec<u32> {
     found
 }
 
+/// Kills, when dropped, every dnsmasq still running on a state directory: a test that fails
+/// half-way must not leave daemons behind (they would keep its namespace alive).
+struct KillLeftovers(String);
+
+impl Drop for KillLeftovers {
+    fn drop(&mut self) {
+        for pid in processes_mentioning(&self.0) {
+            // SAFETY: kill(2) with a pid and a signal.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
 fn net(text: &str) -> NetworkConfig {
     NetworkConfig::parse(text).unwrap()
 }
@@ -134,6 +147,7 @@ fn net(text: &str) -> NetworkConfig {
 fn nat_and_isolated_networks_end_to_end() {
     let dir = TempDir::new("net-e2e");
     let state = dir.join("networks");
+    let _leftovers = KillLeftovers(state.to_string_lossy().into_owned());
     let (host, _outside) = host_and_outside();
     // A table of someone else's, which must come through untouched.
     exec(&host, &["nft", "add table inet other"]);
@@ -248,6 +262,7 @@ fn nat_and_isolated_networks_end_to_end() {
 fn clashes_are_refused_and_leave_nothing() {
     let dir = TempDir::new("net-clash");
     let state = dir.join("networks");
+    let _leftovers = KillLeftovers(state.to_string_lossy().into_owned());
     let host = namespace("clash");
     host.ip(&["link", "add", "taken0", "type", "bridge"]);
     host.ip(&["link", "add", "lan0", "type", "veth", "peer", "name", "lan0p"]);
@@ -291,6 +306,7 @@ fn clashes_are_refused_and_leave_nothing() {
 fn a_restarted_ferrod_adopts_and_dnsmasq_is_supervised() {
     let dir = TempDir::new("net-adopt");
     let state = dir.join("networks");
+    let _leftovers = KillLeftovers(state.to_string_lossy().into_owned());
     let host = namespace("adopt");
     let config = net("name = \"n\"\nmode = \"nat\"\nbridge = \"fvn\"\nip = \"10.50.0.1/24\"\n[dhcp]\nstart = \"10.50.0.10\"\nend = \"10.50.0.20\"\n");
     let ours = || processes_mentioning(state.to_str().unwrap());
