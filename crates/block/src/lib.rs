@@ -1,10 +1,10 @@
 //! ferro-block: disk images for Ferrovisor.
 //!
 //! Raw (sparse-aware) and qcow2 (v3 read/write, v2 read/write without zero clusters) images with
-//! backing chains, VMDK (monolithicSparse, streamOptimized) as a read-only input format, and the
-//! operations behind `ferro img` in [`ops`]. The API is blocking: one `DiskImage` per open image,
-//! used from one thread at a time. Every open locks its files the way QEMU does ([`lock`]), so
-//! ferro and QEMU never write one image at the same time.
+//! backing chains, VMDK (monolithicSparse, streamOptimized) as an input format and streamOptimized
+//! as a convert output, and the operations behind `ferro img` in [`ops`]. The API is blocking:
+//! one `DiskImage` per open image, used from one thread at a time. Every open locks its files the
+//! way QEMU does ([`lock`]), so ferro and QEMU never write one image at the same time.
 //!
 //! Crash safety of qcow2 comes from write ordering, not from a dirty bit: refcount increments
 //! reach the disk before any table that points at the new cluster, and a cluster is only freed
@@ -316,6 +316,10 @@ pub struct CreateOptions {
     pub compat_v2: bool,
     /// qcow2 refcount width (power of two, 1..=64).
     pub refcount_bits: u32,
+    /// VMDK subformat (qemu-img's `subformat=`): only "streamOptimized" is written, by convert.
+    pub subformat: Option<String>,
+    /// VMDK adapter type named in the descriptor (qemu-img's `adapter_type=`).
+    pub adapter_type: vmdk::Adapter,
 }
 
 impl CreateOptions {
@@ -329,6 +333,8 @@ impl CreateOptions {
             backing_format: None,
             compat_v2: false,
             refcount_bits: 16,
+            subformat: None,
+            adapter_type: vmdk::Adapter::Ide,
         }
     }
 }
@@ -359,7 +365,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     match opts.format {
         Format::Raw => raw::create(path, size),
         Format::Qcow2 => qcow2::create(path, size, opts, backing_format),
-        Format::Vmdk => Err(Error::unsupported(path, "creating VMDK images")),
+        Format::Vmdk => Err(Error::unsupported(path, "creating empty VMDK images (convert into subformat=streamOptimized instead)")),
     }
 }
 

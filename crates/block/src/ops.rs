@@ -2,6 +2,7 @@
 //! check, convert, compare, map, commit, rebase, resize.
 use crate::error::{Error, Result};
 use crate::qcow2::{Qcow2, check::CheckReport};
+use crate::vmdk::{STREAM_GRAIN, StreamWriter};
 use crate::{Access, CreateOptions, DiskImage, Format, ImageInfo, OpenOptions, Status, create, open, open_with, probe};
 use serde_json::{Map, Value, json};
 use std::os::unix::fs::MetadataExt;
@@ -352,6 +353,9 @@ pub struct ConvertOptions {
 pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: Progress) -> Result<()> {
     let mut s = open_read(src, opts.src_format, opts.force_share)?;
     let size = s.size();
+    if opts.dst.format == Format::Vmdk {
+        return convert_to_stream_vmdk(s.as_mut(), dst, &opts.dst, progress);
+    }
     let mut create_opts = opts.dst.clone();
     create_opts.size = Some(size);
     create(dst, &create_opts)?;
@@ -387,6 +391,40 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: Progress
         progress(off, size);
     }
     d.flush()
+}
+
+/// `convert -O vmdk -o subformat=streamOptimized`: every grain that is not all zeroes, compressed,
+/// in disk order (the only way that format can be written).
+fn convert_to_stream_vmdk(s: &mut dyn DiskImage, dst: &Path, opts: &CreateOptions, progress: Progress) -> Result<()> {
+    match opts.subformat.as_deref() {
+        Some("streamOptimized") => {}
+        other => {
+            return Err(Error::unsupported(
+                dst,
+                format!(
+                    "writing VMDK subformat {:?}: only subformat=streamOptimized is written",
+                    other.unwrap_or("monolithicSparse")
+                ),
+            ));
+        }
+    }
+    let size = s.size();
+    let mut w = StreamWriter::create(dst, size, opts.adapter_type)?;
+    let mut buf = vec![0u8; STREAM_GRAIN as usize];
+    let mut off = 0;
+    while off < size {
+        let len = (size - off).min(STREAM_GRAIN);
+        if known_zero(s, off, len)? < len {
+            let b = &mut buf[..len as usize];
+            s.read_at(b, off)?;
+            if b.iter().any(|&x| x != 0) {
+                w.write_grain(off / STREAM_GRAIN, b)?;
+            }
+        }
+        off += len;
+        progress(off, size);
+    }
+    w.finish()
 }
 
 /// Result of [`compare`].

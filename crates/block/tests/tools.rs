@@ -201,3 +201,47 @@ fn vmdk_input_converts_to_the_same_bytes_as_qemu() {
         assert_eq!(read_all(&vmdk), content, "{sub}");
     }
 }
+
+#[test]
+fn stream_optimized_vmdk_output_reads_back_in_qemu_and_here() {
+    let s = TempDir::new("block-vmdk-out");
+    // 3 grain tables' worth (32 MiB each): data in the first, none in the second (its table is
+    // left out), data and a last grain cut short in the third.
+    let size = 70 * MIB as usize + 3 * 512;
+    let mut content = vec![0u8; size];
+    content[..3 * MIB as usize].copy_from_slice(&data(21, 3 * MIB as usize));
+    content[5 * MIB as usize..5 * MIB as usize + 70_000].fill(0x5a);
+    let tail = size - 2 * MIB as usize;
+    content[tail..].copy_from_slice(&data(22, 2 * MIB as usize));
+    let raw = s.join("src.raw");
+    std::fs::write(&raw, &content).expect("raw");
+    for adapter in ["ide", "lsilogic"] {
+        let vmdk = s.join(format!("out-{adapter}.vmdk"));
+        let mut dst = CreateOptions::new(Format::Vmdk, None);
+        dst.subformat = Some("streamOptimized".into());
+        dst.adapter_type = ferro_block::vmdk::Adapter::from_name(adapter).expect("adapter");
+        ops::convert(&raw, &vmdk, &ConvertOptions { src_format: None, force_share: false, dst }, &mut |_, _| {}).expect("convert to vmdk");
+        let info = qemu_img_ok(&["info", "--output", "json", p(&vmdk)]);
+        let info: serde_json::Value = serde_json::from_str(&info).expect("qemu-img info json");
+        assert_eq!(info["format"], "vmdk", "{info}");
+        assert_eq!(info["virtual-size"], size as u64, "{info}");
+        assert_eq!(info["format-specific"]["data"]["create-type"], "streamOptimized", "{info}");
+        assert_eq!(info["format-specific"]["data"]["extents"][0]["compressed"], true, "{info}");
+        let check = qemu_img(&["check", p(&vmdk)]);
+        assert!(check.status.success(), "qemu-img check: {}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+        // qemu-img's own conversion of our file gives the disk's bytes; so does our reader.
+        let back = s.join(format!("back-{adapter}.raw"));
+        qemu_img_ok(&["convert", "-f", "vmdk", "-O", "raw", p(&vmdk), p(&back)]);
+        assert!(std::fs::read(&back).expect("read back") == content, "qemu-img reads our VMDK back as the disk ({adapter})");
+        assert!(read_all(&vmdk) == content, "our reader reads our VMDK back ({adapter})");
+        let descriptor = String::from_utf8_lossy(&std::fs::read(&vmdk).expect("vmdk")[512..4096]).into_owned();
+        assert!(descriptor.contains(&format!("ddb.adapterType = \"{adapter}\"")), "{descriptor}");
+        // Zero grains are not stored: far smaller than the 8 MiB of data it holds, uncompressed.
+        let len = std::fs::metadata(&vmdk).expect("stat").len();
+        assert!(len < 6 * MIB, "{len} bytes");
+    }
+    let mut dst = CreateOptions::new(Format::Vmdk, None);
+    dst.subformat = Some("monolithicFlat".into());
+    let e = ops::convert(&raw, &s.join("flat.vmdk"), &ConvertOptions { src_format: None, force_share: false, dst }, &mut |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("only subformat=streamOptimized"), "{e}");
+}

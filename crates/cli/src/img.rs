@@ -78,8 +78,10 @@ enum Verb {
     Convert {
         #[arg(short = 'f')]
         format: Option<String>,
+        /// Output format: raw, qcow2, or vmdk (with -o subformat=streamOptimized).
         #[arg(short = 'O', default_value = "raw")]
         output_format: String,
+        /// Format options as for create; for vmdk: subformat=streamOptimized, adapter_type=ide|lsilogic|buslogic|legacyESX.
         #[arg(short = 'o')]
         options: Vec<String>,
         /// Show progress.
@@ -234,6 +236,11 @@ fn apply_options(o: &mut CreateOptions, options: &[String]) -> Result<(), Failur
             "refcount_bits" => o.refcount_bits = v.parse().map_err(|_| Failure(format!("invalid refcount_bits {v:?}"), 1))?,
             "backing_file" => o.backing_file = Some(v.to_string()),
             "backing_fmt" => o.backing_format = format_arg(&Some(v.to_string()))?,
+            "subformat" => o.subformat = Some(v.to_string()),
+            "adapter_type" => {
+                o.adapter_type = ferro_block::vmdk::Adapter::from_name(v)
+                    .ok_or_else(|| Failure(format!("invalid adapter_type {v:?} (ide, lsilogic, buslogic or legacyESX)"), 1))?
+            }
             "size" => o.size = Some(size("size", v)?),
             _ => return fail(format!("unsupported option {k:?}")),
         }
