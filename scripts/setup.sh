@@ -13,6 +13,10 @@ packages=(
     nftables          # nft: forwarding and NAT of ferrod's networks (crates/net)
     dnsmasq-base      # DHCP and DNS of ferrod's networks (crates/net)
     busybox-static    # udhcpc, nslookup and ping for the network tests' guest stand-ins
+    fdisk             # sfdisk: partition tables for the image tests
+    dosfstools        # fsck.vfat: checks the cloud-init seeds we write
+    e2fsprogs         # mkfs.ext4 -d, debugfs: filesystems for the image tests
+    debootstrap       # guests/debian/build.sh: a real Debian root filesystem (cached)
 )
 
 missing=()

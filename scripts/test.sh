@@ -8,4 +8,7 @@ start=$(date +%s)
 linux_dir=$(guests/linux/build.sh | tail -n 1)
 echo "test.sh: Linux test guest in $linux_dir ($(( $(date +%s) - start )) s)" >&2
 export FERRO_LINUX_DIR=$linux_dir
+start=$(date +%s)
+debian_dir=$(guests/debian/build.sh | tail -n 1)
+echo "test.sh: Debian root filesystem in $debian_dir ($(( $(date +%s) - start )) s)" >&2
 cargo test --workspace --no-fail-fast -- --test-threads=2

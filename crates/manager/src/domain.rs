@@ -28,17 +28,24 @@ pub struct DomainConfig {
     /// A memory balloon, so that `setmem` can take memory back while the domain runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
+    /// A cloud-init NoCloud seed, attached read-only after the disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInitConfig>,
 }
 
 fn default_vcpus() -> u32 {
     1
 }
 
-/// How the guest boots: a Linux kernel (plus optional initrd and command line) or one of the
-/// VMM's built-in test guests.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// How the guest boots: a Linux kernel (plus optional initrd and command line), the kernel the
+/// first disk's own boot configuration names (`from = "disk"`; `cmdline` is then appended to the
+/// one found there), or one of the VMM's built-in test guests.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BootConfig {
+    /// "disk": boot the kernel, initrd and command line found on the first disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,6 +71,21 @@ pub struct DiskConfig {
     #[serde(default)]
     pub readonly: bool,
 }
+
+/// `[cloud_init]`: the NoCloud seed's files, as text. Without `meta_data` the seed says
+/// `instance-id: <domain uuid>` and `local-hostname: <domain name>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInitConfig {
+    pub user_data: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<String>,
+}
+
+/// Largest cloud-init file in a definition.
+pub const MAX_CLOUD_INIT_FILE: usize = 256 << 10;
 
 fn default_format() -> String {
     "raw".to_string()
@@ -135,6 +157,19 @@ impl DomainConfig {
             return Err(err("vcpus", format!("must be between 1 and {MAX_VCPUS}")));
         }
         self.boot.validate()?;
+        if self.boot.from_disk() && self.disks.is_empty() {
+            return Err(err("boot.from", "\"disk\" needs a [[disk]] to boot from (the first one)"));
+        }
+        if let Some(ci) = &self.cloud_init {
+            let files = [("user_data", Some(&ci.user_data)), ("meta_data", ci.meta_data.as_ref()), ("network_config", ci.network_config.as_ref())];
+            for (key, text) in files {
+                if let Some(text) = text
+                    && text.len() > MAX_CLOUD_INIT_FILE
+                {
+                    return Err(err(format!("cloud_init.{key}"), format!("{} bytes, more than {MAX_CLOUD_INIT_FILE}", text.len())));
+                }
+            }
+        }
         for (i, disk) in self.disks.iter().enumerate() {
             disk.validate().map_err(|e| err(format!("disk[{i}].{}", e.key), e.reason))?;
         }
@@ -154,10 +189,26 @@ impl DomainConfig {
 }
 
 impl BootConfig {
+    /// Whether the kernel comes from the first disk (`from = "disk"`).
+    pub fn from_disk(&self) -> bool {
+        self.from.as_deref() == Some("disk")
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(from) = &self.from {
+            if from != "disk" {
+                return Err(err("boot.from", format!("{from:?} is not a boot source (only \"disk\")")));
+            }
+            for (key, set) in [("boot.kernel", self.kernel.is_some()), ("boot.initrd", self.initrd.is_some()), ("boot.guest", self.guest.is_some())] {
+                if set {
+                    return Err(err(key, "cannot be combined with boot.from = \"disk\" (the disk names its kernel)"));
+                }
+            }
+            return self.validate_cmdline();
+        }
         match (&self.kernel, &self.guest) {
             (None, None) => {
-                return Err(err("boot", "set boot.kernel (a Linux kernel) or boot.guest (a built-in test guest)"));
+                return Err(err("boot", "set boot.kernel (a Linux kernel), boot.from = \"disk\" or boot.guest (a built-in test guest)"));
             }
             (Some(_), Some(_)) => return Err(err("boot.guest", "cannot be combined with boot.kernel")),
             (Some(kernel), None) => check_abs_path(kernel).map_err(|r| err("boot.kernel", r))?,
@@ -176,6 +227,10 @@ impl BootConfig {
         if let Some(initrd) = &self.initrd {
             check_abs_path(initrd).map_err(|r| err("boot.initrd", r))?;
         }
+        self.validate_cmdline()
+    }
+
+    fn validate_cmdline(&self) -> Result<(), ConfigError> {
         if let Some(cmdline) = &self.cmdline {
             if cmdline.len() > 2048 {
                 return Err(err("boot.cmdline", "longer than 2048 bytes"));

@@ -33,6 +33,10 @@ impl RunFiles {
     pub fn stderr(&self) -> PathBuf {
         self.dir.join("vmm.stderr")
     }
+    /// The cloud-init NoCloud seed volume of a domain with `[cloud_init]` (see `ferro_images::seed`).
+    pub fn cloud_init_seed(&self) -> PathBuf {
+        self.dir.join("cidata.img")
+    }
     /// Written by the monitor when the VMM has finally exited (see `monitor`).
     pub fn exit_report(&self) -> PathBuf {
         self.dir.join("exit.json")
@@ -50,13 +54,26 @@ pub struct ResolvedDisk {
     pub readonly: bool,
 }
 
-/// The VM a domain runs: its definition with pool volumes resolved to files. Devices come in the
-/// order the definition lists them: disks (vda, vdb, ...), NICs (net0, ...), then the balloon.
-pub fn vm_config(config: &DomainConfig, disks: &[ResolvedDisk]) -> Result<VmConfig, String> {
-    let kernel = match (&config.boot.kernel, &config.boot.guest) {
-        (Some(kernel), _) => Kernel::Path(kernel.into()),
-        (None, Some(guest)) => Kernel::TestGuest(guest.clone()),
-        (None, None) => return Err("boot: set boot.kernel or boot.guest".to_string()),
+/// The kernel, initrd and command line found on a domain's first disk (`[boot] from = "disk"`),
+/// copied into its run directory.
+pub struct DiskBoot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+/// The VM a domain runs: its definition with pool volumes resolved to files (and, with
+/// `from = "disk"`, the kernel found on its first disk). Devices come in the order of `disks`:
+/// vda, vdb, ... (the definition's disks, then a cloud-init seed), NICs (net0, ...), the balloon.
+pub fn vm_config(config: &DomainConfig, disks: &[ResolvedDisk], disk_boot: Option<&DiskBoot>) -> Result<VmConfig, String> {
+    let extra = config.boot.cmdline.clone().unwrap_or_default();
+    let (kernel, initrd, cmdline) = match (&config.boot.kernel, &config.boot.guest, disk_boot) {
+        (_, _, Some(found)) if config.boot.from_disk() => {
+            (Kernel::Path(found.kernel.clone()), found.initrd.clone(), format!("{} {extra}", found.cmdline).trim().to_string())
+        }
+        (Some(kernel), _, _) => (Kernel::Path(kernel.into()), config.boot.initrd.as_ref().map(PathBuf::from), extra),
+        (None, Some(guest), _) => (Kernel::TestGuest(guest.clone()), None, extra),
+        _ => return Err("boot: set boot.kernel, boot.from = \"disk\" or boot.guest".to_string()),
     };
     let mut devices: Vec<DeviceKind> = disks
         .iter()
@@ -75,11 +92,7 @@ pub fn vm_config(config: &DomainConfig, disks: &[ResolvedDisk]) -> Result<VmConf
     }
     let vm = VmConfig {
         name: config.name.clone(),
-        boot: BootConfig {
-            kernel,
-            initrd: config.boot.initrd.as_ref().map(PathBuf::from),
-            cmdline: config.boot.cmdline.clone().unwrap_or_default(),
-        },
+        boot: BootConfig { kernel, initrd, cmdline },
         memory: MemoryConfig::new(config.memory_bytes()),
         vcpus: u8::try_from(config.vcpus).map_err(|_| format!("vcpus: {} is more than a VM can have", config.vcpus))?,
         devices: DeviceConfig::with_default_ids(devices),
@@ -142,7 +155,7 @@ mod tests {
             ResolvedDisk { path: "/pool/a.qcow2".into(), format: DiskFormat::Qcow2, readonly: false },
             ResolvedDisk { path: "/iso/b.raw".into(), format: DiskFormat::Raw, readonly: true },
         ];
-        let vm = vm_config(&config, &disks).unwrap();
+        let vm = vm_config(&config, &disks, None).unwrap();
         assert_eq!((vm.name.as_str(), vm.vcpus, vm.memory.size), ("web", 2, 3 << 29));
         assert_eq!(vm.boot.kernel, Kernel::Path("/k".into()));
         let ids: Vec<&str> = vm.devices.iter().map(|d| d.id.as_str()).collect();
@@ -158,8 +171,28 @@ mod tests {
         );
 
         let guest = DomainConfig::parse("name = \"t\"\nmemory = \"64M\"\n[boot]\nguest = \"idle\"\n").unwrap();
-        let vm = vm_config(&guest, &[]).unwrap();
+        let vm = vm_config(&guest, &[], None).unwrap();
         assert_eq!(vm.boot.kernel, Kernel::TestGuest("idle".into()));
         assert!(vm.debug_exit_enabled(), "test guests report through the debug-exit port");
+    }
+
+    #[test]
+    fn a_disk_boot_takes_the_found_kernel_and_appends_the_cmdline() {
+        let text = "name = \"d\"\nmemory = \"1G\"\n[boot]\nfrom = \"disk\"\ncmdline = \"ferro.cmd=true\"\n[[disk]]\npath = \"/d.qcow2\"\nformat = \"qcow2\"\n";
+        let config = DomainConfig::parse(text).unwrap();
+        let disks = [ResolvedDisk { path: "/d.qcow2".into(), format: DiskFormat::Qcow2, readonly: false }];
+        assert!(vm_config(&config, &disks, None).is_err(), "nothing found, nothing to boot");
+        let found = DiskBoot { kernel: "/run/u/kernel".into(), initrd: Some("/run/u/initrd".into()), cmdline: "root=/dev/vda1 ro".into() };
+        let vm = vm_config(&config, &disks, Some(&found)).unwrap();
+        assert_eq!(vm.boot.kernel, Kernel::Path("/run/u/kernel".into()));
+        assert_eq!(vm.boot.initrd, Some(PathBuf::from("/run/u/initrd")));
+        assert_eq!(vm.boot.cmdline, "root=/dev/vda1 ro ferro.cmd=true");
+        for (from, to, key) in [
+            ("from = \"disk\"", "from = \"net\"", "boot.from"),
+            ("cmdline", "kernel = \"/k\"\ncmdline", "boot.kernel"),
+            ("[[disk]]\npath = \"/d.qcow2\"\nformat = \"qcow2\"\n", "", "boot.from"),
+        ] {
+            assert_eq!(DomainConfig::parse(&text.replace(from, to)).unwrap_err().key, key, "{from} -> {to}");
+        }
     }
 }

@@ -100,7 +100,7 @@ impl Domains {
                 .map_err(|e| Error::conflict(format!("domain {name} has an invalid stored definition ({e}); define it again")))?;
             (d.uuid.clone(), config)
         };
-        let disks = self.resolve_disks(&config)?;
+        let mut disks = self.resolve_disks(&config)?;
         for (key, path) in [("boot.kernel", &config.boot.kernel), ("boot.initrd", &config.boot.initrd)] {
             if let Some(path) = path
                 && !std::path::Path::new(path).is_file()
@@ -108,14 +108,22 @@ impl Domains {
                 return Err(Error::invalid(format!("{key}: {path} does not exist or is not a file")));
             }
         }
-        let vm = vmm::vm_config(&config, &disks).map_err(Error::invalid)?;
+        let files = RunFiles::new(&self.paths.run, &uuid);
+        std::fs::create_dir_all(&files.dir).map_err(|e| Error::internal(format!("cannot create {}: {e}", files.dir.display())))?;
+        if config.cloud_init.is_some() {
+            disks.push(ResolvedDisk { path: files.cloud_init_seed(), format: DiskFormat::Raw, readonly: true });
+        }
         let holder = Holder::Domain(name.to_string());
         let uses: Vec<(PathBuf, Access)> = disks.iter().map(|d| (d.path.clone(), disk_access(d.readonly))).collect();
         self.claims
             .claim(&uses, &holder)
             .map_err(|busy| Error::conflict(format!("domain {name}: disk {} is in use by {}", busy.path.display(), busy.holder)))?;
-        let files = RunFiles::new(&self.paths.run, &uuid);
-        let started = self.spawn_monitor(name, &files, &vm);
+        let started = match prepare_boot_files(name, &uuid, &config, &disks, &files).await {
+            Ok(disk_boot) => vmm::vm_config(&config, &disks, disk_boot.as_ref())
+                .map_err(Error::invalid)
+                .and_then(|vm| self.spawn_monitor(name, &files, &vm)),
+            Err(e) => Err(e),
+        };
         let pid = match started {
             Ok(pid) => pid,
             Err(e) => {
@@ -324,6 +332,39 @@ impl Domains {
             tracing::warn!(domain = name, "disk {} is also used by {}", busy.path.display(), busy.holder);
         }
     }
+}
+
+/// Writes what a start needs besides the definition into the run directory: the cloud-init seed
+/// (made again from the definition at every start, so a redefinition takes effect at the next
+/// one) and, with `from = "disk"`, the kernel and initrd the first disk's boot configuration names
+/// (found again at every start, so a kernel updated inside the guest is the one booted).
+async fn prepare_boot_files(
+    name: &str,
+    uuid: &str,
+    config: &DomainConfig,
+    disks: &[ResolvedDisk],
+    files: &RunFiles,
+) -> Result<Option<vmm::DiskBoot>> {
+    let seed = config.cloud_init.as_ref().map(|ci| ferro_images::seed::Seed {
+        meta_data: ci.meta_data.clone().unwrap_or_else(|| ferro_images::seed::Seed::default_meta_data(uuid, name)),
+        user_data: ci.user_data.clone(),
+        network_config: ci.network_config.clone(),
+    });
+    let first_disk = config.boot.from_disk().then(|| disks.first().map(|d| (d.path.clone(), d.format))).flatten();
+    let (seed_path, dir) = (files.cloud_init_seed(), files.dir.clone());
+    let name = name.to_string();
+    let work = move || -> Result<Option<vmm::DiskBoot>> {
+        if let Some(seed) = seed {
+            seed.write(&seed_path).map_err(|e| Error::internal(format!("domain {name}: {e}")))?;
+        }
+        let Some((disk, format)) = first_disk else { return Ok(None) };
+        let format = ferro_block::Format::from_name(format.name());
+        let found = ferro_images::boot::extract(&disk, format, &dir)
+            .map_err(|e| Error::invalid(format!("boot.from: domain {name} boots from its first disk, but {e}")))?;
+        tracing::info!(domain = name, "booting {} from its first disk", found.source);
+        Ok(Some(vmm::DiskBoot { kernel: found.kernel, initrd: found.initrd, cmdline: found.cmdline }))
+    };
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| Err(Error::internal(format!("boot file task failed: {e}"))))
 }
 
 fn disk_access(readonly: bool) -> Access {
