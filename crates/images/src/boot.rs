@@ -74,7 +74,7 @@ pub fn extract(image: &Path, format: Option<Format>, dest: &Path) -> Result<Extr
     let disk = Rc::new(RefCell::new(disk));
     let (fs, found) = find_in(&disk).map_err(|e| Error::new(format!("{}: {e}", image.display())))?;
     let kernel = dest.join("kernel");
-    copy_out(&fs, &[found.kernel.clone()], &kernel, MAX_KERNEL, "kernel")?;
+    copy_out(&fs, std::slice::from_ref(&found.kernel), &kernel, MAX_KERNEL, "kernel")?;
     let initrd = if found.initrds.is_empty() {
         let _ = std::fs::remove_file(dest.join("initrd"));
         None

@@ -120,7 +120,7 @@ fn read_gpt(disk: &mut dyn DiskImage) -> Result<Vec<Partition>, Error> {
     if count > MAX_GPT_ENTRIES {
         return Err(Error::new(format!("GPT claims {count} partition entries (at most {MAX_GPT_ENTRIES} are read)")));
     }
-    if entry_size < 128 || entry_size > 1024 || entry_size % 8 != 0 {
+    if !(128..=1024).contains(&entry_size) || entry_size % 8 != 0 {
         return Err(Error::new(format!("GPT entry size {entry_size} is not a multiple of 8 in 128-1024")));
     }
     let at = entries_lba.checked_mul(SECTOR).ok_or_else(|| Error::new("GPT entry array offset overflows"))?;

@@ -176,6 +176,9 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
+/// A change that makes a good disk hostile.
+type Corruption = Box<dyn Fn(&mut Vec<u8>)>;
+
 #[test]
 fn hostile_disks_are_refused() {
     let s = TempDir::new("img-boot-hostile");
@@ -187,7 +190,7 @@ fn hostile_disks_are_refused() {
     assert!(e.contains("no /boot/vmlinuz") && e.contains("no /vmlinuz"), "{e}");
 
     let good = std::fs::read(&img).expect("disk");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(&str, Corruption, &str)> = vec![
         ("header crc", Box::new(|d| d[512 + 40] ^= 1), "GPT header checksum does not match"),
         ("entry crc", Box::new(|d| d[1024 + 40] ^= 1), "GPT entry array checksum does not match"),
         (

@@ -7,6 +7,7 @@ use crate::domains::Domains;
 use crate::events::EventHub;
 use crate::jobs::Jobs;
 use crate::model::Paths;
+use crate::ovf::Ovf;
 use crate::pools::Pools;
 use crate::store::Store;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ pub struct Services {
     pub jobs: Arc<Jobs>,
     pub pools: Arc<Pools>,
     pub domains: Arc<Domains>,
+    pub ovf: Arc<Ovf>,
     store: Arc<Store>,
 }
 
@@ -30,7 +32,8 @@ impl Services {
         let jobs = Jobs::open(store.clone(), events.clone(), claims.clone())?;
         let pools = Pools::open(store.clone(), events.clone(), jobs.clone(), claims.clone())?;
         let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), claims)?;
-        Ok(Arc::new(Services { paths, events, jobs, pools, domains, store }))
+        let ovf = Ovf::open(jobs.clone(), pools.clone(), domains.clone());
+        Ok(Arc::new(Services { paths, events, jobs, pools, domains, ovf, store }))
     }
 
     /// Re-attaches to the VMs that were running when ferrod last stopped, then, on the first start

@@ -5,8 +5,9 @@
 //! - leaves: `model` (shared types), `error` (the services' error), `domain` (the TOML domain
 //!   definition), `events`, `claims` (files in use), `durable` (crash-safe file writes);
 //! - `store`: SQLite rows and schema migrations, over `model` only;
-//! - services: `jobs` (the runner), `pools` (pools, volumes, copies), `domains` (definitions and
-//!   supervision), with `vmm` (VM config and control socket) and `monitor` (the per-VM process);
+//! - services: `jobs` (the runner), `pools` (pools, volumes, copies, imports), `domains`
+//!   (definitions and supervision), with `vmm` (VM config and control socket) and `monitor` (the
+//!   per-VM process), and `ovf` (OVF/OVA import and export, over pools and domains);
 //! - `daemon` wires the services together; `api` maps HTTP to them.
 
 pub mod api;
@@ -20,6 +21,7 @@ pub mod events;
 pub mod jobs;
 pub mod model;
 pub mod monitor;
+pub mod ovf;
 pub mod pools;
 pub mod store;
 pub mod vmm;

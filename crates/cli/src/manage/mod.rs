@@ -4,6 +4,7 @@
 
 mod client;
 mod console;
+mod create;
 mod show;
 
 use client::{Body, Client, socket_path};
@@ -61,6 +62,33 @@ pub struct VolArg {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ManageCommand {
+    /// Make a domain from flags, like virt-install: new or imported volumes, cloud-init, start.
+    Create(Box<create::CreateArgs>),
+    /// Import an OVF package (an .ova, or an .ovf beside its files, on ferrod's host) as a new
+    /// domain booting from its first disk; the disks become qcow2 volumes (a job with progress).
+    ImportOvf {
+        /// The .ova or .ovf file.
+        file: PathBuf,
+        /// Domain name (default: the package's, made valid).
+        #[arg(long)]
+        name: Option<String>,
+        /// Pool for the disks.
+        #[arg(long, default_value = "default")]
+        pool: String,
+        /// Map a network of the package to a tap (or to none, dropping its NIC). Repeatable.
+        #[arg(long, value_name = "SRC=DST")]
+        network_map: Vec<String>,
+    },
+    /// Export a shut-off domain as an OVA file or an OVF directory (on ferrod's host; a job):
+    /// streamOptimized VMDKs, an OVF 1.0 envelope and a SHA-256 manifest.
+    ExportOvf {
+        name: String,
+        /// FILE.ova, or a directory for --format ovf.
+        target: PathBuf,
+        /// ova or ovf (default: ova when TARGET ends in .ova).
+        #[arg(long, value_parser = ["ova", "ovf"])]
+        format: Option<String>,
+    },
     /// Define (or redefine) a domain from a TOML file.
     Define {
         /// The TOML definition.
@@ -303,6 +331,31 @@ fn print_json(value: &Value) {
 fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
     use ManageCommand as C;
     match cmd {
+        C::Create(args) => create::run(*args, c)?,
+        C::ImportOvf { file, name, pool, network_map } => {
+            let mut map = serde_json::Map::new();
+            for pair in &network_map {
+                let (src, dst) = pair.split_once('=').ok_or_else(|| format!("--network-map {pair}: expected SRC=DST"))?;
+                map.insert(src.to_string(), json!(dst));
+            }
+            let source = absolute(&file)?;
+            let mut body = json!({ "source": source, "pool": pool, "network_map": map });
+            if let Some(n) = &name {
+                body["name"] = json!(n);
+            }
+            let job = c.post("/v1/ovf/import", Some(&body))?;
+            follow_job(c, &job)?;
+            println!("Domain '{}' imported from {}", job["target"].as_str().unwrap_or("?"), file.display());
+        }
+        C::ExportOvf { name, target, format } => {
+            let mut body = json!({ "target": absolute(&target)? });
+            if let Some(f) = format {
+                body["format"] = json!(f);
+            }
+            let job = c.post(&format!("{}/export", dom_path(&name)?), Some(&body))?;
+            follow_job(c, &job)?;
+            println!("Domain '{name}' exported to {}", target.display());
+        }
         C::Define { file } => {
             let text = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
             let (status, data) = c.call("POST", "/v1/domains", Body::Bytes(&text, "application/toml"))?;
@@ -488,11 +541,16 @@ fn pool_action(c: &Client, p: &PoolArg, action: &str, done: &str) -> Result<(), 
     Ok(())
 }
 
-/// Starts a clone or convert job and follows it to its end, with a progress line on stderr when
-/// that is a terminal.
+/// Starts a clone or convert job and follows it to its end.
 fn copy_volume(c: &Client, vol: &VolArg, action: &str, body: Value) -> Result<(), String> {
-    use std::io::{IsTerminal, Write};
     let job = c.post(&format!("{}/{action}", vol_path(vol)?), Some(&body))?;
+    follow_job(&c, &job)
+}
+
+/// Follows a job ferrod started until it ends, with a progress line on stderr when that is a
+/// terminal; Ctrl-C stops watching, not the job.
+fn follow_job(c: &Client, job: &Value) -> Result<(), String> {
+    use std::io::{IsTerminal, Write};
     let id = job["id"].as_u64().ok_or("ferrod answered without a job id")?;
     let tty = std::io::stderr().is_terminal();
     let job = loop {
@@ -514,6 +572,11 @@ fn copy_volume(c: &Client, vol: &VolArg, action: &str, body: Value) -> Result<()
         Some("cancelled") => Err(format!("job {id} was cancelled")),
         _ => Err(format!("job {id} failed: {}", job["error"].as_str().unwrap_or("no reason given"))),
     }
+}
+
+/// A path as ferrod must see it: absolute (ferrod does not share our working directory).
+fn absolute(path: &std::path::Path) -> Result<String, String> {
+    std::path::absolute(path).map(|p| p.display().to_string()).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn download(c: &Client, vol: &VolArg, file: &std::path::Path) -> Result<(), String> {

@@ -1,6 +1,7 @@
 //! `/v1/domains`: definitions, lifecycle actions, stats, the TOML definition and the console.
 
-use super::{ApiError, ApiResult, Svc, check_name, enabled_flag, json, ok, read_body, read_json};
+use super::{ApiError, ApiResult, Svc, check_name, enabled_flag, json, ok, only_fields, read_body, read_json};
+use crate::daemon::Services;
 use crate::domain::parse_size;
 use crate::domains::Domains;
 use axum::body::Body;
@@ -49,6 +50,9 @@ pub(super) async fn resource(State(svc): Svc, Path((name, sub)): Path<(String, S
 pub(super) async fn action(State(svc): Svc, Path((name, action)): Path<(String, String)>, body: Body) -> ApiResult<Response> {
     check_name("domain", &name)?;
     let body = read_json(body).await?;
+    if action == "export" {
+        return export(&svc, &name, &body);
+    }
     let domains = &svc.domains;
     let info = match action.as_str() {
         "start" => domains.start(&name).await?,
@@ -81,6 +85,51 @@ pub(super) async fn action(State(svc): Svc, Path((name, action)): Path<(String, 
         _ => return Err(ApiError::not_found(format!("domains have no action {action:?}"))),
     };
     ok(&info)
+}
+
+/// Starts exporting a shut-off domain as an OVA file or an OVF directory on ferrod's host: 202
+/// with the job.
+fn export(svc: &Services, name: &str, body: &Value) -> ApiResult<Response> {
+    only_fields(body, &["target", "format"])?;
+    let target = body.get("target").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("target: missing (an absolute path on ferrod's host)"))?;
+    let format = match body.get("format") {
+        None => if target.to_ascii_lowercase().ends_with(".ova") { "ova" } else { "ovf" },
+        Some(Value::String(f)) => f.as_str(),
+        Some(_) => return Err(ApiError::invalid("format: must be \"ova\" or \"ovf\"")),
+    };
+    let job = svc.ovf.export(name, std::path::Path::new(target), format)?;
+    Ok(json(StatusCode::ACCEPTED, &job.info()))
+}
+
+/// Starts importing an OVF package of ferrod's host as a new domain: 202 with the job.
+pub(super) async fn import_ovf(State(svc): Svc, body: Body) -> ApiResult<Response> {
+    let body = read_json(body).await?;
+    only_fields(&body, &["source", "name", "pool", "network_map"])?;
+    let text = |key: &str| match body.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::invalid(format!("{key}: must be a string"))),
+    };
+    let source = text("source")?.ok_or_else(|| ApiError::invalid("source: missing (an .ova or .ovf on ferrod's host)"))?;
+    let mut network_map = std::collections::BTreeMap::new();
+    match body.get("network_map") {
+        None => {}
+        Some(Value::Object(map)) => {
+            for (k, v) in map {
+                let v = v.as_str().ok_or_else(|| ApiError::invalid(format!("network_map.{k}: must be a string")))?;
+                network_map.insert(k.clone(), v.to_string());
+            }
+        }
+        Some(_) => return Err(ApiError::invalid("network_map: must be an object of network names to taps")),
+    }
+    let req = crate::ovf::ImportRequest {
+        source: source.into(),
+        name: text("name")?,
+        pool: text("pool")?.unwrap_or_else(|| "default".to_string()),
+        network_map,
+    };
+    let job = svc.ovf.import(req)?;
+    Ok(json(StatusCode::ACCEPTED, &job.info()))
 }
 
 /// Upgrades the connection to a raw byte stream joined to the VMM's serial socket.

@@ -34,6 +34,7 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/v1/domains", get(domains::list).post(domains::define))
         .route("/v1/domains/{name}", get(domains::get).delete(domains::undefine))
         .route("/v1/domains/{name}/{sub}", get(domains::resource).post(domains::action))
+        .route("/v1/ovf/import", post(domains::import_ovf))
         .route("/v1/pools", get(pools::list).post(pools::define))
         .route("/v1/pools/{pool}", get(pools::get).delete(pools::undefine))
         .route("/v1/pools/{pool}/{action}", post(pools::action))

@@ -3,7 +3,7 @@
 use super::{ApiError, ApiResult, Svc, check_name, enabled_flag, from_json, json, ok, only_fields, query_flag, read_json};
 use crate::daemon::Services;
 use crate::model::JobState;
-use crate::pools::{CopyKind, PoolDefinition, Size, VolumeDefinition};
+use crate::pools::{CopyKind, Imported, PoolDefinition, Size, VolumeDefinition};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri, header};
@@ -40,6 +40,7 @@ pub(super) async fn action(State(svc): Svc, Path((pool, action)): Path<(String, 
         "destroy" => pools.destroy(&pool)?,
         "refresh" => pools.refresh(&pool)?,
         "autostart" => pools.set_autostart(&pool, enabled_flag(&body)?)?,
+        "import" => return import(&svc, &pool, &body).await,
         _ => return Err(ApiError::not_found(format!("pools have no action {action:?}"))),
     };
     ok(&info)
@@ -119,6 +120,29 @@ async fn copy(svc: &Services, pool: &str, vol: &str, kind: CopyKind, body: &Valu
         JobState::Completed => ok(&svc.pools.volume(pool, target)?),
         JobState::Cancelled => Err(crate::error::Error::conflict(format!("job {} was cancelled", info.id)).into()),
         _ => Err(crate::error::Error::internal(format!("job {} failed: {}", info.id, info.error.unwrap_or_default())).into()),
+    }
+}
+
+/// Imports an image file of ferrod's host into a new volume: 202 with the copy job, or 201 with
+/// the volume for a linked (overlay) import.
+async fn import(svc: &Services, pool: &str, body: &Value) -> ApiResult<Response> {
+    only_fields(body, &["source", "name", "format", "linked"])?;
+    let text = |key: &str| match body.get(key) {
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        None => Ok(None),
+        Some(_) => Err(ApiError::invalid(format!("{key}: must be a string"))),
+    };
+    let source = text("source")?.ok_or_else(|| ApiError::invalid("source: missing (an image file on ferrod's host)"))?;
+    let name = text("name")?.ok_or_else(|| ApiError::invalid("name: missing (the name of the new volume)"))?;
+    let format = text("format")?.unwrap_or("qcow2");
+    let linked = match body.get("linked") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid("linked: must be true or false")),
+    };
+    match svc.pools.import_image(pool, std::path::Path::new(source), name, format, linked)? {
+        Imported::Job(job) => Ok(json(StatusCode::ACCEPTED, &job.info())),
+        Imported::Volume(info) => Ok(json(StatusCode::CREATED, &info)),
     }
 }
 

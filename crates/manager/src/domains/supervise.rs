@@ -295,6 +295,18 @@ impl Domains {
         }
     }
 
+    /// A domain's definition and its disks as files with their formats (for an export).
+    pub fn disk_files(&self, name: &str) -> Result<(DomainConfig, Vec<(PathBuf, ferro_block::Format)>)> {
+        let config = {
+            let domains = lock(&self.domains);
+            let d = domains.get(name).ok_or_else(|| no_domain(name))?;
+            d.config.clone().map_err(|e| Error::conflict(format!("domain {name} has an invalid stored definition ({e})")))?
+        };
+        let disks = self.resolve_disks(&config)?;
+        let files = disks.into_iter().map(|d| (d.path, ferro_block::Format::from_name(d.format.name()).unwrap_or(ferro_block::Format::Raw))).collect();
+        Ok((config, files))
+    }
+
     /// The disks of a definition as files, with pool volumes resolved; each must exist.
     fn resolve_disks(&self, config: &DomainConfig) -> Result<Vec<ResolvedDisk>> {
         let mut disks = Vec::new();

@@ -1,6 +1,8 @@
-//! Volume clone and convert: a job (see `jobs`) that copies one volume into a new one of the same
-//! pool. The copy goes to a hidden scratch file that is renamed into place only when complete, so
-//! a cancelled, failed or interrupted copy leaves no volume behind.
+//! Volume clone, convert and import: a job (see `jobs`) that copies one volume into a new one of
+//! the same pool, or an image file of the host into a new volume. The copy goes to a hidden
+//! scratch file that is renamed into place only when complete, so a cancelled, failed or
+//! interrupted copy leaves no volume behind. A linked import is no copy: a qcow2 overlay whose
+//! backing file is the image.
 
 use super::Pools;
 use super::volumes::{block_format, image};
@@ -86,6 +88,69 @@ impl Pools {
     }
 }
 
+/// What an import made: a job copying the image, or (linked) the overlay volume at once.
+pub enum Imported {
+    Job(Arc<Job>),
+    Volume(crate::model::VolumeInfo),
+}
+
+impl Pools {
+    /// Imports an image file of ferrod's host (qcow2, raw or VMDK, probed from its contents) into a
+    /// new volume `target` of `pool` in `format`: a copy made by a job, or with `linked` a qcow2
+    /// overlay backed by the image (which must then stay where it is).
+    pub fn import_image(&self, pool: &str, source: &Path, target: &str, format: &str, linked: bool) -> Result<Imported> {
+        validate_volume_name(target).map_err(|e| Error::invalid(format!("name: {e}")))?;
+        if !source.is_absolute() {
+            return Err(Error::invalid(format!("source: {} is not an absolute path", source.display())));
+        }
+        if !source.is_file() {
+            return Err(Error::invalid(format!("source: {} is not a file on ferrod's host", source.display())));
+        }
+        if !DISK_FORMATS.contains(&format) {
+            return Err(Error::invalid(format!("format: {format:?} is not raw or qcow2")));
+        }
+        let target_path = self.active_dir(pool)?.join(target);
+        self.check_new_name(pool, target, &target_path)?;
+        let source_format =
+            ferro_block::probe(source).map_err(|e| Error::invalid(format!("source: {} is not a readable image: {e}", source.display())))?;
+        if linked {
+            if format != "qcow2" {
+                return Err(Error::invalid("format: a linked import is a qcow2 overlay"));
+            }
+            let mut opts = CreateOptions::new(Format::Qcow2, None);
+            opts.backing_file = Some(source.display().to_string());
+            opts.backing_format = Some(source_format);
+            ferro_block::create(&target_path, &opts).map_err(|e| Error::invalid(format!("source: {e}")))?;
+            self.events.emit("volume", &format!("{pool}/{target}"), "created", format!("linked to {}", source.display()));
+            return Ok(Imported::Volume(super::volumes::image(pool, target, &target_path)?.info));
+        }
+        let scratch = target_path.with_file_name(format!(".{target}.part"));
+        let target_name = format!("{pool}/{target}");
+        let new = NewJob {
+            kind: "import",
+            source: source.display().to_string(),
+            target: target_name.clone(),
+            unit: ProgressUnit::Bytes,
+            scratch_files: vec![scratch.clone()],
+            uses: vec![(source.to_path_buf(), Access::Read), (target_path.clone(), Access::Write)],
+        };
+        let (events, source, target_format) = (self.events.clone(), source.to_path_buf(), block_format(format));
+        let job = self.jobs.start(new, move |ctx| async move {
+            let from = source.clone();
+            tokio::task::spawn_blocking(move || {
+                copy_image(&ctx, &from, source_format, &scratch, target_format)?;
+                durable::rename(&scratch, &target_path)
+                    .map_err(|e| JobError::Failed(format!("cannot move the copy to {}: {e}", target_path.display())))
+            })
+            .await
+            .unwrap_or_else(|e| Err(JobError::Failed(format!("image task failed: {e}"))))?;
+            events.emit("volume", &target_name, "created", format!("import of {}", source.display()));
+            Ok(())
+        })?;
+        Ok(Imported::Job(job))
+    }
+}
+
 fn failed(e: ferro_block::Error) -> JobError {
     JobError::Failed(e.to_string())
 }
@@ -93,7 +158,7 @@ fn failed(e: ferro_block::Error) -> JobError {
 /// Copies the data of `src` into a new image at `dst`, one chunk at a time, checking the job's
 /// stop request between chunks. Ranges the whole backing chain reads as zeroes are skipped, so
 /// the copy is as sparse as the source and stands alone (no backing file). The copy is synced.
-fn copy_image(ctx: &JobContext, src: &Path, src_format: Format, dst: &Path, dst_format: Format) -> std::result::Result<(), JobError> {
+pub(crate) fn copy_image(ctx: &JobContext, src: &Path, src_format: Format, dst: &Path, dst_format: Format) -> std::result::Result<(), JobError> {
     let ranges: Vec<(u64, u64)> = ferro_block::ops::map(src, Some(src_format), false)
         .map_err(failed)?
         .into_iter()

@@ -11,7 +11,8 @@
 mod copy;
 mod volumes;
 
-pub use copy::CopyKind;
+pub use copy::{CopyKind, Imported};
+pub(crate) use copy::copy_image;
 pub use volumes::{Size, VolumeDefinition};
 
 use crate::claims::Claims;
@@ -239,6 +240,14 @@ impl Pools {
             return Err(not_active(pool));
         }
         Ok(PathBuf::from(&p.target))
+    }
+
+    /// The path of a volume to be made in an active pool, refused when a file or a job has the name.
+    pub(crate) fn new_volume_path(&self, pool: &str, name: &str) -> Result<PathBuf> {
+        crate::domain::validate_volume_name(name).map_err(|e| Error::invalid(format!("volume name: {e}")))?;
+        let path = self.active_dir(pool)?.join(name);
+        self.check_new_name(pool, name, &path)?;
+        Ok(path)
     }
 
     /// The file of a volume a domain definition names, for starting the domain; `key` is the
