@@ -102,7 +102,7 @@ fn on_off(flag: &str, key: &str, v: &str) -> Result<bool, String> {
 }
 
 /// Splits "key=value,key=value" device options, refusing keys not in `known`.
-fn device_options(flag: &str, spec: &str, known: &[&str]) -> Result<Vec<(String, String)>, String> {
+pub(crate) fn device_options(flag: &str, spec: &str, known: &[&str]) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for part in spec.split(',').filter(|p| !p.is_empty()) {
         let (k, v) = part.split_once('=').ok_or_else(|| format!("--{flag}: '{part}' is not key=value"))?;

@@ -74,7 +74,7 @@ fn dry_run_prints_the_definition_for_each_flag_combination() {
         (vec!["--name", "x", "--kernel", "/k", "--disk", "size=1G,vol=a/b"], "exactly one of size=, vol= or path="),
         (vec!["--name", "x", "--kernel", "/k", "--disk", "vol=nopool"], "expected POOL/VOLUME"),
         (vec!["--name", "x", "--kernel", "/k", "--disk", "size=1G,format=vmdk"], "is not raw or qcow2"),
-        (vec!["--name", "x", "--kernel", "/k", "--disk", "size=1G,colour=red"], "unknown option \"colour\""),
+        (vec!["--name", "x", "--kernel", "/k", "--disk", "size=1G,colour=red"], "unknown option 'colour'"),
         (vec!["--name", "x", "--import", "relative.qcow2"], "not an absolute path"),
         (vec!["--name", "x", "--kernel", "/k", "--network", "default"], "no virtual networks"),
         (vec!["--name", "x", "--kernel", "/k", "--network", "bridge=br0"], "use --network tap=TAP"),

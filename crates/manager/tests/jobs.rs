@@ -38,16 +38,6 @@ fn qemu_img(args: &[&str]) -> std::process::Output {
     Command::new("qemu-img").args(args).output().expect("qemu-img is installed (scripts/setup.sh)")
 }
 
-/// Polls a job until it is no longer running.
-fn wait_job(api: &Api, id: u64) -> Value {
-    let mut job = Value::Null;
-    wait_for(&format!("job {id} to end"), Duration::from_secs(300), || {
-        job = api.expect("GET", &format!("/v1/jobs/{id}"), None, 200);
-        job["state"] != "running"
-    });
-    job
-}
-
 /// Polls a running job until it has copied something, and returns it then.
 fn wait_progress(api: &Api, id: u64) -> Value {
     let mut job = Value::Null;
@@ -100,7 +90,7 @@ fn clone_and_convert_run_as_jobs_and_copy_every_byte() {
     assert_eq!((job["kind"].as_str(), job["state"].as_str()), (Some("clone"), Some("running")));
     assert_eq!((job["source"].as_str(), job["target"].as_str()), (Some("p/src.qcow2"), Some("p/copy.qcow2")));
     let id = job["id"].as_u64().unwrap();
-    let job = wait_job(&api, id);
+    let job = api.wait_job(id);
     assert_eq!(job["state"], "completed", "{job}");
     assert_eq!(job["total_bytes"], 8u64 << 20, "the data qemu-io wrote, not the zero ranges: {job}");
     assert_eq!(job["done_bytes"], job["total_bytes"]);
@@ -240,7 +230,7 @@ fn finished_jobs_survive_a_daemon_restart() {
     qcow2_with_data(&api, &dir, "src.qcow2", "64M", &[(0x42, "1M", "2M")]);
     api.expect("POST", "/v1/pools/p/volumes/src.qcow2/clone?wait=true", Some(r#"{"name": "a.qcow2"}"#), 200);
     let job = api.expect("POST", "/v1/pools/p/volumes/src.qcow2/convert", Some(r#"{"name": "b.raw", "format": "raw"}"#), 202);
-    wait_job(&api, job["id"].as_u64().unwrap());
+    api.wait_job(job["id"].as_u64().unwrap());
     let before = api.expect("GET", "/v1/jobs", None, 200);
     assert_eq!(before.as_array().unwrap().len(), 2);
 
@@ -251,7 +241,7 @@ fn finished_jobs_survive_a_daemon_restart() {
     // Ids keep counting after the restart.
     let job = api.expect("POST", "/v1/pools/p/volumes/a.qcow2/clone", Some(r#"{"name": "c.qcow2"}"#), 202);
     assert_eq!(job["id"], 3);
-    assert_eq!(wait_job(&api, 3)["state"], "completed");
+    assert_eq!(api.wait_job(3)["state"], "completed");
 }
 
 #[test]

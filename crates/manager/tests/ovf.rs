@@ -4,10 +4,9 @@
 //! import; manifests that do not match and hostile archives are refused, leaving nothing behind.
 
 use ferro_test_support::daemon::{Api, Daemon, Home};
-use ferro_test_support::{TempDir, run_ok, wait_for};
+use ferro_test_support::{TempDir, run_ok};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -23,15 +22,6 @@ fn pool(api: &Api, home: &Home) -> PathBuf {
     api.expect("POST", "/v1/pools/default/build", None, 200);
     api.expect("POST", "/v1/pools/default/start", None, 200);
     target
-}
-
-fn wait_job(api: &Api, id: u64) -> Value {
-    let mut job = Value::Null;
-    wait_for(&format!("job {id} to end"), Duration::from_secs(300), || {
-        job = api.expect("GET", &format!("/v1/jobs/{id}"), None, 200);
-        job["state"] != "running"
-    });
-    job
 }
 
 /// Deterministic bytes.
@@ -452,7 +442,7 @@ fn virtualbox_vmware_and_ovf2_packages_import() {
     for (source, name, map, vcpus, memory, capacity, nics) in cases {
         let (status, job) = import(&api, &source, name, map);
         assert_eq!(status, 202, "{name}: {job}");
-        let job = wait_job(&api, job["id"].as_u64().expect("id"));
+        let job = api.wait_job(job["id"].as_u64().expect("id"));
         assert_eq!(job["state"], "completed", "{name}: {job}");
         let info = api.expect("GET", &format!("/v1/domains/{name}"), None, 200);
         assert_eq!(info["vcpus"], vcpus, "{name}");
@@ -513,7 +503,7 @@ fn bad_manifests_and_hostile_archives_are_refused_without_writing() {
         write_ova(&ova, &members);
         let (status, job) = import(&api, &ova, "bad", map.clone());
         assert_eq!(status, 202, "{what}: {job}");
-        let job = wait_job(&api, job["id"].as_u64().expect("id"));
+        let job = api.wait_job(job["id"].as_u64().expect("id"));
         assert_eq!(job["state"], "failed", "{what}: {job}");
         assert!(job["error"].as_str().unwrap_or_default().contains(want), "{what}: {job}");
         assert!(pool_files(&images).is_empty(), "{what}: left {:?}", pool_files(&images));

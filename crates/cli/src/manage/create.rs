@@ -10,6 +10,7 @@
 
 use super::client::Client;
 use super::seg;
+use crate::run::device_options;
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -89,18 +90,6 @@ struct Plan {
     disks: Vec<Disk>,
 }
 
-fn options(flag: &str, spec: &str, known: &[&str]) -> Result<Vec<(String, String)>, String> {
-    let mut out = Vec::new();
-    for part in spec.split(',').filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').ok_or_else(|| format!("--{flag}: {part:?} is not key=value"))?;
-        if !known.contains(&k) {
-            return Err(format!("--{flag}: unknown option {k:?} (known: {})", known.join(", ")));
-        }
-        out.push((k.to_string(), v.to_string()));
-    }
-    Ok(out)
-}
-
 fn size(flag: &str, text: &str) -> Result<u64, String> {
     ferro_vmm_api::parse_size(text).map_err(|e| format!("--{flag}: {e}"))
 }
@@ -160,7 +149,7 @@ impl CreateArgs {
             disks.push(Disk::Import { pool: self.pool.clone(), volume: volume_name(0), source: image.clone(), linked: self.linked });
         }
         for spec in &self.disk {
-            let opts = options("disk", spec, &["size", "pool", "format", "vol", "path", "readonly"])?;
+            let opts = device_options("disk", spec, &["size", "pool", "format", "vol", "path", "readonly"])?;
             let get = |k: &str| opts.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
             let disk = match (get("size"), get("vol"), get("path")) {
                 (Some(s), None, None) => {
@@ -244,7 +233,7 @@ impl CreateArgs {
         }
         let cloud_init = match (&self.cloud_init, &self.ssh_key) {
             (Some(spec), _) => {
-                let opts = options("cloud-init", spec, &["user-data", "meta-data", "network-config"])?;
+                let opts = device_options("cloud-init", spec, &["user-data", "meta-data", "network-config"])?;
                 let get = |k: &str| opts.iter().find(|(key, _)| key == k).map(|(_, v)| read_file("cloud-init", v)).transpose();
                 let user_data = get("user-data")?.ok_or("--cloud-init: user-data=FILE is required")?;
                 Some((user_data, get("meta-data")?, get("network-config")?))

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::jobs::{Job, JobContext, JobError, NewJob};
 use crate::model::ProgressUnit;
 use ferro_block::{CreateOptions, DiskImage, Format};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Bytes copied between two looks at the stop request (and two progress updates).
@@ -73,7 +73,14 @@ impl Pools {
             scratch_files: vec![scratch.clone()],
             uses: vec![(source_path.clone(), Access::Read), (target_path.clone(), Access::Write)],
         };
-        let events = self.events.clone();
+        let detail = format!("{} of {source}", kind.name());
+        self.start_copy(new, (source_path, source_format), (scratch, target_path, target_format), detail)
+    }
+
+    /// Runs a copy job: `source` into the hidden `scratch`, renamed to `target` when complete.
+    fn start_copy(&self, new: NewJob, source: (PathBuf, Format), target: (PathBuf, PathBuf, Format), detail: String) -> Result<Arc<Job>> {
+        let (events, name) = (self.events.clone(), new.target.clone());
+        let ((source_path, source_format), (scratch, target_path, target_format)) = (source, target);
         self.jobs.start(new, move |ctx| async move {
             tokio::task::spawn_blocking(move || {
                 copy_image(&ctx, &source_path, source_format, &scratch, target_format)?;
@@ -82,7 +89,7 @@ impl Pools {
             })
             .await
             .unwrap_or_else(|e| Err(JobError::Failed(format!("image task failed: {e}"))))?;
-            events.emit("volume", &target, "created", format!("{} of {source}", kind.name()));
+            events.emit("volume", &name, "created", detail);
             Ok(())
         })
     }
@@ -125,28 +132,16 @@ impl Pools {
             return Ok(Imported::Volume(super::volumes::image(pool, target, &target_path)?.info));
         }
         let scratch = target_path.with_file_name(format!(".{target}.part"));
-        let target_name = format!("{pool}/{target}");
         let new = NewJob {
             kind: "import",
             source: source.display().to_string(),
-            target: target_name.clone(),
+            target: format!("{pool}/{target}"),
             unit: ProgressUnit::Bytes,
             scratch_files: vec![scratch.clone()],
             uses: vec![(source.to_path_buf(), Access::Read), (target_path.clone(), Access::Write)],
         };
-        let (events, source, target_format) = (self.events.clone(), source.to_path_buf(), block_format(format));
-        let job = self.jobs.start(new, move |ctx| async move {
-            let from = source.clone();
-            tokio::task::spawn_blocking(move || {
-                copy_image(&ctx, &from, source_format, &scratch, target_format)?;
-                durable::rename(&scratch, &target_path)
-                    .map_err(|e| JobError::Failed(format!("cannot move the copy to {}: {e}", target_path.display())))
-            })
-            .await
-            .unwrap_or_else(|e| Err(JobError::Failed(format!("image task failed: {e}"))))?;
-            events.emit("volume", &target_name, "created", format!("import of {}", source.display()));
-            Ok(())
-        })?;
+        let detail = format!("import of {}", source.display());
+        let job = self.start_copy(new, (source.to_path_buf(), source_format), (scratch, target_path, block_format(format)), detail)?;
         Ok(Imported::Job(job))
     }
 }

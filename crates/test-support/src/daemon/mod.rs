@@ -169,6 +169,16 @@ impl Api {
         raw
     }
 
+    /// Polls job `id` until it is no longer running (5 minutes at most) and returns it.
+    pub fn wait_job(&self, id: u64) -> Value {
+        let mut job = Value::Null;
+        crate::wait_for(&format!("job {id} to end"), Duration::from_secs(300), || {
+            job = self.expect("GET", &format!("/v1/jobs/{id}"), None, 200);
+            job["state"] != "running"
+        });
+        job
+    }
+
     /// Asserts the status and returns the JSON body.
     pub fn expect(&self, method: &str, path: &str, body: Option<&str>, status: u16) -> Value {
         let (got, value) = self.call(method, path, body);
