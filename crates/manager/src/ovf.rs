@@ -234,7 +234,7 @@ fn import_volumes(ctx: &JobContext, package: &Package, volumes: &[NewVolume]) ->
                 crate::pools::copy_image(ctx, &vmdk, ferro_block::Format::Vmdk, &qcow2, ferro_block::Format::Qcow2)?;
                 let _ = std::fs::remove_file(&vmdk);
                 if size < v.capacity {
-                    ferro_block::ops::resize(&qcow2, Some(ferro_block::Format::Qcow2), &v.capacity.to_string(), false).map_err(failed)?;
+                    ferro_block::ops::resize(&qcow2, Some(ferro_block::Format::Qcow2), ferro_block::ops::SizeChange::To(v.capacity), false).map_err(failed)?;
                 }
             }
         }
@@ -270,7 +270,7 @@ fn export(
         let mut dst = ferro_block::CreateOptions::new(ferro_block::Format::Vmdk, None);
         dst.subformat = Some("streamOptimized".into());
         dst.adapter_type = ferro_block::vmdk::Adapter::LsiLogic;
-        let opts = ferro_block::ops::ConvertOptions { src_format: Some(*fmt), dst };
+        let opts = ferro_block::ops::ConvertOptions { src_format: Some(*fmt), force_share: false, dst };
         let mut last = 0;
         ferro_block::ops::convert(path, &out, &opts, &mut |done, _| {
             ctx.advance(done - last);

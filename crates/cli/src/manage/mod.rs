@@ -544,7 +544,7 @@ fn pool_action(c: &Client, p: &PoolArg, action: &str, done: &str) -> Result<(), 
 /// Starts a clone or convert job and follows it to its end.
 fn copy_volume(c: &Client, vol: &VolArg, action: &str, body: Value) -> Result<(), String> {
     let job = c.post(&format!("{}/{action}", vol_path(vol)?), Some(&body))?;
-    follow_job(&c, &job)
+    follow_job(c, &job)
 }
 
 /// Follows a job ferrod started until it ends, with a progress line on stderr when that is a
