@@ -15,6 +15,7 @@ pub mod lock;
 pub mod ops;
 pub mod qcow2;
 pub mod raw;
+pub mod storage;
 pub mod vmdk;
 
 pub use error::{Error, Result};
@@ -124,21 +125,6 @@ impl ImageInfo {
             qcow2: None,
         }
     }
-}
-
-/// Reads file bytes at `off`; what lies past the end of the file reads as zeroes.
-pub(crate) fn read_padded(file: &File, path: &Path, buf: &mut [u8], off: u64) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut done = 0;
-    while done < buf.len() {
-        let n = file.read_at(&mut buf[done..], off + done as u64).map_err(Error::io(path, "read"))?;
-        if n == 0 {
-            buf[done..].fill(0);
-            break;
-        }
-        done += n;
-    }
-    Ok(())
 }
 
 /// One open disk image (and, through it, its backing chain).

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Byte `PERM_BASE + bit` is locked by every user that holds permission `bit`.
 const PERM_BASE: i64 = 100;
@@ -114,6 +115,11 @@ fn locked_by_other(file: &File, path: &Path, byte: i64) -> Result<bool> {
     Ok(i32::from(fl.l_type) != libc::F_UNLCK)
 }
 
+/// How long a conflict must last before an open is refused. A child that another thread of
+/// this process forks holds copies of our open files, and so their locks, until it execs: for
+/// that moment a file we have just closed still looks held. Real conflicts last longer.
+const SETTLE: Duration = Duration::from_millis(200);
+
 /// Takes the locks of `access` on an open image file, or refuses if another user's locks
 /// conflict. On refusal, closing `file` releases whatever was taken.
 pub(crate) fn lock(file: &File, path: &Path, access: Access) -> Result<()> {
@@ -123,18 +129,29 @@ pub(crate) fn lock(file: &File, path: &Path, access: Access) -> Result<()> {
     for &p in access.unshared() {
         lock_byte(file, path, UNSHARED_BASE + p as i64)?;
     }
-    let in_use = |reason: String| Error::InUse { path: path.to_path_buf(), reason };
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let Some(reason) = conflict(file, path, access)? else { return Ok(()) };
+        if Instant::now() >= deadline {
+            return Err(Error::InUse { path: path.to_path_buf(), reason });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// What in other opens' locks conflicts with `access`, if anything.
+fn conflict(file: &File, path: &Path, access: Access) -> Result<Option<String>> {
     for &p in access.held() {
         if locked_by_other(file, path, UNSHARED_BASE + p as i64)? {
-            return Err(in_use(format!("another process does not share the \"{}\" permission", p.name())));
+            return Ok(Some(format!("another process does not share the \"{}\" permission", p.name())));
         }
     }
     for &p in access.unshared() {
         if locked_by_other(file, path, PERM_BASE + p as i64)? {
-            return Err(in_use(format!("another process holds the \"{}\" permission", p.name())));
+            return Ok(Some(format!("another process holds the \"{}\" permission", p.name())));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// How others use a file, as their locks say.

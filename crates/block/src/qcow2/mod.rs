@@ -17,8 +17,7 @@ use cache::MetaCache;
 pub(crate) use header::MAGIC;
 use header::*;
 use metamap::{MetaKind, MetaMap};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::storage::{FileStorage, Storage};
 use std::path::{Path, PathBuf};
 
 const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -53,7 +52,7 @@ enum ZeroMode {
 /// An open qcow2 image.
 pub struct Qcow2 {
     path: PathBuf,
-    file: File,
+    file: Box<dyn Storage>,
     readonly: bool,
     h: Header,
     cb: u32,
@@ -122,11 +121,10 @@ pub fn create(path: &Path, size: u64, opts: &CreateOptions, backing_format: Opti
     }
     first.extend_from_slice(&table);
     first.extend_from_slice(&block);
-    let file = crate::create_locked(path)?;
-    file.write_all_at(&first, 0).map_err(Error::io(path, "write"))?;
+    let mut file = FileStorage(crate::create_locked(path)?);
+    file.write_at(&first, 0).map_err(Error::io(path, "write"))?;
     file.sync_data().map_err(Error::io(path, "fdatasync"))?;
-    drop(file);
-    let mut img = Qcow2::open(path, Access::Write)?;
+    let mut img = Qcow2::open_on(Box::new(file), path, false)?;
     img.resize(size)?;
     img.flush()
 }
@@ -135,11 +133,16 @@ impl Qcow2 {
     /// Opens a qcow2 file without its backing chain (see [`crate::open`] for the chain) and
     /// takes its locks.
     pub fn open(path: &Path, access: Access) -> Result<Qcow2> {
-        let readonly = access.readonly();
         let file = crate::open_locked(path, access)?;
-        let file_len = file.metadata().map_err(Error::io(path, "stat"))?.len();
+        Qcow2::open_on(Box::new(FileStorage(file)), path, access.readonly())
+    }
+
+    /// A qcow2 image over any storage, without its backing chain; `path` names it in errors
+    /// and is where relative backing file names start.
+    pub fn open_on(file: Box<dyn Storage>, path: &Path, readonly: bool) -> Result<Qcow2> {
+        let file_len = file.file_len().map_err(Error::io(path, "stat"))?;
         let mut first = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
-        file.read_exact_at(&mut first, 0).map_err(Error::io(path, "read header"))?;
+        file.read_at(&mut first, 0).map_err(Error::io(path, "read header"))?;
         let h = Header::parse(path, &first, file_len)?;
         let cs = h.cluster_size();
         let unknown = h.incompatible & !(INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION);
@@ -162,7 +165,7 @@ impl Qcow2 {
         }
         let read_table = |off: u64, entries: u64, what: &'static str| -> Result<Vec<u64>> {
             let mut raw = vec![0u8; (entries * 8) as usize];
-            file.read_exact_at(&mut raw, off).map_err(Error::io(path, what))?;
+            file.read_at(&mut raw, off).map_err(Error::io(path, what))?;
             Ok(raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect())
         };
         let l1 = read_table(h.l1_table_offset, u64::from(h.l1_size), "read L1 table")?;
@@ -331,12 +334,12 @@ impl Qcow2 {
 
     fn pwrite(&mut self, buf: &[u8], off: u64, op: &'static str) -> Result<()> {
         self.unsynced = true;
-        self.file.write_all_at(buf, off).map_err(Error::io(&self.path, op))
+        self.file.write_at(buf, off).map_err(Error::io(&self.path, op))
     }
 
     /// Reads file bytes; what lies past the end of the file reads as zeroes.
     fn pread(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        crate::read_padded(&self.file, &self.path, buf, off)
+        self.file.read_at(buf, off).map_err(Error::io(&self.path, "read"))
     }
 
     fn sync(&mut self) -> Result<()> {
@@ -353,7 +356,7 @@ impl Qcow2 {
             return Err(Error::corrupt(&self.path, format!("{what} at {off:#x} is unaligned or past the end of the file")));
         }
         let mut buf = vec![0u8; self.cs as usize];
-        self.file.read_exact_at(&mut buf, off).map_err(Error::io(&self.path, "read metadata"))?;
+        self.file.read_at(&mut buf, off).map_err(Error::io(&self.path, "read metadata"))?;
         Ok(buf)
     }
 
@@ -846,16 +849,21 @@ impl DiskImage for Qcow2 {
         if needed > self.l1.len() as u64 {
             self.grow_l1(needed)?;
         }
-        self.write_size(size)?;
         // The new range must read as zeroes: neither stale data in the old last cluster nor a
-        // larger backing file may show through.
+        // larger backing file may show through. The zeroes must be durable before the new size
+        // is, or a power cut in between would show what they hide; until the size is written,
+        // only this handle knows the range exists.
         let mut zero_to = old.next_multiple_of(self.cs).min(size);
         if let Some(b) = &self.backing {
             zero_to = zero_to.max(b.size().min(size));
         }
         if zero_to > old {
-            self.zero_range(old, zero_to - old, false)?;
+            self.h.size = size;
+            let zeroed = self.zero_range(old, zero_to - old, false).and_then(|_| self.writeback()).and_then(|_| self.sync());
+            self.h.size = old;
+            zeroed?;
         }
+        self.write_size(size)?;
         self.flush()
     }
 }

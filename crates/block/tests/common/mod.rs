@@ -2,6 +2,7 @@
 //! data (scratch directories are ferro-test-support's `TempDir`).
 #![allow(dead_code)]
 pub use ferro_test_support::TempDir;
+pub mod powerloss;
 use std::path::Path;
 use std::process::{Command, Output};
 
