@@ -17,6 +17,7 @@ packages=(
     dosfstools        # fsck.vfat: checks the cloud-init seeds we write
     e2fsprogs         # mkfs.ext4 -d, debugfs: filesystems for the image tests
     debootstrap       # guests/debian/build.sh: a real Debian root filesystem (cached)
+    openssl           # the remote-access tests make their CA and certificates as docs/remote.md says
 )
 
 missing=()

@@ -1,15 +1,19 @@
 //! ferrod, the Ferrovisor management daemon: persistent domain and pool definitions in SQLite,
-//! one supervised VMM process per running domain, jobs, and a REST API on a unix socket.
+//! one supervised VMM process per running domain, jobs, and a REST API on a unix socket and on
+//! TLS listeners.
 //!
 //! Module map (docs/ferrod.md tells the story):
 //! - leaves: `model` (shared types), `error` (the services' error), `domain` (the TOML domain
-//!   definition), `events`, `claims` (files in use), `durable` (crash-safe file writes);
+//!   definition), `events`, `claims` (files in use), `durable` (crash-safe file writes), `access`
+//!   (roles, peers, API tokens, browser sessions);
 //! - `store`: SQLite rows and schema migrations, over `model` only;
 //! - services: `jobs` (the runner), `pools` (pools, volumes, copies, imports), `domains`
 //!   (definitions and supervision), with `vmm` (VM config and control socket) and `monitor` (the
 //!   per-VM process), and `ovf` (OVF/OVA import and export, over pools and domains);
-//! - `daemon` wires the services together; `api` maps HTTP to them.
+//! - `daemon` wires the services together; `api` maps HTTP to them and checks who may call;
+//!   `listen` opens the unix socket and the TCP/TLS listeners that serve `api`.
 
+pub mod access;
 pub mod api;
 pub mod claims;
 pub mod daemon;
@@ -19,6 +23,7 @@ pub mod durable;
 pub mod error;
 pub mod events;
 pub mod jobs;
+pub mod listen;
 pub mod model;
 pub mod monitor;
 pub mod ovf;

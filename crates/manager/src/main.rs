@@ -1,9 +1,11 @@
 //! `ferrod`: the management daemon. `ferrod monitor ...` is the per-VM monitor it starts.
 
 use clap::{Parser, Subcommand};
+use ferro_manager::access::Peer;
 use ferro_manager::daemon::Services;
+use ferro_manager::listen::ListenArgs;
 use ferro_manager::model::Paths;
-use ferro_manager::{DEFAULT_HOME, api, monitor, socket_for_home};
+use ferro_manager::{DEFAULT_HOME, api, listen, monitor, socket_for_home};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +22,8 @@ struct Cli {
     /// The `ferro` binary that runs VMs (default: $FERRO_BIN, else `ferro` next to ferrod).
     #[arg(long, env = "FERRO_BIN")]
     ferro_bin: Option<PathBuf>,
+    #[command(flatten)]
+    listen: ListenArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -70,6 +74,7 @@ fn serve(cli: Cli) -> Result<(), String> {
     let socket = cli.socket.unwrap_or_else(|| socket_for_home(home_given.then_some(home.as_path())));
     let self_exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let ferro_bin = cli.ferro_bin.unwrap_or_else(|| self_exe.with_file_name("ferro"));
+    let tcp = cli.listen.plan()?;
     std::fs::create_dir_all(&home).map_err(|e| format!("cannot create {}: {e}", home.display()))?;
     let _lock = lock_home(&home)?;
     let paths = Paths {
@@ -87,12 +92,15 @@ fn serve(cli: Cli) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
         let services = Services::open(paths.clone())?;
-        let listener = bind(&paths.socket)?;
+        let tcp_servers = tcp.bind().await?;
+        let listener = listen::bind_unix(&paths.socket, cli.listen.socket_group.as_deref())?;
         services.recover().await;
         tracing::info!(socket = %paths.socket.display(), home = %paths.home.display(), "ferrod ready");
-        let app = api::router(services.clone());
+        let app = api::router(services.clone(), tcp.access.clone());
+        let tcp_tasks: Vec<_> = tcp_servers.into_iter().map(|server| server.spawn(app.clone())).collect();
         let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
         let signalled = stopping.clone();
+        let app = app.into_make_service_with_connect_info::<Peer>();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown_signal().await;
             signalled.notify_one();
@@ -106,6 +114,7 @@ fn serve(cli: Cli) -> Result<(), String> {
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             } => Ok(()),
         };
+        tcp_tasks.iter().for_each(|task| task.abort());
         let _ = std::fs::remove_file(&paths.socket);
         services.stop().await;
         result
@@ -126,15 +135,6 @@ fn lock_home(home: &std::path::Path) -> Result<std::fs::File, String> {
         return Err(format!("another ferrod is already using {}", home.display()));
     }
     Ok(file)
-}
-
-fn bind(socket: &std::path::Path) -> Result<tokio::net::UnixListener, String> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    // The home lock is held, so a socket file left here belongs to a daemon that is gone.
-    let _ = std::fs::remove_file(socket);
-    tokio::net::UnixListener::bind(socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))
 }
 
 async fn shutdown_signal() {

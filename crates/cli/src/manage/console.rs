@@ -1,7 +1,7 @@
-//! `ferro console`: the domain's serial console through ferrod (an upgraded HTTP connection).
-//! Ctrl-] detaches, as in virsh.
+//! `ferro console`: the domain's serial console through ferrod (an upgraded HTTP connection, over
+//! the unix socket or TLS alike). Ctrl-] detaches, as in virsh.
 
-use super::client::{Body, Client, error_message};
+use super::client::{Body, Client};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 
@@ -20,46 +20,47 @@ pub fn attach(client: &Client, name: &str) -> Result<(), String> {
         while let Ok(Some(chunk)) = pending.next_chunk() {
             data.extend_from_slice(&chunk);
         }
-        return Err(error_message(pending.status, &data));
+        return Err(client.refusal(pending.status, &data));
     }
-    let (buffered, stream) = pending.into_stream();
+    let (buffered, mut stream) = pending.into_stream();
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     if interactive {
         eprintln!("Connected to domain '{name}'\r\nEscape character is ^] (Ctrl + ])\r");
     }
     let _raw = if interactive { RawTerminal::enter() } else { None };
 
-    let mut from_vm = stream.try_clone().map_err(|e| format!("console: {e}"))?;
-    let output = std::thread::spawn(move || {
-        let mut stdout = std::io::stdout();
-        let _ = stdout.write_all(&buffered);
-        let _ = stdout.flush();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = from_vm.read(&mut buf) {
-            if n == 0 || stdout.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            let _ = stdout.flush();
-        }
-    });
-
-    let mut to_vm = stream;
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(&buffered);
+    let _ = stdout.flush();
     let mut stdin = std::io::stdin().lock();
+    let mut stdin_open = true;
     // At least std's stdin buffer size, so reads bypass it and poll() sees all pending input.
     let mut buf = [0u8; 16 << 10];
+    // One thread moves both ways: a TLS connection cannot be split between two.
     loop {
-        if output.is_finished() {
-            break;
+        let from_vm_waiting = stream.has_buffered();
+        let (stdin_ready, vm_ready) = wait(stdin_open.then(|| stdin.as_raw_fd()), stream.fd(), !from_vm_waiting);
+        if vm_ready || from_vm_waiting {
+            match stream.read_available(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if stdout.write_all(&buf[..n]).and_then(|()| stdout.flush()).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => break,
+            }
         }
-        if !stdin_ready(200) {
+        if !stdin_ready {
             continue;
         }
         let n = match stdin.read(&mut buf) {
+            // No more input (a pipe): keep showing output until the VM side closes.
             Ok(0) | Err(_) => {
-                // No more input (a pipe): keep showing output until the VM side closes.
-                let _ = to_vm.shutdown(std::net::Shutdown::Write);
-                let _ = output.join();
-                return Ok(());
+                stdin_open = false;
+                stream.finish_sending();
+                continue;
             }
             Ok(n) => n,
         };
@@ -68,23 +69,31 @@ pub fn attach(client: &Client, name: &str) -> Result<(), String> {
             Some(i) => (&input[..i], true),
             None => (input, false),
         };
-        if to_vm.write_all(send).is_err() || detach {
+        if stream.write_all(send).and_then(|()| stream.flush()).is_err() || detach {
             break;
         }
     }
-    let _ = to_vm.shutdown(std::net::Shutdown::Both);
-    let _ = output.join();
     if interactive {
         eprintln!("\r");
     }
     Ok(())
 }
 
-/// Waits up to `timeout_ms` for input on stdin (so the loop notices a console that closed).
-fn stdin_ready(timeout_ms: i32) -> bool {
-    let mut fds = libc::pollfd { fd: std::io::stdin().as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: `fds` is one valid pollfd and the count passed is 1.
-    unsafe { libc::poll(&mut fds, 1, timeout_ms) != 0 }
+/// Waits until stdin (if still open) or the connection has something; with `block` false it
+/// only looks. Returns (stdin ready, connection ready); hang-ups and errors count as ready, so the
+/// read that follows sees them.
+fn wait(stdin: Option<i32>, conn: i32, block: bool) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd { fd: conn, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stdin.unwrap_or(-1), events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: `fds` is an array of two valid pollfds and the count passed is 2; poll ignores the
+    // entry whose fd is -1.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, if block { -1 } else { 0 }) };
+    if n <= 0 {
+        return (false, false);
+    }
+    (fds[1].revents != 0, fds[0].revents != 0)
 }
 
 /// Puts the terminal on stdin in raw mode and restores it when dropped.

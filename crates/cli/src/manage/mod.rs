@@ -7,7 +7,7 @@ mod console;
 mod create;
 mod show;
 
-use client::{Body, Client, socket_path};
+use client::{Body, Client};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,9 +15,17 @@ use std::process::ExitCode;
 /// Which daemon the verbs talk to: global options, accepted before or after the verb.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Connect {
-    /// ferrod's API socket (default: $FERRO_HOME/ferrod.sock, else /run/ferrovisor/ferrod.sock).
-    #[arg(long, env = "FERRO_CONNECT", value_name = "SOCKET", global = true)]
-    connect: Option<PathBuf>,
+    /// ferrod to talk to: its socket (a path or unix://PATH; default $FERRO_HOME/ferrod.sock, else
+    /// /run/ferrovisor/ferrod.sock), tls://HOST:PORT for a `ferrod --listen`, or tcp://127.0.0.1:PORT
+    /// for a loopback `--insecure` one.
+    #[arg(long, env = "FERRO_CONNECT", value_name = "URI", global = true)]
+    connect: Option<String>,
+    /// CA certificate(s) (PEM) to trust for tls:// (default: the system's CA bundle).
+    #[arg(long, env = "FERRO_CA", value_name = "FILE", global = true)]
+    ca: Option<PathBuf>,
+    /// File whose first token is sent to a TCP listener (ferrod's --token-file format).
+    #[arg(long, env = "FERRO_TOKEN_FILE", value_name = "FILE", global = true)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -297,8 +305,8 @@ pub enum ManageCommand {
 }
 
 pub fn run(cmd: ManageCommand, connect: &Connect) -> ExitCode {
-    let client = Client::new(socket_path(connect.connect.as_deref()));
-    match execute(cmd, &client) {
+    let client = Client::new(connect.connect.as_deref(), connect.ca.as_deref(), connect.token_file.as_deref());
+    match client.and_then(|client| execute(cmd, &client)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("error: {message}");
@@ -587,7 +595,7 @@ fn download(c: &Client, vol: &VolArg, file: &std::path::Path) -> Result<(), Stri
         while let Ok(Some(chunk)) = pending.next_chunk() {
             data.extend_from_slice(&chunk);
         }
-        return Err(client::error_message(pending.status, &data));
+        return Err(c.refusal(pending.status, &data));
     }
     let mut out = std::fs::File::create(file).map_err(|e| format!("cannot create {}: {e}", file.display()))?;
     while let Some(chunk) = pending.next_chunk()? {
@@ -615,7 +623,8 @@ fn events(c: &Client, follow: bool, json: bool) -> Result<(), String> {
     let last = c.get("/v1/events")?.as_array().and_then(|a| a.last()).and_then(|e| e["seq"].as_u64()).unwrap_or(0);
     let mut pending = c.send("GET", &format!("/v1/events?follow=true&since={last}"), "", Body::None)?;
     if pending.status != 200 {
-        return Err(format!("ferrod answered HTTP {} to the event stream", pending.status));
+        let data = pending.next_chunk().ok().flatten().unwrap_or_default();
+        return Err(c.refusal(pending.status, &data));
     }
     let mut partial = Vec::new();
     while let Some(chunk) = pending.next_chunk()? {

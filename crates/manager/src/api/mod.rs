@@ -1,15 +1,18 @@
-//! The REST API on ferrod's unix socket (documented in `openapi.json` next to this crate): maps
-//! HTTP requests to service calls, and owns every HTTP status code. One file per resource family
-//! (`domains`, `pools` with volumes, `jobs`, `events` with metrics).
+//! The REST API on ferrod's unix socket and TCP listeners (documented in `openapi.json` next to
+//! this crate): maps HTTP requests to service calls, and owns every HTTP status code. One file per
+//! resource family (`domains`, `pools` with volumes, `jobs`, `events` with metrics); `auth` checks
+//! every request first and serves `/v1/session`.
 //!
 //! Every failure is JSON `{"code","message"}`; request bodies are read here with explicit limits so
 //! that no input can produce a non-JSON error or take the daemon down.
 
+pub mod auth;
 mod domains;
 mod events;
 mod jobs;
 mod pools;
 
+use crate::access::Access;
 use crate::daemon::Services;
 use crate::domain::validate_name;
 use crate::error::{Error, ErrorKind};
@@ -28,7 +31,7 @@ type Svc = State<Arc<Services>>;
 /// Largest JSON or TOML request body.
 const BODY_LIMIT: usize = 1 << 20;
 
-pub fn router(services: Arc<Services>) -> Router {
+pub fn router(services: Arc<Services>, access: Arc<Access>) -> Router {
     Router::new()
         .route("/v1/version", get(version))
         .route("/v1/domains", get(domains::list).post(domains::define))
@@ -47,11 +50,14 @@ pub fn router(services: Arc<Services>) -> Router {
         .route("/v1/jobs/{id}/{action}", post(jobs::action))
         .route("/v1/events", get(events::events))
         .route("/metrics", get(events::metrics))
+        .route("/v1/session", get(auth::whoami).post(auth::sign_in).delete(auth::sign_out))
         .fallback(|| async { ApiError::not_found("no such endpoint (see openapi.json)") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
         })
         .with_state(services)
+        .layer(axum::middleware::from_fn(auth::check))
+        .layer(axum::Extension(access))
 }
 
 /// An HTTP error answer: status, a stable code and one line of message.

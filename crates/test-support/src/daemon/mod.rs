@@ -1,15 +1,17 @@
 //! A real `ferrod` for tests: a private `FERRO_HOME` ([`Home`]), the daemon process ([`Daemon`]),
-//! an HTTP client for its REST API over the unix socket that checks every answer against
-//! `crates/manager/openapi.json` ([`Api`], [`openapi`]), and the `ferro` CLI pointed at it.
+//! an HTTP client for its REST API over the unix socket, plain TCP or TLS that checks every answer
+//! against `crates/manager/openapi.json` ([`Api`], [`openapi`]), and the `ferro` CLI pointed at it.
 
 pub mod openapi;
 
 use crate::{TempDir, ferro_bin, ferrod_bin};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A private FERRO_HOME; on drop, every process still running under it is killed (SIGKILL)
@@ -69,6 +71,11 @@ impl Daemon {
 
     /// Starts ferrod with extra environment variables; waits for its socket (10 s at most).
     pub fn start_with(home: &Home, env: &[(&str, &str)]) -> Daemon {
+        Self::start_args(home, &[], env)
+    }
+
+    /// Starts ferrod with arguments and extra environment variables; waits for its socket.
+    pub fn start_args(home: &Home, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = home.socket();
         let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new(ferrod_bin());
@@ -83,11 +90,14 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn ferrod");
-        let daemon = Daemon { child, socket, home: home.path().to_owned() };
+        let child = cmd.args(args).spawn().expect("spawn ferrod");
+        let mut daemon = Daemon { child, socket, home: home.path().to_owned() };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while UnixStream::connect(&daemon.socket).is_err() {
             assert!(std::time::Instant::now() < deadline, "ferrod did not open its socket: {}", daemon.stderr());
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("ferrod ended ({status}) before opening its socket: {}", daemon.stderr());
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
         daemon
@@ -99,7 +109,19 @@ impl Daemon {
     }
 
     pub fn api(&self) -> Api {
-        Api { socket: self.socket.clone() }
+        Api::unix(&self.socket)
+    }
+
+    /// The addresses of its `--listen` listeners, from its log (start it with `RUST_LOG=info`);
+    /// they are bound before the unix socket, so they are known once [`Daemon::start_args`] returns.
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        let log = self.stderr();
+        let found: Vec<SocketAddr> = log
+            .lines()
+            .filter_map(|line| line.split("listening address=").nth(1)?.split_whitespace().next()?.parse().ok())
+            .collect();
+        assert!(!found.is_empty(), "no `listening address=` line in ferrod's log (RUST_LOG=info?): {log}");
+        found
     }
 
     pub fn kill9(&mut self) {
@@ -140,20 +162,69 @@ impl Drop for Daemon {
     }
 }
 
-/// HTTP/1.1 over the daemon's unix socket; every response is validated against the OpenAPI
-/// document.
+/// HTTP/1.1 to the daemon (its unix socket, or a TCP listener in plain text or TLS), with extra
+/// headers of our choosing; every response is validated against the OpenAPI document.
 #[derive(Clone)]
 pub struct Api {
-    pub socket: PathBuf,
+    target: Target,
+    headers: Vec<(String, String)>,
+}
+
+#[derive(Clone)]
+enum Target {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+    Tls(SocketAddr, Arc<rustls::ClientConfig>),
 }
 
 pub struct RawResponse {
     pub status: u16,
     pub content_type: String,
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
 
+impl RawResponse {
+    /// Every value of a header (lower-case name).
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str()).collect()
+    }
+}
+
 impl Api {
+    pub fn unix(socket: &Path) -> Api {
+        Api { target: Target::Unix(socket.to_path_buf()), headers: Vec::new() }
+    }
+
+    /// Plain HTTP to a loopback `--insecure` listener.
+    pub fn tcp(addr: SocketAddr) -> Api {
+        Api { target: Target::Tcp(addr), headers: Vec::new() }
+    }
+
+    /// TLS to a listener whose certificate the CA in `ca_pem` signed, for its IP address.
+    pub fn tls(addr: SocketAddr, ca_pem: &Path) -> Api {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca_pem).expect("read the CA file") {
+            roots.add(cert.expect("a PEM certificate")).expect("a CA certificate");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Api { target: Target::Tls(addr, Arc::new(config)), headers: Vec::new() }
+    }
+
+    /// The same client, sending one more header with every request.
+    pub fn with_header(&self, name: &str, value: &str) -> Api {
+        let mut api = self.clone();
+        api.headers.push((name.to_string(), value.to_string()));
+        api
+    }
+
     /// Sends one request; returns the status and the parsed JSON body (Null if empty or not JSON).
     /// A body for `/v1/domains` is a TOML definition, any other a JSON document.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
@@ -164,7 +235,21 @@ impl Api {
     }
 
     pub fn raw(&self, method: &str, path: &str, ctype: &str, body: Option<&[u8]>) -> RawResponse {
-        let raw = http(&self.socket, method, path, ctype, body);
+        let raw = match &self.target {
+            Target::Unix(socket) => {
+                exchange(UnixStream::connect(socket).expect("connect to ferrod"), "t", &self.headers, method, path, ctype, body)
+            }
+            Target::Tcp(addr) => {
+                exchange(TcpStream::connect(addr).expect("connect to ferrod"), &addr.to_string(), &self.headers, method, path, ctype, body)
+            }
+            Target::Tls(addr, config) => {
+                let tcp = TcpStream::connect(addr).expect("connect to ferrod");
+                let name = rustls::pki_types::ServerName::from(addr.ip());
+                let conn = rustls::ClientConnection::new(config.clone(), name).unwrap();
+                let stream = rustls::StreamOwned::new(conn, tcp);
+                exchange(stream, &addr.to_string(), &self.headers, method, path, ctype, body)
+            }
+        };
         openapi::check(method, path, raw.status, &raw.content_type, &raw.body);
         raw
     }
@@ -187,19 +272,31 @@ impl Api {
     }
 }
 
-/// A minimal HTTP/1.1 exchange (Connection: close), handling sized and chunked bodies; not
-/// checked against the OpenAPI document (see [`Api::raw`]).
+/// A minimal HTTP/1.1 exchange over the unix socket (Connection: close), handling sized and
+/// chunked bodies; not checked against the OpenAPI document (see [`Api::raw`]).
 pub fn http(socket: &Path, method: &str, path: &str, ctype: &str, body: Option<&[u8]>) -> RawResponse {
-    let mut stream = UnixStream::connect(socket).expect("connect to ferrod");
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    exchange(UnixStream::connect(socket).expect("connect to ferrod"), "t", &[], method, path, ctype, body)
+}
+
+fn exchange<S: Read + Write>(
+    mut stream: S,
+    host: &str,
+    headers: &[(String, String)],
+    method: &str,
+    path: &str,
+    ctype: &str,
+    body: Option<&[u8]>,
+) -> RawResponse {
     let body = body.unwrap_or_default();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).unwrap();
     // The daemon may answer (413) and close before reading a large body; the answer is still there.
     let _ = stream.write_all(body);
+    let _ = stream.flush();
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
@@ -230,10 +327,13 @@ pub fn http(socket: &Path, method: &str, path: &str, ctype: &str, body: Option<&
             }
             data.extend_from_slice(&chunk[..n]);
         }
-    } else {
+    } else if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        data.resize(len, 0);
+        reader.read_exact(&mut data).unwrap();
+    } else if status != 101 && status != 204 {
         reader.read_to_end(&mut data).unwrap();
     }
-    RawResponse { status, content_type: header("content-type").unwrap_or_default(), body: data }
+    RawResponse { status, content_type: header("content-type").unwrap_or_default(), headers, body: data }
 }
 
 /// A domain definition (TOML) booting a built-in test guest with 64 MiB and one vCPU.

@@ -36,12 +36,14 @@ pub fn template_for(path: &str) -> Option<String> {
 pub fn check(method: &str, path: &str, status: u16, content_type: &str, body: &[u8]) {
     let d = doc();
     let error_schema = serde_json::json!({ "$ref": "#/components/schemas/Error" });
+    // A TCP listener refuses (401, 403) before it routes, whatever the path or method.
+    let refused = matches!(status, 401 | 403);
     let Some(template) = template_for(path) else {
-        assert_eq!(status, 404, "{method} {path}: undocumented path answered {status}");
+        assert!(status == 404 || refused, "{method} {path}: undocumented path answered {status}");
         return validate_json(&error_schema, body, method, path);
     };
     let Some(operation) = d["paths"][&template].get(method.to_ascii_lowercase()) else {
-        assert_eq!(status, 405, "{method} {template}: undocumented method answered {status}");
+        assert!(status == 405 || refused, "{method} {template}: undocumented method answered {status}");
         return validate_json(&error_schema, body, method, path);
     };
     let responses = &operation["responses"];
