@@ -5,7 +5,8 @@
 //! Module map (docs/ferrod.md tells the story):
 //! - leaves: `model` (shared types), `error` (the services' error), `domain` (the TOML domain
 //!   definition), `events`, `claims` (files in use), `durable` (crash-safe file writes), `access`
-//!   (roles, peers, API tokens, browser sessions);
+//!   (roles, peers, API tokens, browser sessions), `process_identity` (which processes are a
+//!   run's, and signals only to those);
 //! - `store`: SQLite rows and schema migrations, over `model` only;
 //! - services: `jobs` (the runner), `pools` (pools, volumes, copies, imports), `domains`
 //!   (definitions and supervision), with `vmm` (VM config and control socket) and `monitor` (the
@@ -28,6 +29,7 @@ pub mod model;
 pub mod monitor;
 pub mod ovf;
 pub mod pools;
+pub mod process_identity;
 pub mod store;
 pub mod vmm;
 

@@ -91,6 +91,8 @@ fn serve(cli: Cli) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
+        // Before the socket exists: a client that sees it may send SIGTERM at once.
+        let signals = shutdown_signals()?;
         let services = Services::open(paths.clone())?;
         let tcp_servers = tcp.bind().await?;
         let listener = listen::bind_unix(&paths.socket, cli.listen.socket_group.as_deref())?;
@@ -102,7 +104,7 @@ fn serve(cli: Cli) -> Result<(), String> {
         let signalled = stopping.clone();
         let app = app.into_make_service_with_connect_info::<Peer>();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            shutdown_signal(signals).await;
             signalled.notify_one();
         });
         // Requests in flight get a moment to finish; endless ones (event streams, consoles) do not
@@ -137,11 +139,14 @@ fn lock_home(home: &std::path::Path) -> Result<std::fs::File, String> {
     Ok(file)
 }
 
-async fn shutdown_signal() {
+/// SIGTERM and SIGINT, caught from now on.
+fn shutdown_signals() -> Result<[tokio::signal::unix::Signal; 2], String> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
+    let catch = |kind| signal(kind).map_err(|e| format!("cannot catch signals: {e}"));
+    Ok([catch(SignalKind::terminate())?, catch(SignalKind::interrupt())?])
+}
+
+async fn shutdown_signal([mut term, mut int]: [tokio::signal::unix::Signal; 2]) {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},

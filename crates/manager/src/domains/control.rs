@@ -1,7 +1,7 @@
 //! Requests to the VMM of a running domain, through its control socket: destroy, shutdown,
 //! reboot, reset, pause and resume, memory (the balloon), and counters.
 
-use super::supervise::{START_TIMEOUT, VMM_TIMEOUT, kill_group};
+use super::supervise::{START_TIMEOUT, VMM_TIMEOUT};
 use super::{Domains, not_running};
 use crate::error::{Error, Result};
 use crate::model::{DomainInfo, DomainState, DomainStats};
@@ -39,7 +39,7 @@ impl Domains {
         let quit = Self::request(&socket, Request::Quit).await;
         if quit.is_err() || !self.wait_for_exit(name, pid, QUIT_GRACE).await {
             tracing::warn!(domain = name, "VMM did not quit ({quit:?}); killing it");
-            kill_group(pid);
+            self.kill_run(name).await;
             if !self.wait_for_exit(name, pid, Duration::from_secs(10)).await {
                 return Err(Error::internal(format!("domain {name}: the VMM survived SIGKILL")));
             }

@@ -34,6 +34,9 @@ struct Runtime {
     /// live monitor from a recycled pid.
     monitor_start: Option<u64>,
     vmm_pid: Option<i32>,
+    /// The current run's token (see `process_identity`): set before its monitor is started,
+    /// cleared once the run's end is recorded.
+    run_token: Option<String>,
     started_ms: Option<u64>,
     crash: Option<Crash>,
     reboot_pending: bool,

@@ -1,21 +1,24 @@
 //! Supervision of one VMM per running domain.
 //!
 //! Each running domain has a monitor process (see `monitor`) in its own session that runs the VMM.
-//! ferrod records the monitor's pid and start time; it learns that a VM stopped when the monitor
-//! exits (as its parent, or through a pidfd after a restart) and reads the monitor's exit report.
-//! A running domain holds its disks (`claims`) from its start until its monitor is gone.
+//! ferrod records the run's token before it starts the monitor, then the monitor's pid and start
+//! time; it learns that a VM stopped when the monitor exits (as its parent, or through a pidfd
+//! after a restart) and reads the monitor's exit report. Processes are only ever signalled once
+//! proven to be the run's (`process_identity`). A running domain holds its disks (`claims`) from
+//! its start until its monitor is gone.
 
 use super::{Domain, Domains, Runtime, lock, no_domain};
 use crate::claims::{Access, Holder};
 use crate::domain::DomainConfig;
 use crate::durable;
 use crate::error::{Error, Result};
-use crate::model::{Crash, DomainInfo, DomainState, now_ms};
+use crate::model::{Crash, DomainInfo, DomainState, new_uuid, now_ms};
 use crate::monitor::{self, ExitReport};
+use crate::process_identity;
 use crate::vmm::{self, ResolvedDisk, RunFiles};
 use ferro_vmm_api::DiskFormat;
 use ferro_vmm_api::control::{InfoReply, Request, RunState};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,36 +44,39 @@ impl Domains {
         }
         let records: Vec<(String, Runtime, Option<DomainConfig>)> = lock(&self.domains)
             .iter()
-            .filter(|(_, d)| d.rt.monitor_pid.is_some())
+            .filter(|(_, d)| d.rt.monitor_pid.is_some() || d.rt.run_token.is_some())
             .map(|(n, d)| (n.clone(), d.rt.clone(), d.config.clone().ok()))
             .collect();
         for (name, rt, config) in records {
-            let Some(pid) = rt.monitor_pid else { continue };
-            match open_pidfd(pid, rt.monitor_start) {
-                Some(pidfd) => {
-                    tracing::info!(domain = name, monitor = pid, "re-attached to running VM");
-                    if let Some(config) = &config {
-                        self.claim_running_disks(&name, config);
-                    }
-                    self.watch_pidfd(name.clone(), pid, pidfd);
-                    // Refresh what the VMM says about itself; a failure here is not fatal.
-                    if let Some(files) = self.files(&name)
-                        && let Ok(info) = vmm::call::<InfoReply>(&files.api_socket(), &Request::Info, VMM_TIMEOUT).await
-                    {
-                        let _ = self.update(&name, |d| {
-                            if d.rt.monitor_pid == Some(pid) {
-                                d.rt.vmm_pid = Some(info.pid as i32);
-                                d.rt.state = match info.state {
-                                    RunState::Paused => DomainState::Paused,
-                                    RunState::Running => DomainState::Running,
-                                };
-                            }
-                        });
-                    }
-                    self.events.emit("domain", &name, "reattached", format!("monitor pid {pid}"));
-                }
-                None => self.monitor_exited(&name, pid).await,
+            let proven = match (rt.monitor_pid, rt.monitor_start, rt.run_token.as_deref()) {
+                (Some(pid), Some(start), Some(token)) => process_identity::prove(pid, start, token).map(|fd| (pid, token, fd)),
+                _ => None,
+            };
+            let Some((pid, token, pidfd)) = proven else {
+                // Gone, or a pid that is not this run's process any more: never signalled.
+                self.monitor_exited(&name, rt.run_token.clone()).await;
+                continue;
+            };
+            tracing::info!(domain = name, monitor = pid, "re-attached to running VM");
+            if let Some(config) = &config {
+                self.claim_running_disks(&name, config);
             }
+            self.watch_pidfd(name.clone(), pid, token.to_string(), pidfd);
+            // Refresh what the VMM says about itself; a failure here is not fatal.
+            if let Some(files) = self.files(&name)
+                && let Ok(info) = vmm::call::<InfoReply>(&files.api_socket(), &Request::Info, VMM_TIMEOUT).await
+            {
+                let _ = self.update(&name, |d| {
+                    if d.rt.monitor_pid == Some(pid) {
+                        d.rt.vmm_pid = Some(info.pid as i32);
+                        d.rt.state = match info.state {
+                            RunState::Paused => DomainState::Paused,
+                            RunState::Running => DomainState::Running,
+                        };
+                    }
+                });
+            }
+            self.events.emit("domain", &name, "reattached", format!("monitor pid {pid}"));
         }
     }
 
@@ -136,6 +142,10 @@ impl Domains {
         loop {
             if self.current_monitor(name) != Some(pid) {
                 let info = self.info(name)?;
+                if info.state == DomainState::Shutoff {
+                    // The guest ran and powered off before the VMM was asked for its pid.
+                    return Ok(info);
+                }
                 let reason = info.crash.map(|c| c.reason).unwrap_or_else(|| "it exited at once".to_string());
                 return Err(Error::vmm(format!("domain {name} failed to start: {reason}")));
             }
@@ -151,7 +161,7 @@ impl Domains {
                 Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(10)).await,
                 Err(e) => {
                     self.update(name, |d| d.stopping = true)?;
-                    kill_group(pid);
+                    self.kill_run(name).await;
                     self.wait_for_exit(name, pid, Duration::from_secs(5)).await;
                     return Err(Error::vmm(format!(
                         "domain {name} failed to start: no control socket after {} s ({e})",
@@ -160,7 +170,6 @@ impl Domains {
                 }
             }
         }
-        self.events.emit("domain", name, "started", format!("monitor pid {pid}"));
         self.info(name)
     }
 
@@ -178,8 +187,16 @@ impl Domains {
         let config = serde_json::to_vec_pretty(vm).map_err(|e| Error::internal(format!("cannot encode the VM config: {e}")))?;
         durable::write(&files.vm_config(), &config)
             .map_err(|e| Error::internal(format!("cannot write {}: {e}", files.vm_config().display())))?;
+        // Recorded before any process carries it: whatever ferrod finds after a crash from here
+        // on, it can tell this run's processes from strangers.
+        let token = new_uuid();
+        self.update(name, |d| {
+            d.stopping = false;
+            d.rt.run_token = Some(token.clone());
+        })?;
         let mut cmd = tokio::process::Command::new(&self.paths.monitor_bin);
-        cmd.arg("monitor")
+        cmd.env(process_identity::TOKEN_VAR, &token)
+            .arg("monitor")
             .arg("--exit-report")
             .arg(files.exit_report())
             .arg("--log")
@@ -206,27 +223,34 @@ impl Domains {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Error::internal(format!("cannot run the VMM monitor {}: {e}", self.paths.monitor_bin.display())))?;
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                self.update(name, |d| d.rt.run_token = None)?;
+                return Err(Error::internal(format!("cannot run the VMM monitor {}: {e}", self.paths.monitor_bin.display())));
+            }
+        };
         let Some(pid) = child.id().map(|p| p as i32) else {
+            self.update(name, |d| d.rt.run_token = None)?;
             return Err(Error::internal("the VMM monitor exited at once"));
         };
         let recorded = self.update(name, |d| {
-            d.stopping = false;
             d.rt = Runtime {
                 state: DomainState::Running,
                 monitor_pid: Some(pid),
-                monitor_start: proc_start_time(pid),
+                monitor_start: process_identity::start_time(pid),
                 started_ms: Some(now_ms()),
+                run_token: Some(token.clone()),
                 ..Runtime::default()
             };
         });
+        // Before the watcher can report the end of a short run.
+        self.events.emit("domain", name, "started", format!("monitor pid {pid}"));
         let domains = self.clone();
         let watched = name.to_string();
         tokio::spawn(async move {
             let _ = child.wait().await;
-            domains.monitor_exited(&watched, pid).await;
+            domains.monitor_exited(&watched, Some(token)).await;
         });
         recorded.map(|()| pid)
     }
@@ -247,7 +271,7 @@ impl Domains {
         true
     }
 
-    fn watch_pidfd(self: &Arc<Self>, name: String, pid: i32, pidfd: OwnedFd) {
+    fn watch_pidfd(self: &Arc<Self>, name: String, pid: i32, token: String, pidfd: OwnedFd) {
         let domains = self.clone();
         tokio::spawn(async move {
             // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped; nothing else
@@ -258,31 +282,55 @@ impl Domains {
                 }
                 Err(e) => {
                     tracing::warn!(domain = name, "cannot poll pidfd ({e}); polling /proc instead");
-                    let start = proc_start_time(pid);
-                    while start.is_some() && proc_start_time(pid) == start {
+                    let start = process_identity::start_time(pid);
+                    while start.is_some() && process_identity::start_time(pid) == start {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
             }
-            domains.monitor_exited(&name, pid).await;
+            domains.monitor_exited(&name, Some(token)).await;
         });
     }
 
-    /// The monitor of a run has exited: record how the run ended and free its disks.
-    async fn monitor_exited(&self, name: &str, pid: i32) {
+    /// The token of the domain's current run, if one was started.
+    fn run_token(&self, name: &str) -> Option<String> {
+        lock(&self.domains).get(name).and_then(|d| d.rt.run_token.clone())
+    }
+
+    /// SIGKILLs whatever processes of the domain's current run are alive (its monitor and VMM),
+    /// each proven to be the run's first (see `process_identity`).
+    pub(super) async fn kill_run(&self, name: &str) {
+        let Some(token) = self.run_token(name) else { return };
+        let killed = tokio::task::spawn_blocking(move || process_identity::kill_run(&token)).await.unwrap_or(0);
+        tracing::info!(domain = name, killed, "killed the run's processes");
+    }
+
+    /// The run `token` of a domain is over: its monitor exited, or ferrod, restarted, cannot
+    /// prove that the recorded monitor is still the run's. Records how the run ended and frees
+    /// its disks. `None` is a run recorded by a ferrod that gave runs no token.
+    async fn monitor_exited(&self, name: &str, token: Option<String>) {
         let Some(files) = self.files(name) else { return };
-        let report = monitor::read_report(&files.exit_report());
-        if report.is_none() {
-            // The monitor itself was killed; make sure its VMM does not live on unsupervised.
-            kill_group(pid);
-        }
-        let report = report.unwrap_or(ExitReport {
-            code: None,
-            signal: None,
-            reason: "the VMM monitor process died without a report".to_string(),
-            resets: 0,
-        });
-        let outcome = self.update(name, |d| record_exit(d, pid, &report));
+        let report = match monitor::read_report(&files.exit_report()) {
+            Some(report) => report,
+            None => {
+                // The monitor died without a report (it was killed): its VMM may live on, and
+                // only processes carrying the run's token are taken for it.
+                let reason = match token.clone() {
+                    Some(token) => {
+                        let killed = tokio::task::spawn_blocking(move || process_identity::kill_run(&token)).await.unwrap_or(0);
+                        match killed {
+                            0 => "the VMM monitor process is gone and left no exit report".to_string(),
+                            n => format!("the VMM monitor process died without a report; {n} leftover process(es) of the run were killed"),
+                        }
+                    }
+                    None => "the VMM monitor recorded by an earlier ferrod is gone or cannot be proven to be this \
+                             domain's (no run token); nothing was signalled"
+                        .to_string(),
+                };
+                ExitReport { code: None, signal: None, reason, resets: 0 }
+            }
+        };
+        let outcome = self.update(name, |d| record_exit(d, token.as_deref(), &report));
         let Ok(Some((kind, detail, reboot))) = outcome else { return };
         self.claims.release(&Holder::Domain(name.to_string()));
         for socket in [files.api_socket(), files.serial_socket()] {
@@ -383,12 +431,18 @@ fn disk_access(readonly: bool) -> Access {
     if readonly { Access::Read } else { Access::Write }
 }
 
-/// Records the end of run `pid` in a domain's record: shut off after a clean exit or a destroy,
+/// Records the end of run `token` in a domain's record: shut off after a clean exit or a destroy,
 /// crashed otherwise. Returns the event to emit and whether to start the domain again, or None
 /// if the record is about another run.
-fn record_exit(d: &mut Domain, pid: i32, report: &ExitReport) -> Option<(&'static str, String, bool)> {
-    if d.rt.monitor_pid != Some(pid) {
+fn record_exit(d: &mut Domain, token: Option<&str>, report: &ExitReport) -> Option<(&'static str, String, bool)> {
+    if d.rt.run_token.as_deref() != token || (token.is_none() && d.rt.monitor_pid.is_none()) {
         return None;
+    }
+    d.rt.run_token = None;
+    if d.rt.monitor_pid.is_none() {
+        // ferrod died between starting the monitor and recording it: the start was never
+        // acknowledged, and the domain stays as it was.
+        return Some(("stopped", format!("a start cut short by a ferrod crash ({})", report.reason), false));
     }
     let clean = report.code == Some(0);
     let stopping = std::mem::take(&mut d.stopping);
@@ -410,52 +464,4 @@ fn record_exit(d: &mut Domain, pid: i32, report: &ExitReport) -> Option<(&'stati
         (None, None) => "status unknown".to_string(),
     };
     Some(("crashed", format!("{} ({status})", report.reason), false))
-}
-
-/// Start time (clock ticks since boot) of a live, non-zombie process.
-pub fn proc_start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 1..];
-    let mut fields = after.split_whitespace();
-    let state = fields.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    // Field 22 overall is the 20th after the command name (field 3 is the state just read).
-    fields.nth(18)?.parse().ok()
-}
-
-/// A pidfd for `pid` if it is still the process that started at `start`.
-fn open_pidfd(pid: i32, start: Option<u64>) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new file descriptor or -1; no memory
-    // is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the syscall just returned this descriptor to us and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // Checked after opening: the pidfd pins the process, so a match now cannot be a recycled pid.
-    (start.is_some() && proc_start_time(pid) == start).then_some(fd)
-}
-
-/// SIGKILLs the process group of a monitor (the monitor and its VMM share it).
-pub(super) fn kill_group(pid: i32) {
-    if pid > 1 {
-        // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
-        unsafe {
-            libc::kill(-pid, libc::SIGKILL);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_start_time_is_readable() {
-        assert!(proc_start_time(std::process::id() as i32).is_some());
-        assert!(proc_start_time(i32::MAX).is_none());
-    }
 }
