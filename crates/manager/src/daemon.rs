@@ -1,12 +1,14 @@
 //! ferrod's services wired together: opened over one store, recovered at start, stopped at the
 //! end. The dependencies go one way: domains use pools (to resolve volumes), pools use jobs (for
-//! copies); all of them share the store, the event hub and the file claims.
+//! copies); all of them share the store, the event hub and the file claims. Networks stand
+//! beside them and are recovered first, so the VMs' networks are up before any VM starts.
 
 use crate::claims::Claims;
 use crate::domains::Domains;
 use crate::events::EventHub;
 use crate::jobs::Jobs;
 use crate::model::Paths;
+use crate::networks::Networks;
 use crate::ovf::Ovf;
 use crate::pools::Pools;
 use crate::store::Store;
@@ -17,6 +19,7 @@ pub struct Services {
     pub events: Arc<EventHub>,
     pub jobs: Arc<Jobs>,
     pub pools: Arc<Pools>,
+    pub networks: Arc<Networks>,
     pub domains: Arc<Domains>,
     pub ovf: Arc<Ovf>,
     store: Arc<Store>,
@@ -31,18 +34,25 @@ impl Services {
         let claims = Arc::new(Claims::default());
         let jobs = Jobs::open(store.clone(), events.clone(), claims.clone())?;
         let pools = Pools::open(store.clone(), events.clone(), jobs.clone(), claims.clone())?;
+        let networks = Networks::open(&paths.home.join("networks"), store.clone(), events.clone())?;
         let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), claims)?;
         let ovf = Ovf::open(jobs.clone(), pools.clone(), domains.clone());
-        Ok(Arc::new(Services { paths, events, jobs, pools, domains, ovf, store }))
+        Ok(Arc::new(Services { paths, events, jobs, pools, networks, domains, ovf, store }))
     }
 
-    /// Re-attaches to the VMs that were running when ferrod last stopped, then, on the first start
-    /// since the host booted, starts the pools and domains set to autostart.
+    /// Takes back the networks and re-attaches to the VMs that were running when ferrod last
+    /// stopped, then, on the first start since the host booted, starts the pools and domains set
+    /// to autostart (networks set to autostart start before any VM).
     pub async fn recover(&self) {
-        self.domains.reattach().await;
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string();
         let last = self.store.meta("boot_id").ok().flatten();
-        if last.as_deref() != Some(boot_id.as_str()) {
+        let first_since_boot = last.as_deref() != Some(boot_id.as_str());
+        let networks = self.networks.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || networks.recover(first_since_boot)).await {
+            tracing::error!("recovering networks failed: {e}");
+        }
+        self.domains.reattach().await;
+        if first_since_boot {
             self.pools.autostart();
             self.domains.autostart().await;
             if let Err(e) = self.store.set_meta("boot_id", &boot_id) {

@@ -8,8 +8,8 @@
 //!   (roles, peers, API tokens, browser sessions), `process_identity` (which processes are a
 //!   run's, and signals only to those);
 //! - `store`: SQLite rows and schema migrations, over `model` only;
-//! - services: `jobs` (the runner), `pools` (pools, volumes, copies, imports), `domains`
-//!   (definitions and supervision), with `vmm` (VM config and control socket) and `monitor` (the
+//! - services: `jobs` (the runner), `pools` (pools, volumes, copies, imports), `networks`
+//!   (virtual networks on the host), `domains` (definitions and supervision), with `vmm` (VM config and control socket) and `monitor` (the
 //!   per-VM process), and `ovf` (OVF/OVA import and export, over pools and domains);
 //! - `daemon` wires the services together; `api` maps HTTP to them and checks who may call;
 //!   `listen` opens the unix socket and the TCP/TLS listeners that serve `api`.
@@ -27,6 +27,7 @@ pub mod jobs;
 pub mod listen;
 pub mod model;
 pub mod monitor;
+pub mod networks;
 pub mod ovf;
 pub mod pools;
 pub mod process_identity;

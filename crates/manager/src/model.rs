@@ -1,6 +1,6 @@
 //! The nouns ferrod's services, its store and its API share: where things live, object states,
 //! the infos the API shows, job records. A leaf: it uses no other module of this crate except the
-//! definition model (`domain`), which is a leaf too.
+//! definition model (`domain`), which is a leaf too, and ferro-net's network definition.
 
 use crate::domain::DomainConfig;
 use ferro_vmm_api::control::StatsReply;
@@ -122,6 +122,24 @@ pub struct PoolInfo {
     pub allocation: Option<u64>,
     pub available: Option<u64>,
     pub volumes: Option<usize>,
+}
+
+/// A virtual network as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetworkInfo {
+    pub name: String,
+    pub uuid: String,
+    /// nat, isolated or bridge (absent when the stored definition no longer validates).
+    pub mode: Option<&'static str>,
+    pub bridge: Option<String>,
+    /// Whether it runs on the host now.
+    pub active: bool,
+    pub autostart: bool,
+    /// The network's dnsmasq while it runs (nat and isolated networks).
+    pub dnsmasq_pid: Option<u32>,
+    /// Set when the stored definition no longer validates.
+    pub error: Option<String>,
+    pub config: Option<ferro_net::NetworkConfig>,
 }
 
 #[derive(Debug, Clone, Serialize)]

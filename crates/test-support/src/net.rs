@@ -1,11 +1,18 @@
 //! Network namespaces for tests and benchmarks: taps and sockets live in a namespace made for the
 //! test and deleted with it, so nothing touches the host's own interfaces. Creating one needs
 //! root (CAP_SYS_ADMIN) and iproute2; without them the test fails saying so.
+//!
+//! For virtual network tests: a "host" namespace (where ferro-net or ferrod runs) with an
+//! "outside" namespace behind a veth that has no route back to any guest subnet (so only NAT can
+//! answer it), and guest stand-ins (namespaces on veths plugged into a bridge) that take DHCP
+//! leases with busybox udhcpc, resolve names with nslookup and ping.
 
 use std::ffi::{CString, OsStr};
+use crate::run_ok;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Every protocol, for [`packet_socket`].
@@ -141,4 +148,127 @@ pub fn read_frames(sock: &OwnedFd) -> Vec<Vec<u8>> {
         frames.push(buf[..n].to_vec());
     }
     frames
+}
+
+pub const BUSYBOX: &str = "/bin/busybox";
+pub const OUTSIDE_HOST: &str = "203.0.113.1";
+pub const OUTSIDE: &str = "203.0.113.2";
+
+/// Runs a command inside `ns`; its output whatever the status.
+pub fn exec(ns: &Netns, args: &[&str]) -> Output {
+    ns.command(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+pub fn nft_ruleset(ns: &Netns) -> String {
+    let out = exec(ns, &["nft", "list", "ruleset"]);
+    assert!(out.status.success(), "nft list ruleset (apt-get install nftables): {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn ip_forward(ns: &Netns) -> String {
+    String::from_utf8_lossy(&exec(ns, &["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout).trim().to_owned()
+}
+
+/// A namespace with its loopback up.
+pub fn namespace(tag: &str) -> Netns {
+    let ns = Netns::new(tag);
+    ns.ip(&["link", "set", "lo", "up"]);
+    ns
+}
+
+/// The host namespace with an uplink to the outside namespace.
+pub fn host_and_outside() -> (Netns, Netns) {
+    let host = namespace("host");
+    let outside = namespace("out");
+    host.ip(&["link", "add", "uplink", "type", "veth", "peer", "name", "eth0", "netns", outside.name()]);
+    host.ip(&["addr", "add", &format!("{OUTSIDE_HOST}/24"), "dev", "uplink"]);
+    host.ip(&["link", "set", "uplink", "up"]);
+    outside.ip(&["addr", "add", &format!("{OUTSIDE}/24"), "dev", "eth0"]);
+    outside.ip(&["link", "set", "eth0", "up"]);
+    (host, outside)
+}
+
+/// A guest stand-in: a namespace whose eth0 (with `mac`) is plugged into `bridge` of `host`.
+pub fn guest(host: &Netns, bridge: &str, port: &str, mac: &str) -> Netns {
+    let g = namespace("guest");
+    host.ip(&["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", g.name()]);
+    host.ip(&["link", "set", port, "master", bridge, "up"]);
+    g.ip(&["link", "set", "eth0", "address", mac, "up"]);
+    g
+}
+
+/// What udhcpc got: the address, and the router it was told (empty when none).
+pub struct DhcpResult {
+    pub ip: String,
+    pub router: String,
+}
+
+/// Runs busybox udhcpc in each guest at once; the script configures the address and default route.
+/// udhcpc's 3 s timeout (its default) matters: dnsmasq pings an address before offering it and
+/// answers nothing else meanwhile, so with shorter timeouts concurrent clients give up.
+pub fn dhcp(guests: &[&Netns], dir: &Path) -> Vec<DhcpResult> {
+    assert!(Path::new(BUSYBOX).exists(), "{BUSYBOX} is missing: apt-get install busybox-static");
+    let script = dir.join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n[ \"$1\" = bound ] || exit 0\necho \"LEASE ip=$ip router=$router\"\n\
+         ip addr add \"$ip/$mask\" dev \"$interface\"\n[ -z \"$router\" ] || ip route add default via \"$router\"\n",
+    )
+    .unwrap();
+    run_ok("chmod", &["+x", script.to_str().unwrap()]);
+    let children: Vec<_> = guests
+        .iter()
+        .map(|g| {
+            g.command(BUSYBOX).args(["udhcpc", "-i", "eth0", "-n", "-q", "-t", "10", "-T", "3", "-s"]).arg(&script).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|out| {
+            let out = out.and_then(|child| child.wait_with_output()).expect("run udhcpc");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "udhcpc got no lease: {text}{}", String::from_utf8_lossy(&out.stderr));
+            let line = text.lines().find(|l| l.starts_with("LEASE ")).expect("the script's LEASE line");
+            let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap_or("").to_owned();
+            DhcpResult { ip: field("ip="), router: field("router=") }
+        })
+        .collect()
+}
+
+pub fn pings(from: &Netns, to: &str) -> bool {
+    exec(from, &[BUSYBOX, "ping", "-c", "1", "-W", "2", to]).status.success()
+}
+
+/// The address `name` resolves to through the DNS server `server`, as busybox nslookup says.
+pub fn resolve(from: &Netns, name: &str, server: &str) -> Option<String> {
+    let out = exec(from, &[BUSYBOX, "nslookup", name, server]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let after_name = text.split_once(&format!("Name:\t{name}"))?.1;
+    after_name.lines().find_map(|l| l.trim().strip_prefix("Address: ")).map(|a| a.split(':').next().unwrap_or(a).to_owned())
+}
+
+/// Live (not zombie) processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Kills, when dropped, every dnsmasq still running on a state directory: a test that fails
+/// half-way must not leave daemons behind (they would keep its namespace alive).
+pub struct KillLeftovers(pub String);
+
+impl Drop for KillLeftovers {
+    fn drop(&mut self) {
+        for pid in processes_mentioning(&self.0) {
+            // SAFETY: kill(2) with a pid and a signal.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
 }

@@ -68,6 +68,21 @@ pub struct VolArg {
     pool: String,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct NetArg {
+    /// Network name.
+    network: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct NetJson {
+    /// Network name.
+    network: String,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(clap::Subcommand, Debug)]
 pub enum ManageCommand {
     /// Make a domain from flags, like virt-install: new or imported volumes, cloud-init, start.
@@ -283,6 +298,33 @@ pub enum ManageCommand {
         vol: VolArg,
         file: PathBuf,
     },
+    /// Define (or redefine an inactive) virtual network from a TOML file.
+    NetDefine {
+        /// The TOML definition.
+        file: PathBuf,
+    },
+    /// Remove an inactive network's definition (and its lease database).
+    NetUndefine(NetArg),
+    /// Start a network: its bridge, firewall rules and DHCP/DNS server.
+    NetStart(NetArg),
+    /// Stop a network, removing everything it put on the host.
+    NetDestroy(NetArg),
+    /// List networks (active ones; --all for every defined network).
+    NetList(ListArgs),
+    /// Show a network's details.
+    NetInfo(NetJson),
+    /// Print a network's TOML definition.
+    #[command(alias = "net-dumpxml")]
+    NetDumpconfig(NetArg),
+    /// Start a network whenever the host boots (ferrod's first start after boot).
+    NetAutostart {
+        network: String,
+        /// Turn autostart off.
+        #[arg(long)]
+        disable: bool,
+    },
+    /// Show the DHCP leases of a running network.
+    NetDhcpLeases(NetJson),
     /// List jobs (volume clones and conversions): running ones and the last finished ones.
     JobList {
         /// Print JSON for scripts.
@@ -326,6 +368,10 @@ fn seg(name: &str) -> Result<&str, String> {
 
 fn dom_path(name: &str) -> Result<String, String> {
     Ok(format!("/v1/domains/{}", seg(name)?))
+}
+
+fn net_path(name: &str) -> Result<String, String> {
+    Ok(format!("/v1/networks/{}", seg(name)?))
 }
 
 fn vol_path(v: &VolArg) -> Result<String, String> {
@@ -518,6 +564,47 @@ fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
             println!("Vol {} uploaded from {}", vol.vol, file.display());
         }
         C::VolDownload { vol, file } => download(c, &vol, &file)?,
+        C::NetDefine { file } => {
+            let text = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let (status, data) = c.call("POST", "/v1/networks", Body::Bytes(&text, "application/toml"))?;
+            let info: Value = serde_json::from_slice(&data).map_err(|e| format!("ferrod sent invalid JSON: {e}"))?;
+            let verb = if status == 201 { "defined" } else { "redefined" };
+            println!("Network {} {verb} from {}", info["name"].as_str().unwrap_or("?"), file.display());
+        }
+        C::NetUndefine(n) => {
+            c.json("DELETE", &net_path(&n.network)?, None)?;
+            println!("Network {} has been undefined", n.network);
+        }
+        C::NetStart(n) => {
+            c.post(&format!("{}/start", net_path(&n.network)?), None)?;
+            println!("Network {} started", n.network);
+        }
+        C::NetDestroy(n) => {
+            c.post(&format!("{}/destroy", net_path(&n.network)?), None)?;
+            println!("Network {} destroyed", n.network);
+        }
+        C::NetList(ListArgs { all, json }) => {
+            let list = c.get("/v1/networks")?;
+            let shown: Vec<Value> =
+                list.as_array().into_iter().flatten().filter(|n| all || n["active"] == true).cloned().collect();
+            if json { print_json(&Value::Array(shown)) } else { show::network_table(&shown) }
+        }
+        C::NetInfo(n) => {
+            let info = c.get(&net_path(&n.network)?)?;
+            if n.json { print_json(&info) } else { show::network_info(&info) }
+        }
+        C::NetDumpconfig(n) => {
+            let (_, data) = c.call("GET", &format!("{}/config", net_path(&n.network)?), Body::None)?;
+            print!("{}", String::from_utf8_lossy(&data));
+        }
+        C::NetAutostart { network, disable } => {
+            c.post(&format!("{}/autostart", net_path(&network)?), Some(&json!({ "enabled": !disable })))?;
+            println!("Network {network} {} as autostarted", if disable { "unmarked" } else { "marked" });
+        }
+        C::NetDhcpLeases(n) => {
+            let leases = c.get(&format!("{}/leases", net_path(&n.network)?))?;
+            if n.json { print_json(&leases) } else { show::lease_table(leases.as_array().map(Vec::as_slice).unwrap_or(&[])) }
+        }
         C::JobList { json } => {
             let list = c.get("/v1/jobs")?;
             if json { print_json(&list) } else { show::job_table(list.as_array().map(Vec::as_slice).unwrap_or(&[])) }

@@ -174,6 +174,75 @@ pub fn pool_info(p: &Value) {
     ]);
 }
 
+fn yes_no(v: &Value) -> String {
+    if *v == true { "yes".into() } else { "no".into() }
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().unwrap_or("-").to_string()
+}
+
+pub fn network_table(list: &[Value]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|n| {
+            let state = if n["active"] == true { "active" } else { "inactive" };
+            vec![text(&n["name"]), state.into(), yes_no(&n["autostart"]), text(&n["mode"]), text(&n["bridge"])]
+        })
+        .collect();
+    table(&["Name", "State", "Autostart", "Mode", "Bridge"], &rows);
+}
+
+pub fn network_info(n: &Value) {
+    let config = &n["config"];
+    let mut rows = vec![
+        ("Name", text(&n["name"])),
+        ("UUID", text(&n["uuid"])),
+        ("Active", yes_no(&n["active"])),
+        ("Autostart", yes_no(&n["autostart"])),
+        ("Mode", text(&n["mode"])),
+        ("Bridge", text(&n["bridge"])),
+        ("Address", text(&config["ip"])),
+    ];
+    if config["dhcp"].is_object() {
+        rows.push(("DHCP range", format!("{} - {}", text(&config["dhcp"]["start"]), text(&config["dhcp"]["end"]))));
+    }
+    if let Some(pid) = n["dnsmasq_pid"].as_u64() {
+        rows.push(("dnsmasq pid", pid.to_string()));
+    }
+    if let Some(error) = n["error"].as_str() {
+        rows.push(("Error", error.to_string()));
+    }
+    kv(&rows);
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC), as virsh shows lease expiry.
+fn utc_time(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+pub fn lease_table(list: &[Value]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|l| {
+            let expiry = l["expiry"].as_u64().map(utc_time).unwrap_or_else(|| "never".into());
+            vec![expiry, text(&l["mac"]), text(&l["ip"]), text(&l["hostname"])]
+        })
+        .collect();
+    table(&["Expiry Time (UTC)", "MAC address", "IP address", "Hostname"], &rows);
+}
+
 pub fn volume_table(list: &[Value]) {
     let rows: Vec<Vec<String>> = list
         .iter()
@@ -338,6 +407,13 @@ pub fn top(c: &Client, delay: u64, iterations: Option<u64>) -> Result<(), String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lease_expiry_is_a_utc_date() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_time(1_796_062_852), "2026-11-30 18:20:52");
+    }
 
     #[test]
     fn job_progress_follows_the_jobs_unit() {

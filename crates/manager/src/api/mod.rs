@@ -1,6 +1,6 @@
 //! The REST API on ferrod's unix socket and TCP listeners (documented in `openapi.json` next to
 //! this crate): maps HTTP requests to service calls, and owns every HTTP status code. One file per
-//! resource family (`domains`, `pools` with volumes, `jobs`, `events` with metrics); `auth` checks
+//! resource family (`domains`, `pools` with volumes, `networks`, `jobs`, `events` with metrics); `auth` checks
 //! every request first and serves `/v1/session`.
 //!
 //! Every failure is JSON `{"code","message"}`; request bodies are read here with explicit limits so
@@ -10,6 +10,7 @@ pub mod auth;
 mod domains;
 mod events;
 mod jobs;
+mod networks;
 mod pools;
 
 use crate::access::Access;
@@ -45,6 +46,9 @@ pub fn router(services: Arc<Services>, access: Arc<Access>) -> Router {
         .route("/v1/pools/{pool}/volumes/{vol}", get(pools::volume).delete(pools::delete_volume))
         .route("/v1/pools/{pool}/volumes/{vol}/data", get(pools::download).put(pools::upload))
         .route("/v1/pools/{pool}/volumes/{vol}/{action}", post(pools::volume_action))
+        .route("/v1/networks", get(networks::list).post(networks::define))
+        .route("/v1/networks/{name}", get(networks::get).delete(networks::undefine))
+        .route("/v1/networks/{name}/{sub}", get(networks::resource).post(networks::action))
         .route("/v1/jobs", get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/{action}", post(jobs::action))

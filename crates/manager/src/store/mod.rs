@@ -1,6 +1,6 @@
-//! The state store: one SQLite file per host holding definitions, runtime records, pools and jobs.
+//! The state store: one SQLite file per host holding definitions, runtime records, pools, networks and jobs.
 //! It depends only on the shared types of `model`; each service keeps its own rows in its own file
-//! here (`domains.rs`, `pools.rs`, `jobs.rs`).
+//! here (`domains.rs`, `pools.rs`, `networks.rs`, `jobs.rs`).
 //!
 //! Every write is a single statement, so a crash of ferrod at any point leaves either the old or
 //! the new row, never a torn one. Writes are durable when they return: the database runs in WAL
@@ -13,10 +13,12 @@
 
 mod domains;
 mod jobs;
+mod networks;
 mod pools;
 
 pub use domains::StoredDomain;
 pub use jobs::StoredJob;
+pub use networks::StoredNetwork;
 pub use pools::StoredPool;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -63,6 +65,15 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE jobs ADD COLUMN unit TEXT NOT NULL DEFAULT 'bytes';
      ALTER TABLE jobs RENAME COLUMN scratch TO scratch_files;
      UPDATE jobs SET scratch_files = json_array(scratch_files) WHERE scratch_files IS NOT NULL;",
+    // 3: virtual networks: the definition as the user wrote it, and whether it should be running
+    // (so a restarted ferrod adopts it).
+    "CREATE TABLE networks (
+         name TEXT PRIMARY KEY,
+         uuid TEXT NOT NULL,
+         definition TEXT NOT NULL,
+         autostart INTEGER NOT NULL DEFAULT 0,
+         active INTEGER NOT NULL DEFAULT 0
+     );",
 ];
 
 /// The schema version this ferrod writes.

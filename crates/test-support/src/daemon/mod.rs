@@ -76,9 +76,23 @@ impl Daemon {
 
     /// Starts ferrod with arguments and extra environment variables; waits for its socket.
     pub fn start_args(home: &Home, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(ferrod_bin());
+        cmd.args(args);
+        Self::spawn(home, env, cmd)
+    }
+
+    /// Starts ferrod inside the network namespace `ns` (`ip netns exec`, which execs ferrod in
+    /// place, so the child is ferrod itself): the bridges, rules and dnsmasq of its networks live
+    /// there. Its socket is a file, reachable from any namespace.
+    pub fn start_in(home: &Home, ns: &crate::net::Netns) -> Daemon {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()]).arg(ferrod_bin());
+        Self::spawn(home, &[], cmd)
+    }
+
+    fn spawn(home: &Home, env: &[(&str, &str)], mut cmd: Command) -> Daemon {
         let socket = home.socket();
         let _ = std::fs::remove_file(&socket);
-        let mut cmd = Command::new(ferrod_bin());
         cmd.env("FERRO_HOME", home.path())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -90,7 +104,7 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.args(args).spawn().expect("spawn ferrod");
+        let child = cmd.spawn().expect("spawn ferrod");
         let mut daemon = Daemon { child, socket, home: home.path().to_owned() };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while UnixStream::connect(&daemon.socket).is_err() {
@@ -226,9 +240,9 @@ impl Api {
     }
 
     /// Sends one request; returns the status and the parsed JSON body (Null if empty or not JSON).
-    /// A body for `/v1/domains` is a TOML definition, any other a JSON document.
+    /// A body for `/v1/domains` or `/v1/networks` is a TOML definition, any other a JSON document.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        let ctype = if path == "/v1/domains" { "application/toml" } else { "application/json" };
+        let ctype = if path == "/v1/domains" || path == "/v1/networks" { "application/toml" } else { "application/json" };
         let raw = self.raw(method, path, ctype, body.map(str::as_bytes));
         let value = serde_json::from_slice(&raw.body).unwrap_or(Value::Null);
         (raw.status, value)
