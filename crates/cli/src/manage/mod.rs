@@ -411,11 +411,8 @@ fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
             println!("Domain '{name}' exported to {}", target.display());
         }
         C::Define { file } => {
-            let text = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            let (status, data) = c.call("POST", "/v1/domains", Body::Bytes(&text, "application/toml"))?;
-            let info: Value = serde_json::from_slice(&data).map_err(|e| format!("ferrod sent invalid JSON: {e}"))?;
-            let verb = if status == 201 { "defined" } else { "redefined" };
-            println!("Domain '{}' {verb} from {}", info["name"].as_str().unwrap_or("?"), file.display());
+            let (name, verb) = define_from_file(c, "/v1/domains", &file)?;
+            println!("Domain '{name}' {verb} from {}", file.display());
         }
         C::Undefine(d) => {
             c.json("DELETE", &dom_path(&d.name)?, None)?;
@@ -565,11 +562,8 @@ fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
         }
         C::VolDownload { vol, file } => download(c, &vol, &file)?,
         C::NetDefine { file } => {
-            let text = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            let (status, data) = c.call("POST", "/v1/networks", Body::Bytes(&text, "application/toml"))?;
-            let info: Value = serde_json::from_slice(&data).map_err(|e| format!("ferrod sent invalid JSON: {e}"))?;
-            let verb = if status == 201 { "defined" } else { "redefined" };
-            println!("Network {} {verb} from {}", info["name"].as_str().unwrap_or("?"), file.display());
+            let (name, verb) = define_from_file(c, "/v1/networks", &file)?;
+            println!("Network {name} {verb} from {}", file.display());
         }
         C::NetUndefine(n) => {
             c.json("DELETE", &net_path(&n.network)?, None)?;
@@ -622,6 +616,16 @@ fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Posts the TOML definition in `file` to `collection`; the defined object's name and whether it
+/// was "defined" or "redefined".
+fn define_from_file(c: &Client, collection: &str, file: &std::path::Path) -> Result<(String, &'static str), String> {
+    let text = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let (status, data) = c.call("POST", collection, Body::Bytes(&text, "application/toml"))?;
+    let info: Value = serde_json::from_slice(&data).map_err(|e| format!("ferrod sent invalid JSON: {e}"))?;
+    let name = info["name"].as_str().unwrap_or("?").to_string();
+    Ok((name, if status == 201 { "defined" } else { "redefined" }))
 }
 
 fn action(c: &Client, d: &Dom, action: &str, done: &str) -> Result<(), String> {
