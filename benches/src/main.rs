@@ -9,6 +9,7 @@
 mod common;
 mod exits;
 mod floor;
+mod images;
 mod launch;
 mod virtio;
 
@@ -38,6 +39,11 @@ enum Section {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Disk conversion for OVF/OVA import and export (VMDK <-> qcow2/raw) against qemu-img.
+    Images {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// The floor's child process (spawned by `launch`).
     #[command(hide = true)]
     FloorChild,
@@ -51,6 +57,7 @@ fn main() {
             let scratch = common::Scratch::new();
             virtio::run(&common::ferro_bin(), runs, &scratch.0);
         }
+        Section::Images { runs } => images::run(runs),
         Section::FloorChild => floor::first_exit_child(),
     }
 }
