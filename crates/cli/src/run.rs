@@ -3,7 +3,7 @@
 use ferro_hypervisor::Hypervisor;
 use ferro_vmm::console::FdWriter;
 use ferro_vmm::serial_socket::SerialHub;
-use ferro_vmm::{EventSink, ExitReason, RunOptions, Vm};
+use ferro_vmm::{EventSink, ExitReason, RunOptions, VmBuilder};
 use ferro_vmm_api::{
     BootConfig, ConsoleBackend, DeviceConfig, DeviceKind, DiskFormat, Kernel, MacAddr, MemoryConfig, Transport, VmConfig, VmEvent, parse_size,
 };
@@ -283,7 +283,7 @@ pub fn vmm(args: VmmArgs) -> ExitCode {
     let echo: Option<Box<dyn std::io::Write + Send>> =
         if args.serial_socket.is_some() { None } else { Some(Box::new(FdWriter(1))) };
     let hub = SerialHub::new(echo);
-    let vm = match Vm::new(&hv, config, hub.writer(), events.clone()) {
+    let vm = match VmBuilder::new(&hv).serial_out(hub.writer()).events(events.clone()).boot(config) {
         Ok(vm) => vm,
         Err(e) => return failed(e.to_string()),
     };

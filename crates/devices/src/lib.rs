@@ -3,11 +3,13 @@
 //! `legacy/` holds the PC devices (16550 serial, i8042 reset line, QEMU's isa-debug-exit);
 //! `acpi/` the ACPI power-management registers (sleep control for poweroff, the GED that
 //! delivers the power button). Every device implements [`BusDevice`]; a write may ask the VMM to
-//! stop the VM through the returned [`BusAction`].
+//! stop the VM through the returned [`BusAction`], and the state contract of `state`
+//! ([`state::Persist`]): pause, save, restore.
 
 pub mod acpi;
 pub mod legacy;
 pub mod pci;
+pub mod state;
 pub mod virtio;
 
 /// What the VMM must do after a device access.

@@ -215,15 +215,15 @@ fn madt(vcpus: u8) -> Vec<u8> {
     to_bytes(&m)
 }
 
-/// Writes every table into the reserved area below 1 MiB; returns the RSDP address.
 /// Where a virtio-mmio device sits, for the DSDT and the kernel command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MmioSlot {
     pub base: u64,
     pub size: u64,
     pub gsi: u32,
 }
 
+/// Writes every table into the reserved area below 1 MiB; returns the RSDP address.
 pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8, mmio: &[MmioSlot]) -> Result<u64> {
     let mut next = ACPI_START + 0x100; // the RSDP takes the first slot
     let mut place = |bytes: &[u8]| -> Result<u64> {

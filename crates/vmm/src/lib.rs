@@ -3,24 +3,31 @@
 
 pub mod acpi;
 pub mod boot;
+mod builder;
 pub mod bus;
 pub mod console;
 pub mod control;
 pub mod cpuid;
+pub mod device_manager;
 pub mod events;
 pub mod exit;
 pub mod layout;
 pub mod memory;
 pub mod pci;
+pub mod resources;
 pub mod serial_socket;
+pub mod signals;
+pub mod state;
 pub mod vcpu;
 pub mod virtio;
 mod vm;
 
+pub use builder::VmBuilder;
 pub use events::EventSink;
 pub use exit::ExitReason;
 pub use ferro_vmm_api::VmConfig;
-pub use vm::{RunOptions, Vm, run_foreground};
+pub use state::SavedVm;
+pub use vm::{RunOptions, Vm, VmControl, run_foreground};
 
 /// Errors building or running a VM. Every message names the input or the call that failed.
 #[derive(Debug, thiserror::Error)]

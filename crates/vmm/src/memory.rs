@@ -1,12 +1,26 @@
-//! Guest RAM: anonymous host mappings split around the 32-bit device hole, registered with KVM.
+//! Guest RAM: host mappings split around the 32-bit device hole, registered with KVM.
+//!
+//! A booted VM gets fresh anonymous memory (optionally 2 MiB huge pages, optionally mergeable
+//! by KSM). A restored VM maps a memory file privately: pages are read from the file when the
+//! guest first touches them and copied on write, so restoring costs the same for any guest size
+//! and the file is never changed. [`save`] writes that file: the RAM regions back to back, in
+//! guest address order, all-zero pages left as holes.
 
 use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START, MIN_MEMORY};
 use crate::{Error, Result};
+use ferro_vmm_api::MemoryConfig;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Pages are compared and written in pieces this big when memory is saved.
+const SAVE_CHUNK: usize = 64 << 10;
 
 /// The (start, size) RAM ranges for a guest of `size` bytes.
 pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
@@ -42,15 +56,88 @@ fn host_memory_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Maps guest RAM and registers every region with KVM as a memory slot.
-pub fn create(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
-    check_size(size)?;
-    let mem = GuestMemoryMmap::from_ranges(&ram_ranges(size))
-        .map_err(|e| Error::Config(format!("cannot map {} MiB of guest memory: {e}", size >> 20)))?;
+/// Fresh guest RAM as `config` describes it.
+pub fn anonymous(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
+    check_size(config.size)?;
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    if config.hugepages {
+        if config.size % (2 << 20) != 0 {
+            return Err(Error::Config(format!("memory: {} bytes is not a whole number of 2 MiB huge pages", config.size)));
+        }
+        flags |= libc::MAP_HUGETLB;
+    }
+    let regions = ram_ranges(config.size)
+        .into_iter()
+        .map(|(addr, len)| {
+            let region = MmapRegionBuilder::new(len)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags)
+                .with_hugetlbfs(config.hugepages)
+                .build()
+                .map_err(|e| {
+                    let hint = if config.hugepages { " (are enough 2 MiB huge pages reserved in /proc/sys/vm/nr_hugepages?)" } else { "" };
+                    Error::Config(format!("cannot map {} MiB of guest memory: {e}{hint}", len >> 20))
+                })?;
+            GuestRegionMmap::new(region, addr).ok_or_else(|| Error::Internal(format!("guest memory region at {addr:?}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Internal(format!("guest memory: {e}")))?;
+    if config.merge {
+        for region in mem.iter() {
+            let host = region_host(&mem, region)?;
+            // SAFETY: madvise on a mapping `mem` owns, covering exactly the region; MERGEABLE
+            // only lets KSM share identical pages copy-on-write.
+            if unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_MERGEABLE) } != 0 {
+                return Err(Error::Io("madvise(MADV_MERGEABLE) on guest memory (is KSM built into the kernel?)", std::io::Error::last_os_error()));
+            }
+        }
+    }
+    Ok(mem)
+}
+
+/// Guest RAM of `config.size` bytes mapped privately from `path`, a file [`save`] wrote.
+pub fn from_file(config: &MemoryConfig, path: &Path) -> Result<GuestMemoryMmap> {
+    check_size(config.size)?;
+    if config.hugepages {
+        return Err(Error::Config("memory: a VM restored from a memory file cannot use huge pages".into()));
+    }
+    let file = File::open(path).map_err(|e| Error::Config(format!("memory file {}: {e}", path.display())))?;
+    let len = file.metadata().map_err(|e| Error::Config(format!("memory file {}: {e}", path.display())))?.len();
+    if len != config.size {
+        return Err(Error::Config(format!("memory file {}: {len} bytes, the VM has {} bytes of RAM", path.display(), config.size)));
+    }
+    let mut offset = 0u64;
+    let mut regions = Vec::new();
+    for (addr, size) in ram_ranges(config.size) {
+        let fo = FileOffset::new(file.try_clone().map_err(|e| Error::Io("memory file", e))?, offset);
+        let region = MmapRegionBuilder::new(size)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(fo)
+            .build()
+            .map_err(|e| Error::Config(format!("memory file {}: cannot map it: {e}", path.display())))?;
+        regions.push(GuestRegionMmap::new(region, addr).ok_or_else(|| Error::Internal(format!("guest memory region at {addr:?}")))?);
+        offset += size as u64;
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Internal(format!("guest memory: {e}")))?;
+    if config.merge {
+        for region in mem.iter() {
+            let host = region_host(&mem, region)?;
+            // SAFETY: as in `anonymous`: advice on a mapping `mem` owns.
+            unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_MERGEABLE) };
+        }
+    }
+    Ok(mem)
+}
+
+fn region_host(mem: &GuestMemoryMmap, region: &GuestRegionMmap) -> Result<*mut u8> {
+    mem.get_host_address(region.start_addr()).map_err(|e| Error::Internal(format!("guest memory region has no host address: {e}")))
+}
+
+/// Registers every region of `mem` with KVM as a memory slot.
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| Error::Internal(format!("guest memory region has no host address: {e}")))?;
+        let host = region_host(mem, region)?;
         let desc = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
@@ -63,16 +150,43 @@ pub fn create(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap> {
         // SAFETY: madvise on a mapping `mem` owns, covering exactly the region.
         unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTFORK) };
         // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM (the Vm
-        // struct keeps both and drops the VM fd first), and the slots do not overlap.
-        unsafe { vm.set_user_memory_region(desc) }
-            .map_err(ferro_hypervisor::ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
+        // keeps both and drops the VM fd first), and the slots do not overlap.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(ferro_hypervisor::ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    Ok(mem)
+    Ok(())
+}
+
+/// Writes guest RAM to a new file at `path` in the layout [`from_file`] maps: regions back to
+/// back, pages that are all zeros left as holes. The guest must not run meanwhile.
+pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<()> {
+    let io = |e: std::io::Error| Error::Io("writing the memory file", e);
+    let file = File::options().write(true).create_new(true).open(path).map_err(|e| Error::Config(format!("memory file {}: {e}", path.display())))?;
+    let mut offset = 0u64;
+    let mut buf = vec![0u8; SAVE_CHUNK];
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(SAVE_CHUNK);
+            let slice = region.get_slice(vm_memory::MemoryRegionAddress(done as u64), n).map_err(|e| Error::Internal(format!("reading guest memory: {e}")))?;
+            slice.copy_to(&mut buf[..n]);
+            if buf[..n].iter().any(|&b| b != 0) {
+                file.write_all_at(&buf[..n], offset + done as u64).map_err(io)?;
+            }
+            done += n;
+        }
+        offset += len as u64;
+    }
+    file.set_len(offset).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use vm_memory::Bytes;
 
     #[test]
     fn ranges_split_around_the_hole() {
@@ -87,5 +201,30 @@ mod tests {
         assert!(check_size(1 << 20).unwrap_err().to_string().contains("too small"));
         assert!(check_size(1 << 50).unwrap_err().to_string().contains("more than this host has"));
         assert!(check_size(64 << 20).is_ok());
+    }
+
+    #[test]
+    fn saved_memory_maps_back_privately_and_sparsely() {
+        let path = std::env::temp_dir().join(format!("ferro-mem-{}.bin", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let config = MemoryConfig { size: 32 << 20, hugepages: false, merge: true };
+        let mem = anonymous(&config).unwrap();
+        mem.write_obj(0x1122_3344u32, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0x5566u16, GuestAddress((32 << 20) - 2)).unwrap();
+        save(&mem, &path).unwrap();
+        assert!(save(&mem, &path).unwrap_err().to_string().contains("exists"), "a memory file is never overwritten");
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 32 << 20);
+        assert!(meta.blocks() * 512 <= 2 * SAVE_CHUNK as u64 + 8192, "zero pages are holes: {} bytes allocated", meta.blocks() * 512);
+
+        let back = from_file(&config, &path).unwrap();
+        assert_eq!(back.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1122_3344);
+        assert_eq!(back.read_obj::<u16>(GuestAddress((32 << 20) - 2)).unwrap(), 0x5566);
+        back.write_obj(7u32, GuestAddress(0x1000)).unwrap();
+        let again = from_file(&config, &path).unwrap();
+        assert_eq!(again.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1122_3344, "writes stay private: the file is unchanged");
+        let wrong = MemoryConfig::new(64 << 20);
+        assert!(from_file(&wrong, &path).unwrap_err().to_string().contains("the VM has 67108864 bytes"));
+        std::fs::remove_file(&path).unwrap();
     }
 }

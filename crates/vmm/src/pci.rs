@@ -112,13 +112,16 @@ impl IoEvents for KvmIoEvents {
     }
 }
 
-/// Maps bus 0 into the guest: the 0xcf8 ports, ECAM, and the BAR window.
-pub fn install(bus: PciBus, pio: &mut Bus, mmio: &mut Bus) {
+/// Maps bus 0 into the guest: the 0xcf8 ports, ECAM, and the BAR window. Returns the ports'
+/// device, whose address latch is guest state.
+pub fn install(bus: PciBus, pio: &mut Bus, mmio: &mut Bus) -> Arc<Mutex<PciConfigIo>> {
     let bus = Arc::new(bus);
-    pio.insert(u64::from(CONFIG_IO_PORT), u64::from(CONFIG_IO_SIZE), Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))));
+    let config_io = Arc::new(Mutex::new(PciConfigIo::new(bus.clone())));
+    pio.insert(u64::from(CONFIG_IO_PORT), u64::from(CONFIG_IO_SIZE), config_io.clone());
     mmio.insert(PCI_ECAM_START, PCI_ECAM_SIZE, Arc::new(Mutex::new(PciEcam::new(bus.clone()))));
     let window = PCI_MMIO_WINDOW;
     mmio.insert(window.start, window.end - window.start, Arc::new(Mutex::new(PciMmioWindow::new(bus, window.start))));
+    config_io
 }
 
 #[cfg(test)]

@@ -1,21 +1,36 @@
-//! vCPU threads: one per vCPU, each looping on KVM_RUN and dispatching exits to the bus.
+//! vCPU threads: one per vCPU, each a small state machine (paused, running, exited) driven by
+//! [`VcpuEvent`]s and answering each with a [`VcpuResponse`]. A vCPU starts paused; `Resume`
+//! runs it (KVM_RUN, exits dispatched to the buses), `Pause` parks it outside KVM_RUN, and while
+//! paused its full KVM state can be read (`SaveState`) or written (`RestoreState`) on its own
+//! thread, which KVM requires. A guest exit that ends the VM (power off, reset, a fatal error)
+//! asks the main thread to stop and leaves the vCPU exited until `Exit` ends the thread.
 //!
-//! Stopping: the VMM sets the shared stop flag and sends [`kick_signal`] to every vCPU thread;
-//! the handler sets `immediate_exit` in that thread's `kvm_run`, so KVM_RUN returns at once even
-//! if the signal arrived just before it was entered.
+//! Getting a running vCPU's attention: the event is queued, then [`kick_signal`] is sent to its
+//! thread; the handler sets `immediate_exit` in that thread's `kvm_run`, so KVM_RUN returns at
+//! once even if the signal arrived just before it was entered, and the thread reads its events
+//! on that return. The exit path itself never looks at the events: no cost per exit.
 //!
 //! kvm-pvm: an application processor blocked in KVM_RUN is not woken by the guest's SIPI
-//! (docs/kvm-pvm.md). Until each AP runs, it is kicked at growing intervals; after the kick,
-//! KVM_RUN is entered again and KVM delivers the pending INIT/SIPI.
+//! (docs/kvm-pvm.md). Until each AP runs, the main loop kicks it at growing intervals
+//! ([`Vcpus::kick_unstarted`]); after the kick KVM_RUN is entered again and KVM delivers the
+//! pending INIT/SIPI.
 
 use crate::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use ferro_devices::BusAction;
+use ferro_hypervisor::VcpuState;
 use kvm_bindings::{KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a vCPU may take to answer an event.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
 thread_local! {
     /// This thread's `kvm_run.immediate_exit`, for the kick signal handler.
@@ -41,96 +56,300 @@ pub fn install_kick_handler() -> std::io::Result<()> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
-/// What every vCPU thread shares.
+/// What every vCPU thread shares: the buses its exits go to and the VM's exit signal.
 pub struct Shared {
     pub pio: Bus,
     pub mmio: Bus,
     pub exit: ExitSignal,
-    pub stop: AtomicBool,
     /// Total exits to userspace, all vCPUs.
     pub exits: AtomicU64,
-    /// Pause gate: while true, vCPU threads park outside KVM_RUN.
-    /// Written only through [`Shared::set_paused`], which keeps it and `pause_flag` in step.
-    pub paused: Mutex<bool>,
-    /// Lock-free copy of `paused` for the exit path, which checks it on every exit.
-    pub pause_flag: AtomicBool,
-    pub resume: Condvar,
-    /// How many vCPU threads are parked right now.
-    pub parked: AtomicUsize,
 }
 
-impl Shared {
-    /// Pauses or resumes every vCPU (a pause takes effect at each vCPU's next exit or kick).
-    pub fn set_paused(&self, paused: bool) {
-        let mut guard = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        *guard = paused;
-        self.pause_flag.store(paused, Ordering::Release);
-        if !paused {
-            self.resume.notify_all();
-        }
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.pause_flag.load(Ordering::Acquire)
-    }
-
-    /// Parks the calling vCPU thread while the VM is paused (and not stopping).
-    fn park_while_paused(&self) {
-        if !self.is_paused() {
-            return;
-        }
-        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        if !*paused {
-            return;
-        }
-        self.parked.fetch_add(1, Ordering::AcqRel);
-        while *paused && !self.stop.load(Ordering::Acquire) {
-            paused = self.resume.wait(paused).unwrap_or_else(|p| p.into_inner());
-        }
-        self.parked.fetch_sub(1, Ordering::AcqRel);
-    }
+/// What a vCPU is asked to do.
+pub enum VcpuEvent {
+    Pause,
+    Resume,
+    /// Read the vCPU's KVM state (paused only).
+    SaveState,
+    /// Write it (paused only).
+    RestoreState(Box<VcpuState>),
+    /// End the thread.
+    Exit,
 }
 
-/// State of one vCPU visible to other threads.
-pub struct VcpuHandle {
-    pub started: AtomicBool,
+/// A vCPU's answer to one event.
+pub enum VcpuResponse {
+    Paused,
+    Resumed,
+    State(Box<VcpuState>),
+    Restored,
+    /// The vCPU has stopped for good (the VM is ending); it does nothing more.
+    Exited,
+    Error(String),
 }
 
-/// Runs vCPU `index` until the VM stops.
-pub fn run(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, handle: Arc<VcpuHandle>) {
-    let immediate_exit: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
-    IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
-    while !shared.stop.load(Ordering::Acquire) {
-        shared.park_while_paused();
-        let action = match vcpu.run() {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunState {
+    Paused,
+    Running,
+    Exited,
+}
+
+/// The thread's side of one vCPU.
+struct VcpuThread {
+    index: u8,
+    fd: VcpuFd,
+    shared: Arc<Shared>,
+    events: Receiver<VcpuEvent>,
+    responses: Sender<VcpuResponse>,
+    started: Arc<AtomicBool>,
+    /// The MSRs `SaveState` reads (KVM_GET_MSR_INDEX_LIST).
+    msrs: Arc<Vec<u32>>,
+}
+
+impl VcpuThread {
+    fn run(mut self) {
+        let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
+        let mut state = RunState::Paused;
+        loop {
+            let next = match state {
+                RunState::Running => self.run_once(),
+                RunState::Paused | RunState::Exited => match self.events.recv() {
+                    Ok(event) => self.handle(event, state),
+                    Err(_) => None,
+                },
+            };
+            match next {
+                Some(s) => state = s,
+                None => break,
+            }
+        }
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    }
+
+    /// One KVM_RUN and what follows it; None when the thread must end.
+    fn run_once(&mut self) -> Option<RunState> {
+        let outcome = match self.fd.run() {
             Ok(exit) => {
-                shared.exits.fetch_add(1, Ordering::Relaxed);
+                self.shared.exits.fetch_add(1, Ordering::Relaxed);
                 let failed = matches!(exit, VcpuExit::InternalError | VcpuExit::FailEntry(..) | VcpuExit::Shutdown);
-                let reason = handle_exit(index, exit, &shared);
+                let reason = handle_exit(self.index, exit, &self.shared);
                 if failed {
-                    describe_failure(index, &mut vcpu);
+                    describe_failure(self.index, &mut self.fd);
                 }
                 reason
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                vcpu.set_kvm_immediate_exit(0);
-                if !handle.started.load(Ordering::Relaxed) {
-                    if let Ok(mp) = vcpu.get_mp_state() {
-                        let waiting = mp.mp_state == KVM_MP_STATE_UNINITIALIZED || mp.mp_state == KVM_MP_STATE_INIT_RECEIVED;
-                        handle.started.store(!waiting, Ordering::Relaxed);
+                self.fd.set_kvm_immediate_exit(0);
+                self.note_started();
+                let mut state = RunState::Running;
+                loop {
+                    match self.events.try_recv() {
+                        Ok(event) => state = self.handle(event, state)?,
+                        Err(TryRecvError::Empty) => return Some(state),
+                        Err(TryRecvError::Disconnected) => return None,
                     }
                 }
-                None
             }
-            Err(e) => Some(ExitReason::Error(format!("vCPU {index}: KVM_RUN failed: {e}"))),
+            Err(e) => Some(ExitReason::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.index))),
         };
-        if let Some(reason) = action {
+        match outcome {
             // Every reason ends the VM: stop this vCPU now rather than re-entering the guest.
-            shared.exit.request(reason);
-            break;
+            Some(reason) => {
+                self.shared.exit.request(reason);
+                Some(RunState::Exited)
+            }
+            None => Some(RunState::Running),
         }
     }
-    IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+
+    /// Marks an application processor started once the guest has sent it its SIPI.
+    fn note_started(&self) {
+        if !self.started.load(Ordering::Relaxed) {
+            if let Ok(mp) = self.fd.get_mp_state() {
+                let waiting = mp.mp_state == KVM_MP_STATE_UNINITIALIZED || mp.mp_state == KVM_MP_STATE_INIT_RECEIVED;
+                self.started.store(!waiting, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Answers one event; returns the state to go on in, None to end the thread.
+    fn handle(&mut self, event: VcpuEvent, state: RunState) -> Option<RunState> {
+        let (next, response) = match (event, state) {
+            (VcpuEvent::Exit, _) => {
+                let _ = self.responses.send(VcpuResponse::Exited);
+                return None;
+            }
+            (_, RunState::Exited) => (RunState::Exited, VcpuResponse::Exited),
+            (VcpuEvent::Pause, _) => (RunState::Paused, VcpuResponse::Paused),
+            (VcpuEvent::Resume, _) => (RunState::Running, VcpuResponse::Resumed),
+            (VcpuEvent::SaveState, RunState::Paused) => {
+                let response = match VcpuState::save(&self.fd, &self.msrs) {
+                    Ok(s) => VcpuResponse::State(Box::new(s)),
+                    Err(e) => VcpuResponse::Error(format!("vCPU {}: {e}", self.index)),
+                };
+                (RunState::Paused, response)
+            }
+            (VcpuEvent::RestoreState(s), RunState::Paused) => {
+                let response = match s.restore(&self.fd) {
+                    Ok(()) => {
+                        let waiting = s.mp_state.mp_state == KVM_MP_STATE_UNINITIALIZED || s.mp_state.mp_state == KVM_MP_STATE_INIT_RECEIVED;
+                        self.started.store(!waiting, Ordering::Relaxed);
+                        VcpuResponse::Restored
+                    }
+                    Err(e) => VcpuResponse::Error(format!("vCPU {}: {e}", self.index)),
+                };
+                (RunState::Paused, response)
+            }
+            (VcpuEvent::SaveState | VcpuEvent::RestoreState(_), RunState::Running) => {
+                (RunState::Running, VcpuResponse::Error(format!("vCPU {} is running; pause it first", self.index)))
+            }
+        };
+        let _ = self.responses.send(response);
+        Some(next)
+    }
+}
+
+/// The VMM's side of one vCPU thread.
+struct Vcpu {
+    index: u8,
+    thread: JoinHandle<()>,
+    events: Sender<VcpuEvent>,
+    responses: Receiver<VcpuResponse>,
+    started: Arc<AtomicBool>,
+}
+
+impl Vcpu {
+    fn kick(&self) {
+        // SAFETY: the thread is alive: it is joined only when the `Vcpus` holding this handle is
+        // dropped, which removes the handle first; the signal has a handler
+        // (install_kick_handler).
+        unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
+    }
+}
+
+/// Every vCPU thread of a VM.
+pub struct Vcpus {
+    vcpus: Vec<Vcpu>,
+}
+
+impl Vcpus {
+    /// Starts one thread per vCPU, each paused. `started[i]` says whether vCPU i already runs
+    /// guest code (the boot vCPU, or a restored vCPU past its SIPI), so it needs no kicks.
+    pub fn spawn(fds: Vec<VcpuFd>, shared: &Arc<Shared>, msrs: Arc<Vec<u32>>, started: &[bool]) -> std::io::Result<Vcpus> {
+        let mut vcpus = Vec::with_capacity(fds.len());
+        for (index, fd) in fds.into_iter().enumerate() {
+            let (events_tx, events) = channel();
+            let (responses, responses_rx) = channel();
+            let started = Arc::new(AtomicBool::new(started.get(index).copied().unwrap_or(false)));
+            let index = index as u8;
+            let t = VcpuThread { index, fd, shared: shared.clone(), events, responses, started: started.clone(), msrs: msrs.clone() };
+            let thread = std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || t.run())?;
+            vcpus.push(Vcpu { index, thread, events: events_tx, responses: responses_rx, started });
+        }
+        Ok(Vcpus { vcpus })
+    }
+
+    pub fn len(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vcpus.is_empty()
+    }
+
+    /// Sends `events[i]` to vCPU i, kicks each, and collects every answer.
+    fn request(&self, what: &str, events: Vec<VcpuEvent>) -> Result<Vec<VcpuResponse>, String> {
+        for (v, event) in self.vcpus.iter().zip(events) {
+            // Answers that came after an earlier request gave up must not answer this one.
+            while v.responses.try_recv().is_ok() {}
+            v.events.send(event).map_err(|_| format!("vCPU {} has ended", v.index))?;
+            v.kick();
+        }
+        let deadline = Instant::now() + ANSWER_WITHIN;
+        let mut answers = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match v.responses.recv_timeout(left) {
+                Ok(VcpuResponse::Error(e)) => return Err(e),
+                Ok(VcpuResponse::Exited) => return Err(format!("vCPU {} has stopped: the VM is ending", v.index)),
+                Ok(answer) => answers.push(answer),
+                Err(_) => return Err(format!("vCPU {} did not {what} within {} s", v.index, ANSWER_WITHIN.as_secs())),
+            }
+        }
+        Ok(answers)
+    }
+
+    /// The same event for every vCPU.
+    fn all(&self, event: fn() -> VcpuEvent) -> Vec<VcpuEvent> {
+        self.vcpus.iter().map(|_| event()).collect()
+    }
+
+    /// Parks every vCPU outside KVM_RUN; returns when all are parked.
+    pub fn pause(&self) -> Result<(), String> {
+        self.request("pause", self.all(|| VcpuEvent::Pause)).map(drop)
+    }
+
+    pub fn resume(&self) -> Result<(), String> {
+        self.request("resume", self.all(|| VcpuEvent::Resume)).map(drop)
+    }
+
+    /// Every vCPU's KVM state, read on its own thread; the vCPUs must be paused.
+    pub fn save(&self) -> Result<Vec<VcpuState>, String> {
+        let answers = self.request("save its state", self.all(|| VcpuEvent::SaveState))?;
+        answers
+            .into_iter()
+            .map(|a| match a {
+                VcpuResponse::State(s) => Ok(*s),
+                _ => Err("a vCPU answered SaveState with something else".to_string()),
+            })
+            .collect()
+    }
+
+    /// Writes saved states into the paused vCPUs, one each, in order.
+    pub fn restore(&self, states: Vec<VcpuState>) -> Result<(), String> {
+        if states.len() != self.vcpus.len() {
+            return Err(format!("saved state has {} vCPUs, the VM {}", states.len(), self.vcpus.len()));
+        }
+        let events = states.into_iter().map(|s| VcpuEvent::RestoreState(Box::new(s))).collect();
+        self.request("restore its state", events).map(drop)
+    }
+
+    /// Kicks every application processor the guest has not started yet (kvm-pvm, see the module
+    /// notes); true while any remains.
+    pub fn kick_unstarted(&self) -> bool {
+        let mut waiting = false;
+        for v in self.vcpus.iter().filter(|v| !v.started.load(Ordering::Relaxed)) {
+            v.kick();
+            waiting = true;
+        }
+        waiting
+    }
+
+    /// Whether some application processor has not been started by the guest yet.
+    pub fn any_unstarted(&self) -> bool {
+        self.vcpus.iter().any(|v| !v.started.load(Ordering::Relaxed))
+    }
+
+    /// CPU time used by each vCPU thread so far.
+    pub fn cpu_times_ns(&self) -> Vec<u64> {
+        self.vcpus.iter().map(|v| thread_cpu_time_ns(v.thread.as_pthread_t())).collect()
+    }
+
+}
+
+/// Dropping the vCPUs ends every thread and waits for it.
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        for v in &self.vcpus {
+            let _ = v.events.send(VcpuEvent::Exit);
+            v.kick();
+        }
+        for v in self.vcpus.drain(..) {
+            let _ = v.thread.join();
+        }
+    }
 }
 
 fn handle_exit(index: u8, exit: VcpuExit, shared: &Shared) -> Option<ExitReason> {

@@ -1,37 +1,29 @@
-//! Building a VM from a [`VmConfig`] and running it to the end.
+//! A built VM: [`VmControl`], what the run loop and the control socket share to pause, resume,
+//! save and stop it, and [`Vm::run`], the loop that waits for the guest (or a signal, or the
+//! console) to end it and then stops every vCPU, flushes and closes every disk, and tells the
+//! supervisor why.
 
-use crate::boot::{self, BootSource, EntryPoint};
-use crate::bus::Bus;
-use crate::events::EventSink;
-use crate::virtio;
 use crate::console::{EscapeDecoder, FdWriter, RawTerminal};
-use crate::exit::{ExitReason, ExitSignal};
+use crate::control;
+use crate::device_manager::DeviceManager;
+use crate::events::EventSink;
+use crate::exit::ExitReason;
 use crate::memory::{self, GuestMemoryMmap};
-use crate::vcpu::{self, Shared, VcpuHandle};
-use crate::control::{self, Controller};
-use crate::{Error, Result, acpi, cpuid, pci};
-use ferro_devices::acpi::{AcpiPm, GED_IRQ, PM_BASE, PM_SIZE};
-use ferro_devices::legacy::debug_exit::{DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
-use ferro_devices::legacy::i8042::{I8042_DATA_PORT, I8042_SIZE};
-use ferro_devices::legacy::serial::{COM1_IRQ, COM1_PORT, SERIAL_SIZE};
-use ferro_devices::legacy::{DebugExit, I8042, Serial};
-use ferro_devices::IrqLine;
-use ferro_devices::pci::bus::PciBus;
-use ferro_hypervisor::{Hypervisor, ioctl_err};
-use ferro_vmm_api::{Transport, VmConfig, VmEvent};
-use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{VcpuFd, VmFd};
+use crate::signals::SignalFd;
+use crate::state::{SAVED_VM_VERSION, SavedVm};
+use crate::vcpu::{Shared, Vcpus};
+use crate::{Result, VmBuilder};
+use ferro_devices::legacy::Serial;
+use ferro_hypervisor::{Hypervisor, VmState};
+use ferro_vmm_api::control::{InfoReply, RunState, StatsReply};
+use ferro_vmm_api::{VmConfig, VmEvent};
+use kvm_ioctls::VmFd;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::thread::JoinHandleExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use vmm_sys_util::eventfd::EventFd;
-
-/// Where the KVM TSS (three pages) goes: just below the IOAPIC, inside the device hole.
-const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// How to run a built VM.
 #[derive(Clone, Debug, Default)]
@@ -45,206 +37,227 @@ pub struct RunOptions {
     pub exiting: bool,
 }
 
-/// A built VM, ready to run.
-pub struct Vm {
+/// What controls a VM while it exists: shared by the run loop and the control socket.
+pub struct VmControl {
     config: VmConfig,
-    // Field order matters for drop: vCPUs and the VM fd go before the memory they map.
-    vcpus: Vec<VcpuFd>,
-    vm: Arc<VmFd>,
-    _memory: GuestMemoryMmap,
-    serial: Arc<Mutex<Serial>>,
-    pm: Arc<Mutex<AcpiPm>>,
+    /// The vCPU threads; None once the VM has stopped. Control operations hold this lock, so
+    /// they happen one at a time.
+    vcpus: Mutex<Option<Vcpus>>,
+    paused: AtomicBool,
+    devices: DeviceManager,
     shared: Arc<Shared>,
-    devices: virtio::DeviceHandles,
     events: Arc<EventSink>,
+    // Field order matters for drop: the VM fd goes before the memory it maps.
+    vm: Arc<VmFd>,
+    memory: GuestMemoryMmap,
 }
 
-impl Vm {
-    /// Creates the VM, loads the guest and prepares every vCPU. Guest output goes to `serial_out`,
-    /// what the supervisor must hear to `events`.
-    pub fn new(hv: &Hypervisor, config: VmConfig, serial_out: Box<dyn std::io::Write + Send>, events: Arc<EventSink>) -> Result<Self> {
-        let max = hv.max_vcpus().min(usize::from(u8::MAX));
-        if config.vcpus == 0 || usize::from(config.vcpus) > max {
-            return Err(Error::Config(format!("{} vCPUs requested; this host allows 1 to {max}", config.vcpus)));
-        }
-        memory::check_size(config.memory.size)?;
-        boot::check_cmdline(&config.boot.cmdline)?;
-        config.validate().map_err(Error::Config)?;
-        if config.memory.hugepages || config.memory.merge {
-            return Err(Error::Config("memory: hugepages and merge are not supported by this VMM yet".into()));
-        }
-        let vm = Arc::new(hv.create_vm()?);
-        // Guest RAM goes in before the irqchip: on kvm-pvm a memslot added after
-        // KVM_CREATE_IRQCHIP costs ~7 ms instead of ~0.3 ms (measured; KVM then has to
-        // synchronize with the irqchip's readers on every slot change).
-        let memory = memory::create(&vm, config.memory.size)?;
-        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        vm.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
-
-        let irq = |gsi: u32| -> Result<IrqLine> {
-            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
-            vm.register_irqfd(&fd, gsi).map_err(ioctl_err("KVM_IRQFD"))?;
-            Ok(IrqLine(fd))
-        };
-        let serial = Arc::new(Mutex::new(Serial::new(irq(COM1_IRQ)?, serial_out)));
-        let pm = Arc::new(Mutex::new(AcpiPm::new(irq(GED_IRQ)?)));
-        let mut pio = Bus::default();
-        pio.insert(u64::from(COM1_PORT), u64::from(SERIAL_SIZE), serial.clone());
-        pio.insert(u64::from(PM_BASE), u64::from(PM_SIZE), pm.clone());
-        if config.debug_exit_enabled() {
-            pio.insert(u64::from(DEBUG_EXIT_PORT), u64::from(DEBUG_EXIT_SIZE), Arc::new(Mutex::new(DebugExit)));
-        }
-        pio.insert(u64::from(I8042_DATA_PORT), u64::from(I8042_SIZE), Arc::new(Mutex::new(I8042)));
-        let mut mmio = Bus::default();
-        let mut devices = virtio::DeviceHandles::default();
-        let mut pci = PciBus::default();
-        let mmio_slots = match config.transport {
-            Transport::Mmio => virtio::attach_mmio(&vm, &memory, &mut mmio, &config.devices, &mut devices, &events)?,
-            Transport::Pci => {
-                virtio::attach_pci(&vm, &memory, &mut pci, &config.devices, &mut devices, &events)?;
-                Vec::new()
-            }
-        };
-        pci::install(pci, &mut pio, &mut mmio);
-
-        let rsdp = acpi::write_tables(&memory, config.vcpus, &mmio_slots)?;
-        let src = BootSource {
-            kernel: &config.boot.kernel,
-            initrd: config.boot.initrd.as_deref(),
-            cmdline: &config.boot.cmdline,
-            rsdp,
-        };
-        let entry: EntryPoint = boot::load(&memory, &src)?;
-        boot::regs::write_tables(&memory, entry)?;
-
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-        for index in 0..config.vcpus {
-            let fd = vm.create_vcpu(u64::from(index)).map_err(ioctl_err("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&cpuid::for_vcpu(hv.supported_cpuid(), index, config.vcpus))
-                .map_err(ioctl_err("KVM_SET_CPUID2"))?;
-            boot::regs::setup_fpu_and_msrs(&fd)?;
-            boot::regs::setup_lapic_lint(&fd)?;
-            if index == 0 {
-                boot::regs::setup_boot_vcpu(&fd, entry)?;
-            }
-            vcpus.push(fd);
-        }
-        let shared = Arc::new(Shared {
-            pio,
-            mmio,
-            exit: ExitSignal::new().map_err(|e| Error::Io("eventfd", e))?,
-            stop: AtomicBool::new(false),
-            exits: AtomicU64::new(0),
-            paused: Mutex::new(false),
-            pause_flag: AtomicBool::new(false),
-            resume: Condvar::new(),
-            parked: AtomicUsize::new(0),
-        });
-        Ok(Vm { config, vcpus, vm, _memory: memory, serial, pm, shared, devices, events })
+impl VmControl {
+    pub(crate) fn new(
+        config: VmConfig,
+        vm: Arc<VmFd>,
+        memory: GuestMemoryMmap,
+        devices: DeviceManager,
+        shared: Arc<Shared>,
+        vcpus: Vcpus,
+        events: Arc<EventSink>,
+    ) -> VmControl {
+        VmControl { config, vcpus: Mutex::new(Some(vcpus)), paused: AtomicBool::new(true), devices, shared, events, vm, memory }
     }
 
-    /// The KVM VM, for state save/restore.
-    pub fn vm_fd(&self) -> &VmFd {
-        &self.vm
+    fn lock_vcpus(&self) -> MutexGuard<'_, Option<Vcpus>> {
+        self.vcpus.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The vCPUs before they run, for state save/restore.
-    pub fn vcpu_fds(&self) -> &[VcpuFd] {
-        &self.vcpus
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Stops every vCPU, then every device worker: nothing runs guest code or touches guest
+    /// memory until [`resume`](Self::resume). Idempotent.
+    pub fn pause(&self) -> std::result::Result<(), String> {
+        let vcpus = self.lock_vcpus();
+        let vcpus = vcpus.as_ref().ok_or("the VM has stopped")?;
+        if self.is_paused() {
+            return Ok(());
+        }
+        vcpus.pause()?;
+        self.devices.pause();
+        self.paused.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Lets the devices, then the vCPUs, run again. Idempotent.
+    pub fn resume(&self) -> std::result::Result<(), String> {
+        let vcpus = self.lock_vcpus();
+        let vcpus = vcpus.as_ref().ok_or("the VM has stopped")?;
+        if !self.is_paused() {
+            return Ok(());
+        }
+        self.devices.resume().map_err(|e| e.to_string())?;
+        vcpus.resume()?;
+        self.paused.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// The whole state of the paused VM besides its memory (see [`SavedVm`]); vCPU state is read
+    /// on each vCPU's own thread.
+    pub fn save(&self) -> std::result::Result<SavedVm, String> {
+        let vcpus = self.lock_vcpus();
+        let vcpus = vcpus.as_ref().ok_or("the VM has stopped")?;
+        if !self.is_paused() {
+            return Err("the VM is running; pause it before saving its state".into());
+        }
+        Ok(SavedVm {
+            version: SAVED_VM_VERSION,
+            kvm: VmState::save(&self.vm).map_err(|e| e.to_string())?,
+            vcpus: vcpus.save()?,
+            devices: self.devices.save(),
+        })
+    }
+
+    /// Writes the paused VM's memory to a new file at `path`, for [`VmBuilder::restore`].
+    pub fn save_memory(&self, path: &Path) -> std::result::Result<(), String> {
+        let _vcpus = self.lock_vcpus();
+        if !self.is_paused() {
+            return Err("the VM is running; pause it before saving its memory".into());
+        }
+        memory::save(&self.memory, path).map_err(|e| e.to_string())
+    }
+
+    /// Asks the run loop to end the VM with `reason` (the first reason asked for wins).
+    pub fn request_exit(&self, reason: ExitReason) {
+        self.shared.exit.request(reason);
     }
 
     /// Presses the ACPI power button.
     pub fn press_power_button(&self) -> std::io::Result<()> {
-        self.pm.lock().unwrap_or_else(|p| p.into_inner()).press_power_button()
+        self.devices.acpi_pm().lock().unwrap_or_else(|p| p.into_inner()).press_power_button()
+    }
+
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// The KVM VM, for what reads or changes VM-wide KVM state directly.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    pub fn info(&self) -> InfoReply {
+        InfoReply {
+            state: if self.is_paused() { RunState::Paused } else { RunState::Running },
+            pid: std::process::id(),
+            vcpus: self.config.vcpus,
+            memory_bytes: self.config.memory.size,
+            name: self.config.name.clone(),
+        }
+    }
+
+    /// The VM's counters; asks the balloon driver for fresh statistics for the next call.
+    pub fn stats(&self) -> StatsReply {
+        let vcpu_time_ns = self.lock_vcpus().as_ref().map(Vcpus::cpu_times_ns).unwrap_or_default();
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        let handles = self.devices.handles();
+        StatsReply {
+            vcpu_time_ns,
+            cpu_time_ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+            rss_bytes: rss_bytes(),
+            exits: self.shared.exits.load(Ordering::Relaxed),
+            disks: handles.disk_stats(),
+            nics: handles.nic_stats(),
+            balloon: handles.balloon.as_ref().map(|b| {
+                // Answer with what the guest last said, and ask it for fresh numbers for next time.
+                b.request_stats();
+                b.stats()
+            }),
+        }
+    }
+
+    /// Ends the VM for good: every vCPU thread stops, then every device (workers end, disks are
+    /// flushed and closed). Later calls do nothing.
+    fn stop(&self) {
+        let vcpus = self.lock_vcpus().take();
+        if let Some(vcpus) = vcpus {
+            drop(vcpus);
+            self.devices.shutdown();
+        }
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no memory effects.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+}
+
+/// A built VM, paused until [`run`](Vm::run). Dropping it stops it like the end of `run`.
+pub struct Vm {
+    control: Arc<VmControl>,
+}
+
+impl Vm {
+    pub(crate) fn new(control: VmControl) -> Vm {
+        Vm { control: Arc::new(control) }
+    }
+
+    /// The VM's controls, for use while it runs (from another thread, or the control socket).
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
     }
 
     /// The serial device, for a console socket.
     pub fn serial(&self) -> Arc<Mutex<Serial>> {
-        self.serial.clone()
+        self.control.devices.serial()
     }
 
-    /// Runs the VM until it stops.
-    pub fn run(mut self, opts: &RunOptions) -> Result<ExitReason> {
-        let interactive = opts.interactive;
-        vcpu::install_kick_handler().map_err(|e| Error::Io("installing the vCPU kick handler", e))?;
-        let signals = SignalFd::block_and_open(&[libc::SIGINT, libc::SIGTERM])?;
+    /// Runs the VM until it stops, then stops every vCPU and device (disks flushed and closed)
+    /// whatever the reason, reports it to the supervisor, and returns it.
+    pub fn run(self, opts: &RunOptions) -> Result<ExitReason> {
+        let signals = SignalFd::open()?;
         let stdin = std::io::stdin();
-        let _raw = if interactive { RawTerminal::enable(stdin.as_fd()) } else { None };
-        if _raw.is_some() {
-            let to = if self.devices.console_input.is_some() { "the virtio console" } else { "COM1" };
+        let raw = if opts.interactive { RawTerminal::enable(stdin.as_fd()) } else { None };
+        let console_input = self.control.devices.handles().console_input.clone();
+        if raw.is_some() {
+            let to = if console_input.is_some() { "the virtio console" } else { "COM1" };
             eprintln!("ferro: console attached to {to}; press Ctrl-A x to quit\r");
         }
-
-        let handles: Vec<Arc<VcpuHandle>> = (0..self.vcpus.len())
-            .map(|i| Arc::new(VcpuHandle { started: AtomicBool::new(i == 0) }))
-            .collect();
-        let mut threads = Vec::new();
-        for (index, fd) in self.vcpus.drain(..).enumerate() {
-            let (shared, handle) = (self.shared.clone(), handles[index].clone());
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run(index as u8, fd, shared, handle))
-                .map_err(|e| Error::Io("spawning a vCPU thread", e))?;
-            threads.push(t);
-        }
-
-        let controller = Arc::new(Controller {
-            shared: self.shared.clone(),
-            pm: self.pm.clone(),
-            vcpu_threads: Mutex::new(threads.iter().map(|t| t.as_pthread_t()).collect()),
-            name: self.config.name.clone(),
-            vcpus: self.config.vcpus,
-            memory: self.config.memory.size,
-            devices: self.devices.clone(),
-        });
         let served = match &opts.api_socket {
-            Some(path) => control::serve(path, controller.clone()).map_err(|e| format!("control socket {}: {e}", path.display())),
+            Some(path) => control::serve(path, self.control.clone()).map_err(|e| format!("control socket {}: {e}", path.display())),
             None => Ok(()),
         };
-        let reason = match served {
+        let reason = match served.and_then(|()| self.control.resume()) {
             Ok(()) => {
-                self.events.emit(&VmEvent::Started { pid: std::process::id() });
-                self.main_loop(&signals, _raw.is_some(), &threads, &handles)
+                self.control.events.emit(&VmEvent::Started { pid: std::process::id() });
+                self.main_loop(&signals, raw.is_some(), console_input.as_deref())
             }
             Err(e) => ExitReason::Error(e),
         };
-
-        self.shared.stop.store(true, Ordering::Release);
-        controller.resume();
-        // From here on the control socket must not signal these threads.
-        controller.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        for t in &threads {
-            // SAFETY: the pthread handle is valid until join below; the signal has a handler.
-            unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
-        }
-        for t in threads {
-            let _ = t.join();
-        }
-        self.events.emit(&VmEvent::Exited { reason: reason.clone() });
+        self.control.stop();
+        self.control.events.emit(&VmEvent::Exited { reason: reason.clone() });
         if opts.exiting {
             defer_kvm_teardown();
         }
         Ok(reason)
     }
 
-    fn main_loop(
-        &self,
-        signals: &SignalFd,
-        interactive: bool,
-        threads: &[std::thread::JoinHandle<()>],
-        handles: &[Arc<VcpuHandle>],
-    ) -> ExitReason {
-        let exit_fd = self.shared.exit.event.as_raw_fd();
+    fn main_loop(&self, signals: &SignalFd, interactive: bool, console_input: Option<&std::fs::File>) -> ExitReason {
+        let exit_fd = self.control.shared.exit.event.as_raw_fd();
         let mut decoder = EscapeDecoder::default();
         let mut kick_interval = Duration::from_millis(1);
         loop {
-            let aps_waiting = handles.iter().any(|h| !h.started.load(Ordering::Relaxed));
+            let aps_waiting = self.control.lock_vcpus().as_ref().is_some_and(Vcpus::any_unstarted);
             let timeout = if aps_waiting { kick_interval.as_millis() as i32 } else { -1 };
             let mut fds = vec![
                 libc::pollfd { fd: exit_fd, events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: signals.0, events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: signals.raw(), events: libc::POLLIN, revents: 0 },
             ];
             if interactive {
                 fds.push(libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 });
@@ -259,17 +272,15 @@ impl Vm {
                 return ExitReason::Error(format!("poll: {err}"));
             }
             if n == 0 {
-                for (t, h) in threads.iter().zip(handles) {
-                    if !h.started.load(Ordering::Relaxed) {
-                        // SAFETY: the thread is alive (joined only after this loop).
-                        unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
-                    }
+                // kvm-pvm: application processors blocked in KVM_RUN miss their SIPI (vcpu.rs).
+                if let Some(vcpus) = self.control.lock_vcpus().as_ref() {
+                    vcpus.kick_unstarted();
                 }
                 kick_interval = (kick_interval * 2).min(Duration::from_millis(50));
                 continue;
             }
             if fds[0].revents != 0 {
-                if let Some(reason) = self.shared.exit.take() {
+                if let Some(reason) = self.control.shared.exit.take() {
                     return reason;
                 }
             }
@@ -289,18 +300,19 @@ impl Vm {
                 if decoder.feed(&buf[..got as usize], &mut to_guest) {
                     return ExitReason::Quit;
                 }
-                match &self.devices.console_input {
+                match console_input {
                     // Full pipe: the guest is not reading its console; like a full UART, drop.
-                    Some(feed) => drop((&**feed).write(&to_guest)),
-                    None => drop(self.serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(&to_guest)),
+                    Some(mut feed) => drop(feed.write(&to_guest)),
+                    None => drop(self.control.devices.serial().lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(&to_guest)),
                 }
             }
         }
     }
+}
 
-    /// The configuration this VM was built from.
-    pub fn config(&self) -> &VmConfig {
-        &self.config
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.control.stop();
     }
 }
 
@@ -349,52 +361,8 @@ fn defer_kvm_teardown() {
     }
 }
 
-/// Runs `config` with the console on this process's stdout (and stdin when it is a terminal).
+/// Boots `config` with the console on this process's stdout (and stdin when it is a terminal).
 pub fn run_foreground(hv: &Hypervisor, config: VmConfig) -> Result<ExitReason> {
-    let vm = Vm::new(hv, config, Box::new(FdWriter(1)), EventSink::none())?;
+    let vm = VmBuilder::new(hv).serial_out(Box::new(FdWriter(1))).boot(config)?;
     vm.run(&RunOptions { interactive: true, exiting: true, ..Default::default() })
-}
-
-/// Blocks the given signals for the whole process (threads spawned later inherit the mask) and
-/// reads them from a signalfd instead.
-struct SignalFd(i32);
-
-impl SignalFd {
-    fn block_and_open(signals: &[i32]) -> Result<Self> {
-        // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-        unsafe {
-            libc::sigemptyset(&mut set);
-            for s in signals {
-                libc::sigaddset(&mut set, *s);
-            }
-        }
-        // SAFETY: `set` is initialised; the old mask is not needed.
-        if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
-            return Err(Error::Io("blocking signals", std::io::Error::last_os_error()));
-        }
-        // SAFETY: creates a new fd from a valid mask.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::Io("signalfd", std::io::Error::last_os_error()));
-        }
-        Ok(SignalFd(fd))
-    }
-
-    fn read(&self) -> Option<i32> {
-        // SAFETY: signalfd_siginfo is plain data.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reads at most `size` bytes into `info`.
-        let n = unsafe { libc::read(self.0, (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
-        (n == size as isize).then_some(info.ssi_signo as i32)
-    }
-}
-
-impl Drop for SignalFd {
-    fn drop(&mut self) {
-        // SAFETY: we own the fd.
-        unsafe { libc::close(self.0) };
-    }
 }

@@ -1,17 +1,18 @@
 //! Every KVM object the VMM creates can be read out and written back: vCPU state (registers,
 //! segments, XSAVE, MSRs, LAPIC, MP state, events, debug registers) and VM state (PICs, IOAPIC,
 //! PIT, clock) saved from one VM, restored into a second, and read again compare equal; the
-//! serial device's snapshot round-trips too. This is the path snapshot and migration build on.
+//! serial device's state round-trips too. This is the path snapshot and migration build on.
 
 use ferro_devices::IrqLine;
 use ferro_devices::legacy::Serial;
-use ferro_hypervisor::{Hypervisor, VcpuState, VmState};
-use ferro_vmm::{EventSink, Vm};
+use ferro_devices::state::Persist;
+use ferro_hypervisor::{Hypervisor, VcpuState};
+use ferro_vmm::{SavedVm, VmBuilder};
 use ferro_vmm_api::{BootConfig, Kernel, MemoryConfig, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
-fn hello_vm(hv: &Hypervisor, vcpus: u8) -> Vm {
-    let config = VmConfig {
+fn hello_config(vcpus: u8) -> VmConfig {
+    VmConfig {
         name: String::new(),
         boot: BootConfig { kernel: Kernel::TestGuest("hello".into()), initrd: None, cmdline: String::new() },
         memory: MemoryConfig::new(64 << 20),
@@ -19,8 +20,7 @@ fn hello_vm(hv: &Hypervisor, vcpus: u8) -> Vm {
         devices: Vec::new(),
         transport: Default::default(),
         debug_exit: false,
-    };
-    Vm::new(hv, config, Box::new(std::io::sink()), EventSink::none()).expect("build VM")
+    }
 }
 
 /// Field by field, as JSON, leaving out what keeps moving on its own: the LAPIC timer's current
@@ -58,35 +58,33 @@ mod erased {
 #[test]
 fn vcpu_and_vm_state_round_trip_into_a_new_vm() {
     let hv = Hypervisor::open().expect("/dev/kvm");
-    let msrs: Vec<u32> = hv.kvm().get_msr_index_list().unwrap().as_slice().to_vec();
+    let memory = std::env::temp_dir().join(format!("ferro-state-{}.mem", std::process::id()));
+    let _ = std::fs::remove_file(&memory);
 
-    let a = hello_vm(&hv, 2);
-    // Make the source state distinctive so a restore that did nothing would be caught.
-    let mut regs = a.vcpu_fds()[0].get_regs().unwrap();
-    regs.rax = 0x1122_3344_5566_7788;
-    regs.r15 = 0xfeed_f00d;
-    a.vcpu_fds()[0].set_regs(&regs).unwrap();
-    a.vm_fd().set_irq_line(5, true).unwrap();
-
-    let saved: Vec<VcpuState> = a.vcpu_fds().iter().map(|v| VcpuState::save(v, &msrs).unwrap()).collect();
-    let vm_saved = VmState::save(a.vm_fd()).unwrap();
+    // Built and never run: vCPU and VM state are read and written on the paused VM.
+    let a = VmBuilder::new(&hv).boot(hello_config(2)).expect("build VM");
+    a.control().vm_fd().set_irq_line(5, true).unwrap();
+    let mut saved = a.control().save().unwrap();
+    // Make the state distinctive so a restore that did nothing would be caught.
+    saved.vcpus[0].regs.rax = 0x1122_3344_5566_7788;
+    saved.vcpus[0].regs.r15 = 0xfeed_f00d;
+    a.control().save_memory(&memory).unwrap();
+    drop(a);
     // Through serde, as a snapshot file or migration stream would carry it.
-    let wire = serde_json::to_vec(&(&saved, &vm_saved)).unwrap();
-    let (saved, vm_saved): (Vec<VcpuState>, VmState) = serde_json::from_slice(&wire).unwrap();
+    let wire = serde_json::to_vec(&saved).unwrap();
+    let vm_saved = saved.kvm.clone();
+    let saved: SavedVm = serde_json::from_slice(&wire).unwrap();
 
-    let b = hello_vm(&hv, 2);
-    vm_saved.restore(b.vm_fd()).unwrap();
-    for (state, fd) in saved.iter().zip(b.vcpu_fds()) {
-        state.restore(fd).unwrap();
-    }
-    assert_eq!(b.vcpu_fds()[0].get_regs().unwrap().rax, 0x1122_3344_5566_7788);
-    for (state, fd) in saved.into_iter().zip(b.vcpu_fds()) {
-        let again = VcpuState::save(fd, &msrs).unwrap();
+    let b = VmBuilder::new(&hv).restore(hello_config(2), saved, &memory).expect("restore VM");
+    let again = b.control().save().unwrap();
+    assert_eq!(again.vcpus[0].regs.rax, 0x1122_3344_5566_7788);
+    let saved: SavedVm = serde_json::from_slice(&wire).unwrap();
+    for (state, again) in saved.vcpus.into_iter().zip(again.vcpus) {
         for ((name, before), (_, after)) in fields(state).into_iter().zip(fields(again)) {
             assert!(before == after, "vCPU {name} differs after restore");
         }
     }
-    let vm_again = VmState::save(b.vm_fd()).unwrap();
+    let vm_again = again.kvm;
     use erased::Json;
     assert!(vm_again.ioapic.json() == vm_saved.ioapic.json(), "IOAPIC differs after restore");
     assert!(vm_again.pic_master.json() == vm_saved.pic_master.json(), "PIC differs after restore");
@@ -97,6 +95,8 @@ fn vcpu_and_vm_state_round_trip_into_a_new_vm() {
     assert_eq!(pit(&vm_again.pit), pit(&vm_saved.pit), "PIT differs after restore");
     // The clock keeps running, but it restarted from the saved value, not from zero.
     assert!(vm_again.clock.clock >= vm_saved.clock.clock);
+    drop(b);
+    std::fs::remove_file(&memory).unwrap();
 }
 
 #[test]
@@ -109,9 +109,10 @@ fn serial_snapshot_round_trips() {
     s.write(3, &[0x03]); // 8N1
     s.write(7, &[0x5a]); // scratch
     s.enqueue_input(b"typed");
-    let snap = s.snapshot();
-    let restored = Serial::restore(irq(), Box::new(std::io::sink()), &snap).unwrap();
-    assert_eq!(restored.snapshot(), snap);
+    let snap = s.save();
+    let mut restored = Serial::new(irq(), Box::new(std::io::sink()));
+    restored.restore(&snap).unwrap();
+    assert_eq!(restored.save(), snap);
     assert_eq!(snap.in_buffer, b"typed");
     assert_eq!((snap.baud_divisor_low, snap.scratch, snap.line_control), (0x0c, 0x5a, 0x03));
 }

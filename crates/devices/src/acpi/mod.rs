@@ -2,7 +2,9 @@
 //! the VM off) and a Generic Event Device whose interrupt tells the guest the power button was
 //! pressed. The DSDT that describes them is built in the vmm crate from the constants here.
 
+use crate::state::Persist;
 use crate::{BusAction, BusDevice, IrqLine};
+use serde::{Deserialize, Serialize};
 
 /// Port of the FADT sleep control register (1 byte) and, right after it, the sleep status register.
 pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
@@ -23,6 +25,25 @@ const SLP_EN: u8 = 1 << 5;
 pub struct AcpiPm {
     ged_irq: IrqLine,
     pending_events: u8,
+}
+
+/// GED events raised and not yet read by the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiPmState {
+    pub pending_events: u8,
+}
+
+impl Persist for AcpiPm {
+    type State = AcpiPmState;
+
+    fn save(&self) -> AcpiPmState {
+        AcpiPmState { pending_events: self.pending_events }
+    }
+
+    fn restore(&mut self, state: &AcpiPmState) -> Result<(), String> {
+        self.pending_events = state.pending_events & GED_EVENT_POWER_BUTTON;
+        Ok(())
+    }
 }
 
 impl AcpiPm {
@@ -80,5 +101,16 @@ mod tests {
         assert_eq!(b[0], GED_EVENT_POWER_BUTTON);
         pm.read(u64::from(GED_EVENT_PORT - PM_BASE), &mut b);
         assert_eq!(b[0], 0);
+    }
+
+    #[test]
+    fn a_pending_power_button_survives_a_round_trip() {
+        let mut pm = AcpiPm::new(IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        pm.press_power_button().unwrap();
+        let mut fresh = AcpiPm::new(IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        crate::state::tests::round_trip(&pm, &mut fresh);
+        let mut b = [0u8];
+        fresh.read(u64::from(GED_EVENT_PORT - PM_BASE), &mut b);
+        assert_eq!(b[0], GED_EVENT_POWER_BUTTON, "the restored guest still finds the press");
     }
 }

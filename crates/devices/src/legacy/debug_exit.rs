@@ -2,6 +2,7 @@
 //! process exit status `(value << 1) | 1`, so test guests can report a verdict the same way under
 //! QEMU and under Ferrovisor.
 
+use crate::state::Persist;
 use crate::{BusAction, BusDevice};
 
 /// The port QEMU uses by default.
@@ -27,9 +28,25 @@ impl BusDevice for DebugExit {
     }
 }
 
+/// Nothing to keep: the port has no state.
+impl Persist for DebugExit {
+    type State = ();
+
+    fn save(&self) {}
+
+    fn restore(&mut self, _: &()) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn its_state_is_empty_and_round_trips() {
+        crate::state::tests::round_trip(&DebugExit, &mut DebugExit);
+    }
 
     #[test]
     fn status_is_value_shifted_with_low_bit() {

@@ -2,6 +2,7 @@
 //! port 0x64 resets the machine, which is how Linux's `reboot=k` and many firmwares reboot.
 //! There is no keyboard behind it: the data port reads 0 and the status port reads "empty".
 
+use crate::state::Persist;
 use crate::{BusAction, BusDevice};
 
 pub const I8042_DATA_PORT: u16 = 0x60;
@@ -27,9 +28,25 @@ impl BusDevice for I8042 {
     }
 }
 
+/// Nothing to keep: the reset line has no state.
+impl Persist for I8042 {
+    type State = ();
+
+    fn save(&self) {}
+
+    fn restore(&mut self, _: &()) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn its_state_is_empty_and_round_trips() {
+        crate::state::tests::round_trip(&I8042, &mut I8042);
+    }
 
     #[test]
     fn only_pulse_reset_on_command_port_resets() {

@@ -6,4 +6,4 @@ pub mod serial;
 
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;
-pub use serial::{Serial, SerialSnapshot};
+pub use serial::{Serial, SerialState};

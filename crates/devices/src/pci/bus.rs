@@ -5,7 +5,9 @@
 
 use super::config::EXTENDED_CONFIG_SIZE;
 use super::{HostBridge, PciFunction};
+use crate::state::Persist;
 use crate::{BusAction, BusDevice};
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub type SharedFunction = Arc<Mutex<dyn PciFunction>>;
@@ -22,13 +24,15 @@ const CONFIG_ENABLE: u32 = 1 << 31;
 /// Bus 0: the host bridge at device 0, single-function devices after it.
 pub struct PciBus {
     slots: Vec<Option<SharedFunction>>,
+    host_bridge: Arc<Mutex<HostBridge>>,
 }
 
 impl Default for PciBus {
     fn default() -> Self {
+        let host_bridge = Arc::new(Mutex::new(HostBridge::default()));
         let mut slots: Vec<Option<SharedFunction>> = vec![None; DEVICES];
-        slots[0] = Some(Arc::new(Mutex::new(HostBridge::default())));
-        PciBus { slots }
+        slots[0] = Some(host_bridge.clone());
+        PciBus { slots, host_bridge }
     }
 }
 
@@ -42,11 +46,21 @@ fn config_access_ok(offset: usize, len: usize) -> bool {
 }
 
 impl PciBus {
-    /// Puts `function` in the first free device slot; returns the device number.
-    pub fn add(&mut self, function: SharedFunction) -> Option<u8> {
-        let free = self.slots.iter().position(Option::is_none)?;
-        self.slots[free] = Some(function);
-        Some(free as u8)
+    /// Puts `function` at device number `device` (1 to 31; 0 is the host bridge).
+    pub fn insert(&mut self, device: u8, function: SharedFunction) -> Result<(), String> {
+        match self.slots.get_mut(usize::from(device)) {
+            Some(slot @ None) => {
+                *slot = Some(function);
+                Ok(())
+            }
+            Some(Some(_)) => Err(format!("PCI device 00:{device:02x}.0 is taken")),
+            None => Err(format!("PCI bus 0 has no device {device}")),
+        }
+    }
+
+    /// The host bridge at 00:00.0.
+    pub fn host_bridge(&self) -> Arc<Mutex<HostBridge>> {
+        self.host_bridge.clone()
     }
 
     fn function(&self, device: usize, function: usize) -> Option<&SharedFunction> {
@@ -91,6 +105,25 @@ impl PciBus {
 pub struct PciConfigIo {
     bus: Arc<PciBus>,
     address: u32,
+}
+
+/// The address register a guest wrote to 0xcf8 before its access at 0xcfc.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciConfigIoState {
+    pub address: u32,
+}
+
+impl Persist for PciConfigIo {
+    type State = PciConfigIoState;
+
+    fn save(&self) -> PciConfigIoState {
+        PciConfigIoState { address: self.address }
+    }
+
+    fn restore(&mut self, state: &PciConfigIoState) -> Result<(), String> {
+        self.address = state.address & 0x80ff_fffc;
+        Ok(())
+    }
 }
 
 impl PciConfigIo {
@@ -227,7 +260,9 @@ mod tests {
         config.add_bar64(0, 0x1000, 0xc000_1000);
         let probe = Arc::new(Mutex::new(Probe { config, last: None }));
         let mut bus = PciBus::default();
-        assert_eq!(bus.add(probe.clone()), Some(1));
+        bus.insert(1, probe.clone()).unwrap();
+        assert!(bus.insert(1, probe.clone()).unwrap_err().contains("taken"));
+        assert!(bus.insert(32, probe.clone()).is_err());
         (Arc::new(bus), probe)
     }
 
@@ -264,6 +299,11 @@ mod tests {
         io.write(3, &[1]);
         io.read(0, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0x8000_0800);
+        // A latched address survives a round trip: the data access after it reaches device 1.
+        let mut restored = PciConfigIo::new(io.bus.clone());
+        crate::state::tests::round_trip(&io, &mut restored);
+        restored.read(4, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x5678_1234);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! read-only fields stay put and a BAR written with all ones reads back its size mask, exactly as
 //! on hardware. Offsets past 256 (the PCIe extended space, reachable through ECAM) read as zero.
 
+use crate::state::Persist;
 use serde::{Deserialize, Serialize};
 
 /// Size of the conventional configuration space.
@@ -61,8 +62,8 @@ pub struct ConfigSpace {
     next_capability: usize,
 }
 
-/// What a snapshot keeps of a configuration space: the guest-visible bytes. The layout (masks,
-/// BARs, capabilities) is rebuilt by the device itself.
+/// What a configuration space saves: the guest-visible bytes. The layout (masks, BARs,
+/// capabilities) is rebuilt by the device itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigSpaceState {
     pub bytes: Vec<u8>,
@@ -192,16 +193,20 @@ impl ConfigSpace {
             (addr >= base && addr - base < b.size).then(|| (b.index, addr - base))
         })
     }
+}
 
-    pub fn state(&self) -> ConfigSpaceState {
+impl Persist for ConfigSpace {
+    type State = ConfigSpaceState;
+
+    fn save(&self) -> ConfigSpaceState {
         ConfigSpaceState { bytes: self.bytes.to_vec() }
     }
 
-    /// Restores guest-visible bytes saved by [`ConfigSpace::state`] into a space with the same
-    /// layout; only writable bits are taken from the snapshot.
-    pub fn restore(&mut self, state: &ConfigSpaceState) -> Result<(), String> {
+    /// Takes the guest-visible bytes into a space with the same layout; only writable bits come
+    /// from the saved state, so IDs, capabilities and BAR sizes stay this device's.
+    fn restore(&mut self, state: &ConfigSpaceState) -> Result<(), String> {
         if state.bytes.len() != CONFIG_SIZE {
-            return Err(format!("PCI configuration snapshot has {} bytes, not {CONFIG_SIZE}", state.bytes.len()));
+            return Err(format!("saved PCI configuration space has {} bytes, not {CONFIG_SIZE}", state.bytes.len()));
         }
         self.write(0, &state.bytes);
         Ok(())
@@ -314,7 +319,7 @@ mod tests {
         let mut c = space();
         c.write(COMMAND, &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes());
         c.write(BAR0, &0xc002_0000u32.to_le_bytes());
-        let json = serde_json::to_string(&c.state()).unwrap();
+        let json = serde_json::to_string(&c.save()).unwrap();
         let state: ConfigSpaceState = serde_json::from_str(&json).unwrap();
         let mut fresh = space();
         fresh.restore(&state).unwrap();

@@ -8,7 +8,8 @@ pub mod bus;
 pub mod config;
 pub mod msix;
 
-use config::{ConfigSpace, Identity};
+use crate::state::Persist;
+use config::{ConfigSpace, ConfigSpaceState, Identity};
 
 /// A PCI function on the bus.
 pub trait PciFunction: Send {
@@ -58,4 +59,32 @@ impl PciFunction for HostBridge {
     }
 
     fn write_bar(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}
+
+/// The host bridge saves its configuration space (command bits, interrupt line).
+impl Persist for HostBridge {
+    type State = ConfigSpaceState;
+
+    fn save(&self) -> ConfigSpaceState {
+        self.config.save()
+    }
+
+    fn restore(&mut self, state: &ConfigSpaceState) -> Result<(), String> {
+        self.config.restore(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_bridge_config_round_trips() {
+        let mut bridge = HostBridge::default();
+        bridge.write_config(config::COMMAND, &config::COMMAND_MEMORY.to_le_bytes());
+        bridge.write_config(config::INTERRUPT_LINE, &[11]);
+        let mut fresh = HostBridge::default();
+        crate::state::tests::round_trip(&bridge, &mut fresh);
+        assert_eq!(fresh.config().command(), config::COMMAND_MEMORY);
+    }
 }

@@ -5,6 +5,7 @@
 //! pending bit instead and fires when unmasked, as the specification requires.
 
 use crate::IrqLine;
+use crate::state::Persist;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -59,7 +60,7 @@ impl MsixEntry {
     }
 }
 
-/// The guest-visible MSI-X state, for snapshots.
+/// The guest-visible MSI-X state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsixState {
     pub entries: Vec<MsixEntry>,
@@ -202,26 +203,6 @@ impl Msix {
         }
     }
 
-    pub fn state(&self) -> MsixState {
-        self.state.clone()
-    }
-
-    /// Restores a snapshot taken from a table of the same size, re-installing the routes.
-    pub fn restore(&mut self, state: &MsixState) -> Result<(), String> {
-        if state.entries.len() != self.len() || state.pending.len() != self.len() {
-            return Err(format!("MSI-X snapshot has {} vectors, this device {}", state.entries.len(), self.len()));
-        }
-        self.state = state.clone();
-        for e in &mut self.state.entries {
-            e.control &= VECTOR_MASKED;
-        }
-        self.installed.fill(None);
-        for v in 0..self.len() {
-            self.sync(v);
-        }
-        Ok(())
-    }
-
     /// Maps an access to (entry, first 32-bit field) if it is aligned and inside the table.
     fn entry_field(&self, offset: u64, width: usize) -> Option<(usize, usize)> {
         if !(width == 4 || width == 8) || offset % width as u64 != 0 || offset >= self.table_size() {
@@ -257,6 +238,31 @@ impl Msix {
             // A failed eventfd write means its counter is saturated: an interrupt is pending.
             let _ = self.vectors[v].irq.trigger();
         }
+    }
+}
+
+impl Persist for Msix {
+    type State = MsixState;
+
+    fn save(&self) -> MsixState {
+        self.state.clone()
+    }
+
+    /// Takes a table of the same size over and re-installs the routes of its deliverable
+    /// vectors (KVM's routing table is not part of the saved state).
+    fn restore(&mut self, state: &MsixState) -> Result<(), String> {
+        if state.entries.len() != self.len() || state.pending.len() != self.len() {
+            return Err(format!("saved MSI-X table has {} vectors, this device {}", state.entries.len(), self.len()));
+        }
+        self.state = state.clone();
+        for e in &mut self.state.entries {
+            e.control &= VECTOR_MASKED;
+        }
+        self.installed.fill(None);
+        for v in 0..self.len() {
+            self.sync(v);
+        }
+        Ok(())
     }
 }
 
@@ -367,14 +373,14 @@ mod tests {
         m.signal(0);
         assert!(!fired(&fds[0]), "a message outside the APIC window goes nowhere");
         assert!(routes.0.lock().unwrap().is_empty());
-        let before = m.state();
+        let before = m.save();
         for (off, len) in [(1u64, 4usize), (2, 2), (0, 1), (6, 4), (4, 8), (2 * ENTRY_SIZE, 4), (u64::MAX - 3, 4)] {
             m.write_table(off, &vec![0xff; len]);
             let mut b = vec![0xaa; len];
             m.read_table(off, &mut b);
             m.read_pba(off, &mut b);
         }
-        assert_eq!(m.state(), before);
+        assert_eq!(m.save(), before);
         // Reprogramming it properly routes it.
         program(&mut m, 0, 0xfee0_1000, 0x41, false);
         assert_eq!(routes.0.lock().unwrap().last(), Some(&(24, Some(MsiMessage { address: 0xfee0_1000, data: 0x41 }))));
@@ -401,11 +407,11 @@ mod tests {
         program(&mut m, 1, 0xfee0_0000, 0x42, false);
         program(&mut m, 0, 0xfee0_0000, 0x41, true);
         m.signal(0);
-        let json = serde_json::to_string(&m.state()).unwrap();
+        let json = serde_json::to_string(&m.save()).unwrap();
         let state: MsixState = serde_json::from_str(&json).unwrap();
         let (mut restored, routes, _) = msix(2);
         restored.restore(&state).unwrap();
-        assert_eq!(restored.state(), m.state());
+        assert_eq!(restored.save(), m.save());
         assert_eq!(routes.0.lock().unwrap().as_slice(), &[(25, Some(MsiMessage { address: 0xfee0_0000, data: 0x42 }))]);
         let (mut small, _, _) = msix(1);
         assert!(small.restore(&state).is_err());

@@ -154,6 +154,12 @@ impl Broken {
         self.flag.store(false, Ordering::Release);
     }
 
+    /// Marks the device broken without telling anyone: a restored device that was broken when
+    /// saved (its driver already knows).
+    pub fn mark(&self) {
+        self.flag.store(true, Ordering::Release);
+    }
+
     /// Marks the device broken, reports why (once, naming the `device` kind), and tells the
     /// driver (a configuration-change interrupt, after which it reads the status and finds
     /// NEEDS_RESET).

@@ -6,6 +6,10 @@
 //! kick never exits to userspace) and an interrupt to raise. The device then runs its own worker
 //! thread (`worker`) and never blocks a vCPU. Every value a guest can write is checked; a bad
 //! one fails the device (NEEDS_RESET) rather than the VMM.
+//!
+//! Pausing a device stops its worker, which hands its queues back to the transport; the
+//! transport saves them with its registers ([`transport::VirtioCoreState`]), the device adds its
+//! own [`VirtioDeviceState`].
 
 pub mod balloon;
 pub mod block;
@@ -20,6 +24,7 @@ pub mod vsock;
 pub mod worker;
 
 use chains::Broken;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -94,10 +99,58 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space; unknown offsets are ignored.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Starts the device's worker.
+    /// Starts the device's worker (the driver set DRIVER_OK, or a restored device resumes).
     fn activate(&mut self, activation: Activation) -> Result<(), String>;
+    /// Stops the worker and hands back its queues, in queue order; the device keeps whatever
+    /// else its worker had (connections, a frame in flight) for [`resume`](VirtioDevice::resume).
+    /// Nothing touches guest memory until then. Hands back nothing when no worker runs.
+    fn pause(&mut self) -> Vec<Queue>;
+    /// Restarts the worker [`pause`](VirtioDevice::pause) stopped, with the queues it gave.
+    fn resume(&mut self, queues: Vec<Queue>) -> Result<(), String>;
     /// Stops the worker and returns the device to its initial state (driver reset).
     fn reset(&mut self);
+    /// The device's own state (the transport saves the queues and registers). Call it paused.
+    fn save(&self) -> VirtioDeviceState;
+    /// Applies a saved state of this kind of device to it, reset and not activated: the
+    /// transport activates it when the VM resumes.
+    fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), String>;
+    /// Stops the worker for good and lets go of the host side (a disk is flushed and closed):
+    /// the VM is ending. The device serves nothing afterwards.
+    fn shutdown(&mut self) {
+        self.reset();
+    }
+}
+
+/// What each kind of virtio device saves of itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VirtioDeviceState {
+    /// virtio-rng holds nothing beyond its queue.
+    Rng,
+    Block(block::BlockState),
+    Net(net::NetState),
+    Console(console::ConsoleState),
+    Balloon(balloon::state::BalloonState),
+    Vsock(vsock::VsockState),
+}
+
+impl VirtioDeviceState {
+    /// The kind, for errors about a state that does not fit a device.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VirtioDeviceState::Rng => "virtio-rng",
+            VirtioDeviceState::Block(_) => "virtio-blk",
+            VirtioDeviceState::Net(_) => "virtio-net",
+            VirtioDeviceState::Console(_) => "virtio-console",
+            VirtioDeviceState::Balloon(_) => "virtio-balloon",
+            VirtioDeviceState::Vsock(_) => "virtio-vsock",
+        }
+    }
+
+    /// The error for a saved state given to a device of another kind.
+    pub fn mismatch(&self, device: &str) -> String {
+        format!("saved {} state does not fit a {device} device", self.kind())
+    }
 }
 
 /// Reads `data.len()` bytes at `offset` of `config`, zero past its end.

@@ -9,7 +9,8 @@
 //! at 0x2000, notifications at 0x3000 (queue q at q * 4), MSI-X table at 0x4000, PBA at 0x6000.
 
 use super::chains::NeedsResetReport;
-use super::transport::{QueueRegister, VirtioCore};
+use super::transport::{QueueRegister, VirtioCore, VirtioCoreState};
+use crate::state::Persist;
 use super::{GuestMemoryMmap, InterruptReason, VirtioDevice, VirtioInterrupt, device_type};
 use crate::pci::PciFunction;
 use crate::pci::config::{BAR0, COMMAND, COMMAND_MEMORY, ConfigSpace, ConfigSpaceState, Identity};
@@ -105,9 +106,11 @@ impl VirtioInterrupt for PciInterrupt {
     }
 }
 
-/// What a snapshot keeps of the PCI side of the transport.
+/// What a virtio-pci device saves: the shared virtio state and the PCI side (configuration
+/// space with the BAR and capabilities, MSI-X table, ISR, vector choices).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioPciState {
+    pub core: VirtioCoreState,
     pub config: ConfigSpaceState,
     pub msix: MsixState,
     pub isr: u8,
@@ -334,22 +337,41 @@ impl VirtioPciTransport {
         }
     }
 
-    pub fn state(&self) -> VirtioPciState {
+    /// Stops the device for good (the VM is ending): its worker ends, its disk is closed.
+    pub fn shutdown(&mut self) {
+        self.core.shutdown();
+    }
+}
+
+impl Persist for VirtioPciTransport {
+    type State = VirtioPciState;
+
+    fn pause(&mut self) {
+        self.core.pause();
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.core.resume()
+    }
+
+    fn save(&self) -> VirtioPciState {
         let i = &self.interrupt;
         VirtioPciState {
-            config: self.config.state(),
-            msix: i.msix().state(),
+            core: self.core.save(),
+            config: self.config.save(),
+            msix: i.msix().save(),
             isr: i.isr.load(Ordering::Acquire),
             config_vector: i.config_vector.load(Ordering::Acquire),
             queue_vectors: i.queue_vectors.iter().map(|v| v.load(Ordering::Acquire)).collect(),
         }
     }
 
-    /// Restores the PCI side saved by [`VirtioPciTransport::state`] (same device, same layout).
-    pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), String> {
+    /// Restores a state saved from a device of the same kind and layout.
+    fn restore(&mut self, s: &VirtioPciState) -> Result<(), String> {
         if s.queue_vectors.len() != self.interrupt.queue_vectors.len() {
-            return Err(format!("snapshot has {} queues, this device {}", s.queue_vectors.len(), self.interrupt.queue_vectors.len()));
+            return Err(format!("saved {} queue vectors, this device has {} queues", s.queue_vectors.len(), self.interrupt.queue_vectors.len()));
         }
+        self.core.restore(&s.core)?;
         self.config.restore(&s.config)?;
         self.interrupt.msix().restore(&s.msix)?;
         self.interrupt.isr.store(s.isr & 3, Ordering::Release);
@@ -481,7 +503,11 @@ mod tests {
     }
 
     fn rig() -> Rig {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        rig_on(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap())
+    }
+
+    /// A virtio-rng function on `mem` (a restored VM's memory is the saved VM's).
+    fn rig_on(mem: GuestMemoryMmap) -> Rig {
         let log = Arc::new(Log::default());
         let fds: Vec<EventFd> = (0..2).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
         let vectors = fds.iter().enumerate().map(|(i, f)| MsixVector { gsi: 24 + i as u32, irq: IrqLine(f.try_clone().unwrap()) }).collect();
@@ -607,6 +633,99 @@ mod tests {
         unsafe { libc::poll(&mut p, 1, 5000) == 1 }
     }
 
+    /// The driver's side of bringing the rng up: features, MSI-X (vector 0 for the queue,
+    /// vector 1 for configuration), a 16-entry queue at `desc`, `avail`, `used`, DRIVER_OK.
+    fn bring_up(t: &mut VirtioPciTransport, (desc, avail, used): (u64, u64, u64)) {
+        let (_, msix) = capabilities(t);
+        t.write_config(COMMAND, &COMMAND_MEMORY.to_le_bytes());
+        bar_write(t, 0x14, 1, 1 | 2);
+        bar_write(t, 0x08, 4, 1);
+        bar_write(t, 0x0c, 4, 1);
+        bar_write(t, 0x14, 1, 1 | 2 | 8);
+        for v in 0..2 {
+            bar_write(t, MSIX_TABLE + v * 16, 8, 0xfee0_0000);
+            bar_write(t, MSIX_TABLE + v * 16 + 8, 8, 0x41);
+        }
+        t.write_config(msix + 2, &0x8000u16.to_le_bytes());
+        bar_write(t, 0x10, 2, 1);
+        bar_write(t, 0x1a, 2, 0);
+        bar_write(t, 0x18, 2, 16);
+        for (off, v) in [(0x20, desc), (0x28, avail), (0x30, used)] {
+            bar_write(t, off, 4, v);
+            bar_write(t, off + 4, 4, 0);
+        }
+        bar_write(t, 0x1c, 2, 1);
+        bar_write(t, 0x14, 1, 1 | 2 | 8 | 4);
+    }
+
+    /// Puts request `n` (descriptor `n`, one 32-byte device-writable buffer) in the ring.
+    fn post(mem: &GuestMemoryMmap, (desc, avail): (u64, u64), n: u16) {
+        let d = desc + u64::from(n) * 16;
+        mem.write_obj(0x8000u64 + u64::from(n) * 0x100, GuestAddress(d)).unwrap();
+        mem.write_obj(32u32, GuestAddress(d + 8)).unwrap();
+        mem.write_obj(2u16, GuestAddress(d + 12)).unwrap();
+        mem.write_obj(n, GuestAddress(avail + 4 + u64::from(n) * 2)).unwrap();
+        mem.write_obj(n + 1, GuestAddress(avail + 2)).unwrap();
+    }
+
+    #[test]
+    fn a_request_posted_while_paused_is_served_after_a_round_trip_into_a_new_device() {
+        let (desc, avail, used) = (0x1000u64, 0x2000u64, 0x3000u64);
+        let Rig { mut t, mem, .. } = rig();
+        bring_up(&mut t, (desc, avail, used));
+        post(&mem, (desc, avail), 0);
+        bar_write(&mut t, NOTIFY, 2, 0);
+        let used_idx = |mem: &GuestMemoryMmap| mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap();
+        let start = std::time::Instant::now();
+        while used_idx(&mem) != 1 {
+            assert!(start.elapsed() < std::time::Duration::from_secs(5), "the first request was never served");
+            std::thread::yield_now();
+        }
+        t.pause();
+        // Posted and kicked while the device is paused: nobody serves it (the worker is gone,
+        // joined by pause), and it is in flight when the state is saved.
+        post(&mem, (desc, avail), 1);
+        bar_write(&mut t, NOTIFY, 2, 0);
+        assert_eq!(used_idx(&mem), 1);
+        let state = t.save();
+        assert_eq!((state.core.queues[0].next_avail, state.core.queues[0].next_used), (1, 1));
+        let wire = serde_json::to_string(&state).unwrap();
+        drop(t);
+
+        let Rig { t: mut fresh, log, vectors, .. } = rig_on(mem.clone());
+        fresh.restore(&serde_json::from_str(&wire).unwrap()).unwrap();
+        assert_eq!(fresh.save(), state, "the new device saves what the old one did");
+        assert!(log.take().contains(&"route 24 Some(MsiMessage { address: fee00000, data: 41 })".to_string()), "MSI-X routes re-installed");
+        fresh.resume().unwrap();
+        assert!(wait_readable(&vectors[0]), "the queue vector fired on the new device");
+        assert_eq!(used_idx(&mem), 2, "the request in flight was served");
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 4 + 8)).unwrap(), 1, "descriptor 1 came back");
+        assert_eq!(bar_read(&mut fresh, 0x14, 1), 15, "the driver sees the device running");
+    }
+
+    /// A driver that breaks the rng's ring sees NEEDS_RESET; its reset clears it, and the device
+    /// serves again (the rng used to keep NEEDS_RESET through a reset, hanging the guest).
+    #[test]
+    fn a_driver_reset_clears_needs_reset() {
+        let rings = (0x1000u64, 0x2000u64, 0x3000u64);
+        let Rig { mut t, mem, vectors, .. } = rig();
+        bring_up(&mut t, rings);
+        mem.write_obj(40u16, GuestAddress(rings.1 + 2)).unwrap();
+        bar_write(&mut t, NOTIFY, 2, 0);
+        assert!(wait_readable(&vectors[1]), "a configuration interrupt announces the broken device");
+        assert_eq!(bar_read(&mut t, 0x14, 1), 15 | 64, "NEEDS_RESET");
+        bar_write(&mut t, 0x14, 1, 0);
+        assert_eq!(bar_read(&mut t, 0x14, 1), 0, "a reset clears NEEDS_RESET");
+        mem.write_obj(0u16, GuestAddress(rings.1 + 2)).unwrap();
+        mem.write_obj(0u16, GuestAddress(rings.2 + 2)).unwrap();
+        bring_up(&mut t, rings);
+        assert_eq!(bar_read(&mut t, 0x14, 1), 15);
+        post(&mem, (rings.0, rings.1), 0);
+        bar_write(&mut t, NOTIFY, 2, 0);
+        assert!(wait_readable(&vectors[0]), "the device serves again");
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(rings.2 + 2)).unwrap(), 1);
+    }
+
     #[test]
     fn driver_brings_rng_up_and_gets_an_msix_interrupt() {
         let Rig { mut t, mem, log, vectors } = rig();
@@ -660,11 +779,11 @@ mod tests {
         bar_write(&mut t, MSIX_TABLE, 8, 0xfee0_0000);
         t.write_config(msix + 2, &0x8000u16.to_le_bytes());
         bar_write(&mut t, 0x10, 2, 1);
-        let state = t.state();
+        let state = t.save();
         let back: VirtioPciState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
         let Rig { t: mut fresh, log, .. } = rig();
         fresh.restore(&back).unwrap();
-        assert_eq!(fresh.state(), state);
+        assert_eq!(fresh.save(), state);
         assert!(log.take().contains(&format!("+{:#x}", WINDOW.start + BAR_SIZE + NOTIFY)));
     }
 }

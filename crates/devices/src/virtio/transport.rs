@@ -3,9 +3,15 @@
 //! configuration windows, activation of the device at DRIVER_OK, reset, and failing a device
 //! (NEEDS_RESET) when the driver programmed something invalid. A transport maps its registers
 //! onto this and adds its own interrupt bookkeeping.
+//!
+//! It also runs the device through pause and resume: pausing stops the device's worker, which
+//! hands its queues back here, so [`VirtioCoreState`] holds every queue with its indices; a
+//! restored core activates its device again when the VM resumes, and every resume kicks every
+//! queue so requests the driver posted meanwhile (or before the save) are served.
 
 use super::chains::{Broken, NeedsResetReport};
-use super::{Activation, ActiveQueue, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice, VirtioInterrupt, status};
+use super::{Activation, ActiveQueue, GuestMemoryMmap, VIRTIO_F_VERSION_1, VirtioDevice, VirtioDeviceState, VirtioInterrupt, status};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -24,11 +30,93 @@ pub enum QueueRegister {
     DeviceHi,
 }
 
+/// Where the device's worker is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Not activated, or activated by a restore and waiting for the VM to resume.
+    Idle,
+    /// The worker runs and holds the queues (the copies here are stale).
+    Running,
+    /// The worker is paused: the queues are here, the rest stays with the device.
+    Paused,
+}
+
+/// One queue as saved: virtio-queue's state, made serializable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    /// Where the device goes on in the available ring and the used ring.
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+impl From<&Queue> for QueueState {
+    fn from(q: &Queue) -> QueueState {
+        let s = q.state();
+        QueueState {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+        }
+    }
+}
+
+impl QueueState {
+    /// The queue, if the state is one virtio-queue accepts (sizes, alignments).
+    fn to_queue(self) -> Result<Queue, String> {
+        let state = virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        };
+        Queue::try_from(state).map_err(|e| format!("{e:?}"))
+    }
+}
+
+/// Everything a transport shares of a device's state: registers, queues, and the device's own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioCoreState {
+    pub device_type: u32,
+    pub status: u8,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub queue_error: Option<String>,
+    /// The driver broke the device (NEEDS_RESET until it resets it).
+    pub broken: bool,
+    /// DRIVER_OK was accepted: the device runs when the VM does.
+    pub activated: bool,
+    pub queues: Vec<QueueState>,
+    pub device: VirtioDeviceState,
+}
+
 pub struct VirtioCore {
     pub device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
     queues: Vec<Queue>,
+    phase: Phase,
+    /// DRIVER_OK was accepted and not undone by a reset.
+    activated: bool,
     /// One eventfd per queue, registered with KVM (ioeventfd) by the VMM.
     pub kicks: Vec<EventFd>,
     status: u8,
@@ -65,6 +153,8 @@ impl VirtioCore {
             mem,
             interrupt,
             queues,
+            phase: Phase::Idle,
+            activated: false,
             kicks,
             status: 0,
             device_features_sel: 0,
@@ -155,6 +245,8 @@ impl VirtioCore {
     /// Stops the device and forgets everything the driver programmed.
     pub fn reset(&mut self) {
         self.device.reset();
+        self.phase = Phase::Idle;
+        self.activated = false;
         for q in &mut self.queues {
             q.reset();
         }
@@ -227,10 +319,127 @@ impl VirtioCore {
             features: self.driver_features,
             broken: self.broken.clone(),
         };
-        if let Err(e) = self.device.activate(activation) {
-            self.fail(&e);
+        match self.device.activate(activation) {
+            Ok(()) => {
+                self.phase = Phase::Running;
+                self.activated = true;
+            }
+            Err(e) => self.fail(&e),
         }
     }
+
+    /// Stops the device's worker; its queues come back here. Nothing happens if none runs.
+    pub fn pause(&mut self) {
+        if self.phase == Phase::Running {
+            let queues = self.device.pause();
+            if queues.len() == self.queues.len() {
+                self.queues = queues;
+            }
+            self.phase = Phase::Paused;
+        }
+    }
+
+    /// Lets the device run again: a paused worker carries on with its queues, a restored device
+    /// is activated with the saved ones. Every queue is kicked, since kicks that came while the
+    /// device was paused (or before the save) went nowhere.
+    pub fn resume(&mut self) -> Result<(), String> {
+        let resumed = match self.phase {
+            Phase::Paused => self.device.resume(copies(&self.queues)?),
+            Phase::Idle if self.activated => {
+                let queues = copies(&self.queues)?
+                    .into_iter()
+                    .zip(&self.kicks)
+                    .map(|(queue, kick)| Ok(ActiveQueue { queue, kick: kick.try_clone().map_err(|e| format!("queue eventfd: {e}"))? }))
+                    .collect::<Result<Vec<_>, String>>()?;
+                let activation = Activation {
+                    mem: self.mem.clone(),
+                    interrupt: self.interrupt.clone(),
+                    queues,
+                    features: self.driver_features,
+                    broken: self.broken.clone(),
+                };
+                self.device.activate(activation)
+            }
+            Phase::Idle | Phase::Running => return Ok(()),
+        };
+        resumed?;
+        self.phase = Phase::Running;
+        for kick in &self.kicks {
+            let _ = kick.write(1);
+        }
+        Ok(())
+    }
+
+    /// Stops the device for good and lets it release what it holds on the host.
+    pub fn shutdown(&mut self) {
+        self.device.shutdown();
+        self.phase = Phase::Idle;
+        self.activated = false;
+    }
+
+    /// The state of registers, queues and device. Call it paused: while the device runs, its
+    /// worker holds the queues and the indices here are stale.
+    pub fn save(&self) -> VirtioCoreState {
+        debug_assert!(self.phase != Phase::Running, "virtio device saved while running");
+        VirtioCoreState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queue_error: self.queue_error.clone(),
+            broken: self.broken.is_set(),
+            activated: self.activated,
+            queues: self.queues.iter().map(QueueState::from).collect(),
+            device: self.device.save(),
+        }
+    }
+
+    /// Applies a saved state to a core built for the same device; the device stays idle and is
+    /// activated on [`resume`](Self::resume). Values are checked as strictly as a driver's writes.
+    pub fn restore(&mut self, s: &VirtioCoreState) -> Result<(), String> {
+        let ty = self.device.device_type();
+        if s.device_type != ty {
+            return Err(format!("saved virtio device type {} does not fit this device of type {ty}", s.device_type));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(format!("saved {} queues, this device has {}", s.queues.len(), self.queues.len()));
+        }
+        if s.driver_features & !self.offered_features() != 0 {
+            return Err(format!("saved driver features {:#x} include some this device does not offer", s.driver_features));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, (saved, now)) in s.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != now.max_size() {
+                return Err(format!("queue {i}: saved maximum size {}, this device's is {}", saved.max_size, now.max_size()));
+            }
+            let queue = saved.to_queue().map_err(|e| format!("queue {i}: {e}"))?;
+            if s.activated && queue.ready() && !queue.is_valid(&self.mem) {
+                return Err(format!("queue {i}: rings outside guest memory"));
+            }
+            queues.push(queue);
+        }
+        self.reset();
+        self.device.restore(&s.device)?;
+        self.queues = queues;
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.queue_error = s.queue_error.clone();
+        if s.broken {
+            self.broken.mark();
+        }
+        self.activated = s.activated;
+        Ok(())
+    }
+}
+
+/// Copies of `queues` for a device to run with (the transport keeps its own for the registers).
+fn copies(queues: &[Queue]) -> Result<Vec<Queue>, String> {
+    queues.iter().enumerate().map(|(i, q)| Queue::try_from(q.state()).map_err(|e| format!("queue {i}: {e:?}"))).collect()
 }
 
 /// Sets a queue's size as the driver wrote it. virtio-queue keeps the old size when the new one

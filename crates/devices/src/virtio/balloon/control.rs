@@ -37,8 +37,10 @@ pub(super) struct Inner {
     pub inflated: u64,
     pub deflated: u64,
     pub invalid: u64,
-    /// Set while the device is active.
+    /// Set while the device is active and not paused.
     pub interrupt: Option<Arc<dyn VirtioInterrupt>>,
+    /// The target changed while nobody could be told.
+    pub target_changed: bool,
 }
 
 /// Handle to a balloon, kept by the VMM for its control socket.
@@ -68,9 +70,25 @@ impl BalloonControl {
             return;
         }
         inner.num_pages = pages;
-        if let Some(irq) = &inner.interrupt {
-            irq.trigger(InterruptReason::Config);
+        match &inner.interrupt {
+            Some(irq) => irq.trigger(InterruptReason::Config),
+            None => inner.target_changed = true,
         }
+    }
+
+    /// The device runs: target changes reach the driver through `interrupt`, starting with one
+    /// made while it did not run.
+    pub(super) fn connect(&self, interrupt: Arc<dyn VirtioInterrupt>) {
+        let mut inner = self.lock();
+        if std::mem::take(&mut inner.target_changed) {
+            interrupt.trigger(InterruptReason::Config);
+        }
+        inner.interrupt = Some(interrupt);
+    }
+
+    /// The device is paused or reset: target changes wait for [`connect`](Self::connect).
+    pub(super) fn disconnect(&self) {
+        self.lock().interrupt = None;
     }
 
     /// Asks the driver for fresh statistics (they arrive asynchronously; `stats` shows their age).

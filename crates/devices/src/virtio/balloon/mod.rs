@@ -15,13 +15,14 @@ pub mod state;
 pub use control::BalloonControl;
 
 use super::chains::{self, Broken};
-use super::worker::Worker;
-use super::{Activation, GuestMemoryMmap, InterruptReason, VirtioDevice, VirtioInterrupt, device_type, read_config_bytes};
-use std::os::fd::AsRawFd;
+use super::worker::{Runner, Wake, WorkerState};
+use super::{Activation, GuestMemoryMmap, InterruptReason, VirtioDevice, VirtioDeviceState, VirtioInterrupt, device_type, read_config_bytes};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 /// The driver reports statistics on a third queue.
 pub const F_STATS_VQ: u64 = 1 << 1;
@@ -38,14 +39,18 @@ const MAX_STATS_BYTES: usize = 4096;
 pub struct Balloon {
     control: Arc<BalloonControl>,
     deflate_on_oom: bool,
-    worker: Option<Worker>,
+    /// The transport's interrupt while the device is active.
+    interrupt: Option<Arc<dyn VirtioInterrupt>>,
+    runner: Runner<QueueWorker>,
 }
+
+const NAME: &str = "virtio-balloon";
 
 impl Balloon {
     /// A balloon whose initial target is `target_mib` MiB taken from the guest.
     pub fn new(target_mib: u64, deflate_on_oom: bool) -> std::io::Result<Self> {
         let pages = u32::try_from(target_mib << (20 - pages::PAGE_SHIFT)).unwrap_or(u32::MAX);
-        Ok(Balloon { control: Arc::new(BalloonControl::new(pages)?), deflate_on_oom, worker: None })
+        Ok(Balloon { control: Arc::new(BalloonControl::new(pages)?), deflate_on_oom, interrupt: None, runner: Runner::Idle })
     }
 
     /// The handle the VMM keeps to change the target and read statistics at run time.
@@ -93,60 +98,59 @@ impl VirtioDevice for Balloon {
         if queues.len() != 3 {
             return Err(format!("balloon needs 3 queues, got {}", queues.len()));
         }
-        let stats_enabled = features & F_STATS_VQ != 0;
         let (queues, kicks): (Vec<_>, Vec<_>) = queues.into_iter().map(|q| (q.queue, q.kick)).unzip();
-        let mut fds: Vec<_> = kicks.iter().map(|k| k.as_raw_fd()).collect();
-        fds.push(self.control.refresh.as_raw_fd());
         let max_pages = mem.iter().map(|r| r.len() >> pages::PAGE_SHIFT).sum();
-        let mut worker = QueueWorker {
+        let worker = QueueWorker {
             mem,
             interrupt: interrupt.clone(),
             queues,
+            kicks,
+            stats_enabled: features & F_STATS_VQ != 0,
             control: self.control.clone(),
             max_pages,
             broken,
         };
-        self.control.lock().interrupt = Some(interrupt);
-        let control = self.control.clone();
-        let spawned = Worker::spawn("virtio-balloon", fds, move |wake| {
-            match kicks.get(wake) {
-                Some(kick) => {
-                    let _ = kick.read();
-                }
-                None => {
-                    let _ = control.refresh.read();
-                }
-            }
-            if worker.broken.is_set() {
-                return;
-            }
-            match wake {
-                INFLATE => worker.pages(INFLATE, true),
-                DEFLATE => worker.pages(DEFLATE, false),
-                STATS if stats_enabled => worker.stats(),
-                STATS => {}
-                _ if stats_enabled => worker.give_back_stats_buffer(),
-                _ => {}
-            }
-        });
-        match spawned {
-            Ok(w) => {
-                self.worker = Some(w);
-                Ok(())
-            }
-            Err(e) => {
-                self.control.lock().interrupt = None;
-                Err(format!("starting the balloon worker: {e}"))
-            }
+        self.runner.start(NAME, worker)?;
+        self.control.connect(interrupt.clone());
+        self.interrupt = Some(interrupt);
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Vec<Queue> {
+        // A new target set while paused is announced on resume, not into a paused guest.
+        self.control.disconnect();
+        self.runner.pause()
+    }
+
+    fn resume(&mut self, queues: Vec<Queue>) -> Result<(), String> {
+        self.runner.resume(NAME, queues)?;
+        if let Some(interrupt) = &self.interrupt {
+            self.control.connect(interrupt.clone());
         }
+        Ok(())
     }
 
     fn reset(&mut self) {
-        self.worker = None;
+        self.runner.stop();
+        self.interrupt = None;
+        self.control.disconnect();
         let mut inner = self.control.lock();
-        inner.interrupt = None;
         inner.actual = 0;
         inner.stats_head = None;
+    }
+
+    fn save(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Balloon(self.control.state())
+    }
+
+    fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), String> {
+        match state {
+            VirtioDeviceState::Balloon(s) => {
+                self.control.restore(s);
+                Ok(())
+            }
+            other => Err(other.mismatch(NAME)),
+        }
     }
 }
 
@@ -155,10 +159,52 @@ struct QueueWorker {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
     queues: Vec<Queue>,
+    kicks: Vec<EventFd>,
+    /// The driver accepted the statistics queue.
+    stats_enabled: bool,
     control: Arc<BalloonControl>,
     /// Page numbers accepted from one buffer: as many as the guest has pages.
     max_pages: u64,
     broken: Broken,
+}
+
+impl WorkerState for QueueWorker {
+    /// The three kicks, then the control's refresh request.
+    fn fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self.kicks.iter().map(|k| k.as_raw_fd()).collect();
+        fds.push(self.control.refresh.as_raw_fd());
+        fds
+    }
+
+    fn wake(&mut self, wake: Wake) {
+        match self.kicks.get(wake) {
+            Some(kick) => {
+                let _ = kick.read();
+            }
+            None => {
+                let _ = self.control.refresh.read();
+            }
+        }
+        if self.broken.is_set() {
+            return;
+        }
+        match wake {
+            INFLATE => self.pages(INFLATE, true),
+            DEFLATE => self.pages(DEFLATE, false),
+            STATS if self.stats_enabled => self.stats(),
+            STATS => {}
+            _ if self.stats_enabled => self.give_back_stats_buffer(),
+            _ => {}
+        }
+    }
+
+    fn take_queues(&mut self) -> Vec<Queue> {
+        std::mem::take(&mut self.queues)
+    }
+
+    fn put_queues(&mut self, queues: Vec<Queue>) {
+        self.queues = queues;
+    }
 }
 
 impl QueueWorker {
@@ -296,6 +342,8 @@ mod tests {
             mem: mem.clone(),
             interrupt: irq.clone(),
             queues,
+            kicks: Vec::new(),
+            stats_enabled: true,
             control: balloon.control(),
             max_pages: 256,
             broken: crate::virtio::chains::tests::broken(),

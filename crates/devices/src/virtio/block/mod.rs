@@ -5,7 +5,7 @@
 //! spec gives (IOERR for bad ranges, buffers and writes to a read-only disk, UNSUPP for unknown
 //! types and flags); a request whose status byte cannot be written completes with length zero.
 //! A broken queue marks the device NEEDS_RESET. `request` holds the request logic, `state` the
-//! snapshot state.
+//! saved state. When the VM ends, [`VirtioDevice::shutdown`] flushes and closes the image.
 
 mod request;
 mod state;
@@ -13,16 +13,21 @@ mod state;
 pub use request::BlockCounters;
 pub use state::BlockState;
 
-use super::chains::{self, Chain};
-use super::worker::Worker;
-use super::{Activation, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, device_type, read_config_bytes};
+use super::chains::{self, Broken, Chain};
+use super::worker::{Runner, Wake, WorkerState};
+use super::{
+    Activation, GuestMemoryMmap, InterruptReason, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, VirtioDeviceState,
+    VirtioInterrupt, device_type, read_config_bytes,
+};
 use ferro_block::{DiskImage, Format};
 use ferro_vmm_api::DiskFormat;
 use request::Requests;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_bindings::bindings::virtio_blk::*;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
 
 const QUEUE_SIZE: u16 = 256;
 pub const SECTOR_SIZE: u64 = 512;
@@ -38,17 +43,23 @@ fn bit(b: u32) -> u64 {
     1 << b
 }
 
+/// The open image; None once the device has shut down and closed it.
+type SharedDisk = Arc<Mutex<Option<Box<dyn DiskImage>>>>;
+
 pub struct Block {
     path: PathBuf,
-    disk: Arc<Mutex<Box<dyn DiskImage>>>,
+    disk: SharedDisk,
+    format: DiskFormat,
     readonly: bool,
     /// Size in 512-byte sectors (a partial last sector is not visible to the guest).
     capacity: u64,
     id: [u8; ID_BYTES],
     acked_features: u64,
     counters: Arc<BlockCounters>,
-    worker: Option<Worker>,
+    runner: Runner<BlockWorker>,
 }
+
+const NAME: &str = "virtio-blk";
 
 impl Block {
     /// Opens `path` (raw or qcow2; None to detect) for a guest disk.
@@ -58,22 +69,39 @@ impl Block {
             DiskFormat::Qcow2 => Format::Qcow2,
         });
         let disk = ferro_block::open(path, format, readonly).map_err(|e| format!("disk {}: {e}", path.display()))?;
+        let format = match disk.info().format {
+            Format::Qcow2 => DiskFormat::Qcow2,
+            _ => DiskFormat::Raw,
+        };
         let capacity = disk.size() / SECTOR_SIZE;
         Ok(Block {
             path: path.to_path_buf(),
-            disk: Arc::new(Mutex::new(disk)),
+            disk: Arc::new(Mutex::new(Some(disk))),
+            format,
             readonly,
             capacity,
             id: serial_from_path(path),
             acked_features: 0,
             counters: Arc::default(),
-            worker: None,
+            runner: Runner::Idle,
         })
     }
 
     /// The request counters the worker keeps.
     pub fn counters(&self) -> Arc<BlockCounters> {
         self.counters.clone()
+    }
+
+    fn lock_disk(&self) -> MutexGuard<'_, Option<Box<dyn DiskImage>>> {
+        self.disk.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes every completed write durable; a closed disk has nothing left to flush.
+    fn flush(&self) -> Result<(), String> {
+        match self.lock_disk().as_mut() {
+            Some(disk) if !self.readonly => disk.flush().map_err(|e| format!("disk {}: flush: {e}", self.path.display())),
+            _ => Ok(()),
+        }
     }
 
     fn config(&self) -> [u8; 60] {
@@ -127,38 +155,92 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let Activation { mem, interrupt, mut queues, features, broken } = a;
-        let aq = queues.drain(..).next().ok_or("virtio-blk needs its request queue")?;
-        let (mut queue, kick) = (aq.queue, aq.kick);
+        let Activation { mem, interrupt, queues, features, broken } = a;
+        let (queues, mut kicks): (Vec<_>, Vec<_>) = queues.into_iter().map(|q| (q.queue, q.kick)).unzip();
+        let kick = kicks.pop().ok_or("virtio-blk needs its request queue")?;
         self.acked_features = features;
-        let disk = self.disk.clone();
-        let mut requests = Requests::new(self.readonly, self.capacity * SECTOR_SIZE, self.id, self.counters.clone());
-        let worker = Worker::spawn("virtio-blk", vec![kick.as_raw_fd()], move |_| {
-            let _ = kick.read();
-            if broken.is_set() {
-                return;
-            }
-            let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
-            let served = chains::drain(&mut queue, &mem, |chain| {
-                let chain = Chain::parse(chain, &mem);
-                requests.serve(disk.as_mut(), &mem, &chain)
-            });
-            match served {
-                Ok(true) => interrupt.trigger(super::InterruptReason::Queue(0)),
-                Ok(false) => {}
-                Err(why) => broken.set("virtio-blk", &why, interrupt.as_ref()),
-            }
-        })
-        .map_err(|e| format!("starting the virtio-blk worker: {e}"))?;
-        self.worker = Some(worker);
-        Ok(())
+        let requests = Requests::new(self.readonly, self.capacity * SECTOR_SIZE, self.id, self.counters.clone());
+        self.runner.start(NAME, BlockWorker { mem, interrupt, broken, queues, kick, disk: self.disk.clone(), requests })
+    }
+
+    fn pause(&mut self) -> Vec<Queue> {
+        self.runner.pause()
+    }
+
+    fn resume(&mut self, queues: Vec<Queue>) -> Result<(), String> {
+        self.runner.resume(NAME, queues)
     }
 
     fn reset(&mut self) {
-        self.worker = None;
+        self.runner.stop();
         self.acked_features = 0;
-        if !self.readonly {
-            let _ = self.disk.lock().unwrap_or_else(|p| p.into_inner()).flush();
+        if let Err(e) = self.flush() {
+            eprintln!("ferro: {e}");
         }
+    }
+
+    fn save(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(self.state())
+    }
+
+    fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), String> {
+        match state {
+            VirtioDeviceState::Block(s) => self.restore_state(s),
+            other => Err(other.mismatch(NAME)),
+        }
+    }
+
+    /// Stops the worker, then flushes and closes the image (qcow2 writes back its metadata).
+    fn shutdown(&mut self) {
+        self.runner.stop();
+        if let Err(e) = self.flush() {
+            eprintln!("ferro: {e}");
+        }
+        drop(self.lock_disk().take());
+    }
+}
+
+/// The worker's side: the request queue, its kick, the image and the request logic.
+struct BlockWorker {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    broken: Broken,
+    queues: Vec<Queue>,
+    kick: EventFd,
+    disk: SharedDisk,
+    requests: Requests,
+}
+
+impl WorkerState for BlockWorker {
+    fn fds(&self) -> Vec<RawFd> {
+        vec![self.kick.as_raw_fd()]
+    }
+
+    fn wake(&mut self, _: Wake) {
+        let _ = self.kick.read();
+        let Some(queue) = self.queues.first_mut() else { return };
+        if self.broken.is_set() {
+            return;
+        }
+        let mut disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(disk) = disk.as_mut() else { return };
+        let (mem, requests) = (&self.mem, &mut self.requests);
+        let served = chains::drain(queue, mem, |chain| {
+            let chain = Chain::parse(chain, mem);
+            requests.serve(disk.as_mut(), mem, &chain)
+        });
+        match served {
+            Ok(true) => self.interrupt.trigger(InterruptReason::Queue(0)),
+            Ok(false) => {}
+            Err(why) => self.broken.set(NAME, &why, self.interrupt.as_ref()),
+        }
+    }
+
+    fn take_queues(&mut self) -> Vec<Queue> {
+        std::mem::take(&mut self.queues)
+    }
+
+    fn put_queues(&mut self, queues: Vec<Queue>) {
+        self.queues = queues;
     }
 }

@@ -8,13 +8,17 @@ mod state;
 pub use port::ConsoleIo;
 pub use state::ConsoleState;
 
-use super::chains::{self, Chain, gather, scatter};
-use super::worker::Worker;
-use super::{Activation, GuestMemoryMmap, InterruptReason, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, VirtioInterrupt, device_type, read_config_bytes};
+use super::chains::{self, Broken, Chain, gather, scatter};
+use super::worker::{Runner, Wake, WorkerState};
+use super::{
+    Activation, GuestMemoryMmap, InterruptReason, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, VirtioDeviceState, VirtioInterrupt, device_type,
+    read_config_bytes,
+};
 use port::Port;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
 
 const QUEUE_SIZE: u16 = 64;
 /// Largest piece of guest output copied at once.
@@ -25,12 +29,73 @@ const RX_MAX: usize = 64 * 1024;
 pub struct Console {
     port: Arc<Mutex<Port>>,
     acked_features: u64,
-    worker: Option<Worker>,
+    runner: Runner<ConsoleWorker>,
 }
+
+const NAME: &str = "virtio-console";
 
 impl Console {
     pub fn new(io: ConsoleIo) -> Result<Console, String> {
-        Ok(Console { port: Arc::new(Mutex::new(Port::new(io)?)), acked_features: 0, worker: None })
+        Ok(Console { port: Arc::new(Mutex::new(Port::new(io)?)), acked_features: 0, runner: Runner::Idle })
+    }
+}
+
+/// The worker's side: both queues and their kicks, and the port (shared with the device, which
+/// outlives driver resets).
+struct ConsoleWorker {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    broken: Broken,
+    queues: Vec<Queue>,
+    kicks: [EventFd; 2],
+    port: Arc<Mutex<Port>>,
+    port_fd: RawFd,
+}
+
+impl WorkerState for ConsoleWorker {
+    fn fds(&self) -> Vec<RawFd> {
+        vec![self.kicks[0].as_raw_fd(), self.kicks[1].as_raw_fd(), self.port_fd]
+    }
+
+    fn wake(&mut self, wake: Wake) {
+        let mut port = self.port.lock().unwrap_or_else(|p| p.into_inner());
+        let (mem, interrupt, broken) = (&self.mem, &self.interrupt, &self.broken);
+        let [rxq, txq] = self.queues.as_mut_slice() else { return };
+        let result = match wake {
+            0 => {
+                let _ = self.kicks[0].read();
+                Ok(())
+            }
+            1 => {
+                let _ = self.kicks[1].read();
+                if broken.is_set() {
+                    Ok(())
+                } else {
+                    transmit(txq, mem, &mut port).map(|notify| {
+                        if notify {
+                            interrupt.trigger(InterruptReason::Queue(1));
+                        }
+                    })
+                }
+            }
+            _ => {
+                port.poll();
+                Ok(())
+            }
+        };
+        let result = result.and_then(|()| if broken.is_set() { Ok(()) } else { receive(rxq, mem, &mut port, interrupt.as_ref()) });
+        if let Err(why) = result {
+            broken.set(NAME, &why, interrupt.as_ref());
+        }
+        port.rearm();
+    }
+
+    fn take_queues(&mut self) -> Vec<Queue> {
+        std::mem::take(&mut self.queues)
+    }
+
+    fn put_queues(&mut self, queues: Vec<Queue>) {
+        self.queues = queues;
     }
 }
 
@@ -101,53 +166,39 @@ impl VirtioDevice for Console {
 
     fn activate(&mut self, a: Activation) -> Result<(), String> {
         let Activation { mem, interrupt, queues, features, broken } = a;
-        let mut queues = queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+        let (queues, kicks): (Vec<_>, Vec<_>) = queues.into_iter().map(|q| (q.queue, q.kick)).unzip();
+        let Ok(kicks) = <[EventFd; 2]>::try_from(kicks) else {
             return Err("virtio-console needs its receive and transmit queues".into());
         };
         self.acked_features = features;
-        let (mut rxq, mut txq) = (rx.queue, tx.queue);
-        let (rx_kick, tx_kick) = (rx.kick, tx.kick);
-        let port = self.port.clone();
-        let epoll_fd = port.lock().unwrap_or_else(|p| p.into_inner()).epoll_fd();
-        let fds = vec![rx_kick.as_raw_fd(), tx_kick.as_raw_fd(), epoll_fd];
-        let worker = Worker::spawn("virtio-console", fds, move |wake| {
-            let mut port = port.lock().unwrap_or_else(|p| p.into_inner());
-            let result = match wake {
-                0 => {
-                    let _ = rx_kick.read();
-                    Ok(())
-                }
-                1 => {
-                    let _ = tx_kick.read();
-                    if broken.is_set() {
-                        Ok(())
-                    } else {
-                        transmit(&mut txq, &mem, &mut port).map(|notify| {
-                            if notify {
-                                interrupt.trigger(InterruptReason::Queue(1));
-                            }
-                        })
-                    }
-                }
-                _ => {
-                    port.poll();
-                    Ok(())
-                }
-            };
-            let result = result.and_then(|()| if broken.is_set() { Ok(()) } else { receive(&mut rxq, &mem, &mut port, interrupt.as_ref()) });
-            if let Err(why) = result {
-                broken.set("virtio-console", &why, interrupt.as_ref());
-            }
-            port.rearm();
-        })
-        .map_err(|e| format!("starting the virtio-console worker: {e}"))?;
-        self.worker = Some(worker);
-        Ok(())
+        let port_fd = self.port.lock().unwrap_or_else(|p| p.into_inner()).epoll_fd();
+        self.runner.start(NAME, ConsoleWorker { mem, interrupt, broken, queues, kicks, port: self.port.clone(), port_fd })
+    }
+
+    fn pause(&mut self) -> Vec<Queue> {
+        self.runner.pause()
+    }
+
+    fn resume(&mut self, queues: Vec<Queue>) -> Result<(), String> {
+        self.runner.resume(NAME, queues)
     }
 
     fn reset(&mut self) {
-        self.worker = None;
+        self.runner.stop();
         self.acked_features = 0;
+    }
+
+    fn save(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Console(self.state())
+    }
+
+    fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), String> {
+        match state {
+            VirtioDeviceState::Console(s) => {
+                self.restore_state(s);
+                Ok(())
+            }
+            other => Err(other.mismatch(NAME)),
+        }
     }
 }

@@ -1,7 +1,8 @@
-//! The console's snapshot state: the backend it was connected to, what the driver accepted, and
-//! the bytes still in flight either way. Queues belong to the transport's state.
+//! The console's saved state: the backend it was connected to (for messages: the configuration
+//! says where the restored port goes, and stdio fds and ptys do not outlive a process), what the
+//! driver accepted, and the bytes still in flight either way. Queues belong to the transport.
 
-use super::{Console, ConsoleIo};
+use super::Console;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -19,8 +20,7 @@ pub struct ConsoleState {
 }
 
 impl Console {
-    /// The state to save in a snapshot (call with the worker paused or stopped).
-    pub fn state(&self) -> ConsoleState {
+    pub(super) fn state(&self) -> ConsoleState {
         let port = self.port.lock().unwrap_or_else(|p| p.into_inner());
         let (backend, path) = port.describe();
         ConsoleState {
@@ -32,39 +32,38 @@ impl Console {
         }
     }
 
-    /// A console on `io` (the caller reconnects the backend: stdio fds and ptys do not survive
-    /// a process) that carries on with the saved bytes.
-    pub fn restore(io: ConsoleIo, state: &ConsoleState) -> Result<Console, String> {
-        let console = Console::new(io)?;
-        {
-            let mut port = console.port.lock().unwrap_or_else(|p| p.into_inner());
-            port.input.extend(&state.input);
-            port.output.extend(&state.output);
-        }
-        Ok(Console { acked_features: state.acked_features, ..console })
+    /// Carries on with the saved bytes on this console's own backend.
+    pub(super) fn restore_state(&mut self, state: &ConsoleState) {
+        let mut port = self.port.lock().unwrap_or_else(|p| p.into_inner());
+        port.input = state.input.iter().copied().collect();
+        port.output = state.output.iter().copied().collect();
+        self.acked_features = state.acked_features;
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::ConsoleIo;
     use super::*;
+    use crate::virtio::VirtioDevice;
 
     #[test]
-    fn state_round_trips_through_serde_and_a_new_device() {
+    fn state_round_trips_through_serde_into_a_new_device() {
         let path = std::env::temp_dir().join(format!("ferro-console-state-{}.sock", std::process::id()));
-        let console = Console::new(ConsoleIo::Socket(path.clone())).unwrap();
+        let mut console = Console::new(ConsoleIo::Socket(path.clone())).unwrap();
         {
             let mut port = console.port.lock().unwrap();
             port.input.extend(b"typed, not yet read");
             port.output.extend(b"printed while nobody listened");
         }
-        let state = Console { acked_features: 1 << 32, ..console }.state();
-        assert_eq!(state.backend, "socket");
-        assert_eq!(state.path.as_deref(), Some(path.as_path()));
+        console.acked_features = 1 << 32;
+        let state = console.save();
+        let crate::virtio::VirtioDeviceState::Console(s) = &state else { panic!("{state:?}") };
+        assert_eq!((s.backend.as_str(), s.path.as_deref()), ("socket", Some(path.as_path())));
         let text = serde_json::to_string(&state).unwrap();
-        let back: ConsoleState = serde_json::from_str(&text).unwrap();
-        assert_eq!(back, state);
-        let restored = Console::restore(ConsoleIo::Socket(path.clone()), &back).unwrap();
-        assert_eq!(restored.state(), state);
+        drop(console);
+        let mut restored = Console::new(ConsoleIo::Socket(path.clone())).unwrap();
+        restored.restore(&serde_json::from_str(&text).unwrap()).unwrap();
+        assert_eq!(restored.save(), state);
     }
 }

@@ -8,11 +8,11 @@
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{RX_QUEUE, TX_QUEUE};
 use crate::virtio::chains::{Broken, drain, next_chain};
-use crate::virtio::worker::Worker;
+use crate::virtio::worker::{Wake, WorkerState};
 use crate::virtio::{Activation, GuestMemoryMmap, InterruptReason, VirtioInterrupt};
 use ferro_vmm_api::control::NicStats;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use virtio_bindings::virtio_net as vn;
@@ -57,11 +57,12 @@ impl NetCounters {
     }
 }
 
-struct NetIo {
+pub(super) struct NetIo {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
-    rx: Queue,
-    tx: Queue,
+    /// Receive and transmit queue, in that order; taken out while the worker is paused.
+    queues: Vec<Queue>,
+    kicks: [EventFd; 2],
     tap: Arc<Tap>,
     /// Holds only the tap; readable when the tap is and we want its frames.
     tap_poll: Epoll,
@@ -75,50 +76,65 @@ struct NetIo {
     counters: Arc<NetCounters>,
 }
 
-/// Starts the worker; it stops when the returned handle is dropped.
-pub(super) fn spawn(tap: Arc<Tap>, a: Activation, counters: Arc<NetCounters>) -> std::io::Result<Worker> {
-    let Activation { mem, interrupt, queues, features, broken } = a;
-    let mut queues = queues.into_iter();
-    let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-        return Err(std::io::Error::other("virtio-net needs its receive and transmit queues"));
-    };
-    let tap_poll = Epoll::new()?;
-    tap_poll.ctl(ControlOperation::Add, tap.as_raw_fd(), EpollEvent::new(EventSet::IN, 0))?;
-    let fds = vec![rx.kick.as_raw_fd(), tx.kick.as_raw_fd(), tap_poll.as_raw_fd()];
-    let kicks: [EventFd; 2] = [rx.kick, tx.kick];
-    let mut io = NetIo {
-        mem,
-        interrupt,
-        rx: rx.queue,
-        tx: tx.queue,
-        tap,
-        tap_poll,
-        tap_wanted: true,
-        mergeable: features & (1 << vn::VIRTIO_NET_F_MRG_RXBUF) != 0,
-        frame: vec![0; MAX_FRAME],
-        pending: 0,
-        tx_buf: vec![0; MAX_FRAME],
-        broken,
-        counters,
-    };
-    Worker::spawn("virtio-net", fds, move |wake| {
-        if wake < kicks.len() {
-            let _ = kicks[wake].read();
+impl NetIo {
+    /// The worker's state for an activation.
+    pub(super) fn new(tap: Arc<Tap>, a: Activation, counters: Arc<NetCounters>) -> std::io::Result<NetIo> {
+        let Activation { mem, interrupt, queues, features, broken } = a;
+        let mut queues = queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err(std::io::Error::other("virtio-net needs its receive and transmit queues"));
+        };
+        let tap_poll = Epoll::new()?;
+        tap_poll.ctl(ControlOperation::Add, tap.as_raw_fd(), EpollEvent::new(EventSet::IN, 0))?;
+        Ok(NetIo {
+            mem,
+            interrupt,
+            queues: vec![rx.queue, tx.queue],
+            kicks: [rx.kick, tx.kick],
+            tap,
+            tap_poll,
+            tap_wanted: true,
+            mergeable: features & (1 << vn::VIRTIO_NET_F_MRG_RXBUF) != 0,
+            frame: vec![0; MAX_FRAME],
+            pending: 0,
+            tx_buf: vec![0; MAX_FRAME],
+            broken,
+            counters,
+        })
+    }
+}
+
+impl WorkerState for NetIo {
+    fn fds(&self) -> Vec<RawFd> {
+        vec![self.kicks[RX_QUEUE].as_raw_fd(), self.kicks[TX_QUEUE].as_raw_fd(), self.tap_poll.as_raw_fd()]
+    }
+
+    fn wake(&mut self, wake: Wake) {
+        if let Some(kick) = self.kicks.get(wake) {
+            let _ = kick.read();
         }
-        if io.broken.is_set() {
+        if self.broken.is_set() {
             // Until the driver resets the device: drain what wakes us, touch no ring.
-            io.want_tap(false);
+            self.want_tap(false);
             return;
         }
         match wake {
             RX_QUEUE => {
-                io.want_tap(true);
-                io.receive();
+                self.want_tap(true);
+                self.receive();
             }
-            TX_QUEUE => io.transmit(),
-            _ => io.receive(),
+            TX_QUEUE => self.transmit(),
+            _ => self.receive(),
         }
-    })
+    }
+
+    fn take_queues(&mut self) -> Vec<Queue> {
+        std::mem::take(&mut self.queues)
+    }
+
+    fn put_queues(&mut self, queues: Vec<Queue>) {
+        self.queues = queues;
+    }
 }
 
 impl NetIo {
@@ -133,7 +149,7 @@ impl NetIo {
     }
 
     fn notify_rx(&mut self) {
-        if self.rx.needs_notification(&self.mem).unwrap_or(true) {
+        if self.queues[RX_QUEUE].needs_notification(&self.mem).unwrap_or(true) {
             self.interrupt.trigger(InterruptReason::Queue(RX_QUEUE as u16));
         }
     }
@@ -156,7 +172,7 @@ impl NetIo {
                     delivered = true;
                     rechecked = false;
                 }
-                Ok(false) if !rechecked && self.rx.enable_notification(&self.mem).unwrap_or(false) => rechecked = true,
+                Ok(false) if !rechecked && self.queues[RX_QUEUE].enable_notification(&self.mem).unwrap_or(false) => rechecked = true,
                 Ok(false) => {
                     // No buffers, and none arrived while we looked: wait for the guest's kick.
                     self.want_tap(false);
@@ -180,9 +196,9 @@ impl NetIo {
         let mut chains: Vec<(u16, Option<Writer<'_>>)> = Vec::new();
         let mut room = 0usize;
         while room < len {
-            let Some(chain) = next_chain(&mut self.rx, &self.mem)? else {
+            let Some(chain) = next_chain(&mut self.queues[RX_QUEUE], &self.mem)? else {
                 for _ in &chains {
-                    self.rx.go_to_previous_position();
+                    self.queues[RX_QUEUE].go_to_previous_position();
                 }
                 return Ok(false);
             };
@@ -217,7 +233,7 @@ impl NetIo {
             used.push((head, n as u32));
         }
         for (head, n) in used {
-            self.rx.add_used(&self.mem, head, n).map_err(|e| format!("descriptor head {head}: {e}"))?;
+            self.queues[RX_QUEUE].add_used(&self.mem, head, n).map_err(|e| format!("descriptor head {head}: {e}"))?;
         }
         Ok(true)
     }
@@ -225,7 +241,7 @@ impl NetIo {
     /// Sends every frame the guest queued.
     fn transmit(&mut self) {
         let (mem, tap, buf, counters) = (&self.mem, &self.tap, &mut self.tx_buf, &self.counters);
-        let sent = drain(&mut self.tx, mem, |chain| {
+        let sent = drain(&mut self.queues[TX_QUEUE], mem, |chain| {
             if let Ok(mut r) = Reader::new(mem, chain) {
                 let n = r.available_bytes();
                 // Frames without a header, or larger than any the tap takes, are dropped.
@@ -249,6 +265,7 @@ impl NetIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::ActiveQueue;
     use crate::virtio::chains::tests::{F_WRITE, InterruptLog, memory};
     use ferro_test_support::net::{ETH_P_ALL, in_private_netns, packet_socket};
     use virtio_queue::desc::{RawDescriptor, split::Descriptor};
@@ -279,24 +296,11 @@ mod tests {
             let mem = memory();
             let rxq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
             let txq = MockSplitQueue::create(&mem, GuestAddress(0x4000), 16);
-            let tap_poll = Epoll::new().unwrap();
-            tap_poll.ctl(ControlOperation::Add, tap.as_raw_fd(), EpollEvent::new(EventSet::IN, 0)).unwrap();
             let irq = Arc::new(InterruptLog::default());
-            let mut io = NetIo {
-                mem: mem.clone(),
-                interrupt: irq.clone(),
-                rx: rxq.create_queue().unwrap(),
-                tx: txq.create_queue().unwrap(),
-                tap: tap.clone(),
-                tap_poll,
-                tap_wanted: true,
-                mergeable: false,
-                frame: vec![0; MAX_FRAME],
-                pending: 0,
-                tx_buf: vec![0; MAX_FRAME],
-                broken: crate::virtio::chains::tests::broken(),
-                counters: Arc::default(),
-            };
+            let queue = |q: &MockSplitQueue<GuestMemoryMmap>| ActiveQueue { queue: q.create_queue().unwrap(), kick: EventFd::new(libc::EFD_NONBLOCK).unwrap() };
+            let activation =
+                Activation { mem: mem.clone(), interrupt: irq.clone(), queues: vec![queue(&rxq), queue(&txq)], features: 0, broken: crate::virtio::chains::tests::broken() };
+            let mut io = NetIo::new(tap.clone(), activation, Arc::default()).unwrap();
             inject("fdp0", &[frame(1), frame(2), frame(3)]);
             std::thread::sleep(std::time::Duration::from_millis(50));
 
@@ -328,6 +332,63 @@ mod tests {
             assert!(!io.tap_wanted && io.pending == VNET_HDR_LEN + frame(2).len(), "frame 2 waits for the next buffer");
             let stats = io.counters.stats("net0", "52:54:00:00:00:01");
             assert_eq!((stats.rx_packets, stats.rx_bytes, stats.rx_dropped), (1, frame(1).len() as u64, 0));
+        });
+    }
+
+    fn tap_readable(tap: &Tap, timeout_ms: i32) -> bool {
+        let mut p = libc::pollfd { fd: tap.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut p, 1, timeout_ms) == 1 }
+    }
+
+    /// Pausing the device stops its receive path: frames that reach the tap while it is paused
+    /// stay there (no guest memory is written, no used entry appears) and arrive after resume.
+    #[test]
+    fn a_paused_nic_writes_no_guest_memory_and_delivers_on_resume() {
+        in_private_netns(|| {
+            let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+            let mut net = super::super::Net::new("fpause0", None).unwrap();
+            let mem = memory();
+            let rxq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+            let txq = MockSplitQueue::create(&mem, GuestAddress(0x4000), 16);
+            let buf = |i: u16| GuestAddress(0x8000 + u64::from(i) * 0x1000);
+            for i in 0..4u16 {
+                rxq.desc_table().store(i, RawDescriptor::from(Descriptor::new(buf(i).0, 2048, F_WRITE, 0))).unwrap();
+                rxq.avail().ring().ref_at(usize::from(i)).unwrap().store(i.to_le());
+            }
+            rxq.avail().idx().store(4u16.to_le());
+            let queue = |q: &MockSplitQueue<GuestMemoryMmap>| ActiveQueue { queue: q.create_queue().unwrap(), kick: EventFd::new(libc::EFD_NONBLOCK).unwrap() };
+            let irq = Arc::new(InterruptLog::default());
+            let activation =
+                Activation { mem: mem.clone(), interrupt: irq.clone(), queues: vec![queue(&rxq), queue(&txq)], features: 0, broken: crate::virtio::chains::tests::broken() };
+            crate::virtio::VirtioDevice::activate(&mut net, activation).unwrap();
+            let queues = crate::virtio::VirtioDevice::pause(&mut net);
+            assert_eq!(queues.len(), 2, "both queues come back");
+
+            inject("fpause0", &[frame(1), frame(2)]);
+            assert!(tap_readable(&net.tap, 5000), "the frames reach the tap");
+            // Give a worker that should not exist every chance to take them.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let used_idx = || mem.read_obj::<u16>(rxq.used_addr().unchecked_add(2)).unwrap();
+            assert_eq!(used_idx(), 0, "no used entry while paused");
+            let mut first = vec![0u8; 2048];
+            mem.read_slice(&mut first, buf(0)).unwrap();
+            assert!(first.iter().all(|&b| b == 0), "no frame written into guest memory while paused");
+            assert!(tap_readable(&net.tap, 0), "the frames wait in the tap");
+            assert_eq!(irq.count(), 0);
+
+            crate::virtio::VirtioDevice::resume(&mut net, queues).unwrap();
+            let start = std::time::Instant::now();
+            while used_idx() != 2 {
+                assert!(start.elapsed() < std::time::Duration::from_secs(5), "frames not delivered after resume");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            for (i, n) in [(0u16, 1u8), (1, 2)] {
+                let mut got = vec![0u8; frame(n).len()];
+                mem.read_slice(&mut got, buf(i).unchecked_add(VNET_HDR_LEN as u64)).unwrap();
+                assert_eq!(got, frame(n));
+            }
+            crate::virtio::VirtioDevice::reset(&mut net);
         });
     }
 }

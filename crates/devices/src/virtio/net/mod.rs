@@ -10,8 +10,10 @@ pub mod tap;
 pub use datapath::NetCounters;
 pub use state::NetState;
 
-use super::worker::Worker;
-use super::{Activation, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, device_type, read_config_bytes};
+use super::worker::Runner;
+use super::{Activation, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, VirtioDeviceState, device_type, read_config_bytes};
+use datapath::NetIo;
+use virtio_queue::Queue;
 use ferro_vmm_api::MacAddr;
 use std::io;
 use std::sync::Arc;
@@ -49,8 +51,10 @@ pub struct Net {
     offered: u64,
     acked: u64,
     counters: Arc<NetCounters>,
-    worker: Option<Worker>,
+    runner: Runner<NetIo>,
 }
+
+const NAME: &str = "virtio-net";
 
 /// TUN_F_* offloads the tap may use towards a guest that accepted `features`.
 fn tap_offloads(features: u64) -> u32 {
@@ -71,7 +75,7 @@ impl Net {
         let tap = Tap::open(tap)?;
         let offered = if tap.supports_offloads() { BASE_FEATURES | OFFLOAD_FEATURES } else { BASE_FEATURES };
         let mac = mac.unwrap_or_else(MacAddr::random);
-        Ok(Net { tap: Arc::new(tap), mac, offered, acked: 0, counters: Arc::default(), worker: None })
+        Ok(Net { tap: Arc::new(tap), mac, offered, acked: 0, counters: Arc::default(), runner: Runner::Idle })
     }
 
     pub fn mac(&self) -> MacAddr {
@@ -81,21 +85,6 @@ impl Net {
     /// The traffic counters the worker keeps.
     pub fn counters(&self) -> Arc<NetCounters> {
         self.counters.clone()
-    }
-
-    pub fn snapshot(&self) -> NetState {
-        NetState { tap: self.tap.name().to_owned(), mac: self.mac, offered_features: self.offered, acked_features: self.acked }
-    }
-
-    /// Reopens the tap of a snapshot; fails if it no longer offers what the guest was promised.
-    pub fn restore(s: &NetState) -> io::Result<Net> {
-        let mut net = Net::new(&s.tap, Some(s.mac))?;
-        if s.offered_features & !net.offered != 0 {
-            return Err(io::Error::other(format!("tap {} no longer supports the offloads the guest was offered", s.tap)));
-        }
-        net.offered = s.offered_features;
-        net.acked = s.acked_features;
-        Ok(net)
     }
 
     fn config(&self) -> [u8; 8] {
@@ -129,15 +118,33 @@ impl VirtioDevice for Net {
         }
         self.tap.set_offload(tap_offloads(a.features)).map_err(|e| format!("TUNSETOFFLOAD on {}: {e}", self.tap.name()))?;
         self.acked = a.features;
-        let worker = datapath::spawn(self.tap.clone(), a, self.counters.clone()).map_err(|e| format!("starting the net worker: {e}"))?;
-        self.worker = Some(worker);
-        Ok(())
+        let io = NetIo::new(self.tap.clone(), a, self.counters.clone()).map_err(|e| format!("starting the net worker: {e}"))?;
+        self.runner.start(NAME, io)
+    }
+
+    fn pause(&mut self) -> Vec<Queue> {
+        self.runner.pause()
+    }
+
+    fn resume(&mut self, queues: Vec<Queue>) -> Result<(), String> {
+        self.runner.resume(NAME, queues)
     }
 
     fn reset(&mut self) {
-        self.worker = None;
+        self.runner.stop();
         self.acked = 0;
         let _ = self.tap.set_offload(0);
+    }
+
+    fn save(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(self.state())
+    }
+
+    fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), String> {
+        match state {
+            VirtioDeviceState::Net(s) => self.restore_state(s),
+            other => Err(other.mismatch(NAME)),
+        }
     }
 }
 
@@ -147,19 +154,25 @@ mod tests {
     use ferro_test_support::net::in_private_netns;
 
     #[test]
-    fn snapshot_round_trips_and_restore_reopens_the_tap() {
+    fn state_round_trips_into_a_device_on_the_same_tap() {
         in_private_netns(|| {
-            let net = Net::new("fsnap0", Some(MacAddr([0x52, 0x54, 0, 1, 2, 3]))).unwrap();
+            let mut net = Net::new("fsnap0", Some(MacAddr([0x52, 0x54, 0, 1, 2, 3]))).unwrap();
             let mut config = [0u8; 8];
             net.read_config(0, &mut config);
             assert_eq!(config, [0x52, 0x54, 0, 1, 2, 3, 1, 0], "MAC, then link up");
             assert_eq!(net.features() & OFFLOAD_FEATURES, OFFLOAD_FEATURES, "a tap takes checksum and TSO offloads");
-            let state = net.snapshot();
+            net.acked = BASE_FEATURES;
+            let state = net.save();
             let json = serde_json::to_string(&state).unwrap();
             drop(net);
-            let restored = Net::restore(&serde_json::from_str(&json).unwrap()).unwrap();
-            assert_eq!(restored.snapshot(), state);
+            // A configuration without a MAC makes one up; the saved one wins, as the guest knows it.
+            let mut restored = Net::new("fsnap0", None).unwrap();
+            restored.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+            assert_eq!(restored.save(), state);
             assert_eq!(restored.mac(), MacAddr([0x52, 0x54, 0, 1, 2, 3]));
+            restored.offered = BASE_FEATURES;
+            let VirtioDeviceState::Net(s) = &state else { unreachable!() };
+            assert!(restored.restore_state(s).is_err(), "offloads the guest was offered must still be there");
         });
     }
 

@@ -2,27 +2,72 @@
 //! getrandom, optionally limited to a number of bytes per second (a token bucket; requests wait
 //! for tokens instead of getting short answers).
 
-use super::chains::{self, Chain};
-use super::worker::Worker;
-use super::{Activation, GuestMemoryMmap, InterruptReason, VirtioDevice, device_type, read_config_bytes};
-use std::os::fd::AsRawFd;
+use super::chains::{self, Broken, Chain};
+use super::worker::{Runner, Wake, WorkerState};
+use super::{Activation, GuestMemoryMmap, InterruptReason, VirtioDevice, VirtioDeviceState, VirtioInterrupt, device_type, read_config_bytes};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 const QUEUE_SIZE: u16 = 256;
 /// Largest answer to one request, so one guest buffer cannot make us fill gigabytes.
 const MAX_REQUEST: usize = 64 * 1024;
+const NAME: &str = "virtio-rng";
 
 pub struct Rng {
     /// Bytes per second, or None for unlimited.
     rate: Option<u64>,
-    worker: Option<Worker>,
+    runner: Runner<RngWorker>,
 }
 
 impl Rng {
     pub fn new(rate: Option<u64>) -> Self {
-        Rng { rate, worker: None }
+        Rng { rate, runner: Runner::Idle }
+    }
+}
+
+/// The worker's side: the request queue, its kick, and the rate limit's timer and bucket.
+struct RngWorker {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    broken: Broken,
+    queues: Vec<Queue>,
+    kick: EventFd,
+    timer: TimerFd,
+    bucket: Option<Bucket>,
+}
+
+impl WorkerState for RngWorker {
+    fn fds(&self) -> Vec<RawFd> {
+        vec![self.kick.as_raw_fd(), self.timer.as_raw_fd()]
+    }
+
+    fn wake(&mut self, wake: Wake) {
+        if wake == 0 {
+            let _ = self.kick.read();
+        } else {
+            let _ = self.timer.wait();
+        }
+        let Some(queue) = self.queues.first_mut() else { return };
+        if self.broken.is_set() || !queue.ready() {
+            return;
+        }
+        match serve(queue, &self.mem, &mut self.bucket, &mut self.timer) {
+            Ok(true) => self.interrupt.trigger(InterruptReason::Queue(0)),
+            Ok(false) => {}
+            Err(e) => self.broken.set(NAME, &e, &*self.interrupt),
+        }
+    }
+
+    fn take_queues(&mut self) -> Vec<Queue> {
+        std::mem::take(&mut self.queues)
+    }
+
+    fn put_queues(&mut self, queues: Vec<Queue>) {
+        self.queues = queues;
     }
 }
 
@@ -106,35 +151,35 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), String> {
-        let Activation { mem, interrupt, mut queues, broken, .. } = a;
-        let aq = queues.pop().ok_or("rng needs its request queue")?;
-        let (mut queue, kick) = (aq.queue, aq.kick);
+        let Activation { mem, interrupt, queues, broken, .. } = a;
+        let (queues, mut kicks): (Vec<_>, Vec<_>) = queues.into_iter().map(|q| (q.queue, q.kick)).unzip();
+        let kick = kicks.pop().ok_or("rng needs its request queue")?;
         let timer = TimerFd::new().map_err(|e| format!("timerfd: {e}"))?;
-        let fds = vec![kick.as_raw_fd(), timer.as_raw_fd()];
-        let mut bucket = self.rate.map(|rate| Bucket { rate, tokens: rate, last: Instant::now() });
-        let mut timer = timer;
-        let worker = Worker::spawn("virtio-rng", fds, move |wake| {
-            if wake == 0 {
-                let _ = kick.read();
-            } else {
-                let _ = timer.wait();
-            }
-            if broken.is_set() || !queue.ready() {
-                return;
-            }
-            match serve(&mut queue, &mem, &mut bucket, &mut timer) {
-                Ok(true) => interrupt.trigger(InterruptReason::Queue(0)),
-                Ok(false) => {}
-                Err(e) => broken.set("virtio-rng", &e, &*interrupt),
-            }
-        })
-        .map_err(|e| format!("starting the rng worker: {e}"))?;
-        self.worker = Some(worker);
-        Ok(())
+        let bucket = self.rate.map(|rate| Bucket { rate, tokens: rate, last: Instant::now() });
+        self.runner.start(NAME, RngWorker { mem, interrupt, broken, queues, kick, timer, bucket })
+    }
+
+    fn pause(&mut self) -> Vec<Queue> {
+        self.runner.pause()
+    }
+
+    fn resume(&mut self, queues: Vec<Queue>) -> Result<(), String> {
+        self.runner.resume(NAME, queues)
     }
 
     fn reset(&mut self) {
-        self.worker = None;
+        self.runner.stop();
+    }
+
+    fn save(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Rng
+    }
+
+    fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), String> {
+        match state {
+            VirtioDeviceState::Rng => Ok(()),
+            other => Err(other.mismatch(NAME)),
+        }
     }
 }
 

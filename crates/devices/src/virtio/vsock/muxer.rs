@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::Bytes;
+use crate::virtio::worker::{Wake, WorkerState};
+use std::os::fd::RawFd;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 pub const RX_QUEUE: usize = 0;
@@ -55,12 +58,12 @@ pub struct Muxer {
     uds: PathBuf,
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
-    rx: Queue,
-    tx: Queue,
-    event: Queue,
+    /// Receive, transmit and event queue, in that order; taken out while the worker is paused.
+    queues: Vec<Queue>,
+    kicks: [EventFd; 3],
     listener: UnixListener,
     poll: Epoll,
-    pub timer: TimerFd,
+    timer: TimerFd,
     timer_armed: bool,
     next_token: u64,
     handshakes: HashMap<u64, Handshake>,
@@ -76,7 +79,7 @@ pub struct Muxer {
     /// A TRANSPORT_RESET event is owed to the guest (after a restore).
     reset_event: bool,
     scratch: Vec<u8>,
-    pub broken: Broken,
+    broken: Broken,
 }
 
 /// Connects to a unix socket without blocking (a full backlog fails instead of waiting).
@@ -106,6 +109,42 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     Ok(UnixStream::from(sock))
 }
 
+/// The worker waits on the three kicks, the host sockets' epoll and the grace timer.
+impl WorkerState for Muxer {
+    fn fds(&self) -> Vec<RawFd> {
+        vec![self.kicks[RX_QUEUE].as_raw_fd(), self.kicks[TX_QUEUE].as_raw_fd(), self.kicks[EVENT_QUEUE].as_raw_fd(), self.poll_fd(), self.timer.as_raw_fd()]
+    }
+
+    fn wake(&mut self, wake: Wake) {
+        if let Some(kick) = self.kicks.get(wake) {
+            let _ = kick.read();
+        } else if wake == 4 {
+            let _ = self.timer.wait();
+        }
+        if self.broken.is_set() {
+            // Until the driver resets the device: touch no ring, and drop the streams.
+            self.close_all();
+            return;
+        }
+        match wake {
+            RX_QUEUE => self.rx_kicked(),
+            TX_QUEUE => self.process_tx(),
+            EVENT_QUEUE => {}
+            3 => self.process_host(),
+            _ => self.expire(),
+        }
+        self.settle();
+    }
+
+    fn take_queues(&mut self) -> Vec<Queue> {
+        std::mem::take(&mut self.queues)
+    }
+
+    fn put_queues(&mut self, queues: Vec<Queue>) {
+        self.queues = queues;
+    }
+}
+
 impl Muxer {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -114,21 +153,20 @@ impl Muxer {
         listener: UnixListener,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
-        queues: [Queue; 3],
+        queues: Vec<Queue>,
+        kicks: [EventFd; 3],
         reset_event: bool,
         broken: Broken,
     ) -> std::io::Result<Muxer> {
         let poll = Epoll::new()?;
         poll.ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, TOKEN_LISTENER))?;
-        let [rx, tx, event] = queues;
         Ok(Muxer {
             guest_cid,
             uds,
             mem,
             interrupt,
-            rx,
-            tx,
-            event,
+            queues,
+            kicks,
             listener,
             poll,
             timer: TimerFd::new()?,
@@ -147,12 +185,12 @@ impl Muxer {
         })
     }
 
-    pub fn poll_fd(&self) -> i32 {
+    fn poll_fd(&self) -> i32 {
         self.poll.as_raw_fd()
     }
 
     /// The guest added receive buffers.
-    pub fn rx_kicked(&mut self) {
+    fn rx_kicked(&mut self) {
         if self.rx_stalled {
             self.rx_stalled = false;
             let tokens: Vec<u64> = self.conns.keys().copied().collect();
@@ -166,7 +204,7 @@ impl Muxer {
     }
 
     /// Called after every wake: sends what is owed to the guest and re-arms the timer.
-    pub fn settle(&mut self) {
+    fn settle(&mut self) {
         if self.broken.is_set() {
             return;
         }
@@ -187,7 +225,7 @@ impl Muxer {
         if !self.reset_event {
             return;
         }
-        let chain = match next_chain(&mut self.event, &self.mem) {
+        let chain = match next_chain(&mut self.queues[EVENT_QUEUE], &self.mem) {
             Ok(Some(chain)) => chain,
             Ok(None) => return,
             Err(why) => return self.broken.set("virtio-vsock", &format!("event queue: {why}"), self.interrupt.as_ref()),
@@ -200,11 +238,11 @@ impl Muxer {
             }
         }
         self.reset_event = len == 0;
-        if let Err(e) = self.event.add_used(&self.mem, head, len) {
+        if let Err(e) = self.queues[EVENT_QUEUE].add_used(&self.mem, head, len) {
             let why = format!("event queue: descriptor head {head}: {e}");
             return self.broken.set("virtio-vsock", &why, self.interrupt.as_ref());
         }
-        if self.event.needs_notification(&self.mem).unwrap_or(true) {
+        if self.queues[EVENT_QUEUE].needs_notification(&self.mem).unwrap_or(true) {
             self.notify(EVENT_QUEUE as u16);
         }
     }
@@ -212,14 +250,14 @@ impl Muxer {
     // ---- guest to host ----
 
     /// Handles every packet the guest queued.
-    pub fn process_tx(&mut self) {
+    fn process_tx(&mut self) {
         let mem = self.mem.clone();
         let (mut any, mut rechecked) = (false, false);
         let result = loop {
-            let mut chain = match next_chain(&mut self.tx, &mem) {
+            let mut chain = match next_chain(&mut self.queues[TX_QUEUE], &mem) {
                 Ok(Some(chain)) => chain,
                 // Re-arms the kick; looks once more in case packets came meanwhile.
-                Ok(None) if !rechecked && self.tx.enable_notification(&mem).unwrap_or(false) => {
+                Ok(None) if !rechecked && self.queues[TX_QUEUE].enable_notification(&mem).unwrap_or(false) => {
                     rechecked = true;
                     continue;
                 }
@@ -237,7 +275,7 @@ impl Muxer {
                 }
                 self.handle_guest_packet(&pkt, &data);
             }
-            if let Err(e) = self.tx.add_used(&mem, head, 0) {
+            if let Err(e) = self.queues[TX_QUEUE].add_used(&mem, head, 0) {
                 break Err(format!("descriptor head {head}: {e}"));
             }
             any = true;
@@ -245,7 +283,7 @@ impl Muxer {
         if let Err(why) = result {
             return self.broken.set("virtio-vsock", &format!("transmit queue: {why}"), self.interrupt.as_ref());
         }
-        if any && self.tx.needs_notification(&mem).unwrap_or(true) {
+        if any && self.queues[TX_QUEUE].needs_notification(&mem).unwrap_or(true) {
             self.notify(TX_QUEUE as u16);
         }
     }
@@ -387,7 +425,7 @@ impl Muxer {
     // ---- host side ----
 
     /// Handles whatever the host sockets reported.
-    pub fn process_host(&mut self) {
+    fn process_host(&mut self) {
         let mut events = [EpollEvent::default(); 32];
         let n = self.poll.wait(0, &mut events).unwrap_or(0);
         for ev in &events[..n] {
@@ -473,7 +511,7 @@ impl Muxer {
     }
 
     /// Drops every stream and stops listening: the device is broken until the driver resets it.
-    pub fn close_all(&mut self) {
+    fn close_all(&mut self) {
         for (_, h) in self.handshakes.drain() {
             let _ = self.poll.ctl(ControlOperation::Delete, h.stream.as_raw_fd(), EpollEvent::default());
         }
@@ -488,7 +526,7 @@ impl Muxer {
     }
 
     /// Resets streams whose grace ran out and drops silent host clients.
-    pub fn expire(&mut self) {
+    fn expire(&mut self) {
         let now = Instant::now();
         let late: Vec<u64> = self.handshakes.iter().filter(|(_, h)| h.deadline <= now).map(|(t, _)| *t).collect();
         for t in late {
@@ -515,14 +553,14 @@ impl Muxer {
             if self.rsts.is_empty() && self.rx_work.is_empty() {
                 break;
             }
-            let next = match next_chain(&mut self.rx, &mem) {
+            let next = match next_chain(&mut self.queues[RX_QUEUE], &mem) {
                 Ok(next) => next,
                 Err(why) => return self.broken.set("virtio-vsock", &format!("receive queue: {why}"), self.interrupt.as_ref()),
             };
             let Some(mut chain) = next else {
                 // Buffers may have come while we looked (once: a ring that claims buffers but
                 // yields none is broken, and must not make us spin).
-                if !rechecked && self.rx.enable_notification(&mem).unwrap_or(false) {
+                if !rechecked && self.queues[RX_QUEUE].enable_notification(&mem).unwrap_or(false) {
                     rechecked = true;
                     continue;
                 }
@@ -539,19 +577,19 @@ impl Muxer {
                     Some(len) => len,
                     None => {
                         // Nothing to send after all: give the buffer back to the ring.
-                        self.rx.go_to_previous_position();
+                        self.queues[RX_QUEUE].go_to_previous_position();
                         continue;
                     }
                 },
                 Err(_) => 0, // a buffer we cannot use goes back empty
             };
-            if let Err(e) = self.rx.add_used(&mem, head, used) {
+            if let Err(e) = self.queues[RX_QUEUE].add_used(&mem, head, used) {
                 let why = format!("receive queue: descriptor head {head}: {e}");
                 return self.broken.set("virtio-vsock", &why, self.interrupt.as_ref());
             }
             any = true;
         }
-        if any && self.rx.needs_notification(&mem).unwrap_or(true) {
+        if any && self.queues[RX_QUEUE].needs_notification(&mem).unwrap_or(true) {
             self.notify(RX_QUEUE as u16);
         }
     }
