@@ -3,7 +3,7 @@
 use ferro_hypervisor::Hypervisor;
 use ferro_vmm::console::FdWriter;
 use ferro_vmm::serial_socket::SerialHub;
-use ferro_vmm::{EventSink, ExitReason, RunOptions, VmBuilder};
+use ferro_vmm::{EventSink, ExitReason, RunOptions, Start, VmBuilder};
 use ferro_vmm_api::{
     BootConfig, ConsoleBackend, DeviceConfig, DeviceKind, DiskFormat, Kernel, MacAddr, MemoryConfig, Transport, VmConfig, VmEvent, parse_size,
 };
@@ -14,6 +14,10 @@ use std::process::ExitCode;
 pub struct RunArgs {
     #[command(flatten)]
     vm: VmArgs,
+    /// Start the VM saved in this snapshot directory (docs/snapshot-format.md) instead of
+    /// booting one: it continues where it was saved, with the devices it had.
+    #[arg(long, value_name = "DIR", conflicts_with = "VmArgs")]
+    restore: Option<PathBuf>,
 }
 
 /// `ferro vmm`: the VMM process ferrod supervises (docs/vmm-control.md). Same VM flags as `run`,
@@ -25,6 +29,10 @@ pub struct VmmArgs {
     /// The VM as a JSON `VmConfig` (ferro-vmm-api) instead of the VM flags.
     #[arg(long, value_name = "FILE", conflicts_with = "VmArgs")]
     config: Option<PathBuf>,
+    /// Start the VM saved in this snapshot directory (docs/snapshot-format.md) instead of
+    /// booting one; its configuration comes from the snapshot.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["VmArgs", "config", "name"])]
+    restore: Option<PathBuf>,
     /// Serve the control protocol on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -245,15 +253,18 @@ fn finish(result: ferro_vmm::Result<ExitReason>) -> ExitCode {
 }
 
 pub fn run(args: RunArgs) -> ExitCode {
-    let config = match args.vm.config(String::new()) {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
+    let start = match &args.restore {
+        Some(dir) => Start::Restore(dir),
+        None => match args.vm.config(String::new()) {
+            Ok(c) => Start::Boot(c),
+            Err(e) => return fail(&e),
+        },
     };
     let hv = match Hypervisor::open() {
         Ok(hv) => hv,
         Err(e) => return fail(&e.to_string()),
     };
-    finish(ferro_vmm::run_foreground(&hv, config))
+    finish(ferro_vmm::run_foreground(&hv, start))
 }
 
 pub fn vmm(args: VmmArgs) -> ExitCode {
@@ -266,12 +277,13 @@ pub fn vmm(args: VmmArgs) -> ExitCode {
         events.emit(&VmEvent::Exited { reason: ExitReason::Error(msg.clone()) });
         fail(&msg)
     };
-    let config = match &args.config {
-        Some(path) => read_config(path),
-        None => args.vm.config(args.name),
+    let start = match (&args.restore, &args.config) {
+        (Some(dir), _) => Ok(Start::Restore(dir)),
+        (None, Some(path)) => read_config(path).map(Start::Boot),
+        (None, None) => args.vm.config(args.name).map(Start::Boot),
     };
-    let config = match config {
-        Ok(c) => c,
+    let start = match start {
+        Ok(s) => s,
         Err(e) => return failed(e),
     };
     let hv = match Hypervisor::open() {
@@ -283,7 +295,7 @@ pub fn vmm(args: VmmArgs) -> ExitCode {
     let echo: Option<Box<dyn std::io::Write + Send>> =
         if args.serial_socket.is_some() { None } else { Some(Box::new(FdWriter(1))) };
     let hub = SerialHub::new(echo);
-    let vm = match VmBuilder::new(&hv).serial_out(hub.writer()).events(events.clone()).boot(config) {
+    let vm = match VmBuilder::new(&hv).serial_out(hub.writer()).events(events.clone()).build(start) {
         Ok(vm) => vm,
         Err(e) => return failed(e.to_string()),
     };

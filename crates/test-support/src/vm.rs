@@ -155,10 +155,15 @@ pub fn linux_run(limit_secs: u32, prefix: &[&str], kernel: &str, guest_cmd: &str
 /// Reads from a console (a pty, a socket, a pipe) until `seen` contains `what`; panics with what
 /// it saw on end of stream, on an error, or when a read returns after 10 s without it.
 pub fn read_until(r: &mut dyn Read, seen: &mut String, what: &str) {
+    read_until_within(r, seen, what, Duration::from_secs(10));
+}
+
+/// [`read_until`] with another time limit (a Linux boot takes minutes on kvm-pvm).
+pub fn read_until_within(r: &mut dyn Read, seen: &mut String, what: &str, limit: Duration) {
     let start = Instant::now();
     let mut buf = [0u8; 256];
     while !seen.contains(what) {
-        assert!(start.elapsed() < Duration::from_secs(10), "never saw {what:?}: {seen:?}");
+        assert!(start.elapsed() < limit, "never saw {what:?} within {limit:?}: {seen:?}");
         match r.read(&mut buf) {
             Ok(0) => panic!("end of stream before {what:?}: {seen:?}"),
             Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),

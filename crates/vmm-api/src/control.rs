@@ -33,6 +33,14 @@ pub enum Request {
     Stats,
     /// Sets how much memory the balloon takes from the guest. Reply: [`BalloonReply`].
     Balloon { target_mib: u64 },
+    /// Saves the VM into snapshot directory `dir` (created; an existing one must be empty):
+    /// memory and state, the VM paused meanwhile. A running VM runs again afterwards when
+    /// `resume` is true and stays paused otherwise. Reply: [`SnapshotReply`].
+    Snapshot {
+        dir: std::path::PathBuf,
+        #[serde(default)]
+        resume: bool,
+    },
 }
 
 impl Request {
@@ -47,6 +55,7 @@ impl Request {
             Request::Quit => "quit",
             Request::Stats => "stats",
             Request::Balloon { .. } => "balloon",
+            Request::Snapshot { .. } => "snapshot",
         }
     }
 }
@@ -137,6 +146,17 @@ pub struct StatsReply {
 pub struct BalloonReply {
     pub target_mib: u64,
     pub actual_mib: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotReply {
+    /// How long the guest was paused for the snapshot (for a VM that was already paused, how
+    /// long saving took), in microseconds.
+    pub pause_us: u64,
+    /// Guest memory written to the memory file; pages of zeros are holes and not counted.
+    pub memory_bytes_written: u64,
+    /// Whether the VM runs now.
+    pub state: RunState,
 }
 
 /// Why a VM stopped.
@@ -240,6 +260,11 @@ mod tests {
             assert!(decode_request(bad).is_err(), "{bad}");
         }
         assert!(decode_request(r#"{"op":"balloon"}"#).unwrap_err().contains("target_mib"));
+        assert_eq!(
+            decode_request(r#"{"op":"snapshot","dir":"/s"}"#),
+            Ok(Request::Snapshot { dir: "/s".into(), resume: false }),
+            "resume is optional"
+        );
         let mistyped = decode_request(r#"{"op":"balloon","target_mib":"lots"}"#).unwrap_err();
         assert!(mistyped.starts_with("bad request: target_mib: invalid type"), "{mistyped}");
     }

@@ -11,9 +11,10 @@ use crate::events::EventSink;
 use crate::exit::ExitSignal;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::resources::ResourceAllocator;
-use crate::state::{SAVED_VM_VERSION, SavedVm};
+use crate::snapshot::{self, CpuFeatures, SnapshotState};
+use crate::state::SAVED_VM_VERSION;
 use crate::vcpu::{self, Shared, Vcpus};
-use crate::vm::{Vm, VmControl};
+use crate::vm::{Start, Vm, VmControl};
 use crate::{Error, Result, acpi, cpuid, signals};
 use ferro_hypervisor::{Hypervisor, ioctl_err};
 use ferro_vmm_api::VmConfig;
@@ -58,6 +59,14 @@ impl<'a> VmBuilder<'a> {
         self
     }
 
+    /// A VM booted or restored, as `start` says.
+    pub fn build(self, start: Start) -> Result<Vm> {
+        match start {
+            Start::Boot(config) => self.boot(config),
+            Start::Restore(dir) => self.restore_snapshot(dir),
+        }
+    }
+
     /// A new VM booting `config`'s kernel.
     pub fn boot(self, config: VmConfig) -> Result<Vm> {
         self.check(&config)?;
@@ -73,13 +82,26 @@ impl<'a> VmBuilder<'a> {
         let started: Vec<bool> = (0..fds.len()).map(|i| i == 0).collect();
         let shared = new_shared(buses)?;
         let vcpus = Vcpus::spawn(fds, &shared, msr_list(self.hv)?, &started).map_err(|e| Error::Io("spawning a vCPU thread", e))?;
-        Ok(Vm::new(VmControl::new(config, vm, memory, devices, shared, vcpus, self.events)))
+        let features = host_features(self.hv, config.vcpus);
+        Ok(Vm::new(VmControl::new(config, features, vm, memory, devices, shared, vcpus, self.events)))
     }
 
-    /// The VM `saved` describes, built from the `config` it was saved under, its RAM mapped
-    /// privately from `memory_file` (written by [`VmControl::save_memory`]).
-    pub fn restore(self, config: VmConfig, saved: SavedVm, memory_file: &Path) -> Result<Vm> {
+    /// The VM saved in snapshot directory `dir` (docs/snapshot-format.md).
+    pub fn restore_snapshot(self, dir: &Path) -> Result<Vm> {
+        let state = snapshot::load(dir).map_err(Error::Config)?;
+        self.restore(state, &snapshot::memory_path(dir))
+    }
+
+    /// The VM `state` describes, built from the configuration it was saved under, its RAM
+    /// mapped privately from `memory_file` (written by [`VmControl::save_memory`]). Refused
+    /// when this host lacks a CPU feature the guest was given.
+    pub fn restore(self, state: SnapshotState, memory_file: &Path) -> Result<Vm> {
+        let SnapshotState { config, cpu_features, vm: saved } = state;
         self.check(&config)?;
+        let missing = cpu_features.missing_on(&host_features(self.hv, config.vcpus));
+        if !missing.is_empty() {
+            return Err(Error::Config(format!("this host's CPU lacks features the saved guest was given: {}", missing.join(", "))));
+        }
         if saved.version != SAVED_VM_VERSION {
             return Err(Error::Config(format!("saved VM state version {}: this VMM reads version {SAVED_VM_VERSION}", saved.version)));
         }
@@ -97,7 +119,7 @@ impl<'a> VmBuilder<'a> {
         let vcpus = Vcpus::spawn(fds, &shared, msr_list(self.hv)?, &vec![false; usize::from(config.vcpus)])
             .map_err(|e| Error::Io("spawning a vCPU thread", e))?;
         vcpus.restore(saved.vcpus).map_err(Error::Internal)?;
-        Ok(Vm::new(VmControl::new(config, vm, memory, devices, shared, vcpus, self.events)))
+        Ok(Vm::new(VmControl::new(config, cpu_features, vm, memory, devices, shared, vcpus, self.events)))
     }
 
     /// Refuses a configuration this host or this VMM cannot run, before anything is built, and
@@ -152,6 +174,11 @@ fn new_shared(buses: crate::device_manager::Buses) -> Result<Arc<Shared>> {
         exit: ExitSignal::new().map_err(|e| Error::Io("eventfd", e))?,
         exits: AtomicU64::new(0),
     }))
+}
+
+/// The CPU features a guest of `vcpus` vCPUs gets on this host.
+fn host_features(hv: &Hypervisor, vcpus: u8) -> CpuFeatures {
+    CpuFeatures::from_cpuid(&cpuid::for_vcpu(hv.supported_cpuid(), 0, vcpus))
 }
 
 /// The MSRs a vCPU's saved state holds: every one KVM can save (KVM_GET_MSR_INDEX_LIST).

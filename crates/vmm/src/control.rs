@@ -1,11 +1,11 @@
 //! The per-VM control socket (docs/vmm-control.md): [`Request`]s from `ferrod` (or any client)
-//! to pause, resume, press the power button, reset, quit, read stats and set the balloon, one
-//! JSON line each way, typed by `ferro-vmm-api`, answered through [`VmControl`].
+//! to pause, resume, press the power button, reset, quit, read stats, set the balloon and save a
+//! snapshot, one JSON line each way, typed by `ferro-vmm-api`, answered through [`VmControl`].
 
 use crate::exit::ExitReason;
 use crate::vm::VmControl;
 use ferro_vmm_api::Request;
-use ferro_vmm_api::control::{BalloonReply, Done, MAX_LINE, decode_request, encode_reply};
+use ferro_vmm_api::control::{BalloonReply, Done, MAX_LINE, RunState, SnapshotReply, decode_request, encode_reply};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -22,6 +22,16 @@ fn balloon(vm: &VmControl, mib: u64) -> Result<BalloonReply, String> {
     }
     balloon.set_target_pages((mib << 8) as u32);
     Ok(BalloonReply { target_mib: mib, actual_mib: balloon.stats().actual_mib })
+}
+
+/// Saves the VM into `dir`.
+fn snapshot(vm: &VmControl, dir: &Path, resume: bool) -> Result<SnapshotReply, String> {
+    let times = crate::snapshot::save(vm, dir, resume)?;
+    Ok(SnapshotReply {
+        pause_us: u64::try_from(times.paused.as_micros()).unwrap_or(u64::MAX),
+        memory_bytes_written: times.memory_bytes,
+        state: if vm.is_paused() { RunState::Paused } else { RunState::Running },
+    })
 }
 
 /// Answers one request line with one reply line.
@@ -46,6 +56,7 @@ pub fn handle(vm: &VmControl, line: &str) -> String {
         }
         Request::Stats => encode_reply(&Ok(vm.stats())),
         Request::Balloon { target_mib } => encode_reply(&balloon(vm, target_mib)),
+        Request::Snapshot { dir, resume } => encode_reply(&snapshot(vm, &dir, resume)),
     }
 }
 

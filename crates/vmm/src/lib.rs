@@ -17,6 +17,7 @@ pub mod pci;
 pub mod resources;
 pub mod serial_socket;
 pub mod signals;
+pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod virtio;
@@ -27,7 +28,7 @@ pub use events::EventSink;
 pub use exit::ExitReason;
 pub use ferro_vmm_api::VmConfig;
 pub use state::SavedVm;
-pub use vm::{RunOptions, Vm, VmControl, run_foreground};
+pub use vm::{RunOptions, Start, Vm, VmControl, run_foreground};
 
 /// Errors building or running a VM. Every message names the input or the call that failed.
 #[derive(Debug, thiserror::Error)]

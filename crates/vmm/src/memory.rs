@@ -157,11 +157,13 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
 }
 
 /// Writes guest RAM to a new file at `path` in the layout [`from_file`] maps: regions back to
-/// back, pages that are all zeros left as holes. The guest must not run meanwhile.
-pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<()> {
+/// back, pages that are all zeros left as holes. The guest must not run meanwhile. Returns the
+/// bytes written (the rest are holes).
+pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<u64> {
     let io = |e: std::io::Error| Error::Io("writing the memory file", e);
     let file = File::options().write(true).create_new(true).open(path).map_err(|e| Error::Config(format!("memory file {}: {e}", path.display())))?;
     let mut offset = 0u64;
+    let mut written = 0u64;
     let mut buf = vec![0u8; SAVE_CHUNK];
     for region in mem.iter() {
         let len = region.len() as usize;
@@ -172,6 +174,7 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<()> {
             slice.copy_to(&mut buf[..n]);
             if buf[..n].iter().any(|&b| b != 0) {
                 file.write_all_at(&buf[..n], offset + done as u64).map_err(io)?;
+                written += n as u64;
             }
             done += n;
         }
@@ -179,7 +182,7 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<()> {
     }
     file.set_len(offset).map_err(io)?;
     file.sync_all().map_err(io)?;
-    Ok(())
+    Ok(written)
 }
 
 #[cfg(test)]
@@ -211,7 +214,7 @@ mod tests {
         let mem = anonymous(&config).unwrap();
         mem.write_obj(0x1122_3344u32, GuestAddress(0x1000)).unwrap();
         mem.write_obj(0x5566u16, GuestAddress((32 << 20) - 2)).unwrap();
-        save(&mem, &path).unwrap();
+        assert_eq!(save(&mem, &path).unwrap(), 2 * SAVE_CHUNK as u64, "only the two chunks with data are written");
         assert!(save(&mem, &path).unwrap_err().to_string().contains("exists"), "a memory file is never overwritten");
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 32 << 20);

@@ -10,6 +10,7 @@ use crate::events::EventSink;
 use crate::exit::ExitReason;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::signals::SignalFd;
+use crate::snapshot::CpuFeatures;
 use crate::state::{SAVED_VM_VERSION, SavedVm};
 use crate::vcpu::{Shared, Vcpus};
 use crate::{Result, VmBuilder};
@@ -40,6 +41,8 @@ pub struct RunOptions {
 /// What controls a VM while it exists: shared by the run loop and the control socket.
 pub struct VmControl {
     config: VmConfig,
+    /// What the guest was given (at boot, or by the VM a restore came from).
+    cpu_features: CpuFeatures,
     /// The vCPU threads; None once the VM has stopped. Control operations hold this lock, so
     /// they happen one at a time.
     vcpus: Mutex<Option<Vcpus>>,
@@ -53,8 +56,10 @@ pub struct VmControl {
 }
 
 impl VmControl {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: VmConfig,
+        cpu_features: CpuFeatures,
         vm: Arc<VmFd>,
         memory: GuestMemoryMmap,
         devices: DeviceManager,
@@ -62,7 +67,7 @@ impl VmControl {
         vcpus: Vcpus,
         events: Arc<EventSink>,
     ) -> VmControl {
-        VmControl { config, vcpus: Mutex::new(Some(vcpus)), paused: AtomicBool::new(true), devices, shared, events, vm, memory }
+        VmControl { config, cpu_features, vcpus: Mutex::new(Some(vcpus)), paused: AtomicBool::new(true), devices, shared, events, vm, memory }
     }
 
     fn lock_vcpus(&self) -> MutexGuard<'_, Option<Vcpus>> {
@@ -71,6 +76,10 @@ impl VmControl {
 
     pub fn config(&self) -> &VmConfig {
         &self.config
+    }
+
+    pub fn cpu_features(&self) -> &CpuFeatures {
+        &self.cpu_features
     }
 
     pub fn is_paused(&self) -> bool {
@@ -120,8 +129,9 @@ impl VmControl {
         })
     }
 
-    /// Writes the paused VM's memory to a new file at `path`, for [`VmBuilder::restore`].
-    pub fn save_memory(&self, path: &Path) -> std::result::Result<(), String> {
+    /// Writes the paused VM's memory to a new file at `path`, for [`VmBuilder::restore`];
+    /// returns the bytes written (zero pages are holes).
+    pub fn save_memory(&self, path: &Path) -> std::result::Result<u64, String> {
         let _vcpus = self.lock_vcpus();
         if !self.is_paused() {
             return Err("the VM is running; pause it before saving its memory".into());
@@ -361,8 +371,16 @@ fn defer_kvm_teardown() {
     }
 }
 
-/// Boots `config` with the console on this process's stdout (and stdin when it is a terminal).
-pub fn run_foreground(hv: &Hypervisor, config: VmConfig) -> Result<ExitReason> {
-    let vm = VmBuilder::new(hv).serial_out(Box::new(FdWriter(1))).boot(config)?;
+/// What a foreground VM starts from.
+pub enum Start<'a> {
+    Boot(VmConfig),
+    /// A snapshot directory.
+    Restore(&'a Path),
+}
+
+/// Boots or restores a VM with the console on this process's stdout (and stdin when it is a
+/// terminal), and runs it to the end.
+pub fn run_foreground(hv: &Hypervisor, start: Start) -> Result<ExitReason> {
+    let vm = VmBuilder::new(hv).serial_out(Box::new(FdWriter(1))).build(start)?;
     vm.run(&RunOptions { interactive: true, exiting: true, ..Default::default() })
 }

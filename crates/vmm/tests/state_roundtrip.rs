@@ -7,6 +7,7 @@ use ferro_devices::IrqLine;
 use ferro_devices::legacy::Serial;
 use ferro_devices::state::Persist;
 use ferro_hypervisor::{Hypervisor, VcpuState};
+use ferro_vmm::snapshot::SnapshotState;
 use ferro_vmm::{SavedVm, VmBuilder};
 use ferro_vmm_api::{BootConfig, Kernel, MemoryConfig, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
@@ -69,13 +70,15 @@ fn vcpu_and_vm_state_round_trip_into_a_new_vm() {
     saved.vcpus[0].regs.rax = 0x1122_3344_5566_7788;
     saved.vcpus[0].regs.r15 = 0xfeed_f00d;
     a.control().save_memory(&memory).unwrap();
+    let cpu_features = a.control().cpu_features().clone();
     drop(a);
     // Through serde, as a snapshot file or migration stream would carry it.
     let wire = serde_json::to_vec(&saved).unwrap();
     let vm_saved = saved.kvm.clone();
     let saved: SavedVm = serde_json::from_slice(&wire).unwrap();
 
-    let b = VmBuilder::new(&hv).restore(hello_config(2), saved, &memory).expect("restore VM");
+    let state = SnapshotState { config: hello_config(2), cpu_features, vm: saved };
+    let b = VmBuilder::new(&hv).restore(state, &memory).expect("restore VM");
     let again = b.control().save().unwrap();
     assert_eq!(again.vcpus[0].regs.rax, 0x1122_3344_5566_7788);
     let saved: SavedVm = serde_json::from_slice(&wire).unwrap();

@@ -1,0 +1,233 @@
+//! VM snapshots at the VMM level (docs/snapshot-format.md): `ferro vmm`'s `snapshot` control op
+//! saves a running guest, `ferro vmm --restore DIR` / `ferro run --restore DIR` start it again.
+//! The counter guest proves the restored VM continues where it was saved, with every page of
+//! its memory: its count goes on from the snapshot's, its pattern checks clean, and a snapshot
+//! taken before the pattern was rewritten brings the old pattern back. Damaged snapshots are
+//! refused with a message saying what is wrong.
+
+use ferro_test_support::vm::{Vmm, ferro, linux_cmdline, linux_dir, read_until_within, stderr};
+use ferro_test_support::{TempDir, run_ok, wait_for};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+const MEMORY: u64 = 64 << 20;
+
+/// A `ferro vmm` with its console on a socket, and that console.
+struct Guest {
+    vmm: Vmm,
+    console: UnixStream,
+    seen: String,
+}
+
+impl Guest {
+    fn start(tag: &str, args: &[&str]) -> Guest {
+        let dir = TempDir::new(tag);
+        let serial = dir.join("serial.sock");
+        let mut all = args.to_vec();
+        all.extend(["--serial-socket", serial.to_str().unwrap()]);
+        let vmm = Vmm::start(dir, &all);
+        wait_for("the serial socket", Duration::from_secs(10), || serial.exists());
+        let console = UnixStream::connect(&serial).unwrap();
+        console.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Guest { vmm, console, seen: String::new() }
+    }
+
+    fn type_keys(&mut self, keys: &str) {
+        use std::io::Write;
+        self.console.write_all(keys.as_bytes()).unwrap();
+    }
+
+    /// Sends `keys` and waits for `answer` on the console (output since the last wait).
+    fn type_and_wait(&mut self, keys: &str, answer: &str) -> String {
+        self.type_keys(keys);
+        self.wait(answer)
+    }
+
+    fn wait(&mut self, what: &str) -> String {
+        self.wait_within(what, Duration::from_secs(10))
+    }
+
+    fn wait_within(&mut self, what: &str, limit: Duration) -> String {
+        read_until_within(&mut self.console, &mut self.seen, what, limit);
+        std::mem::take(&mut self.seen)
+    }
+
+    /// Waits for the whole line that starts with `prefix` and returns it.
+    fn line(&mut self, prefix: &str) -> String {
+        read_until_within(&mut self.console, &mut self.seen, prefix, Duration::from_secs(10));
+        let at = self.seen.find(prefix).expect("read_until saw it");
+        let mut line = self.seen.split_off(at);
+        read_until_within(&mut self.console, &mut line, "\n", Duration::from_secs(10));
+        self.seen = line.split_off(line.find('\n').expect("read_until saw it") + 1);
+        line.trim_end().to_owned()
+    }
+
+    fn snapshot(&mut self, dir: &Path, resume: bool) -> serde_json::Value {
+        let reply = self.vmm.request(&serde_json::json!({"op": "snapshot", "dir": dir, "resume": resume}).to_string());
+        assert_eq!(reply["ok"], true, "{reply}");
+        reply
+    }
+
+    fn quit(mut self) {
+        assert_eq!(self.vmm.request(r#"{"op":"quit"}"#)["ok"], true);
+        assert_eq!(self.vmm.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    }
+}
+
+/// The seed in a "counter: up seed=X" or "counter: reseeded seed=X" line.
+fn seed(line: &str) -> String {
+    line.rsplit_once("seed=").unwrap_or_else(|| panic!("no seed in {line:?}")).1.to_owned()
+}
+
+#[test]
+fn a_restored_guest_continues_with_its_memory_and_an_older_snapshot_goes_back_in_time() {
+    let snaps = TempDir::new("snapshots");
+    let (early, late) = (snaps.join("early"), snaps.join("late"));
+
+    let mut a = Guest::start("snap-a", &["--guest", "counter", "--memory", "64M", "--cpus", "2", "--name", "snap"]);
+    let first = seed(&a.line("counter: up seed="));
+    a.type_and_wait("ccc", &format!("counter: 3 seed={first} errors=0"));
+
+    // Saved while running, and running on afterwards.
+    let reply = a.snapshot(&early, true);
+    assert_eq!(reply["state"], "running");
+    assert!(reply["pause_us"].as_u64().unwrap() > 0);
+    let written = reply["memory_bytes_written"].as_u64().unwrap();
+    assert!(written >= 16 << 20, "the guest's 16 MiB pattern is in the memory file: {written} bytes written");
+    let mem = std::fs::metadata(early.join("memory")).unwrap();
+    assert_eq!(mem.len(), MEMORY, "the memory file covers all of RAM");
+    assert!(mem.blocks() * 512 < MEMORY / 2, "untouched pages are holes: {} bytes allocated", mem.blocks() * 512);
+
+    a.type_keys("r");
+    let second = seed(&a.line("counter: reseeded seed="));
+    assert_ne!(second, first);
+    a.type_and_wait("c", &format!("counter: 4 seed={second} errors=0"));
+
+    // Saved paused: the VM stays paused.
+    assert_eq!(a.snapshot(&late, false)["state"], "paused");
+    assert_eq!(a.vmm.request(r#"{"op":"info"}"#)["state"], "paused");
+    let err = a.vmm.request(&serde_json::json!({"op": "snapshot", "dir": late}).to_string());
+    assert!(err["error"].as_str().unwrap().contains("is not empty"), "{err}");
+    a.quit();
+
+    // The early snapshot: the first pattern and count 3, in a new process, without a reboot.
+    let mut b = Guest::start("snap-b", &["--restore", early.to_str().unwrap()]);
+    let out = b.type_and_wait("c", &format!("counter: 4 seed={first} errors=0"));
+    assert!(!out.contains("counter: up"), "the restored guest rebooted: {out}");
+    let info = b.vmm.request(r#"{"op":"info"}"#);
+    assert_eq!((info["state"].as_str(), info["name"].as_str(), info["vcpus"].as_u64()), (Some("running"), Some("snap"), Some(2)));
+    b.type_and_wait("cc", &format!("counter: 6 seed={first} errors=0"));
+    b.quit();
+
+    // The late one: the second pattern and count 4. A snapshot restores any number of times.
+    for _ in 0..2 {
+        let mut c = Guest::start("snap-c", &["--restore", late.to_str().unwrap()]);
+        c.type_and_wait("c", &format!("counter: 5 seed={second} errors=0"));
+        c.quit();
+    }
+}
+
+/// Copies a snapshot's state file into a new directory (with the memory file unless
+/// `memory` is false), changed by `damage`.
+fn damaged(snaps: &TempDir, from: &Path, name: &str, memory: bool, damage: impl FnOnce(&mut Vec<u8>)) -> String {
+    let dir = snaps.join(name);
+    std::fs::create_dir(&dir).unwrap();
+    let mut state = std::fs::read(from.join("state")).unwrap();
+    damage(&mut state);
+    std::fs::write(dir.join("state"), state).unwrap();
+    if memory {
+        std::fs::copy(from.join("memory"), dir.join("memory")).unwrap();
+    }
+    dir.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn damaged_snapshots_are_refused_with_the_reason() {
+    let snaps = TempDir::new("snapshots-bad");
+    let good = snaps.join("good");
+    let mut a = Guest::start("snap-bad", &["--guest", "counter", "--memory", "64M"]);
+    a.wait("counter: up");
+    a.snapshot(&good, false);
+    a.quit();
+
+    let cases: Vec<(String, &str)> = vec![
+        (damaged(&snaps, &good, "flipped", true, |s| *s.last_mut().unwrap() ^= 1), "checksum mismatch"),
+        (damaged(&snaps, &good, "truncated", true, |s| s.truncate(s.len() / 2)), "truncated"),
+        (damaged(&snaps, &good, "short", true, |s| s.truncate(20)), "truncated (20 bytes"),
+        (damaged(&snaps, &good, "version", true, |s| s[8] = 99), "format version 99, this VMM reads version 1"),
+        (damaged(&snaps, &good, "magic", true, |s| s[0] = b'X'), "not a Ferrovisor snapshot state file"),
+        (damaged(&snaps, &good, "no-memory", false, |_| {}), "memory file"),
+        (snaps.join("nowhere").to_str().unwrap().to_owned(), "No such file"),
+    ];
+    for (dir, reason) in &cases {
+        for verb in ["run", "vmm"] {
+            let o = ferro(&[verb, "--restore", dir]);
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(2), "ferro {verb} --restore {dir}: {err}");
+            assert!(err.contains(reason), "ferro {verb} --restore {dir}: expected {reason:?} in {err:?}");
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+    let o = ferro(&["run", "--restore", good.to_str().unwrap(), "--memory", "128M"]);
+    assert_eq!(o.status.code(), Some(2), "a snapshot brings its own configuration");
+}
+
+/// The "<md5>  /pattern" line md5sum printed, if any.
+fn md5_of_pattern(out: &str) -> Option<String> {
+    out.lines().map(str::trim).find(|l| l.ends_with("  /pattern") && l.len() == 32 + 10).map(str::to_owned)
+}
+
+/// One Linux boot: the guest mounts ext4 on a virtio disk (PCI, MSI-X), writes a file and 4 MiB
+/// of random bytes in its RAM, and is snapshotted; a new VMM restored from the snapshot finds
+/// the same bytes in RAM, the disk still mounted, and writes another file the test then reads
+/// from the image. The guest's shell reads its commands from COM1.
+#[test]
+fn linux_guest_continues_after_restore_with_its_memory_and_disk() {
+    let scratch = TempDir::new("snapshot-linux");
+    let disk = scratch.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(32 << 20).unwrap();
+    run_ok("mkfs.ext4", &["-q", "-F", disk.to_str().unwrap()]);
+    let dir = linux_dir();
+    let cmdline = format!("{} ferro.cmd=while+read+-r+line;do+eval+$line;done</dev/ttyS0", linux_cmdline());
+    let args = [
+        "--kernel",
+        dir.join("vmlinux").to_str().unwrap(),
+        "--initrd",
+        dir.join("initramfs.cpio").to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+        "--memory",
+        "192M",
+        "--disk",
+        &format!("path={}", disk.display()),
+    ]
+    .map(str::to_owned);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    let mut a = Guest::start("snap-linux-a", &args);
+    a.console.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    a.wait_within("FERRO-CMD while", Duration::from_secs(300));
+    let step1 = "mount -t ext4 /dev/vda /mnt && echo before-snapshot > /mnt/before && sync && \
+                 dd if=/dev/urandom of=/pattern bs=1M count=4 2>/dev/null && md5sum /pattern && echo STEP1-$((40+2))\n";
+    a.type_keys(step1);
+    let out = a.wait_within("STEP1-42", Duration::from_secs(120));
+    let md5 = md5_of_pattern(&out).unwrap_or_else(|| panic!("no md5sum line: {out}"));
+    let snap = scratch.join("snap");
+    let reply = a.snapshot(&snap, false);
+    eprintln!("Linux snapshot: paused {} us, {} bytes of memory written", reply["pause_us"], reply["memory_bytes_written"]);
+    a.quit();
+
+    let mut b = Guest::start("snap-linux-b", &["--restore", snap.to_str().unwrap()]);
+    b.console.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let step2 = "md5sum /pattern; cat /mnt/before; echo after-restore > /mnt/after && sync && umount /mnt && echo STEP2-$((40+2))\n";
+    b.type_keys(step2);
+    let out = b.wait_within("STEP2-42", Duration::from_secs(120));
+    assert!(!out.contains("FERRO-GUEST-UP"), "the restored guest rebooted: {out}");
+    assert_eq!(md5_of_pattern(&out).as_deref(), Some(md5.as_str()), "the guest's RAM changed across the restore: {out}");
+    assert!(out.lines().any(|l| l.trim() == "before-snapshot"), "the file written before the snapshot: {out}");
+    b.quit();
+    let after = run_ok("debugfs", &["-R", "cat /after", disk.to_str().unwrap()]);
+    assert_eq!(after.trim(), "after-restore", "the restored guest's write is not in the image");
+}
