@@ -34,30 +34,27 @@ fn snapshot(vm: &VmControl, dir: &Path, resume: bool) -> Result<SnapshotReply, S
     })
 }
 
-/// Answers one request line with one reply line.
-pub fn handle(vm: &VmControl, line: &str) -> String {
+/// Answers one request line with one reply line, and the way the VM should end once that reply
+/// is sent (`quit` and `reset`: the reply goes out before the VMM starts to exit, so a client
+/// always hears it).
+pub fn handle(vm: &VmControl, line: &str) -> (String, Option<ExitReason>) {
     let request = match decode_request(line) {
         Ok(r) => r,
-        Err(e) => return encode_reply::<Done>(&Err(e)),
+        Err(e) => return (encode_reply::<Done>(&Err(e)), None),
     };
     let done = |r: Result<(), String>| encode_reply(&r.map(|()| Done {}));
-    match request {
+    let reply = match request {
         Request::Info => encode_reply(&Ok(vm.info())),
         Request::Pause => done(vm.pause()),
         Request::Resume => done(vm.resume()),
         Request::PowerButton => done(vm.press_power_button().map_err(|e| format!("power button: {e}"))),
-        Request::Reset => {
-            vm.request_exit(ExitReason::Reset);
-            done(Ok(()))
-        }
-        Request::Quit => {
-            vm.request_exit(ExitReason::Quit);
-            done(Ok(()))
-        }
+        Request::Reset => return (done(Ok(())), Some(ExitReason::Reset)),
+        Request::Quit => return (done(Ok(())), Some(ExitReason::Quit)),
         Request::Stats => encode_reply(&Ok(vm.stats())),
         Request::Balloon { target_mib } => encode_reply(&balloon(vm, target_mib)),
         Request::Snapshot { dir, resume } => encode_reply(&snapshot(vm, &dir, resume)),
-    }
+    };
+    (reply, None)
 }
 
 /// Binds `path` (replacing a stale socket file) and serves requests on background threads.
@@ -89,7 +86,12 @@ fn serve_connection(stream: UnixStream, vm: &VmControl) {
         if line.trim().is_empty() {
             continue;
         }
-        if writeln!(out, "{}", handle(vm, &line)).is_err() {
+        let (reply, exit) = handle(vm, &line);
+        let sent = writeln!(out, "{reply}");
+        if let Some(reason) = exit {
+            vm.request_exit(reason);
+        }
+        if sent.is_err() {
             return;
         }
     }
