@@ -312,19 +312,24 @@ impl VirtioCore {
                 Err(e) => return self.fail(&format!("cannot share a queue eventfd: {e}")),
             }
         }
-        let activation = Activation {
-            mem: self.mem.clone(),
-            interrupt: self.interrupt.clone(),
-            queues,
-            features: self.driver_features,
-            broken: self.broken.clone(),
-        };
-        match self.device.activate(activation) {
+        match self.device.activate(self.activation(queues)) {
             Ok(()) => {
                 self.phase = Phase::Running;
                 self.activated = true;
             }
             Err(e) => self.fail(&e),
+        }
+    }
+
+    /// What the device's worker runs with: guest memory, the interrupt, `queues`, the features
+    /// the driver acknowledged.
+    fn activation(&self, queues: Vec<ActiveQueue>) -> Activation {
+        Activation {
+            mem: self.mem.clone(),
+            interrupt: self.interrupt.clone(),
+            queues,
+            features: self.driver_features,
+            broken: self.broken.clone(),
         }
     }
 
@@ -351,14 +356,7 @@ impl VirtioCore {
                     .zip(&self.kicks)
                     .map(|(queue, kick)| Ok(ActiveQueue { queue, kick: kick.try_clone().map_err(|e| format!("queue eventfd: {e}"))? }))
                     .collect::<Result<Vec<_>, String>>()?;
-                let activation = Activation {
-                    mem: self.mem.clone(),
-                    interrupt: self.interrupt.clone(),
-                    queues,
-                    features: self.driver_features,
-                    broken: self.broken.clone(),
-                };
-                self.device.activate(activation)
+                self.device.activate(self.activation(queues))
             }
             Phase::Idle | Phase::Running => return Ok(()),
         };
