@@ -112,10 +112,12 @@ pub fn run() -> ExitCode {
     } else {
         r.line(Level::Warn, "huge pages", "none reserved (echo N > /proc/sys/vm/nr_hugepages to back guests with 2 MiB pages)");
     }
-    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        r.line(Level::Pass, "cgroup v2", "");
-    } else {
-        r.line(Level::Warn, "cgroup v2", "not mounted at /sys/fs/cgroup: per-VM resource limits unavailable");
+    for (controller, support) in ferro_jail::cgroup::Host::detect().support() {
+        let what = format!("cgroup controller {} (per-VM limits)", controller.name());
+        match support {
+            Ok(detail) => r.line(Level::Pass, &what, &detail),
+            Err(why) => r.line(Level::Warn, &what, &why),
+        }
     }
     if r.failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }

@@ -31,6 +31,9 @@ pub struct DomainConfig {
     /// A cloud-init NoCloud seed, attached read-only after the disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<CloudInitConfig>,
+    /// Limits of the domain's cgroup; memory is limited even without this table.
+    #[serde(default, skip_serializing_if = "LimitsConfig::is_empty")]
+    pub limits: LimitsConfig,
 }
 
 fn default_vcpus() -> u32 {
@@ -108,6 +111,81 @@ pub struct BalloonConfig {
     pub deflate_on_oom: bool,
 }
 
+/// `[limits]`: what the domain's VMM may use (docs/isolation.md). Sizes take the size grammar.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// CPU time in percent of one host CPU (150: one and a half CPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<u32>,
+    /// Memory the VMM may use beyond the guest's RAM (its own code, threads, caches, page
+    /// cache); [`DEFAULT_MEMORY_OVERHEAD`] when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_overhead: Option<String>,
+    /// Bytes per second the domain may read from (write to) each host disk its images are on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_read_bps: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_write_bps: Option<String>,
+    /// Read and write operations per second, each, on each such disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_iops: Option<u64>,
+    /// Processes and threads of the VMM (each vCPU, device worker and socket is a thread).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+/// Memory a VMM may use beyond guest RAM unless `[limits] memory_overhead` says otherwise.
+pub const DEFAULT_MEMORY_OVERHEAD: u64 = 64 << 20;
+
+impl LimitsConfig {
+    fn is_empty(&self) -> bool {
+        *self == LimitsConfig::default()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(percent) = self.cpu_percent
+            && !(1..=100 * MAX_VCPUS).contains(&percent)
+        {
+            return Err(err("cpu_percent", format!("must be between 1 and {}", 100 * MAX_VCPUS)));
+        }
+        self.memory_overhead_bytes()?;
+        for (key, value) in [("disk_read_bps", &self.disk_read_bps), ("disk_write_bps", &self.disk_write_bps)] {
+            if let Some(text) = value {
+                let bytes = parse_size(text).map_err(|reason| err(key, reason))?;
+                if bytes == 0 {
+                    return Err(err(key, "must be at least 1 byte per second"));
+                }
+            }
+        }
+        for (key, value) in [("disk_iops", self.disk_iops), ("pids", self.pids)] {
+            if value == Some(0) {
+                return Err(err(key, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The memory overhead in bytes (the default when not given).
+    pub fn memory_overhead_bytes(&self) -> Result<u64, ConfigError> {
+        match &self.memory_overhead {
+            None => Ok(DEFAULT_MEMORY_OVERHEAD),
+            Some(text) => {
+                let bytes = parse_size(text).map_err(|reason| err("memory_overhead", reason))?;
+                if bytes < 1 << 20 {
+                    return Err(err("memory_overhead", "must be at least 1M"));
+                }
+                Ok(bytes)
+            }
+        }
+    }
+
+    /// A disk rate in bytes per second (validated, so it parses).
+    pub fn rate(value: &Option<String>) -> Option<u64> {
+        value.as_deref().and_then(|text| parse_size(text).ok())
+    }
+}
+
 /// A definition that could not be accepted; `key` is the dotted path of the offending key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigError {
@@ -173,6 +251,7 @@ impl DomainConfig {
         for (i, disk) in self.disks.iter().enumerate() {
             disk.validate().map_err(|e| err(format!("disk[{i}].{}", e.key), e.reason))?;
         }
+        self.limits.validate().map_err(|e| err(format!("limits.{}", e.key), e.reason))?;
         for (i, nic) in self.nics.iter().enumerate() {
             nic.validate().map_err(|e| err(format!("nic[{i}].{}", e.key), e.reason))?;
             if self.nics[..i].iter().any(|other| other.tap == nic.tap) {
@@ -401,6 +480,12 @@ tap = "tap-web1"
         assert_eq!(c.disks.len(), 2);
         assert_eq!(c.disks[1].format, "raw");
         assert_eq!(c.balloon, Some(BalloonConfig { deflate_on_oom: false }));
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.limits.memory_overhead_bytes(), Ok(64 << 20));
+        let limited = GOOD.to_string() + "[limits]\ncpu_percent = 150\nmemory_overhead = \"32M\"\ndisk_read_bps = \"10M\"\ndisk_iops = 500\npids = 64\n";
+        let limits = DomainConfig::parse(&limited).unwrap().limits;
+        assert_eq!((limits.cpu_percent, limits.memory_overhead_bytes(), limits.disk_iops), (Some(150), Ok(32 << 20), Some(500)));
+        assert_eq!((LimitsConfig::rate(&limits.disk_read_bps), LimitsConfig::rate(&limits.disk_write_bps)), (Some(10 << 20), None));
     }
 
     #[test]
@@ -424,6 +509,12 @@ tap = "tap-web1"
             ("kernel = \"/boot/vmlinux\"", "kernel = \"vmlinux\"", "boot.kernel"),
             ("kernel = \"/boot/vmlinux\"", "", "boot"),
             ("name = \"web1\"", "", "name"),
+            ("[balloon]", "[limits]\ncpu_percent = 0", "limits.cpu_percent"),
+            ("[balloon]", "[limits]\nmemory_overhead = \"512K\"", "limits.memory_overhead"),
+            ("[balloon]", "[limits]\ndisk_read_bps = \"fast\"", "limits.disk_read_bps"),
+            ("[balloon]", "[limits]\ndisk_iops = 0", "limits.disk_iops"),
+            ("[balloon]", "[limits]\npids = -1", "limits.pids"),
+            ("[balloon]", "[limits]\nswap = 1", "limits.swap"),
         ];
         for (from, to, key) in cases {
             let e = DomainConfig::parse(&GOOD.replace(from, to)).unwrap_err();

@@ -3,6 +3,7 @@
 //! definition model (`domain`), which is a leaf too, and ferro-net's network definition.
 
 use crate::domain::DomainConfig;
+use ferro_jail::cgroup::CgroupStats;
 use ferro_vmm_api::control::StatsReply;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -106,6 +107,9 @@ pub struct DomainStats {
     pub vcpus: u32,
     #[serde(flatten)]
     pub vmm: StatsReply,
+    /// The limits of the domain's cgroup and how often they held it back; None when the host
+    /// has no cgroup hierarchy ferrod can use.
+    pub cgroup: Option<CgroupStats>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -129,6 +129,7 @@ pub fn domstats(s: &Value) {
     for (i, t) in s["vcpu_time_ns"].as_array().into_iter().flatten().enumerate() {
         rows.push((vcpu_labels[i].as_str(), secs(t)));
     }
+    rows.extend(cgroup_rows(&s["cgroup"]));
     kv(&rows);
     for (kind, key) in [("Disk", "disks"), ("NIC", "nics")] {
         for (i, dev) in s[key].as_array().into_iter().flatten().enumerate() {
@@ -141,6 +142,66 @@ pub fn domstats(s: &Value) {
             println!("{:<16}{}", format!("{kind} {i}:"), counters.join(" "));
         }
     }
+}
+
+/// The cgroup's limits and how often each held the domain back ("throttled", "refused").
+fn cgroup_rows(c: &Value) -> Vec<(&'static str, String)> {
+    let mut rows = Vec::new();
+    if c.is_null() {
+        rows.push(("Limits", "none (no cgroup hierarchy ferrod can use; see ferro host-check)".to_string()));
+        return rows;
+    }
+    let cpu = &c["cpu"];
+    if let Some(percent) = cpu["limit_percent"].as_u64() {
+        let throttled = cpu["throttled_ns"].as_f64().unwrap_or(0.0) / 1e9;
+        rows.push((
+            "CPU limit",
+            format!(
+                "{percent}% of a host CPU; throttled in {} of {} periods ({throttled:.3} s)",
+                opt_u64(&cpu["throttled_periods"]),
+                opt_u64(&cpu["periods"])
+            ),
+        ));
+    }
+    let memory = &c["memory"];
+    if !memory.is_null() {
+        let limit = memory["limit_bytes"].as_u64().map(bytes).unwrap_or_else(|| "none".to_string());
+        let usage = memory["usage_bytes"].as_u64().map(bytes).unwrap_or_else(|| "-".to_string());
+        rows.push((
+            "Memory limit",
+            format!("{limit}; using {usage}, limit reached {} times, {} OOM kills", opt_u64(&memory["limit_hits"]), opt_u64(&memory["oom_kills"])),
+        ));
+    }
+    let pids = &c["pids"];
+    if let Some(limit) = pids["limit"].as_u64() {
+        rows.push(("Task limit", format!("{limit}; {} in use, {} refused", opt_u64(&pids["current"]), opt_u64(&pids["limit_hits"]))));
+    }
+    for dev in c["io"].as_array().into_iter().flatten() {
+        let amount = |key: &str| dev[key].as_u64().map(bytes).unwrap_or_else(|| "-".to_string());
+        let mut limits = Vec::new();
+        if let Some(v) = dev["read_bps_limit"].as_u64() {
+            limits.push(format!("reads {}/s", bytes(v)));
+        }
+        if let Some(v) = dev["write_bps_limit"].as_u64() {
+            limits.push(format!("writes {}/s", bytes(v)));
+        }
+        if let Some(v) = dev["read_iops_limit"].as_u64() {
+            limits.push(format!("{v} operations/s each way"));
+        }
+        let limits = if limits.is_empty() { "no limit".to_string() } else { format!("limits: {}", limits.join(", ")) };
+        rows.push((
+            "Disk I/O",
+            format!(
+                "host disk {}: read {} in {} ops, wrote {} in {} ops; {limits}",
+                dev["device"].as_str().unwrap_or("?"),
+                amount("read_bytes"),
+                opt_u64(&dev["read_ops"]),
+                amount("write_bytes"),
+                opt_u64(&dev["write_ops"]),
+            ),
+        ));
+    }
+    rows
 }
 
 pub fn pool_table(list: &[Value]) {

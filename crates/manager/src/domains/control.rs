@@ -160,6 +160,7 @@ impl Domains {
             memory_bytes: info.memory_bytes.unwrap_or(0),
             vcpus: info.vcpus.unwrap_or(0),
             vmm,
+            cgroup: self.cgroup_stats(name),
         })
     }
 

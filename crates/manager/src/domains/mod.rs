@@ -4,11 +4,13 @@
 //! - this file: the records, define/undefine/autostart and the infos the API shows;
 //! - `supervise`: starting a domain's VMM under a monitor process, learning how it ended, and
 //!   re-attaching to running VMs after ferrod restarts;
+//! - `cgroups`: the cgroup of each run, with the limits of the domain's `[limits]`;
 //! - `control`: requests to a running VMM (destroy, shutdown, reboot, reset, pause, memory, stats).
 //!
 //! Operations on one domain are serialized by a per-domain async lock; the record map itself is
 //! behind a plain mutex held only for short updates, never across an await.
 
+mod cgroups;
 mod control;
 mod supervise;
 
@@ -20,6 +22,7 @@ use crate::model::{Crash, DomainInfo, DomainState, Paths, new_uuid};
 use crate::pools::Pools;
 use crate::store::Store;
 use crate::vmm::RunFiles;
+use ferro_jail::cgroup::{Host as CgroupHost, VmCgroup};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -40,6 +43,9 @@ struct Runtime {
     started_ms: Option<u64>,
     crash: Option<Crash>,
     reboot_pending: bool,
+    /// The run's cgroup (recorded so that a restarted ferrod, wherever it runs, finds it).
+    #[serde(default)]
+    cgroup: Option<VmCgroup>,
 }
 
 struct Domain {
@@ -59,6 +65,8 @@ pub struct Domains {
     events: Arc<EventHub>,
     pools: Arc<Pools>,
     claims: Arc<Claims>,
+    /// The cgroup hierarchies, as seen from ferrod's own cgroup.
+    cgroups: CgroupHost,
     domains: Mutex<BTreeMap<String, Domain>>,
     op_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Domains to start again after a guest-requested reboot (see `supervise`).
@@ -110,12 +118,17 @@ impl Domains {
             );
         }
         let (restarts, queue) = tokio::sync::mpsc::unbounded_channel();
+        let mut cgroups = CgroupHost::detect();
+        for warning in cgroups.enable_for_children() {
+            tracing::warn!("{warning}");
+        }
         Ok(Arc::new(Domains {
             paths,
             store,
             events,
             pools,
             claims,
+            cgroups,
             domains: Mutex::new(domains),
             op_locks: Mutex::new(HashMap::new()),
             restarts,

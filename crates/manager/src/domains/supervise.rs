@@ -7,7 +7,7 @@
 //! proven to be the run's (`process_identity`). A running domain holds its disks (`claims`) from
 //! its start until its monitor is gone.
 
-use super::{Domain, Domains, Runtime, lock, no_domain};
+use super::{Domain, Domains, Runtime, cgroups, lock, no_domain};
 use crate::claims::{Access, Holder};
 use crate::domain::DomainConfig;
 use crate::durable;
@@ -16,6 +16,7 @@ use crate::model::{Crash, DomainInfo, DomainState, new_uuid, now_ms};
 use crate::monitor::{self, ExitReport};
 use crate::process_identity;
 use crate::vmm::{self, ResolvedDisk, RunFiles};
+use ferro_jail::cgroup::VmCgroup;
 use ferro_vmm_api::DiskFormat;
 use ferro_vmm_api::control::{InfoReply, Request, RunState};
 use std::os::fd::OwnedFd;
@@ -125,9 +126,10 @@ impl Domains {
             .claim(&uses, &holder)
             .map_err(|busy| Error::conflict(format!("domain {name}: disk {} is in use by {}", busy.path.display(), busy.holder)))?;
         let started = match prepare_boot_files(name, &uuid, &config, &disks, &files).await {
-            Ok(disk_boot) => vmm::vm_config(&config, &disks, disk_boot.as_ref())
-                .map_err(Error::invalid)
-                .and_then(|vm| self.spawn_monitor(name, &files, &vm)),
+            Ok(disk_boot) => vmm::vm_config(&config, &disks, disk_boot.as_ref()).map_err(Error::invalid).and_then(|vm| {
+                let cgroup = self.create_cgroup(name, &uuid, &config, &disks[..config.disks.len()])?;
+                self.spawn_monitor(name, &files, &vm, &cgroup).inspect_err(|_| cgroups::remove(name, &cgroup))
+            }),
             Err(e) => Err(e),
         };
         let pid = match started {
@@ -173,9 +175,10 @@ impl Domains {
         self.info(name)
     }
 
-    /// Prepares the run directory, starts the monitor (which starts the VMM) in a new session,
-    /// records the run and watches for its end. Returns the monitor's pid.
-    fn spawn_monitor(self: &Arc<Self>, name: &str, files: &RunFiles, vm: &ferro_vmm_api::VmConfig) -> Result<i32> {
+    /// Prepares the run directory, starts the monitor (which starts the VMM) in a new session and
+    /// in the run's cgroup, records the run and watches for its end. Returns the monitor's pid.
+    fn spawn_monitor(self: &Arc<Self>, name: &str, files: &RunFiles, vm: &ferro_vmm_api::VmConfig, cgroup: &VmCgroup) -> Result<i32> {
+        let placement = cgroup.placement().map_err(|e| Error::internal(format!("domain {name}: {e}")))?;
         std::fs::create_dir_all(&files.dir).map_err(|e| Error::internal(format!("cannot create {}: {e}", files.dir.display())))?;
         for stale in [files.exit_report(), files.api_socket(), files.serial_socket()] {
             let _ = std::fs::remove_file(stale);
@@ -213,10 +216,12 @@ impl Domains {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
-        // SAFETY: the closure runs in the forked child before exec and only calls setsid(2), which
-        // is async-signal-safe and touches no memory shared with the parent.
+        // SAFETY: the closure runs in the forked child before exec and only calls write(2) on
+        // descriptors opened before the fork (joining the cgroup) and setsid(2), which are
+        // async-signal-safe and touch no memory shared with the parent.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                placement.join()?;
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -241,6 +246,7 @@ impl Domains {
                 monitor_start: process_identity::start_time(pid),
                 started_ms: Some(now_ms()),
                 run_token: Some(token.clone()),
+                cgroup: Some(cgroup.clone()),
                 ..Runtime::default()
             };
         });
@@ -310,7 +316,7 @@ impl Domains {
     /// its disks. `None` is a run recorded by a ferrod that gave runs no token.
     async fn monitor_exited(&self, name: &str, token: Option<String>) {
         let Some(files) = self.files(name) else { return };
-        let report = match monitor::read_report(&files.exit_report()) {
+        let mut report = match monitor::read_report(&files.exit_report()) {
             Some(report) => report,
             None => {
                 // The monitor died without a report (it was killed): its VMM may live on, and
@@ -330,8 +336,15 @@ impl Domains {
                 ExitReport { code: None, signal: None, reason, resets: 0 }
             }
         };
+        let cgroup = self.run_cgroup(name).filter(|_| self.run_token(name) == token);
+        if let Some(cgroup) = &cgroup {
+            cgroups::explain_oom(cgroup, &mut report);
+        }
         let outcome = self.update(name, |d| record_exit(d, token.as_deref(), &report));
         let Ok(Some((kind, detail, reboot))) = outcome else { return };
+        if let Some(cgroup) = &cgroup {
+            cgroups::remove(name, cgroup);
+        }
         self.claims.release(&Holder::Domain(name.to_string()));
         for socket in [files.api_socket(), files.serial_socket()] {
             let _ = std::fs::remove_file(socket);
@@ -451,6 +464,7 @@ fn record_exit(d: &mut Domain, token: Option<&str>, report: &ExitReport) -> Opti
     d.rt.monitor_start = None;
     d.rt.vmm_pid = None;
     d.rt.reboot_pending = false;
+    d.rt.cgroup = None;
     if clean || stopping {
         d.rt.state = DomainState::Shutoff;
         d.rt.crash = None;

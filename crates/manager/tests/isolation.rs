@@ -1,0 +1,136 @@
+//! Isolation of each domain's VMM, checked from the outside the way an administrator would: the
+//! cgroups ferrod puts a run in (below its own, with the definition's limits, surviving a ferrod
+//! restart, removed at the end) and the limits holding the VM back.
+
+use ferro_jail::cgroup::BlockDevice;
+use ferro_test_support::daemon::{Daemon, Home};
+use ferro_test_support::wait_for;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn info(d: &Daemon, name: &str) -> Value {
+    d.api().expect("GET", &format!("/v1/domains/{name}"), None, 200)
+}
+
+fn stats(d: &Daemon, name: &str) -> Value {
+    d.api().expect("GET", &format!("/v1/domains/{name}/stats"), None, 200)
+}
+
+/// The cgroup of `pid` in the hierarchy holding `controller` (v1), or in the unified one ("").
+fn cgroup_of(pid: u32, controller: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    text.lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let hit = if controller.is_empty() { controllers.is_empty() } else { controllers.split(',').any(|c| c == controller) };
+            hit.then(|| path.to_string())
+        })
+        .unwrap_or_else(|| panic!("process {pid} is in no {controller:?} cgroup: {text}"))
+}
+
+/// A limit file of the VMM's v1 cgroup for `controller` (this host is hybrid; a unified host
+/// would have them all in one directory).
+fn v1_file(pid: u32, controller: &str, file: &str) -> String {
+    let path = PathBuf::from(format!("/sys/fs/cgroup/{controller}{}/{file}", cgroup_of(pid, controller)));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().to_string()
+}
+
+fn define_and_start(d: &Daemon, home: &Home, name: &str, toml: &str) -> u32 {
+    let file = home.path().join(format!("{name}.toml"));
+    std::fs::write(&file, toml).unwrap();
+    d.ferro_ok(&["define", file.to_str().unwrap()]);
+    d.ferro_ok(&["start", name]);
+    info(d, name)["pid"].as_u64().unwrap() as u32
+}
+
+#[test]
+fn each_domain_runs_in_its_own_cgroup_with_its_limits() {
+    assert!(
+        !Path::new("/sys/fs/cgroup/cgroup.controllers").exists(),
+        "this test reads the v1 hierarchies of a hybrid host; this host is unified"
+    );
+    let home = Home::new("cgroups");
+    let mut d = Daemon::start(&home);
+    let images = home.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let disk = images.join("spin.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let device = BlockDevice::of_file(&disk).unwrap_or_else(|e| panic!("the disk limit needs a block device under the test's home: {e}"));
+    // A guest that never stops exiting to the VMM: it wants a whole CPU and gets 10 %.
+    let toml = format!(
+        "name = \"spin\"\nmemory = \"64M\"\n[boot]\nguest = \"exitbench\"\ncmdline = \"pio=4000000000\"\n\
+         [[disk]]\npath = \"{}\"\n[limits]\ncpu_percent = 10\npids = 64\ndisk_read_bps = \"8M\"\ndisk_write_bps = \"4M\"\ndisk_iops = 200\n",
+        disk.display()
+    );
+    let vmm = define_and_start(&d, &home, "spin", &toml);
+    let uuid = info(&d, "spin")["uuid"].as_str().unwrap().to_string();
+    let ferrod = d.child.id();
+
+    // Below ferrod's own cgroup in every hierarchy, never in it.
+    for controller in ["cpu", "memory", "blkio", "pids", ""] {
+        let own = cgroup_of(ferrod, controller);
+        let expected = format!("{}/vm-spin-{uuid}", own.trim_end_matches('/'));
+        assert_eq!(cgroup_of(vmm, controller), expected, "{controller:?} cgroup of the VMM (ferrod is in {own})");
+    }
+    assert_eq!(v1_file(vmm, "cpu", "cpu.cfs_quota_us"), "10000");
+    assert_eq!(v1_file(vmm, "cpu", "cpu.cfs_period_us"), "100000");
+    assert_eq!(v1_file(vmm, "memory", "memory.limit_in_bytes"), ((64u64 + 64) << 20).to_string(), "guest RAM plus 64 MiB");
+    assert_eq!(v1_file(vmm, "pids", "pids.max"), "64");
+    assert_eq!(v1_file(vmm, "blkio", "blkio.throttle.read_bps_device"), format!("{device} {}", 8 << 20));
+    assert_eq!(v1_file(vmm, "blkio", "blkio.throttle.write_bps_device"), format!("{device} {}", 4 << 20));
+    assert_eq!(v1_file(vmm, "blkio", "blkio.throttle.write_iops_device"), format!("{device} 200"));
+
+    // The quota holds the guest back, and domstats says so.
+    wait_for("the CPU quota to throttle the spinning guest", Duration::from_secs(60), || {
+        stats(&d, "spin")["cgroup"]["cpu"]["throttled_periods"].as_u64().unwrap_or(0) > 0
+    });
+    let cgroup = stats(&d, "spin")["cgroup"].clone();
+    assert_eq!(cgroup["cpu"]["limit_percent"], 10);
+    assert_eq!(cgroup["memory"]["limit_bytes"], (64u64 + 64) << 20);
+    assert_eq!(cgroup["pids"]["limit"], 64);
+    assert!(cgroup["pids"]["current"].as_u64().unwrap() >= 3, "monitor, VMM main thread, vCPU: {cgroup}");
+    let io = cgroup["io"].as_array().unwrap().iter().find(|i| i["device"] == device.to_string()).expect("the disk's device");
+    assert_eq!((io["read_bps_limit"].as_u64(), io["read_iops_limit"].as_u64()), (Some(8 << 20), Some(200)));
+    let text = d.ferro_ok(&["domstats", "spin"]);
+    let cpu_line = text.lines().find(|l| l.starts_with("CPU limit:")).unwrap_or_else(|| panic!("{text}"));
+    assert!(cpu_line.contains("10% of a host CPU; throttled in") && !cpu_line.contains("throttled in 0 of"), "{cpu_line}");
+    assert!(text.contains("Memory limit:   128.00 MiB") && text.contains("Task limit:     64;"), "{text}");
+    let paths: Vec<PathBuf> = cgroup["paths"].as_array().unwrap().iter().map(|p| PathBuf::from(p.as_str().unwrap())).collect();
+    assert_eq!(paths.len(), 5, "unified, cpu, memory, blkio, pids: {paths:?}");
+
+    // A restarted ferrod, whatever cgroup it starts in, finds the run's cgroup and removes it
+    // when the run ends.
+    d.kill9();
+    let d = Daemon::start(&home);
+    assert_eq!(stats(&d, "spin")["cgroup"]["paths"], cgroup["paths"]);
+    d.ferro_ok(&["destroy", "spin"]);
+    for path in &paths {
+        assert!(!path.exists(), "{} outlived its run", path.display());
+    }
+}
+
+#[test]
+fn a_vmm_past_its_memory_limit_is_killed_and_the_crash_says_why() {
+    let home = Home::new("oom");
+    let d = Daemon::start(&home);
+    // The memory guest writes all of its RAM above its image; the VMM may only use 1 MiB beyond
+    // the guest's RAM. With 1 GiB of RAM the kernel's own accounting for the VM (its memory slot
+    // maps and page tables, charged to the cgroup) outgrows the small headroom below the guest's
+    // image (with 64 MiB the guest fits).
+    let toml = "name = \"hog\"\nmemory = \"1G\"\n[boot]\nguest = \"memory\"\n[limits]\nmemory_overhead = \"1M\"\n";
+    let file = home.path().join("hog.toml");
+    std::fs::write(&file, toml).unwrap();
+    d.ferro_ok(&["define", file.to_str().unwrap()]);
+    // The VMM may die before or after it answers its first request: either way the domain ends
+    // up crashed with the reason.
+    let _ = d.ferro(&["start", "hog"]);
+    wait_for("the VMM to end", Duration::from_secs(60), || ["shutoff", "crashed"].contains(&info(&d, "hog")["state"].as_str().unwrap()));
+    let info = info(&d, "hog");
+    assert_eq!(info["state"], "crashed", "{info}");
+    let crash = info["crash"].clone();
+    let reason = crash["reason"].as_str().unwrap();
+    assert!(reason.starts_with("out of memory: the kernel killed the VMM at the domain's memory limit of 1025 MiB"), "{crash}");
+    assert_eq!(crash["signal"], 9, "{crash}");
+}
