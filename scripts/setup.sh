@@ -2,6 +2,7 @@
 # Installs what building and testing Ferrovisor needs on a Debian machine (idempotent: only
 # missing packages are installed, after one apt-get update). The Rust toolchain itself must
 # already be there (rustup); the Linux test-guest recipe installs its own packages.
+# `scripts/setup.sh --test` adds what only the tests need (chromium for the web UI's browser test).
 set -euo pipefail
 
 packages=(
@@ -19,6 +20,15 @@ packages=(
     debootstrap       # guests/debian/build.sh: a real Debian root filesystem (cached)
     openssl           # the remote-access tests make their CA and certificates as docs/remote.md says
 )
+if [ "${1:-}" = "--test" ]; then
+    packages+=(chromium)  # the web UI's browser test (crates/manager/tests/ui.rs) drives it headless
+fi
+# npm builds the web UI that ferrod embeds (crates/manager/build.rs). Any Node.js 18+ with npm will
+# do (a NodeSource one included, whose nodejs package carries npm), so Debian's are only installed
+# when there is none.
+if ! command -v npm >/dev/null; then
+    packages+=(nodejs npm)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
@@ -37,6 +47,9 @@ fi
 if ! command -v cargo >/dev/null; then
     echo "setup.sh: cargo not found: install the Rust toolchain (rustup, Rust 1.85 or newer)" >&2
     exit 1
+fi
+if [ "${1:-}" = "--test" ] && [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
+    echo "setup.sh: warning: Node.js $(node --version) is older than 20, which the browser test's playwright-core needs" >&2
 fi
 if [ ! -e /dev/kvm ]; then
     echo "setup.sh: warning: /dev/kvm is missing; VM tests will fail (see 'ferro host-check')" >&2

@@ -3,7 +3,7 @@
 # under ~/.cache/ferrovisor, rebuilt only when its recipe changes), then run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --test
 start=$(date +%s)
 linux_dir=$(guests/linux/build.sh | tail -n 1)
 echo "test.sh: Linux test guest in $linux_dir ($(( $(date +%s) - start )) s)" >&2

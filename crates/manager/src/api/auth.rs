@@ -9,6 +9,8 @@
 //!   change signed in by cookie must carry either `Origin` or the `X-Ferro-CSRF` header (a header
 //!   no other site can make a browser send without our consent).
 //!
+//! The web UI's own files (`/`, `/assets/...`) are read without sign-in: the page then signs in.
+//!
 //! Also the `/v1/session` endpoints (sign in, who am I, sign out). docs/remote.md tells the story.
 
 use super::{ApiError, ApiResult, json, read_body};
@@ -86,8 +88,8 @@ fn is_change(req: &Request) -> bool {
     !matches!(*req.method(), Method::GET | Method::HEAD) || req.headers().contains_key(header::UPGRADE)
 }
 
-/// Who the caller is, or the refusal. `Ok(None)`: the request authenticates itself (signing in
-/// and out).
+/// Who the caller is, or the refusal. `Ok(None)`: the request needs no caller (signing in and
+/// out, which authenticate themselves, and the web UI's files, which hold no data).
 fn authorize(access: &Access, peer: Option<Peer>, req: &Request) -> Result<Option<Caller>, ApiError> {
     let tls = match peer {
         Some(Peer::Unix(_)) => return Ok(Some(Caller { role: Role::Admin, via: Via::Unix })),
@@ -97,6 +99,9 @@ fn authorize(access: &Access, peer: Option<Peer>, req: &Request) -> Result<Optio
     let headers = req.headers();
     check_origin(headers, tls)?;
     if req.uri().path() == SESSION_PATH && matches!(*req.method(), Method::POST | Method::DELETE) {
+        return Ok(None);
+    }
+    if super::ui::is_ui_path(req.uri().path()) && !is_change(req) {
         return Ok(None);
     }
     let caller = if access.open {

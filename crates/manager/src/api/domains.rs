@@ -1,15 +1,19 @@
-//! `/v1/domains`: definitions, lifecycle actions, stats, the TOML definition and the console.
+//! `/v1/domains`: definitions, lifecycle actions, stats, the TOML definition and the console (raw
+//! upgrade for the CLI, WebSocket for browsers).
 
 use super::{ApiError, ApiResult, Svc, check_name, enabled_flag, json, ok, only_fields, read_body, read_json};
 use crate::daemon::Services;
 use crate::domain::parse_size;
 use crate::domains::Domains;
-use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
 
 /// Longest a `shutdown` request may wait for the guest.
 const MAX_SHUTDOWN_WAIT: u64 = 3600;
@@ -132,22 +136,31 @@ pub(super) async fn import_ovf(State(svc): Svc, body: Body) -> ApiResult<Respons
     Ok(json(StatusCode::ACCEPTED, &job.info()))
 }
 
-/// Upgrades the connection to a raw byte stream joined to the VMM's serial socket.
-async fn console(domains: &Domains, name: &str, mut req: Request) -> ApiResult<Response> {
-    let wants_upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("ferro-console"));
-    if !wants_upgrade {
-        return Err(ApiError::invalid("the console needs an HTTP upgrade (Upgrade: ferro-console)"));
+/// Joins the caller to the VMM's serial socket, bytes both ways: as a WebSocket (`Upgrade:
+/// websocket`, for browsers: binary messages out, binary or text messages in) or as a raw
+/// upgraded connection (`Upgrade: ferro-console`, for the CLI).
+async fn console(domains: &Domains, name: &str, req: Request) -> ApiResult<Response> {
+    let upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    if upgrade != "websocket" && upgrade != "ferro-console" {
+        return Err(ApiError::invalid("the console needs an upgrade: Upgrade: websocket, or Upgrade: ferro-console"));
     }
     let socket = domains.serial_socket(name)?;
-    let mut serial = tokio::net::UnixStream::connect(&socket)
+    let serial = tokio::net::UnixStream::connect(&socket)
         .await
         .map_err(|e| crate::error::Error::vmm(format!("domain {name}: cannot connect to the serial console: {e}")))?;
-    let on_upgrade = hyper::upgrade::on(&mut req);
     let domain = name.to_string();
+    if upgrade == "websocket" {
+        let (mut parts, _) = req.into_parts();
+        let ws = WebSocketUpgrade::from_request_parts(&mut parts, &())
+            .await
+            .map_err(|e| ApiError::invalid(format!("console WebSocket: {}", e.body_text())))?;
+        return Ok(ws.on_upgrade(move |socket| websocket_console(socket, serial, domain)));
+    }
+    raw_console(req, serial, domain)
+}
+
+fn raw_console(mut req: Request, mut serial: UnixStream, domain: String) -> ApiResult<Response> {
+    let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -163,4 +176,41 @@ async fn console(domains: &Domains, name: &str, mut req: Request) -> ApiResult<R
         .header(header::UPGRADE, "ferro-console")
         .body(Body::empty())
         .unwrap_or_default())
+}
+
+/// Copies console output into binary messages and the browser's messages into the console until
+/// either side closes.
+async fn websocket_console(mut socket: WebSocket, serial: UnixStream, domain: String) {
+    let (mut from_vm, mut to_vm) = serial.into_split();
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        tokio::select! {
+            message = socket.recv() => {
+                let bytes = match message {
+                    Some(Ok(Message::Binary(bytes))) => bytes,
+                    Some(Ok(Message::Text(text))) => Bytes::copy_from_slice(text.as_str().as_bytes()),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Err(e)) => {
+                        tracing::debug!(domain, "console WebSocket ended: {e}");
+                        break;
+                    }
+                };
+                if to_vm.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            read = from_vm.read(&mut buf) => match read {
+                Ok(0) | Err(_) => {
+                    let _ = socket.send(Message::Close(None)).await;
+                    break;
+                }
+                Ok(n) => {
+                    if socket.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                        break;
+                    }
+                }
+            },
+        }
+    }
 }

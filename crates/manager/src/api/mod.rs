@@ -1,7 +1,8 @@
 //! The REST API on ferrod's unix socket and TCP listeners (documented in `openapi.json` next to
 //! this crate): maps HTTP requests to service calls, and owns every HTTP status code. One file per
-//! resource family (`domains`, `pools` with volumes, `networks`, `jobs`, `events` with metrics); `auth` checks
-//! every request first and serves `/v1/session`.
+//! resource family (`domains`, `pools` with volumes, `networks`, `jobs`, `events` with metrics,
+//! `host`); `auth` checks every request first and serves `/v1/session`; `ui` serves the embedded
+//! web UI at `/`.
 //!
 //! Every failure is JSON `{"code","message"}`; request bodies are read here with explicit limits so
 //! that no input can produce a non-JSON error or take the daemon down.
@@ -9,9 +10,11 @@
 pub mod auth;
 mod domains;
 mod events;
+mod host;
 mod jobs;
 mod networks;
 mod pools;
+pub mod ui;
 
 use crate::access::Access;
 use crate::daemon::Services;
@@ -34,7 +37,10 @@ const BODY_LIMIT: usize = 1 << 20;
 
 pub fn router(services: Arc<Services>, access: Arc<Access>) -> Router {
     Router::new()
+        .route("/", get(ui::file))
+        .route("/assets/{file}", get(ui::file))
         .route("/v1/version", get(version))
+        .route("/v1/host", get(host::host))
         .route("/v1/domains", get(domains::list).post(domains::define))
         .route("/v1/domains/{name}", get(domains::get).delete(domains::undefine))
         .route("/v1/domains/{name}/{sub}", get(domains::resource).post(domains::action))
