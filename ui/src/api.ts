@@ -207,3 +207,31 @@ export function upload(pool: string, vol: string, file: File, progress: (done: n
     xhr.send(file);
   });
 }
+
+export interface Network {
+  name: string;
+  uuid: string;
+  mode: "nat" | "isolated" | "bridge" | null;
+  bridge: string | null;
+  active: boolean;
+  autostart: boolean;
+  dnsmasq_pid: number | null;
+  error: string | null;
+  config: { ip?: string } | null;
+}
+
+export interface Lease {
+  mac: string;
+  ip: string;
+  hostname: string | null;
+  expiry: number | null;
+}
+
+export const networkPath = (name: string, sub = "") => `/v1/networks/${encodeURIComponent(name)}${sub ? "/" + sub : ""}`;
+
+/** The DHCP leases of every running network, by MAC address (lower case). */
+export async function leasesByMac(): Promise<Map<string, Lease>> {
+  const networks = await get<Network[]>("/v1/networks");
+  const all = await Promise.all(networks.filter((n) => n.active).map((n) => get<Lease[]>(networkPath(n.name, "leases")).catch(() => [])));
+  return new Map(all.flat().map((l) => [l.mac.toLowerCase(), l]));
+}

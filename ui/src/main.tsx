@@ -8,6 +8,7 @@ import { startLive, stopLive } from "./live";
 import { CreatePage } from "./pages/create";
 import { DomainPage } from "./pages/domain";
 import { EventsPage, JobsPage } from "./pages/jobs";
+import { NetworksPage } from "./pages/networks";
 import { Overview } from "./pages/overview";
 import { StoragePage } from "./pages/storage";
 import "./style.css";
@@ -58,6 +59,7 @@ const pages: [string, string][] = [
   ["/", "Overview"],
   ["/create", "Create VM"],
   ["/storage", "Storage"],
+  ["/networks", "Networks"],
   ["/jobs", "Jobs"],
   ["/events", "Events"],
 ];
@@ -70,6 +72,8 @@ function Page({ route, session }: { route: string; session: Session }) {
       return <CreatePage admin={admin} />;
     case "/storage":
       return <StoragePage admin={admin} />;
+    case "/networks":
+      return <NetworksPage admin={admin} />;
     case "/jobs":
       return <JobsPage admin={admin} />;
     case "/events":

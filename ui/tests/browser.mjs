@@ -4,11 +4,13 @@
 //   FERRO_ADMIN_TOKEN, FERRO_READONLY_TOKEN
 //   FERRO_CLI, FERRO_HOME   the ferro binary and the daemon's home, to check what the UI did
 //   FERRO_DOMAIN      a running domain with the `idle` test guest (echoes typed bytes)
+//   FERRO_POOL, FERRO_POOL_DIR   an active dir pool and its directory
 //   FERRO_SHOTS       where screenshots go
 // Exits non-zero with the reason on the first failed check.
 
 import { execFileSync } from "node:child_process";
-import { mkdirSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { chromium } from "playwright-core";
 
 const env = (name) => {
@@ -125,10 +127,40 @@ try {
   await page.getByRole("button", { name: "Confirm" }).click();
   await until("Force off shuts the domain off (ferro domstate)", async () => state() === "shut off");
   await page.getByRole("button", { name: "Start" }).waitFor({ state: "visible" });
-  await until("the page shows the domain shut off by itself", async () => (await page.locator("h1 .badge").textContent()) === "shut off");
+  await until("the page shows the domain shut off", async () => (await page.locator("h1 .badge").textContent()) === "shut off");
   await page.getByRole("button", { name: "Start" }).click();
   await until("Start runs the domain again (ferro domstate)", async () => state() === "running");
-  await until("the page shows the domain running by itself", async () => (await page.locator("h1 .badge").textContent()) === "running");
+  await until("the page shows the domain running", async () => (await page.locator("h1 .badge").textContent()) === "running");
+
+  // A change made elsewhere (the CLI) shows up by itself; Resume then undoes it.
+  ferro("suspend", domain);
+  await until("the page shows a pause made with the CLI by itself", async () => (await page.locator("h1 .badge").textContent()) === "paused");
+  await page.getByRole("button", { name: "Resume" }).click();
+  await until("Resume runs the domain again (ferro domstate)", async () => state() === "running");
+
+  // Storage: a volume made in the form, an uploaded file whose bytes land in the pool, a delete.
+  await page.getByRole("link", { name: "Storage" }).click();
+  const pool = page.locator(`article[data-pool="${env("FERRO_POOL")}"]`);
+  await pool.getByLabel("Volume", { exact: true }).fill("from-form");
+  await pool.getByLabel("Size", { exact: true }).fill("16M");
+  await pool.getByRole("button", { name: "Create volume" }).click();
+  await pool.locator('tr[data-volume="from-form"]').waitFor();
+  check(ferro("vol-list", env("FERRO_POOL")).includes("from-form"), "a volume made in the form is listed by ferro vol-list");
+  const upload = Buffer.alloc(3 << 20);
+  for (let i = 0; i < upload.length; i += 4096) upload.writeUInt32LE(i ^ 0x5a5a5a5a, i);
+  await pool.locator('input[type="file"]').setInputFiles({ name: "uploaded.img", mimeType: "application/octet-stream", buffer: upload });
+  await pool.locator('tr[data-volume="uploaded.img"]').waitFor();
+  await until("the uploaded bytes are the volume's bytes", async () => {
+    const onDisk = readFileSync(`${env("FERRO_POOL_DIR")}/uploaded.img`);
+    return onDisk.length === upload.length && createHash("sha256").update(onDisk).digest("hex") === createHash("sha256").update(upload).digest("hex");
+  });
+  await pool.locator('tr[data-volume="from-form"]').getByRole("button", { name: "Delete" }).click();
+  await page.getByRole("button", { name: "Confirm" }).click();
+  await pool.locator('tr[data-volume="from-form"]').waitFor({ state: "detached" });
+  check(!existsSync(`${env("FERRO_POOL_DIR")}/from-form`), "Delete (confirmed) removes the volume's file");
+  await page.getByRole("link", { name: "Networks" }).click();
+  await page.getByRole("heading", { name: "Networks" }).waitFor();
+  check(true, "the networks page loads");
 
   // The create form defines and starts a domain that `ferro list` shows.
   await page.getByRole("link", { name: "Create VM" }).click();
@@ -163,6 +195,11 @@ try {
   check(await ro.page.getByRole("button", { name: "Create" }).isDisabled(), "readonly: the create form is disabled");
   await ro.page.getByRole("link", { name: "Storage" }).click();
   await ro.page.getByRole("heading", { name: "Storage pools" }).waitFor();
+  const roPool = ro.page.locator(`article[data-pool="${env("FERRO_POOL")}"]`);
+  await roPool.locator('tr[data-volume="uploaded.img"]').waitFor();
+  check(await roPool.getByRole("button", { name: "Create volume" }).isDisabled(), "readonly: Create volume is disabled");
+  check(await roPool.locator('input[type="file"]').isDisabled(), "readonly: the upload is disabled");
+  for (const b of await roPool.getByRole("button", { name: "Delete" }).all()) check(await b.isDisabled(), "readonly: a volume's Delete is disabled");
   check(state() === "running", "nothing the readonly session did changed the domain");
   check(ro.page.errors.length === 0, `no errors in the browser console as readonly: ${ro.page.errors.join("; ")}`);
   await ro.context.close();

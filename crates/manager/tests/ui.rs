@@ -1,7 +1,8 @@
 //! The web UI against a real ferrod with real VMMs: what the listener serves without signing in
 //! (the page and its files, nothing else), and `ui/tests/browser.mjs` driving Debian's Chromium
 //! headless through Playwright (sign-in, the list, Force off and Start seen by `ferro domstate`,
-//! the console both ways, the create form seen by `ferro list`, graphs with data points, a
+//! the console both ways, a pause made with the CLI showing by itself, volumes made, uploaded
+//! (bytes compared) and deleted, the create form seen by `ferro list`, graphs with data points, a
 //! readonly session that can press nothing, a phone-sized viewport, no browser console errors).
 //! Screenshots land in `target/tmp/ui-screenshots/`.
 
@@ -89,6 +90,11 @@ fn the_ui_in_chromium() {
     let api = d.api();
     api.expect("POST", "/v1/domains", Some(&guest_toml("web1", "idle")), 201);
     api.expect("POST", "/v1/domains/web1/start", None, 200);
+    let pool_dir = tokens.join("pool");
+    let pool = format!(r#"{{"name":"p1","type":"dir","target":"{}"}}"#, pool_dir.display());
+    api.expect("POST", "/v1/pools", Some(&pool), 201);
+    api.expect("POST", "/v1/pools/p1/build", None, 200);
+    api.expect("POST", "/v1/pools/p1/start", None, 200);
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
     let out = Command::new("node")
         .arg(ui_dir().join("tests/browser.mjs"))
@@ -99,6 +105,8 @@ fn the_ui_in_chromium() {
         .env("FERRO_CLI", ferro_bin())
         .env("FERRO_HOME", home.path())
         .env("FERRO_DOMAIN", "web1")
+        .env("FERRO_POOL", "p1")
+        .env("FERRO_POOL_DIR", &pool_dir)
         .env("FERRO_SHOTS", &shots)
         .output()
         .expect("run node");

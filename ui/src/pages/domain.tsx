@@ -1,7 +1,7 @@
 // One domain: its actions, live graphs, disks, NICs and the console.
 
-import { useState } from "preact/hooks";
-import { domainPath, send } from "../api";
+import { useEffect, useState } from "preact/hooks";
+import { type Lease, domainPath, leasesByMac, send } from "../api";
 import { bytes, ConfirmDialog, ErrorLine, Graph, percent, rate, Section, StateBadge } from "../components";
 import { Console } from "../console";
 import { refresh, useLive } from "../live";
@@ -32,6 +32,10 @@ export function DomainPage({ name, admin }: { name: string; admin: boolean }) {
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string | null>(null);
   const [console, setConsole] = useState(false);
+  const [leases, setLeases] = useState<Map<string, Lease>>(new Map());
+  useEffect(() => {
+    leasesByMac().then(setLeases, () => setLeases(new Map()));
+  }, [name, live.eventCount]);
   const domain = live.domains?.find((d) => d.name === name);
   if (live.domains !== null && !domain) {
     return (
@@ -168,6 +172,7 @@ export function DomainPage({ name, admin }: { name: string; admin: boolean }) {
                   <th>Device</th>
                   <th>Tap</th>
                   <th>MAC</th>
+                  <th>Address</th>
                   <th>Received</th>
                   <th>Sent</th>
                 </tr>
@@ -175,11 +180,14 @@ export function DomainPage({ name, admin }: { name: string; admin: boolean }) {
               <tbody>
                 {(config?.nic ?? []).map((n, i) => {
                   const s = stats?.nics[i];
+                  const mac = s?.mac ?? n.mac;
+                  const lease = mac ? leases.get(mac.toLowerCase()) : undefined;
                   return (
                     <tr>
                       <td>{s?.id ?? `nic ${i}`}</td>
                       <td>{n.tap}</td>
-                      <td class="mono">{s?.mac ?? n.mac ?? "assigned at start"}</td>
+                      <td class="mono">{mac ?? "assigned at start"}</td>
+                      <td class="mono">{lease ? lease.ip : "–"}</td>
                       <td>{s ? bytes(s.rx_bytes) : "–"}</td>
                       <td>{s ? bytes(s.tx_bytes) : "–"}</td>
                     </tr>
