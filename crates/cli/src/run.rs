@@ -180,7 +180,7 @@ impl VmArgs {
                     _ => mac = Some(v.parse::<MacAddr>().map_err(|e| format!("--net mac: {e}"))?),
                 }
             }
-            devices.push(DeviceKind::Net { tap: tap.ok_or("--net: tap=NAME is required")?, mac });
+            devices.push(DeviceKind::Net { tap: tap.ok_or("--net: tap=NAME is required")?, mac, fd: None });
         }
         if let Some(spec) = &self.console {
             let backend = match spec.as_str() {
@@ -374,7 +374,7 @@ mod tests {
         assert_eq!(ids, ["rng0", "vda", "vdb", "net0"]);
         assert_eq!(c.boot.kernel, Kernel::TestGuest("idle".into()));
         assert!(c.debug_exit_enabled(), "test guests have the debug-exit port");
-        assert_eq!(c.devices[3].kind, DeviceKind::Net { tap: "t0".into(), mac: Some("52:54:00:ab:cd:ef".parse().unwrap()) });
+        assert_eq!(c.devices[3].kind, DeviceKind::Net { tap: "t0".into(), mac: Some("52:54:00:ab:cd:ef".parse().unwrap()), fd: None });
         let file = run_config(&["--kernel", "/vmlinux"]).unwrap();
         assert!(!file.debug_exit_enabled(), "a kernel file gets no debug-exit port unless asked");
         assert!(run_config(&["--kernel", "/vmlinux", "--debug-exit"]).unwrap().debug_exit_enabled());

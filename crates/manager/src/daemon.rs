@@ -1,7 +1,7 @@
 //! ferrod's services wired together: opened over one store, recovered at start, stopped at the
 //! end. The dependencies go one way: domains use pools (to resolve volumes), pools use jobs (for
-//! copies); all of them share the store, the event hub and the file claims. Networks stand
-//! beside them and are recovered first, so the VMs' networks are up before any VM starts.
+//! copies) and networks (for their NICs); all of them share the store, the event hub and the file
+//! claims. Networks are recovered first, so the VMs' networks are up before any VM is re-attached.
 
 use crate::claims::Claims;
 use crate::domains::Domains;
@@ -35,7 +35,7 @@ impl Services {
         let jobs = Jobs::open(store.clone(), events.clone(), claims.clone())?;
         let pools = Pools::open(store.clone(), events.clone(), jobs.clone(), claims.clone())?;
         let networks = Networks::open(&paths.home.join("networks"), store.clone(), events.clone())?;
-        let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), claims)?;
+        let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), networks.clone(), claims)?;
         let ovf = Ovf::open(jobs.clone(), pools.clone(), domains.clone());
         Ok(Arc::new(Services { paths, events, jobs, pools, networks, domains, ovf, store }))
     }

@@ -94,12 +94,46 @@ fn default_format() -> String {
     "raw".to_string()
 }
 
+/// `[[nic]]`: a virtio NIC on exactly one of a virtual network of ferrod's (`network`), an
+/// existing host bridge (`bridge`; ferrod makes the tap) or a tap of the user's (`tap`). A NIC
+/// defined without `mac` gets one at define time, written into the stored definition.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NicConfig {
-    pub tap: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+}
+
+/// What a NIC is attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NicAttachment<'a> {
+    Network(&'a str),
+    Bridge(&'a str),
+    Tap(&'a str),
+}
+
+impl<'a> NicAttachment<'a> {
+    /// `network`, `bridge` or `ethernet` (a tap of the user's), as virsh domiflist names them.
+    pub fn kind(self) -> &'static str {
+        match self {
+            NicAttachment::Network(_) => "network",
+            NicAttachment::Bridge(_) => "bridge",
+            NicAttachment::Tap(_) => "ethernet",
+        }
+    }
+
+    /// The network, bridge or tap name.
+    pub fn source(self) -> &'a str {
+        match self {
+            NicAttachment::Network(s) | NicAttachment::Bridge(s) | NicAttachment::Tap(s) => s,
+        }
+    }
 }
 
 /// `[balloon]`: a virtio balloon that starts empty (the guest has all of `memory`).
@@ -254,8 +288,11 @@ impl DomainConfig {
         self.limits.validate().map_err(|e| err(format!("limits.{}", e.key), e.reason))?;
         for (i, nic) in self.nics.iter().enumerate() {
             nic.validate().map_err(|e| err(format!("nic[{i}].{}", e.key), e.reason))?;
-            if self.nics[..i].iter().any(|other| other.tap == nic.tap) {
-                return Err(err(format!("nic[{i}].tap"), format!("tap {:?} is used twice", nic.tap)));
+            if nic.tap.is_some() && self.nics[..i].iter().any(|other| other.tap == nic.tap) {
+                return Err(err(format!("nic[{i}].tap"), format!("tap {:?} is used twice", nic.tap.as_deref().unwrap_or(""))));
+            }
+            if nic.mac.is_some() && self.nics[..i].iter().any(|other| other.mac.as_ref().map(|m| m.to_ascii_lowercase()) == nic.mac.as_ref().map(|m| m.to_ascii_lowercase())) {
+                return Err(err(format!("nic[{i}].mac"), format!("{} is used by another NIC", nic.mac.as_deref().unwrap_or(""))));
             }
         }
         Ok(())
@@ -343,12 +380,36 @@ impl DiskConfig {
 }
 
 impl NicConfig {
+    /// What the NIC is attached to (the definition is validated: exactly one is set).
+    pub fn attachment(&self) -> NicAttachment<'_> {
+        match (&self.network, &self.bridge, &self.tap) {
+            (Some(n), _, _) => NicAttachment::Network(n),
+            (None, Some(b), _) => NicAttachment::Bridge(b),
+            (None, None, t) => NicAttachment::Tap(t.as_deref().unwrap_or("")),
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
-        let ok = !self.tap.is_empty()
-            && self.tap.len() <= 15
-            && self.tap.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
-        if !ok {
-            return Err(err("tap", "must be an interface name of 1-15 letters, digits, '-', '_' or '.'"));
+        let given: Vec<&str> = [("network", self.network.is_some()), ("bridge", self.bridge.is_some()), ("tap", self.tap.is_some())]
+            .into_iter()
+            .filter_map(|(key, set)| set.then_some(key))
+            .collect();
+        match given.as_slice() {
+            [] => return Err(err("network", "missing: give one of network (a virtual network), bridge (a host bridge) or tap")),
+            [_] => {}
+            [first, second, ..] => return Err(err(*second, format!("cannot be combined with {first}: give one of network, bridge or tap"))),
+        }
+        if let Some(network) = &self.network {
+            ferro_net::config::validate_name(network).map_err(|r| err("network", r))?;
+        }
+        if let Some(bridge) = &self.bridge {
+            ferro_net::config::validate_ifname(bridge).map_err(|r| err("bridge", r))?;
+        }
+        if let Some(tap) = &self.tap {
+            let ok = !tap.is_empty() && tap.len() <= 15 && tap.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+            if !ok {
+                return Err(err("tap", "must be an interface name of 1-15 letters, digits, '-', '_' or '.'"));
+            }
         }
         if let Some(mac) = &self.mac {
             mac.parse::<MacAddr>().map_err(|reason| err("mac", reason))?;

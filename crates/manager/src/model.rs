@@ -128,6 +128,21 @@ pub struct PoolInfo {
     pub volumes: Option<usize>,
 }
 
+/// A domain's NIC as the API shows it (domiflist, domifaddr).
+#[derive(Debug, Clone, Serialize)]
+pub struct InterfaceInfo {
+    /// network, bridge or ethernet (a tap of the user's).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The network, bridge or tap name.
+    pub source: String,
+    pub mac: Option<String>,
+    /// The tap on the host: a tap of the user's always, one ferrod made while the domain runs.
+    pub tap: Option<String>,
+    /// The IPv4 address the network's DHCP server leased to the MAC (network NICs).
+    pub address: Option<String>,
+}
+
 /// A virtual network as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct NetworkInfo {

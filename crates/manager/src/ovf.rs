@@ -281,7 +281,7 @@ fn export(
         described.push(ovf::ExportDisk { href: href.clone(), file_size, capacity: *size });
         files.push((href, out));
     }
-    let nics: Vec<ovf::Nic> = config.nics.iter().map(|n| ovf::Nic { network: n.tap.clone(), mac: n.mac.clone() }).collect();
+    let nics: Vec<ovf::Nic> = config.nics.iter().map(|n| ovf::Nic { network: n.attachment().source().to_string(), mac: n.mac.clone() }).collect();
     let descriptor = ovf::write(name, config.vcpus, config.memory_bytes(), &described, &nics);
     let ovf_name = format!("{name}.ovf");
     let ovf_path = dir.join(&ovf_name);

@@ -54,6 +54,15 @@ pub struct ResolvedDisk {
     pub readonly: bool,
 }
 
+/// A NIC as handed to the VMM: its tap, its MAC and, for a tap ferrod made and opened, the
+/// descriptor number the VMM inherits it on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmNic {
+    pub tap: String,
+    pub mac: MacAddr,
+    pub fd: Option<i32>,
+}
+
 /// The kernel, initrd and command line found on a domain's first disk (`[boot] from = "disk"`),
 /// copied into its run directory.
 pub struct DiskBoot {
@@ -63,9 +72,10 @@ pub struct DiskBoot {
 }
 
 /// The VM a domain runs: its definition with pool volumes resolved to files (and, with
-/// `from = "disk"`, the kernel found on its first disk). Devices come in the order of `disks`:
-/// vda, vdb, ... (the definition's disks, then a cloud-init seed), NICs (net0, ...), the balloon.
-pub fn vm_config(config: &DomainConfig, disks: &[ResolvedDisk], disk_boot: Option<&DiskBoot>) -> Result<VmConfig, String> {
+/// `from = "disk"`, the kernel found on its first disk) and its NICs' taps. Devices come in the
+/// order of `disks`: vda, vdb, ... (the definition's disks, then a cloud-init seed), NICs (net0,
+/// ...), the balloon.
+pub fn vm_config(config: &DomainConfig, disks: &[ResolvedDisk], nics: &[VmNic], disk_boot: Option<&DiskBoot>) -> Result<VmConfig, String> {
     let extra = config.boot.cmdline.clone().unwrap_or_default();
     let (kernel, initrd, cmdline) = match (&config.boot.kernel, &config.boot.guest, disk_boot) {
         (_, _, Some(found)) if config.boot.from_disk() => {
@@ -79,13 +89,7 @@ pub fn vm_config(config: &DomainConfig, disks: &[ResolvedDisk], disk_boot: Optio
         .iter()
         .map(|d| DeviceKind::Block { path: d.path.clone(), format: Some(d.format), readonly: d.readonly })
         .collect();
-    for (i, nic) in config.nics.iter().enumerate() {
-        let mac = match &nic.mac {
-            Some(text) => Some(text.parse::<MacAddr>().map_err(|e| format!("nic[{i}].mac: {e}"))?),
-            None => None,
-        };
-        devices.push(DeviceKind::Net { tap: nic.tap.clone(), mac });
-    }
+    devices.extend(nics.iter().map(|nic| DeviceKind::Net { tap: nic.tap.clone(), mac: Some(nic.mac), fd: nic.fd }));
     if let Some(balloon) = &config.balloon {
         // Empty at start; `setmem` sets the target through the control socket.
         devices.push(DeviceKind::Balloon { size_mib: 0, deflate_on_oom: balloon.deflate_on_oom });
@@ -155,8 +159,10 @@ mod tests {
             ResolvedDisk { path: "/pool/a.qcow2".into(), format: DiskFormat::Qcow2, readonly: false },
             ResolvedDisk { path: "/iso/b.raw".into(), format: DiskFormat::Raw, readonly: true },
         ];
-        let vm = vm_config(&config, &disks, None).unwrap();
+        let nics = [VmNic { tap: "fvtap0".into(), mac: "52:54:00:00:00:07".parse().unwrap(), fd: Some(9) }];
+        let vm = vm_config(&config, &disks, &nics, None).unwrap();
         assert_eq!((vm.name.as_str(), vm.vcpus, vm.memory.size), ("web", 2, 3 << 29));
+        assert_eq!(vm.devices[2].kind, DeviceKind::Net { tap: "fvtap0".into(), mac: Some(nics[0].mac), fd: Some(9) });
         assert_eq!(vm.boot.kernel, Kernel::Path("/k".into()));
         let ids: Vec<&str> = vm.devices.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["vda", "vdb", "net0", "balloon0"]);
@@ -171,7 +177,7 @@ mod tests {
         );
 
         let guest = DomainConfig::parse("name = \"t\"\nmemory = \"64M\"\n[boot]\nguest = \"idle\"\n").unwrap();
-        let vm = vm_config(&guest, &[], None).unwrap();
+        let vm = vm_config(&guest, &[], &[], None).unwrap();
         assert_eq!(vm.boot.kernel, Kernel::TestGuest("idle".into()));
         assert!(vm.debug_exit_enabled(), "test guests report through the debug-exit port");
     }
@@ -181,9 +187,9 @@ mod tests {
         let text = "name = \"d\"\nmemory = \"1G\"\n[boot]\nfrom = \"disk\"\ncmdline = \"ferro.cmd=true\"\n[[disk]]\npath = \"/d.qcow2\"\nformat = \"qcow2\"\n";
         let config = DomainConfig::parse(text).unwrap();
         let disks = [ResolvedDisk { path: "/d.qcow2".into(), format: DiskFormat::Qcow2, readonly: false }];
-        assert!(vm_config(&config, &disks, None).is_err(), "nothing found, nothing to boot");
+        assert!(vm_config(&config, &disks, &[], None).is_err(), "nothing found, nothing to boot");
         let found = DiskBoot { kernel: "/run/u/kernel".into(), initrd: Some("/run/u/initrd".into()), cmdline: "root=/dev/vda1 ro".into() };
-        let vm = vm_config(&config, &disks, Some(&found)).unwrap();
+        let vm = vm_config(&config, &disks, &[], Some(&found)).unwrap();
         assert_eq!(vm.boot.kernel, Kernel::Path("/run/u/kernel".into()));
         assert_eq!(vm.boot.initrd, Some(PathBuf::from("/run/u/initrd")));
         assert_eq!(vm.boot.cmdline, "root=/dev/vda1 ro ferro.cmd=true");

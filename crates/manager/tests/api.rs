@@ -305,7 +305,9 @@ fn cli_verbs_without_vms() {
     openapi::validate(&serde_json::json!({"$ref": "#/components/schemas/Domain"}), &info, "$").unwrap();
     assert!(d.ferro_ok(&["dominfo", "web1"]).contains("Memory:         512.00 MiB"));
     assert_eq!(d.ferro_ok(&["domstate", "web1"]).trim(), "shut off");
-    assert_eq!(d.ferro_ok(&["dumpconfig", "web1"]), GOOD);
+    // The NIC defined without a MAC got one, written into the text as defined.
+    let mac = info["config"]["nic"][0]["mac"].as_str().expect("a MAC given at define time");
+    assert_eq!(d.ferro_ok(&["dumpconfig", "web1"]), GOOD.replace("[[nic]]\n", &format!("[[nic]]\nmac = \"{mac}\"\n")));
     d.ferro_ok(&["autostart", "web1"]);
     assert!(d.ferro_ok(&["dominfo", "web1"]).contains("Autostart:      enable"));
     d.ferro_ok(&["autostart", "web1", "--disable"]);

@@ -160,3 +160,113 @@ fn networks_are_defined_started_adopted_and_destroyed_by_ferrod() {
     let events = api.expect("GET", "/v1/events", None, 200);
     assert!(events.as_array().unwrap().iter().any(|e| e["object"] == "network" && e["name"] == "lab" && e["kind"] == "destroyed"), "{events}");
 }
+
+/// The taps a process has open (links of its descriptors to /dev/net/tun).
+fn tun_files(pid: i64) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| dir.flatten().filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == std::path::Path::new("/dev/net/tun"))).count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn domains_get_stable_macs_and_ferrods_taps_on_networks_and_bridges() {
+    let dir = TempDir::new("ferrod-nic");
+    let (host, _outside) = host_and_outside();
+    host.ip(&["link", "add", "hostbr", "type", "bridge"]);
+    host.ip(&["link", "set", "hostbr", "up"]);
+    let home = Home::new("nic");
+    let mut d = Daemon::start_in(&home, &host);
+    let api = d.api();
+    api.expect("POST", "/v1/networks", Some(NAT), 201);
+    let auto = "name = \"auto\"\nmode = \"isolated\"\nbridge = \"fvauto\"\nip = \"10.78.0.1/24\"\n";
+    api.expect("POST", "/v1/networks", Some(auto), 201);
+    api.expect("POST", "/v1/networks/auto/autostart", None, 200);
+    let disk = dir.join("vm1.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+
+    // MACs are given at define time, written into the stored text, and kept on redefinition.
+    let vm = format!(
+        "# vm1 keeps this comment\nname = \"vm1\"\nmemory = \"64M\"\n[boot]\nguest = \"idle\"\n[[disk]]\npath = \"{}\"\n\
+         [[nic]]\nnetwork = \"auto\"\n[[nic]]\nnetwork = \"lab\"\n[[nic]]\nbridge = \"hostbr\"\n[[nic]]\nnetwork = \"lab\"\nmac = \"52:54:00:77:00:99\"\n",
+        disk.display()
+    );
+    let bad = api.expect("POST", "/v1/domains", Some(&vm.replace("bridge = \"hostbr\"", "bridge = \"hostbr\"\ntap = \"t0\"")), 400);
+    assert!(message(&bad).starts_with("nic[2].tap: cannot be combined with bridge"), "{bad}");
+    api.expect("POST", "/v1/domains", Some(&vm), 201);
+    let stored = d.ferro_ok(&["dumpconfig", "vm1"]);
+    assert!(stored.starts_with("# vm1 keeps this comment\n"), "{stored}");
+    let macs: Vec<String> = api.expect("GET", "/v1/domains/vm1", None, 200)["config"]["nic"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["mac"].as_str().expect("every NIC has a MAC").to_string())
+        .collect();
+    assert_eq!(macs.len(), 4);
+    assert_eq!(macs[3], "52:54:00:77:00:99");
+    assert!(macs.iter().all(|m| m.starts_with("52:54:00:")), "{macs:?}");
+    for mac in &macs[..3] {
+        assert!(stored.contains(&format!("mac = \"{mac}\"")), "{mac} not in\n{stored}");
+    }
+    api.expect("POST", "/v1/domains", Some(&vm), 200);
+    let again: Vec<String> = api.expect("GET", "/v1/domains/vm1", None, 200)["config"]["nic"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["mac"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(again, macs, "redefining changed the MACs");
+
+    // A stopped network refuses the start, naming it; the autostart one was started for it, and
+    // the taps made before the refusal are gone again.
+    let e = api.expect("POST", "/v1/domains/vm1/start", None, 409);
+    assert!(message(&e).contains("nic[1].network: network lab is not running"), "{e}");
+    assert_eq!(api.expect("GET", "/v1/networks/auto", None, 200)["active"], true, "the autostart network was not started");
+    let uuid = api.expect("GET", "/v1/domains/vm1", None, 200)["uuid"].as_str().unwrap().to_string();
+    let tap = |i: usize| format!("fv{}-{i}", &uuid[..8]);
+    assert!(!host.link_exists(&tap(0)), "a refused start left its tap");
+
+    d.ferro_ok(&["net-start", "lab"]);
+    assert_eq!(d.ferro_ok(&["start", "vm1"]).trim(), "Domain 'vm1' started");
+    let nics: Value = serde_json::from_str(&d.ferro_ok(&["domiflist", "vm1", "--json"])).unwrap();
+    let nics = nics.as_array().unwrap();
+    for (i, (kind, source, bridge)) in [("network", "auto", "fvauto"), ("network", "lab", "fvlab"), ("bridge", "hostbr", "hostbr"), ("network", "lab", "fvlab")].into_iter().enumerate() {
+        assert_eq!((nics[i]["type"].as_str(), nics[i]["source"].as_str()), (Some(kind), Some(source)), "{nics:?}");
+        assert_eq!(nics[i]["tap"], tap(i), "{nics:?}");
+        assert_eq!(nics[i]["mac"], macs[i]);
+        let link = host.ip(&["-d", "link", "show", &tap(i)]);
+        assert!(link.contains(&format!("master {bridge}")) && link.contains("tun type tap"), "{link}");
+    }
+    let table = d.ferro_ok(&["domiflist", "vm1"]);
+    assert!(table.contains(&tap(2)) && table.contains("hostbr") && table.contains(&macs[2]), "{table}");
+    let vmm = api.expect("GET", "/v1/domains/vm1", None, 200)["pid"].as_i64().unwrap();
+    assert_eq!(tun_files(vmm), 4, "the VMM holds the four taps ferrod opened for it");
+    let addresses: Value = serde_json::from_str(&d.ferro_ok(&["domifaddr", "vm1", "--json"])).unwrap();
+    assert_eq!(addresses.as_array().unwrap().len(), 3, "only the NICs on networks: {addresses}");
+    assert!(addresses.as_array().unwrap().iter().all(|a| a["address"].is_null()), "the idle guest asked for no lease: {addresses}");
+    let blk = d.ferro_ok(&["domblklist", "vm1"]);
+    assert!(blk.contains("vda") && blk.contains(&disk.display().to_string()), "{blk}");
+    let hosts = std::fs::read_to_string(home.path().join("networks/lab/hosts")).unwrap();
+    assert!(hosts.contains(&format!("{},vm1", macs[1])) && hosts.contains("52:54:00:77:00:99,vm1"), "DNS does not know vm1: {hosts}");
+
+    // A network in use stays, even after ferrod restarts (SIGKILL) and finds the domain running.
+    d.kill9();
+    d = Daemon::start_in(&home, &host);
+    let api = d.api();
+    assert_eq!(api.expect("GET", "/v1/domains/vm1", None, 200)["state"], "running");
+    for (verb, method, path) in [("destroy", "POST", "/v1/networks/lab/destroy"), ("undefine", "DELETE", "/v1/networks/lab")] {
+        let e = api.expect(method, path, None, 409);
+        assert!(message(&e).contains("in use by domain vm1"), "{verb}: {e}");
+    }
+
+    // Stopping the domain deletes its taps and takes its name out of DNS; then the network goes.
+    d.ferro_ok(&["destroy", "vm1"]);
+    for i in 0..4 {
+        assert!(!host.link_exists(&tap(i)), "{} is still there", tap(i));
+    }
+    assert!(host.link_exists("hostbr"), "the host's bridge went with the domain");
+    let hosts = std::fs::read_to_string(home.path().join("networks/lab/hosts")).unwrap();
+    assert!(!hosts.contains("vm1"), "{hosts}");
+    d.ferro_ok(&["net-destroy", "lab"]);
+    d.ferro_ok(&["net-destroy", "auto"]);
+    assert!(dnsmasq_of(&home).is_empty(), "dnsmasq still runs");
+}

@@ -139,11 +139,15 @@ pub enum DeviceKind {
         #[serde(default)]
         readonly: bool,
     },
-    /// A NIC on a tap device (created if missing); `mac` None means a generated address.
+    /// A NIC on a tap device (created if missing); `mac` None means a generated address. With
+    /// `fd`, the tap `tap` is already open on that inherited descriptor (ferrod opens it, so the
+    /// VMM needs no network privileges) and the VMM takes it over instead of opening the tap.
     Net {
         tap: String,
         #[serde(default)]
         mac: Option<MacAddr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fd: Option<i32>,
     },
     /// A virtio-console port.
     Console { backend: ConsoleBackend },
@@ -249,6 +253,9 @@ impl VmConfig {
                 DeviceKind::Net { tap, .. } if tap.is_empty() || tap.len() > 15 => {
                     return Err(at(format!("tap: {tap:?} is not an interface name (1 to 15 bytes)")));
                 }
+                DeviceKind::Net { fd: Some(fd), .. } if *fd < 3 => {
+                    return Err(at(format!("fd: {fd} is not an inherited descriptor (0-2 are stdio)")));
+                }
                 DeviceKind::Console { backend: ConsoleBackend::Stdio } => stdio_consoles += 1,
                 DeviceKind::Balloon { size_mib, .. } => {
                     balloons += 1;
@@ -291,7 +298,7 @@ mod tests {
     #[test]
     fn default_ids_follow_linux_names() {
         let disk = || DeviceKind::Block { path: "/d".into(), format: None, readonly: false };
-        let c = config(vec![disk(), DeviceKind::Rng { rate: None }, disk(), DeviceKind::Net { tap: "t0".into(), mac: None }]);
+        let c = config(vec![disk(), DeviceKind::Rng { rate: None }, disk(), DeviceKind::Net { tap: "t0".into(), mac: None, fd: None }]);
         let ids: Vec<&str> = c.devices.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["vda", "rng0", "vdb", "net0"]);
         assert_eq!(disk_name(25), "vdz");
@@ -302,7 +309,7 @@ mod tests {
     fn round_trips_through_json() {
         let c = config(vec![
             DeviceKind::Block { path: "/d.qcow2".into(), format: Some(DiskFormat::Qcow2), readonly: true },
-            DeviceKind::Net { tap: "tap0".into(), mac: Some("52:54:00:00:00:01".parse().unwrap()) },
+            DeviceKind::Net { tap: "tap0".into(), mac: Some("52:54:00:00:00:01".parse().unwrap()), fd: Some(7) },
             DeviceKind::Console { backend: ConsoleBackend::Socket("/run/c.sock".into()) },
             DeviceKind::Vsock { cid: 3, uds: "/run/v.sock".into() },
         ]);

@@ -48,8 +48,11 @@ pub fn build(config: &DeviceConfig, handles: &mut DeviceHandles) -> Result<Box<d
             handles.balloon = Some(balloon.control());
             Ok(Box::new(balloon))
         }
-        DeviceKind::Net { tap, mac } => {
-            let net = Net::new(tap, *mac).map_err(|e| Error::Config(format!("{id}: --net tap={tap}: {e}")))?;
+        DeviceKind::Net { tap, mac, fd } => {
+            let net = match fd {
+                Some(fd) => Net::from_fd(*fd, tap, *mac).map_err(|e| Error::Config(format!("{id}: tap {tap} on inherited fd {fd}: {e}")))?,
+                None => Net::new(tap, *mac).map_err(|e| Error::Config(format!("{id}: --net tap={tap}: {e}")))?,
+            };
             handles.nics.push((id.clone(), net.mac(), net.counters()));
             Ok(Box::new(net))
         }

@@ -156,6 +156,12 @@ pub enum ManageCommand {
     },
     /// Print a domain's TOML definition.
     Dumpconfig(Dom),
+    /// List a domain's NICs: tap, type, source, MAC.
+    Domiflist(DomJson),
+    /// Show the addresses of a domain's NICs on virtual networks (from their DHCP leases).
+    Domifaddr(DomJson),
+    /// List a domain's disks: target and source.
+    Domblklist(DomJson),
     /// Attach to a domain's serial console (Ctrl-] detaches).
     Console(Dom),
     /// Start a domain whenever the host boots (ferrod's first start after boot).
@@ -468,6 +474,20 @@ fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
             print!("{}", String::from_utf8_lossy(&data));
         }
         C::Console(d) => console::attach(c, seg(&d.name)?)?,
+        C::Domiflist(d) => {
+            let list = c.get(&format!("{}/interfaces", dom_path(&d.name)?))?;
+            if d.json { print_json(&list) } else { show::interface_table(list.as_array().map(Vec::as_slice).unwrap_or(&[])) }
+        }
+        C::Domifaddr(d) => {
+            let list = c.get(&format!("{}/interfaces", dom_path(&d.name)?))?;
+            let on_networks: Vec<Value> = list.as_array().into_iter().flatten().filter(|i| i["type"] == "network").cloned().collect();
+            if d.json { print_json(&Value::Array(on_networks)) } else { show::address_table(&on_networks) }
+        }
+        C::Domblklist(d) => {
+            let info = c.get(&dom_path(&d.name)?)?;
+            let disks = show::disk_list(&info["config"]["disk"]);
+            if d.json { print_json(&disks) } else { show::disk_table(&disks) }
+        }
         C::Autostart { name, disable } => {
             c.post(&format!("{}/autostart", dom_path(&name)?), Some(&json!({ "enabled": !disable })))?;
             let word = if disable { "unmarked" } else { "marked" };

@@ -243,6 +243,59 @@ fn text(v: &Value) -> String {
     v.as_str().unwrap_or("-").to_string()
 }
 
+pub fn interface_table(list: &[Value]) {
+    let rows: Vec<Vec<String>> =
+        list.iter().map(|i| vec![text(&i["tap"]), text(&i["type"]), text(&i["source"]), "virtio".into(), text(&i["mac"])]).collect();
+    table(&["Interface", "Type", "Source", "Model", "MAC"], &rows);
+}
+
+pub fn address_table(list: &[Value]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|i| {
+            let protocol = if i["address"].is_string() { "ipv4" } else { "-" };
+            vec![text(&i["tap"]), text(&i["mac"]), protocol.into(), text(&i["address"])]
+        })
+        .collect();
+    table(&["Name", "MAC address", "Protocol", "Address"], &rows);
+}
+
+/// A domain's disks as `[{"target": "vda", "source": ...}]`: targets in definition order, the
+/// source a path or `pool/volume`.
+pub fn disk_list(disks: &Value) -> Value {
+    let list: Vec<Value> = disks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, d)| {
+            let source = match d["path"].as_str() {
+                Some(path) => path.to_string(),
+                None => format!("{}/{}", text(&d["pool"]), text(&d["volume"])),
+            };
+            serde_json::json!({ "target": disk_target(i), "source": source })
+        })
+        .collect();
+    Value::Array(list)
+}
+
+/// vda, vdb, ..., vdz, vdaa, ... as Linux names virtio disks.
+fn disk_target(index: usize) -> String {
+    let mut name = String::new();
+    let mut n = index + 1;
+    while n > 0 {
+        n -= 1;
+        name.insert(0, char::from(b'a' + (n % 26) as u8));
+        n /= 26;
+    }
+    format!("vd{name}")
+}
+
+pub fn disk_table(disks: &Value) {
+    let rows: Vec<Vec<String>> = disks.as_array().into_iter().flatten().map(|d| vec![text(&d["target"]), text(&d["source"])]).collect();
+    table(&["Target", "Source"], &rows);
+}
+
 pub fn network_table(list: &[Value]) {
     let rows: Vec<Vec<String>> = list
         .iter()
@@ -468,6 +521,11 @@ pub fn top(c: &Client, delay: u64, iterations: Option<u64>) -> Result<(), String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_targets_count_like_linux() {
+        assert_eq!([0, 1, 25, 26, 27, 701, 702].map(disk_target), ["vda", "vdb", "vdz", "vdaa", "vdab", "vdzz", "vdaaa"]);
+    }
 
     #[test]
     fn lease_expiry_is_a_utc_date() {

@@ -40,11 +40,12 @@ pub(super) async fn undefine(State(svc): Svc, Path(name): Path<String>) -> ApiRe
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// GET on a domain's sub-resources: stats, config, console.
+/// GET on a domain's sub-resources: stats, interfaces, config, console.
 pub(super) async fn resource(State(svc): Svc, Path((name, sub)): Path<(String, String)>, req: Request) -> ApiResult<Response> {
     check_name("domain", &name)?;
     match sub.as_str() {
         "stats" => ok(&svc.domains.stats(&name).await?),
+        "interfaces" => ok(&svc.domains.interfaces(&name)?),
         "config" => Ok(([(header::CONTENT_TYPE, "application/toml")], svc.domains.definition(&name)?).into_response()),
         "console" => console(&svc.domains, &name, req).await,
         _ => Err(ApiError::not_found(format!("domains have no resource {sub:?}"))),

@@ -15,10 +15,11 @@ mod control;
 mod supervise;
 
 use crate::claims::Claims;
-use crate::domain::DomainConfig;
+use crate::domain::{DomainConfig, NicAttachment};
 use crate::error::{Error, Result};
 use crate::events::EventHub;
-use crate::model::{Crash, DomainInfo, DomainState, Paths, new_uuid};
+use crate::model::{Crash, DomainInfo, DomainState, InterfaceInfo, Paths, new_uuid};
+use crate::networks::Networks;
 use crate::pools::Pools;
 use crate::store::Store;
 use crate::vmm::RunFiles;
@@ -46,6 +47,9 @@ struct Runtime {
     /// The run's cgroup (recorded so that a restarted ferrod, wherever it runs, finds it).
     #[serde(default)]
     cgroup: Option<VmCgroup>,
+    /// The taps ferrod made for this run's network and bridge NICs, deleted when it ends.
+    #[serde(default)]
+    taps: Vec<String>,
 }
 
 struct Domain {
@@ -64,6 +68,7 @@ pub struct Domains {
     store: Arc<Store>,
     events: Arc<EventHub>,
     pools: Arc<Pools>,
+    networks: Arc<Networks>,
     claims: Arc<Claims>,
     /// The cgroup hierarchies, as seen from ferrod's own cgroup.
     cgroups: CgroupHost,
@@ -93,6 +98,7 @@ impl Domains {
         store: Arc<Store>,
         events: Arc<EventHub>,
         pools: Arc<Pools>,
+        networks: Arc<Networks>,
         claims: Arc<Claims>,
     ) -> std::result::Result<Arc<Domains>, String> {
         std::fs::create_dir_all(&paths.run).map_err(|e| format!("cannot create {}: {e}", paths.run.display()))?;
@@ -127,6 +133,7 @@ impl Domains {
             store,
             events,
             pools,
+            networks,
             claims,
             cgroups,
             domains: Mutex::new(domains),
@@ -197,11 +204,17 @@ impl Domains {
 
     /// Defines a new domain or replaces the definition of an existing one (effective at next start).
     /// Returns whether it was new.
+    /// A NIC defined without a MAC gets one here, written into the stored text, so the guest's
+    /// address never changes across starts: the MAC the same NIC had in the previous definition,
+    /// else a new one.
     pub async fn define(&self, text: &str) -> Result<(bool, DomainInfo)> {
-        let config = DomainConfig::parse(text).map_err(|e| Error::invalid(e.to_string()))?;
-        let name = config.name.clone();
+        let parsed = DomainConfig::parse(text).map_err(|e| Error::invalid(e.to_string()))?;
+        let name = parsed.name.clone();
         let _op = self.lock_op(&name).await;
         let mut domains = lock(&self.domains);
+        let previous = domains.get(&name).and_then(|d| d.config.as_ref().ok());
+        let (text, config) = with_nic_macs(text, parsed, previous)?;
+        let text = text.as_str();
         let created = !domains.contains_key(&name);
         let uuid = domains.get(&name).map(|d| d.uuid.clone()).unwrap_or_else(new_uuid);
         self.store.put_domain(&name, &uuid, text, config.autostart)?;
@@ -264,6 +277,43 @@ impl Domains {
         Ok(info)
     }
 
+    /// The domain's NICs: what each is on, its MAC, its tap and, on a network, the address the
+    /// network's DHCP server leased to it (the newest lease of its MAC).
+    pub fn interfaces(&self, name: &str) -> Result<Vec<InterfaceInfo>> {
+        let (config, taps) = {
+            let domains = lock(&self.domains);
+            let d = domains.get(name).ok_or_else(|| no_domain(name))?;
+            let config = d.config.clone().map_err(|e| Error::conflict(format!("domain {name} has an invalid stored definition ({e})")))?;
+            (config, if d.rt.state.is_active() { d.rt.taps.clone() } else { Vec::new() })
+        };
+        let mut made = taps.into_iter();
+        let interfaces = config
+            .nics
+            .iter()
+            .map(|nic| {
+                let at = nic.attachment();
+                let tap = match at {
+                    NicAttachment::Tap(tap) => Some(tap.to_string()),
+                    _ => made.next(),
+                };
+                let mac = nic.mac.as_deref().and_then(|m| m.parse::<ferro_vmm_api::MacAddr>().ok());
+                let address = match (at, mac) {
+                    (NicAttachment::Network(network), Some(mac)) => self
+                        .networks
+                        .leases(network)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|lease| lease.mac == mac)
+                        .max_by_key(|lease| lease.expiry.unwrap_or(u64::MAX))
+                        .map(|lease| lease.ip.to_string()),
+                    _ => None,
+                };
+                InterfaceInfo { kind: at.kind(), source: at.source().to_string(), mac: nic.mac.clone(), tap, address }
+            })
+            .collect();
+        Ok(interfaces)
+    }
+
     /// The serial socket of a running domain (for the console proxy).
     pub fn serial_socket(&self, name: &str) -> Result<PathBuf> {
         let (state, files) = self.state_and_files(name)?;
@@ -272,6 +322,46 @@ impl Domains {
         }
         Ok(files.serial_socket())
     }
+}
+
+/// Gives every NIC of `config` without a MAC one (the same NIC's in `previous`, else a new one)
+/// and writes it into `text` right after that NIC's `[[nic]]` header, keeping the rest as
+/// written. A definition whose NICs are not `[[nic]]` tables is stored re-serialized instead.
+fn with_nic_macs(text: &str, mut config: DomainConfig, previous: Option<&DomainConfig>) -> Result<(String, DomainConfig)> {
+    let mut added: Vec<Option<String>> = Vec::new();
+    for (i, nic) in config.nics.iter_mut().enumerate() {
+        if nic.mac.is_some() {
+            added.push(None);
+            continue;
+        }
+        let old = previous.and_then(|p| p.nics.get(i)).filter(|old| old.attachment() == nic.attachment()).and_then(|old| old.mac.clone());
+        let mac = old.unwrap_or_else(|| ferro_vmm_api::MacAddr::random().to_string());
+        nic.mac = Some(mac.clone());
+        added.push(Some(mac));
+    }
+    if added.iter().all(Option::is_none) {
+        return Ok((text.to_string(), config));
+    }
+    let mut out = String::new();
+    let mut nic = 0;
+    for line in text.split_inclusive('\n') {
+        out.push_str(line);
+        if line.trim_start().starts_with("[[nic]]") {
+            if let Some(Some(mac)) = added.get(nic) {
+                if !line.ends_with('\n') {
+                    out.push('\n');
+                }
+                out.push_str(&format!("mac = \"{mac}\"\n"));
+            }
+            nic += 1;
+        }
+    }
+    let rewritten = match DomainConfig::parse(&out) {
+        Ok(c) if c == config => out,
+        _ => toml::to_string(&config).map_err(|e| Error::internal(format!("cannot write the definition with its MACs: {e}")))?,
+    };
+    config.validate().map_err(|e| Error::invalid(e.to_string()))?;
+    Ok((rewritten, config))
 }
 
 /// Rewrites (or adds) a top-level `key = true|false` line, keeping the rest of the text as written.

@@ -6,18 +6,24 @@
 //! after a restart) and reads the monitor's exit report. Processes are only ever signalled once
 //! proven to be the run's (`process_identity`). A running domain holds its disks (`claims`) from
 //! its start until its monitor is gone.
+//!
+//! NICs on a network or a host bridge get a tap ferrod makes (`fv<uuid prefix>-<n>`), plugs into
+//! the bridge and opens; the monitor and the VMM inherit the open tap, so the VMM needs no network
+//! privileges. The domain is registered with its networks (`Networks::attach`) while it runs, and
+//! its taps are deleted when the run ends.
 
 use super::{Domain, Domains, Runtime, cgroups, lock, no_domain};
 use crate::claims::{Access, Holder};
-use crate::domain::DomainConfig;
+use crate::domain::{DomainConfig, NicAttachment};
 use crate::durable;
 use crate::error::{Error, Result};
 use crate::model::{Crash, DomainInfo, DomainState, new_uuid, now_ms};
 use crate::monitor::{self, ExitReport};
 use crate::process_identity;
-use crate::vmm::{self, ResolvedDisk, RunFiles};
+use crate::vmm::{self, ResolvedDisk, RunFiles, VmNic};
 use ferro_jail::cgroup::VmCgroup;
-use ferro_vmm_api::DiskFormat;
+use ferro_vmm_api::{DiskFormat, MacAddr};
+use std::os::fd::AsRawFd;
 use ferro_vmm_api::control::{InfoReply, Request, RunState};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -61,6 +67,11 @@ impl Domains {
             tracing::info!(domain = name, monitor = pid, "re-attached to running VM");
             if let Some(config) = &config {
                 self.claim_running_disks(&name, config);
+                for (network, mac) in network_macs(config) {
+                    if let Err(e) = self.networks.register(network, &name, &[mac]) {
+                        tracing::warn!(domain = name, network, "running domain not registered with its network: {e}");
+                    }
+                }
             }
             self.watch_pidfd(name.clone(), pid, token.to_string(), pidfd);
             // Refresh what the VMM says about itself; a failure here is not fatal.
@@ -125,17 +136,36 @@ impl Domains {
         self.claims
             .claim(&uses, &holder)
             .map_err(|busy| Error::conflict(format!("domain {name}: disk {} is in use by {}", busy.path.display(), busy.holder)))?;
+        let plugged = {
+            let (domains, name, uuid, config) = (self.clone(), name.to_string(), uuid.clone(), config.clone());
+            tokio::task::spawn_blocking(move || domains.plug_nics(&name, &uuid, &config))
+                .await
+                .unwrap_or_else(|e| Err(Error::internal(format!("NIC task failed: {e}"))))
+        };
+        let plugs = match plugged {
+            Ok(plugs) => plugs,
+            Err(e) => {
+                self.claims.release(&holder);
+                return Err(e);
+            }
+        };
+        let nics: Vec<VmNic> =
+            plugs.iter().map(|p| VmNic { tap: p.tap.clone(), mac: p.mac, fd: p.fd.as_ref().map(|fd| fd.as_raw_fd()) }).collect();
+        let taps: Vec<String> = plugs.iter().filter(|p| p.fd.is_some()).map(|p| p.tap.clone()).collect();
         let started = match prepare_boot_files(name, &uuid, &config, &disks, &files).await {
-            Ok(disk_boot) => vmm::vm_config(&config, &disks, disk_boot.as_ref()).map_err(Error::invalid).and_then(|vm| {
+            Ok(disk_boot) => vmm::vm_config(&config, &disks, &nics, disk_boot.as_ref()).map_err(Error::invalid).and_then(|vm| {
                 let cgroup = self.create_cgroup(name, &uuid, &config, &disks[..config.disks.len()])?;
-                self.spawn_monitor(name, &files, &vm, &cgroup).inspect_err(|_| cgroups::remove(name, &cgroup))
+                self.spawn_monitor(name, &files, &vm, &cgroup, taps.clone()).inspect_err(|_| cgroups::remove(name, &cgroup))
             }),
             Err(e) => Err(e),
         };
+        // The monitor has its own copies of the taps now (or there is no monitor).
+        drop(plugs);
         let pid = match started {
             Ok(pid) => pid,
             Err(e) => {
                 self.claims.release(&holder);
+                self.unplug_nics(name, &taps);
                 return Err(e);
             }
         };
@@ -177,8 +207,25 @@ impl Domains {
 
     /// Prepares the run directory, starts the monitor (which starts the VMM) in a new session and
     /// in the run's cgroup, records the run and watches for its end. Returns the monitor's pid.
-    fn spawn_monitor(self: &Arc<Self>, name: &str, files: &RunFiles, vm: &ferro_vmm_api::VmConfig, cgroup: &VmCgroup) -> Result<i32> {
+    /// The NICs' open taps (`taps`, recorded in the run) are inherited by the monitor and the VMM
+    /// on the descriptor numbers the VM config names.
+    fn spawn_monitor(
+        self: &Arc<Self>,
+        name: &str,
+        files: &RunFiles,
+        vm: &ferro_vmm_api::VmConfig,
+        cgroup: &VmCgroup,
+        taps: Vec<String>,
+    ) -> Result<i32> {
         let placement = cgroup.placement().map_err(|e| Error::internal(format!("domain {name}: {e}")))?;
+        let inherited: Vec<i32> = vm
+            .devices
+            .iter()
+            .filter_map(|d| match d.kind {
+                ferro_vmm_api::DeviceKind::Net { fd, .. } => fd,
+                _ => None,
+            })
+            .collect();
         std::fs::create_dir_all(&files.dir).map_err(|e| Error::internal(format!("cannot create {}: {e}", files.dir.display())))?;
         for stale in [files.exit_report(), files.api_socket(), files.serial_socket()] {
             let _ = std::fs::remove_file(stale);
@@ -217,13 +264,20 @@ impl Domains {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         // SAFETY: the closure runs in the forked child before exec and only calls write(2) on
-        // descriptors opened before the fork (joining the cgroup) and setsid(2), which are
-        // async-signal-safe and touch no memory shared with the parent.
+        // descriptors opened before the fork (joining the cgroup), setsid(2) and fcntl(2), which
+        // are async-signal-safe and touch no memory shared with the parent; fcntl clears
+        // close-on-exec on the taps' descriptors in the child only, so they leak into no other
+        // process ferrod starts meanwhile.
         unsafe {
             cmd.pre_exec(move || {
                 placement.join()?;
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for fd in &inherited {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -247,6 +301,7 @@ impl Domains {
                 started_ms: Some(now_ms()),
                 run_token: Some(token.clone()),
                 cgroup: Some(cgroup.clone()),
+                taps,
                 ..Runtime::default()
             };
         });
@@ -340,7 +395,19 @@ impl Domains {
         if let Some(cgroup) = &cgroup {
             cgroups::explain_oom(cgroup, &mut report);
         }
-        let outcome = self.update(name, |d| record_exit(d, token.as_deref(), &report));
+        // The taps go before the end is recorded, so whoever waits for the domain to be off
+        // finds them gone.
+        let taps = lock(&self.domains).get(name).filter(|d| d.rt.run_token == token).map(|d| d.rt.taps.clone());
+        if let Some(taps) = taps {
+            self.unplug_nics(name, &taps);
+        }
+        let outcome = self.update(name, |d| {
+            let end = record_exit(d, token.as_deref(), &report);
+            if end.is_some() {
+                d.rt.taps.clear();
+            }
+            end
+        });
         let Ok(Some((kind, detail, reboot))) = outcome else { return };
         if let Some(cgroup) = &cgroup {
             cgroups::remove(name, cgroup);
@@ -354,6 +421,51 @@ impl Domains {
             // Handed to the restarter task: starting from here would make `start` recursive.
             let _ = self.restarts.send(name.to_string());
         }
+    }
+
+    /// Makes the taps of a starting domain's network and bridge NICs (plugged into their bridge,
+    /// up, opened) and registers the domain with its networks, starting a stopped network set to
+    /// autostart. A tap of the user's is passed by name. Undoes all of it on failure.
+    fn plug_nics(&self, name: &str, uuid: &str, config: &DomainConfig) -> Result<Vec<NicPlug>> {
+        let mut plugs: Vec<NicPlug> = Vec::new();
+        let mut plug = |i: usize, nic: &crate::domain::NicConfig| -> Result<()> {
+            let mac = nic_mac(nic);
+            let bridge = match nic.attachment() {
+                NicAttachment::Tap(tap) => {
+                    plugs.push(NicPlug { tap: tap.to_string(), mac, fd: None });
+                    return Ok(());
+                }
+                NicAttachment::Network(network) => self.networks.attach(network, name, &[mac]).map_err(|e| e.for_key(&format!("nic[{i}].network")))?,
+                NicAttachment::Bridge(bridge) => bridge.to_string(),
+            };
+            let tap = format!("fv{}-{i}", uuid.get(..8).unwrap_or(uuid));
+            // A tap of this domain's that an earlier run could not delete (ferrod died).
+            let _ = ferro_net::host::unplug_tap(&tap);
+            let fd = ferro_net::host::plug_tap(&tap, &bridge).map_err(|e| match e {
+                ferro_net::NetError::Conflict(m) => Error::conflict(format!("nic[{i}]: {m}")),
+                other => Error::internal(format!("nic[{i}]: {other}")),
+            })?;
+            plugs.push(NicPlug { tap, mac, fd: Some(fd) });
+            Ok(())
+        };
+        let result = config.nics.iter().enumerate().try_for_each(|(i, nic)| plug(i, nic));
+        if let Err(e) = result {
+            let made: Vec<String> = plugs.iter().filter(|p| p.fd.is_some()).map(|p| p.tap.clone()).collect();
+            drop(plugs);
+            self.unplug_nics(name, &made);
+            return Err(e);
+        }
+        Ok(plugs)
+    }
+
+    /// Deletes a run's taps and takes the domain off its networks.
+    fn unplug_nics(&self, name: &str, taps: &[String]) {
+        for tap in taps {
+            if let Err(e) = ferro_net::host::unplug_tap(tap) {
+                tracing::warn!(domain = name, tap, "cannot delete the NIC's tap: {e}");
+            }
+        }
+        self.networks.detach(name);
     }
 
     /// A domain's definition and its disks as files with their formats (for an export).
@@ -438,6 +550,32 @@ async fn prepare_boot_files(
         Ok(Some(vmm::DiskBoot { kernel: found.kernel, initrd: found.initrd, cmdline: found.cmdline }))
     };
     tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| Err(Error::internal(format!("boot file task failed: {e}"))))
+}
+
+/// A NIC's tap for the VMM: `fd` is the open tap for one ferrod made, None for a tap of the
+/// user's, which the VMM opens by name.
+struct NicPlug {
+    tap: String,
+    mac: MacAddr,
+    fd: Option<std::os::fd::OwnedFd>,
+}
+
+/// A NIC's MAC: the one in its definition (every NIC gets one at define time; a definition
+/// stored by an older ferrod may lack it, and then the run gets a new one).
+fn nic_mac(nic: &crate::domain::NicConfig) -> MacAddr {
+    nic.mac.as_deref().and_then(|m| m.parse().ok()).unwrap_or_else(MacAddr::random)
+}
+
+/// The (network, MAC) of each NIC of `config` that is on a virtual network.
+pub(super) fn network_macs(config: &DomainConfig) -> Vec<(&str, MacAddr)> {
+    config
+        .nics
+        .iter()
+        .filter_map(|nic| match nic.attachment() {
+            NicAttachment::Network(network) => Some((network, nic_mac(nic))),
+            _ => None,
+        })
+        .collect()
 }
 
 fn disk_access(readonly: bool) -> Access {

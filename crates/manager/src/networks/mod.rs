@@ -3,7 +3,9 @@
 //! It owns the network records and their rows in the store.
 //!
 //! A network marked active in the store is taken back by a restarted ferrod ([`Networks::recover`])
-//! without duplicating rules or dnsmasq instances. Host work (netlink, nft, dnsmasq) is blocking:
+//! without duplicating rules or dnsmasq instances. The domains service registers the running
+//! domains whose NICs are on a network ([`Networks::attach`]): their names go into the network's
+//! DNS, and a network in use cannot be destroyed or undefined. Host work (netlink, nft, dnsmasq) is blocking:
 //! the API calls these methods on blocking threads. One mutex serializes every change, so two
 //! requests never build or tear down networks at the same time.
 
@@ -11,7 +13,9 @@ use crate::error::{Error, Result};
 use crate::events::EventHub;
 use crate::model::{NetworkInfo, new_uuid};
 use crate::store::{Store, StoredNetwork};
+use ferro_net::dnsmasq::GuestName;
 use ferro_net::{HostNetworks, Lease, NetError, NetworkConfig};
+use ferro_vmm_api::MacAddr;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,6 +33,39 @@ struct Network {
 struct Inner {
     records: BTreeMap<String, Network>,
     host: HostNetworks,
+    /// For each network, the running domains on it and the MACs of their NICs there.
+    users: BTreeMap<String, BTreeMap<String, Vec<MacAddr>>>,
+}
+
+impl Inner {
+    /// Refuses to take down a network a running domain uses.
+    fn check_unused(&self, name: &str, doing: &str) -> Result<()> {
+        match self.users.get(name).filter(|u| !u.is_empty()) {
+            Some(users) => {
+                let names: Vec<&str> = users.keys().map(String::as_str).collect();
+                Err(Error::conflict(format!("network {name} is in use by domain {}; stop it before you {doing} the network", names.join(", "))))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Has the network's DNS answer with the names of the domains on it.
+    fn publish_names(&mut self, network: &str) {
+        if !self.host.is_running(network) {
+            return;
+        }
+        let guests: Vec<GuestName> = self
+            .users
+            .get(network)
+            .into_iter()
+            .flatten()
+            .filter(|(domain, _)| ferro_net::config::validate_hostname(domain).is_ok())
+            .flat_map(|(domain, macs)| macs.iter().map(|mac| GuestName { mac: *mac, name: domain.clone() }))
+            .collect();
+        if let Err(e) = self.host.set_guest_names(network, guests) {
+            tracing::warn!(network, "cannot update the guest names in DNS: {e}");
+        }
+    }
 }
 
 pub struct Networks {
@@ -65,7 +102,7 @@ impl Networks {
             let network = Network { uuid: row.uuid, definition: row.definition, config, autostart: row.autostart, active: row.active };
             records.insert(row.name, network);
         }
-        let inner = Inner { records, host: HostNetworks::new(state_dir) };
+        let inner = Inner { records, host: HostNetworks::new(state_dir), users: BTreeMap::new() };
         Ok(Arc::new(Networks { store, events, inner: Mutex::new(inner) }))
     }
 
@@ -141,6 +178,7 @@ impl Networks {
         if !inner.records.contains_key(name) {
             return Err(no_network(name));
         }
+        inner.check_unused(name, "undefine")?;
         if inner.host.is_running(name) {
             return Err(Error::conflict(format!("network {name} is running; run `ferro net-destroy {name}` first")));
         }
@@ -154,8 +192,10 @@ impl Networks {
 
     /// Builds the network on the host: bridge, firewall chains, dnsmasq.
     pub fn start(&self, name: &str) -> Result<NetworkInfo> {
-        let mut inner = self.lock();
-        let inner = &mut *inner;
+        self.start_locked(&mut self.lock(), name)
+    }
+
+    fn start_locked(&self, inner: &mut Inner, name: &str) -> Result<NetworkInfo> {
         let n = inner.records.get_mut(name).ok_or_else(|| no_network(name))?;
         if inner.host.is_running(name) {
             return Err(Error::conflict(format!("network {name} is already running")));
@@ -177,10 +217,14 @@ impl Networks {
     pub fn destroy(&self, name: &str) -> Result<NetworkInfo> {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let n = inner.records.get_mut(name).ok_or_else(|| no_network(name))?;
+        if !inner.records.contains_key(name) {
+            return Err(no_network(name));
+        }
         if !inner.host.is_running(name) {
             return Err(Error::conflict(format!("network {name} is not running")));
         }
+        inner.check_unused(name, "destroy")?;
+        let n = inner.records.get_mut(name).ok_or_else(|| no_network(name))?;
         n.active = false;
         self.persist(name, n)?;
         let result = inner.host.destroy(name).map_err(|e| net_error(name, e));
@@ -210,6 +254,54 @@ impl Networks {
             return Err(Error::conflict(format!("network {name} is not running; run `ferro net-start {name}`")));
         }
         Ok(inner.host.leases(name))
+    }
+
+    /// Puts a starting domain's NICs (their MACs) on `network`, starting the network first when it
+    /// is stopped and set to autostart. Returns the bridge the NICs' taps go on.
+    pub fn attach(&self, network: &str, domain: &str, macs: &[MacAddr]) -> Result<String> {
+        let mut inner = self.lock();
+        if !inner.host.is_running(network) {
+            match inner.records.get(network).map(|n| n.autostart) {
+                None => return Err(Error::conflict(format!("network {network} is not defined (see `ferro net-list --all`)"))),
+                Some(false) => {
+                    return Err(Error::conflict(format!(
+                        "network {network} is not running; start it with `ferro net-start {network}` (or mark it autostart)"
+                    )));
+                }
+                Some(true) => {
+                    self.start_locked(&mut inner, network)?;
+                    tracing::info!(network, domain, "started the autostart network for the domain");
+                }
+            }
+        }
+        Self::register_locked(&mut inner, network, domain, macs)
+    }
+
+    /// Records that running `domain` has NICs with `macs` on the running `network` (after a
+    /// ferrod restart, for domains found running). Returns the network's bridge.
+    pub fn register(&self, network: &str, domain: &str, macs: &[MacAddr]) -> Result<String> {
+        Self::register_locked(&mut self.lock(), network, domain, macs)
+    }
+
+    fn register_locked(inner: &mut Inner, network: &str, domain: &str, macs: &[MacAddr]) -> Result<String> {
+        let Some(bridge) = inner.host.bridge_of(network).map(str::to_owned) else {
+            return Err(Error::conflict(format!("network {network} is not running")));
+        };
+        inner.users.entry(network.to_string()).or_default().entry(domain.to_string()).or_default().extend_from_slice(macs);
+        inner.publish_names(network);
+        Ok(bridge)
+    }
+
+    /// Takes a domain that stopped off every network it was on.
+    pub fn detach(&self, domain: &str) {
+        let mut inner = self.lock();
+        let networks: Vec<String> = inner.users.iter().filter(|(_, users)| users.contains_key(domain)).map(|(n, _)| n.clone()).collect();
+        for network in networks {
+            if let Some(users) = inner.users.get_mut(&network) {
+                users.remove(domain);
+            }
+            inner.publish_names(&network);
+        }
     }
 
     /// After ferrod starts: on the first start since the host booted, the networks set to

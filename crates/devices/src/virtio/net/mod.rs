@@ -72,7 +72,16 @@ fn tap_offloads(features: u64) -> u32 {
 impl Net {
     /// Opens (or creates) the tap `tap`; `mac` None makes one up.
     pub fn new(tap: &str, mac: Option<MacAddr>) -> io::Result<Net> {
-        let tap = Tap::open(tap)?;
+        Net::on(Tap::open(tap)?, mac)
+    }
+
+    /// Takes over the tap `tap` already open on the inherited descriptor `fd` (see
+    /// [`Tap::from_fd`]); `mac` None makes one up.
+    pub fn from_fd(fd: i32, tap: &str, mac: Option<MacAddr>) -> io::Result<Net> {
+        Net::on(Tap::from_fd(fd, tap)?, mac)
+    }
+
+    fn on(tap: Tap, mac: Option<MacAddr>) -> io::Result<Net> {
         let offered = if tap.supports_offloads() { BASE_FEATURES | OFFLOAD_FEATURES } else { BASE_FEATURES };
         let mac = mac.unwrap_or_else(MacAddr::random);
         Ok(Net { tap: Arc::new(tap), mac, offered, acked: 0, counters: Arc::default(), runner: Runner::Idle })

@@ -48,17 +48,66 @@ impl Tap {
             let e = io::Error::last_os_error();
             return Err(io::Error::new(e.kind(), format!("TUNSETIFF {name}: {e} (is it a tap, and may we open it?)")));
         }
-        let hdr_len = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads one int, which lives for the call.
-        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
         let tap = Tap { file, name: name.to_owned() };
+        tap.set_header_size()?;
         if let Err(e) = tap.bring_up() {
             eprintln!("ferro: tap {name}: cannot bring the link up ({e}); the host side must do it");
         }
         tap.set_offload(0)?;
         Ok(tap)
+    }
+
+    /// Takes over descriptor `fd`, inherited from whoever started us, which must be a
+    /// /dev/net/tun file attached to the tap `name` with the flags [`Tap::open`] uses (ferrod
+    /// creates and plugs the tap, so the VMM needs no network privileges). The descriptor becomes
+    /// close-on-exec and non-blocking; anything else behind it is refused and left open.
+    pub fn from_fd(fd: RawFd, name: &str) -> io::Result<Tap> {
+        ifreq_for(name)?;
+        // SAFETY: F_GETFD only reads the descriptor's flags; it fails on a closed descriptor.
+        let fd_flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if fd < 3 || fd_flags < 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not an open inherited descriptor")));
+        }
+        // SAFETY: ifreq is plain data; all zeros is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF fills one ifreq, which lives for the call; on anything but a tun
+        // file it fails and changes nothing.
+        if unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req) } < 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a tap ({})", io::Error::last_os_error())));
+        }
+        // SAFETY: the kernel wrote a NUL-terminated name into ifr_name (at most IFNAMSIZ bytes).
+        let attached = unsafe { std::ffi::CStr::from_ptr(req.ifr_name.as_ptr()) }.to_string_lossy().into_owned();
+        // SAFETY: TUNGETIFF set the flags member of the union.
+        let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
+        let wanted = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if attached != name || flags & wanted != wanted {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("fd {fd} is {attached:?} with flags {flags:#x}, not the tap {name:?} with a virtio-net header and no packet info"),
+            ));
+        }
+        // SAFETY: F_SETFD and F_SETFL on a descriptor checked above to be open.
+        let status = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, fd_flags | libc::FD_CLOEXEC) } < 0 || status < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, status | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is open, is a tun file (checked above), and was handed to us to own: the
+        // VmConfig names it for this device alone.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let tap = Tap { file, name: name.to_owned() };
+        tap.set_header_size()?;
+        tap.set_offload(0)?;
+        Ok(tap)
+    }
+
+    fn set_header_size(&self) -> io::Result<()> {
+        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int, which lives for the call.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
