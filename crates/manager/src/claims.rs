@@ -8,7 +8,8 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -23,6 +24,9 @@ pub enum Holder {
     Domain(String),
     /// A job, by id and kind ("clone", ...).
     Job { id: u64, kind: String },
+    /// A request that changes a file while it runs (a volume upload, wipe or resize); `id` only
+    /// tells two of them apart.
+    Operation { id: u64, what: &'static str },
 }
 
 impl fmt::Display for Holder {
@@ -30,6 +34,7 @@ impl fmt::Display for Holder {
         match self {
             Holder::Domain(name) => write!(f, "running domain {name}"),
             Holder::Job { id, kind } => write!(f, "{kind} job {id} (see `ferro job-info {id}`)"),
+            Holder::Operation { what, .. } => write!(f, "a volume {what} in progress"),
         }
     }
 }
@@ -44,6 +49,19 @@ pub struct Busy {
 #[derive(Default)]
 pub struct Claims {
     held: Mutex<Vec<(PathBuf, Access, Holder)>>,
+    operations: AtomicU64,
+}
+
+/// The claims of one operation, released when it is dropped (whichever way the operation ends).
+pub struct Held {
+    claims: Arc<Claims>,
+    holder: Holder,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.claims.release(&self.holder);
+    }
 }
 
 /// The path a claim is recorded under: the resolved file, or for a file not made yet, its
@@ -90,6 +108,14 @@ impl Claims {
         }
     }
 
+    /// Claims `uses` for the operation `what` (an upload, a wipe) until the returned guard is
+    /// dropped.
+    pub fn hold(self: &Arc<Self>, uses: &[(PathBuf, Access)], what: &'static str) -> Result<Held, Busy> {
+        let holder = Holder::Operation { id: self.operations.fetch_add(1, Ordering::Relaxed), what };
+        self.claim(uses, &holder)?;
+        Ok(Held { claims: self.clone(), holder })
+    }
+
     /// Drops every claim of `holder`.
     pub fn release(&self, holder: &Holder) {
         self.held().retain(|(_, _, h)| h != holder);
@@ -131,6 +157,15 @@ mod tests {
         assert_eq!(busy.holder.to_string(), "running domain web");
         claims.release(&web);
         assert!(claims.check(&disk, Access::Write).is_ok());
+
+        // An operation holds its files until its guard goes, however it ends.
+        let claims = Arc::new(claims);
+        let upload = claims.hold(&[(disk.clone(), Access::Write)], "upload").unwrap();
+        let busy = claims.hold(&[(disk.clone(), Access::Write)], "upload").err().unwrap();
+        assert_eq!(busy.holder.to_string(), "a volume upload in progress");
+        assert!(claims.claim(&[(disk.clone(), Access::Read)], &web).is_err());
+        drop(upload);
+        claims.claim(&[(disk.clone(), Access::Read)], &web).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -385,3 +385,69 @@ fn a_running_domains_volume_is_used_and_cannot_be_deleted() {
         assert_eq!(*byte, want, "byte {p} of the volume is not what the guest wrote");
     }
 }
+
+/// A volume is held while anything reads or replaces it: the base volume a running domain reads
+/// through its overlay cannot be wiped, resized or overwritten; two uploads to one volume never
+/// interleave; and no domain starts on a volume while an upload is replacing it.
+#[test]
+fn backing_volumes_and_uploads_are_held() {
+    let home = Home::new("volhold");
+    let d = Daemon::start(&home);
+    let api = d.api();
+    let target = home.path().join("images");
+    let def = serde_json::json!({ "name": "default", "type": "dir", "target": target.display().to_string() }).to_string();
+    api.expect("POST", "/v1/pools", Some(&def), 201);
+    api.expect("POST", "/v1/pools/default/build", None, 200);
+    api.expect("POST", "/v1/pools/default/start", None, 200);
+    api.expect("POST", "/v1/pools/default/volumes", Some(r#"{"name": "base.qcow2", "capacity": "16M", "format": "qcow2"}"#), 201);
+    let overlay = r#"{"name": "top.qcow2", "capacity": "16M", "format": "qcow2", "backing_volume": "base.qcow2", "backing_format": "qcow2"}"#;
+    api.expect("POST", "/v1/pools/default/volumes", Some(overlay), 201);
+    let toml = format!("{}[[disk]]\npool = \"default\"\nvolume = \"top.qcow2\"\nformat = \"qcow2\"\n", guest_toml("over", "idle"));
+    api.expect("POST", "/v1/domains", Some(&toml), 201);
+    api.expect("POST", "/v1/domains/over/start", None, 200);
+    let base_bytes = std::fs::read(target.join("base.qcow2")).unwrap();
+    for (method, path, body) in [
+        ("POST", "/v1/pools/default/volumes/base.qcow2/wipe", None),
+        ("POST", "/v1/pools/default/volumes/base.qcow2/resize", Some(r#"{"capacity": "32M"}"#)),
+    ] {
+        let v = api.expect(method, path, body, 409);
+        assert!(v["message"].as_str().unwrap().contains("in use by running domain over"), "{path}: {v}");
+    }
+    let refused = api.raw("PUT", "/v1/pools/default/volumes/base.qcow2/data", "application/octet-stream", Some(b"junk"));
+    assert_eq!(refused.status, 409, "an upload over the base of a running overlay");
+    assert_eq!(std::fs::read(target.join("base.qcow2")).unwrap(), base_bytes, "the base volume is untouched");
+    api.expect("POST", "/v1/domains/over/destroy", None, 200);
+    api.expect("POST", "/v1/pools/default/volumes/base.qcow2/wipe", None, 200);
+
+    // An upload in progress: its body is half sent and the connection left open.
+    api.expect("POST", "/v1/pools/default/volumes", Some(r#"{"name": "free.raw", "capacity": "1M"}"#), 201);
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + (i >> 12)) as u8).collect();
+    let mut slow = UnixStream::connect(home.socket()).unwrap();
+    let head = format!(
+        "PUT /v1/pools/default/volumes/free.raw/data HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        data.len()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.write_all(&data[..4096]).unwrap();
+    // Its scratch file appears once it holds the volume (probing with another change could take
+    // the volume first and make the upload the one refused).
+    wait_for("the first upload to start", Duration::from_secs(20), || target.join(".free.raw.upload").exists());
+    let v = api.expect("POST", "/v1/pools/default/volumes/free.raw/wipe", None, 409);
+    assert!(v["message"].as_str().unwrap().contains("upload in progress"), "{v}");
+    let second = api.raw("PUT", "/v1/pools/default/volumes/free.raw/data", "application/octet-stream", Some(&[0xee; 4096]));
+    assert_eq!(second.status, 409, "a second upload to the same volume: {}", String::from_utf8_lossy(&second.body));
+    assert!(String::from_utf8_lossy(&second.body).contains("upload in progress"));
+    let toml = format!("{}[[disk]]\npool = \"default\"\nvolume = \"free.raw\"\n", guest_toml("during", "idle"));
+    api.expect("POST", "/v1/domains", Some(&toml), 201);
+    let v = api.expect("POST", "/v1/domains/during/start", None, 409);
+    assert!(v["message"].as_str().unwrap().contains("upload in progress"), "{v}");
+
+    slow.write_all(&data[4096..]).unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "the first upload completes: {answer}");
+    assert_eq!(std::fs::read(target.join("free.raw")).unwrap(), data, "the volume holds the first upload, whole");
+    // Released when it ended: the domain starts now.
+    api.expect("POST", "/v1/domains/during/start", None, 200);
+    api.expect("POST", "/v1/domains/during/destroy", None, 200);
+}

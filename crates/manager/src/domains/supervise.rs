@@ -132,7 +132,7 @@ impl Domains {
             disks.push(ResolvedDisk { path: files.cloud_init_seed(), format: DiskFormat::Raw, readonly: true });
         }
         let holder = Holder::Domain(name.to_string());
-        let uses: Vec<(PathBuf, Access)> = disks.iter().map(|d| (d.path.clone(), disk_access(d.readonly))).collect();
+        let uses = disk_uses(disks.iter().map(|d| (d.path.clone(), d.format.name(), d.readonly)));
         self.claims
             .claim(&uses, &holder)
             .map_err(|busy| Error::conflict(format!("domain {name}: disk {} is in use by {}", busy.path.display(), busy.holder)))?;
@@ -501,7 +501,7 @@ impl Domains {
 
     /// Claims the disks of a domain found running after a restart, as far as they still resolve.
     fn claim_running_disks(&self, name: &str, config: &DomainConfig) {
-        let uses: Vec<(PathBuf, Access)> = config
+        let uses: Vec<(PathBuf, &str, bool)> = config
             .disks
             .iter()
             .filter_map(|disk| {
@@ -510,9 +510,10 @@ impl Domains {
                     (None, Some(pool), Some(vol)) => self.pools.volume_file(pool, vol)?,
                     _ => return None,
                 };
-                Some((path, disk_access(disk.readonly)))
+                Some((path, disk.format.as_str(), disk.readonly))
             })
             .collect();
+        let uses = disk_uses(uses.into_iter());
         if let Err(busy) = self.claims.claim(&uses, &Holder::Domain(name.to_string())) {
             tracing::warn!(domain = name, "disk {} is also used by {}", busy.path.display(), busy.holder);
         }
@@ -580,6 +581,25 @@ pub(super) fn network_macs(config: &DomainConfig) -> Vec<(&str, MacAddr)> {
 
 fn disk_access(readonly: bool) -> Access {
     if readonly { Access::Read } else { Access::Write }
+}
+
+/// What a domain's disks (path, format, read-only) use: each disk as it is attached, and every file of
+/// its backing chain for reading, so that no volume a running domain reads through an overlay is
+/// wiped, resized or replaced under it. A chain that cannot be read is left to the VMM, whose
+/// open fails with the reason.
+fn disk_uses<'a>(disks: impl Iterator<Item = (PathBuf, &'a str, bool)>) -> Vec<(PathBuf, Access)> {
+    let mut uses = Vec::new();
+    for (path, format, readonly) in disks {
+        // The format is the definition's, never probed: a raw disk's guest may write anything.
+        let format = ferro_block::Format::from_name(format);
+        if format.is_some()
+            && let Ok(chain) = ferro_block::ops::info(&path, format, true, true)
+        {
+            uses.extend(chain.into_iter().skip(1).map(|backing| (backing.path, Access::Read)));
+        }
+        uses.push((path, disk_access(readonly)));
+    }
+    uses
 }
 
 /// Records the end of run `token` in a domain's record: shut off after a clean exit or a destroy,

@@ -1,9 +1,11 @@
 //! Volumes: the image files of a pool. Every change to a volume first checks that no running
-//! domain or job holds it (`claims`); files are replaced by writing beside them and renaming
-//! durably (`durable`), so a crash never leaves a half-written volume.
+//! domain or job holds it (`claims`), and a change that takes time (resize, wipe, upload) holds
+//! the volume itself until it ends, so that two of them never interleave and no domain starts on
+//! a volume being replaced. Files are replaced by writing beside them and renaming durably
+//! (`durable`), so a crash never leaves a half-written volume.
 
 use super::Pools;
-use crate::claims::Access;
+use crate::claims::{Access, Held};
 use crate::domain::{DISK_FORMATS, parse_size, validate_volume_name};
 use crate::durable;
 use crate::error::{Error, Result};
@@ -78,6 +80,17 @@ impl Pools {
         Ok(path)
     }
 
+    /// The path of a volume, held for the operation `what` until the guard is dropped (409 if
+    /// anyone uses it).
+    fn hold_volume(&self, pool: &str, name: &str, what: &'static str) -> Result<(PathBuf, Held)> {
+        let path = self.volume_path(pool, name, false)?;
+        let held = self
+            .claims
+            .hold(&[(path.clone(), Access::Write)], what)
+            .map_err(|busy| Error::conflict(format!("volume {name} is in use by {}", busy.holder)))?;
+        Ok((path, held))
+    }
+
     pub fn volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>> {
         let dir = self.active_dir(pool)?;
         Ok(volume_files(&dir).into_iter().filter_map(|name| image(pool, &name, &dir.join(&name)).ok().map(|i| i.info)).collect())
@@ -144,7 +157,7 @@ impl Pools {
 
     /// Grows a volume to `capacity` bytes (shrinking is refused).
     pub async fn resize_volume(&self, pool: &str, name: &str, capacity: u64) -> Result<VolumeInfo> {
-        let path = self.volume_path(pool, name, true)?;
+        let (path, _held) = self.hold_volume(pool, name, "resize")?;
         let img = image(pool, name, &path)?;
         if capacity < img.info.capacity {
             return Err(Error::invalid(format!(
@@ -162,7 +175,7 @@ impl Pools {
     /// size, format and backing file is made beside it and renamed over it, so a crash leaves the
     /// old volume or the wiped one, never a truncated file.
     pub async fn wipe_volume(&self, pool: &str, name: &str) -> Result<VolumeInfo> {
-        let path = self.volume_path(pool, name, true)?;
+        let (path, _held) = self.hold_volume(pool, name, "wipe")?;
         let img = image(pool, name, &path)?;
         let mut opts = CreateOptions::new(img.format, Some(img.info.capacity));
         opts.backing_file = img.backing_raw.clone();
@@ -193,7 +206,7 @@ impl Pools {
         E: std::fmt::Display,
     {
         use tokio::io::AsyncWriteExt;
-        let path = self.volume_path(pool, name, true)?;
+        let (path, _held) = self.hold_volume(pool, name, "upload")?;
         let tmp = path.with_file_name(format!(".{name}.upload"));
         let io = |e: std::io::Error| Error::internal(format!("upload to {}: {e}", path.display()));
         let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
