@@ -199,3 +199,27 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn its_state_is_its_kind_and_other_kinds_are_refused() {
+        let rng = Rng::new(Some(1024));
+        let state = rng.save();
+        let back: VirtioDeviceState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        let mut fresh = Rng::new(Some(1024));
+        fresh.restore(&back).unwrap();
+        assert_eq!(fresh.save(), state);
+        let console = crate::virtio::console::ConsoleState {
+            backend: "stdio".into(),
+            path: None,
+            acked_features: 0,
+            input: Vec::new(),
+            output: Vec::new(),
+        };
+        let err = fresh.restore(&VirtioDeviceState::Console(console)).unwrap_err();
+        assert_eq!(err, "saved virtio-console state does not fit a virtio-rng device");
+    }
+}
