@@ -11,6 +11,7 @@ mod exits;
 mod floor;
 mod images;
 mod launch;
+mod snapshot;
 mod virtio;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +45,11 @@ enum Section {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Snapshot pause time and restore -> guest answering at 256 MiB and 2 GiB, against QEMU (migration to a file, -incoming).
+    Snapshot {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// The floor's child process (spawned by `launch`).
     #[command(hide = true)]
     FloorChild,
@@ -58,6 +64,7 @@ fn main() {
             virtio::run(&common::ferro_bin(), runs, &scratch.0);
         }
         Section::Images { runs } => images::run(runs),
+        Section::Snapshot { runs } => snapshot::run(runs),
         Section::FloorChild => floor::first_exit_child(),
     }
 }
