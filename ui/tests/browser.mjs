@@ -5,6 +5,7 @@
 //   FERRO_CLI, FERRO_HOME   the ferro binary and the daemon's home, to check what the UI did
 //   FERRO_DOMAIN      a running domain with the `idle` test guest (echoes typed bytes)
 //   FERRO_POOL, FERRO_POOL_DIR   an active dir pool and its directory
+//   FERRO_JOB         the id of a finished copy job
 //   FERRO_SHOTS       where screenshots go
 // Exits non-zero with the reason on the first failed check.
 
@@ -158,6 +159,10 @@ try {
   await page.getByRole("button", { name: "Confirm" }).click();
   await pool.locator('tr[data-volume="from-form"]').waitFor({ state: "detached" });
   check(!existsSync(`${env("FERRO_POOL_DIR")}/from-form`), "Delete (confirmed) removes the volume's file");
+  await page.getByRole("link", { name: "Jobs" }).click();
+  const job = page.locator(`tr[data-job="${env("FERRO_JOB")}"]`);
+  await job.getByText("completed").waitFor();
+  check((await job.locator("progress").evaluate((p) => p.value)) === 1, "the jobs page shows the finished copy job with a full progress bar");
   await page.getByRole("link", { name: "Networks" }).click();
   await page.getByRole("heading", { name: "Networks" }).waitFor();
   check(true, "the networks page loads");

@@ -2,7 +2,7 @@
 //! (the page and its files, nothing else), and `ui/tests/browser.mjs` driving Debian's Chromium
 //! headless through Playwright (sign-in, the list, Force off and Start seen by `ferro domstate`,
 //! the console both ways, a pause made with the CLI showing by itself, volumes made, uploaded
-//! (bytes compared) and deleted, the create form seen by `ferro list`, graphs with data points, a
+//! (bytes compared) and deleted, a finished copy job at 100 %, the create form seen by `ferro list`, graphs with data points, a
 //! readonly session that can press nothing, a phone-sized viewport, no browser console errors).
 //! Screenshots land in `target/tmp/ui-screenshots/`.
 
@@ -95,6 +95,10 @@ fn the_ui_in_chromium() {
     api.expect("POST", "/v1/pools", Some(&pool), 201);
     api.expect("POST", "/v1/pools/p1/build", None, 200);
     api.expect("POST", "/v1/pools/p1/start", None, 200);
+    api.expect("POST", "/v1/pools/p1/volumes", Some(r#"{"name": "base.raw", "capacity": "8M"}"#), 201);
+    let job = api.expect("POST", "/v1/pools/p1/volumes/base.raw/clone", Some(r#"{"name": "copy.raw"}"#), 202);
+    let job = api.wait_job(job["id"].as_u64().expect("a job id"));
+    assert_eq!(job["state"], "completed", "{job}");
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
     let out = Command::new("node")
         .arg(ui_dir().join("tests/browser.mjs"))
@@ -106,6 +110,7 @@ fn the_ui_in_chromium() {
         .env("FERRO_HOME", home.path())
         .env("FERRO_DOMAIN", "web1")
         .env("FERRO_POOL", "p1")
+        .env("FERRO_JOB", job["id"].to_string())
         .env("FERRO_POOL_DIR", &pool_dir)
         .env("FERRO_SHOTS", &shots)
         .output()

@@ -39,6 +39,8 @@ export function JobsPage({ admin }: { admin: boolean }) {
             </thead>
             <tbody>
               {[...jobs].reverse().map((j) => {
+                // A completed job's counters need not reach their total (the browser test's clone
+                // of a new 8 MiB volume ended short of it), so completed shows a full bar.
                 const [done, total] = jobProgress(j);
                 return (
                   <tr data-job={j.id}>
