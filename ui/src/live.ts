@@ -64,13 +64,20 @@ export async function refresh(): Promise<void> {
   changed();
 }
 
+/** Domains seen active by the previous sample. */
+let seenActive = new Set<string>();
+
 async function sample(): Promise<void> {
   const active = (state.domains ?? []).filter((d) => d.state === "running" || d.state === "paused");
   for (const name of state.stats.keys()) {
     if (!active.some((d) => d.name === name)) state.stats.delete(name);
   }
+  // A domain just started may not answer stats yet (ferrod says 502 until its VMM does), and the
+  // browser logs every failed request: its first sample waits for the next round.
+  const ready = active.filter((d) => seenActive.has(d.name));
+  seenActive = new Set(active.map((d) => d.name));
   await Promise.all(
-    active.map(async (d) => {
+    ready.map(async (d) => {
       try {
         const now = await get<DomainStats>(domainPath(d.name, "stats"));
         record(d.name, now, Date.now());
