@@ -18,6 +18,10 @@ pub struct RunArgs {
     /// booting one: it continues where it was saved, with the devices it had.
     #[arg(long, value_name = "DIR", conflicts_with = "VmArgs")]
     restore: Option<PathBuf>,
+    /// Run every VMM thread under its seccomp allowlist (docs/isolation.md); a call outside it
+    /// kills the VMM with SIGSYS.
+    #[arg(long)]
+    seccomp: bool,
 }
 
 /// `ferro vmm`: the VMM process ferrod supervises (docs/vmm-control.md). Same VM flags as `run`,
@@ -33,6 +37,10 @@ pub struct VmmArgs {
     /// booting one; its configuration comes from the snapshot.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["VmArgs", "config", "name"])]
     restore: Option<PathBuf>,
+    /// Run every VMM thread under its seccomp allowlist (docs/isolation.md); a call outside it
+    /// kills the VMM with SIGSYS.
+    #[arg(long)]
+    seccomp: bool,
     /// Serve the control protocol on this unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -253,6 +261,11 @@ fn finish(result: ferro_vmm::Result<ExitReason>) -> ExitCode {
 }
 
 pub fn run(args: RunArgs) -> ExitCode {
+    if args.seccomp
+        && let Err(e) = ferro_jail::seccomp::enable()
+    {
+        return fail(&e);
+    }
     let start = match &args.restore {
         Some(dir) => Start::Restore(dir),
         None => match args.vm.config(String::new()) {
@@ -277,6 +290,11 @@ pub fn vmm(args: VmmArgs) -> ExitCode {
         events.emit(&VmEvent::Exited { reason: ExitReason::Error(msg.clone()) });
         fail(&msg)
     };
+    if args.seccomp
+        && let Err(e) = ferro_jail::seccomp::enable()
+    {
+        return failed(e);
+    }
     let start = match (&args.restore, &args.config) {
         (Some(dir), _) => Ok(Start::Restore(dir)),
         (None, Some(path)) => read_config(path).map(Start::Boot),

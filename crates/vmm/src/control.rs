@@ -4,6 +4,7 @@
 
 use crate::exit::ExitReason;
 use crate::vm::VmControl;
+use ferro_jail::seccomp::{self, ThreadKind};
 use ferro_vmm_api::Request;
 use ferro_vmm_api::control::{BalloonReply, Done, MAX_LINE, RunState, SnapshotReply, decode_request, encode_reply};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -61,10 +62,10 @@ pub fn handle(vm: &VmControl, line: &str) -> (String, Option<ExitReason>) {
 pub fn serve(path: &Path, vm: Arc<VmControl>) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
-    std::thread::Builder::new().name("api".into()).spawn(move || {
+    seccomp::spawn(ThreadKind::ControlListener, "api", move || {
         for stream in listener.incoming().flatten() {
             let vm = vm.clone();
-            let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || serve_connection(stream, &vm));
+            let _ = seccomp::spawn(ThreadKind::ControlConnection, "api-conn", move || serve_connection(stream, &vm));
         }
     })?;
     Ok(())

@@ -2,6 +2,7 @@
 //! replay of the last 64 KiB) and what a client sends becomes COM1 input.
 
 use ferro_devices::legacy::Serial;
+use ferro_jail::seccomp::{self, ThreadKind};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -50,7 +51,7 @@ impl SerialHub {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         let hub = self.clone();
-        std::thread::Builder::new().name("serial-sock".into()).spawn(move || {
+        seccomp::spawn(ThreadKind::SerialListener, "serial-sock", move || {
             for stream in listener.incoming().flatten() {
                 let Ok(reader) = stream.try_clone() else { continue };
                 let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
@@ -64,7 +65,7 @@ impl SerialHub {
                     s.clients.push(stream);
                 }
                 let serial = serial.clone();
-                let _ = std::thread::Builder::new().name("serial-in".into()).spawn(move || forward_input(reader, &serial));
+                let _ = seccomp::spawn(ThreadKind::SerialInput, "serial-in", move || forward_input(reader, &serial));
             }
         })?;
         Ok(())

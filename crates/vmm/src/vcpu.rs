@@ -18,6 +18,7 @@
 use crate::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use ferro_devices::BusAction;
+use ferro_jail::seccomp::{self, ThreadKind};
 use ferro_hypervisor::VcpuState;
 use kvm_bindings::{KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -245,7 +246,7 @@ impl Vcpus {
             let started = Arc::new(AtomicBool::new(started.get(index).copied().unwrap_or(false)));
             let index = index as u8;
             let t = VcpuThread { index, fd, shared: shared.clone(), events, responses, started: started.clone(), msrs: msrs.clone() };
-            let thread = std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || t.run())?;
+            let thread = seccomp::spawn(ThreadKind::Vcpu, &format!("vcpu{index}"), move || t.run())?;
             vcpus.push(Vcpu { index, thread, events: events_tx, responses: responses_rx, started });
         }
         Ok(Vcpus { vcpus })

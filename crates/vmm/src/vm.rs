@@ -246,7 +246,10 @@ impl Vm {
         let reason = match served.and_then(|()| self.control.resume()) {
             Ok(()) => {
                 self.control.events.emit(&VmEvent::Started { pid: std::process::id() });
-                self.main_loop(&signals, raw.is_some(), console_input.as_deref())
+                match ferro_jail::seccomp::install(ferro_jail::seccomp::ThreadKind::Main) {
+                    Ok(()) => self.main_loop(&signals, raw.is_some(), console_input.as_deref()),
+                    Err(e) => ExitReason::Error(e),
+                }
             }
             Err(e) => ExitReason::Error(e),
         };

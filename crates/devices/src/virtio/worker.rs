@@ -4,6 +4,7 @@
 //! hands it back when stopped, so pausing a device leaves its queues, with their indices, where
 //! they can be saved, and resuming carries on from exactly there.
 
+use ferro_jail::seccomp::{self, Device, ThreadKind};
 use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 use virtio_queue::Queue;
@@ -15,6 +16,8 @@ pub type Wake = usize;
 
 /// What a device's worker runs on.
 pub trait WorkerState: Send + 'static {
+    /// The device kind, whose seccomp allowlist the worker thread runs under.
+    const DEVICE: Device;
     /// The fds to wait on; `wake(i)` is called when `fds()[i]` is readable.
     fn fds(&self) -> Vec<RawFd>;
     /// Handles a wake. It must drain what woke it (read the eventfd, the tap) or it is called
@@ -33,7 +36,8 @@ pub struct Worker<S: WorkerState> {
 }
 
 impl<S: WorkerState> Worker<S> {
-    /// Starts a thread named `name` that serves `state` until stopped.
+    /// Starts a thread named `name`, under the seccomp filter of `S::DEVICE`'s workers, that
+    /// serves `state` until stopped.
     pub fn spawn(name: &str, mut state: S) -> std::io::Result<Worker<S>> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
@@ -43,7 +47,7 @@ impl<S: WorkerState> Worker<S> {
             epoll.ctl(ControlOperation::Add, *fd, EpollEvent::new(EventSet::IN, i as u64))?;
         }
         epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
-        let thread = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+        let thread = seccomp::spawn(ThreadKind::Device(S::DEVICE), name, move || {
             let mut events = vec![EpollEvent::default(); fds.len() + 1];
             loop {
                 let n = match epoll.wait(-1, &mut events) {
@@ -156,6 +160,7 @@ mod tests {
     }
 
     impl WorkerState for Counter {
+        const DEVICE: Device = Device::Rng;
         fn fds(&self) -> Vec<RawFd> {
             vec![self.kick.as_raw_fd()]
         }

@@ -169,6 +169,8 @@ struct QueueWorker {
 }
 
 impl WorkerState for QueueWorker {
+    const DEVICE: ferro_jail::seccomp::Device = ferro_jail::seccomp::Device::Balloon;
+
     /// The three kicks, then the control's refresh request.
     fn fds(&self) -> Vec<RawFd> {
         let mut fds: Vec<RawFd> = self.kicks.iter().map(|k| k.as_raw_fd()).collect();

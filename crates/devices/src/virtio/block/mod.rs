@@ -212,6 +212,8 @@ struct BlockWorker {
 }
 
 impl WorkerState for BlockWorker {
+    const DEVICE: ferro_jail::seccomp::Device = ferro_jail::seccomp::Device::Block;
+
     fn fds(&self) -> Vec<RawFd> {
         vec![self.kick.as_raw_fd()]
     }

@@ -53,6 +53,8 @@ struct ConsoleWorker {
 }
 
 impl WorkerState for ConsoleWorker {
+    const DEVICE: ferro_jail::seccomp::Device = ferro_jail::seccomp::Device::Console;
+
     fn fds(&self) -> Vec<RawFd> {
         vec![self.kicks[0].as_raw_fd(), self.kicks[1].as_raw_fd(), self.port_fd]
     }

@@ -105,6 +105,8 @@ impl NetIo {
 }
 
 impl WorkerState for NetIo {
+    const DEVICE: ferro_jail::seccomp::Device = ferro_jail::seccomp::Device::Net;
+
     fn fds(&self) -> Vec<RawFd> {
         vec![self.kicks[RX_QUEUE].as_raw_fd(), self.kicks[TX_QUEUE].as_raw_fd(), self.tap_poll.as_raw_fd()]
     }

@@ -41,6 +41,8 @@ struct RngWorker {
 }
 
 impl WorkerState for RngWorker {
+    const DEVICE: ferro_jail::seccomp::Device = ferro_jail::seccomp::Device::Rng;
+
     fn fds(&self) -> Vec<RawFd> {
         vec![self.kick.as_raw_fd(), self.timer.as_raw_fd()]
     }

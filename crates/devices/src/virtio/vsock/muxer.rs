@@ -111,6 +111,8 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
 
 /// The worker waits on the three kicks, the host sockets' epoll and the grace timer.
 impl WorkerState for Muxer {
+    const DEVICE: ferro_jail::seccomp::Device = ferro_jail::seccomp::Device::Vsock;
+
     fn fds(&self) -> Vec<RawFd> {
         vec![self.kicks[RX_QUEUE].as_raw_fd(), self.kicks[TX_QUEUE].as_raw_fd(), self.kicks[EVENT_QUEUE].as_raw_fd(), self.poll_fd(), self.timer.as_raw_fd()]
     }

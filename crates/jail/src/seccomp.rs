@@ -1,0 +1,450 @@
+//! seccomp filters for the VMM's threads: one allowlist per [`ThreadKind`], the default action
+//! killing the whole process, and [`spawn`], the one way the VMM starts a thread, which installs
+//! the new thread's filter before the thread runs its work (so before it touches guest input).
+//!
+//! Filters are off until the process calls [`enable`] (`ferro vmm --seccomp`, `ferro run
+//! --seccomp`); [`install`] then filters the calling thread (the main thread, once the VM is
+//! built). A thread inherits the filters of the thread that created it and adds its own, so a
+//! thread's effective allowlist is the intersection along its ancestry: the lists of threads that
+//! create others (vCPUs start device workers when the guest activates a device; a control
+//! connection restarts vCPUs after a snapshot) include what their children need. docs/isolation.md
+//! lists what each kind may do.
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+/// The kinds of thread in a VMM, each with its own allowlist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ThreadKind {
+    /// The main thread's event loop (signals, the exit event, teardown).
+    Main,
+    /// A vCPU: KVM_RUN and the device emulation it does in place.
+    Vcpu,
+    /// A device's worker thread.
+    Device(Device),
+    /// The control socket's listener and its connections.
+    ControlListener,
+    ControlConnection,
+    /// The serial console socket's listener and each client's input.
+    SerialListener,
+    SerialInput,
+}
+
+/// Device kinds with a worker thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Device {
+    Block,
+    Net,
+    Console,
+    Rng,
+    Balloon,
+    Vsock,
+}
+
+impl Device {
+    const ALL: [Device; 6] = [
+        Device::Block,
+        Device::Net,
+        Device::Console,
+        Device::Rng,
+        Device::Balloon,
+        Device::Vsock,
+    ];
+
+    /// The name of its worker thread (what `ps -L` and /proc/PID/task/*/comm show).
+    pub fn thread_name(self) -> &'static str {
+        match self {
+            Device::Block => "virtio-blk",
+            Device::Net => "virtio-net",
+            Device::Console => "virtio-console",
+            Device::Rng => "virtio-rng",
+            Device::Balloon => "virtio-balloon",
+            Device::Vsock => "virtio-vsock",
+        }
+    }
+}
+
+impl ThreadKind {
+    /// The name used by `FERRO_SECCOMP_SELFTEST` (debug builds).
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Device(d) => d.thread_name(),
+            ThreadKind::ControlListener => "api",
+            ThreadKind::ControlConnection => "api-conn",
+            ThreadKind::SerialListener => "serial-sock",
+            ThreadKind::SerialInput => "serial-in",
+        }
+    }
+
+    fn all() -> Vec<ThreadKind> {
+        let mut all = vec![
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::ControlListener,
+            ThreadKind::ControlConnection,
+            ThreadKind::SerialListener,
+            ThreadKind::SerialInput,
+        ];
+        all.extend(Device::ALL.map(ThreadKind::Device));
+        all
+    }
+
+    /// The system calls this kind of thread may make.
+    fn allowed(self) -> Vec<i64> {
+        let mut list: Vec<i64> = THREAD_LIFE.to_vec();
+        match self {
+            ThreadKind::Device(device) => list.extend(device_calls(device)),
+            ThreadKind::Vcpu => list.extend(vcpu_calls()),
+            ThreadKind::ControlConnection => list.extend(control_connection_calls()),
+            ThreadKind::ControlListener => {
+                list.extend([libc::SYS_accept4]);
+                list.extend(control_connection_calls());
+            }
+            ThreadKind::SerialInput => list.extend(SERIAL_INPUT),
+            ThreadKind::SerialListener => {
+                list.extend([libc::SYS_accept4, libc::SYS_setsockopt]);
+                list.extend(SPAWN);
+                list.extend(SERIAL_INPUT);
+            }
+            ThreadKind::Main => {
+                list.extend(MAIN);
+                list.extend(control_connection_calls());
+            }
+        }
+        list.sort_unstable();
+        list.dedup();
+        list
+    }
+}
+
+/// What every thread does to live and end: memory, locks, its signal stack, time, closing and
+/// plain reads and writes of descriptors it already has, and the abort path of a panic.
+const THREAD_LIFE: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_futex,
+    libc::SYS_sigaltstack,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigaction,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Starting a thread (in the parent and in the child before its work begins) and the epoll and
+/// eventfd set-up of a device worker.
+const SPAWN: &[i64] = &[
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_prctl,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_seccomp,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_eventfd2,
+    libc::SYS_fcntl,
+    libc::SYS_timerfd_create,
+];
+
+/// Waiting on a worker's descriptors and vectored I/O.
+const WORKER: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_readv,
+    libc::SYS_writev,
+];
+
+const SOCKET_IO: &[i64] = &[
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_poll,
+];
+
+const SERIAL_INPUT: &[i64] = &[libc::SYS_recvfrom, libc::SYS_sendto, libc::SYS_ioctl];
+
+fn device_calls(device: Device) -> Vec<i64> {
+    let mut list = WORKER.to_vec();
+    list.extend(match device {
+        // Image I/O, growth of qcow2 files and flushes.
+        Device::Block => &[
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_fsync,
+            libc::SYS_fdatasync,
+            libc::SYS_fallocate,
+            libc::SYS_ftruncate,
+            libc::SYS_lseek,
+            libc::SYS_fstat,
+            libc::SYS_newfstatat,
+            libc::SYS_statx,
+        ][..],
+        // The tap, watched for room and for frames.
+        Device::Net => &[libc::SYS_epoll_ctl, libc::SYS_openat, libc::SYS_ioctl][..],
+        // A pty or a socket client, accepted and watched.
+        Device::Console => &[
+            libc::SYS_accept4,
+            libc::SYS_epoll_ctl,
+            libc::SYS_ioctl,
+            libc::SYS_fcntl,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+        ][..],
+        Device::Rng => &[
+            libc::SYS_getrandom,
+            libc::SYS_epoll_ctl,
+            libc::SYS_timerfd_settime,
+            libc::SYS_timerfd_gettime,
+        ][..],
+        Device::Balloon => &[libc::SYS_fallocate][..],
+        // Host-side unix sockets: accepted, connected, watched.
+        Device::Vsock => &[
+            libc::SYS_accept4,
+            libc::SYS_connect,
+            libc::SYS_socket,
+            libc::SYS_epoll_ctl,
+            libc::SYS_fcntl,
+            libc::SYS_shutdown,
+            libc::SYS_getsockopt,
+            libc::SYS_setsockopt,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_recvmsg,
+            libc::SYS_sendmsg,
+        ][..],
+    });
+    list
+}
+
+/// A vCPU runs KVM_RUN and emulates devices in place (ioctls on KVM and device descriptors,
+/// serial output to socket clients), and starts a device's worker when the guest activates it:
+/// so it may do what every worker does.
+fn vcpu_calls() -> Vec<i64> {
+    let mut list = vec![libc::SYS_ioctl, libc::SYS_sendto];
+    list.extend(SPAWN);
+    for device in Device::ALL {
+        list.extend(device_calls(device));
+    }
+    list
+}
+
+/// A control connection answers requests: pause and resume (which restarts vCPUs, so it may do
+/// what they do), statistics, balloon changes and snapshots (a new directory of files).
+fn control_connection_calls() -> Vec<i64> {
+    let mut list = vcpu_calls();
+    list.extend(SOCKET_IO);
+    list.extend([
+        libc::SYS_openat,
+        libc::SYS_mkdir,
+        libc::SYS_mkdirat,
+        libc::SYS_getdents64,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_rename,
+        libc::SYS_renameat2,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_getrusage,
+    ]);
+    list
+}
+
+/// The main thread's loop: signals through a signalfd, the terminal in `ferro run`, the exit
+/// event, teardown (device flushes, socket files removed) and the forked helper that lets KVM
+/// tear down after the process exits.
+const MAIN: &[i64] = &[
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_signalfd4,
+    libc::SYS_ioctl,
+    libc::SYS_pipe,
+    libc::SYS_pipe2,
+    libc::SYS_close_range,
+    libc::SYS_wait4,
+    libc::SYS_kill,
+    libc::SYS_sigaltstack,
+];
+
+/// The compiled programs, one per kind; set by [`enable`].
+static PROGRAMS: OnceLock<BTreeMap<ThreadKind, BpfProgram>> = OnceLock::new();
+
+/// Compiles every thread kind's filter and turns filtering on for threads started through
+/// [`spawn`] from now on and for [`install`].
+pub fn enable() -> Result<(), String> {
+    let mut programs = BTreeMap::new();
+    for kind in ThreadKind::all() {
+        let rules = kind
+            .allowed()
+            .into_iter()
+            .map(|call| (call, Vec::new()))
+            .collect();
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::KillProcess,
+            SeccompAction::Allow,
+            TargetArch::x86_64,
+        )
+        .map_err(|e| format!("seccomp filter of {} threads: {e}", kind.name()))?;
+        let program: BpfProgram = filter
+            .try_into()
+            .map_err(|e| format!("seccomp filter of {} threads: {e}", kind.name()))?;
+        programs.insert(kind, program);
+    }
+    PROGRAMS
+        .set(programs)
+        .map_err(|_| "seccomp filters are already enabled".to_string())
+}
+
+/// Whether [`enable`] was called.
+pub fn enabled() -> bool {
+    PROGRAMS.get().is_some()
+}
+
+/// Filters the calling thread as `kind` (and sets no_new_privs, which a filter needs) when
+/// filtering is enabled. A thread whose filter could not be installed must not go on.
+pub fn install(kind: ThreadKind) -> Result<(), String> {
+    let Some(programs) = PROGRAMS.get() else {
+        return Ok(());
+    };
+    let program = programs
+        .get(&kind)
+        .ok_or_else(|| format!("no seccomp filter for {} threads", kind.name()))?;
+    seccompiler::apply_filter(program).map_err(|e| {
+        format!(
+            "cannot install the seccomp filter of {} threads: {e}",
+            kind.name()
+        )
+    })?;
+    selftest(kind);
+    Ok(())
+}
+
+/// Starts a thread named `name` that installs `kind`'s filter and then runs `work`. If the
+/// filter cannot be installed the process ends (a thread must never run unfiltered once
+/// filtering is on).
+pub fn spawn<F, T>(
+    kind: ThreadKind,
+    name: &str,
+    work: F,
+) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            if let Err(e) = install(kind) {
+                eprintln!("ferro: {e}");
+                std::process::abort();
+            }
+            work()
+        })
+}
+
+/// Debug builds only: with `FERRO_SECCOMP_SELFTEST=<kind name>` in the environment, a thread of
+/// that kind makes a call outside every allowlist (getppid) right after its filter is installed,
+/// which must kill the process with SIGSYS. Tests use it to prove the filters are in force.
+fn selftest(kind: ThreadKind) {
+    if cfg!(debug_assertions)
+        && std::env::var("FERRO_SECCOMP_SELFTEST").is_ok_and(|v| v == kind.name())
+    {
+        // SAFETY: getppid takes no arguments and touches no memory.
+        unsafe { libc::syscall(libc::SYS_getppid) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_compiles_and_the_selftest_call_is_in_no_list() {
+        for kind in ThreadKind::all() {
+            let allowed = kind.allowed();
+            assert!(!allowed.contains(&libc::SYS_getppid), "{kind:?}");
+            for forbidden in [
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_ptrace,
+                libc::SYS_mount,
+                libc::SYS_setuid,
+            ] {
+                assert!(
+                    !allowed.contains(&forbidden),
+                    "{kind:?} may call {forbidden}"
+                );
+            }
+        }
+        // Workers are narrower than the vCPUs that start them.
+        let vcpu = ThreadKind::Vcpu.allowed();
+        for device in Device::ALL {
+            let worker = ThreadKind::Device(device).allowed();
+            assert!(
+                worker.iter().all(|c| vcpu.contains(c)),
+                "{device:?} needs a call its parent vCPU may not make"
+            );
+            assert!(
+                !worker.contains(&libc::SYS_clone3),
+                "{device:?} workers start no threads"
+            );
+        }
+        assert!(
+            !ThreadKind::Device(Device::Block)
+                .allowed()
+                .contains(&libc::SYS_openat),
+            "a disk worker opens no files"
+        );
+    }
+
+    /// A filtered thread that makes a forbidden call kills its whole process with SIGSYS: run in
+    /// a child process (this test binary again) so the test process survives.
+    #[test]
+    fn a_forbidden_call_kills_the_process() {
+        if std::env::var("FERRO_SECCOMP_CHILD").is_ok() {
+            enable().unwrap();
+            let t = spawn(ThreadKind::Device(Device::Rng), "virtio-rng", || {
+                // SAFETY: getppid takes no arguments and touches no memory.
+                unsafe { libc::syscall(libc::SYS_getppid) }
+            })
+            .unwrap();
+            let _ = t.join();
+            std::process::exit(0);
+        }
+        let exe = std::env::current_exe().unwrap();
+        let status = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "seccomp::tests::a_forbidden_call_kills_the_process",
+                "--nocapture",
+            ])
+            .env("FERRO_SECCOMP_CHILD", "1")
+            .status()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
+    }
+}
