@@ -143,6 +143,25 @@ fn damaged(snaps: &TempDir, from: &Path, name: &str, memory: bool, damage: impl 
     dir.to_str().unwrap().to_owned()
 }
 
+/// The state file header's length (docs/snapshot-format.md).
+const HEADER: usize = 56;
+
+/// Replaces a state file's body with `body`, with a header that matches it (length, SHA-256).
+fn resealed_raw(state: &mut Vec<u8>, body: Vec<u8>) {
+    use sha2::Digest;
+    state.truncate(16);
+    state.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    state.extend_from_slice(&sha2::Sha256::digest(&body));
+    state.extend_from_slice(&body);
+}
+
+/// Changes a state file's JSON body with `change` and reseals it, so only the change is wrong.
+fn resealed(state: &mut Vec<u8>, change: impl FnOnce(&mut serde_json::Value)) {
+    let mut body: serde_json::Value = serde_json::from_slice(&state[HEADER..]).unwrap();
+    change(&mut body);
+    resealed_raw(state, serde_json::to_vec(&body).unwrap());
+}
+
 #[test]
 fn damaged_snapshots_are_refused_with_the_reason() {
     let snaps = TempDir::new("snapshots-bad");
@@ -160,6 +179,21 @@ fn damaged_snapshots_are_refused_with_the_reason() {
         (damaged(&snaps, &good, "magic", true, |s| s[0] = b'X'), "not a Ferrovisor snapshot state file"),
         (damaged(&snaps, &good, "no-memory", false, |_| {}), "memory file"),
         (snaps.join("nowhere").to_str().unwrap().to_owned(), "No such file"),
+        (
+            damaged(&snaps, &good, "cpu", true, |s| {
+                resealed(s, |body| {
+                    // Every bit of CPUID 7.0 EBX: no host has them all (some are reserved).
+                    for r in body["cpu_features"]["registers"].as_array_mut().unwrap() {
+                        if r["leaf"] == 7 && r["register"] == "ebx" {
+                            r["bits"] = u32::MAX.into();
+                        }
+                    }
+                })
+            }),
+            "this host's CPU lacks features the saved guest was given: ",
+        ),
+        (damaged(&snaps, &good, "vm-version", true, |s| resealed(s, |body| body["vm"]["version"] = 99.into())), "VM state version 99"),
+        (damaged(&snaps, &good, "not-json", true, |s| resealed_raw(s, b"{not json".to_vec())), "key must be a string"),
     ];
     for (dir, reason) in &cases {
         for verb in ["run", "vmm"] {
