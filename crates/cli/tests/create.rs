@@ -56,6 +56,12 @@ fn dry_run_prints_the_definition_for_each_flag_combination() {
              [cloud_init]\nuser_data = '''\n#cloud-config\nssh_authorized_keys:\n  - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFake me@host\n'''\n"
                 .into(),
         ),
+        (
+            vec!["--name", "n", "--kernel", "/k", "--network", "default", "--network", "bridge=br0", "--network", "network=lab"],
+            "name = \"n\"\nmemory = \"1G\"\nvcpus = 1\n\n[boot]\nkernel = \"/k\"\n\n\
+             [[nic]]\nnetwork = \"default\"\n\n[[nic]]\nbridge = \"br0\"\n\n[[nic]]\nnetwork = \"lab\"\n"
+                .into(),
+        ),
     ];
     for (args, want) in &table {
         let out = dry_run(args);
@@ -76,8 +82,8 @@ fn dry_run_prints_the_definition_for_each_flag_combination() {
         (vec!["--name", "x", "--kernel", "/k", "--disk", "size=1G,format=vmdk"], "is not raw or qcow2"),
         (vec!["--name", "x", "--kernel", "/k", "--disk", "size=1G,colour=red"], "unknown option 'colour'"),
         (vec!["--name", "x", "--import", "relative.qcow2"], "not an absolute path"),
-        (vec!["--name", "x", "--kernel", "/k", "--network", "default"], "no virtual networks"),
-        (vec!["--name", "x", "--kernel", "/k", "--network", "bridge=br0"], "use --network tap=TAP"),
+        (vec!["--name", "x", "--kernel", "/k", "--network", "vlan=7"], "unknown option \"vlan\""),
+        (vec!["--name", "x", "--kernel", "/k", "--network", "bridge="], "the bridge name is empty"),
         (vec!["--name", "x", "--kernel", "/k", "--ssh-key", "/nonexistent.pub"], "cannot read /nonexistent.pub"),
         (vec!["--name", "x", "--kernel", "/k", "--cloud-init", "meta-data=/etc/hostname"], "user-data=FILE is required"),
         (vec!["--name", "x", "--kernel", "/k", "--boot", "disk"], "cannot be used with"),
@@ -92,4 +98,23 @@ fn dry_run_prints_the_definition_for_each_flag_combination() {
     std::fs::write(&bad_key, "-----BEGIN OPENSSH PRIVATE KEY-----\n").expect("bad key");
     let out = dry_run(&["--name", "x", "--kernel", "/k", "--ssh-key", bad_key.to_str().expect("utf-8")]);
     assert!(stderr(&out).contains("is not one OpenSSH public key"), "{}", stderr(&out));
+}
+
+/// Without --network a domain joins ferrod's network "default" when there is one (as
+/// virt-install does with libvirt's); `--network none` keeps it off. Defining the network
+/// changes nothing on the host: it is not started.
+#[test]
+fn the_default_network_is_used_when_ferrod_has_one() {
+    use ferro_test_support::daemon::{Daemon, Home};
+    let home = Home::new("create-default-net");
+    let d = Daemon::start(&home);
+    let create = ["create", "--dry-run", "--name", "w", "--kernel", "/k"];
+    assert!(!d.ferro_ok(&create).contains("[[nic]]"), "no default network yet, so no NIC");
+    let def = home.path().join("default.toml");
+    std::fs::write(&def, "name = \"default\"\nmode = \"nat\"\nbridge = \"fvtest0\"\nip = \"10.231.7.1/24\"\n").expect("network file");
+    d.ferro_ok(&["net-define", def.to_str().expect("utf-8")]);
+    assert!(d.ferro_ok(&create).ends_with("\n[[nic]]\nnetwork = \"default\"\n"), "{}", d.ferro_ok(&create));
+    let mut none = create.to_vec();
+    none.extend(["--network", "none"]);
+    assert!(!d.ferro_ok(&none).contains("[[nic]]"));
 }

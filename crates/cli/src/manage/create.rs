@@ -38,7 +38,9 @@ pub struct CreateArgs {
     /// Pool for new volumes (--import, --disk size= without pool=).
     #[arg(long, default_value = "default")]
     pool: String,
-    /// A NIC: tap=TAP (an existing tap device) or none. Repeatable.
+    /// A NIC: NAME or network=NAME (a virtual network of ferrod), bridge=BR (a host bridge),
+    /// tap=TAP (an existing tap device), or none. Repeatable. Without it the domain gets a NIC
+    /// on the network "default" when ferrod has one.
     #[arg(long, value_name = "NETWORK")]
     network: Vec<String>,
     /// Kernel to boot (a file on ferrod's host).
@@ -137,7 +139,9 @@ fn ssh_user_data(key_file: &std::path::Path) -> Result<String, String> {
 }
 
 impl CreateArgs {
-    fn plan(&self) -> Result<Plan, String> {
+    /// What to make and define; `default_network`: ferrod has a network named "default", which
+    /// a domain without --network joins.
+    fn plan(&self, default_network: bool) -> Result<Plan, String> {
         let memory = if self.memory.bytes().all(|b| b.is_ascii_digit()) { format!("{}M", self.memory) } else { self.memory.clone() };
         let memory = size("memory", &memory)?;
         let mut disks = Vec::new();
@@ -221,15 +225,18 @@ impl CreateArgs {
             if spec == "none" {
                 continue;
             }
-            match spec.split_once('=') {
-                Some(("tap", tap)) => t.push_str(&format!("\n[[nic]]\ntap = {}\n", toml_string(tap))),
-                Some(("bridge", _)) | None => {
-                    return Err(format!(
-                        "--network {spec}: ferrod has no virtual networks or bridges for domains yet; use --network tap=TAP or none"
-                    ));
-                }
-                Some((k, _)) => return Err(format!("--network: unknown option {k:?} (tap=TAP or none)")),
+            let (key, value) = match spec.split_once('=') {
+                Some((k @ ("tap" | "bridge" | "network"), v)) => (k, v),
+                Some((k, _)) => return Err(format!("--network: unknown option {k:?} (NAME, network=NAME, bridge=BR, tap=TAP or none)")),
+                None => ("network", spec.as_str()),
+            };
+            if value.is_empty() {
+                return Err(format!("--network {spec}: the {key} name is empty"));
             }
+            t.push_str(&format!("\n[[nic]]\n{key} = {}\n", toml_string(value)));
+        }
+        if self.network.is_empty() && default_network {
+            t.push_str("\n[[nic]]\nnetwork = \"default\"\n");
         }
         let cloud_init = match (&self.cloud_init, &self.ssh_key) {
             (Some(spec), _) => {
@@ -255,7 +262,8 @@ impl CreateArgs {
 }
 
 pub fn run(args: CreateArgs, c: &Client) -> Result<(), String> {
-    let plan = args.plan()?;
+    let default_network = args.network.is_empty() && c.get("/v1/networks/default").is_ok();
+    let plan = args.plan(default_network)?;
     if args.dry_run {
         print!("{}", plan.toml);
         return Ok(());
