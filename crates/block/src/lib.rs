@@ -91,6 +91,8 @@ pub struct Qcow2Details {
     pub corrupt: bool,
     pub extended_l2: bool,
     pub has_bitmaps: bool,
+    /// Persistent dirty bitmaps (valid ones; none when a bitmap-unaware program made them stale).
+    pub bitmaps: Vec<qcow2::BitmapInfo>,
     pub snapshots: u32,
 }
 
@@ -150,6 +152,10 @@ pub trait DiskImage: Send {
     fn backing_mut(&mut self) -> Option<&mut dyn DiskImage>;
     /// Changes the virtual size (growing reads as zeroes).
     fn resize(&mut self, size: u64) -> Result<()>;
+    /// The qcow2 image itself (for its dirty bitmaps), if this layer is one.
+    fn as_qcow2(&mut self) -> Option<&mut qcow2::Qcow2> {
+        None
+    }
 }
 
 /// Deepest backing chain we follow.

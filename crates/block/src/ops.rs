@@ -1,7 +1,7 @@
 //! The operations behind `ferro img`, with qemu-img's semantics and JSON field names: info,
 //! check, convert, compare, map, commit, rebase, resize.
 use crate::error::{Error, Result};
-use crate::qcow2::{Qcow2, check::CheckReport};
+use crate::qcow2::{BitmapInfo, DirtyBitmap, Qcow2, check::CheckReport};
 use crate::vmdk::{STREAM_GRAIN, StreamWriter};
 use crate::{Access, CreateOptions, DiskImage, Format, ImageInfo, OpenOptions, Status, create, open, open_with, probe};
 use serde_json::{Map, Value, json};
@@ -53,6 +53,14 @@ pub fn info_json(info: &ImageInfo) -> Result<Value> {
         });
         if q.compat == "1.1" {
             data["compression-type"] = json!("zlib");
+        }
+        if !q.bitmaps.is_empty() {
+            let list: Vec<Value> = q
+                .bitmaps
+                .iter()
+                .map(|b| json!({ "flags": bitmap_flags(b), "name": b.name, "granularity": b.granularity }))
+                .collect();
+            data["bitmaps"] = Value::Array(list);
         }
         m.insert("format-specific".into(), json!({ "type": "qcow2", "data": data }));
     }
@@ -121,8 +129,89 @@ pub fn info_text(info: &ImageInfo) -> Result<String> {
             "Format specific information:\n    compat: {}\n    lazy refcounts: {}\n    refcount bits: {}\n    corrupt: {}\n    extended l2: {}\n",
             q.compat, q.lazy_refcounts, q.refcount_bits, q.corrupt, q.extended_l2
         );
+        if !q.bitmaps.is_empty() {
+            s += "    bitmaps:\n";
+            for (i, b) in q.bitmaps.iter().enumerate() {
+                s += &format!("        [{i}]:\n            flags:\n");
+                for (j, f) in bitmap_flags(b).iter().enumerate() {
+                    s += &format!("                [{j}]: {f}\n");
+                }
+                s += &format!("            name: {}\n            granularity: {}\n", b.name, b.granularity);
+            }
+        }
     }
     Ok(s)
+}
+
+/// qemu-img's names for a bitmap's flags.
+fn bitmap_flags(b: &BitmapInfo) -> Vec<&'static str> {
+    let mut flags = Vec::new();
+    if b.in_use {
+        flags.push("in-use");
+    }
+    if b.enabled {
+        flags.push("auto");
+    }
+    flags
+}
+
+/// What `bitmap` does to a bitmap, in the order qemu-img applies its options.
+#[derive(Clone, Debug, Default)]
+pub struct BitmapActions {
+    /// Create it; `granularity` for the new bitmap (default: the cluster size).
+    pub add: bool,
+    pub granularity: Option<u64>,
+    pub clear: bool,
+    /// Merge these bitmaps into it...
+    pub merge: Vec<String>,
+    /// ...found in this image (and format), or in the image itself if `None`.
+    pub merge_from: Option<(std::path::PathBuf, Option<Format>)>,
+    /// `Some(true)` enables, `Some(false)` disables (a new bitmap is enabled unless disabled).
+    pub enable: Option<bool>,
+    pub remove: bool,
+}
+
+/// `bitmap`: adds, clears, merges into, enables, disables or removes a persistent dirty bitmap
+/// of a qcow2 image.
+pub fn bitmap(path: &Path, format: Option<Format>, name: &str, actions: &BitmapActions) -> Result<()> {
+    if opened_format(path, format)? != Format::Qcow2 {
+        return Err(Error::unsupported(path, "dirty bitmaps need a qcow2 image"));
+    }
+    // Bitmaps of other images are read before this one is opened for writing.
+    let mut sources: Vec<(&str, Option<DirtyBitmap>)> = Vec::new();
+    for source in &actions.merge {
+        let other = match &actions.merge_from {
+            Some((file, fmt)) => {
+                if opened_format(file, *fmt)? != Format::Qcow2 {
+                    return Err(Error::unsupported(file, "dirty bitmaps need a qcow2 image"));
+                }
+                Some(Qcow2::open(file, Access::Read)?.dirty_bitmap(source)?)
+            }
+            None => None,
+        };
+        sources.push((source, other));
+    }
+    let mut img = Qcow2::open(path, Access::Write)?;
+    if actions.add {
+        img.add_bitmap(name, actions.granularity, actions.enable != Some(false))?;
+    }
+    if actions.clear {
+        img.clear_bitmap(name)?;
+    }
+    for (source, other) in sources {
+        let bits = match other {
+            Some(bits) => bits,
+            None => img.dirty_bitmap(source)?,
+        };
+        img.merge_into_bitmap(name, &bits)?;
+    }
+    if let Some(on) = actions.enable.filter(|_| !actions.add) {
+        img.set_bitmap_enabled(name, on)?;
+    }
+    if actions.remove {
+        img.remove_bitmap(name)?;
+    }
+    img.close()
 }
 
 /// Sizes the way qemu prints them ("4 MiB", "1.5 GiB").

@@ -8,6 +8,10 @@
 //!   holds either what the last completed flush left there or what a later write put there;
 //! - the image opens for writing again and stays consistent through more writes.
 //!
+//! - a persistent dirty bitmap made before the workload is never lost: it is either marked
+//!   in_use (inconsistent, never trusted) or has a bit set for every granule that differs from
+//!   the image it was made on.
+//!
 //! qemu-img check runs on every state a sync left (the empty subsets) and on a sample of the
 //! rest; our own check, the read-back and the rewrite run on all of them.
 mod common;
@@ -15,7 +19,8 @@ use common::powerloss::{Interval, Mark, Recorder, for_each_interval, subsets};
 use common::*;
 use ferro_block::qcow2::Qcow2;
 use ferro_block::raw::RawImage;
-use ferro_block::{CreateOptions, DiskImage, Format, create};
+use ferro_block::{Access, CreateOptions, DiskImage, Format, create};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
 const SECTOR: u64 = 512;
@@ -44,7 +49,14 @@ struct Workload {
     flushes: Vec<Vec<u8>>,
     /// Every virtual size the image had.
     sizes: Vec<u64>,
+    /// The image carries the dirty bitmap [`TRACKED`], made before any write.
+    tracked: bool,
+    /// Crash states whose bitmap was consistent, and so was checked bit by bit.
+    bitmap_checks: Cell<usize>,
 }
+
+/// Name of the dirty bitmap a workload's image carries.
+const TRACKED: &str = "tracked";
 
 impl Workload {
     /// Starts from an image file already created at `path` (its bytes go into the recorder).
@@ -59,14 +71,16 @@ impl Workload {
             writes: Vec::new(),
             flushes: Vec::new(),
             sizes: Vec::new(),
+            tracked: false,
+            bitmap_checks: Cell::new(0),
         };
-        w.open();
-        let img = w.img.as_mut().expect("open");
-        w.model = vec![0u8; img.size() as usize];
-        img.read_at(&mut w.model, 0).expect("initial contents");
-        w.sizes.push(img.size());
+        // The initial contents come from the file itself: opening for writing already writes
+        // (a bitmap's in_use flag), after the first mark.
+        w.model = read_all(path);
+        w.sizes.push(w.model.len() as u64);
         w.rec.mark(Mark::FlushDone(0));
         w.flushes.push(w.model.clone());
+        w.open();
         w
     }
 
@@ -290,6 +304,9 @@ fn check_state(w: &Workload, iv: &Interval, path: &Path, qemu: bool, r: &mut imp
     img.read_at(&mut view, 0).map_err(|e| format!("read: {e}"))?;
     drop(img);
     check_contents(w, iv, &view)?;
+    if w.tracked {
+        check_bitmap(w, path, &view)?;
+    }
     // The image must take more writes and stay consistent.
     let mut img = ferro_block::open(path, Some(w.format), false).map_err(|e| format!("reopen for writing: {e}"))?;
     let size = img.size();
@@ -315,7 +332,32 @@ fn check_state(w: &Workload, iv: &Interval, path: &Path, qemu: bool, r: &mut imp
     Ok(())
 }
 
-/// One qcow2 configuration: created on disk, then driven on the recorder.
+/// The bitmap made before the workload is still there, and if it is not in_use it marks every
+/// granule that differs from the image it was made on.
+fn check_bitmap(w: &Workload, path: &Path, view: &[u8]) -> Result<(), String> {
+    let img = Qcow2::open(path, Access::Read).map_err(|e| format!("open for the bitmap: {e}"))?;
+    let Some(info) = img.bitmaps().into_iter().find(|b| b.name == TRACKED) else {
+        return Err(format!("the bitmap {TRACKED:?} is gone"));
+    };
+    if info.in_use {
+        return Ok(());
+    }
+    let bits = img.dirty_bitmap(TRACKED).map_err(|e| format!("read the bitmap: {e}"))?;
+    let base = &w.flushes[0];
+    let g = bits.granularity as usize;
+    for (i, granule) in view.chunks(g).enumerate() {
+        let start = i * g;
+        let changed = granule.iter().enumerate().any(|(j, &b)| base.get(start + j).copied().unwrap_or(0) != b);
+        if changed && !bits.is_set(i as u64) {
+            return Err(format!("bitmap {TRACKED:?} is consistent but misses the write at {start:#x}"));
+        }
+    }
+    w.bitmap_checks.set(w.bitmap_checks.get() + 1);
+    Ok(())
+}
+
+/// One qcow2 configuration: created on disk, then driven on the recorder. Version 3 images
+/// carry a dirty bitmap through the workload.
 fn qcow2_case(tag: &str, cs: u64, v2: bool, refcount_bits: u32, backing: bool, seed: u64, steps: usize) -> (usize, usize) {
     let s = TempDir::new(&format!("block-powerloss-{tag}"));
     let path = s.join("crash-image");
@@ -330,10 +372,18 @@ fn qcow2_case(tag: &str, cs: u64, v2: bool, refcount_bits: u32, backing: bool, s
         o.backing_format = Some(Format::Raw);
     }
     create(&path, &o).expect("create");
+    if !v2 {
+        let mut img = Qcow2::open(&path, Access::Write).expect("open to add a bitmap");
+        img.add_bitmap(TRACKED, Some(4096), true).expect("add a bitmap");
+        img.close().expect("store the bitmap");
+    }
     let mut w = Workload::new(&path, Format::Qcow2);
+    w.tracked = !v2;
     random_workload(&mut w, seed, steps, cs, !(v2 && backing));
     drop(w.img.take());
-    check_every_crash(&s, &w, seed, 16, 8)
+    let counts = check_every_crash(&s, &w, seed, 16, 8);
+    assert!(!w.tracked || w.bitmap_checks.get() > 0, "no crash state had a consistent bitmap to check");
+    counts
 }
 
 #[test]

@@ -139,6 +139,40 @@ enum Verb {
         quiet: bool,
         filename: PathBuf,
     },
+    /// Change a persistent dirty bitmap of a qcow2 image (at least one action).
+    Bitmap {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// Create the bitmap (enabled unless --disable).
+        #[arg(long)]
+        add: bool,
+        /// Granularity of a new bitmap (default: the cluster size).
+        #[arg(short = 'g')]
+        granularity: Option<String>,
+        /// Delete the bitmap.
+        #[arg(long)]
+        remove: bool,
+        /// Clear every bit.
+        #[arg(long)]
+        clear: bool,
+        /// Start tracking writes.
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Stop tracking writes.
+        #[arg(long)]
+        disable: bool,
+        /// Merge the bitmap SOURCE into it (from this image, or from -b SOURCE_FILE).
+        #[arg(long, value_name = "SOURCE")]
+        merge: Vec<String>,
+        /// Image holding the --merge sources.
+        #[arg(short = 'b', requires = "merge")]
+        source_file: Option<PathBuf>,
+        /// Format of SOURCE_FILE.
+        #[arg(short = 'F', requires = "source_file")]
+        source_format: Option<String>,
+        filename: PathBuf,
+        bitmap: String,
+    },
     /// Show where each range of the virtual disk is stored.
     Map {
         #[arg(short = 'f')]
@@ -341,6 +375,39 @@ fn dispatch(verb: Verb) -> Result<u8, Failure> {
             let mut bar = Bar::new(progress && !quiet);
             ops::rebase(&filename, new, format_arg(&backing_format)?, unsafe_mode, &mut |d, t| bar.update(d, t))?;
             bar.finish();
+            Ok(0)
+        }
+        Verb::Bitmap {
+            format,
+            add,
+            granularity,
+            remove,
+            clear,
+            enable,
+            disable,
+            merge,
+            source_file,
+            source_format,
+            filename,
+            bitmap,
+        } => {
+            if !(add || remove || clear || enable || disable || !merge.is_empty()) {
+                return fail("bitmap needs at least one of --add, --remove, --clear, --enable, --disable, --merge");
+            }
+            if granularity.is_some() && !add {
+                return fail("-g only applies with --add");
+            }
+            let source_format = format_arg(&source_format)?;
+            let actions = ops::BitmapActions {
+                add,
+                granularity: granularity.map(|g| size("granularity", &g)).transpose()?,
+                clear,
+                merge,
+                merge_from: source_file.map(|f| (f, source_format)),
+                enable: if enable { Some(true) } else if disable { Some(false) } else { None },
+                remove,
+            };
+            ops::bitmap(&filename, format_arg(&format)?, &bitmap, &actions)?;
             Ok(0)
         }
         Verb::Map { format, output, force_share, filename } => {

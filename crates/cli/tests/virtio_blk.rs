@@ -70,6 +70,7 @@ fn raw_and_qcow2_disks_hold_what_the_guest_wrote(transport: &str) {
     std::fs::File::create(&raw).unwrap().set_len(1 << 20).unwrap();
     let qcow2 = dir.join("disk.qcow2");
     run_ok("qemu-img", &["create", "-q", "-f", "qcow2", qcow2.to_str().unwrap(), "2M"]);
+    run_ok("qemu-img", &["bitmap", "--add", "-g", "512", qcow2.to_str().unwrap(), "guest"]);
 
     let (status, out) = run_guest_on(transport, &[format!("path={}", raw.display()), format!("path={},format=qcow2", qcow2.display())]);
     assert_eq!(status, Some(0), "{out}");
@@ -88,6 +89,12 @@ fn raw_and_qcow2_disks_hold_what_the_guest_wrote(transport: &str) {
     assert_written(&std::fs::read(&raw).unwrap(), "raw image");
     assert_written(&qcow2_as_raw(&dir, &qcow2), "qcow2 image");
     run_ok("qemu-img", &["check", "-q", qcow2.to_str().unwrap()]);
+    // The VMM closed the image cleanly: the bitmap QEMU made is consistent and marks exactly
+    // the sectors the guest wrote and zeroed.
+    let info = run_ok("qemu-img", &["info", qcow2.to_str().unwrap()]);
+    assert!(info.contains("flags:\n                [0]: auto\n            name: guest"), "{info}");
+    let img = ferro_block::qcow2::Qcow2::open(&qcow2, ferro_block::Access::Read).unwrap();
+    assert_eq!(img.dirty_bitmap("guest").unwrap().ranges(), vec![(FIRST * 512, SECTORS * 512)]);
 }
 
 #[test]

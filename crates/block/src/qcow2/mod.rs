@@ -5,6 +5,7 @@
 //! entry is checked against it (and the end of the file) before anything follows it.
 mod alloc;
 mod bitmaps;
+pub use bitmaps::{BitmapInfo, DirtyBitmap};
 mod cache;
 pub mod check;
 mod header;
@@ -80,6 +81,10 @@ pub struct Qcow2 {
     compressed_cache: Option<(u64, Vec<u8>)>,
     /// Where the metadata lies: no data pointer may lead into it.
     meta: MetaMap,
+    /// Persistent dirty bitmaps (see `bitmaps`).
+    bitmaps: Vec<bitmaps::Bitmap>,
+    /// The bitmaps on disk are marked in_use by us or changed: write them back at close.
+    bitmaps_to_store: bool,
 }
 
 /// Creates a qcow2 image: header, one refcount table cluster and one refcount block, then grows
@@ -207,16 +212,12 @@ impl Qcow2 {
             backing: None,
             compressed_cache: None,
             meta: MetaMap::default(),
+            bitmaps: Vec::new(),
+            bitmaps_to_store: false,
             h,
         };
         img.meta = img.map_metadata()?;
-        if !readonly && img.h.autoclear != 0 {
-            // We do not maintain what autoclear features describe (e.g. dirty bitmaps); clearing
-            // the bits tells other readers that those structures are stale, as the spec asks.
-            img.h.autoclear = 0;
-            img.pwrite(&0u64.to_be_bytes(), OFF_AUTOCLEAR, "write header")?;
-            img.sync()?;
-        }
+        img.open_bitmaps()?;
         Ok(img)
     }
 
@@ -309,6 +310,7 @@ impl Qcow2 {
     /// Makes every cluster of this layer unallocated (qemu-img commit empties the top image).
     pub fn make_empty(&mut self) -> Result<()> {
         self.writable()?;
+        self.mark_dirty(0, self.h.size);
         let clusters = self.h.size.div_ceil(self.cs);
         self.zero_clusters(0, clusters, ZeroMode::Unmap)?;
         self.flush()
@@ -752,6 +754,7 @@ impl DiskImage for Qcow2 {
                 corrupt: h.incompatible & INCOMPAT_CORRUPT != 0,
                 extended_l2: h.incompatible & INCOMPAT_EXTL2 != 0,
                 has_bitmaps: h.extensions.iter().any(|e| e.kind == EXT_BITMAPS),
+                bitmaps: self.bitmaps(),
                 snapshots: h.nb_snapshots,
             }),
         }
@@ -777,6 +780,7 @@ impl DiskImage for Qcow2 {
     fn write_at(&mut self, buf: &[u8], off: u64) -> Result<()> {
         self.writable()?;
         check_range(&self.path, off, buf.len() as u64, self.h.size)?;
+        self.mark_dirty(off, buf.len() as u64);
         let mut done = 0usize;
         while done < buf.len() {
             let pos = off + done as u64;
@@ -805,12 +809,14 @@ impl DiskImage for Qcow2 {
     fn discard(&mut self, off: u64, len: u64) -> Result<()> {
         self.writable()?;
         check_range(&self.path, off, len, self.h.size)?;
+        self.mark_dirty(off, len);
         self.zero_range(off, len, true)
     }
 
     fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
         self.writable()?;
         check_range(&self.path, off, len, self.h.size)?;
+        self.mark_dirty(off, len);
         self.zero_range(off, len, false)
     }
 
@@ -835,6 +841,7 @@ impl DiskImage for Qcow2 {
 
     fn resize(&mut self, size: u64) -> Result<()> {
         self.writable()?;
+        self.check_bitmaps_resizable(size)?;
         let old = self.h.size;
         if size < old {
             let first = size.div_ceil(self.cs);
@@ -842,7 +849,9 @@ impl DiskImage for Qcow2 {
             self.zero_clusters(first, count, ZeroMode::Unmap)?;
             self.writeback()?;
             self.sync()?;
-            return self.write_size(size);
+            self.write_size(size)?;
+            self.resize_bitmaps(old);
+            return Ok(());
         }
         let per_l1 = self.cs * self.l2_entries();
         let needed = size.div_ceil(per_l1);
@@ -864,7 +873,21 @@ impl DiskImage for Qcow2 {
             zeroed?;
         }
         self.write_size(size)?;
+        self.resize_bitmaps(old);
         self.flush()
+    }
+
+    fn as_qcow2(&mut self) -> Option<&mut Qcow2> {
+        Some(self)
+    }
+}
+
+impl Qcow2 {
+    /// Flushes and writes the dirty bitmaps back, reporting failures (dropping the image does
+    /// the same but cannot report them).
+    pub fn close(mut self) -> Result<()> {
+        self.flush()?;
+        self.store_bitmaps()
     }
 }
 
@@ -872,6 +895,7 @@ impl Drop for Qcow2 {
     fn drop(&mut self) {
         if !self.readonly {
             let _ = self.flush();
+            let _ = self.store_bitmaps();
         }
     }
 }
