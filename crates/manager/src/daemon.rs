@@ -42,13 +42,25 @@ impl Services {
 
     /// Takes back the networks and re-attaches to the VMs that were running when ferrod last
     /// stopped, then, on the first start since the host booted, starts the pools and domains set
-    /// to autostart (networks set to autostart start before any VM).
-    pub async fn recover(&self) {
+    /// to autostart (networks set to autostart start before any VM). With `default_network`, the
+    /// first start of ferrod on a state store defines the `default` network (set to autostart).
+    pub async fn recover(&self, default_network: bool) {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_string();
         let last = self.store.meta("boot_id").ok().flatten();
         let first_since_boot = last.as_deref() != Some(boot_id.as_str());
-        let networks = self.networks.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || networks.recover(first_since_boot)).await {
+        let define_default = default_network && self.store.meta("default_network").ok().flatten().is_none();
+        let (networks, store) = (self.networks.clone(), self.store.clone());
+        let recovered = tokio::task::spawn_blocking(move || {
+            if define_default {
+                // Once per state store: a user who undefines it does not get it back.
+                match networks.define_default().and_then(|()| Ok(store.set_meta("default_network", "defined")?)) {
+                    Ok(()) => {}
+                    Err(e) => tracing::error!("cannot define the default network: {e}"),
+                }
+            }
+            networks.recover(first_since_boot)
+        });
+        if let Err(e) = recovered.await {
             tracing::error!("recovering networks failed: {e}");
         }
         self.domains.reattach().await;

@@ -22,6 +22,10 @@ struct Cli {
     /// The `ferro` binary that runs VMs (default: $FERRO_BIN, else `ferro` next to ferrod).
     #[arg(long, env = "FERRO_BIN")]
     ferro_bin: Option<PathBuf>,
+    /// Do not define the `default` NAT network on the first start (ferrod defines it, set to
+    /// autostart, unless told not to, as libvirt does).
+    #[arg(long)]
+    no_default_network: bool,
     #[command(flatten)]
     listen: ListenArgs,
     #[command(subcommand)]
@@ -96,7 +100,7 @@ fn serve(cli: Cli) -> Result<(), String> {
         let services = Services::open(paths.clone())?;
         let tcp_servers = tcp.bind().await?;
         let listener = listen::bind_unix(&paths.socket, cli.listen.socket_group.as_deref())?;
-        services.recover().await;
+        services.recover(!cli.no_default_network).await;
         tracing::info!(socket = %paths.socket.display(), home = %paths.home.display(), "ferrod ready");
         let app = api::router(services.clone(), tcp.access.clone());
         let tcp_tasks: Vec<_> = tcp_servers.into_iter().map(|server| server.spawn(app.clone())).collect();

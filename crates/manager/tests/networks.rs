@@ -5,7 +5,7 @@
 //! ferrod adopting its running network without doubling rules or dnsmasq instances.
 
 use ferro_test_support::daemon::{Daemon, Home};
-use ferro_test_support::net::{OUTSIDE, dhcp, exec, guest, host_and_outside, ip_forward, nft_ruleset, pings};
+use ferro_test_support::net::{OUTSIDE, dhcp, exec, guest, host_and_outside, ip_forward, namespace, nft_ruleset, pings};
 use ferro_test_support::{TempDir, alive};
 use serde_json::Value;
 
@@ -45,7 +45,7 @@ fn networks_are_defined_started_adopted_and_destroyed_by_ferrod() {
     let dir = TempDir::new("ferrod-net");
     let (host, _outside) = host_and_outside();
     let home = Home::new("net");
-    let mut d = Daemon::start_in(&home, &host);
+    let mut d = Daemon::start_in(&home, &host, &["--no-default-network"]);
     let api = d.api();
 
     // Definitions are validated naming the key; nothing is started by defining.
@@ -128,7 +128,7 @@ fn networks_are_defined_started_adopted_and_destroyed_by_ferrod() {
     let table_before = String::from_utf8(exec(&host, &["nft", "list", "table", "inet", "ferrovisor"]).stdout).unwrap();
     d.kill9();
     assert!(pings(&g, OUTSIDE), "the network went down with ferrod");
-    d = Daemon::start_in(&home, &host);
+    d = Daemon::start_in(&home, &host, &["--no-default-network"]);
     let api = d.api();
     let info = api.expect("GET", "/v1/networks/lab", None, 200);
     assert_eq!((info["active"].as_bool(), info["autostart"].as_bool()), (Some(true), Some(true)), "{info}");
@@ -175,7 +175,7 @@ fn domains_get_stable_macs_and_ferrods_taps_on_networks_and_bridges() {
     host.ip(&["link", "add", "hostbr", "type", "bridge"]);
     host.ip(&["link", "set", "hostbr", "up"]);
     let home = Home::new("nic");
-    let mut d = Daemon::start_in(&home, &host);
+    let mut d = Daemon::start_in(&home, &host, &["--no-default-network"]);
     let api = d.api();
     api.expect("POST", "/v1/networks", Some(NAT), 201);
     let auto = "name = \"auto\"\nmode = \"isolated\"\nbridge = \"fvauto\"\nip = \"10.78.0.1/24\"\n";
@@ -250,7 +250,7 @@ fn domains_get_stable_macs_and_ferrods_taps_on_networks_and_bridges() {
 
     // A network in use stays, even after ferrod restarts (SIGKILL) and finds the domain running.
     d.kill9();
-    d = Daemon::start_in(&home, &host);
+    d = Daemon::start_in(&home, &host, &["--no-default-network"]);
     let api = d.api();
     assert_eq!(api.expect("GET", "/v1/domains/vm1", None, 200)["state"], "running");
     for (verb, method, path) in [("destroy", "POST", "/v1/networks/lab/destroy"), ("undefine", "DELETE", "/v1/networks/lab")] {
@@ -269,4 +269,34 @@ fn domains_get_stable_macs_and_ferrods_taps_on_networks_and_bridges() {
     d.ferro_ok(&["net-destroy", "lab"]);
     d.ferro_ok(&["net-destroy", "auto"]);
     assert!(dnsmasq_of(&home).is_empty(), "dnsmasq still runs");
+}
+
+#[test]
+fn the_first_start_defines_a_default_network_clear_of_host_routes() {
+    let host = namespace("default");
+    // 192.168.122.0/24 is a route of the host's: the default network takes the next /24.
+    host.ip(&["link", "add", "lan0", "type", "veth", "peer", "name", "lan0p"]);
+    host.ip(&["addr", "add", "192.168.122.5/24", "dev", "lan0"]);
+    host.ip(&["link", "set", "lan0", "up"]);
+    let home = Home::new("default");
+    let mut d = Daemon::start_in(&home, &host, &[]);
+    let api = d.api();
+    let info = api.expect("GET", "/v1/networks/default", None, 200);
+    assert_eq!((info["active"].as_bool(), info["autostart"].as_bool(), info["mode"].as_str()), (Some(true), Some(true), Some("nat")), "{info}");
+    assert_eq!((info["bridge"].as_str(), info["config"]["ip"].as_str()), (Some("ferbr0"), Some("192.168.123.1/24")), "{info}");
+    assert_eq!((info["config"]["dhcp"]["start"].as_str(), info["config"]["dhcp"]["end"].as_str()), (Some("192.168.123.2"), Some("192.168.123.254")));
+    assert!(host.ip(&["-d", "link", "show", "ferbr0"]).contains("192.168.123.1") || host.ip(&["addr", "show", "ferbr0"]).contains("192.168.123.1/24"));
+    assert_eq!(ip_forward(&host), "1");
+
+    // Restarted, ferrod adopts it; undefined, it is not made again.
+    d.kill9();
+    d = Daemon::start_in(&home, &host, &[]);
+    let api = d.api();
+    assert_eq!(api.expect("GET", "/v1/networks", None, 200).as_array().map(Vec::len), Some(1), "a second default network");
+    d.ferro_ok(&["net-destroy", "default"]);
+    d.ferro_ok(&["net-undefine", "default"]);
+    d.kill9();
+    d = Daemon::start_in(&home, &host, &[]);
+    assert_eq!(d.api().expect("GET", "/v1/networks", None, 200), Value::Array(vec![]), "the default network came back");
+    assert!(!host.link_exists("ferbr0"));
 }

@@ -74,6 +74,9 @@ pub struct Networks {
     inner: Mutex<Inner>,
 }
 
+/// The network ferrod defines on its first start (see [`Networks::define_default`]).
+pub const DEFAULT_NETWORK: &str = "default";
+
 fn no_network(name: &str) -> Error {
     Error::not_found(format!("network {name:?} is not defined (see `ferro net-list --all`)"))
 }
@@ -302,6 +305,50 @@ impl Networks {
             }
             inner.publish_names(&network);
         }
+    }
+
+    /// Defines `default`, set to autostart, as libvirt does on its first start: a NAT network on
+    /// 192.168.122.0/24, or the first /24 above it that no host route and no other network
+    /// overlaps, on the first free bridge `ferbr<n>`. Nothing when `default` is defined already.
+    pub fn define_default(&self) -> Result<()> {
+        if self.lock().records.contains_key(DEFAULT_NETWORK) {
+            return Ok(());
+        }
+        let routes = ferro_net::link::Netlink::open()
+            .and_then(|mut nl| nl.routes())
+            .map_err(|e| Error::internal(format!("default network: cannot list the host's routes: {e}")))?;
+        let (subnets, bridges): (Vec<ipnet::Ipv4Net>, Vec<String>) = {
+            let inner = self.lock();
+            let configs = inner.records.values().filter_map(|n| n.config.as_ref().ok());
+            (configs.clone().filter_map(NetworkConfig::subnet).collect(), configs.map(|c| c.bridge.clone()).collect())
+        };
+        let taken = |net: &ipnet::Ipv4Net| {
+            routes.iter().map(|r| r.destination).chain(subnets.iter().copied()).any(|other| other.contains(&net.network()) || net.contains(&other.network()))
+        };
+        let Some(third) = (122..=254u8).find(|third| !taken(&ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(192, 168, *third, 0), 24).unwrap_or_default()))
+        else {
+            return Err(Error::conflict("default network: every 192.168.122-254.0/24 overlaps a host route or another network"));
+        };
+        let links = ferro_net::link::Netlink::open().and_then(|mut nl| nl.links()).map_err(|e| Error::internal(format!("default network: cannot list links: {e}")))?;
+        let bridge = (0..100)
+            .map(|n| format!("ferbr{n}"))
+            .find(|name| !bridges.contains(name) && !links.iter().any(|l| &l.name == name))
+            .ok_or_else(|| Error::conflict("default network: ferbr0 to ferbr99 are all taken"))?;
+        let text = format!(
+            "# The default network, defined by ferrod on its first start.
+name = \"{DEFAULT_NETWORK}\"
+mode = \"nat\"
+bridge = \"{bridge}\"
+             ip = \"192.168.{third}.1/24\"
+[dhcp]
+start = \"192.168.{third}.2\"
+end = \"192.168.{third}.254\"
+"
+        );
+        self.define(&text)?;
+        self.set_autostart(DEFAULT_NETWORK, true)?;
+        tracing::info!(bridge, subnet = format!("192.168.{third}.0/24"), "defined the default network");
+        Ok(())
     }
 
     /// After ferrod starts: on the first start since the host booted, the networks set to

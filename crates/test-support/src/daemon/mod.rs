@@ -74,19 +74,22 @@ impl Daemon {
         Self::start_args(home, &[], env)
     }
 
-    /// Starts ferrod with arguments and extra environment variables; waits for its socket.
+    /// Starts ferrod with arguments and extra environment variables; waits for its socket. It
+    /// runs in the host's network namespace, so it defines no default network (which would make
+    /// a bridge and rules on the host): see [`Daemon::start_in`].
     pub fn start_args(home: &Home, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut cmd = Command::new(ferrod_bin());
-        cmd.args(args);
+        cmd.arg("--no-default-network").args(args);
         Self::spawn(home, env, cmd)
     }
 
     /// Starts ferrod inside the network namespace `ns` (`ip netns exec`, which execs ferrod in
     /// place, so the child is ferrod itself): the bridges, rules and dnsmasq of its networks live
-    /// there. Its socket is a file, reachable from any namespace.
-    pub fn start_in(home: &Home, ns: &crate::net::Netns) -> Daemon {
+    /// there, and so does the default network it defines on its first start. Its socket is a
+    /// file, reachable from any namespace.
+    pub fn start_in(home: &Home, ns: &crate::net::Netns, args: &[&str]) -> Daemon {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name()]).arg(ferrod_bin());
+        cmd.args(["netns", "exec", ns.name()]).arg(ferrod_bin()).args(args);
         Self::spawn(home, &[], cmd)
     }
 
