@@ -401,10 +401,13 @@ impl Domains {
         if let Some(taps) = taps {
             self.unplug_nics(name, &taps);
         }
+        // The disks are released with the end recorded (under the domains lock), so whoever sees
+        // the domain off may at once use its volumes.
         let outcome = self.update(name, |d| {
             let end = record_exit(d, token.as_deref(), &report);
             if end.is_some() {
                 d.rt.taps.clear();
+                self.claims.release(&Holder::Domain(name.to_string()));
             }
             end
         });
@@ -412,7 +415,6 @@ impl Domains {
         if let Some(cgroup) = &cgroup {
             cgroups::remove(name, cgroup);
         }
-        self.claims.release(&Holder::Domain(name.to_string()));
         for socket in [files.api_socket(), files.serial_socket()] {
             let _ = std::fs::remove_file(socket);
         }
