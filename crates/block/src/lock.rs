@@ -167,13 +167,25 @@ pub enum Use {
 /// How other opens (other processes, or other opens in this process) use the file at `path`.
 pub fn file_use(path: &Path) -> Result<Use> {
     let file = File::open(path).map_err(Error::io(path, "open"))?;
-    Ok(if locked_by_other(&file, path, PERM_BASE + Perm::Write as i64)? {
-        Use::Write
-    } else if locked_by_other(&file, path, PERM_BASE + Perm::ConsistentRead as i64)? {
-        Use::Read
-    } else {
-        Use::Unused
-    })
+    let probe = || -> Result<Use> {
+        Ok(if locked_by_other(&file, path, PERM_BASE + Perm::Write as i64)? {
+            Use::Write
+        } else if locked_by_other(&file, path, PERM_BASE + Perm::ConsistentRead as i64)? {
+            Use::Read
+        } else {
+            Use::Unused
+        })
+    };
+    // A use seen must last SETTLE to count (see `lock`): a forked child may briefly hold copies
+    // of files this process has just closed.
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let used = probe()?;
+        if used == Use::Unused || Instant::now() >= deadline {
+            return Ok(used);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// One file of an image's backing chain, resolved.
