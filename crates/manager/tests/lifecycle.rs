@@ -1,7 +1,7 @@
 //! Domains running real VMM processes (`ferro vmm` booting the built-in test guests on /dev/kvm)
 //! under a real ferrod: lifecycle, console, crashes, SIGKILL of the daemon, concurrency and leaks.
 
-use ferro_test_support::daemon::{Daemon, Home, guest_toml, openapi};
+use ferro_test_support::daemon::{Api, Daemon, Home, guest_toml, openapi};
 use ferro_test_support::{alive, wait_for};
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -344,6 +344,16 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Defines, builds and starts the pool "default" in `$home/images`, and returns that directory.
+fn default_pool(api: &Api, home: &Home) -> std::path::PathBuf {
+    let target = home.path().join("images");
+    let def = serde_json::json!({ "name": "default", "type": "dir", "target": target.display().to_string() }).to_string();
+    api.expect("POST", "/v1/pools", Some(&def), 201);
+    api.expect("POST", "/v1/pools/default/build", None, 200);
+    api.expect("POST", "/v1/pools/default/start", None, 200);
+    target
+}
+
 /// A domain whose disk is a pool volume: the guest (the virtio test guest, which writes a
 /// pattern to its disk) really uses it through ferrod's VMM, the volume cannot be deleted while
 /// the domain runs, and it can once the domain is off.
@@ -352,11 +362,7 @@ fn a_running_domains_volume_is_used_and_cannot_be_deleted() {
     let home = Home::new("voluse");
     let d = Daemon::start(&home);
     let api = d.api();
-    let target = home.path().join("images");
-    let def = serde_json::json!({ "name": "default", "type": "dir", "target": target.display().to_string() }).to_string();
-    api.expect("POST", "/v1/pools", Some(&def), 201);
-    api.expect("POST", "/v1/pools/default/build", None, 200);
-    api.expect("POST", "/v1/pools/default/start", None, 200);
+    let target = default_pool(&api, &home);
     api.expect("POST", "/v1/pools/default/volumes", Some(r#"{"name": "d1.qcow2", "capacity": "16M", "format": "qcow2"}"#), 201);
     // The idle guest keeps running; the disk is attached but the guest leaves it alone.
     let toml = format!(
@@ -394,11 +400,7 @@ fn backing_volumes_and_uploads_are_held() {
     let home = Home::new("volhold");
     let d = Daemon::start(&home);
     let api = d.api();
-    let target = home.path().join("images");
-    let def = serde_json::json!({ "name": "default", "type": "dir", "target": target.display().to_string() }).to_string();
-    api.expect("POST", "/v1/pools", Some(&def), 201);
-    api.expect("POST", "/v1/pools/default/build", None, 200);
-    api.expect("POST", "/v1/pools/default/start", None, 200);
+    let target = default_pool(&api, &home);
     api.expect("POST", "/v1/pools/default/volumes", Some(r#"{"name": "base.qcow2", "capacity": "16M", "format": "qcow2"}"#), 201);
     let overlay = r#"{"name": "top.qcow2", "capacity": "16M", "format": "qcow2", "backing_volume": "base.qcow2", "backing_format": "qcow2"}"#;
     api.expect("POST", "/v1/pools/default/volumes", Some(overlay), 201);
