@@ -129,11 +129,20 @@ pub(crate) fn lock(file: &File, path: &Path, access: Access) -> Result<()> {
     for &p in access.unshared() {
         lock_byte(file, path, UNSHARED_BASE + p as i64)?;
     }
+    match settled(|| conflict(file, path, access), Option::is_some)? {
+        Some(reason) => Err(Error::InUse { path: path.to_path_buf(), reason }),
+        None => Ok(()),
+    }
+}
+
+/// Probes until the answer is not `busy` or SETTLE has passed, and returns the last answer: a
+/// use seen must last that long to count.
+fn settled<T>(mut probe: impl FnMut() -> Result<T>, busy: impl Fn(&T) -> bool) -> Result<T> {
     let deadline = Instant::now() + SETTLE;
     loop {
-        let Some(reason) = conflict(file, path, access)? else { return Ok(()) };
-        if Instant::now() >= deadline {
-            return Err(Error::InUse { path: path.to_path_buf(), reason });
+        let answer = probe()?;
+        if !busy(&answer) || Instant::now() >= deadline {
+            return Ok(answer);
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -176,16 +185,8 @@ pub fn file_use(path: &Path) -> Result<Use> {
             Use::Unused
         })
     };
-    // A use seen must last SETTLE to count (see `lock`): a forked child may briefly hold copies
-    // of files this process has just closed.
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let used = probe()?;
-        if used == Use::Unused || Instant::now() >= deadline {
-            return Ok(used);
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    // A forked child may briefly hold copies of files this process has just closed (see SETTLE).
+    settled(probe, |used| *used != Use::Unused)
 }
 
 /// One file of an image's backing chain, resolved.
