@@ -8,13 +8,12 @@
 //!   `[boot] from = "disk"` from a qcow2 volume, and in that one boot the guest reads the
 //!   cloud-init seed's meta-data and the Debian root filesystem.
 
-use ferro_test_support::daemon::{Daemon, Home};
+use ferro_test_support::daemon::{Daemon, Home, read_console};
 use ferro_test_support::vm::{linux_cmdline, linux_dir};
 use ferro_test_support::{TempDir, run_ok, wait_for};
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 /// Far above the ~30-60 s a boot takes here, so only a hang reaches it.
@@ -129,8 +128,8 @@ fn debian_disk_kernel_is_found_and_our_kernel_boots_from_it_with_a_cloud_init_se
     let started = api.expect("POST", "/v1/domains/deb/start", None, 200);
     let run_dir = PathBuf::from(started["log"].as_str().expect("log path")).parent().expect("run dir").to_path_buf();
     let uuid = started["uuid"].as_str().expect("uuid").to_string();
-    let mut console = console(&d, "deb");
-    let text = read_console(&mut console, "FERRO-POWEROFF");
+    let mut console = d.console("deb");
+    let text = read_console(&mut console, "FERRO-POWEROFF", BOOT_LIMIT);
     eprintln!("{text}");
     assert!(text.contains("FERRO-GUEST-UP"), "never reached userspace");
     assert!(text.contains(&format!("instance-id: {uuid}")) && text.contains("local-hostname: deb"), "meta-data read in the guest");
@@ -144,35 +143,4 @@ fn debian_disk_kernel_is_found_and_our_kernel_boots_from_it_with_a_cloud_init_se
     assert!(run_dir.join("cidata.img").is_file(), "the seed lives in the run directory");
     api.expect("DELETE", "/v1/domains/deb", None, 204);
     assert!(!run_dir.join("cidata.img").exists(), "the seed is removed with the domain");
-}
-
-/// Opens the console through ferrod (the HTTP upgrade) and returns the stream.
-fn console(d: &Daemon, name: &str) -> UnixStream {
-    let mut s = UnixStream::connect(&d.socket).expect("connect");
-    write!(s, "GET /v1/domains/{name}/console HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: ferro-console\r\n\r\n").expect("upgrade");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).expect("read"), 1, "console closed during the upgrade");
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    s
-}
-
-/// Reads the console until `needle` appears, the stream ends, or the boot limit passes.
-fn read_console(s: &mut UnixStream, needle: &str) -> String {
-    s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
-    let deadline = Instant::now() + BOOT_LIMIT;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains(needle) && Instant::now() < deadline {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(e) => panic!("console: {e}"),
-        }
-    }
-    String::from_utf8_lossy(&got).into_owned()
 }

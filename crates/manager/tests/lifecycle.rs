@@ -1,12 +1,15 @@
 //! Domains running real VMM processes (`ferro vmm` booting the built-in test guests on /dev/kvm)
 //! under a real ferrod: lifecycle, console, crashes, SIGKILL of the daemon, concurrency and leaks.
 
-use ferro_test_support::daemon::{Api, Daemon, Home, guest_toml, openapi};
+use ferro_test_support::daemon::{Api, Daemon, Home, guest_toml, openapi, read_console};
 use ferro_test_support::{alive, wait_for};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
+
+/// How long a console line from a running test guest may take (only a hang reaches it).
+const CONSOLE_WAIT: Duration = Duration::from_secs(10);
 
 fn state(d: &Daemon, name: &str) -> Value {
     d.api().expect("GET", &format!("/v1/domains/{name}"), None, 200)
@@ -14,39 +17,6 @@ fn state(d: &Daemon, name: &str) -> Value {
 
 fn vmm_pid(d: &Daemon, name: &str) -> i64 {
     state(d, name)["pid"].as_i64().unwrap_or_else(|| panic!("{name} has no pid"))
-}
-
-/// Opens the console through ferrod and returns the upgraded stream.
-fn console(d: &Daemon, name: &str) -> UnixStream {
-    let mut s = UnixStream::connect(&d.socket).unwrap();
-    write!(s, "GET /v1/domains/{name}/console HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: ferro-console\r\n\r\n").unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "console closed during the upgrade");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    openapi::check("GET", &format!("/v1/domains/{name}/console"), 101, "", b"");
-    s
-}
-
-/// Reads from the console until `needle` appears.
-fn read_until(s: &mut UnixStream, needle: &str) -> String {
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut got = Vec::new();
-    let mut buf = [0u8; 512];
-    while Instant::now() < deadline {
-        if let Ok(n) = s.read(&mut buf) {
-            got.extend_from_slice(&buf[..n]);
-        }
-        if String::from_utf8_lossy(&got).contains(needle) {
-            return String::from_utf8_lossy(&got).into_owned();
-        }
-    }
-    panic!("console never showed {needle:?}; got {:?}", String::from_utf8_lossy(&got));
 }
 
 #[test]
@@ -76,17 +46,17 @@ fn full_lifecycle_of_a_domain() {
     openapi::validate(&serde_json::json!({"$ref": "#/components/schemas/DomainStats"}), &cli_stats, "$").unwrap();
 
     // The console reaches the guest, which echoes what it is sent.
-    let mut con = console(&d, "idle1");
-    read_until(&mut con, "idle: up");
+    let mut con = d.console("idle1");
+    read_console(&mut con, "idle: up", CONSOLE_WAIT);
     con.write_all(b"k").unwrap();
-    read_until(&mut con, "echo: k");
+    read_console(&mut con, "echo: k", CONSOLE_WAIT);
     drop(con);
 
     // A paused guest does not echo until resumed.
     assert_eq!(api.expect("POST", "/v1/domains/idle1/suspend", None, 200)["state"], "paused");
     assert_eq!(d.ferro_ok(&["domstate", "idle1"]).trim(), "paused");
-    let mut con = console(&d, "idle1");
-    read_until(&mut con, "echo: k");
+    let mut con = d.console("idle1");
+    read_console(&mut con, "echo: k", CONSOLE_WAIT);
     con.write_all(b"p").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let mut early = [0u8; 4096];
@@ -94,7 +64,7 @@ fn full_lifecycle_of_a_domain() {
     let n = con.read(&mut early).unwrap_or(0);
     assert!(!String::from_utf8_lossy(&early[..n]).contains("echo: p"), "paused guest echoed");
     assert_eq!(api.expect("POST", "/v1/domains/idle1/resume", None, 200)["state"], "running");
-    read_until(&mut con, "echo: p");
+    read_console(&mut con, "echo: p", CONSOLE_WAIT);
     drop(con);
 
     // The test guest has no ACPI: the power button is ignored and the timed shutdown says so.
@@ -165,8 +135,8 @@ fn shutdown_and_reboot_through_the_acpi_power_button() {
     let toml = format!("{}cmdline = \"powerbutton=1\"\n", guest_toml("acpi1", "idle"));
     api.expect("POST", "/v1/domains", Some(&toml), 201);
     api.expect("POST", "/v1/domains/acpi1/start", None, 200);
-    let mut con = console(&d, "acpi1");
-    read_until(&mut con, "idle: up");
+    let mut con = d.console("acpi1");
+    read_console(&mut con, "idle: up", CONSOLE_WAIT);
     let pid = vmm_pid(&d, "acpi1");
 
     d.ferro_ok(&["reboot", "acpi1"]);
@@ -242,9 +212,9 @@ fn ferrod_killed_and_restarted_reattaches_to_running_vms() {
     assert_eq!(r3["crash"]["signal"], 9, "exit status known across the restart: {r3}");
 
     // The re-attached VMs are fully controllable.
-    let mut con = console(&d, "r1");
+    let mut con = d.console("r1");
     con.write_all(b"z").unwrap();
-    read_until(&mut con, "echo: z");
+    read_console(&mut con, "echo: z", CONSOLE_WAIT);
     api.expect("POST", "/v1/domains/r2/resume", None, 200);
     api.expect("GET", "/v1/domains/r2/stats", None, 200);
     // A re-attached VMM that crashes is noticed too (through its pidfd, not as our child).

@@ -158,6 +158,23 @@ impl Daemon {
         String::from_utf8(out.stdout).expect("UTF-8 output")
     }
 
+    /// Opens a domain's serial console through ferrod (the HTTP upgrade on its socket) and returns
+    /// the upgraded stream.
+    pub fn console(&self, name: &str) -> UnixStream {
+        let mut s = UnixStream::connect(&self.socket).expect("connect to ferrod");
+        write!(s, "GET /v1/domains/{name}/console HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: ferro-console\r\n\r\n").expect("upgrade request");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut byte).expect("read the upgrade answer"), 1, "console closed during the upgrade");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        openapi::check("GET", &format!("/v1/domains/{name}/console"), 101, "", b"");
+        s
+    }
+
     /// Destroys every active domain through the API (so no VMM outlives a test).
     pub fn cleanup(&self) {
         let api = self.api();
@@ -356,4 +373,25 @@ fn exchange<S: Read + Write>(
 /// A domain definition (TOML) booting a built-in test guest with 64 MiB and one vCPU.
 pub fn guest_toml(name: &str, guest: &str) -> String {
     format!("name = \"{name}\"\nmemory = \"64M\"\nvcpus = 1\n[boot]\nguest = \"{guest}\"\n")
+}
+
+/// Reads a console stream until `needle` appears; panics with what it saw when the stream ends or
+/// `limit` passes first.
+pub fn read_console(s: &mut UnixStream, needle: &str, limit: Duration) -> String {
+    s.set_read_timeout(Some(Duration::from_millis(200))).expect("set a read timeout");
+    let deadline = std::time::Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if String::from_utf8_lossy(&got).contains(needle) {
+            return String::from_utf8_lossy(&got).into_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "the console never showed {needle:?} within {limit:?}; got {:?}", String::from_utf8_lossy(&got));
+        match s.read(&mut buf) {
+            Ok(0) => panic!("the console closed before {needle:?}; got {:?}", String::from_utf8_lossy(&got)),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
+            Err(e) => panic!("reading the console for {needle:?}: {e}"),
+        }
+    }
 }
