@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "ferro", version, about = "Ferrovisor: run and manage KVM virtual machines")]
+#[command(name = "ferro", version = ferro_version::VERSION, about = "Ferrovisor: run and manage KVM virtual machines")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

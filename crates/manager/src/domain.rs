@@ -458,7 +458,7 @@ fn validate_object_name(name: &str, max: usize) -> Result<(), String> {
 }
 
 /// Turns a TOML/serde error into a one-line error naming the key it happened at.
-fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
+pub(crate) fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let message = e.message().trim().replace('\n', " ");
     let key = e.span().map(|span| key_at(text, span.start)).unwrap_or_default();
     // serde's "missing field `x`" errors point at the enclosing table; name the field itself.

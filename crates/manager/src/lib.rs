@@ -12,11 +12,13 @@
 //!   (virtual networks on the host), `domains` (definitions and supervision), with `vmm` (VM config and control socket) and `monitor` (the
 //!   per-VM process), and `ovf` (OVF/OVA import and export, over pools and domains);
 //! - `daemon` wires the services together; `api` maps HTTP to them and checks who may call;
-//!   `listen` opens the unix socket and the TCP/TLS listeners that serve `api`.
+//!   `listen` opens the unix socket and the TCP/TLS listeners that serve `api`;
+//! - running as a service: `config` (the configuration file), `notify` (systemd notifications).
 
 pub mod access;
 pub mod api;
 pub mod claims;
+pub mod config;
 pub mod daemon;
 pub mod domain;
 pub mod domains;
@@ -28,6 +30,7 @@ pub mod listen;
 pub mod model;
 pub mod monitor;
 pub mod networks;
+pub mod notify;
 pub mod ovf;
 pub mod pools;
 pub mod process_identity;

@@ -203,10 +203,7 @@ where
 /// Binds the unix socket: mode 0660 with `group` (default `ferro` if it exists), else 0600. The
 /// socket never exists with a wider mode, not even for an instant.
 pub fn bind_unix(socket: &Path, group: Option<&str>) -> Result<UnixListener, String> {
-    let gid = match group {
-        Some(name) => Some((name, group_id(name)?.ok_or_else(|| format!("--socket-group {name}: no such group"))?)),
-        None => group_id(DEFAULT_SOCKET_GROUP)?.map(|gid| (DEFAULT_SOCKET_GROUP, gid)),
-    };
+    let gid = socket_group(group)?;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
@@ -233,6 +230,14 @@ pub fn bind_unix(socket: &Path, group: Option<&str>) -> Result<UnixListener, Str
         ),
     }
     Ok(listener)
+}
+
+/// The unix socket's group and its id: `group` (which must exist), else `ferro` if it exists.
+pub fn socket_group(group: Option<&str>) -> Result<Option<(&str, u32)>, String> {
+    Ok(match group {
+        Some(name) => Some((name, group_id(name)?.ok_or_else(|| format!("--socket-group {name}: no such group"))?)),
+        None => group_id(DEFAULT_SOCKET_GROUP)?.map(|gid| (DEFAULT_SOCKET_GROUP, gid)),
+    })
 }
 
 /// A group's id by name (None: no such group).

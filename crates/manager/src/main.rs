@@ -2,17 +2,29 @@
 
 use clap::{Parser, Subcommand};
 use ferro_manager::access::Peer;
+use ferro_manager::config::{FileConfig, check_log_filter};
 use ferro_manager::daemon::Services;
 use ferro_manager::listen::ListenArgs;
 use ferro_manager::model::Paths;
+use ferro_manager::notify::Notifier;
 use ferro_manager::{DEFAULT_HOME, api, listen, monitor, socket_for_home};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "ferrod", version, about = "Ferrovisor management daemon")]
+#[command(name = "ferrod", version = ferro_version::VERSION, about = "Ferrovisor management daemon")]
 struct Cli {
+    /// Configuration file (default: /etc/ferrovisor/ferrod.toml if it exists); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Check the configuration (file and flags: certificates, tokens, socket group) and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Log filter: error, warn, info, debug, trace, or target=level lists (default: $RUST_LOG,
+    /// else the file's log_level, else info).
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
     /// State directory (default: $FERRO_HOME, else /var/lib/ferrovisor).
     #[arg(long, env = "FERRO_HOME")]
     home: Option<PathBuf>,
@@ -56,14 +68,23 @@ fn main() -> ExitCode {
     if let Some(Command::Monitor { exit_report, log, stderr, socket, command }) = cli.command {
         return monitor::run(monitor::MonitorArgs { exit_report, log, stderr, sockets: socket, command });
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match serve(cli) {
+    // SAFETY: no thread has been started yet.
+    let notifier = unsafe { Notifier::from_env() };
+    let started = notifier.and_then(|notifier| {
+        let settings = Settings::new(cli)?;
+        if settings.check_only {
+            settings.check()?;
+            println!("ferrod: the configuration is valid ({})", settings.source);
+            return Ok(());
+        }
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(&settings.log_filter))
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+        serve(settings, notifier)
+    });
+    match started {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferrod: {e}");
@@ -72,13 +93,71 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(cli: Cli) -> Result<(), String> {
-    let home_given = cli.home.is_some();
-    let home = cli.home.unwrap_or_else(|| PathBuf::from(DEFAULT_HOME));
-    let socket = cli.socket.unwrap_or_else(|| socket_for_home(home_given.then_some(home.as_path())));
+/// What ferrod runs with: the flags, over the configuration file, over the defaults.
+struct Settings {
+    home: PathBuf,
+    socket: PathBuf,
+    ferro_bin: Option<PathBuf>,
+    default_network: bool,
+    log_filter: String,
+    listen: ListenArgs,
+    check_only: bool,
+    /// Where the settings came from, for messages.
+    source: String,
+}
+
+impl Settings {
+    fn new(cli: Cli) -> Result<Settings, String> {
+        let (file, path) = FileConfig::load(cli.config.as_deref())?;
+        let source = match &path {
+            Some(path) => format!("file {} and flags", path.display()),
+            None => format!("no file at {}: flags and defaults", ferro_manager::config::DEFAULT_CONFIG),
+        };
+        // The socket is in a home named by flag or $FERRO_HOME (where `ferro` looks with the same
+        // $FERRO_HOME), else at its system-wide place, where `ferro` looks by default.
+        let socket = cli.socket.or(file.socket).unwrap_or_else(|| socket_for_home(cli.home.as_deref()));
+        let home = cli.home.or(file.home);
+        let log_filter = match (cli.log_level, std::env::var("RUST_LOG")) {
+            (Some(level), _) => level,
+            (None, Ok(level)) if !level.is_empty() => level,
+            _ => file.log_level.unwrap_or_else(|| "info".into()),
+        };
+        check_log_filter(&log_filter)?;
+        let mut listen = cli.listen;
+        if listen.listen.is_empty() {
+            listen.listen = file.listen.addresses;
+        }
+        listen.tls_cert = listen.tls_cert.or(file.listen.tls_cert);
+        listen.tls_key = listen.tls_key.or(file.listen.tls_key);
+        listen.token_file = listen.token_file.or(file.listen.token_file);
+        listen.insecure |= file.listen.insecure;
+        listen.no_auth |= file.listen.no_auth;
+        listen.socket_group = listen.socket_group.or(file.socket_group);
+        Ok(Settings {
+            home: home.unwrap_or_else(|| PathBuf::from(DEFAULT_HOME)),
+            socket,
+            ferro_bin: cli.ferro_bin.or(file.ferro_bin),
+            default_network: !cli.no_default_network && file.default_network.unwrap_or(true),
+            log_filter,
+            listen,
+            check_only: cli.check_config,
+            source,
+        })
+    }
+
+    /// What `--check-config` checks beyond the file's syntax: the listeners with their
+    /// certificate, key and tokens, and the socket's group.
+    fn check(&self) -> Result<(), String> {
+        self.listen.plan()?;
+        listen::socket_group(self.listen.socket_group.as_deref()).map(drop)
+    }
+}
+
+fn serve(settings: Settings, notifier: Notifier) -> Result<(), String> {
+    let Settings { home, socket, ferro_bin, default_network, listen: listen_args, .. } = settings;
     let self_exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
-    let ferro_bin = cli.ferro_bin.unwrap_or_else(|| self_exe.with_file_name("ferro"));
-    let tcp = cli.listen.plan()?;
+    let ferro_bin = ferro_bin.unwrap_or_else(|| self_exe.with_file_name("ferro"));
+    let tcp = listen_args.plan()?;
     std::fs::create_dir_all(&home).map_err(|e| format!("cannot create {}: {e}", home.display()))?;
     let _lock = lock_home(&home)?;
     let paths = Paths {
@@ -99,16 +178,19 @@ fn serve(cli: Cli) -> Result<(), String> {
         let signals = shutdown_signals()?;
         let services = Services::open(paths.clone())?;
         let tcp_servers = tcp.bind().await?;
-        let listener = listen::bind_unix(&paths.socket, cli.listen.socket_group.as_deref())?;
-        services.recover(!cli.no_default_network).await;
+        let listener = listen::bind_unix(&paths.socket, listen_args.socket_group.as_deref())?;
+        services.recover(default_network).await;
         tracing::info!(socket = %paths.socket.display(), home = %paths.home.display(), "ferrod ready");
+        notifier.send("READY=1");
         let app = api::router(services.clone(), tcp.access.clone());
         let tcp_tasks: Vec<_> = tcp_servers.into_iter().map(|server| server.spawn(app.clone())).collect();
         let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
         let signalled = stopping.clone();
+        let stopping_notifier = notifier.clone();
         let app = app.into_make_service_with_connect_info::<Peer>();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown_signal(signals).await;
+            stopping_notifier.send("STOPPING=1");
             signalled.notify_one();
         });
         // Requests in flight get a moment to finish; endless ones (event streams, consoles) do not
