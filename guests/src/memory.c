@@ -1,5 +1,7 @@
 /* memory: in ring 3 (native speed on kvm-pvm), writes a pattern over every RAM range the memory
- * map reports above the guest image and reads it back. Reports MiB verified and errors. */
+ * map reports above the guest image and reads it back. Reports MiB verified and errors. With
+ * `hold=1` on the command line it then waits for interrupts instead of exiting, so that the host
+ * can look at the VM while all of its RAM is in use. */
 #include "kit.h"
 
 struct range { u64 start, end, seed, errors, bytes; };
@@ -38,5 +40,10 @@ int guest_main(struct hvm_start_info *si) {
     u64 bytes = 0, errors = 0;
     for (u32 i = 0; i < n; i++) { bytes += ranges[i].bytes; errors += ranges[i].errors; }
     kit_printf("memory: verified %lu MiB in ring 3 with %lu errors\n", bytes >> 20, errors);
+    u64 hold = 0;
+    if (kit_cmdline_u64("hold", &hold) && hold) {
+        kit_puts("memory: holding\n");
+        for (;;) sti_hlt();
+    }
     return (errors == 0 && bytes > 0) ? 0 : 1;
 }

@@ -1,6 +1,7 @@
 //! `ferro host-check`: like virt-host-validate, one PASS/WARN/FAIL line per thing a VM needs.
 //! Exit status 0 when a VM can run here (no FAIL).
 
+use ferro_hypervisor::host_memory::{self, HugePagePool, Ksm};
 use ferro_hypervisor::kvm_ioctls::Kvm;
 use ferro_hypervisor::{HostKind, REQUIRED_CAPS, probe_host_kind};
 use std::path::Path;
@@ -106,11 +107,20 @@ pub fn run() -> ExitCode {
             Err(why) => r.line(Level::Warn, &what, &why),
         }
     }
-    let hugepages = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
-    if hugepages > 0 {
-        r.line(Level::Pass, "huge pages", &format!("{hugepages} reserved"));
-    } else {
-        r.line(Level::Warn, "huge pages", "none reserved (echo N > /proc/sys/vm/nr_hugepages to back guests with 2 MiB pages)");
+    match HugePagePool::read() {
+        Ok(pool) if pool.total > 0 => r.line(Level::Pass, "huge pages", &format!("{} of {} 2 MiB pages free", pool.available(), pool.total)),
+        Ok(_) => r.line(Level::Warn, "huge pages", "none reserved (echo N > /proc/sys/vm/nr_hugepages to back guests with 2 MiB pages)"),
+        Err(why) => r.line(Level::Warn, "huge pages", &why),
+    }
+    match host_memory::thp_mode() {
+        Ok(mode) if mode == "never" => r.line(Level::Warn, "transparent huge pages", "never (guest RAM is advised for THP; echo madvise > /sys/kernel/mm/transparent_hugepage/enabled)"),
+        Ok(mode) => r.line(Level::Pass, "transparent huge pages", &mode),
+        Err(why) => r.line(Level::Warn, "transparent huge pages", &why),
+    }
+    match Ksm::read() {
+        Ok(ksm) if ksm.running => r.line(Level::Pass, "KSM (memory merging)", &format!("running, {} pages sharing", ksm.pages_sharing)),
+        Ok(_) => r.line(Level::Warn, "KSM (memory merging)", "not running (echo 1 > /sys/kernel/mm/ksm/run to merge guests with merge=on / mem_merge)"),
+        Err(why) => r.line(Level::Warn, "KSM (memory merging)", &why),
     }
     for (controller, support) in ferro_jail::cgroup::Host::detect().support() {
         let what = format!("cgroup controller {} (per-VM limits)", controller.name());

@@ -70,9 +70,10 @@ struct VmArgs {
     /// Kernel command line.
     #[arg(long, default_value = "")]
     cmdline: String,
-    /// Guest memory: 512M, 512MiB, 1.5G, 2T (plain numbers are bytes).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    memory: u64,
+    /// Guest memory: a size (512M, 512MiB, 1.5G, 2T; plain numbers are bytes) or
+    /// size=SIZE[,hugepages=on][,merge=on] (2 MiB huge pages; mergeable by KSM).
+    #[arg(long, default_value = "256M", value_name = "SIZE|OPTIONS", value_parser = memory_config)]
+    memory: MemoryConfig,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u8,
@@ -128,6 +129,24 @@ pub(crate) fn device_options(flag: &str, spec: &str, known: &[&str]) -> Result<V
         out.push((k.to_owned(), v.to_owned()));
     }
     Ok(out)
+}
+
+/// `--memory`: a plain size, or size=SIZE with hugepages and merge switches.
+fn memory_config(spec: &str) -> Result<MemoryConfig, String> {
+    if !spec.contains('=') {
+        return parse_size(spec).map(MemoryConfig::new);
+    }
+    let mut size = None;
+    let mut config = MemoryConfig::new(0);
+    for (k, v) in device_options("memory", spec, &["size", "hugepages", "merge"])? {
+        match k.as_str() {
+            "size" => size = Some(parse_size(&v).map_err(|e| format!("size: {e}"))?),
+            "hugepages" => config.hugepages = on_off("memory", "hugepages", &v)?,
+            _ => config.merge = on_off("memory", "merge", &v)?,
+        }
+    }
+    config.size = size.ok_or("size=SIZE is required")?;
+    Ok(config)
 }
 
 /// A balloon size: a plain number is MiB (as before sizes took suffixes), else a size that is a
@@ -233,7 +252,7 @@ impl VmArgs {
         Ok(VmConfig {
             name,
             boot: BootConfig { kernel, initrd: self.initrd, cmdline: self.cmdline },
-            memory: MemoryConfig::new(self.memory),
+            memory: self.memory,
             vcpus: self.cpus,
             devices: DeviceConfig::with_default_ids(devices),
             transport,
@@ -365,6 +384,12 @@ mod tests {
         assert_eq!(run_config(&["--memory", "1.5G"]).unwrap().memory.size, 3 << 29);
         assert_eq!(run_config(&["--memory", "512MiB"]).unwrap().memory.size, 512 << 20);
         assert!(run_config(&["--memory", "12Q"]).unwrap_err().contains("suffix"));
+        let memory = |spec: &str| run_config(&["--memory", spec]).map(|c| c.memory);
+        assert_eq!(memory("size=512M,hugepages=on"), Ok(MemoryConfig { size: 512 << 20, hugepages: true, merge: false }));
+        assert_eq!(memory("merge=on,size=1G"), Ok(MemoryConfig { size: 1 << 30, hugepages: false, merge: true }));
+        assert!(memory("hugepages=on").unwrap_err().contains("size=SIZE is required"));
+        assert!(memory("size=1G,hugepages=maybe").unwrap_err().contains("'maybe' is not on or off"));
+        assert!(memory("size=1G,numa=0").unwrap_err().contains("unknown option 'numa'"));
         let balloon = |spec: &str| match run_config(&["--balloon", spec]) {
             Ok(c) => match &c.devices[0].kind {
                 DeviceKind::Balloon { size_mib, .. } => Ok(*size_mib),

@@ -3,8 +3,10 @@
 //! Owns: opening `/dev/kvm` with errors a user can act on, probing which KVM module backs it
 //! (hardware VT-x/AMD-V or the kvm-pvm software mode, see docs/kvm-pvm.md), caching the
 //! expensive supported-CPUID query, and reading/writing the complete state of a vCPU and of a VM
-//! (for snapshot and migration).
+//! (for snapshot and migration). [`host_memory`] reads what the host kernel says about its
+//! memory (huge pages, THP, KSM).
 
+pub mod host_memory;
 mod probe;
 mod state;
 

@@ -34,6 +34,9 @@ pub struct DomainConfig {
     /// Limits of the domain's cgroup; memory is limited even without this table.
     #[serde(default, skip_serializing_if = "LimitsConfig::is_empty")]
     pub limits: LimitsConfig,
+    /// How guest memory is backed (libvirt's `<memoryBacking>`).
+    #[serde(default, skip_serializing_if = "TuningConfig::is_empty")]
+    pub tuning: TuningConfig,
 }
 
 fn default_vcpus() -> u32 {
@@ -169,6 +172,34 @@ pub struct LimitsConfig {
     pub pids: Option<u64>,
 }
 
+/// `[tuning]`: how guest memory is backed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TuningConfig {
+    /// Guest RAM from 2 MiB huge pages reserved on the host (`/proc/sys/vm/nr_hugepages`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hugepages: bool,
+    /// Guest RAM mergeable by KSM (identical pages shared copy-on-write across domains).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mem_merge: bool,
+}
+
+impl TuningConfig {
+    fn is_empty(&self) -> bool {
+        *self == TuningConfig::default()
+    }
+
+    fn validate(&self, memory: u64) -> Result<(), ConfigError> {
+        if self.hugepages && memory % (2 << 20) != 0 {
+            return Err(err("hugepages", format!("memory ({memory} bytes) must be a whole number of 2 MiB huge pages")));
+        }
+        if self.hugepages && self.mem_merge {
+            return Err(err("mem_merge", "cannot be combined with hugepages: KSM merges only small pages"));
+        }
+        Ok(())
+    }
+}
+
 /// Memory a VMM may use beyond guest RAM unless `[limits] memory_overhead` says otherwise.
 pub const DEFAULT_MEMORY_OVERHEAD: u64 = 64 << 20;
 
@@ -286,6 +317,7 @@ impl DomainConfig {
             disk.validate().map_err(|e| err(format!("disk[{i}].{}", e.key), e.reason))?;
         }
         self.limits.validate().map_err(|e| err(format!("limits.{}", e.key), e.reason))?;
+        self.tuning.validate(memory).map_err(|e| err(format!("tuning.{}", e.key), e.reason))?;
         for (i, nic) in self.nics.iter().enumerate() {
             nic.validate().map_err(|e| err(format!("nic[{i}].{}", e.key), e.reason))?;
             if nic.tap.is_some() && self.nics[..i].iter().any(|other| other.tap == nic.tap) {
@@ -547,6 +579,10 @@ tap = "tap-web1"
         let limits = DomainConfig::parse(&limited).unwrap().limits;
         assert_eq!((limits.cpu_percent, limits.memory_overhead_bytes(), limits.disk_iops), (Some(150), Ok(32 << 20), Some(500)));
         assert_eq!((LimitsConfig::rate(&limits.disk_read_bps), LimitsConfig::rate(&limits.disk_write_bps)), (Some(10 << 20), None));
+        let tuned = DomainConfig::parse(&(GOOD.to_string() + "[tuning]\nhugepages = true\n")).unwrap();
+        assert_eq!(tuned.tuning, TuningConfig { hugepages: true, mem_merge: false });
+        let odd = DomainConfig::parse(&(GOOD.replace("512M", "513M") + "[tuning]\nhugepages = true\n")).unwrap_err();
+        assert_eq!(odd.to_string(), "tuning.hugepages: memory (537919488 bytes) must be a whole number of 2 MiB huge pages");
     }
 
     #[test]
@@ -576,6 +612,8 @@ tap = "tap-web1"
             ("[balloon]", "[limits]\ndisk_iops = 0", "limits.disk_iops"),
             ("[balloon]", "[limits]\npids = -1", "limits.pids"),
             ("[balloon]", "[limits]\nswap = 1", "limits.swap"),
+            ("[balloon]", "[tuning]\nhugepages = true\nmem_merge = true", "tuning.mem_merge"),
+            ("[balloon]", "[tuning]\nhugepages = \"yes\"", "tuning.hugepages"),
         ];
         for (from, to, key) in cases {
             let e = DomainConfig::parse(&GOOD.replace(from, to)).unwrap_err();

@@ -97,7 +97,7 @@ pub fn vm_config(config: &DomainConfig, disks: &[ResolvedDisk], nics: &[VmNic], 
     let vm = VmConfig {
         name: config.name.clone(),
         boot: BootConfig { kernel, initrd, cmdline },
-        memory: MemoryConfig::new(config.memory_bytes()),
+        memory: MemoryConfig { size: config.memory_bytes(), hugepages: config.tuning.hugepages, merge: config.tuning.mem_merge },
         vcpus: u8::try_from(config.vcpus).map_err(|_| format!("vcpus: {} is more than a VM can have", config.vcpus))?,
         devices: DeviceConfig::with_default_ids(devices),
         transport: Transport::Pci,
@@ -162,6 +162,9 @@ mod tests {
         let nics = [VmNic { tap: "fvtap0".into(), mac: "52:54:00:00:00:07".parse().unwrap(), fd: Some(9) }];
         let vm = vm_config(&config, &disks, &nics, None).unwrap();
         assert_eq!((vm.name.as_str(), vm.vcpus, vm.memory.size), ("web", 2, 3 << 29));
+        assert!(!vm.memory.hugepages && !vm.memory.merge);
+        let tuned = DomainConfig::parse(&format!("{text}[tuning]\nmem_merge = true\n")).unwrap();
+        assert_eq!(vm_config(&tuned, &disks, &nics, None).unwrap().memory, MemoryConfig { size: 3 << 29, hugepages: false, merge: true });
         assert_eq!(vm.devices[2].kind, DeviceKind::Net { tap: "fvtap0".into(), mac: Some(nics[0].mac), fd: Some(9) });
         assert_eq!(vm.boot.kernel, Kernel::Path("/k".into()));
         let ids: Vec<&str> = vm.devices.iter().map(|d| d.id.as_str()).collect();

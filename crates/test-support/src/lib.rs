@@ -16,6 +16,7 @@
 
 pub mod daemon;
 pub mod grammar;
+pub mod hugepages;
 pub mod net;
 pub mod vm;
 

@@ -233,6 +233,9 @@ impl VmConfig {
         if self.memory.size < MIN_MEMORY {
             return Err(format!("memory: {} bytes is less than the {} MiB minimum", self.memory.size, MIN_MEMORY >> 20));
         }
+        if self.memory.hugepages && self.memory.merge {
+            return Err("memory: merge cannot be combined with hugepages: KSM merges only small pages".into());
+        }
         if self.boot.cmdline.len() > 2047 {
             return Err(format!("boot.cmdline: {} bytes; the limit is 2047", self.boot.cmdline.len()));
         }

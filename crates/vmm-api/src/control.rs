@@ -140,6 +140,10 @@ pub struct StatsReply {
     pub nics: Vec<NicStats>,
     /// None without a balloon device.
     pub balloon: Option<BalloonStats>,
+    /// Pages of the VMM that KSM merged (`/proc/PID/ksm_merging_pages`); None where the kernel
+    /// does not report it (before Linux 6.1).
+    #[serde(default)]
+    pub ksm_merging_pages: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,6 +1,6 @@
 //! The two ways to build a VM: [`VmBuilder::boot`] from a configuration (fresh memory, ACPI
 //! tables, a kernel loaded, the boot vCPU at its entry point) and [`VmBuilder::restore`] from a
-//! saved state (memory mapped from its file, no kernel or tables written: the memory already
+//! saved state (memory filled from its file, no kernel or tables written: the memory already
 //! holds them; devices built from the same configuration, then their saved state applied; every
 //! vCPU's state written on its own thread). Either way the result is a paused [`Vm`] whose
 //! [`run`](Vm::run) resumes it.
@@ -70,7 +70,7 @@ impl<'a> VmBuilder<'a> {
     /// A new VM booting `config`'s kernel.
     pub fn boot(self, config: VmConfig) -> Result<Vm> {
         self.check(&config)?;
-        let memory = memory::anonymous(&config.memory)?;
+        let memory = memory::create(&config.memory, memory::Source::Fresh)?;
         let Base { vm, memory } = self.base(memory)?;
         let (devices, buses) = DeviceManager::new(&vm, &memory, &config, ResourceAllocator::new(), self.serial_out, &self.events)?;
         let rsdp = acpi::write_tables(&memory, config.vcpus, &devices.mmio_slots())?;
@@ -93,7 +93,7 @@ impl<'a> VmBuilder<'a> {
     }
 
     /// The VM `state` describes, built from the configuration it was saved under, its RAM
-    /// mapped privately from `memory_file` (written by [`VmControl::save_memory`]). Refused
+    /// made from `memory_file` (written by [`VmControl::save_memory`]). Refused
     /// when this host lacks a CPU feature the guest was given.
     pub fn restore(self, state: SnapshotState, memory_file: &Path) -> Result<Vm> {
         let SnapshotState { config, cpu_features, vm: saved } = state;
@@ -108,7 +108,7 @@ impl<'a> VmBuilder<'a> {
         if saved.vcpus.len() != usize::from(config.vcpus) {
             return Err(Error::Config(format!("the saved VM has {} vCPUs, the configuration {}", saved.vcpus.len(), config.vcpus)));
         }
-        let memory = memory::from_file(&config.memory, memory_file)?;
+        let memory = memory::create(&config.memory, memory::Source::File(memory_file))?;
         let Base { vm, memory } = self.base(memory)?;
         let resources = ResourceAllocator::restored(saved.devices.resources.clone());
         let (devices, buses) = DeviceManager::new(&vm, &memory, &config, resources, self.serial_out, &self.events)?;

@@ -1,13 +1,15 @@
 //! Guest RAM: host mappings split around the 32-bit device hole, registered with KVM.
 //!
-//! A booted VM gets fresh anonymous memory (optionally 2 MiB huge pages, optionally mergeable
-//! by KSM). A restored VM maps a memory file privately: pages are read from the file when the
-//! guest first touches them and copied on write, so restoring costs the same for any guest size
-//! and the file is never changed. [`save`] writes that file: the RAM regions back to back, in
+//! [`create`] makes RAM for both a booted VM (fresh) and a restored one (from a memory file):
+//! 2 MiB hugetlb pages or memory advised for transparent huge pages, optionally mergeable by
+//! KSM. A restored VM without huge pages maps its memory file privately: pages are read from the
+//! file when the guest first touches them and copied on write, so restoring costs the same for
+//! any guest size and the file is never changed. [`save`] writes that file: the RAM regions back to back, in
 //! guest address order, all-zero pages left as holes.
 
 use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START, MIN_MEMORY};
 use crate::{Error, Result};
+use ferro_hypervisor::host_memory::{HUGE_PAGE, HugePagePool};
 use ferro_vmm_api::MemoryConfig;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -37,7 +39,7 @@ pub fn check_size(size: u64) -> Result<()> {
     if size < MIN_MEMORY {
         return Err(Error::Config(format!("memory {} MiB is too small: at least {} MiB is needed", size >> 20, MIN_MEMORY >> 20)));
     }
-    if let Some(host) = host_memory_bytes() {
+    if let Ok((host, _)) = ferro_hypervisor::host_memory::ram() {
         if size > host {
             return Err(Error::Config(format!(
                 "memory {} MiB is more than this host has ({} MiB in total)",
@@ -49,85 +51,154 @@ pub fn check_size(size: u64) -> Result<()> {
     Ok(())
 }
 
-fn host_memory_bytes() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+/// Where guest RAM's first contents come from: both boot and restore build memory through
+/// [`create`], so hugepages, THP and KSM advice apply the same way to either.
+#[derive(Clone, Copy, Debug)]
+pub enum Source<'a> {
+    /// Zeroed memory for a guest that boots.
+    Fresh,
+    /// A memory file [`save`] wrote, for a guest that is restored.
+    File(&'a Path),
 }
 
-/// Fresh guest RAM as `config` describes it.
-pub fn anonymous(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
+/// Guest RAM as `config` describes it, holding what `source` says.
+///
+/// With `hugepages` RAM is an anonymous hugetlb mapping whose pages the kernel reserves at
+/// `mmap` time, so a guest can never fault on a missing huge page later; a memory file is then
+/// copied in (hugetlb pages cannot map a regular file). Without it, RAM is advised for
+/// transparent huge pages, and a memory file is mapped privately: pages are read when the
+/// guest first touches them and copied on write. With `merge` RAM is advised mergeable by KSM.
+pub fn create(config: &MemoryConfig, source: Source) -> Result<GuestMemoryMmap> {
     check_size(config.size)?;
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-    if config.hugepages {
-        if config.size % (2 << 20) != 0 {
-            return Err(Error::Config(format!("memory: {} bytes is not a whole number of 2 MiB huge pages", config.size)));
+    let file = match source {
+        Source::Fresh => None,
+        Source::File(path) => Some(open_memory_file(config, path)?),
+    };
+    let mem = if config.hugepages {
+        let mem = map_huge(config)?;
+        if let (Some(file), Source::File(path)) = (&file, source) {
+            copy_in(&mem, file).map_err(|e| Error::Config(format!("memory file {}: {e}", path.display())))?;
         }
-        flags |= libc::MAP_HUGETLB;
-    }
-    let regions = ram_ranges(config.size)
-        .into_iter()
-        .map(|(addr, len)| {
-            let region = MmapRegionBuilder::new(len)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(flags)
-                .with_hugetlbfs(config.hugepages)
-                .build()
-                .map_err(|e| {
-                    let hint = if config.hugepages { " (are enough 2 MiB huge pages reserved in /proc/sys/vm/nr_hugepages?)" } else { "" };
-                    Error::Config(format!("cannot map {} MiB of guest memory: {e}{hint}", len >> 20))
-                })?;
-            GuestRegionMmap::new(region, addr).ok_or_else(|| Error::Internal(format!("guest memory region at {addr:?}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Internal(format!("guest memory: {e}")))?;
+        mem
+    } else {
+        let mem = match (&file, source) {
+            (Some(file), Source::File(path)) => map_file(config, file, path)?,
+            _ => map_regions(config.size, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, None)?,
+        };
+        // A kernel built without THP refuses the advice (EINVAL); RAM then uses small pages.
+        let _ = advise(&mem, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE");
+        mem
+    };
     if config.merge {
-        for region in mem.iter() {
-            let host = region_host(&mem, region)?;
-            // SAFETY: madvise on a mapping `mem` owns, covering exactly the region; MERGEABLE
-            // only lets KSM share identical pages copy-on-write.
-            if unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_MERGEABLE) } != 0 {
-                return Err(Error::Io("madvise(MADV_MERGEABLE) on guest memory (is KSM built into the kernel?)", std::io::Error::last_os_error()));
-            }
-        }
+        advise(&mem, libc::MADV_MERGEABLE, "MADV_MERGEABLE (is KSM built into the kernel?)")?;
     }
     Ok(mem)
 }
 
-/// Guest RAM of `config.size` bytes mapped privately from `path`, a file [`save`] wrote.
-pub fn from_file(config: &MemoryConfig, path: &Path) -> Result<GuestMemoryMmap> {
-    check_size(config.size)?;
-    if config.hugepages {
-        return Err(Error::Config("memory: a VM restored from a memory file cannot use huge pages".into()));
+/// Maps `size` bytes of RAM split around the device hole with `flags`, file backed when
+/// `file` is given (regions back to back in it).
+fn map_regions(size: u64, flags: i32, file: Option<&File>) -> Result<GuestMemoryMmap> {
+    let mut offset = 0u64;
+    let mut regions = Vec::new();
+    for (addr, len) in ram_ranges(size) {
+        let mut builder = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_hugetlbfs(flags & libc::MAP_HUGETLB != 0);
+        if let Some(file) = file {
+            builder = builder.with_file_offset(FileOffset::new(file.try_clone().map_err(|e| Error::Io("memory file", e))?, offset));
+        }
+        let region = builder.build().map_err(|e| Error::Config(format!("cannot map {} MiB of guest memory: {e}", len >> 20)))?;
+        regions.push(GuestRegionMmap::new(region, addr).ok_or_else(|| Error::Internal(format!("guest memory region at {addr:?}")))?);
+        offset += len as u64;
     }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Internal(format!("guest memory: {e}")))
+}
+
+/// Hugetlb RAM, after checking the host has enough free huge pages to say clearly what is
+/// missing (mmap alone would only say ENOMEM).
+fn map_huge(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
+    if config.size % HUGE_PAGE != 0 {
+        return Err(Error::Config(format!("memory: {} bytes is not a whole number of 2 MiB huge pages", config.size)));
+    }
+    let needed = config.size / HUGE_PAGE;
+    let pool = HugePagePool::read().map_err(|e| Error::Config(format!("memory: hugepages=on, but {e}")))?;
+    if pool.available() < needed {
+        return Err(Error::Config(format!("memory: {}", pool.shortage_message(needed))));
+    }
+    map_regions(config.size, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB, None).map_err(|e| {
+        // Another process took the pages between the check and the mapping.
+        Error::Config(format!("{e} ({})", HugePagePool::read().map(|p| p.shortage_message(needed)).unwrap_or_default()))
+    })
+}
+
+/// Opens a memory file and checks it holds exactly `config.size` bytes.
+fn open_memory_file(config: &MemoryConfig, path: &Path) -> Result<File> {
     let file = File::open(path).map_err(|e| Error::Config(format!("memory file {}: {e}", path.display())))?;
     let len = file.metadata().map_err(|e| Error::Config(format!("memory file {}: {e}", path.display())))?.len();
     if len != config.size {
         return Err(Error::Config(format!("memory file {}: {len} bytes, the VM has {} bytes of RAM", path.display(), config.size)));
     }
+    Ok(file)
+}
+
+/// Guest RAM mapped privately from a memory file (copy on write; the file never changes).
+fn map_file(config: &MemoryConfig, file: &File, path: &Path) -> Result<GuestMemoryMmap> {
+    map_regions(config.size, libc::MAP_PRIVATE | libc::MAP_NORESERVE, Some(file))
+        .map_err(|e| Error::Config(format!("memory file {}: {e}", path.display())))
+}
+
+/// Copies the data extents of a memory file into `mem` (holes are zeros already), reading in
+/// place: file offsets are guest RAM regions back to back, as [`save`] wrote them.
+fn copy_in(mem: &GuestMemoryMmap, file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     let mut offset = 0u64;
-    let mut regions = Vec::new();
-    for (addr, size) in ram_ranges(config.size) {
-        let fo = FileOffset::new(file.try_clone().map_err(|e| Error::Io("memory file", e))?, offset);
-        let region = MmapRegionBuilder::new(size)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .with_file_offset(fo)
-            .build()
-            .map_err(|e| Error::Config(format!("memory file {}: cannot map it: {e}", path.display())))?;
-        regions.push(GuestRegionMmap::new(region, addr).ok_or_else(|| Error::Internal(format!("guest memory region at {addr:?}")))?);
-        offset += size as u64;
+    for region in mem.iter() {
+        let host = region_host(mem, region).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let len = region.len();
+        // SAFETY: the slice is the region's whole live mapping, owned by `mem`, which nothing
+        // else uses yet (no vCPU or device exists before memory is built).
+        let bytes = unsafe { std::slice::from_raw_parts_mut(host, len as usize) };
+        let mut at = 0u64;
+        while at < len {
+            // SAFETY: lseek on a file descriptor `file` owns.
+            let data = unsafe { libc::lseek(file.as_raw_fd(), (offset + at) as i64, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break; // only holes are left
+                }
+                return Err(e);
+            }
+            let data = data as u64;
+            if data >= offset + len {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(file.as_raw_fd(), data as i64, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let end = (hole as u64).min(offset + len);
+            file.read_exact_at(&mut bytes[(data - offset) as usize..(end - offset) as usize], data)?;
+            at = end - offset;
+        }
+        offset += len;
     }
-    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Internal(format!("guest memory: {e}")))?;
-    if config.merge {
-        for region in mem.iter() {
-            let host = region_host(&mem, region)?;
-            // SAFETY: as in `anonymous`: advice on a mapping `mem` owns.
-            unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_MERGEABLE) };
+    Ok(())
+}
+
+/// Gives `advice` for every region of `mem`.
+fn advise(mem: &GuestMemoryMmap, advice: i32, name: &'static str) -> Result<()> {
+    for region in mem.iter() {
+        let host = region_host(mem, region)?;
+        // SAFETY: madvise on a mapping `mem` owns, covering exactly the region; the advice
+        // given here (THP, KSM) only changes how the kernel backs the pages, never their data.
+        if unsafe { libc::madvise(host.cast(), region.len() as usize, advice) } != 0 {
+            return Err(Error::Io(name, std::io::Error::last_os_error()));
         }
     }
-    Ok(mem)
+    Ok(())
 }
 
 fn region_host(mem: &GuestMemoryMmap, region: &GuestRegionMmap) -> Result<*mut u8> {
@@ -156,7 +227,7 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     Ok(())
 }
 
-/// Writes guest RAM to a new file at `path` in the layout [`from_file`] maps: regions back to
+/// Writes guest RAM to a new file at `path` in the layout [`create`] reads: regions back to
 /// back, pages that are all zeros left as holes. The guest must not run meanwhile. Returns the
 /// bytes written (the rest are holes). The file is not synced: the caller decides when, so the
 /// guest need not wait for the disk.
@@ -245,7 +316,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("ferro-mem-{}.bin", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let config = MemoryConfig { size: 32 << 20, hugepages: false, merge: true };
-        let mem = anonymous(&config).unwrap();
+        let mem = create(&config, Source::Fresh).unwrap();
         mem.write_obj(0x1122_3344u32, GuestAddress(0x1000)).unwrap();
         mem.write_obj(0x5566u16, GuestAddress((32 << 20) - 2)).unwrap();
         assert_eq!(save(&mem, &path).unwrap(), 2 * SAVE_CHUNK as u64, "only the two chunks with data are written");
@@ -254,21 +325,21 @@ mod tests {
         assert_eq!(meta.len(), 32 << 20);
         assert!(meta.blocks() * 512 <= 2 * SAVE_CHUNK as u64 + 8192, "zero pages are holes: {} bytes allocated", meta.blocks() * 512);
 
-        let back = from_file(&config, &path).unwrap();
+        let back = create(&config, Source::File(&path)).unwrap();
         assert_eq!(back.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1122_3344);
         assert_eq!(back.read_obj::<u16>(GuestAddress((32 << 20) - 2)).unwrap(), 0x5566);
         back.write_obj(7u32, GuestAddress(0x1000)).unwrap();
-        let again = from_file(&config, &path).unwrap();
+        let again = create(&config, Source::File(&path)).unwrap();
         assert_eq!(again.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1122_3344, "writes stay private: the file is unchanged");
         // Saving memory mapped from a file keeps the file's data, touched here or not.
         let resaved = path.with_extension("again");
         let _ = std::fs::remove_file(&resaved);
         assert_eq!(save(&again, &resaved).unwrap(), 2 * SAVE_CHUNK as u64);
-        let third = from_file(&config, &resaved).unwrap();
+        let third = create(&config, Source::File(&resaved)).unwrap();
         assert_eq!(third.read_obj::<u16>(GuestAddress((32 << 20) - 2)).unwrap(), 0x5566);
         std::fs::remove_file(&resaved).unwrap();
         let wrong = MemoryConfig::new(64 << 20);
-        assert!(from_file(&wrong, &path).unwrap_err().to_string().contains("the VM has 67108864 bytes"));
+        assert!(create(&wrong, Source::File(&path)).unwrap_err().to_string().contains("the VM has 67108864 bytes"));
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -187,6 +187,7 @@ impl VmControl {
                 b.request_stats();
                 b.stats()
             }),
+            ksm_merging_pages: ferro_hypervisor::host_memory::ksm_merging_pages(std::process::id()).ok(),
         }
     }
 

@@ -120,6 +120,13 @@ pub fn domstats(s: &Value) {
         ("Memory", s["memory_bytes"].as_u64().map(bytes).unwrap_or_else(|| "-".into())),
         ("RSS", s["rss_bytes"].as_u64().map(bytes).unwrap_or_else(|| "-".into())),
         ("vCPU exits", opt_u64(&s["exits"])),
+        (
+            "KSM merged",
+            match s["ksm_merging_pages"].as_u64() {
+                Some(pages) => format!("{pages} pages ({})", bytes(pages * 4096)),
+                None => "not reported by this kernel (/proc/PID/ksm_merging_pages needs Linux 6.1)".to_string(),
+            },
+        ),
     ];
     if let Some(b) = s["balloon"].as_object() {
         rows.push(("Balloon", format!("target {} MiB, actual {} MiB", opt_u64(&b["target_mib"]), opt_u64(&b["actual_mib"]))));
