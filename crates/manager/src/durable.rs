@@ -21,6 +21,7 @@ fn parent(path: &Path) -> &Path {
 /// the old file or the new one, and stays the new one once this returned. `from`'s data must be
 /// synced by the caller before (the rename does not order data writes).
 pub fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
+    crate::crashpoint::step("durable rename");
     std::fs::rename(from, to)?;
     sync_dir(parent(to))?;
     if parent(from) != parent(to) {
@@ -34,6 +35,7 @@ pub fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
 pub fn write(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let name = path.file_name().ok_or_else(|| std::io::Error::other(format!("{} names no file", path.display())))?;
     let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    crate::crashpoint::step("durable write");
     let written = std::fs::File::create(&tmp).and_then(|mut f| {
         f.write_all(data)?;
         f.sync_all()

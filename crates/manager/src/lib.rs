@@ -19,6 +19,7 @@ pub mod access;
 pub mod api;
 pub mod claims;
 pub mod config;
+pub mod crashpoint;
 pub mod daemon;
 pub mod domain;
 pub mod domains;

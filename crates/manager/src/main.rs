@@ -182,6 +182,7 @@ fn serve(settings: Settings, notifier: Notifier) -> Result<(), String> {
         services.recover(default_network).await;
         tracing::info!(socket = %paths.socket.display(), home = %paths.home.display(), "ferrod ready");
         notifier.send("READY=1");
+        ferro_manager::crashpoint::arm();
         let app = api::router(services.clone(), tcp.access.clone());
         let tcp_tasks: Vec<_> = tcp_servers.into_iter().map(|server| server.spawn(app.clone())).collect();
         let stopping = std::sync::Arc::new(tokio::sync::Notify::new());

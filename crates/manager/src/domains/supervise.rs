@@ -289,6 +289,7 @@ impl Domains {
                 return Err(Error::internal(format!("cannot run the VMM monitor {}: {e}", self.paths.monitor_bin.display())));
             }
         };
+        crate::crashpoint::step("VMM monitor spawned, its run not yet recorded");
         let Some(pid) = child.id().map(|p| p as i32) else {
             self.update(name, |d| d.rt.run_token = None)?;
             return Err(Error::internal("the VMM monitor exited at once"));

@@ -131,8 +131,20 @@ impl Pools {
             None if def.backing_format.is_some() => return Err(Error::invalid("backing_format: needs backing_volume")),
             None => {}
         }
-        let target = path.clone();
-        blocking(move || ferro_block::create(&target, &opts)).await?;
+        // Made under a hidden name and renamed into place once complete and synced: a crash
+        // half-way leaves no half-made volume in the list (a stale hidden file is replaced by
+        // the next create of the same name).
+        let (part, target) = (path.with_file_name(format!(".{}.part", def.name)), path.clone());
+        blocking(move || {
+            let _ = std::fs::remove_file(&part);
+            ferro_block::create(&part, &opts)?;
+            let placed = std::fs::File::open(&part).and_then(|f| f.sync_all()).and_then(|()| durable::rename(&part, &target));
+            placed.map_err(|e| {
+                let _ = std::fs::remove_file(&part);
+                ferro_block::Error::Io { path: target.clone(), op: "sync and rename into place", source: e }
+            })
+        })
+        .await?;
         self.events.emit("volume", &format!("{pool}/{}", def.name), "created", def.format.clone());
         Ok(image(pool, &def.name, &path)?.info)
     }
@@ -150,7 +162,12 @@ impl Pools {
 
     pub fn delete_volume(&self, pool: &str, name: &str) -> Result<()> {
         let path = self.volume_path(pool, name, true)?;
+        crate::crashpoint::step("volume delete");
         std::fs::remove_file(&path).map_err(|e| Error::internal(format!("cannot delete {}: {e}", path.display())))?;
+        // The name is gone for good only once the directory is synced.
+        if let Some(dir) = path.parent() {
+            durable::sync_dir(dir).map_err(|e| Error::internal(format!("cannot sync {} after the delete: {e}", dir.display())))?;
+        }
         self.events.emit("volume", &format!("{pool}/{name}"), "deleted", "");
         Ok(())
     }

@@ -94,6 +94,11 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
         migrate(&mut conn, path)?;
+        // Every commit is a step of some operation (see crashpoint): returning false lets it go on.
+        conn.commit_hook(Some(|| {
+            crate::crashpoint::step("state store commit");
+            false
+        }));
         Ok(Store { conn: Mutex::new(conn) })
     }
 
