@@ -158,6 +158,21 @@ pub trait DiskImage: Send {
     }
 }
 
+/// The qcow2 layer of an open image, for internal snapshots. Other formats have nowhere to keep
+/// one and are refused naming the file.
+pub fn snapshot_capable(img: &mut dyn DiskImage) -> Result<&mut qcow2::Qcow2> {
+    let info = img.info();
+    img.as_qcow2().ok_or_else(|| {
+        Error::Unsupported {
+            path: info.path,
+            reason: format!(
+                "a {} image cannot hold internal snapshots; convert it to qcow2 (ferro img convert -O qcow2)",
+                info.format.name()
+            ),
+        }
+    })
+}
+
 /// Deepest backing chain we follow.
 pub const MAX_CHAIN_DEPTH: usize = 64;
 

@@ -1,7 +1,7 @@
 //! The operations behind `ferro img`, with qemu-img's semantics and JSON field names: info,
 //! check, convert, compare, map, commit, rebase, resize.
 use crate::error::{Error, Result};
-use crate::qcow2::{BitmapInfo, DirtyBitmap, Qcow2, check::CheckReport};
+use crate::qcow2::{BitmapInfo, DirtyBitmap, Qcow2, SnapshotInfo, check::CheckReport};
 use crate::vmdk::{STREAM_GRAIN, StreamWriter};
 use crate::{Access, CreateOptions, DiskImage, Format, ImageInfo, OpenOptions, Status, create, open, open_with, probe};
 use serde_json::{Map, Value, json};
@@ -700,4 +700,100 @@ pub fn resize(path: &Path, format: Option<Format>, change: SizeChange, shrink: b
     img.resize(new)?;
     img.flush()?;
     Ok(new)
+}
+
+/// What `img snapshot` does to an image's internal snapshots.
+#[derive(Clone, Copy, Debug)]
+pub enum SnapshotAction<'a> {
+    List,
+    Create(&'a str),
+    Apply(&'a str),
+    Delete(&'a str),
+}
+
+/// `snapshot` (qemu-img's): lists, creates, reverts to or deletes an internal snapshot of a
+/// qcow2 image; other formats are refused naming the file. Returns the snapshots afterwards.
+pub fn snapshot(path: &Path, format: Option<Format>, action: SnapshotAction, force_share: bool) -> Result<Vec<SnapshotInfo>> {
+    let access = match action {
+        SnapshotAction::List if force_share => Access::ReadShared,
+        SnapshotAction::List => Access::Read,
+        _ => Access::Write,
+    };
+    let format = opened_format(path, format)?;
+    let mut img = open_with(path, &OpenOptions { format: Some(format), access, open_backing: false })?;
+    let q = crate::snapshot_capable(img.as_mut())?;
+    match action {
+        SnapshotAction::List => {}
+        SnapshotAction::Create(name) => {
+            q.create_snapshot(name)?;
+        }
+        SnapshotAction::Apply(name) => q.apply_snapshot(name)?,
+        SnapshotAction::Delete(name) => q.delete_snapshot(name)?,
+    }
+    let list = q.snapshots()?;
+    img.flush()?;
+    Ok(list)
+}
+
+/// UTC calendar date and time of a Unix timestamp, as "YYYY-MM-DD HH:MM:SS".
+fn utc_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Days since 1970-01-01 to a proleptic Gregorian date (era-based, exact for any u32 time).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// `snapshot -l` as qemu-img prints it (dates in UTC).
+pub fn snapshot_list_text(list: &[SnapshotInfo]) -> String {
+    let mut out = String::from("Snapshot list:\n");
+    out += &format!("{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n", "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT");
+    for s in list {
+        let clock_secs = s.vm_clock_nsec / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            clock_secs / 3600,
+            clock_secs % 3600 / 60,
+            clock_secs % 60,
+            s.vm_clock_nsec % 1_000_000_000 / 1_000_000
+        );
+        out += &format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            s.id,
+            s.name,
+            human_size(s.vm_state_size),
+            utc_date(u64::from(s.date_sec)),
+            clock,
+            s.icount.map_or("--".to_string(), |n| n.to_string())
+        );
+    }
+    out
+}
+
+/// `snapshot -l --json`: one object per snapshot, with qemu-img info's field names.
+pub fn snapshot_list_json(list: &[SnapshotInfo]) -> Value {
+    Value::Array(
+        list.iter()
+            .map(|s| {
+                json!({
+                    "id": s.id,
+                    "name": s.name,
+                    "vm-state-size": s.vm_state_size,
+                    "date-sec": s.date_sec,
+                    "date-nsec": s.date_nsec,
+                    "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+                    "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                    "disk-size": s.disk_size,
+                })
+            })
+            .collect(),
+    )
 }

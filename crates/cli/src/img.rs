@@ -173,6 +173,33 @@ enum Verb {
         filename: PathBuf,
         bitmap: String,
     },
+    /// List, create, revert to or delete internal snapshots of a qcow2 image (one action).
+    #[command(group = clap::ArgGroup::new("action").required(true))]
+    Snapshot {
+        #[arg(short = 'f')]
+        format: Option<String>,
+        /// List the snapshots.
+        #[arg(short = 'l', group = "action")]
+        list: bool,
+        /// Create a snapshot named NAME.
+        #[arg(short = 'c', value_name = "NAME", group = "action")]
+        create: Option<String>,
+        /// Revert the disk to snapshot NAME (a name, or else an id).
+        #[arg(short = 'a', value_name = "NAME", group = "action")]
+        apply: Option<String>,
+        /// Delete snapshot NAME (a name, or else an id).
+        #[arg(short = 'd', value_name = "NAME", group = "action")]
+        delete: Option<String>,
+        /// With -l: print a JSON array.
+        #[arg(long, requires = "list")]
+        json: bool,
+        /// With -l: read the image even if another process is writing it.
+        #[arg(short = 'U', long, requires = "list")]
+        force_share: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        filename: PathBuf,
+    },
     /// Show where each range of the virtual disk is stored.
     Map {
         #[arg(short = 'f')]
@@ -408,6 +435,21 @@ fn dispatch(verb: Verb) -> Result<u8, Failure> {
                 remove,
             };
             ops::bitmap(&filename, format_arg(&format)?, &bitmap, &actions)?;
+            Ok(0)
+        }
+        Verb::Snapshot { format, list, create, apply, delete, json, force_share, quiet, filename } => {
+            let action = match (&create, &apply, &delete) {
+                (Some(n), _, _) => ops::SnapshotAction::Create(n),
+                (_, Some(n), _) => ops::SnapshotAction::Apply(n),
+                (_, _, Some(n)) => ops::SnapshotAction::Delete(n),
+                _ => ops::SnapshotAction::List,
+            };
+            let snapshots = ops::snapshot(&filename, format_arg(&format)?, action, force_share)?;
+            if list && json {
+                print_json(&ops::snapshot_list_json(&snapshots));
+            } else if list && !quiet && !snapshots.is_empty() {
+                print!("{}", ops::snapshot_list_text(&snapshots));
+            }
             Ok(0)
         }
         Verb::Map { format, output, force_share, filename } => {

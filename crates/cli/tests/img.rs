@@ -2,7 +2,7 @@
 use ferro_test_support::TempDir;
 use ferro_test_support::vm::{ferro, stderr, stdout};
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
 
 fn ferro_img(args: &[&str]) -> Output {
     let mut all = vec!["img"];
@@ -91,4 +91,71 @@ fn img_bitmap_like_qemu_img_bitmap() {
     ok(&["bitmap", "--remove", p(&img), "weekly"]);
     let ours: serde_json::Value = serde_json::from_str(&stdout(&ferro_img(&["info", "--output", "json", p(&img)]))).expect("our json");
     assert!(ours["format-specific"]["data"].get("bitmaps").is_none(), "{ours}");
+}
+
+/// `ferro img snapshot -c/-l/-a/-d` like qemu-img's: qemu-img lists what we create, a revert
+/// brings the old bytes back, and raw images and bad requests get one line naming the problem.
+#[test]
+fn img_snapshot_like_qemu_img_snapshot() {
+    let s = TempDir::new("img-snapshot");
+    let img = s.join("disk.qcow2");
+    let out = ferro_img(&["create", "-q", "-f", "qcow2", p(&img), "4M"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let fill = |byte: u8| {
+        let mut d = ferro_block::open(&img, None, false).expect("open");
+        d.write_at(&vec![byte; 100_000], 12_345).expect("write");
+        d.flush().expect("flush");
+    };
+    let read = || {
+        let mut d = ferro_block::open(&img, None, true).expect("open");
+        let mut b = vec![0u8; 100_000];
+        d.read_at(&mut b, 12_345).expect("read");
+        b
+    };
+    let ok = |args: &[&str]| {
+        let out = ferro_img(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        stdout(&out)
+    };
+    fill(0xaa);
+    ok(&["snapshot", "-c", "before-upgrade", p(&img)]);
+    fill(0xbb);
+    ok(&["snapshot", "-c", "after", p(&img)]);
+    fill(0xcc);
+
+    let list = ok(&["snapshot", "-l", p(&img)]);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines[0], "Snapshot list:", "{list}");
+    assert!(lines[1].starts_with("ID      TAG") && lines[1].contains("VM_SIZE") && lines[1].contains("VM_CLOCK"), "{list}");
+    assert!(lines[2].starts_with("1       before-upgrade") && lines[2].contains(" 0 B ") && lines[2].ends_with(" --"), "{list}");
+    assert!(lines[3].starts_with("2       after"), "{list}");
+    let json: serde_json::Value = serde_json::from_str(&ok(&["snapshot", "-l", "--json", p(&img)])).expect("json");
+    assert_eq!(json[1]["name"], "after");
+    assert_eq!(json[1]["id"], "2");
+    assert_eq!(json[1]["disk-size"], 4 << 20);
+    let qemu = Command::new("qemu-img").args(["snapshot", "-l", p(&img)]).output().expect("qemu-img (qemu-utils)");
+    let qemu_list = String::from_utf8_lossy(&qemu.stdout);
+    assert!(qemu_list.contains("before-upgrade") && qemu_list.contains("after"), "qemu-img snapshot -l: {qemu_list}");
+
+    ok(&["snapshot", "-a", "before-upgrade", p(&img)]);
+    assert!(read().iter().all(|&b| b == 0xaa), "revert to before-upgrade");
+    ok(&["snapshot", "-a", "2", p(&img)]);
+    assert!(read().iter().all(|&b| b == 0xbb), "revert to id 2");
+    ok(&["snapshot", "-d", "before-upgrade", p(&img)]);
+    let list = ok(&["snapshot", "-l", p(&img)]);
+    assert!(!list.contains("before-upgrade") && list.contains("after"), "{list}");
+    let check = ok(&["check", p(&img)]);
+    assert!(check.contains("No errors were found"), "{check}");
+
+    let fails = |args: &[&str], want: &str| {
+        let out = ferro_img(args);
+        assert!(!out.status.success() && text(&out).contains(want), "{args:?}: {}", text(&out));
+    };
+    fails(&["snapshot", "-c", "after", p(&img)], "a snapshot named \"after\" exists already");
+    fails(&["snapshot", "-a", "nope", p(&img)], "no snapshot named \"nope\"");
+    fails(&["snapshot", p(&img)], "required");
+    fails(&["snapshot", "-l", "-c", "x", p(&img)], "cannot be used with");
+    let raw = s.join("disk.raw");
+    ok(&["create", "-q", "-f", "raw", p(&raw), "1M"]);
+    fails(&["snapshot", "-c", "x", p(&raw)], "disk.raw: unsupported: a raw image cannot hold internal snapshots; convert it to qcow2");
 }

@@ -233,18 +233,30 @@ impl Qcow2 {
 
     fn apply_frees(&mut self) -> Result<()> {
         for (first, n) in std::mem::take(&mut self.pending_free) {
-            for c in first..first + n {
-                let r = self.get_refcount(c)?;
-                if r == 0 {
-                    return Err(Error::corrupt(&self.path, format!("freeing cluster {c} whose refcount is already 0")));
-                }
-                self.set_refcount(c, r - 1)?;
-                if r == 1 {
-                    self.meta.remove(c);
-                    self.free_hint = self.free_hint.min(c);
-                    if self.compressed_cache.as_ref().is_some_and(|(h, _)| h >> self.cb == c) {
-                        self.compressed_cache = None;
-                    }
+            self.add_refcount(first << self.cb, n << self.cb, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` (+1 or -1) to the refcounts of the host clusters covering `[off, off+len)`
+    /// now, without ordering: callers decide when that is safe (see the module comment). A
+    /// cluster whose refcount reaches 0 is free and forgotten by the metadata map and caches.
+    pub(crate) fn add_refcount(&mut self, off: u64, len: u64, delta: i64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        for c in off >> self.cb..=(off + len - 1) >> self.cb {
+            let r = self.get_refcount(c)?;
+            let Some(new) = r.checked_add_signed(delta) else {
+                return Err(Error::corrupt(&self.path, format!("freeing cluster {c} whose refcount is already 0")));
+            };
+            self.set_refcount(c, new)?;
+            if new == 0 {
+                self.meta.remove(c);
+                self.l2_cache.remove(c << self.cb);
+                self.free_hint = self.free_hint.min(c);
+                if self.compressed_cache.as_ref().is_some_and(|(h, _)| h >> self.cb == c) {
+                    self.compressed_cache = None;
                 }
             }
         }

@@ -11,6 +11,7 @@ pub mod check;
 mod header;
 mod metamap;
 mod snapshot;
+pub use snapshot::SnapshotInfo;
 
 use crate::error::{Error, Result};
 use crate::{Access, CreateOptions, DiskImage, Extent, Format, ImageInfo, Qcow2Details, Status, check_range, resolve_backing};
@@ -163,9 +164,6 @@ impl Qcow2 {
                     path,
                     "image was not closed cleanly (dirty, lazy refcounts): repair it with `qemu-img check -r all` first",
                 ));
-            }
-            if h.nb_snapshots > 0 {
-                return Err(Error::unsupported(path, "writing to images with internal snapshots (open read-only)"));
             }
         }
         let read_table = |off: u64, entries: u64, what: &'static str| -> Result<Vec<u64>> {
@@ -534,7 +532,16 @@ impl Qcow2 {
         if old != 0 && e & OFLAG_COPIED != 0 {
             return Ok((old, l2i));
         }
-        let contents = if old != 0 { self.l2_table(old)?.data.clone() } else { vec![0u8; self.cs as usize] };
+        let mut contents = vec![0u8; self.cs as usize];
+        if old != 0 {
+            // A shared table's entries are shared too: the copy's writes must copy them first,
+            // so no entry of the copy may claim COPIED (a damaged image could carry stale flags).
+            let table = &self.l2_table(old)?.data;
+            for (dst, src) in contents.chunks_exact_mut(8).zip(table.chunks_exact(8)) {
+                let e = u64::from_be_bytes(src.try_into().unwrap_or([0; 8]));
+                dst.copy_from_slice(&(e & !OFLAG_COPIED).to_be_bytes());
+            }
+        }
         let (new, _) = self.alloc_cluster()?;
         self.meta.insert(&self.path, self.cb, new, self.cs, MetaKind::L2Table)?;
         self.evict_one_l2()?;
@@ -844,6 +851,9 @@ impl DiskImage for Qcow2 {
         self.check_bitmaps_resizable(size)?;
         let old = self.h.size;
         if size < old {
+            if self.h.nb_snapshots > 0 {
+                return Err(Error::unsupported(&self.path, "shrinking an image with internal snapshots (delete them first)"));
+            }
             let first = size.div_ceil(self.cs);
             let count = old.div_ceil(self.cs) - first;
             self.zero_clusters(first, count, ZeroMode::Unmap)?;
