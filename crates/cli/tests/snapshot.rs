@@ -267,3 +267,86 @@ fn linux_guest_continues_after_restore_with_its_memory_and_disk() {
     let after = run_ok("debugfs", &["-R", "cat /after", disk.to_str().unwrap()]);
     assert_eq!(after.trim(), "after-restore", "the restored guest's write is not in the image");
 }
+
+/// `qemu-img snapshot -l IMAGE`'s output.
+fn qemu_snapshot_list(image: &Path) -> String {
+    let out = std::process::Command::new("qemu-img").args(["snapshot", "-l", image.to_str().unwrap()]).output();
+    let out = out.expect("qemu-img (qemu-utils) runs");
+    assert!(out.status.success(), "qemu-img snapshot -l: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `snapshot` op with `disk_snapshot` takes a qcow2 internal snapshot of every writable disk
+/// while the VM is paused (qemu-img lists it after the VMM exits, and reverting it with qemu-img
+/// gives back the bytes of that moment); a writable raw disk or a name taken fails the op before
+/// anything changes: no snapshot directory, no disk snapshot.
+#[test]
+fn the_snapshot_op_snapshots_qcow2_disks_and_refuses_raw_ones() {
+    let scratch = TempDir::new("snapshot-disks");
+    let qcow2 = scratch.join("disk.qcow2");
+    let raw = scratch.join("data.raw");
+    let create = |path: &Path, format: &str| {
+        let out = ferro(&["img", "create", "-q", "-f", format, path.to_str().unwrap(), "4M"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    create(&qcow2, "qcow2");
+    create(&raw, "raw");
+    let fill = |byte: u8| {
+        let mut d = ferro_block::open(&qcow2, None, false).expect("open the disk");
+        d.write_at(&[byte; 65_536], 0).expect("write");
+        d.flush().expect("flush");
+    };
+    fill(0xaa);
+    let counter = ["--guest", "counter", "--memory", "64M"];
+    let with_disks = |disks: &[String]| -> Vec<String> {
+        let mut args: Vec<String> = counter.iter().map(|s| s.to_string()).collect();
+        for d in disks {
+            args.extend(["--disk".to_string(), d.clone()]);
+        }
+        args
+    };
+    let request = |dir: &Path, name: &str| serde_json::json!({"op": "snapshot", "dir": dir, "resume": true, "disk_snapshot": name}).to_string();
+
+    // A writable raw disk: refused naming it, and nothing changed on the qcow2 disk.
+    let args = with_disks(&[format!("path={}", qcow2.display()), format!("path={}", raw.display())]);
+    let mut a = Guest::start("snap-disks-a", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    a.line("counter: up seed=");
+    let dir = scratch.join("refused");
+    let err = a.vmm.request(&request(&dir, "before"));
+    let msg = err["error"].as_str().unwrap_or_else(|| panic!("raw disk accepted: {err}"));
+    assert!(msg.contains("data.raw") && msg.contains("raw image cannot hold internal snapshots") && msg.contains("qcow2"), "{msg}");
+    assert!(!dir.exists(), "the refused op created {}", dir.display());
+    assert_eq!(a.vmm.request(r#"{"op":"info"}"#)["state"], "running");
+    a.quit();
+    assert!(!qemu_snapshot_list(&qcow2).contains("before"), "the refused op snapshotted the qcow2 disk");
+
+    // The qcow2 disk and a read-only raw one (left alone): the op snapshots the qcow2 disk.
+    let args = with_disks(&[format!("path={}", qcow2.display()), format!("path={},readonly=on", raw.display())]);
+    let mut b = Guest::start("snap-disks-b", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    b.line("counter: up seed=");
+    let dir = scratch.join("with-disk");
+    let reply = b.vmm.request(&request(&dir, "before"));
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["state"], "running", "{reply}");
+    assert_eq!(reply["disks"], serde_json::json!([qcow2]), "{reply}");
+    assert!(dir.join("state").exists() && dir.join("memory").exists());
+    let again = b.vmm.request(&request(&scratch.join("again"), "before"));
+    let msg = again["error"].as_str().unwrap_or_else(|| panic!("a taken name was accepted: {again}"));
+    assert!(msg.contains("disk.qcow2") && msg.contains("has a snapshot named \"before\" already"), "{msg}");
+    assert!(!scratch.join("again").exists());
+    b.quit();
+
+    let list = qemu_snapshot_list(&qcow2);
+    assert!(list.lines().filter(|l| l.contains(" before ")).count() == 1, "qemu-img snapshot -l: {list}");
+    let check = std::process::Command::new("qemu-img").args(["check", qcow2.to_str().unwrap()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&check.stdout).contains("No errors were found"), "{}", String::from_utf8_lossy(&check.stdout));
+    // The disk snapshot holds the disk of that moment: written over afterwards, qemu-img's
+    // revert brings the old bytes back.
+    fill(0xbb);
+    let out = std::process::Command::new("qemu-img").args(["snapshot", "-a", "before", qcow2.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut d = ferro_block::open(&qcow2, None, true).expect("open");
+    let mut back = vec![0u8; 65_536];
+    d.read_at(&mut back, 0).expect("read");
+    assert!(back.iter().all(|&b| b == 0xaa), "qemu-img's revert of our VM's disk snapshot");
+}

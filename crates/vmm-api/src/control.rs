@@ -35,11 +35,16 @@ pub enum Request {
     Balloon { target_mib: u64 },
     /// Saves the VM into snapshot directory `dir` (created; an existing one must be empty):
     /// memory and state, the VM paused meanwhile. A running VM runs again afterwards when
-    /// `resume` is true and stays paused otherwise. Reply: [`SnapshotReply`].
+    /// `resume` is true and stays paused otherwise. With `disk_snapshot`, every writable disk
+    /// also gets a qcow2 internal snapshot of that name, taken while the VM is paused; a
+    /// writable disk that is not qcow2, or has that snapshot name already, fails the op before
+    /// anything is changed. Reply: [`SnapshotReply`].
     Snapshot {
         dir: std::path::PathBuf,
         #[serde(default)]
         resume: bool,
+        #[serde(default)]
+        disk_snapshot: Option<String>,
     },
 }
 
@@ -161,6 +166,9 @@ pub struct SnapshotReply {
     pub memory_bytes_written: u64,
     /// Whether the VM runs now.
     pub state: RunState,
+    /// The disk images that got the internal snapshot `disk_snapshot` (none without it).
+    #[serde(default)]
+    pub disks: Vec<std::path::PathBuf>,
 }
 
 /// Why a VM stopped.
@@ -266,8 +274,12 @@ mod tests {
         assert!(decode_request(r#"{"op":"balloon"}"#).unwrap_err().contains("target_mib"));
         assert_eq!(
             decode_request(r#"{"op":"snapshot","dir":"/s"}"#),
-            Ok(Request::Snapshot { dir: "/s".into(), resume: false }),
-            "resume is optional"
+            Ok(Request::Snapshot { dir: "/s".into(), resume: false, disk_snapshot: None }),
+            "resume and disk_snapshot are optional"
+        );
+        assert_eq!(
+            decode_request(r#"{"op":"snapshot","dir":"/s","resume":true,"disk_snapshot":"before"}"#),
+            Ok(Request::Snapshot { dir: "/s".into(), resume: true, disk_snapshot: Some("before".into()) }),
         );
         let mistyped = decode_request(r#"{"op":"balloon","target_mib":"lots"}"#).unwrap_err();
         assert!(mistyped.starts_with("bad request: target_mib: invalid type"), "{mistyped}");

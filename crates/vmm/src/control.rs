@@ -25,13 +25,14 @@ fn balloon(vm: &VmControl, mib: u64) -> Result<BalloonReply, String> {
     Ok(BalloonReply { target_mib: mib, actual_mib: balloon.stats().actual_mib })
 }
 
-/// Saves the VM into `dir`.
-fn snapshot(vm: &VmControl, dir: &Path, resume: bool) -> Result<SnapshotReply, String> {
-    let times = crate::snapshot::save(vm, dir, resume)?;
+/// Saves the VM into `dir`, and its disks as internal snapshots named `disk_snapshot`.
+fn snapshot(vm: &VmControl, dir: &Path, resume: bool, disk_snapshot: Option<&str>) -> Result<SnapshotReply, String> {
+    let times = crate::snapshot::save(vm, dir, resume, disk_snapshot)?;
     Ok(SnapshotReply {
         pause_us: u64::try_from(times.paused.as_micros()).unwrap_or(u64::MAX),
         memory_bytes_written: times.memory_bytes,
         state: if vm.is_paused() { RunState::Paused } else { RunState::Running },
+        disks: times.disks,
     })
 }
 
@@ -53,7 +54,9 @@ pub fn handle(vm: &VmControl, line: &str) -> (String, Option<ExitReason>) {
         Request::Quit => return (done(Ok(())), Some(ExitReason::Quit)),
         Request::Stats => encode_reply(&Ok(vm.stats())),
         Request::Balloon { target_mib } => encode_reply(&balloon(vm, target_mib)),
-        Request::Snapshot { dir, resume } => encode_reply(&snapshot(vm, &dir, resume)),
+        Request::Snapshot { dir, resume, disk_snapshot } => {
+            encode_reply(&snapshot(vm, &dir, resume, disk_snapshot.as_deref()))
+        }
     };
     (reply, None)
 }

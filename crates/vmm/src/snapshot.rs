@@ -10,6 +10,7 @@
 
 use crate::state::{SAVED_VM_VERSION, SavedVm};
 use crate::vm::VmControl;
+use ferro_devices::virtio::block::BlockDisk;
 use ferro_vmm_api::VmConfig;
 use kvm_bindings::CpuId;
 use serde::{Deserialize, Serialize};
@@ -155,13 +156,15 @@ pub struct SnapshotState {
     pub vm: SavedVm,
 }
 
-/// What saving a snapshot cost.
-#[derive(Clone, Copy, Debug)]
+/// What saving a snapshot cost, and which disks got an internal snapshot.
+#[derive(Clone, Debug)]
 pub struct SnapshotTimes {
     /// From the pause (or the request, for a VM already paused) until the VM could run again.
     pub paused: Duration,
     /// Bytes of guest memory written to the memory file (zero pages are not).
     pub memory_bytes: u64,
+    /// The disk images that got the internal snapshot.
+    pub disks: Vec<PathBuf>,
 }
 
 /// The memory file of snapshot directory `dir`.
@@ -175,13 +178,29 @@ pub fn state_path(dir: &Path) -> PathBuf {
 }
 
 /// Saves `vm` into `dir` (created; it must not exist yet, or be empty): pauses it, writes its
-/// memory and state, and resumes it if `resume` and it was running before.
-pub fn save(vm: &VmControl, dir: &Path, resume: bool) -> Result<SnapshotTimes, String> {
+/// memory and state, and resumes it if `resume` and it was running before. With
+/// `disk_snapshot`, every writable disk gets a qcow2 internal snapshot of that name while the
+/// VM is paused (its worker stopped, so no request is in flight); the disks are checked first,
+/// so a raw disk or a name taken fails the op before anything is changed.
+pub fn save(vm: &VmControl, dir: &Path, resume: bool, disk_snapshot: Option<&str>) -> Result<SnapshotTimes, String> {
+    let disks: Vec<BlockDisk> = match disk_snapshot {
+        None => Vec::new(),
+        Some(name) => {
+            let disks: Vec<BlockDisk> = vm.devices().handles().disk_images.iter().filter(|d| !d.readonly()).cloned().collect();
+            for d in &disks {
+                d.check_snapshot(name)?;
+            }
+            disks
+        }
+    };
     prepare_dir(dir)?;
     let was_running = !vm.is_paused();
     let start = Instant::now();
     vm.pause()?;
-    let written = write_files(vm, dir);
+    let written = write_files(vm, dir).and_then(|bytes| {
+        let name = disk_snapshot.unwrap_or_default();
+        snapshot_disks(&disks, name).map(|()| bytes)
+    });
     let resumed = if resume && was_running { vm.resume() } else { Ok(()) };
     let paused = start.elapsed();
     // The files are complete in the page cache; making them durable need not keep the guest paused.
@@ -190,7 +209,24 @@ pub fn save(vm: &VmControl, dir: &Path, resume: bool) -> Result<SnapshotTimes, S
         let _ = std::fs::remove_file(state_path(dir));
     })?;
     resumed.map_err(|e| format!("the snapshot was saved, but the VM did not resume: {e}"))?;
-    Ok(SnapshotTimes { paused, memory_bytes })
+    let disks = disks.iter().map(|d| d.path().to_path_buf()).collect();
+    Ok(SnapshotTimes { paused, memory_bytes, disks })
+}
+
+/// Takes internal snapshot `name` of every disk in `disks`; if one fails, the ones taken are
+/// deleted again, so the op changes all disks or none.
+fn snapshot_disks(disks: &[BlockDisk], name: &str) -> Result<(), String> {
+    for (i, d) in disks.iter().enumerate() {
+        if let Err(e) = d.create_snapshot(name) {
+            for done in &disks[..i] {
+                if let Err(undo) = done.delete_snapshot(name) {
+                    eprintln!("ferro: undoing the snapshot: {undo}");
+                }
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Makes a written snapshot durable: both files and the directory entries naming them.

@@ -1,10 +1,10 @@
 //! Virtio devices from their configuration: opening what each needs on the host (image, tap,
 //! socket, pty), and the handles the VMM keeps to them while the VM runs (balloon control,
-//! stdio console input, disk and NIC counters).
+//! stdio console input, disk images and their counters, NIC counters).
 
 use crate::{Error, Result};
 use ferro_devices::virtio::balloon::{Balloon, BalloonControl};
-use ferro_devices::virtio::block::{Block, BlockCounters};
+use ferro_devices::virtio::block::{Block, BlockCounters, BlockDisk};
 use ferro_devices::virtio::console::{Console, ConsoleIo};
 use ferro_devices::virtio::net::NetCounters;
 use ferro_devices::virtio::{VirtioDevice, net::Net, rng::Rng, vsock::Vsock};
@@ -21,6 +21,8 @@ pub struct DeviceHandles {
     pub console_input: Option<Arc<std::fs::File>>,
     /// Each disk's id and request counters, in configuration order.
     pub disks: Vec<(String, Arc<BlockCounters>)>,
+    /// Each disk's open image, in configuration order (for disk snapshots).
+    pub disk_images: Vec<BlockDisk>,
     /// Each NIC's id, MAC and traffic counters, in configuration order.
     pub nics: Vec<(String, MacAddr, Arc<NetCounters>)>,
 }
@@ -59,6 +61,7 @@ pub fn build(config: &DeviceConfig, handles: &mut DeviceHandles) -> Result<Box<d
         DeviceKind::Block { path, format, readonly } => {
             let block = Block::new(path, *format, *readonly).map_err(|e| Error::Config(format!("{id}: {e}")))?;
             handles.disks.push((id.clone(), block.counters()));
+            handles.disk_images.push(block.disk_handle());
             Ok(Box::new(block))
         }
         DeviceKind::Console { backend } => {

@@ -92,6 +92,11 @@ impl Block {
         self.counters.clone()
     }
 
+    /// A handle to the open image for disk snapshots (the VMM's control socket keeps it).
+    pub fn disk_handle(&self) -> BlockDisk {
+        BlockDisk { path: self.path.clone(), readonly: self.readonly, disk: self.disk.clone() }
+    }
+
     fn lock_disk(&self) -> MutexGuard<'_, Option<Box<dyn DiskImage>>> {
         self.disk.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -115,6 +120,59 @@ impl Block {
         c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
         c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
         c
+    }
+}
+
+/// A block device's open image as the VMM's snapshot op sees it. Internal snapshots are taken
+/// only while the VM is paused: the device's worker is stopped then, so no request is in flight
+/// and every completed write is in the image.
+#[derive(Clone)]
+pub struct BlockDisk {
+    path: PathBuf,
+    readonly: bool,
+    disk: SharedDisk,
+}
+
+impl BlockDisk {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A read-only disk cannot change, so a VM snapshot leaves it alone.
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Runs `f` on the image's qcow2 layer; a disk of another format (or closed) is refused
+    /// naming it.
+    fn with_qcow2<T>(&self, f: impl FnOnce(&mut ferro_block::qcow2::Qcow2) -> ferro_block::Result<T>) -> Result<T, String> {
+        let mut guard = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let disk = guard.as_mut().ok_or_else(|| format!("disk {} is closed", self.path.display()))?;
+        let qcow2 = ferro_block::snapshot_capable(disk.as_mut()).map_err(|e| format!("disk {e}"))?;
+        f(qcow2).map_err(|e| format!("disk {e}"))
+    }
+
+    /// Refuses, changing nothing, a disk that cannot take snapshot `name`: not qcow2, or it
+    /// has a snapshot of that name already.
+    pub fn check_snapshot(&self, name: &str) -> Result<(), String> {
+        let exists = self.with_qcow2(|q| Ok(q.snapshots()?.iter().any(|s| s.name == name)))?;
+        if exists {
+            return Err(format!("disk {} has a snapshot named {name:?} already", self.path.display()));
+        }
+        Ok(())
+    }
+
+    /// Flushes the image and takes internal snapshot `name` (the VM must be paused).
+    pub fn create_snapshot(&self, name: &str) -> Result<(), String> {
+        self.with_qcow2(|q| {
+            ferro_block::DiskImage::flush(q)?;
+            q.create_snapshot(name).map(drop)
+        })
+    }
+
+    /// Deletes snapshot `name` (undoing a VM snapshot that failed on another disk).
+    pub fn delete_snapshot(&self, name: &str) -> Result<(), String> {
+        self.with_qcow2(|q| q.delete_snapshot(name))
     }
 }
 
