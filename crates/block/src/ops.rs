@@ -735,8 +735,9 @@ pub fn snapshot(path: &Path, format: Option<Format>, action: SnapshotAction, for
     Ok(list)
 }
 
-/// UTC calendar date and time of a Unix timestamp, as "YYYY-MM-DD HH:MM:SS".
-fn utc_date(secs: u64) -> String {
+/// A Unix timestamp as "YYYY-MM-DD HH:MM:SS" in UTC (qemu-img's snapshot dates, virsh's lease
+/// expiry).
+pub fn utc_date(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Days since 1970-01-01 to a proleptic Gregorian date (era-based, exact for any u32 time).

@@ -1,5 +1,6 @@
 //! Human output: virsh-style tables and key/value blocks.
 
+use ferro_block::ops::utc_date as utc_time;
 use super::client::Client;
 use serde_json::Value;
 
@@ -335,22 +336,6 @@ pub fn network_info(n: &Value) {
         rows.push(("Error", error.to_string()));
     }
     kv(&rows);
-}
-
-/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC), as virsh shows lease expiry.
-fn utc_time(secs: u64) -> String {
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 pub fn lease_table(list: &[Value]) {
