@@ -61,6 +61,9 @@ void virtio_pci_irq_ack(struct vdev *d) __attribute__((weak));
  * A test that is not linked in is a weak null symbol. */
 int virtio_test_net(struct vdev *d) __attribute__((weak));
 int virtio_test_blk(struct vdev *d) __attribute__((weak));
+/* One virtio-blk request on queue 0 (type, sector, data of len bytes that the device writes for
+ * reads); the status byte, or -1 when the device did not answer. */
+int virtio_blk_request(struct vdev *d, u32 type, u64 sector, void *data, u32 len, int device_writes) __attribute__((weak));
 int virtio_test_console(struct vdev *d) __attribute__((weak));
 int virtio_test_rng(struct vdev *d) __attribute__((weak));
 int virtio_test_balloon(struct vdev *d) __attribute__((weak));

@@ -35,7 +35,7 @@ static u8 pattern(u64 seed, u64 pos) { return (u8)(seed + pos * 7 + (pos >> 9) *
 
 /* One request: header, optional data (device-written for reads), status. Returns the status
  * byte, or -1 when the device did not answer. */
-static int blk_request(struct vdev *d, u32 type, u64 sector, void *data, u32 len, int device_writes) {
+int virtio_blk_request(struct vdev *d, u32 type, u64 sector, void *data, u32 len, int device_writes) {
     hdr->type = type;
     hdr->reserved = 0;
     hdr->sector = sector;
@@ -66,7 +66,7 @@ int virtio_test_blk(struct vdev *d) {
     int failed = 0;
 
     memset(id, 0, 21);
-    int st = blk_request(d, T_GET_ID, 0, id, 20, 1);
+    int st = virtio_blk_request(d, T_GET_ID, 0, id, 20, 1);
     kit_printf("virtio-blk[%s]: capacity %lu sectors, blk_size %u, read-only %d, get-id status %d\n",
                id, capacity, virtio_config32(d, 20), ro, st);
     failed |= check(id, st == 0 && id[0] && capacity >= first + SECTORS);
@@ -74,12 +74,12 @@ int virtio_test_blk(struct vdev *d) {
     u32 len = SECTORS * 512;
     u64 base = first * 512;
     for (u32 i = 0; i < len; i++) wbuf[i] = pattern(seed, base + i);
-    st = blk_request(d, T_OUT, first, wbuf, len, 0);
+    st = virtio_blk_request(d, T_OUT, first, wbuf, len, 0);
     kit_printf("virtio-blk[%s]: write %u sectors at %lu: status %d\n", id, SECTORS, first, st);
     failed |= check(id, st == (ro ? 1 : 0));
 
     memset(rbuf, 0, len);
-    st = blk_request(d, T_IN, first, rbuf, len, 1);
+    st = virtio_blk_request(d, T_IN, first, rbuf, len, 1);
     u32 same = 0;
     for (u32 i = 0; i < len; i++) same += rbuf[i] == wbuf[i];
     kit_printf("virtio-blk[%s]: read back: status %d, %u of %u bytes match the pattern\n", id, st, same, len);
@@ -87,32 +87,32 @@ int virtio_test_blk(struct vdev *d) {
 
     if (!ro) {
         range->sector = first + SECTORS - 1; range->sectors = 1; range->flags = 0;
-        st = blk_request(d, T_WRITE_ZEROES, 0, range, sizeof(*range), 0);
-        int st2 = blk_request(d, T_IN, first + SECTORS - 1, rbuf, 512, 1);
+        st = virtio_blk_request(d, T_WRITE_ZEROES, 0, range, sizeof(*range), 0);
+        int st2 = virtio_blk_request(d, T_IN, first + SECTORS - 1, rbuf, 512, 1);
         u32 zero = 0;
         for (u32 i = 0; i < 512; i++) zero += rbuf[i] == 0;
         kit_printf("virtio-blk[%s]: write-zeroes sector %lu: status %d, read status %d, %u zero bytes\n",
                    id, first + SECTORS - 1, st, st2, zero);
         failed |= check(id, st == 0 && st2 == 0 && zero == 512);
         range->sector = capacity - 1; range->sectors = 1; range->flags = 1;   /* unmap: not for DISCARD */
-        st = blk_request(d, T_DISCARD, 0, range, sizeof(*range), 0);
+        st = virtio_blk_request(d, T_DISCARD, 0, range, sizeof(*range), 0);
         kit_printf("virtio-blk[%s]: discard with the unmap flag: status %d\n", id, st);
         failed |= check(id, st == 2);
     }
 
     u64 noflush = 0;
     if (!kit_cmdline_u64("blk.noflush", &noflush) || !noflush) {
-        st = blk_request(d, T_FLUSH, 0, 0, 0, 0);
+        st = virtio_blk_request(d, T_FLUSH, 0, 0, 0, 0);
         kit_printf("virtio-blk[%s]: flush: status %d\n", id, st);
         failed |= check(id, st == 0);
     }
 
-    st = blk_request(d, T_IN, capacity, rbuf, 512, 1);
-    int st2 = blk_request(d, T_IN, capacity - 1, rbuf, 1024, 1);
+    st = virtio_blk_request(d, T_IN, capacity, rbuf, 512, 1);
+    int st2 = virtio_blk_request(d, T_IN, capacity - 1, rbuf, 1024, 1);
     kit_printf("virtio-blk[%s]: read past the end: status %d, straddling the end: status %d\n", id, st, st2);
     failed |= check(id, st == 1 && st2 == 1);
 
-    st = blk_request(d, 99, 0, 0, 0, 0);
+    st = virtio_blk_request(d, 99, 0, 0, 0, 0);
     kit_printf("virtio-blk[%s]: unknown request type: status %d, irqs %u\n", id, st, d->irqs);
     failed |= check(id, st == 2 && d->irqs > 0);
     return failed;
