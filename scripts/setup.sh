@@ -19,9 +19,12 @@ packages=(
     e2fsprogs         # mkfs.ext4 -d, debugfs: filesystems for the image tests
     debootstrap       # guests/debian/build.sh: a real Debian root filesystem (cached)
     openssl           # the remote-access tests make their CA and certificates as docs/remote.md says
+    dpkg-dev          # scripts/package.sh: dpkg-deb, dpkg-shlibdeps
 )
 if [ "${1:-}" = "--test" ]; then
     packages+=(chromium)  # the web UI's browser test (crates/manager/tests/ui.rs) drives it headless
+    # scripts/check-package.sh: systemd-analyze verify of the unit, man -l of every page
+    packages+=(systemd man-db groff-base)
 fi
 # npm builds the web UI that ferrod embeds (crates/manager/build.rs). Any Node.js 18+ with npm will
 # do (a NodeSource one included, whose nodejs package carries npm), so Debian's are only installed

@@ -12,3 +12,5 @@ start=$(date +%s)
 debian_dir=$(guests/debian/build.sh | tail -n 1)
 echo "test.sh: Debian root filesystem in $debian_dir ($(( $(date +%s) - start )) s)" >&2
 cargo test --workspace --no-fail-fast -- --test-threads=2
+# The Debian package of the debug build just tested (docs/service.md), and its checks.
+scripts/check-package.sh "$(scripts/package.sh --debug)"

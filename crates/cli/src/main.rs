@@ -30,6 +30,9 @@ enum Command {
     Vmm(run::VmmArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: clap_complete::Shell },
+    /// Write the man pages (ferro.1 and ferro-SUBCOMMAND.1 for each subcommand) into DIR.
+    #[command(hide = true)]
+    Man { dir: std::path::PathBuf },
     /// Check that this host can run VMs, like virt-host-validate.
     HostCheck,
     /// List or export the built-in test guests (PVH ELF files, also bootable by QEMU).
@@ -56,6 +59,13 @@ fn main() -> ExitCode {
                 Err(_) => ExitCode::FAILURE,
             }
         }
+        Command::Man { dir } => match clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferro man: cannot write the pages into {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        },
         Command::HostCheck => host_check::run(),
         Command::TestGuest(args) => test_guest::run(args),
         Command::Img(args) => img::run(args),

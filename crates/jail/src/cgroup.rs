@@ -11,7 +11,8 @@
 //!
 //! cgroup v2 lets only a cgroup without processes of its own hand controllers to its children, so
 //! [`Host::enable_for_children`] moves the daemon into a leaf (`<its cgroup>/ferrod`) when it has
-//! to; the VMs' cgroups are siblings of that leaf.
+//! to; the VMs' cgroups are siblings of that leaf. A daemon that starts in such a leaf (systemd's
+//! `DelegateSubgroup=ferrod`) puts its VMs beside it in the same way.
 
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -719,9 +720,20 @@ fn parse_membership(text: &str) -> Vec<Membership> {
             let mut parts = line.splitn(3, ':');
             let hierarchy = parts.next()?.parse().ok()?;
             let controllers = parts.next()?.split(',').filter(|c| !c.is_empty()).map(str::to_string).collect();
-            Some(Membership { hierarchy, controllers, path: parts.next()?.to_string() })
+            Some(Membership { hierarchy, controllers, path: vm_parent(parts.next()?).to_string() })
         })
         .collect()
+}
+
+/// Where the VMs of a daemon in cgroup `path` go: below it, or beside it when it already is in the
+/// leaf [`DAEMON_LEAF`] (where systemd's `DelegateSubgroup=ferrod` starts the service, so that a
+/// restarted daemon is never put into a cgroup that hands controllers to VMs: docs/service.md).
+fn vm_parent(path: &str) -> &str {
+    match path.strip_suffix(DAEMON_LEAF).and_then(|p| p.strip_suffix('/')) {
+        Some("") => "/",
+        Some(parent) => parent,
+        None => path,
+    }
 }
 
 fn read_words(path: &Path) -> Vec<String> {
@@ -804,6 +816,15 @@ mod tests {
         // The pids hierarchy is mounted from /inner, and this process is outside it.
         assert!(matches!(host.place(Controller::Pids), Place::Missing(why) if why.contains("outside the mount")), "{:?}", host.place(Controller::Pids));
         assert_eq!(parse_mountinfo(HYBRID_MOUNTS)[5].point, PathBuf::from("/sys/fs/cgroup/cpu x"));
+    }
+
+    #[test]
+    fn a_daemon_started_in_its_leaf_puts_vms_beside_it() {
+        let groups = "9:name=systemd:/system.slice/ferrod.service/ferrod\n7:blkio:/ferrod\n1:cpu:/a/myferrod\n0::/system.slice/ferrod.service/ferrod\n";
+        let host = Host::from_tables(HYBRID_MOUNTS, groups);
+        assert_eq!(host.unified, Some(PathBuf::from("/sys/fs/cgroup/unified/system.slice/ferrod.service")));
+        assert_eq!(*host.place(Controller::Io), Place::V1("/sys/fs/cgroup/blkio".into()));
+        assert_eq!(*host.place(Controller::Cpu), Place::V1("/sys/fs/cgroup/cpu/a/myferrod".into()));
     }
 
     #[test]

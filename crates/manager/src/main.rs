@@ -13,7 +13,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "ferrod", version = ferro_version::VERSION, about = "Ferrovisor management daemon")]
+#[command(
+    name = "ferrod",
+    version = ferro_version::VERSION,
+    about = "Ferrovisor management daemon",
+    long_about = "Ferrovisor management daemon: keeps domain, pool and network definitions, runs one supervised \
+                  VMM process per running domain and serves the REST API that `ferro` uses, on a unix socket \
+                  and optionally on TLS listeners. Settings come from /etc/ferrovisor/ferrod.toml (or --config); \
+                  flags given here win over the file. Running VMs keep running when ferrod stops or restarts; \
+                  the next ferrod takes them over."
+)]
 struct Cli {
     /// Configuration file (default: /etc/ferrovisor/ferrod.toml if it exists); flags override it.
     #[arg(long, value_name = "FILE")]
@@ -46,6 +55,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write the man page ferrod.8 into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// Runs one VMM and reports how it ended (started by ferrod, not by hand).
     #[command(hide = true)]
     Monitor {
@@ -65,8 +77,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Monitor { exit_report, log, stderr, socket, command }) = cli.command {
-        return monitor::run(monitor::MonitorArgs { exit_report, log, stderr, sockets: socket, command });
+    match cli.command {
+        Some(Command::Monitor { exit_report, log, stderr, socket, command }) => {
+            return monitor::run(monitor::MonitorArgs { exit_report, log, stderr, sockets: socket, command });
+        }
+        Some(Command::Man { dir }) => return write_man_page(&dir),
+        None => {}
     }
     // SAFETY: no thread has been started yet.
     let notifier = unsafe { Notifier::from_env() };
@@ -208,6 +224,17 @@ fn serve(settings: Settings, notifier: Notifier) -> Result<(), String> {
         services.stop().await;
         result
     })
+}
+
+fn write_man_page(dir: &std::path::Path) -> ExitCode {
+    let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
+    match page.generate_to(dir) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferrod man: cannot write the page into {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Takes an exclusive lock on the state directory so that two daemons never share it.

@@ -93,7 +93,9 @@ impl Daemon {
         Self::spawn(home, &[], cmd)
     }
 
-    fn spawn(home: &Home, env: &[(&str, &str)], mut cmd: Command) -> Daemon {
+    /// Starts `cmd` (ferrod, or something that execs it in place) as the daemon of `home`, with
+    /// extra environment variables; waits for its socket.
+    pub fn spawn(home: &Home, env: &[(&str, &str)], mut cmd: Command) -> Daemon {
         let socket = home.socket();
         let _ = std::fs::remove_file(&socket);
         cmd.env("FERRO_HOME", home.path())
