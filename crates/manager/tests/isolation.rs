@@ -4,7 +4,7 @@
 
 use ferro_jail::cgroup::BlockDevice;
 use ferro_test_support::daemon::{Daemon, Home};
-use ferro_test_support::wait_for;
+use ferro_test_support::{cgroup_of, wait_for};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,19 +15,6 @@ fn info(d: &Daemon, name: &str) -> Value {
 
 fn stats(d: &Daemon, name: &str) -> Value {
     d.api().expect("GET", &format!("/v1/domains/{name}/stats"), None, 200)
-}
-
-/// The cgroup of `pid` in the hierarchy holding `controller` (v1), or in the unified one ("").
-fn cgroup_of(pid: u32, controller: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    text.lines()
-        .find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            let hit = if controller.is_empty() { controllers.is_empty() } else { controllers.split(',').any(|c| c == controller) };
-            hit.then(|| path.to_string())
-        })
-        .unwrap_or_else(|| panic!("process {pid} is in no {controller:?} cgroup: {text}"))
 }
 
 /// A limit file of the VMM's v1 cgroup for `controller` (this host is hybrid; a unified host

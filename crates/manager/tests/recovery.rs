@@ -2,7 +2,7 @@
 //! consistent, and what it recorded about processes must never lead it to signal a stranger.
 
 use ferro_test_support::daemon::{Daemon, Home, guest_toml};
-use ferro_test_support::{alive, wait_for};
+use ferro_test_support::{alive, start_time, wait_for};
 use serde_json::Value;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
@@ -10,12 +10,6 @@ use std::time::Duration;
 
 fn state(d: &Daemon, name: &str) -> Value {
     d.api().expect("GET", &format!("/v1/domains/{name}"), None, 200)
-}
-
-/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
-fn start_time(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    stat[stat.rfind(')').unwrap() + 2..].split_whitespace().nth(19).unwrap().parse().unwrap()
 }
 
 /// An unrelated process leading its own process group (so a group kill aimed at its pid would

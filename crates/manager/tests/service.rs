@@ -4,7 +4,7 @@
 //! explains them, and VMs outliving ferrod in the cgroup layout the unit gives it.
 
 use ferro_test_support::daemon::{Api, Daemon, Home, guest_toml};
-use ferro_test_support::{TempDir, alive, ferro_bin, ferrod_bin, wait_exit, wait_for};
+use ferro_test_support::{TempDir, alive, cgroup_of, ferro_bin, ferrod_bin, start_time, wait_exit, wait_for};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -127,19 +127,6 @@ struct UnitCgroup {
 
 const HIERARCHIES: [(&str, &str); 5] = [("", "unified"), ("cpu", "cpu"), ("memory", "memory"), ("blkio", "blkio"), ("pids", "pids")];
 
-/// The cgroup of `pid` in the hierarchy holding `controller` (v1), or in the unified one ("").
-fn cgroup_of(pid: u32, controller: &str) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    text.lines()
-        .find_map(|line| {
-            let mut parts = line.splitn(3, ':');
-            let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            let matches = if controller.is_empty() { id == "0" } else { controllers.split(',').any(|c| c == controller) };
-            matches.then(|| path.to_string())
-        })
-        .unwrap_or_else(|| panic!("process {pid} is in no {controller:?} cgroup: {text}"))
-}
-
 impl UnitCgroup {
     fn new(name: &str) -> UnitCgroup {
         assert!(
@@ -200,11 +187,6 @@ impl Drop for UnitCgroup {
             let _ = std::fs::remove_dir(dir);
         }
     }
-}
-
-fn start_time(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    stat.rsplit(')').next().unwrap().split_whitespace().nth(19).unwrap().parse().unwrap()
 }
 
 #[test]

@@ -114,6 +114,25 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// The cgroup of `pid` in the hierarchy holding `controller` (v1), or in the unified one ("").
+pub fn cgroup_of(pid: u32, controller: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_else(|e| panic!("/proc/{pid}/cgroup: {e}"));
+    text.lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let hit = if controller.is_empty() { controllers.is_empty() } else { controllers.split(',').any(|c| c == controller) };
+            hit.then(|| path.to_string())
+        })
+        .unwrap_or_else(|| panic!("process {pid} is in no {controller:?} cgroup: {text}"))
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
+pub fn start_time(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    stat[stat.rfind(')').unwrap() + 2..].split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
 /// Whether a process exists and is not a zombie.
 pub fn alive(pid: i64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
