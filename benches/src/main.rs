@@ -11,6 +11,7 @@ mod exits;
 mod floor;
 mod images;
 mod launch;
+mod network;
 mod snapshot;
 mod virtio;
 
@@ -45,6 +46,11 @@ enum Section {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// TCP throughput of Linux guests through a bridge, guest to guest and to an outside host, against QEMU.
+    Network {
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+    },
     /// Snapshot pause time and restore -> guest answering at 256 MiB and 2 GiB, against QEMU (migration to a file, -incoming).
     Snapshot {
         #[arg(long, default_value_t = 5)]
@@ -64,6 +70,7 @@ fn main() {
             virtio::run(&common::ferro_bin(), runs, &scratch.0);
         }
         Section::Images { runs } => images::run(runs),
+        Section::Network { runs } => network::run(runs),
         Section::Snapshot { runs } => snapshot::run(runs),
         Section::FloorChild => floor::first_exit_child(),
     }
