@@ -34,9 +34,14 @@ pub struct VmmArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "VmArgs")]
     config: Option<PathBuf>,
     /// Start the VM saved in this snapshot directory (docs/snapshot-format.md) instead of
-    /// booting one; its configuration comes from the snapshot.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["VmArgs", "config", "name"])]
+    /// booting one; its configuration comes from the snapshot. With --config too, that file must
+    /// describe the same VM and gives its host wiring: the NICs' taps and inherited descriptors,
+    /// and what a guest reset boots.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["VmArgs", "name"])]
     restore: Option<PathBuf>,
+    /// With --restore: keep the restored VM paused until a `resume` request.
+    #[arg(long, requires = "restore")]
+    paused: bool,
     /// Run every VMM thread under its seccomp allowlist (docs/isolation.md); a call outside it
     /// kills the VMM with SIGSYS.
     #[arg(long)]
@@ -315,7 +320,8 @@ pub fn vmm(args: VmmArgs) -> ExitCode {
         return failed(e);
     }
     let start = match (&args.restore, &args.config) {
-        (Some(dir), _) => Ok(Start::Restore(dir)),
+        (Some(dir), None) => Ok(Start::Restore(dir)),
+        (Some(dir), Some(path)) => read_config(path).map(|config| Start::RestoreRewired(dir, config)),
         (None, Some(path)) => read_config(path).map(Start::Boot),
         (None, None) => args.vm.config(args.name).map(Start::Boot),
     };
@@ -343,7 +349,7 @@ pub fn vmm(args: VmmArgs) -> ExitCode {
     }
     // Supervised VMMs tear KVM down themselves: when the process is gone, so is the VM, which
     // is what ferrod's accounting (and its leak tests) rely on.
-    let opts = RunOptions { interactive: false, api_socket: args.api_socket.clone(), exiting: false };
+    let opts = RunOptions { interactive: false, api_socket: args.api_socket.clone(), exiting: false, paused: args.paused };
     let status = finish(vm.run(&opts));
     for p in [&args.api_socket, &args.serial_socket].into_iter().flatten() {
         let _ = std::fs::remove_file(p);

@@ -1,7 +1,7 @@
 //! ferrod's services wired together: opened over one store, recovered at start, stopped at the
-//! end. The dependencies go one way: domains use pools (to resolve volumes), pools use jobs (for
-//! copies) and networks (for their NICs); all of them share the store, the event hub and the file
-//! claims. Networks are recovered first, so the VMs' networks are up before any VM is re-attached.
+//! end. The dependencies go one way: snapshots use domains (to save and restore VMs) and jobs,
+//! domains use pools (to resolve volumes), pools use jobs (for copies) and networks (for their
+//! NICs); all of them share the store, the event hub and the file claims. Networks are recovered first, so the VMs' networks are up before any VM is re-attached.
 
 use crate::claims::Claims;
 use crate::domains::Domains;
@@ -11,6 +11,7 @@ use crate::model::Paths;
 use crate::networks::Networks;
 use crate::ovf::Ovf;
 use crate::pools::Pools;
+use crate::snapshots::Snapshots;
 use crate::store::Store;
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ pub struct Services {
     pub networks: Arc<Networks>,
     pub domains: Arc<Domains>,
     pub ovf: Arc<Ovf>,
+    pub snapshots: Arc<Snapshots>,
     store: Arc<Store>,
 }
 
@@ -37,7 +39,8 @@ impl Services {
         let networks = Networks::open(&paths.home.join("networks"), store.clone(), events.clone())?;
         let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), networks.clone(), claims)?;
         let ovf = Ovf::open(jobs.clone(), pools.clone(), domains.clone());
-        Ok(Arc::new(Services { paths, events, jobs, pools, networks, domains, ovf, store }))
+        let snapshots = Snapshots::open(&paths.home, store.clone(), events.clone(), jobs.clone(), domains.clone());
+        Ok(Arc::new(Services { paths, events, jobs, pools, networks, domains, ovf, snapshots, store }))
     }
 
     /// Takes back the networks and re-attaches to the VMs that were running when ferrod last

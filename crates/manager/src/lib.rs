@@ -10,7 +10,8 @@
 //! - `store`: SQLite rows and schema migrations, over `model` only;
 //! - services: `jobs` (the runner), `pools` (pools, volumes, copies, imports), `networks`
 //!   (virtual networks on the host), `domains` (definitions and supervision), with `vmm` (VM config and control socket) and `monitor` (the
-//!   per-VM process), and `ovf` (OVF/OVA import and export, over pools and domains);
+//!   per-VM process), `ovf` (OVF/OVA import and export, over pools and domains) and `snapshots`
+//!   (the domain snapshot tree, over domains and jobs);
 //! - `daemon` wires the services together; `api` maps HTTP to them and checks who may call;
 //!   `listen` opens the unix socket and the TCP/TLS listeners that serve `api`;
 //! - running as a service: `config` (the configuration file), `notify` (systemd notifications).
@@ -35,6 +36,7 @@ pub mod notify;
 pub mod ovf;
 pub mod pools;
 pub mod process_identity;
+pub mod snapshots;
 pub mod store;
 pub mod vmm;
 

@@ -70,6 +70,10 @@ enum Command {
         /// Socket files the VMM creates, removed before each (re)start.
         #[arg(long)]
         socket: Vec<PathBuf>,
+        /// Arguments for the VMM's first run only (a snapshot restore: a guest reset later
+        /// boots the VM afresh). Repeatable.
+        #[arg(long, allow_hyphen_values = true)]
+        first_run_arg: Vec<String>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -78,8 +82,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Monitor { exit_report, log, stderr, socket, command }) => {
-            return monitor::run(monitor::MonitorArgs { exit_report, log, stderr, sockets: socket, command });
+        Some(Command::Monitor { exit_report, log, stderr, socket, first_run_arg, command }) => {
+            let args = monitor::MonitorArgs { exit_report, log, stderr, sockets: socket, command, first_run_args: first_run_arg };
+            return monitor::run(args);
         }
         Some(Command::Man { dir }) => return write_man_page(&dir),
         None => {}

@@ -255,6 +255,49 @@ impl ProgressUnit {
     }
 }
 
+/// A domain snapshot as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotInfo {
+    pub domain: String,
+    pub name: String,
+    /// The snapshot it was taken after (the domain's current one then); None for a root.
+    pub parent: Option<String>,
+    /// The snapshots taken after it, oldest first.
+    pub children: Vec<String>,
+    /// The domain's state when it was taken: running or paused (memory, devices and disks
+    /// saved) or shutoff (disks only).
+    pub state: DomainState,
+    /// When it was taken, RFC 3339 in UTC.
+    pub created: String,
+    pub created_ms: u64,
+    /// The one the domain was last snapshotted as or reverted to.
+    pub current: bool,
+    pub description: Option<String>,
+    /// How long the guest was paused while its memory and devices were saved (microseconds).
+    pub pause_us: Option<u64>,
+    /// Guest memory written to the snapshot's memory file (zero pages are holes, not counted).
+    pub memory_bytes: Option<u64>,
+    /// The disk files that hold an internal snapshot of this name.
+    pub disks: Vec<String>,
+}
+
+/// `ms` since the Unix epoch as RFC 3339 in UTC, to the millisecond (`2026-11-30T23:58:14.123Z`).
+pub fn rfc3339(ms: u64) -> String {
+    let (days, rem) = ((ms / 86_400_000) as i64, ms % 86_400_000);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian, eras of 400 years).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, sec, milli) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{sec:02}.{milli:03}Z")
+}
+
 /// A job as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobInfo {
@@ -277,6 +320,14 @@ pub struct JobInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_rfc3339_in_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(1_796_083_094_123), "2026-11-30T23:58:14.123Z");
+        assert_eq!(rfc3339(4_107_542_399_999), "2100-02-28T23:59:59.999Z");
+    }
 
     #[test]
     fn state_names_round_trip() {

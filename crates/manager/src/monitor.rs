@@ -44,6 +44,9 @@ pub struct MonitorArgs {
     pub sockets: Vec<PathBuf>,
     /// The VMM command line, without `--event-fd` (the monitor adds it).
     pub command: Vec<String>,
+    /// Added to the command for the first run only: a VM restored from a snapshot boots afresh
+    /// after a guest reset.
+    pub first_run_args: Vec<String>,
 }
 
 /// How one run of the VMM ended.
@@ -62,7 +65,8 @@ pub fn run(args: MonitorArgs) -> ExitCode {
         for socket in &args.sockets {
             let _ = std::fs::remove_file(socket);
         }
-        match run_once(&args) {
+        let first_run = if resets == 0 { args.first_run_args.as_slice() } else { &[] };
+        match run_once(&args, first_run) {
             Ok(RunEnd { exited: Some(ExitReason::Reset), status, .. }) if status.success() => {
                 resets += 1;
             }
@@ -97,7 +101,7 @@ fn reason(end: &RunEnd) -> String {
     }
 }
 
-fn run_once(args: &MonitorArgs) -> Result<RunEnd, String> {
+fn run_once(args: &MonitorArgs, first_run: &[String]) -> Result<RunEnd, String> {
     let open = |path: &Path| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -114,6 +118,7 @@ fn run_once(args: &MonitorArgs) -> Result<RunEnd, String> {
     let mut command = Command::new(program);
     command
         .args(rest)
+        .args(first_run)
         .arg("--event-fd")
         .arg(writer_fd.to_string())
         .stdin(Stdio::null())
@@ -237,6 +242,7 @@ mod tests {
             stderr: dir.join("vmm.stderr"),
             sockets: vec![stale_socket.clone()],
             command: ["sh", "-c", "echo booting; echo 'error: no such kernel' >&2; exit 3"].map(String::from).to_vec(),
+            first_run_args: Vec::new(),
         };
         assert_eq!(run(args), ExitCode::FAILURE);
         let report = read_report(&dir.join("exit.json")).unwrap();
@@ -249,7 +255,8 @@ mod tests {
     }
 
     /// Resets are known by the VMM's `exited` event, not by its stderr: a run that ends for a
-    /// reset is started again; a later run whose last stderr line ends in "reset" (a broken
+    /// reset is started again (without the first run's extra arguments: a restored VM boots
+    /// afresh after a reset); a later run whose last stderr line ends in "reset" (a broken
     /// queue, say) but that powered off is not.
     #[test]
     fn only_an_exited_event_for_a_reset_restarts_the_vmm() {
@@ -258,7 +265,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         // The pipe's descriptor may be above 9, which sh cannot name in a redirection.
         let script = format!(
-            r#"fd=$2
+            r#"eval fd=\${{$#}}
+            echo "$@" >> {dir}/runs
             if [ ! -e {dir}/reset-done ]; then
                 touch {dir}/reset-done
                 echo '{{"event":"started","pid":1}}' > /proc/self/fd/$fd
@@ -278,10 +286,14 @@ mod tests {
             stderr: dir.join("vmm.stderr"),
             sockets: Vec::new(),
             command: vec!["sh".into(), "-c".into(), script, "vmm".into()],
+            first_run_args: vec!["--restore".into(), "/snap".into()],
         };
         assert_eq!(run(args), ExitCode::SUCCESS);
         let report = read_report(&dir.join("exit.json")).unwrap();
         assert_eq!(report, ExitReport { code: Some(0), signal: None, reason: "guest powered off".into(), resets: 1 });
+        let runs = std::fs::read_to_string(dir.join("runs")).unwrap();
+        let runs: Vec<&str> = runs.lines().collect();
+        assert!(runs.len() == 2 && runs[0].starts_with("--restore /snap --event-fd ") && runs[1].starts_with("--event-fd "), "{runs:?}");
         let log = std::fs::read_to_string(dir.join("vmm.stderr")).unwrap();
         assert!(log.contains("device vda stopped until its driver resets it: queue 0 is broken"), "{log}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -219,6 +219,38 @@ impl DeviceConfig {
 }
 
 impl VmConfig {
+    /// The saved VM `self` wired to this host as `given` says: each NIC's tap and inherited
+    /// descriptor, and the boot source (only used if the guest resets later), come from `given`,
+    /// which must describe the same machine otherwise (a restore gets a new process, so a tap
+    /// the supervisor opened for it has a new descriptor). The error names what differs.
+    pub fn rewired(&self, given: &VmConfig) -> Result<VmConfig, String> {
+        if self.devices.len() != given.devices.len() {
+            return Err(format!("devices: the snapshot has {}, the configuration {}", self.devices.len(), given.devices.len()));
+        }
+        let mut wired = self.clone();
+        wired.boot = given.boot.clone();
+        for (mine, theirs) in wired.devices.iter_mut().zip(&given.devices) {
+            if let (DeviceKind::Net { tap, fd, .. }, DeviceKind::Net { tap: new_tap, fd: new_fd, .. }) = (&mut mine.kind, &theirs.kind) {
+                tap.clone_from(new_tap);
+                *fd = *new_fd;
+            }
+            if mine != theirs {
+                return Err(format!("devices ({}): the snapshot has {:?}, the configuration {:?}", mine.id, mine.kind, theirs.kind));
+            }
+        }
+        let same = [
+            ("name", wired.name == given.name),
+            ("memory", wired.memory == given.memory),
+            ("vcpus", wired.vcpus == given.vcpus),
+            ("transport", wired.transport == given.transport),
+            ("debug_exit", wired.debug_exit == given.debug_exit),
+        ];
+        match same.iter().find(|(_, same)| !same) {
+            Some((field, _)) => Err(format!("{field}: the configuration differs from the snapshot's")),
+            None => Ok(wired),
+        }
+    }
+
     /// Whether the guest may end the VMM through the debug-exit port.
     pub fn debug_exit_enabled(&self) -> bool {
         self.debug_exit || matches!(self.boot.kernel, Kernel::TestGuest(_))
@@ -332,5 +364,19 @@ mod tests {
         c.vcpus = 1;
         c.devices.push(c.devices[0].clone());
         assert!(c.validate().unwrap_err().contains("used by another device"));
+    }
+
+    #[test]
+    fn a_restore_takes_the_nic_wiring_of_the_given_configuration_only() {
+        let net = |tap: &str, fd| DeviceKind::Net { tap: tap.into(), mac: Some("52:54:00:00:00:01".parse().unwrap()), fd };
+        let saved = config(vec![net("fvab-0", Some(9))]);
+        let given = config(vec![net("fvab-0", Some(14))]);
+        assert_eq!(saved.rewired(&given).unwrap(), given);
+        let mut bigger = given.clone();
+        bigger.memory.size *= 2;
+        assert!(saved.rewired(&bigger).unwrap_err().starts_with("memory:"));
+        let other_mac = config(vec![DeviceKind::Net { tap: "fvab-0".into(), mac: None, fd: Some(14) }]);
+        assert!(saved.rewired(&other_mac).unwrap_err().contains("devices (net0)"), "a NIC's MAC is the guest's, not wiring");
+        assert!(saved.rewired(&config(vec![])).unwrap_err().starts_with("devices: the snapshot has 1"));
     }
 }

@@ -6,13 +6,16 @@
 //!   to its supervisor (docs/vmm-control.md describes the wire form).
 //! - [`size`] and [`mac`]: the one grammar for sizes (`512M`, `1.5G`, `2TiB`) and MAC addresses
 //!   used by every command-line flag and definition file.
+//! - [`snapshot_file`]: the checked frame of a snapshot's state file, which the VMM writes and
+//!   reads and ferrod checks before a revert.
 //!
-//! This crate has no dependency beyond serde, so every other crate can use it.
+//! This crate has no dependency beyond serde and sha2, so every other crate can use it.
 
 pub mod config;
 pub mod control;
 pub mod mac;
 pub mod size;
+pub mod snapshot_file;
 
 pub use config::{BootConfig, ConsoleBackend, DeviceConfig, DeviceKind, DiskFormat, Kernel, MemoryConfig, Transport, VmConfig};
 pub use control::{ExitReason, Request, VmEvent};

@@ -63,7 +63,8 @@ impl<'a> VmBuilder<'a> {
     pub fn build(self, start: Start) -> Result<Vm> {
         match start {
             Start::Boot(config) => self.boot(config),
-            Start::Restore(dir) => self.restore_snapshot(dir),
+            Start::Restore(dir) => self.restore_snapshot(dir, None),
+            Start::RestoreRewired(dir, config) => self.restore_snapshot(dir, Some(&config)),
         }
     }
 
@@ -86,9 +87,13 @@ impl<'a> VmBuilder<'a> {
         Ok(Vm::new(VmControl::new(config, features, vm, memory, devices, shared, vcpus, self.events)))
     }
 
-    /// The VM saved in snapshot directory `dir` (docs/snapshot-format.md).
-    pub fn restore_snapshot(self, dir: &Path) -> Result<Vm> {
-        let state = snapshot::load(dir).map_err(Error::Config)?;
+    /// The VM saved in snapshot directory `dir` (docs/snapshot-format.md), wired to this host
+    /// by `wiring` when given (see [`VmConfig::rewired`]).
+    pub fn restore_snapshot(self, dir: &Path, wiring: Option<&VmConfig>) -> Result<Vm> {
+        let mut state = snapshot::load(dir).map_err(Error::Config)?;
+        if let Some(given) = wiring {
+            state.config = state.config.rewired(given).map_err(|e| Error::Config(format!("{}: {e}", dir.display())))?;
+        }
         self.restore(state, &snapshot::memory_path(dir))
     }
 

@@ -11,26 +11,16 @@
 use crate::state::{SAVED_VM_VERSION, SavedVm};
 use crate::vm::VmControl;
 use ferro_devices::virtio::block::BlockDisk;
-use ferro_vmm_api::VmConfig;
+use ferro_vmm_api::{VmConfig, snapshot_file};
 use kvm_bindings::CpuId;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub const MEMORY_FILE: &str = "memory";
 pub const STATE_FILE: &str = "state";
-/// The first bytes of every state file.
-pub const MAGIC: [u8; 8] = *b"FERROSNP";
-/// The version of the state file as a whole: header and body. A body's [`SavedVm`] carries its
-/// own version, which must also match.
-pub const FORMAT_VERSION: u32 = 1;
-/// magic, version (u32), reserved (u32), body length (u64), SHA-256 of the body.
-const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 32;
-/// No state file body is anywhere near this; a larger length is a damaged header.
-const MAX_BODY: u64 = 256 << 20;
 
 /// The feature registers of CPUID a guest's code may have come to rely on.
 const FEATURE_REGISTERS: &[(u32, u32, Reg)] = &[
@@ -261,43 +251,17 @@ fn write_files(vm: &VmControl, dir: &Path) -> Result<u64, String> {
 /// Writes a state file: header, then the JSON body (not synced yet).
 pub fn write_state(path: &Path, state: &SnapshotState) -> Result<(), String> {
     let body = serde_json::to_vec(state).map_err(|e| format!("encoding the VM state: {e}"))?;
-    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&Sha256::digest(&body));
-    out.extend_from_slice(&body);
     let io = |e: std::io::Error| format!("state file {}: {e}", path.display());
     let mut f = File::options().write(true).create_new(true).open(path).map_err(io)?;
-    f.write_all(&out).map_err(io)
+    f.write_all(&snapshot_file::seal(&body)).map_err(io)
 }
 
-/// Reads and checks a state file.
+/// Reads and checks a state file: its frame (see `ferro_vmm_api::snapshot_file`), then the body
+/// and the version of its saved VM.
 pub fn read_state(path: &Path) -> Result<SnapshotState, String> {
+    let body = snapshot_file::read_body(path)?;
     let name = path.display();
-    let mut bytes = Vec::new();
-    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| format!("state file {name}: {e}"))?;
-    if bytes.len() < HEADER_LEN {
-        return Err(format!("state file {name}: truncated ({} bytes, the header alone is {HEADER_LEN})", bytes.len()));
-    }
-    let (header, body) = bytes.split_at(HEADER_LEN);
-    if header[..8] != MAGIC {
-        return Err(format!("state file {name}: not a Ferrovisor snapshot state file (bad magic)"));
-    }
-    let word = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
-    let version = word(8);
-    if version != FORMAT_VERSION {
-        return Err(format!("state file {name}: format version {version}, this VMM reads version {FORMAT_VERSION}"));
-    }
-    let len = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
-    if len > MAX_BODY || len != body.len() as u64 {
-        return Err(format!("state file {name}: truncated or damaged (header says {len} bytes of state, the file has {})", body.len()));
-    }
-    if header[24..56] != Sha256::digest(body)[..] {
-        return Err(format!("state file {name}: checksum mismatch (the file is damaged)"));
-    }
-    let state: SnapshotState = serde_json::from_slice(body).map_err(|e| format!("state file {name}: {e}"))?;
+    let state: SnapshotState = serde_json::from_slice(&body).map_err(|e| format!("state file {name}: {e}"))?;
     if state.vm.version != SAVED_VM_VERSION {
         return Err(format!("state file {name}: VM state version {}, this VMM reads version {SAVED_VM_VERSION}", state.vm.version));
     }

@@ -36,6 +36,8 @@ pub struct RunOptions {
     /// The process exits right after `run` returns: hand KVM's teardown to a child (see
     /// [`defer_kvm_teardown`]) so the exit is not delayed by it.
     pub exiting: bool,
+    /// Leave the vCPUs stopped until a `resume` request (a snapshot restored paused).
+    pub paused: bool,
 }
 
 /// What controls a VM while it exists: shared by the run loop and the control socket.
@@ -244,7 +246,8 @@ impl Vm {
             Some(path) => control::serve(path, self.control.clone()).map_err(|e| format!("control socket {}: {e}", path.display())),
             None => Ok(()),
         };
-        let reason = match served.and_then(|()| self.control.resume()) {
+        let resumed = served.and_then(|()| if opts.paused { Ok(()) } else { self.control.resume() });
+        let reason = match resumed {
             Ok(()) => {
                 self.control.events.emit(&VmEvent::Started { pid: std::process::id() });
                 match ferro_jail::seccomp::install(ferro_jail::seccomp::ThreadKind::Main) {
@@ -380,6 +383,9 @@ pub enum Start<'a> {
     Boot(VmConfig),
     /// A snapshot directory.
     Restore(&'a Path),
+    /// A snapshot directory, wired to this host by a configuration of the same VM (see
+    /// [`VmConfig::rewired`]): its NICs' taps and descriptors, and what a later reset boots.
+    RestoreRewired(&'a Path, VmConfig),
 }
 
 /// Boots or restores a VM with the console on this process's stdout (and stdin when it is a

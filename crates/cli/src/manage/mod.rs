@@ -117,8 +117,17 @@ pub enum ManageCommand {
         /// The TOML definition.
         file: PathBuf,
     },
-    /// Remove a domain's definition (the domain must not be running).
-    Undefine(Dom),
+    /// Remove a domain's definition (the domain must not be running; one with snapshots needs
+    /// --snapshots-metadata or --remove-all-snapshots).
+    Undefine {
+        name: String,
+        /// Forget the domain's snapshots (their internal snapshots stay in the disks).
+        #[arg(long, conflicts_with = "remove_all_snapshots")]
+        snapshots_metadata: bool,
+        /// Delete the domain's snapshots, the disks' internal snapshots included.
+        #[arg(long)]
+        remove_all_snapshots: bool,
+    },
     /// Start a defined domain.
     Start {
         name: String,
@@ -196,6 +205,54 @@ pub enum ManageCommand {
         /// Stop after this many refreshes.
         #[arg(long)]
         iterations: Option<u64>,
+    },
+    /// Take a snapshot of a domain (a job): running or paused, its memory, devices and disks,
+    /// the guest paused only while its state is saved; shut off, its disks.
+    SnapshotCreateAs {
+        domain: String,
+        /// The snapshot's name.
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List a domain's snapshots.
+    SnapshotList {
+        domain: String,
+        /// Show each snapshot under its parent.
+        #[arg(long, conflicts_with = "json")]
+        tree: bool,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a snapshot's details.
+    SnapshotInfo {
+        domain: String,
+        name: String,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the name of a domain's current snapshot (the last taken or reverted to).
+    SnapshotCurrent {
+        domain: String,
+    },
+    /// Revert a domain to a snapshot (a job): one taken while it ran comes back running (or
+    /// paused, as it was); one taken shut off leaves it shut off with its disks reverted.
+    SnapshotRevert {
+        domain: String,
+        name: String,
+        /// Leave the domain running afterwards.
+        #[arg(long, conflicts_with = "paused")]
+        running: bool,
+        /// Leave the domain paused afterwards.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Delete a snapshot: its children move to its parent, its disks' clusters are freed.
+    SnapshotDelete {
+        domain: String,
+        name: String,
     },
     /// Define a storage pool (only `dir` pools).
     PoolDefineAs {
@@ -376,6 +433,10 @@ fn dom_path(name: &str) -> Result<String, String> {
     Ok(format!("/v1/domains/{}", seg(name)?))
 }
 
+fn snapshot_path(domain: &str, name: &str) -> Result<String, String> {
+    Ok(format!("{}/snapshots/{}", dom_path(domain)?, seg(name)?))
+}
+
 fn net_path(name: &str) -> Result<String, String> {
     Ok(format!("/v1/networks/{}", seg(name)?))
 }
@@ -420,9 +481,61 @@ fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
             let (name, verb) = define_from_file(c, "/v1/domains", &file)?;
             println!("Domain '{name}' {verb} from {}", file.display());
         }
-        C::Undefine(d) => {
-            c.json("DELETE", &dom_path(&d.name)?, None)?;
-            println!("Domain '{}' has been undefined", d.name);
+        C::Undefine { name, snapshots_metadata, remove_all_snapshots } => {
+            let query = match (snapshots_metadata, remove_all_snapshots) {
+                (true, _) => "?snapshots=metadata",
+                (_, true) => "?snapshots=all",
+                _ => "",
+            };
+            c.json("DELETE", &format!("{}{query}", dom_path(&name)?), None)?;
+            println!("Domain '{name}' has been undefined");
+        }
+        C::SnapshotCreateAs { domain, name, description } => {
+            let mut body = json!({ "name": name });
+            if let Some(text) = description {
+                body["description"] = json!(text);
+            }
+            let job = c.post(&format!("{}/snapshots", dom_path(&domain)?), Some(&body))?;
+            follow_job(c, &job)?;
+            let snapshot = c.get(&snapshot_path(&domain, &name)?)?;
+            match show::pause_ms(&snapshot) {
+                Some(pause) => println!("Domain snapshot {name} created (guest paused {pause})"),
+                None => println!("Domain snapshot {name} created"),
+            }
+        }
+        C::SnapshotList { domain, tree, json } => {
+            let list = c.get(&format!("{}/snapshots", dom_path(&domain)?))?;
+            let list = list.as_array().map(Vec::as_slice).unwrap_or(&[]);
+            match (json, tree) {
+                (true, _) => print_json(&Value::Array(list.to_vec())),
+                (_, true) => show::snapshot_tree(list),
+                _ => show::snapshot_table(list),
+            }
+        }
+        C::SnapshotInfo { domain, name, json } => {
+            let info = c.get(&snapshot_path(&domain, &name)?)?;
+            if json { print_json(&info) } else { show::snapshot_info(&info) }
+        }
+        C::SnapshotCurrent { domain } => {
+            let list = c.get(&format!("{}/snapshots", dom_path(&domain)?))?;
+            let current = list.as_array().into_iter().flatten().find(|s| s["current"] == true);
+            let name = current.and_then(|s| s["name"].as_str()).ok_or_else(|| format!("domain {domain} has no current snapshot"))?;
+            println!("{name}");
+        }
+        C::SnapshotRevert { domain, name, running, paused } => {
+            let body = match (running, paused) {
+                (true, _) => json!({ "state": "running" }),
+                (_, true) => json!({ "state": "paused" }),
+                _ => json!({}),
+            };
+            let job = c.post(&format!("{}/revert", snapshot_path(&domain, &name)?), Some(&body))?;
+            follow_job(c, &job)?;
+            let state = c.get(&dom_path(&domain)?)?;
+            println!("Domain '{domain}' reverted to snapshot {name} ({})", show::state_word(&state["state"]));
+        }
+        C::SnapshotDelete { domain, name } => {
+            c.json("DELETE", &snapshot_path(&domain, &name)?, None)?;
+            println!("Domain snapshot {name} deleted");
         }
         C::Start { name, console } => {
             c.post(&format!("{}/start", dom_path(&name)?), None)?;

@@ -536,3 +536,61 @@ mod tests {
         assert_eq!(job_progress(&done), "100% (step 0 of 0)");
     }
 }
+
+/// A snapshot's pause time as ferrod reports it (microseconds) in milliseconds.
+pub fn pause_ms(s: &Value) -> Option<String> {
+    s["pause_us"].as_u64().map(|us| format!("{:.3} ms", us as f64 / 1000.0))
+}
+
+pub fn snapshot_table(list: &[Value]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| vec![text(&s["name"]), text(&s["created"]), text(&s["state"]), if s["current"] == true { "*".into() } else { String::new() }])
+        .collect();
+    table(&["Name", "Creation Time", "State", "Current"], &rows);
+}
+
+/// The snapshots as a tree, like `virsh snapshot-list --tree`: each child under its parent.
+pub fn snapshot_tree(list: &[Value]) {
+    fn branch(list: &[Value], name: &str, prefix: &str, out: &mut Vec<String>) {
+        let children: Vec<&str> = list.iter().filter(|s| s["parent"].as_str() == Some(name)).filter_map(|s| s["name"].as_str()).collect();
+        for (i, child) in children.iter().enumerate() {
+            let last = i + 1 == children.len();
+            out.push(format!("{prefix}|"));
+            out.push(format!("{prefix}+- {child}"));
+            branch(list, child, &format!("{prefix}{}", if last { "    " } else { "|   " }), out);
+        }
+    }
+    let mut out = Vec::new();
+    for root in list.iter().filter(|s| s["parent"].is_null()).filter_map(|s| s["name"].as_str()) {
+        out.push(root.to_string());
+        branch(list, root, "  ", &mut out);
+        out.push(String::new());
+    }
+    for line in out {
+        println!("{line}");
+    }
+}
+
+pub fn snapshot_info(s: &Value) {
+    let children = s["children"].as_array().map(|c| c.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    let disks = s["disks"].as_array().map(|d| d.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    let mut rows = vec![
+        ("Name", text(&s["name"])),
+        ("Domain", text(&s["domain"])),
+        ("Current", yes_no(&s["current"])),
+        ("State", text(&s["state"])),
+        ("Created", text(&s["created"])),
+        ("Parent", s["parent"].as_str().unwrap_or("-").to_string()),
+        ("Children", if children.is_empty() { "-".to_string() } else { children }),
+        ("Description", s["description"].as_str().unwrap_or("-").to_string()),
+        ("Disks", if disks.is_empty() { "-".to_string() } else { disks }),
+    ];
+    if let Some(pause) = pause_ms(s) {
+        rows.push(("Guest paused", pause));
+    }
+    if let Some(memory) = s["memory_bytes"].as_u64() {
+        rows.push(("Memory saved", bytes(memory)));
+    }
+    kv(&rows);
+}

@@ -34,12 +34,6 @@ pub(super) async fn get(State(svc): Svc, Path(name): Path<String>) -> ApiResult<
     ok(&svc.domains.info(&name)?)
 }
 
-pub(super) async fn undefine(State(svc): Svc, Path(name): Path<String>) -> ApiResult<Response> {
-    check_name("domain", &name)?;
-    svc.domains.undefine(&name).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
-}
-
 /// GET on a domain's sub-resources: stats, interfaces, config, console.
 pub(super) async fn resource(State(svc): Svc, Path((name, sub)): Path<(String, String)>, req: Request) -> ApiResult<Response> {
     check_name("domain", &name)?;

@@ -1,7 +1,7 @@
 //! The REST API on ferrod's unix socket and TCP listeners (documented in `openapi.json` next to
 //! this crate): maps HTTP requests to service calls, and owns every HTTP status code. One file per
-//! resource family (`domains`, `pools` with volumes, `networks`, `jobs`, `events` with metrics,
-//! `host`); `auth` checks every request first and serves `/v1/session`; `ui` serves the embedded
+//! resource family (`domains`, `snapshots` of domains, `pools` with volumes, `networks`, `jobs`,
+//! `events` with metrics, `host`); `auth` checks every request first and serves `/v1/session`; `ui` serves the embedded
 //! web UI at `/`.
 //!
 //! Every failure is JSON `{"code","message"}`; request bodies are read here with explicit limits so
@@ -14,6 +14,7 @@ mod host;
 mod jobs;
 mod networks;
 mod pools;
+mod snapshots;
 pub mod ui;
 
 use crate::access::Access;
@@ -42,8 +43,11 @@ pub fn router(services: Arc<Services>, access: Arc<Access>) -> Router {
         .route("/v1/version", get(version))
         .route("/v1/host", get(host::host))
         .route("/v1/domains", get(domains::list).post(domains::define))
-        .route("/v1/domains/{name}", get(domains::get).delete(domains::undefine))
+        .route("/v1/domains/{name}", get(domains::get).delete(snapshots::undefine))
         .route("/v1/domains/{name}/{sub}", get(domains::resource).post(domains::action))
+        .route("/v1/domains/{name}/snapshots", get(snapshots::list).post(snapshots::create))
+        .route("/v1/domains/{name}/snapshots/{snapshot}", get(snapshots::get).delete(snapshots::delete))
+        .route("/v1/domains/{name}/snapshots/{snapshot}/{action}", post(snapshots::action))
         .route("/v1/ovf/import", post(domains::import_ovf))
         .route("/v1/pools", get(pools::list).post(pools::define))
         .route("/v1/pools/{pool}", get(pools::get).delete(pools::undefine))

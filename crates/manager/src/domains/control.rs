@@ -1,17 +1,21 @@
 //! Requests to the VMM of a running domain, through its control socket: destroy, shutdown,
-//! reboot, reset, pause and resume, memory (the balloon), and counters.
+//! reboot, reset, pause and resume, memory (the balloon), counters, and saving the VM for a
+//! snapshot.
 
 use super::supervise::{START_TIMEOUT, VMM_TIMEOUT};
 use super::{Domains, not_running};
 use crate::error::{Error, Result};
 use crate::model::{DomainInfo, DomainState, DomainStats};
 use crate::vmm;
-use ferro_vmm_api::control::{BalloonReply, Done, InfoReply, Request, StatsReply};
-use std::path::PathBuf;
+use ferro_vmm_api::control::{BalloonReply, Done, InfoReply, Request, SnapshotReply, StatsReply};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// How long `destroy` waits after `quit` before killing the VMM.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
+/// How long a VMM may take to save a snapshot (its memory file is written while the guest is
+/// paused).
+const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Domains {
     /// Checks the state and returns the control socket of an active domain.
@@ -126,6 +130,20 @@ impl Domains {
         self.update(name, |d| d.rt.state = state)?;
         self.events.emit("domain", name, if pause { "paused" } else { "resumed" }, "");
         self.info(name)
+    }
+
+    /// Saves a running or paused domain's VM (memory and device state) into snapshot directory
+    /// `dir`, which must not exist yet. The guest is paused only while the VMM saves it; a paused
+    /// one stays paused. Returns the state it was in and what the VMM reports (the pause time).
+    pub async fn save_vm(&self, name: &str, dir: &Path) -> Result<(DomainState, SnapshotReply)> {
+        let _op = self.lock_op(name).await;
+        let (state, files) = self.state_and_files(name)?;
+        if !state.is_active() {
+            return Err(not_running(name, state));
+        }
+        let request = Request::Snapshot { dir: dir.to_path_buf(), resume: state == DomainState::Running };
+        let reply = vmm::call::<SnapshotReply>(&files.api_socket(), &request, SAVE_TIMEOUT).await.map_err(Error::vmm)?;
+        Ok((state, reply))
     }
 
     /// Sets the memory a running guest may use (virsh setmem, live only): the balloon takes back

@@ -26,7 +26,7 @@ use ferro_vmm_api::{DiskFormat, MacAddr};
 use std::os::fd::AsRawFd;
 use ferro_vmm_api::control::{InfoReply, Request, RunState};
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,19 @@ impl Domains {
 
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<DomainInfo> {
         let _op = self.lock_op(name).await;
+        self.start_run(name, None).await
+    }
+
+    /// Starts a shut-off domain from the VM saved in snapshot directory `dir` (written by
+    /// [`Domains::save_vm`]), running or, with `paused`, paused. The VMM gets the same
+    /// configuration as a fresh start (the NICs' new taps among it), so a later guest reset
+    /// boots the domain as usual.
+    pub async fn start_restored(self: &Arc<Self>, name: &str, dir: &Path, paused: bool) -> Result<DomainInfo> {
+        let _op = self.lock_op(name).await;
+        self.start_run(name, Some(Restore { dir, paused })).await
+    }
+
+    async fn start_run(self: &Arc<Self>, name: &str, restore: Option<Restore<'_>>) -> Result<DomainInfo> {
         let (uuid, config) = {
             let domains = lock(&self.domains);
             let d = domains.get(name).ok_or_else(|| no_domain(name))?;
@@ -155,7 +168,8 @@ impl Domains {
         let started = match prepare_boot_files(name, &uuid, &config, &disks, &files).await {
             Ok(disk_boot) => vmm::vm_config(&config, &disks, &nics, disk_boot.as_ref()).map_err(Error::invalid).and_then(|vm| {
                 let cgroup = self.create_cgroup(name, &uuid, &config, &disks[..config.disks.len()])?;
-                self.spawn_monitor(name, &files, &vm, &cgroup, taps.clone()).inspect_err(|_| cgroups::remove(name, &cgroup))
+                let first_run = restore.as_ref().map(Restore::vmm_args).unwrap_or_default();
+                self.spawn_monitor(name, &files, &vm, &cgroup, taps.clone(), &first_run).inspect_err(|_| cgroups::remove(name, &cgroup))
             }),
             Err(e) => Err(e),
         };
@@ -186,6 +200,9 @@ impl Domains {
                     self.update(name, |d| {
                         if d.rt.monitor_pid == Some(pid) {
                             d.rt.vmm_pid = Some(info.pid as i32);
+                            if info.state == RunState::Paused {
+                                d.rt.state = DomainState::Paused;
+                            }
                         }
                     })?;
                     break;
@@ -208,7 +225,8 @@ impl Domains {
     /// Prepares the run directory, starts the monitor (which starts the VMM) in a new session and
     /// in the run's cgroup, records the run and watches for its end. Returns the monitor's pid.
     /// The NICs' open taps (`taps`, recorded in the run) are inherited by the monitor and the VMM
-    /// on the descriptor numbers the VM config names.
+    /// on the descriptor numbers the VM config names. `first_run` goes to the VMM's first run
+    /// only (a restore).
     fn spawn_monitor(
         self: &Arc<Self>,
         name: &str,
@@ -216,6 +234,7 @@ impl Domains {
         vm: &ferro_vmm_api::VmConfig,
         cgroup: &VmCgroup,
         taps: Vec<String>,
+        first_run: &[String],
     ) -> Result<i32> {
         let placement = cgroup.placement().map_err(|e| Error::internal(format!("domain {name}: {e}")))?;
         let inherited: Vec<i32> = vm
@@ -257,6 +276,7 @@ impl Domains {
             .arg(files.api_socket())
             .arg("--socket")
             .arg(files.serial_socket())
+            .args(first_run.iter().map(|arg| format!("--first-run-arg={arg}")))
             .arg("--")
             .arg(&self.paths.ferro_bin)
             .args(vmm::vmm_args(files))
@@ -554,6 +574,23 @@ async fn prepare_boot_files(
         Ok(Some(vmm::DiskBoot { kernel: found.kernel, initrd: found.initrd, cmdline: found.cmdline }))
     };
     tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| Err(Error::internal(format!("boot file task failed: {e}"))))
+}
+
+/// A start from a snapshot directory instead of a boot.
+struct Restore<'a> {
+    dir: &'a Path,
+    paused: bool,
+}
+
+impl Restore<'_> {
+    /// What the VMM's first run adds to its command line.
+    fn vmm_args(&self) -> Vec<String> {
+        let mut args = vec!["--restore".to_string(), self.dir.display().to_string()];
+        if self.paused {
+            args.push("--paused".to_string());
+        }
+        args
+    }
 }
 
 /// A NIC's tap for the VMM: `fd` is the open tap for one ferrod made, None for a tap of the

@@ -1,6 +1,7 @@
-//! The state store: one SQLite file per host holding definitions, runtime records, pools, networks and jobs.
-//! It depends only on the shared types of `model`; each service keeps its own rows in its own file
-//! here (`domains.rs`, `pools.rs`, `networks.rs`, `jobs.rs`).
+//! The state store: one SQLite file per host holding definitions, runtime records, pools, networks,
+//! jobs and domain snapshots. It depends only on the shared types of `model`; each service keeps
+//! its own rows in its own file here (`domains.rs`, `pools.rs`, `networks.rs`, `jobs.rs`,
+//! `snapshots.rs`).
 //!
 //! Every write is a single statement, so a crash of ferrod at any point leaves either the old or
 //! the new row, never a torn one. Writes are durable when they return: the database runs in WAL
@@ -15,11 +16,13 @@ mod domains;
 mod jobs;
 mod networks;
 mod pools;
+mod snapshots;
 
 pub use domains::StoredDomain;
 pub use jobs::StoredJob;
 pub use networks::StoredNetwork;
 pub use pools::StoredPool;
+pub use snapshots::StoredSnapshot;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::path::Path;
@@ -73,6 +76,23 @@ const MIGRATIONS: &[&str] = &[
          definition TEXT NOT NULL,
          autostart INTEGER NOT NULL DEFAULT 0,
          active INTEGER NOT NULL DEFAULT 0
+     );",
+    // 4: domain snapshots: the tree (parent names within a domain), the current one, the
+    // definition each was taken with, and what it holds (memory state, disks with an internal
+    // snapshot of its name).
+    "CREATE TABLE snapshots (
+         domain TEXT NOT NULL,
+         name TEXT NOT NULL,
+         parent TEXT,
+         state TEXT NOT NULL,
+         created_ms INTEGER NOT NULL,
+         description TEXT,
+         definition TEXT NOT NULL,
+         current INTEGER NOT NULL DEFAULT 0,
+         pause_us INTEGER,
+         memory_bytes INTEGER,
+         disks TEXT NOT NULL DEFAULT '[]',
+         PRIMARY KEY (domain, name)
      );",
 ];
 
@@ -220,7 +240,7 @@ mod tests {
         drop(Store::open(&path).unwrap());
         let newer = Connection::open(&path).unwrap();
         newer.pragma_update(None, "user_version", SCHEMA_VERSION as i64 + 1).unwrap();
-        newer.execute_batch("CREATE TABLE snapshots (name TEXT)").unwrap();
+        newer.execute_batch("CREATE TABLE checkpoints (name TEXT)").unwrap();
         drop(newer);
         let message = Store::open(&path).err().expect("a newer schema must be refused");
         let expected = format!("has schema version {}, written by a newer ferrod", SCHEMA_VERSION + 1);
