@@ -175,7 +175,7 @@ fn damaged_snapshots_are_refused_with_the_reason() {
         (damaged(&snaps, &good, "flipped", true, |s| *s.last_mut().unwrap() ^= 1), "checksum mismatch"),
         (damaged(&snaps, &good, "truncated", true, |s| s.truncate(s.len() / 2)), "truncated"),
         (damaged(&snaps, &good, "short", true, |s| s.truncate(20)), "truncated (20 bytes"),
-        (damaged(&snaps, &good, "version", true, |s| s[8] = 99), "format version 99, this VMM reads version 1"),
+        (damaged(&snaps, &good, "version", true, |s| s[8] = 99), "format version 99, this build reads version 1"),
         (damaged(&snaps, &good, "magic", true, |s| s[0] = b'X'), "not a Ferrovisor snapshot state file"),
         (damaged(&snaps, &good, "no-memory", false, |_| {}), "memory file"),
         (snaps.join("nowhere").to_str().unwrap().to_owned(), "No such file"),
@@ -206,6 +206,16 @@ fn damaged_snapshots_are_refused_with_the_reason() {
     }
     let o = ferro(&["run", "--restore", good.to_str().unwrap(), "--memory", "128M"]);
     assert_eq!(o.status.code(), Some(2), "a snapshot brings its own configuration");
+    // A configuration given to wire the restored VM must describe the saved machine.
+    let state = std::fs::read(good.join("state")).unwrap();
+    let mut config = serde_json::from_slice::<serde_json::Value>(&state[HEADER..]).unwrap()["config"].clone();
+    config["memory"]["size"] = (128u64 << 20).into();
+    let wiring = snaps.join("bigger.json");
+    std::fs::write(&wiring, config.to_string()).unwrap();
+    let o = ferro(&["vmm", "--restore", good.to_str().unwrap(), "--config", wiring.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("memory: the configuration differs from the snapshot's"), "{err}");
 }
 
 /// The "<md5>  /pattern" line md5sum printed, if any.

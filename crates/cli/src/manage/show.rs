@@ -510,33 +510,6 @@ pub fn top(c: &Client, delay: u64, iterations: Option<u64>) -> Result<(), String
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn disk_targets_count_like_linux() {
-        assert_eq!([0, 1, 25, 26, 27, 701, 702].map(disk_target), ["vda", "vdb", "vdz", "vdaa", "vdab", "vdzz", "vdaaa"]);
-    }
-
-    #[test]
-    fn lease_expiry_is_a_utc_date() {
-        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
-        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00");
-        assert_eq!(utc_time(1_796_062_852), "2026-11-30 18:20:52");
-    }
-
-    #[test]
-    fn job_progress_follows_the_jobs_unit() {
-        let copy = serde_json::json!({"state": "running", "done_bytes": 1u64 << 29, "total_bytes": 1u64 << 30});
-        assert_eq!(job_progress(&copy), format!("50% ({} of {})", bytes(1 << 29), bytes(1 << 30)));
-        let steps = serde_json::json!({"state": "running", "done_steps": 1, "total_steps": 4});
-        assert_eq!(job_progress(&steps), "25% (step 1 of 4)");
-        let done = serde_json::json!({"state": "completed", "done_steps": 0, "total_steps": 0});
-        assert_eq!(job_progress(&done), "100% (step 0 of 0)");
-    }
-}
-
 /// A snapshot's pause time as ferrod reports it (microseconds) in milliseconds.
 pub fn pause_ms(s: &Value) -> Option<String> {
     s["pause_us"].as_u64().map(|us| format!("{:.3} ms", us as f64 / 1000.0))
@@ -594,3 +567,31 @@ pub fn snapshot_info(s: &Value) {
     }
     kv(&rows);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_targets_count_like_linux() {
+        assert_eq!([0, 1, 25, 26, 27, 701, 702].map(disk_target), ["vda", "vdb", "vdz", "vdaa", "vdab", "vdzz", "vdaaa"]);
+    }
+
+    #[test]
+    fn lease_expiry_is_a_utc_date() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_time(1_796_062_852), "2026-11-30 18:20:52");
+    }
+
+    #[test]
+    fn job_progress_follows_the_jobs_unit() {
+        let copy = serde_json::json!({"state": "running", "done_bytes": 1u64 << 29, "total_bytes": 1u64 << 30});
+        assert_eq!(job_progress(&copy), format!("50% ({} of {})", bytes(1 << 29), bytes(1 << 30)));
+        let steps = serde_json::json!({"state": "running", "done_steps": 1, "total_steps": 4});
+        assert_eq!(job_progress(&steps), "25% (step 1 of 4)");
+        let done = serde_json::json!({"state": "completed", "done_steps": 0, "total_steps": 0});
+        assert_eq!(job_progress(&done), "100% (step 0 of 0)");
+    }
+}
+

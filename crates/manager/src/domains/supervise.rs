@@ -184,6 +184,7 @@ impl Domains {
             }
         };
 
+        let paused = restore.as_ref().is_some_and(|r| r.paused);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if self.current_monitor(name) != Some(pid) {
@@ -200,7 +201,8 @@ impl Domains {
                     self.update(name, |d| {
                         if d.rt.monitor_pid == Some(pid) {
                             d.rt.vmm_pid = Some(info.pid as i32);
-                            if info.state == RunState::Paused {
+                            // Not from `info`: a booting VMM answers before its vCPUs first run.
+                            if paused {
                                 d.rt.state = DomainState::Paused;
                             }
                         }
