@@ -283,19 +283,7 @@ pub struct SnapshotInfo {
 
 /// `ms` since the Unix epoch as RFC 3339 in UTC, to the millisecond (`2026-11-30T23:58:14.123Z`).
 pub fn rfc3339(ms: u64) -> String {
-    let (days, rem) = ((ms / 86_400_000) as i64, ms % 86_400_000);
-    // Civil date from days since 1970-01-01 (proleptic Gregorian, eras of 400 years).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (h, m, sec, milli) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
-    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{sec:02}.{milli:03}Z")
+    format!("{}.{:03}Z", ferro_block::ops::utc_date(ms / 1000).replacen(' ', "T", 1), ms % 1000)
 }
 
 /// A job as the API shows it.

@@ -141,7 +141,7 @@ impl Domains {
         if !state.is_active() {
             return Err(not_running(name, state));
         }
-        let request = Request::Snapshot { dir: dir.to_path_buf(), resume: state == DomainState::Running };
+        let request = Request::Snapshot { dir: dir.to_path_buf(), resume: state == DomainState::Running, disk_snapshot: None };
         let reply = vmm::call::<SnapshotReply>(&files.api_socket(), &request, SAVE_TIMEOUT).await.map_err(Error::vmm)?;
         Ok((state, reply))
     }
