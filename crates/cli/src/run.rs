@@ -262,6 +262,7 @@ impl VmArgs {
             devices: DeviceConfig::with_default_ids(devices),
             transport,
             debug_exit: self.debug_exit,
+            pinning: Default::default(),
         })
     }
 }

@@ -116,6 +116,7 @@ fn virtio_guest_config(name: &str, cmdline: &str, disk: &Path) -> VmConfig {
         devices: DeviceConfig::with_default_ids(vec![DeviceKind::Block { path: disk.into(), format: Some(DiskFormat::Raw), readonly: false }]),
         transport: Transport::Mmio,
         debug_exit: false,
+        pinning: Default::default(),
     }
 }
 

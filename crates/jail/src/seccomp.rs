@@ -149,9 +149,10 @@ const THREAD_LIFE: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// Starting a thread (in the parent and in the child before its work begins) and the epoll and
-/// eventfd set-up of a device worker.
+/// Starting a thread (in the parent and in the child before its work begins, which includes
+/// taking the emulator's CPUs) and the epoll and eventfd set-up of a device worker.
 const SPAWN: &[i64] = &[
+    libc::SYS_sched_setaffinity,
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_prctl,
@@ -357,6 +358,9 @@ where
     std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
+            if kind != ThreadKind::Vcpu {
+                crate::affinity::join_emulator();
+            }
             if let Err(e) = install(kind) {
                 eprintln!("ferro: {e}");
                 std::process::abort();

@@ -3,7 +3,7 @@
 //! Every rejection names the offending key (`disk[1].format: ...`) so that a caller can fix the file
 //! without guessing. The TOML text the user defined is kept verbatim for `dumpconfig`.
 
-use ferro_vmm_api::MacAddr;
+use ferro_vmm_api::{CpuList, MacAddr};
 use serde::{Deserialize, Serialize};
 
 /// Sizes in definitions and requests follow the one grammar of ferro-vmm-api (`512M`, `1.5G`).
@@ -172,7 +172,7 @@ pub struct LimitsConfig {
     pub pids: Option<u64>,
 }
 
-/// `[tuning]`: how guest memory is backed.
+/// `[tuning]`: how guest memory is backed and which host CPUs the VMM's threads run on.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TuningConfig {
@@ -182,6 +182,13 @@ pub struct TuningConfig {
     /// Guest RAM mergeable by KSM (identical pages shared copy-on-write across domains).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mem_merge: bool,
+    /// `vcpu_pin[i]`: the host CPUs vCPU i runs on (`"2"`, `"3-4"`); vCPUs past the end are not
+    /// pinned (libvirt's `<vcpupin>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_pin: Vec<CpuList>,
+    /// The host CPUs of the VMM's other threads (libvirt's `<emulatorpin>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulator_pin: Option<CpuList>,
 }
 
 impl TuningConfig {
@@ -189,7 +196,10 @@ impl TuningConfig {
         *self == TuningConfig::default()
     }
 
-    fn validate(&self, memory: u64) -> Result<(), ConfigError> {
+    fn validate(&self, memory: u64, vcpus: u32) -> Result<(), ConfigError> {
+        if self.vcpu_pin.len() > vcpus as usize {
+            return Err(err("vcpu_pin", format!("{} CPU lists for {vcpus} vCPUs", self.vcpu_pin.len())));
+        }
         if self.hugepages && memory % (2 << 20) != 0 {
             return Err(err("hugepages", format!("memory ({memory} bytes) must be a whole number of 2 MiB huge pages")));
         }
@@ -317,7 +327,7 @@ impl DomainConfig {
             disk.validate().map_err(|e| err(format!("disk[{i}].{}", e.key), e.reason))?;
         }
         self.limits.validate().map_err(|e| err(format!("limits.{}", e.key), e.reason))?;
-        self.tuning.validate(memory).map_err(|e| err(format!("tuning.{}", e.key), e.reason))?;
+        self.tuning.validate(memory, self.vcpus).map_err(|e| err(format!("tuning.{}", e.key), e.reason))?;
         for (i, nic) in self.nics.iter().enumerate() {
             nic.validate().map_err(|e| err(format!("nic[{i}].{}", e.key), e.reason))?;
             if nic.tap.is_some() && self.nics[..i].iter().any(|other| other.tap == nic.tap) {
@@ -580,7 +590,10 @@ tap = "tap-web1"
         assert_eq!((limits.cpu_percent, limits.memory_overhead_bytes(), limits.disk_iops), (Some(150), Ok(32 << 20), Some(500)));
         assert_eq!((LimitsConfig::rate(&limits.disk_read_bps), LimitsConfig::rate(&limits.disk_write_bps)), (Some(10 << 20), None));
         let tuned = DomainConfig::parse(&(GOOD.to_string() + "[tuning]\nhugepages = true\n")).unwrap();
-        assert_eq!(tuned.tuning, TuningConfig { hugepages: true, mem_merge: false });
+        assert_eq!(tuned.tuning, TuningConfig { hugepages: true, ..TuningConfig::default() });
+        let pinned = DomainConfig::parse(&(GOOD.to_string() + "[tuning]\nvcpu_pin = [\"1\", \"0-1\"]\nemulator_pin = \"0\"\n")).unwrap();
+        assert_eq!(pinned.tuning.vcpu_pin.iter().map(ToString::to_string).collect::<Vec<_>>(), ["1", "0-1"]);
+        assert_eq!(pinned.tuning.emulator_pin, Some("0".parse().unwrap()));
         let odd = DomainConfig::parse(&(GOOD.replace("512M", "513M") + "[tuning]\nhugepages = true\n")).unwrap_err();
         assert_eq!(odd.to_string(), "tuning.hugepages: memory (537919488 bytes) must be a whole number of 2 MiB huge pages");
     }
@@ -614,6 +627,9 @@ tap = "tap-web1"
             ("[balloon]", "[limits]\nswap = 1", "limits.swap"),
             ("[balloon]", "[tuning]\nhugepages = true\nmem_merge = true", "tuning.mem_merge"),
             ("[balloon]", "[tuning]\nhugepages = \"yes\"", "tuning.hugepages"),
+            ("[balloon]", "[tuning]\nvcpu_pin = [\"0\", \"1\", \"0\"]", "tuning.vcpu_pin"),
+            ("[balloon]", "[tuning]\nvcpu_pin = [\"2-1\"]", "tuning.vcpu_pin"),
+            ("[balloon]", "[tuning]\nemulator_pin = \"all\"", "tuning.emulator_pin"),
         ];
         for (from, to, key) in cases {
             let e = DomainConfig::parse(&GOOD.replace(from, to)).unwrap_err();

@@ -4,7 +4,7 @@
 
 use crate::domain::DomainConfig;
 use ferro_vmm_api::control::{self, Request};
-use ferro_vmm_api::{BootConfig, DeviceConfig, DeviceKind, DiskFormat, Kernel, MacAddr, MemoryConfig, Transport, VmConfig};
+use ferro_vmm_api::{BootConfig, CpuList, DeviceConfig, DeviceKind, DiskFormat, Kernel, MacAddr, MemoryConfig, Pinning, Transport, VmConfig};
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -103,9 +103,27 @@ pub fn vm_config(config: &DomainConfig, disks: &[ResolvedDisk], nics: &[VmNic], 
         transport: Transport::Pci,
         // Built-in test guests have the debug-exit port anyway; a domain's kernel never does.
         debug_exit: false,
+        pinning: pinning(config)?,
     };
     vm.validate()?;
     Ok(vm)
+}
+
+/// The domain's `[tuning]` CPU lists, each checked against the host's online CPUs (a definition
+/// may come from another host).
+fn pinning(config: &DomainConfig) -> Result<Pinning, String> {
+    let tuning = &config.tuning;
+    if tuning.vcpu_pin.is_empty() && tuning.emulator_pin.is_none() {
+        return Ok(Pinning::default());
+    }
+    let host = CpuList::host_online()?;
+    for (vcpu, cpus) in tuning.vcpu_pin.iter().enumerate() {
+        cpus.check_within(&host).map_err(|e| format!("tuning.vcpu_pin[{vcpu}]: {e}"))?;
+    }
+    if let Some(cpus) = &tuning.emulator_pin {
+        cpus.check_within(&host).map_err(|e| format!("tuning.emulator_pin: {e}"))?;
+    }
+    Ok(Pinning { vcpus: tuning.vcpu_pin.clone(), emulator: tuning.emulator_pin.clone() })
 }
 
 /// The `ferro vmm` arguments that run the VM whose configuration is in `files.vm_config()`, with
@@ -165,6 +183,14 @@ mod tests {
         assert!(!vm.memory.hugepages && !vm.memory.merge);
         let tuned = DomainConfig::parse(&format!("{text}[tuning]\nmem_merge = true\n")).unwrap();
         assert_eq!(vm_config(&tuned, &disks, &nics, None).unwrap().memory, MemoryConfig { size: 3 << 29, hugepages: false, merge: true });
+        let pinned = DomainConfig::parse(&format!("{text}[tuning]\nvcpu_pin = [\"1\", \"0-1\"]\nemulator_pin = \"0\"\n")).unwrap();
+        let pinning = vm_config(&pinned, &disks, &nics, None).unwrap().pinning;
+        assert_eq!((pinning.vcpus[1].to_string(), pinning.emulator.map(|c| c.to_string())), ("0-1".to_string(), Some("0".to_string())));
+        let elsewhere = DomainConfig::parse(&format!("{text}[tuning]\nvcpu_pin = [\"0\", \"1000\"]\n")).unwrap();
+        assert_eq!(
+            vm_config(&elsewhere, &disks, &nics, None).unwrap_err(),
+            format!("tuning.vcpu_pin[1]: CPU list '1000': this host has no CPU 1000 (its CPUs are {})", CpuList::host_online().unwrap())
+        );
         assert_eq!(vm.devices[2].kind, DeviceKind::Net { tap: "fvtap0".into(), mac: Some(nics[0].mac), fd: Some(9) });
         assert_eq!(vm.boot.kernel, Kernel::Path("/k".into()));
         let ids: Vec<&str> = vm.devices.iter().map(|d| d.id.as_str()).collect();

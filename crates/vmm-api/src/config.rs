@@ -5,6 +5,7 @@
 //! config; the VMM opens exactly what it is given. [`VmConfig::validate`] checks what can be
 //! checked without touching the host, so every producer refuses the same things the same way.
 
+use crate::cpulist::CpuList;
 use crate::mac::MacAddr;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -34,6 +35,27 @@ pub struct VmConfig {
     /// choosing: for test guests only. Always on for a [`Kernel::TestGuest`].
     #[serde(default)]
     pub debug_exit: bool,
+    /// Host CPUs the VMM's threads run on (any when not given).
+    #[serde(default, skip_serializing_if = "Pinning::is_empty")]
+    pub pinning: Pinning,
+}
+
+/// CPU affinity of the VMM's threads (libvirt's `vcpupin` and `emulatorpin`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pinning {
+    /// `vcpus[i]`: the host CPUs of vCPU i's thread; vCPUs past the end are not pinned.
+    #[serde(default)]
+    pub vcpus: Vec<CpuList>,
+    /// The host CPUs of every other thread (main loop, device workers, sockets).
+    #[serde(default)]
+    pub emulator: Option<CpuList>,
+}
+
+impl Pinning {
+    pub fn is_empty(&self) -> bool {
+        self.vcpus.is_empty() && self.emulator.is_none()
+    }
 }
 
 /// What the guest boots.
@@ -265,6 +287,9 @@ impl VmConfig {
         if self.memory.size < MIN_MEMORY {
             return Err(format!("memory: {} bytes is less than the {} MiB minimum", self.memory.size, MIN_MEMORY >> 20));
         }
+        if self.pinning.vcpus.len() > usize::from(self.vcpus) {
+            return Err(format!("pinning.vcpus: {} CPU lists for {} vCPUs", self.pinning.vcpus.len(), self.vcpus));
+        }
         if self.memory.hugepages && self.memory.merge {
             return Err("memory: merge cannot be combined with hugepages: KSM merges only small pages".into());
         }
@@ -327,6 +352,7 @@ mod tests {
             devices: DeviceConfig::with_default_ids(devices),
             transport: Transport::Pci,
             debug_exit: false,
+            pinning: Default::default(),
         }
     }
 

@@ -6,6 +6,7 @@
 //! `"ok": true`, or `{"ok": false, "error": "<one line>"}`. [`encode_reply`] and [`decode_reply`]
 //! are the two ends of that rule, so the VMM and its clients cannot drift apart.
 
+use crate::cpulist::CpuList;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -46,6 +47,14 @@ pub enum Request {
         #[serde(default)]
         disk_snapshot: Option<String>,
     },
+    /// Each vCPU's host thread, state, CPU time and CPU affinity, and the emulator threads'
+    /// affinity. Reply: [`VcpuInfoReply`].
+    VcpuInfo,
+    /// Lets vCPU `vcpu`'s thread run only on host CPUs `cpus`. Reply: [`Done`].
+    PinVcpu { vcpu: u8, cpus: CpuList },
+    /// Lets every thread but the vCPUs (main loop, device workers, sockets, and threads started
+    /// later) run only on host CPUs `cpus`. Reply: [`Done`].
+    PinEmulator { cpus: CpuList },
 }
 
 impl Request {
@@ -61,6 +70,9 @@ impl Request {
             Request::Stats => "stats",
             Request::Balloon { .. } => "balloon",
             Request::Snapshot { .. } => "snapshot",
+            Request::VcpuInfo => "vcpu_info",
+            Request::PinVcpu { .. } => "pin_vcpu",
+            Request::PinEmulator { .. } => "pin_emulator",
         }
     }
 }
@@ -149,6 +161,27 @@ pub struct StatsReply {
     /// does not report it (before Linux 6.1).
     #[serde(default)]
     pub ksm_merging_pages: Option<u64>,
+}
+
+/// One vCPU as `vcpu_info` reports it (virsh vcpuinfo).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VcpuInfo {
+    pub vcpu: u8,
+    /// The host thread running it (/proc/PID/task/TID), named `vcpuN`.
+    pub thread_id: i32,
+    /// `running`, `paused` or `exited` (the VM is ending).
+    pub state: String,
+    /// CPU time of its thread.
+    pub cpu_time_ns: u64,
+    /// The host CPUs its thread may run on.
+    pub affinity: CpuList,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VcpuInfoReply {
+    pub vcpus: Vec<VcpuInfo>,
+    /// The host CPUs of the VMM's other threads.
+    pub emulator_affinity: CpuList,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -84,7 +84,7 @@ impl<'a> VmBuilder<'a> {
         let shared = new_shared(buses)?;
         let vcpus = Vcpus::spawn(fds, &shared, msr_list(self.hv)?, &started).map_err(|e| Error::Io("spawning a vCPU thread", e))?;
         let features = host_features(self.hv, config.vcpus);
-        Ok(Vm::new(VmControl::new(config, features, vm, memory, devices, shared, vcpus, self.events)))
+        pinned(VmControl::new(config, features, vm, memory, devices, shared, vcpus, self.events))
     }
 
     /// The VM saved in snapshot directory `dir` (docs/snapshot-format.md), wired to this host
@@ -124,7 +124,7 @@ impl<'a> VmBuilder<'a> {
         let vcpus = Vcpus::spawn(fds, &shared, msr_list(self.hv)?, &vec![false; usize::from(config.vcpus)])
             .map_err(|e| Error::Io("spawning a vCPU thread", e))?;
         vcpus.restore(saved.vcpus).map_err(Error::Internal)?;
-        Ok(Vm::new(VmControl::new(config, cpu_features, vm, memory, devices, shared, vcpus, self.events)))
+        pinned(VmControl::new(config, cpu_features, vm, memory, devices, shared, vcpus, self.events))
     }
 
     /// Refuses a configuration this host or this VMM cannot run, before anything is built, and
@@ -156,6 +156,12 @@ impl<'a> VmBuilder<'a> {
         vm.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
         Ok(Base { vm, memory })
     }
+}
+
+/// The built VM, its threads placed on the host CPUs its configuration pins them to.
+fn pinned(control: VmControl) -> Result<Vm> {
+    control.apply_pinning().map_err(Error::Config)?;
+    Ok(Vm::new(control))
 }
 
 /// Creates every vCPU with its CPUID, FPU, MSRs and LAPIC LINT pins (what any guest expects at

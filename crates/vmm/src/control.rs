@@ -1,6 +1,6 @@
 //! The per-VM control socket (docs/vmm-control.md): [`Request`]s from `ferrod` (or any client)
-//! to pause, resume, press the power button, reset, quit, read stats, set the balloon and save a
-//! snapshot, one JSON line each way, typed by `ferro-vmm-api`, answered through [`VmControl`].
+//! to pause, resume, press the power button, reset, quit, read stats, set the balloon, save a
+//! snapshot, and read and set where vCPU and emulator threads run, one JSON line each way, typed by `ferro-vmm-api`, answered through [`VmControl`].
 
 use crate::exit::ExitReason;
 use crate::vm::VmControl;
@@ -57,6 +57,9 @@ pub fn handle(vm: &VmControl, line: &str) -> (String, Option<ExitReason>) {
         Request::Snapshot { dir, resume, disk_snapshot } => {
             encode_reply(&snapshot(vm, &dir, resume, disk_snapshot.as_deref()))
         }
+        Request::VcpuInfo => encode_reply(&vm.vcpu_info()),
+        Request::PinVcpu { vcpu, cpus } => done(vm.pin_vcpu(vcpu, &cpus)),
+        Request::PinEmulator { cpus } => done(vm.pin_emulator(&cpus)),
     };
     (reply, None)
 }

@@ -18,6 +18,7 @@
 use crate::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use ferro_devices::BusAction;
+use ferro_jail::affinity;
 use ferro_jail::seccomp::{self, ThreadKind};
 use ferro_hypervisor::VcpuState;
 use kvm_bindings::{KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -25,7 +26,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use ferro_vmm_api::CpuList;
+use ferro_vmm_api::control::VcpuInfo;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -89,11 +92,23 @@ pub enum VcpuResponse {
     Error(String),
 }
 
+/// Where a vCPU thread is; kept in an atomic the VMM reads for `vcpu_info`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 enum RunState {
     Paused,
     Running,
     Exited,
+}
+
+impl RunState {
+    fn name(code: u8) -> &'static str {
+        match code {
+            c if c == RunState::Paused as u8 => "paused",
+            c if c == RunState::Running as u8 => "running",
+            _ => "exited",
+        }
+    }
 }
 
 /// The thread's side of one vCPU.
@@ -106,6 +121,8 @@ struct VcpuThread {
     started: Arc<AtomicBool>,
     /// The MSRs `SaveState` reads (KVM_GET_MSR_INDEX_LIST).
     msrs: Arc<Vec<u32>>,
+    /// This thread's [`RunState`], for the VMM to read.
+    state: Arc<AtomicU8>,
 }
 
 impl VcpuThread {
@@ -122,7 +139,10 @@ impl VcpuThread {
                 },
             };
             match next {
-                Some(s) => state = s,
+                Some(s) => {
+                    state = s;
+                    self.state.store(s as u8, Ordering::Relaxed);
+                }
                 None => break,
             }
         }
@@ -216,6 +236,9 @@ impl VcpuThread {
 struct Vcpu {
     index: u8,
     thread: JoinHandle<()>,
+    /// The thread's id (what /proc/PID/task lists and sched_setaffinity takes).
+    tid: i32,
+    state: Arc<AtomicU8>,
     events: Sender<VcpuEvent>,
     responses: Receiver<VcpuResponse>,
     started: Arc<AtomicBool>,
@@ -245,9 +268,15 @@ impl Vcpus {
             let (responses, responses_rx) = channel();
             let started = Arc::new(AtomicBool::new(started.get(index).copied().unwrap_or(false)));
             let index = index as u8;
-            let t = VcpuThread { index, fd, shared: shared.clone(), events, responses, started: started.clone(), msrs: msrs.clone() };
-            let thread = seccomp::spawn(ThreadKind::Vcpu, &format!("vcpu{index}"), move || t.run())?;
-            vcpus.push(Vcpu { index, thread, events: events_tx, responses: responses_rx, started });
+            let state = Arc::new(AtomicU8::new(RunState::Paused as u8));
+            let t = VcpuThread { index, fd, shared: shared.clone(), events, responses, started: started.clone(), msrs: msrs.clone(), state: state.clone() };
+            let (tid_tx, tid_rx) = channel();
+            let thread = seccomp::spawn(ThreadKind::Vcpu, &format!("vcpu{index}"), move || {
+                let _ = tid_tx.send(affinity::current_tid());
+                t.run()
+            })?;
+            let tid = tid_rx.recv().map_err(|_| std::io::Error::other(format!("vCPU {index}'s thread ended at once")))?;
+            vcpus.push(Vcpu { index, thread, tid, state, events: events_tx, responses: responses_rx, started });
         }
         Ok(Vcpus { vcpus })
     }
@@ -336,6 +365,34 @@ impl Vcpus {
     /// CPU time used by each vCPU thread so far.
     pub fn cpu_times_ns(&self) -> Vec<u64> {
         self.vcpus.iter().map(|v| thread_cpu_time_ns(v.thread.as_pthread_t())).collect()
+    }
+
+    /// The thread id of every vCPU, in vCPU order.
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.vcpus.iter().map(|v| v.tid).collect()
+    }
+
+    /// Each vCPU's thread, state, CPU time and the host CPUs it may run on.
+    pub fn info(&self) -> Result<Vec<VcpuInfo>, String> {
+        self.vcpus
+            .iter()
+            .map(|v| {
+                let cpus = affinity::get(v.tid).map_err(|e| format!("vCPU {}: reading its CPU affinity: {e}", v.index))?;
+                Ok(VcpuInfo {
+                    vcpu: v.index,
+                    thread_id: v.tid,
+                    state: RunState::name(v.state.load(Ordering::Relaxed)).to_string(),
+                    cpu_time_ns: thread_cpu_time_ns(v.thread.as_pthread_t()),
+                    affinity: CpuList::from_cpus(cpus).ok_or_else(|| format!("vCPU {} may run on no CPU", v.index))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Lets vCPU `index` run only on `cpus` (checked against the host by the caller).
+    pub fn pin(&self, index: usize, cpus: &CpuList) -> Result<(), String> {
+        let v = self.vcpus.get(index).ok_or_else(|| format!("vCPU {index} does not exist (this VM has {})", self.vcpus.len()))?;
+        affinity::set(v.tid, cpus.cpus()).map_err(|e| format!("pinning vCPU {index} to {cpus}: {e}"))
     }
 
 }

@@ -16,7 +16,9 @@ use crate::vcpu::{Shared, Vcpus};
 use crate::{Result, VmBuilder};
 use ferro_devices::legacy::Serial;
 use ferro_hypervisor::{Hypervisor, VmState};
-use ferro_vmm_api::control::{InfoReply, RunState, StatsReply};
+use ferro_jail::affinity;
+use ferro_vmm_api::CpuList;
+use ferro_vmm_api::control::{InfoReply, RunState, StatsReply, VcpuInfoReply};
 use ferro_vmm_api::{VmConfig, VmEvent};
 use kvm_ioctls::VmFd;
 use std::io::Write;
@@ -168,6 +170,44 @@ impl VmControl {
             memory_bytes: self.config.memory.size,
             name: self.config.name.clone(),
         }
+    }
+
+    /// Each vCPU's thread, state, CPU time and affinity, and the emulator threads' affinity.
+    pub fn vcpu_info(&self) -> std::result::Result<VcpuInfoReply, String> {
+        let vcpus = self.lock_vcpus();
+        let vcpus = vcpus.as_ref().ok_or("the VM has stopped")?;
+        // The main thread's id is the process id; every non-vCPU thread shares its CPUs.
+        let main = affinity::get(std::process::id() as i32).map_err(|e| format!("reading the emulator's CPU affinity: {e}"))?;
+        let emulator_affinity = CpuList::from_cpus(main).ok_or("the emulator may run on no CPU")?;
+        Ok(VcpuInfoReply { vcpus: vcpus.info()?, emulator_affinity })
+    }
+
+    /// Lets vCPU `vcpu` run only on `cpus`, which must be online host CPUs.
+    pub fn pin_vcpu(&self, vcpu: u8, cpus: &CpuList) -> std::result::Result<(), String> {
+        cpus.check_within(&CpuList::host_online()?)?;
+        let vcpus = self.lock_vcpus();
+        vcpus.as_ref().ok_or("the VM has stopped")?.pin(usize::from(vcpu), cpus)
+    }
+
+    /// Lets every thread but the vCPUs (also those started later) run only on `cpus`, which
+    /// must be online host CPUs.
+    pub fn pin_emulator(&self, cpus: &CpuList) -> std::result::Result<(), String> {
+        cpus.check_within(&CpuList::host_online()?)?;
+        let vcpus = self.lock_vcpus();
+        let tids = vcpus.as_ref().ok_or("the VM has stopped")?.thread_ids();
+        affinity::pin_emulator(cpus.cpus(), &tids).map_err(|e| format!("pinning the emulator to {cpus}: {e}"))
+    }
+
+    /// Applies the configuration's pinning (a VM just built, before it runs).
+    pub(crate) fn apply_pinning(&self) -> std::result::Result<(), String> {
+        let pinning = &self.config.pinning;
+        for (vcpu, cpus) in pinning.vcpus.iter().enumerate() {
+            self.pin_vcpu(vcpu as u8, cpus).map_err(|e| format!("pinning.vcpus[{vcpu}]: {e}"))?;
+        }
+        if let Some(cpus) = &pinning.emulator {
+            self.pin_emulator(cpus).map_err(|e| format!("pinning.emulator: {e}"))?;
+        }
+        Ok(())
     }
 
     /// The VM's counters; asks the balloon driver for fresh statistics for the next call.

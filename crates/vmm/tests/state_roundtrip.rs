@@ -17,6 +17,7 @@ fn hello_config(vcpus: u8) -> VmConfig {
         devices: Vec::new(),
         transport: Default::default(),
         debug_exit: false,
+        pinning: Default::default(),
     }
 }
 

@@ -182,6 +182,27 @@ pub enum ManageCommand {
     },
     /// Show a running domain's counters (CPU time, memory, disks, NICs).
     Domstats(DomJson),
+    /// Show each vCPU of a running domain: host thread, state, CPU time, CPU affinity.
+    Vcpuinfo(DomJson),
+    /// Pin a vCPU to host CPUs (live; --config also changes the definition).
+    Vcpupin {
+        name: String,
+        vcpu: u8,
+        /// Host CPUs, e.g. 2, 3-4 or 0,2-3.
+        cpulist: String,
+        /// Also store it in the definition (needed when the domain does not run).
+        #[arg(long)]
+        config: bool,
+    },
+    /// Pin a domain's emulator threads (all but the vCPUs) to host CPUs (live; --config also
+    /// changes the definition).
+    Emulatorpin {
+        name: String,
+        /// Host CPUs, e.g. 0 or 0-1.
+        cpulist: String,
+        #[arg(long)]
+        config: bool,
+    },
     /// Set how much memory a running domain's guest may use (its balloon takes the rest back).
     Setmem {
         name: String,
@@ -609,6 +630,18 @@ fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
         C::Domstats(d) => {
             let stats = c.get(&format!("{}/stats", dom_path(&d.name)?))?;
             if d.json { print_json(&stats) } else { show::domstats(&stats) }
+        }
+        C::Vcpuinfo(d) => {
+            let info = c.get(&format!("{}/vcpuinfo", dom_path(&d.name)?))?;
+            if d.json { print_json(&info["vcpus"]) } else { show::vcpuinfo(&info) }
+        }
+        C::Vcpupin { name, vcpu, cpulist, config } => {
+            c.post(&format!("{}/vcpupin", dom_path(&name)?), Some(&json!({ "vcpu": vcpu, "cpus": cpulist, "config": config })))?;
+            println!("Domain '{name}' vCPU {vcpu} pinned to CPUs {cpulist}");
+        }
+        C::Emulatorpin { name, cpulist, config } => {
+            c.post(&format!("{}/emulatorpin", dom_path(&name)?), Some(&json!({ "cpus": cpulist, "config": config })))?;
+            println!("Domain '{name}' emulator pinned to CPUs {cpulist}");
         }
         C::Setmem { name, size } => {
             c.post(&format!("{}/setmem", dom_path(&name)?), Some(&json!({ "memory": size })))?;

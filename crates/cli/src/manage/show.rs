@@ -112,6 +112,22 @@ fn crate_now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// virsh vcpuinfo's layout: one block per vCPU, then the emulator's CPUs.
+pub fn vcpuinfo(info: &Value) {
+    for v in info["vcpus"].as_array().into_iter().flatten() {
+        let secs = v["cpu_time_ns"].as_f64().map(|ns| format!("{:.3} s", ns / 1e9)).unwrap_or_else(|| "-".into());
+        kv(&[
+            ("VCPU", opt_u64(&v["vcpu"])),
+            ("Thread", v["thread_id"].to_string()),
+            ("State", v["state"].as_str().unwrap_or("?").to_string()),
+            ("CPU time", secs),
+            ("CPU Affinity", v["affinity"].as_str().unwrap_or("?").to_string()),
+        ]);
+        println!();
+    }
+    kv(&[("Emulator CPUs", info["emulator_affinity"].as_str().unwrap_or("?").to_string())]);
+}
+
 pub fn domstats(s: &Value) {
     let secs = |v: &Value| v.as_f64().map(|ns| format!("{:.3} s", ns / 1e9)).unwrap_or_else(|| "-".into());
     let mut rows = vec![

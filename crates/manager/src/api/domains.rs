@@ -4,7 +4,8 @@
 use super::{ApiError, ApiResult, Svc, check_name, enabled_flag, json, ok, only_fields, read_body, read_json};
 use crate::daemon::Services;
 use crate::domain::parse_size;
-use crate::domains::Domains;
+use crate::domains::{Domains, PinTarget};
+use ferro_vmm_api::CpuList;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, Request, State};
@@ -42,6 +43,7 @@ pub(super) async fn resource(State(svc): Svc, Path((name, sub)): Path<(String, S
         "interfaces" => ok(&svc.domains.interfaces(&name)?),
         "config" => Ok(([(header::CONTENT_TYPE, "application/toml")], svc.domains.definition(&name)?).into_response()),
         "console" => console(&svc.domains, &name, req).await,
+        "vcpuinfo" => ok(&svc.domains.vcpu_info(&name).await?),
         _ => Err(ApiError::not_found(format!("domains have no resource {sub:?}"))),
     }
 }
@@ -80,6 +82,24 @@ pub(super) async fn action(State(svc): Svc, Path((name, action)): Path<(String, 
                 return Err(ApiError::invalid("memory: give a size such as \"256M\" or a byte count"));
             };
             domains.setmem(&name, memory).await?
+        }
+        "vcpupin" | "emulatorpin" => {
+            let target = if action == "vcpupin" {
+                only_fields(&body, &["vcpu", "cpus", "config"])?;
+                let vcpu = body["vcpu"].as_u64().and_then(|v| u8::try_from(v).ok());
+                PinTarget::Vcpu(vcpu.ok_or_else(|| ApiError::invalid("vcpu: give a vCPU number (0-254)"))?)
+            } else {
+                only_fields(&body, &["cpus", "config"])?;
+                PinTarget::Emulator
+            };
+            let cpus = body["cpus"].as_str().ok_or_else(|| ApiError::invalid("cpus: give a host CPU list such as \"0\" or \"2-3\""))?;
+            let cpus = cpus.parse::<CpuList>().map_err(|e| ApiError::invalid(format!("cpus: {e}")))?;
+            let config = match body.get("config") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(ApiError::invalid("config: must be true or false")),
+            };
+            domains.pin(&name, target, cpus, config).await?
         }
         _ => return Err(ApiError::not_found(format!("domains have no action {action:?}"))),
     };

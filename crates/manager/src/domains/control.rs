@@ -19,7 +19,7 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Domains {
     /// Checks the state and returns the control socket of an active domain.
-    fn active_socket(&self, name: &str, allow_paused: bool) -> Result<PathBuf> {
+    pub(super) fn active_socket(&self, name: &str, allow_paused: bool) -> Result<PathBuf> {
         let (state, files) = self.state_and_files(name)?;
         match state {
             DomainState::Running => Ok(files.api_socket()),

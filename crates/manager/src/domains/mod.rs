@@ -6,13 +6,17 @@
 //!   re-attaching to running VMs after ferrod restarts;
 //! - `cgroups`: the cgroup of each run, with the limits of the domain's `[limits]`;
 //! - `control`: requests to a running VMM (destroy, shutdown, reboot, reset, pause, memory, stats).
+//! - `pinning`: which host CPUs a domain's vCPU and emulator threads run on, live and in the definition.
 //!
 //! Operations on one domain are serialized by a per-domain async lock; the record map itself is
 //! behind a plain mutex held only for short updates, never across an await.
 
 mod cgroups;
 mod control;
+mod pinning;
 mod supervise;
+
+pub use pinning::PinTarget;
 
 use crate::claims::Claims;
 use crate::domain::{DomainConfig, NicAttachment};
