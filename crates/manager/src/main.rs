@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use ferro_manager::access::Peer;
 use ferro_manager::config::{FileConfig, check_log_filter};
 use ferro_manager::daemon::Services;
+use ferro_manager::domains::DEFAULT_OVERCOMMIT_RATIO;
 use ferro_manager::listen::ListenArgs;
 use ferro_manager::model::Paths;
 use ferro_manager::notify::Notifier;
@@ -47,6 +48,10 @@ struct Cli {
     /// autostart, unless told not to, as libvirt does).
     #[arg(long)]
     no_default_network: bool,
+    /// Refuse to start a domain when the memory committed to running domains (guest RAM minus
+    /// balloon targets, plus VMM overhead) would pass this many times the host's RAM.
+    #[arg(long, value_name = "RATIO", value_parser = overcommit_ratio, default_value_t = DEFAULT_OVERCOMMIT_RATIO)]
+    overcommit_ratio: f64,
     #[command(flatten)]
     listen: ListenArgs,
     #[command(subcommand)]
@@ -120,6 +125,7 @@ struct Settings {
     socket: PathBuf,
     ferro_bin: Option<PathBuf>,
     default_network: bool,
+    overcommit_ratio: f64,
     log_filter: String,
     listen: ListenArgs,
     check_only: bool,
@@ -159,6 +165,7 @@ impl Settings {
             socket,
             ferro_bin: cli.ferro_bin.or(file.ferro_bin),
             default_network: !cli.no_default_network && file.default_network.unwrap_or(true),
+            overcommit_ratio: cli.overcommit_ratio,
             log_filter,
             listen,
             check_only: cli.check_config,
@@ -175,7 +182,7 @@ impl Settings {
 }
 
 fn serve(settings: Settings, notifier: Notifier) -> Result<(), String> {
-    let Settings { home, socket, ferro_bin, default_network, listen: listen_args, .. } = settings;
+    let Settings { home, socket, ferro_bin, default_network, overcommit_ratio, listen: listen_args, .. } = settings;
     let self_exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let ferro_bin = ferro_bin.unwrap_or_else(|| self_exe.with_file_name("ferro"));
     let tcp = listen_args.plan()?;
@@ -197,7 +204,7 @@ fn serve(settings: Settings, notifier: Notifier) -> Result<(), String> {
     runtime.block_on(async move {
         // Before the socket exists: a client that sees it may send SIGTERM at once.
         let signals = shutdown_signals()?;
-        let services = Services::open(paths.clone())?;
+        let services = Services::open(paths.clone(), overcommit_ratio)?;
         let tcp_servers = tcp.bind().await?;
         let listener = listen::bind_unix(&paths.socket, listen_args.socket_group.as_deref())?;
         services.recover(default_network).await;
@@ -239,6 +246,14 @@ fn write_man_page(dir: &std::path::Path) -> ExitCode {
             eprintln!("ferrod man: cannot write the page into {}: {e}", dir.display());
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--overcommit-ratio`: a positive number such as 1.5.
+fn overcommit_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 && r <= 100.0 => Ok(r),
+        _ => Err(format!("'{text}' is not a ratio between 0 and 100, such as 1.5")),
     }
 }
 

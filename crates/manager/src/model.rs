@@ -112,6 +112,31 @@ pub struct DomainStats {
     pub cgroup: Option<CgroupStats>,
 }
 
+/// The host as `nodeinfo` shows it (virsh nodeinfo and nodememstats in one).
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeInfo {
+    /// Online CPUs, as a count and as a list.
+    pub cpus: u32,
+    pub cpu_list: String,
+    /// RAM (MemTotal) and what the kernel could give without swapping (MemAvailable).
+    pub ram_bytes: u64,
+    pub available_bytes: u64,
+    /// Memory committed to running domains: guest RAM minus balloon targets, plus each VMM's
+    /// measured overhead.
+    pub committed_bytes: u64,
+    pub running_domains: u32,
+    /// A start that would commit more than `overcommit_ratio` x RAM (`commit_limit_bytes`) is
+    /// refused.
+    pub overcommit_ratio: f64,
+    pub commit_limit_bytes: u64,
+    /// The 2 MiB huge page pool; None where the kernel has none.
+    pub hugepages: Option<ferro_hypervisor::host_memory::HugePagePool>,
+    /// KSM; None where the kernel has none.
+    pub ksm: Option<ferro_hypervisor::host_memory::Ksm>,
+    /// The transparent huge page mode; None where the kernel has none.
+    pub thp: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolInfo {
     pub name: String,

@@ -4,7 +4,7 @@
 //! stored in the definition; a huge-page domain holds its pages while it runs and gives them back
 //! when it stops.
 
-use ferro_test_support::daemon::{Daemon, Home};
+use ferro_test_support::daemon::{Daemon, Home, guest_toml};
 use ferro_test_support::hugepages::{self, Reservation};
 use ferro_test_support::wait_for;
 use serde_json::Value;
@@ -138,4 +138,45 @@ fn a_huge_page_domain_holds_its_pages_while_it_runs_and_gives_them_back() {
     let o = d.ferro(&["start", "huge2"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("needs 64 free 2 MiB huge pages (128 MiB), the host has 32 free"), "{err}");
+}
+
+/// ferrod with an overcommit ratio that leaves this host room for 200 MiB: a 64 MiB domain (with
+/// its default 64 MiB VMM overhead allowance) starts, a 96 MiB one next to it is refused with the
+/// numbers, and starts once the first is gone. nodeinfo shows the committed memory.
+#[test]
+fn nodeinfo_counts_committed_memory_and_a_start_past_the_ratio_is_refused() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total: u64 = field(&meminfo, "MemTotal").trim_end_matches(" kB").parse::<u64>().unwrap() * 1024;
+    let ratio = (200u64 << 20) as f64 / total as f64;
+    let home = Home::new("overcommit");
+    let d = Daemon::start_args(&home, &["--overcommit-ratio", &ratio.to_string()], &[]);
+    let api = d.api();
+    api.expect("POST", "/v1/domains", Some(&guest_toml("small", "idle")), 201);
+    api.expect("POST", "/v1/domains", Some(&guest_toml("big", "idle").replace("64M", "96M")), 201);
+    d.ferro_ok(&["start", "small"]);
+
+    let node = api.expect("GET", "/v1/nodeinfo", None, 200);
+    let committed = node["committed_bytes"].as_u64().unwrap();
+    assert!(committed > 64 << 20 && committed < 128 << 20, "64 MiB of guest RAM plus the VMM's own memory: {node}");
+    assert_eq!(node["running_domains"], 1);
+    assert_eq!(node["ram_bytes"].as_u64(), Some(total));
+    assert_eq!(node["overcommit_ratio"].as_f64(), Some(ratio));
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    assert_eq!(node["cpu_list"].as_str(), Some(online.trim()));
+    assert!(node["hugepages"]["total"].is_u64() && node["ksm"]["running"].is_boolean(), "{node}");
+    let json: Value = serde_json::from_str(&d.ferro_ok(&["nodeinfo", "--json"])).unwrap();
+    assert_eq!(json["ram_bytes"], node["ram_bytes"]);
+    let human = d.ferro_ok(&["nodeinfo"]);
+    assert!(human.contains("Committed") && human.contains("to 1 running domains"), "{human}");
+
+    let o = d.ferro(&["start", "big"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("starting big would commit") && err.contains("MiB are committed to 1 running domains"), "{err}");
+    assert!(err.contains("big needs 96 MiB of RAM and 64 MiB of VMM overhead"), "{err}");
+    assert_eq!(api.expect("GET", "/v1/domains/big", None, 200)["state"], "shutoff");
+
+    d.ferro_ok(&["destroy", "small"]);
+    d.ferro_ok(&["start", "big"]);
+    d.ferro_ok(&["destroy", "big"]);
 }

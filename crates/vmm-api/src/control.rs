@@ -161,6 +161,10 @@ pub struct StatsReply {
     /// does not report it (before Linux 6.1).
     #[serde(default)]
     pub ksm_merging_pages: Option<u64>,
+    /// Resident memory of the VMM beyond guest RAM (its code, heap, thread stacks, device
+    /// buffers): what the host pays for running this VM besides the guest's pages.
+    #[serde(default)]
+    pub overhead_bytes: u64,
 }
 
 /// One vCPU as `vcpu_info` reports it (virsh vcpuinfo).

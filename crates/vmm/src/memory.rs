@@ -205,6 +205,24 @@ fn region_host(mem: &GuestMemoryMmap, region: &GuestRegionMmap) -> Result<*mut u
     mem.get_host_address(region.start_addr()).map_err(|e| Error::Internal(format!("guest memory region has no host address: {e}")))
 }
 
+/// Resident memory of this process outside guest RAM, from /proc/self/smaps: every mapping but
+/// the ones [`register`] advised MADV_DONTFORK (`dc` in `VmFlags`), which only guest RAM is.
+pub fn overhead_bytes() -> u64 {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else { return 0 };
+    let mut total = 0;
+    let mut rss = 0;
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Rss:") {
+            rss = kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+        } else if let Some(flags) = line.strip_prefix("VmFlags:")
+            && !flags.split_whitespace().any(|f| f == "dc")
+        {
+            total += rss;
+        }
+    }
+    total
+}
+
 /// Registers every region of `mem` with KVM as a memory slot.
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {

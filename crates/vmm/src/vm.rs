@@ -230,6 +230,7 @@ impl VmControl {
                 b.stats()
             }),
             ksm_merging_pages: ferro_hypervisor::host_memory::ksm_merging_pages(std::process::id()).ok(),
+            overhead_bytes: memory::overhead_bytes(),
         }
     }
 

@@ -182,6 +182,12 @@ pub enum ManageCommand {
     },
     /// Show a running domain's counters (CPU time, memory, disks, NICs).
     Domstats(DomJson),
+    /// Show the host: CPUs, RAM, memory committed to running domains, huge pages, KSM.
+    Nodeinfo {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show each vCPU of a running domain: host thread, state, CPU time, CPU affinity.
     Vcpuinfo(DomJson),
     /// Pin a vCPU to host CPUs (live; --config also changes the definition).
@@ -630,6 +636,10 @@ fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
         C::Domstats(d) => {
             let stats = c.get(&format!("{}/stats", dom_path(&d.name)?))?;
             if d.json { print_json(&stats) } else { show::domstats(&stats) }
+        }
+        C::Nodeinfo { json } => {
+            let info = c.get("/v1/nodeinfo")?;
+            if json { print_json(&info) } else { show::nodeinfo(&info) }
         }
         C::Vcpuinfo(d) => {
             let info = c.get(&format!("{}/vcpuinfo", dom_path(&d.name)?))?;

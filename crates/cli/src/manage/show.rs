@@ -112,6 +112,37 @@ fn crate_now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// virsh nodeinfo and nodememstats in one table.
+pub fn nodeinfo(n: &Value) {
+    let size = |key: &str| n[key].as_u64().map(bytes).unwrap_or_else(|| "-".into());
+    let huge = &n["hugepages"];
+    let ksm = &n["ksm"];
+    kv(&[
+        ("CPUs", format!("{} ({})", opt_u64(&n["cpus"]), n["cpu_list"].as_str().unwrap_or("?"))),
+        ("Memory", size("ram_bytes")),
+        ("Available", size("available_bytes")),
+        ("Committed", format!("{} to {} running domains", size("committed_bytes"), opt_u64(&n["running_domains"]))),
+        ("Commit limit", format!("{} ({} x memory)", size("commit_limit_bytes"), n["overcommit_ratio"])),
+        (
+            "Huge pages",
+            if huge.is_null() {
+                "none (the kernel has no 2 MiB huge pages)".into()
+            } else {
+                format!("{} of {} 2 MiB pages free, {} reserved", opt_u64(&huge["free"]), opt_u64(&huge["total"]), opt_u64(&huge["reserved"]))
+            },
+        ),
+        (
+            "KSM",
+            match ksm["running"].as_bool() {
+                Some(true) => format!("running, {} pages sharing", opt_u64(&ksm["pages_sharing"])),
+                Some(false) => "not running".into(),
+                None => "not in this kernel".into(),
+            },
+        ),
+        ("THP", n["thp"].as_str().unwrap_or("not in this kernel").to_string()),
+    ]);
+}
+
 /// virsh vcpuinfo's layout: one block per vCPU, then the emulator's CPUs.
 pub fn vcpuinfo(info: &Value) {
     for v in info["vcpus"].as_array().into_iter().flatten() {

@@ -1,10 +1,15 @@
 //! `/v1/host`: the host at a glance for the UI's overview: CPUs, load, memory, domain counts and
-//! ferrod's version.
+//! ferrod's version. `/v1/nodeinfo`: the host as `ferro nodeinfo` shows it (memory committed to
+//! domains, huge pages, KSM).
 
 use super::{ApiResult, Svc, ok};
 use crate::model::DomainState;
 use axum::extract::State;
 use axum::response::Response;
+
+pub(super) async fn nodeinfo(State(svc): Svc) -> ApiResult<Response> {
+    ok(&svc.domains.nodeinfo().await?)
+}
 
 pub(super) async fn host(State(svc): Svc) -> ApiResult<Response> {
     let domains = svc.domains.list();

@@ -42,6 +42,7 @@ pub fn router(services: Arc<Services>, access: Arc<Access>) -> Router {
         .route("/assets/{file}", get(ui::file))
         .route("/v1/version", get(version))
         .route("/v1/host", get(host::host))
+        .route("/v1/nodeinfo", get(host::nodeinfo))
         .route("/v1/domains", get(domains::list).post(domains::define))
         .route("/v1/domains/{name}", get(domains::get).delete(snapshots::undefine))
         .route("/v1/domains/{name}/{sub}", get(domains::resource).post(domains::action))

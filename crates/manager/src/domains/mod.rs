@@ -6,6 +6,8 @@
 //!   re-attaching to running VMs after ferrod restarts;
 //! - `cgroups`: the cgroup of each run, with the limits of the domain's `[limits]`;
 //! - `control`: requests to a running VMM (destroy, shutdown, reboot, reset, pause, memory, stats).
+//! - `overcommit`: memory committed to running domains against the host's RAM (nodeinfo, and the
+//!   check before a start);
 //! - `pinning`: which host CPUs a domain's vCPU and emulator threads run on, live and in the definition.
 //!
 //! Operations on one domain are serialized by a per-domain async lock; the record map itself is
@@ -13,9 +15,11 @@
 
 mod cgroups;
 mod control;
+mod overcommit;
 mod pinning;
 mod supervise;
 
+pub use overcommit::DEFAULT_OVERCOMMIT_RATIO;
 pub use pinning::PinTarget;
 
 use crate::claims::Claims;
@@ -81,6 +85,8 @@ pub struct Domains {
     /// Domains to start again after a guest-requested reboot (see `supervise`).
     restarts: tokio::sync::mpsc::UnboundedSender<String>,
     restart_queue: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+    /// Memory committed to running domains may be at most this many times the host's RAM.
+    overcommit_ratio: f64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -104,6 +110,7 @@ impl Domains {
         pools: Arc<Pools>,
         networks: Arc<Networks>,
         claims: Arc<Claims>,
+        overcommit_ratio: f64,
     ) -> std::result::Result<Arc<Domains>, String> {
         std::fs::create_dir_all(&paths.run).map_err(|e| format!("cannot create {}: {e}", paths.run.display()))?;
         let mut domains = BTreeMap::new();
@@ -144,6 +151,7 @@ impl Domains {
             op_locks: Mutex::new(HashMap::new()),
             restarts,
             restart_queue: Mutex::new(Some(queue)),
+            overcommit_ratio,
         }))
     }
 
