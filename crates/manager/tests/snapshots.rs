@@ -266,3 +266,73 @@ fn snapshots_over_rest_with_damaged_files_raw_disks_and_bad_input() {
     api.expect("DELETE", "/v1/domains/c2?snapshots=all", None, 204);
     api.expect("GET", "/v1/domains/c2/snapshots", None, 404);
 }
+
+/// Runs qemu-io's `cmd` on a qcow2 image and returns its output.
+fn qemu_io(image: &std::path::Path, cmd: &str) -> String {
+    let out = std::process::Command::new("qemu-io").args(["-f", "qcow2", "-c", cmd]).arg(image).output().expect("qemu-io (apt install qemu-utils)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !text.contains("failed"), "qemu-io {cmd}: {text}");
+    text
+}
+
+/// The internal snapshots qemu-img lists in an image (-U: the image may be open in a VMM).
+fn qemu_snapshots(image: &std::path::Path) -> String {
+    let out = std::process::Command::new("qemu-img").args(["snapshot", "-U", "-l"]).arg(image).output().expect("qemu-img");
+    assert!(out.status.success(), "qemu-img snapshot -l: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_domains_qcow2_disk_is_snapshotted_reverted_and_freed_with_it() {
+    let home = Home::new("snap-disk");
+    let d = Daemon::start(&home);
+    let api = d.api();
+    let image = home.path().join("q1.qcow2");
+    let made = std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("16M").status().expect("qemu-img");
+    assert!(made.success());
+    qemu_io(&image, "write -P 0xaa 0 64k");
+    let text = format!("{}[[disk]]\npath = \"{}\"\nformat = \"qcow2\"\n", guest_toml("q1", "counter"), image.display());
+    api.expect("POST", "/v1/domains", Some(&text), 201);
+    let path = image.display().to_string();
+
+    // Running: the VMM takes the disk's internal snapshot while the guest is paused for its state.
+    d.ferro_ok(&["start", "q1"]);
+    let mut con = d.console("q1");
+    read_console(&mut con, "counter: up seed=", CONSOLE_WAIT);
+    command(&mut con, b'c', "counter: 1 seed=");
+    drop(con);
+    d.ferro_ok(&["snapshot-create-as", "q1", "run1"]);
+    let run1 = api.expect("GET", "/v1/domains/q1/snapshots/run1", None, 200);
+    assert_eq!(run1["disks"], serde_json::json!([path]));
+    assert!(qemu_snapshots(&image).contains("run1"), "{}", qemu_snapshots(&image));
+    d.ferro_ok(&["destroy", "q1"]);
+
+    // Shut off: ferrod takes it; then the disk changes, and a revert brings the bytes back.
+    qemu_io(&image, "write -P 0xbb 0 64k");
+    assert_eq!(d.ferro_ok(&["snapshot-create-as", "q1", "off1"]).trim(), "Domain snapshot off1 created");
+    assert_eq!(api.expect("GET", "/v1/domains/q1/snapshots/off1", None, 200)["disks"], serde_json::json!([path]));
+    qemu_io(&image, "write -P 0xcc 0 64k");
+    d.ferro_ok(&["snapshot-revert", "q1", "off1"]);
+    assert_eq!(domain_state(&d, "q1"), "shutoff");
+    qemu_io(&image, "read -P 0xbb 0 64k");
+    // To run1: the disk as it was then, and the guest counting on from 1.
+    d.ferro_ok(&["snapshot-revert", "q1", "run1"]);
+    let mut con = d.console("q1");
+    command(&mut con, b'c', "counter: 2 seed=");
+    drop(con);
+    // Deleting needs the disk, which the running VMM holds.
+    let err = ferro_err(&d, &["snapshot-delete", "q1", "off1"]);
+    assert!(err.contains("shut it down first"), "{err}");
+    d.ferro_ok(&["destroy", "q1"]);
+    qemu_io(&image, "read -P 0xaa 0 64k");
+
+    // Deleting frees the disk snapshot; qemu-img finds the image clean.
+    d.ferro_ok(&["snapshot-delete", "q1", "run1"]);
+    let listed = qemu_snapshots(&image);
+    assert!(!listed.contains("run1") && listed.contains("off1"), "{listed}");
+    let check = std::process::Command::new("qemu-img").args(["check", "-q"]).arg(&image).status().expect("qemu-img check");
+    assert!(check.success(), "qemu-img check found errors");
+    // Undefine with every snapshot removed takes off1 out of the disk too.
+    d.ferro_ok(&["undefine", "q1", "--remove-all-snapshots"]);
+    assert!(!qemu_snapshots(&image).contains("off1"));
+}

@@ -133,15 +133,18 @@ impl Domains {
     }
 
     /// Saves a running or paused domain's VM (memory and device state) into snapshot directory
-    /// `dir`, which must not exist yet. The guest is paused only while the VMM saves it; a paused
-    /// one stays paused. Returns the state it was in and what the VMM reports (the pause time).
-    pub async fn save_vm(&self, name: &str, dir: &Path) -> Result<(DomainState, SnapshotReply)> {
+    /// `dir`, which must not exist yet, and has the VMM take internal snapshot `disk_snapshot` of
+    /// each writable (qcow2) disk meanwhile. The guest is paused only while the VMM saves it; a
+    /// paused one stays paused. Returns the state it was in and what the VMM reports (the pause
+    /// time, the disks).
+    pub async fn save_vm(&self, name: &str, dir: &Path, disk_snapshot: &str) -> Result<(DomainState, SnapshotReply)> {
         let _op = self.lock_op(name).await;
         let (state, files) = self.state_and_files(name)?;
         if !state.is_active() {
             return Err(not_running(name, state));
         }
-        let request = Request::Snapshot { dir: dir.to_path_buf(), resume: state == DomainState::Running, disk_snapshot: None };
+        let request =
+            Request::Snapshot { dir: dir.to_path_buf(), resume: state == DomainState::Running, disk_snapshot: Some(disk_snapshot.to_string()) };
         let reply = vmm::call::<SnapshotReply>(&files.api_socket(), &request, SAVE_TIMEOUT).await.map_err(Error::vmm)?;
         Ok((state, reply))
     }

@@ -506,6 +506,39 @@ impl Domains {
         Ok((config, files))
     }
 
+    /// The files of a domain's writable disks, with pool volumes resolved.
+    pub fn writable_disk_files(&self, name: &str) -> Result<Vec<PathBuf>> {
+        let (config, files) = self.disk_files(name)?;
+        Ok(config.disks.iter().zip(files).filter(|(disk, _)| !disk.readonly).map(|(_, (path, _))| path).collect())
+    }
+
+    /// Runs blocking `work` on `files` of a shut-off domain (its disks) while nothing else can
+    /// start the domain or change the files: under the domain's operation lock, with the files
+    /// claimed for writing. Refused while the domain runs, naming `what` (a noun: "disk
+    /// snapshot deletion") needs it shut off.
+    pub async fn while_shut_off<T: Send + 'static>(
+        &self,
+        name: &str,
+        files: &[PathBuf],
+        what: &'static str,
+        work: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let _op = self.lock_op(name).await;
+        let (state, _) = self.state_and_files(name)?;
+        if state.is_active() {
+            return Err(Error::conflict(format!(
+                "domain {name} is {}: the {what} needs its disks, which its VMM holds open; shut it down first",
+                state.word()
+            )));
+        }
+        let uses: Vec<(PathBuf, Access)> = files.iter().map(|f| (f.clone(), Access::Write)).collect();
+        let _held = self
+            .claims
+            .hold(&uses, what)
+            .map_err(|busy| Error::conflict(format!("domain {name}: disk {} is in use by {}", busy.path.display(), busy.holder)))?;
+        tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| Err(Error::internal(format!("{what}: the task failed: {e}"))))
+    }
+
     /// The disks of a definition as files, with pool volumes resolved; each must exist.
     fn resolve_disks(&self, config: &DomainConfig) -> Result<Vec<ResolvedDisk>> {
         let mut disks = Vec::new();

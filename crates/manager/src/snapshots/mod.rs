@@ -12,6 +12,8 @@
 //! Operations on one domain's snapshots are serialized by a per-domain lock; the domain's own
 //! operations (start, destroy, saving the VM) go through the domains service.
 
+mod disks;
+
 use crate::domain::validate_name;
 use crate::domains::Domains;
 use crate::error::{Error, Result};
@@ -137,18 +139,25 @@ impl Snapshots {
         let dir = self.dir(&info.uuid, name);
         // A directory left by a take that ferrod did not finish (no row names it).
         let _ = std::fs::remove_dir_all(&dir);
-        let (state, saved) = if info.state.is_active() {
+        let (state, saved, disks) = if info.state.is_active() {
             std::fs::create_dir_all(self.domain_dir(&info.uuid))
                 .map_err(|e| JobError::Failed(format!("cannot create {}: {e}", self.domain_dir(&info.uuid).display())))?;
-            match self.domains.save_vm(domain, &dir).await {
-                Ok((state, reply)) => (state, Some(reply)),
+            match self.domains.save_vm(domain, &dir, name).await {
+                Ok((state, reply)) => {
+                    let disks = reply.disks.clone();
+                    (state, Some(reply), disks)
+                }
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&dir);
                     return Err(failed(e));
                 }
             }
         } else {
-            (DomainState::Shutoff, None)
+            let disks = self.domains.writable_disk_files(domain).map_err(failed)?;
+            let (files, snapshot) = (disks.clone(), name.to_string());
+            let work = move || disks::create(&files, &snapshot);
+            self.domains.while_shut_off(domain, &disks, "disk snapshot", work).await.map_err(failed)?;
+            (DomainState::Shutoff, None, disks)
         };
         ctx.advance(1);
         let row = StoredSnapshot {
@@ -162,10 +171,16 @@ impl Snapshots {
             current: true,
             pause_us: saved.as_ref().map(|r| r.pause_us),
             memory_bytes: saved.as_ref().map(|r| r.memory_bytes_written),
-            disks: "[]".to_string(),
+            disks: serde_json::to_string(&disks).unwrap_or_else(|_| "[]".to_string()),
         };
         if let Err(e) = self.store.insert_snapshot(&row) {
             let _ = std::fs::remove_dir_all(&dir);
+            // The disk snapshots of a snapshot that was never recorded (a running domain's disks
+            // stay open in its VMM; those are named in the log).
+            let (files, snapshot) = (disks.clone(), name.to_string());
+            if let Err(e) = self.domains.while_shut_off(domain, &disks, "disk snapshot deletion", move || disks::delete(&files, &snapshot)).await {
+                tracing::warn!(domain, snapshot = name, "disk snapshots left in {disks:?}: {e}");
+            }
             return Err(JobError::Failed(format!("cannot record snapshot {name}: {e}")));
         }
         ctx.advance(1);
@@ -210,6 +225,11 @@ impl Snapshots {
         if info.state.is_active() {
             self.domains.destroy(domain).await.map_err(failed)?;
         }
+        let disks = disk_files(&row);
+        if !disks.is_empty() {
+            let (files, snapshot) = (disks.clone(), name.to_string());
+            self.domains.while_shut_off(domain, &disks, "disk snapshot revert", move || disks::apply(&files, &snapshot)).await.map_err(failed)?;
+        }
         ctx.advance(1);
         if self.domains.definition(domain).map_err(failed)? != row.definition {
             self.domains.define(&row.definition).await.map_err(failed)?;
@@ -243,7 +263,8 @@ impl Snapshots {
     pub async fn delete(&self, domain: &str, name: &str) -> Result<()> {
         let _op = self.lock_op(domain).await;
         let info = self.domains.info(domain)?;
-        self.row(domain, name)?;
+        let row = self.row(domain, name)?;
+        self.delete_disk_snapshots(&row).await?;
         self.store.delete_snapshot(domain, name)?;
         let _ = std::fs::remove_dir_all(self.dir(&info.uuid, name));
         self.events.emit("domain", domain, "snapshot_deleted", name);
@@ -254,7 +275,8 @@ impl Snapshots {
     pub async fn undefine_domain(&self, domain: &str, policy: SnapshotsOnUndefine) -> Result<()> {
         let _op = self.lock_op(domain).await;
         let info = self.domains.info(domain)?;
-        let names: Vec<String> = self.store.snapshots(domain)?.into_iter().map(|s| s.name).collect();
+        let rows = self.store.snapshots(domain)?;
+        let names: Vec<&str> = rows.iter().map(|s| s.name.as_str()).collect();
         if !names.is_empty() && policy == SnapshotsOnUndefine::Refuse {
             return Err(Error::conflict(format!(
                 "domain {domain} has {} snapshot(s) ({}): undefine it with --snapshots-metadata to forget them (disk snapshots \
@@ -262,6 +284,14 @@ impl Snapshots {
                 names.len(),
                 names.join(", ")
             )));
+        }
+        if policy == SnapshotsOnUndefine::RemoveAll {
+            if info.state.is_active() {
+                return Err(Error::conflict(format!("domain {domain} is {}; destroy or shut it down first", info.state.word())));
+            }
+            for row in &rows {
+                self.delete_disk_snapshots(row).await?;
+            }
         }
         self.domains.undefine(domain).await?;
         // A crash here leaves rows no domain has; a domain defined later under this name would
@@ -272,15 +302,32 @@ impl Snapshots {
     }
 }
 
-/// Refuses a domain whose disks cannot be snapshotted: a writable raw disk keeps no snapshots,
-/// and a writable qcow2 disk needs the block layer's internal snapshots, which this build does not
-/// take yet. Read-only disks never change and are left out.
+impl Snapshots {
+    /// Deletes a snapshot's internal snapshots from its disks (the domain must be shut off: its
+    /// VMM holds the disks open while it runs); a disk file that is gone is skipped.
+    async fn delete_disk_snapshots(&self, row: &StoredSnapshot) -> Result<()> {
+        let disks: Vec<PathBuf> = disk_files(row).into_iter().filter(|f| f.exists()).collect();
+        if disks.is_empty() {
+            return Ok(());
+        }
+        let (files, snapshot) = (disks.clone(), row.name.clone());
+        self.domains.while_shut_off(&row.domain, &disks, "disk snapshot deletion", move || disks::delete(&files, &snapshot)).await
+    }
+}
+
+/// The disk files holding a snapshot's internal snapshots.
+fn disk_files(row: &StoredSnapshot) -> Vec<PathBuf> {
+    serde_json::from_str(&row.disks).unwrap_or_default()
+}
+
+/// Refuses a domain whose disks cannot be snapshotted: a writable raw disk keeps no internal
+/// snapshots. Read-only disks never change and are left out.
 fn check_disks(info: &DomainInfo) -> Result<()> {
     let Some(config) = &info.config else {
         return Err(Error::conflict(format!("domain {} has an invalid stored definition; define it again", info.name)));
     };
     for (i, disk) in config.disks.iter().enumerate() {
-        if disk.readonly {
+        if disk.readonly || disk.format != "raw" {
             continue;
         }
         let file = match (&disk.path, &disk.pool, &disk.volume) {
@@ -295,11 +342,6 @@ fn check_disks(info: &DomainInfo) -> Result<()> {
                 info.name
             )));
         }
-        return Err(Error::conflict(format!(
-            "domain {}: disk[{i}] ({file}) is writable, and this ferrod cannot take qcow2 internal snapshots yet; make it \
-             read-only to snapshot the domain",
-            info.name
-        )));
     }
     Ok(())
 }
