@@ -7,6 +7,7 @@
 //! (`floor`: KVM ioctls and a few guest instructions, no VMM).
 
 mod common;
+mod disk_snapshot;
 mod exits;
 mod floor;
 mod images;
@@ -56,6 +57,11 @@ enum Section {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// qcow2 internal snapshot create, revert and delete on a 1 GiB written image against qemu-img.
+    DiskSnapshot {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// The floor's child process (spawned by `launch`).
     #[command(hide = true)]
     FloorChild,
@@ -72,6 +78,7 @@ fn main() {
         Section::Images { runs } => images::run(runs),
         Section::Network { runs } => network::run(runs),
         Section::Snapshot { runs } => snapshot::run(runs),
+        Section::DiskSnapshot { runs } => disk_snapshot::run(runs),
         Section::FloorChild => floor::first_exit_child(),
     }
 }

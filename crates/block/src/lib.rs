@@ -93,7 +93,8 @@ pub struct Qcow2Details {
     pub has_bitmaps: bool,
     /// Persistent dirty bitmaps (valid ones; none when a bitmap-unaware program made them stale).
     pub bitmaps: Vec<qcow2::BitmapInfo>,
-    pub snapshots: u32,
+    /// Internal snapshots (docs/qcow2-snapshots.md), in table order.
+    pub snapshots: Vec<qcow2::SnapshotInfo>,
 }
 
 /// Static facts about an open image.

@@ -64,6 +64,9 @@ pub fn info_json(info: &ImageInfo) -> Result<Value> {
         }
         m.insert("format-specific".into(), json!({ "type": "qcow2", "data": data }));
     }
+    if let Some(q) = info.qcow2.as_ref().filter(|q| !q.snapshots.is_empty()) {
+        m.insert("snapshots".into(), snapshot_list_json(&q.snapshots));
+    }
     if let Some(b) = &info.backing_file {
         m.insert("backing-filename".into(), json!(b));
     }
@@ -123,6 +126,9 @@ pub fn info_text(info: &ImageInfo) -> Result<String> {
     }
     if let Some(f) = &info.backing_format {
         s += &format!("backing file format: {f}\n");
+    }
+    if let Some(q) = info.qcow2.as_ref().filter(|q| !q.snapshots.is_empty()) {
+        s += &snapshot_list_text(&q.snapshots);
     }
     if let Some(q) = &info.qcow2 {
         s += &format!(
@@ -779,12 +785,13 @@ pub fn snapshot_list_text(list: &[SnapshotInfo]) -> String {
     out
 }
 
-/// `snapshot -l --json`: one object per snapshot, with qemu-img info's field names.
+/// `snapshot -l --json` and `info`'s "snapshots": one object per snapshot, with qemu-img info's
+/// field names (and the disk size).
 pub fn snapshot_list_json(list: &[SnapshotInfo]) -> Value {
     Value::Array(
         list.iter()
             .map(|s| {
-                json!({
+                let mut v = json!({
                     "id": s.id,
                     "name": s.name,
                     "vm-state-size": s.vm_state_size,
@@ -793,7 +800,11 @@ pub fn snapshot_list_json(list: &[SnapshotInfo]) -> Value {
                     "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
                     "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
                     "disk-size": s.disk_size,
-                })
+                });
+                if let Some(n) = s.icount {
+                    v["icount"] = json!(n);
+                }
+                v
             })
             .collect(),
     )

@@ -137,6 +137,18 @@ fn img_snapshot_like_qemu_img_snapshot() {
     let qemu_list = String::from_utf8_lossy(&qemu.stdout);
     assert!(qemu_list.contains("before-upgrade") && qemu_list.contains("after"), "qemu-img snapshot -l: {qemu_list}");
 
+    // info lists them as qemu-img info does, in text and JSON.
+    let info = ok(&["info", p(&img)]);
+    let at = info.find("Snapshot list:").unwrap_or_else(|| panic!("no snapshot list in info: {info}"));
+    assert!(info[at..].contains("before-upgrade") && at < info.find("Format specific information:").unwrap_or(0), "{info}");
+    let ours: serde_json::Value = serde_json::from_str(&ok(&["info", "--output", "json", p(&img)])).expect("info json");
+    let qemu = Command::new("qemu-img").args(["info", "--output=json", p(&img)]).output().expect("qemu-img info");
+    let theirs: serde_json::Value = serde_json::from_slice(&qemu.stdout).expect("qemu-img info json");
+    for key in ["id", "name", "date-sec", "date-nsec", "vm-state-size", "vm-clock-sec", "vm-clock-nsec"] {
+        let pick = |v: &serde_json::Value| v["snapshots"].as_array().map(|a| a.iter().map(|s| s[key].clone()).collect::<Vec<_>>());
+        assert_eq!(pick(&ours), pick(&theirs), "info's snapshots, field {key}");
+    }
+
     ok(&["snapshot", "-a", "before-upgrade", p(&img)]);
     assert!(read().iter().all(|&b| b == 0xaa), "revert to before-upgrade");
     ok(&["snapshot", "-a", "2", p(&img)]);

@@ -762,7 +762,8 @@ impl DiskImage for Qcow2 {
                 extended_l2: h.incompatible & INCOMPAT_EXTL2 != 0,
                 has_bitmaps: h.extensions.iter().any(|e| e.kind == EXT_BITMAPS),
                 bitmaps: self.bitmaps(),
-                snapshots: h.nb_snapshots,
+                // The table was read and checked at open; only an I/O error could fail here.
+                snapshots: self.snapshots().unwrap_or_default(),
             }),
         }
     }
