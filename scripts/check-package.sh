@@ -69,7 +69,8 @@ done
 
 bash -n "$root/usr/share/bash-completion/completions/ferro" || fail "the bash completion does not parse"
 grep -q '^#compdef ferro' "$root/usr/share/zsh/vendor-completions/_ferro" || fail "the zsh completion lacks #compdef"
-grep -q '^complete -c ferro' "$root/usr/share/fish/vendor_completions.d/ferro.fish" || fail "the fish completion has no 'complete -c ferro'"
+grep -q -- '--command ferro ' "$root/usr/share/fish/vendor_completions.d/ferro.fish" || fail "the fish completion does not complete ferro"
+grep -q 'COMPLETE=bash\|COMPLETE="bash"' "$root/usr/share/bash-completion/completions/ferro" || fail "the bash completion is not ferro's dynamic one"
 
 check=$("$root/usr/bin/ferrod" --config "$root/etc/ferrovisor/ferrod.toml" --check-config 2>&1) || fail "the default configuration: $check"
 version=$("$root/usr/bin/ferro" --version)

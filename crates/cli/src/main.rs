@@ -28,7 +28,8 @@ enum Command {
     /// Run one VM as a supervised process with control and console sockets (used by ferrod).
     #[command(hide = true)]
     Vmm(run::VmmArgs),
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout. The script
+    /// asks ferro for each completion, so names of domains, pools and networks come from ferrod.
     Completions { shell: clap_complete::Shell },
     /// Write the man pages (ferro.1 and ferro-SUBCOMMAND.1 for each subcommand) into DIR.
     #[command(hide = true)]
@@ -45,14 +46,24 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A completion request from the script of `ferro completions` (COMPLETE=<shell> in the
+    // environment) is answered here and exits.
+    clap_complete::CompleteEnv::with_factory(<Cli as clap::CommandFactory>::command).complete();
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Vmm(args) => run::vmm(args),
         Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut cmd, "ferro", &mut script);
+            let shells = clap_complete::env::Shells::builtins();
+            let Some(completer) = shells.completer(&shell.to_string()) else {
+                eprintln!("ferro completions: no dynamic completion for {shell}");
+                return ExitCode::FAILURE;
+            };
+            if let Err(e) = completer.write_registration("COMPLETE", "ferro", "ferro", "ferro", &mut script) {
+                eprintln!("ferro completions: {e}");
+                return ExitCode::FAILURE;
+            }
             // A closed pipe (`| head`) is not an error worth more than the exit status.
             match std::io::Write::write_all(&mut std::io::stdout(), &script) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 //! Human tables by default, `--json` for scripts; on failure one line on stderr and exit status 1.
 
 mod client;
+pub mod complete;
 mod console;
 mod create;
 mod show;
@@ -31,12 +32,14 @@ pub struct Connect {
 #[derive(clap::Args, Debug)]
 pub struct Dom {
     /// Domain name.
+    #[arg(add = complete::domains())]
     name: String,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct DomJson {
     /// Domain name.
+    #[arg(add = complete::domains())]
     name: String,
     /// Print JSON for scripts.
     #[arg(long)]
@@ -56,6 +59,7 @@ pub struct ListArgs {
 #[derive(clap::Args, Debug)]
 pub struct PoolArg {
     /// Pool name.
+    #[arg(add = complete::pools())]
     pool: String,
 }
 
@@ -65,18 +69,21 @@ pub struct VolArg {
     vol: String,
     /// Pool holding the volume.
     #[arg(long)]
+    #[arg(add = complete::pools())]
     pool: String,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct NetArg {
     /// Network name.
+    #[arg(add = complete::networks())]
     network: String,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct NetJson {
     /// Network name.
+    #[arg(add = complete::networks())]
     network: String,
     /// Print JSON for scripts.
     #[arg(long)]
@@ -97,6 +104,7 @@ pub enum ManageCommand {
         name: Option<String>,
         /// Pool for the disks.
         #[arg(long, default_value = "default")]
+        #[arg(add = complete::pools())]
         pool: String,
         /// Map a network of the package to a tap (or to none, dropping its NIC). Repeatable.
         #[arg(long, value_name = "SRC=DST")]
@@ -105,6 +113,7 @@ pub enum ManageCommand {
     /// Export a shut-off domain as an OVA file or an OVF directory (on ferrod's host; a job):
     /// streamOptimized VMDKs, an OVF 1.0 envelope and a SHA-256 manifest.
     ExportOvf {
+        #[arg(add = complete::domains())]
         name: String,
         /// FILE.ova, or a directory for --format ovf.
         target: PathBuf,
@@ -130,6 +139,7 @@ pub enum ManageCommand {
     },
     /// Start a defined domain.
     Start {
+        #[arg(add = complete::domains())]
         name: String,
         /// Attach to the serial console once started.
         #[arg(long)]
@@ -137,6 +147,7 @@ pub enum ManageCommand {
     },
     /// Ask the guest to shut down (ACPI power button).
     Shutdown {
+        #[arg(add = complete::domains())]
         name: String,
         /// Wait up to this many seconds for the domain to be off; fail if it is not.
         #[arg(long, value_name = "SECS")]
@@ -158,6 +169,7 @@ pub enum ManageCommand {
     Dominfo(DomJson),
     /// Show a domain's state.
     Domstate {
+        #[arg(add = complete::domains())]
         name: String,
         /// Also show why it is in that state.
         #[arg(long)]
@@ -175,6 +187,7 @@ pub enum ManageCommand {
     Console(Dom),
     /// Start a domain whenever the host boots (ferrod's first start after boot).
     Autostart {
+        #[arg(add = complete::domains())]
         name: String,
         /// Turn autostart off.
         #[arg(long)]
@@ -211,6 +224,7 @@ pub enum ManageCommand {
     },
     /// Set how much memory a running domain's guest may use (its balloon takes the rest back).
     Setmem {
+        #[arg(add = complete::domains())]
         name: String,
         /// Memory for the guest, e.g. 256M; at most the defined memory.
         size: String,
@@ -303,6 +317,7 @@ pub enum ManageCommand {
     PoolRefresh(PoolArg),
     /// Activate a pool whenever the host boots.
     PoolAutostart {
+        #[arg(add = complete::pools())]
         pool: String,
         /// Turn autostart off.
         #[arg(long)]
@@ -312,12 +327,14 @@ pub enum ManageCommand {
     PoolList(ListArgs),
     /// Show a pool's details.
     PoolInfo {
+        #[arg(add = complete::pools())]
         pool: String,
         #[arg(long)]
         json: bool,
     },
     /// Create a volume in a pool.
     VolCreateAs {
+        #[arg(add = complete::pools())]
         pool: String,
         name: String,
         /// Virtual size, e.g. 10G.
@@ -334,6 +351,7 @@ pub enum ManageCommand {
     },
     /// List a pool's volumes.
     VolList {
+        #[arg(add = complete::pools())]
         pool: String,
         #[arg(long)]
         json: bool,
@@ -408,6 +426,7 @@ pub enum ManageCommand {
     NetDumpconfig(NetArg),
     /// Start a network whenever the host boots (ferrod's first start after boot).
     NetAutostart {
+        #[arg(add = complete::networks())]
         network: String,
         /// Turn autostart off.
         #[arg(long)]
