@@ -9,11 +9,19 @@
 //! (`a` also pings `b`); `c` reaches its gateway but neither the outside host nor the NAT network
 //! (with a default route pointing at its gateway, so only the ruleset stops it). ferrod's
 //! `domifaddr` and `net-dhcp-leases` then show the leases the guests reported.
+//!
+//! `c` also carries a qcow2 disk through a domain snapshot (issue: snapshots of a Linux guest with
+//! a disk and a NIC): it makes a file system on the disk, writes a file and waits on its console;
+//! ferrod snapshots it there (memory, devices and the disk's internal snapshot), the guest writes
+//! a second file and waits again, ferrod reverts, and the guest, back at the first wait, finds the
+//! second file gone, the first one intact, writes and reads a new file, and pings its gateway
+//! through the NIC the revert wired afresh.
 
 use ferro_test_support::daemon::{Daemon, Home, read_console};
 use ferro_test_support::net::{OUTSIDE, host_and_outside};
 use ferro_test_support::vm::{linux_cmdline, linux_dir};
 use serde_json::Value;
+use std::io::Write;
 use std::time::Duration;
 
 /// Far above the few minutes three parallel boots take here, so only a hang reaches it.
@@ -48,13 +56,15 @@ fn resolve(name: &str) -> String {
     )
 }
 
-fn linux_domain(name: &str, network: &str, mac: &str, script: &str) -> String {
+/// A Linux guest on `network` running `script`; `extra` is appended to the definition (a MAC,
+/// a disk).
+fn linux_domain(name: &str, network: &str, extra: &str, script: &str) -> String {
     let dir = linux_dir();
     let cmdline = format!("{} ferro.cmd={}", linux_cmdline(), guest_cmd(script));
     assert!(cmdline.len() < 2000, "{name}'s command line is {} bytes; the kernel keeps 2048", cmdline.len());
     format!(
         "name = \"{name}\"\nmemory = \"128M\"\n[boot]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"{cmdline}\"\n\
-         [[nic]]\nnetwork = \"{network}\"\n{mac}",
+         [[nic]]\nnetwork = \"{network}\"\n{extra}",
         dir.join("vmlinux").display(),
         dir.join("initramfs.cpio").display(),
     )
@@ -92,12 +102,22 @@ fn linux_guests_get_leases_names_nat_and_isolation_from_ferrods_networks() {
          {} timeout 300 nc -l -p 7777",
         resolve("a")
     );
+    // After its checks `c` waits on the console twice (`read`): the snapshot is taken at the
+    // first wait; "w" writes file b and waits again; after the revert it is at the first wait,
+    // where "v" goes on to the checks.
     let c = format!(
         "{DHCP} ip route add default via 10.78.0.1 ; ping -c 1 -W 5 10.78.0.1 && echo GATEWAY-OK ;
-         ping -c 1 -W 3 {OUTSIDE} || echo OUTSIDE-BLOCKED ; ping -c 1 -W 3 10.77.0.5 || echo LAB-BLOCKED"
+         ping -c 1 -W 3 {OUTSIDE} || echo OUTSIDE-BLOCKED ; ping -c 1 -W 3 10.77.0.5 || echo LAB-BLOCKED ;
+         mke2fs -q /dev/vda && mount /dev/vda /mnt && echo before > /mnt/a && sync && echo SNAP-READY ;
+         read x ; [ $x = w ] && echo after > /mnt/b && sync && echo B-WRITTEN && read x ;
+         [ -e /mnt/b ] || echo B-GONE ; echo A-$(cat /mnt/a) ; echo again > /mnt/c && sync && echo C-$(cat /mnt/c) ;
+         ping -c 1 -W 5 10.78.0.1 && echo GATEWAY-AGAIN"
     );
-    for (name, net, mac, script) in [("a", "lab", "mac = \"52:54:00:77:00:05\"\n", a), ("b", "lab", "", b), ("c", "iso", "", c)] {
-        api.expect("POST", "/v1/domains", Some(&linux_domain(name, net, mac, &script)), 201);
+    let disk = home.path().join("c.qcow2");
+    ferro_test_support::run_ok("qemu-img", &["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "16M"]);
+    let c_disk = format!("[[disk]]\npath = \"{}\"\nformat = \"qcow2\"\n", disk.display());
+    for (name, net, extra, script) in [("a", "lab", "mac = \"52:54:00:77:00:05\"\n", a.as_str()), ("b", "lab", "", &b), ("c", "iso", &c_disk, &c)] {
+        api.expect("POST", "/v1/domains", Some(&linux_domain(name, net, extra, script)), 201);
     }
     let mut consoles = Vec::new();
     for name in ["a", "b", "c"] {
@@ -119,12 +139,42 @@ fn linux_guests_get_leases_names_nat_and_isolation_from_ferrods_networks() {
         assert_eq!(ifaddr.as_array().map(Vec::len), Some(1), "{ifaddr}");
         out.insert(*name, (lease, text));
     }
+    let (_, mut con_c) = consoles.pop().expect("c's console");
     for (name, con) in &mut consoles {
         let text = read_console(con, "FERRO-POWEROFF", BOOT_LIMIT);
         eprintln!("--- {name}:\n{}{text}", out[name].1);
         let all = format!("{}\n{}", out[name].1, command_output(&text));
         out.get_mut(name).unwrap().1 = all;
     }
+
+    // c: snapshot at its first wait, write b, revert, check.
+    let ready = read_console(&mut con_c, "\nSNAP-READY", BOOT_LIMIT);
+    let created = d.ferro_ok(&["snapshot-create-as", "c", "s1"]);
+    assert!(created.contains("Domain snapshot s1 created"), "{created}");
+    let s1: Value = serde_json::from_str(&d.ferro_ok(&["snapshot-info", "c", "s1", "--json"])).unwrap();
+    assert_eq!((s1["state"].as_str(), &s1["disks"]), (Some("running"), &serde_json::json!([disk.display().to_string()])), "{s1}");
+    con_c.write_all(b"w\n").expect("type into c's console");
+    let written = read_console(&mut con_c, "\nB-WRITTEN", BOOT_LIMIT);
+    drop(con_c);
+    d.ferro_ok(&["snapshot-revert", "c", "s1"]);
+    assert_eq!(d.ferro_ok(&["domstate", "c"]).trim(), "running");
+    let mut con_c = d.console("c");
+    con_c.write_all(b"v\n").expect("type into c's console");
+    let after = command_output(&read_console(&mut con_c, "FERRO-POWEROFF", BOOT_LIMIT));
+    eprintln!("--- c after the snapshot:\n{ready}{written}\n--- after the revert:\n{after}");
+    assert!(after.contains("B-GONE"), "the file written after the snapshot survived the revert");
+    assert!(after.contains("A-before"), "the file written before the snapshot is not intact");
+    assert!(after.contains("C-again"), "the disk does not take writes after the revert");
+    assert!(after.contains("GATEWAY-AGAIN"), "the network does not work after the revert");
+    assert!(after.contains("FERRO-CMD-RC 0"), "c's command failed after the revert");
+    ferro_test_support::wait_for("c to shut off", Duration::from_secs(30), || api.expect("GET", "/v1/domains/c", None, 200)["state"] == "shutoff");
+    let listed = ferro_test_support::run_ok("qemu-img", &["snapshot", "-l", disk.to_str().unwrap()]);
+    assert!(listed.contains("s1"), "qemu-img does not list the disk snapshot: {listed}");
+    ferro_test_support::run_ok("qemu-img", &["check", "-q", disk.to_str().unwrap()]);
+    d.ferro_ok(&["snapshot-delete", "c", "s1"]);
+    let listed = ferro_test_support::run_ok("qemu-img", &["snapshot", "-l", disk.to_str().unwrap()]);
+    assert!(!listed.contains("s1"), "the disk snapshot outlived its domain snapshot: {listed}");
+    out.get_mut("c").unwrap().1.push_str(&format!("\n{}", command_output(&ready)));
 
     let (lease_a, text_a) = &out["a"];
     let (lease_b, text_b) = &out["b"];
