@@ -42,6 +42,12 @@ pub struct VmmArgs {
     /// With --restore: keep the restored VM paused until a `resume` request.
     #[arg(long, requires = "restore")]
     paused: bool,
+    /// Receive the VM from a migrating VMM (docs/migration.md) on `unix:PATH` or
+    /// `tcp:HOST:PORT` (listens there for one connection) or `fd:N` (an inherited connected
+    /// unix socket), instead of booting one. With --config too, that file must describe the
+    /// same VM and gives its host wiring, as with --restore.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["VmArgs", "name", "restore"])]
+    incoming: Option<String>,
     /// Run every VMM thread under its seccomp allowlist (docs/isolation.md); a call outside it
     /// kills the VMM with SIGSYS.
     #[arg(long)]
@@ -305,6 +311,15 @@ pub fn run(args: RunArgs) -> ExitCode {
     finish(ferro_vmm::run_foreground(&hv, start))
 }
 
+/// Where `ferro vmm`'s VM comes from.
+enum VmmStart<'a> {
+    /// Booted or restored here.
+    Here(Start<'a>),
+    /// Received from a migrating VMM on this `--incoming` address; a configuration given along
+    /// is its wiring on this host.
+    Incoming(&'a str, Option<VmConfig>),
+}
+
 pub fn vmm(args: VmmArgs) -> ExitCode {
     let events = match args.event_fd.map(EventSink::from_fd).transpose() {
         Ok(sink) => sink.unwrap_or_else(EventSink::none),
@@ -320,11 +335,13 @@ pub fn vmm(args: VmmArgs) -> ExitCode {
     {
         return failed(e);
     }
-    let start = match (&args.restore, &args.config) {
-        (Some(dir), None) => Ok(Start::Restore(dir)),
-        (Some(dir), Some(path)) => read_config(path).map(|config| Start::RestoreRewired(dir, config)),
-        (None, Some(path)) => read_config(path).map(Start::Boot),
-        (None, None) => args.vm.config(args.name).map(Start::Boot),
+    let start = match (&args.incoming, &args.restore, &args.config) {
+        (Some(spec), _, None) => Ok(VmmStart::Incoming(spec, None)),
+        (Some(spec), _, Some(path)) => read_config(path).map(|wiring| VmmStart::Incoming(spec, Some(wiring))),
+        (None, Some(dir), None) => Ok(VmmStart::Here(Start::Restore(dir))),
+        (None, Some(dir), Some(path)) => read_config(path).map(|config| VmmStart::Here(Start::RestoreRewired(dir, config))),
+        (None, None, Some(path)) => read_config(path).map(|config| VmmStart::Here(Start::Boot(config))),
+        (None, None, None) => args.vm.config(args.name).map(|config| VmmStart::Here(Start::Boot(config))),
     };
     let start = match start {
         Ok(s) => s,
@@ -339,7 +356,12 @@ pub fn vmm(args: VmmArgs) -> ExitCode {
     let echo: Option<Box<dyn std::io::Write + Send>> =
         if args.serial_socket.is_some() { None } else { Some(Box::new(FdWriter(1))) };
     let hub = SerialHub::new(echo);
-    let vm = match VmBuilder::new(&hv).serial_out(hub.writer()).events(events.clone()).build(start) {
+    let builder = VmBuilder::new(&hv).serial_out(hub.writer()).events(events.clone());
+    let built = match start {
+        VmmStart::Here(start) => builder.build(start),
+        VmmStart::Incoming(spec, wiring) => ferro_vmm::migration::receive(builder, spec, wiring.as_ref()),
+    };
+    let vm = match built {
         Ok(vm) => vm,
         Err(e) => return failed(e.to_string()),
     };
@@ -350,7 +372,9 @@ pub fn vmm(args: VmmArgs) -> ExitCode {
     }
     // Supervised VMMs tear KVM down themselves: when the process is gone, so is the VM, which
     // is what ferrod's accounting (and its leak tests) rely on.
-    let opts = RunOptions { interactive: false, api_socket: args.api_socket.clone(), exiting: false, paused: args.paused };
+    // A migrated VM's vCPUs are already in the state its source had them in.
+    let paused = args.paused || args.incoming.is_some();
+    let opts = RunOptions { interactive: false, api_socket: args.api_socket.clone(), exiting: false, paused };
     let status = finish(vm.run(&opts));
     for p in [&args.api_socket, &args.serial_socket].into_iter().flatten() {
         let _ = std::fs::remove_file(p);

@@ -87,6 +87,7 @@ fn reason(end: &RunEnd) -> String {
     match &end.exited {
         Some(ExitReason::PowerOff) => "guest powered off".to_string(),
         Some(ExitReason::Quit) => "VMM stopped (quit)".to_string(),
+        Some(ExitReason::Migrated) => "migrated away: the guest runs on the destination".to_string(),
         Some(ExitReason::Reset) => "guest reset, but the VMM did not exit cleanly".to_string(),
         Some(ExitReason::Signal(sig)) => format!("VMM stopped by signal {sig} ({})", signal_name(*sig)),
         Some(ExitReason::DebugExit(status)) => format!("guest exited with status {status} (debug-exit port)"),

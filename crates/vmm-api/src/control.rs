@@ -55,6 +55,35 @@ pub enum Request {
     /// Lets every thread but the vCPUs (main loop, device workers, sockets, and threads started
     /// later) run only on host CPUs `cpus`. Reply: [`Done`].
     PinEmulator { cpus: CpuList },
+    /// Live-migrates the VM to the VMM listening at `to` (`unix:PATH` or `tcp:HOST:PORT`, a
+    /// `ferro vmm --incoming`; docs/migration.md): pre-copy while the guest runs until the
+    /// dirty remainder fits `max_downtime_ms` at the measured rate, then pause, send the rest
+    /// and the device state, and let the destination run. The reply comes once the destination
+    /// runs the guest, and this VMM then exits ([`ExitReason::Migrated`]). Before that point
+    /// any failure leaves the VM running here. `bandwidth_mib` caps the pre-copy rate (MiB/s);
+    /// `auto_converge` throttles the vCPUs step by step while the guest dirties memory faster
+    /// than it can be sent. Reply: [`MigrateReply`].
+    MigrateSend {
+        to: String,
+        #[serde(default = "default_max_downtime_ms")]
+        max_downtime_ms: u64,
+        #[serde(default)]
+        bandwidth_mib: Option<u64>,
+        #[serde(default)]
+        auto_converge: bool,
+    },
+    /// Progress of the migration under way, or how the last one ended. Reply: [`MigrationInfo`].
+    MigrateInfo,
+    /// Cancels the migration under way before its switch-over; the VM keeps running here.
+    /// Reply: [`Done`].
+    MigrateCancel,
+}
+
+/// The downtime a migration aims for when the request names none.
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
+
+fn default_max_downtime_ms() -> u64 {
+    DEFAULT_MAX_DOWNTIME_MS
 }
 
 impl Request {
@@ -73,6 +102,9 @@ impl Request {
             Request::VcpuInfo => "vcpu_info",
             Request::PinVcpu { .. } => "pin_vcpu",
             Request::PinEmulator { .. } => "pin_emulator",
+            Request::MigrateSend { .. } => "migrate_send",
+            Request::MigrateInfo => "migrate_info",
+            Request::MigrateCancel => "migrate_cancel",
         }
     }
 }
@@ -208,6 +240,68 @@ pub struct SnapshotReply {
     pub disks: Vec<std::path::PathBuf>,
 }
 
+/// How a migration went, when the destination runs the guest.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrateReply {
+    /// From the pause here to the destination's word that the guest runs there, in microseconds.
+    pub downtime_us: u64,
+    /// From the request to that word, in milliseconds.
+    pub total_ms: u64,
+    /// Bytes sent on the migration stream (memory, state and framing).
+    pub transferred_bytes: u64,
+    /// Memory passes: the first full one, the dirty rounds, and the final one while paused.
+    pub iterations: u32,
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// No migration has been asked for.
+    #[default]
+    None,
+    /// Memory is being sent while the guest runs.
+    Active,
+    /// The guest is paused and the rest is being sent.
+    SwitchingOver,
+    /// The destination runs the guest; this VMM is exiting.
+    Completed,
+    /// It failed before the switch-over; the guest runs here.
+    Failed,
+    /// Cancelled before the switch-over; the guest runs here.
+    Cancelled,
+    /// The destination was told to run the guest but did not confirm it: the guest is left
+    /// paused here, since it may run there.
+    Unconfirmed,
+}
+
+/// Progress of a migration (virsh domjobinfo's numbers).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    pub state: MigrationState,
+    /// The memory pass under way (1: the first full pass).
+    pub iteration: u32,
+    pub transferred_bytes: u64,
+    /// Dirty memory still to send, as of the last look at the dirty log.
+    pub remaining_bytes: u64,
+    /// How fast the guest dirtied memory during the last round, bytes per second.
+    pub dirty_rate_bytes_per_s: u64,
+    /// How fast the stream carried memory during the last round, bytes per second.
+    pub transfer_rate_bytes_per_s: u64,
+    /// The pause the remainder would cost now, at the measured transfer rate.
+    pub expected_downtime_ms: u64,
+    /// The share of time the vCPUs are held back (auto-converge), percent.
+    pub throttle_percent: u32,
+    /// Since the migration began.
+    pub elapsed_ms: u64,
+    /// Why it failed, for `failed`, `cancelled` and `unconfirmed`.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// For `completed`: the final numbers.
+    #[serde(default)]
+    pub result: Option<MigrateReply>,
+}
+
 /// Why a VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -222,6 +316,8 @@ pub enum ExitReason {
     Signal(i32),
     /// The user typed the console escape, or the control socket asked to quit.
     Quit,
+    /// The VM was migrated away and runs on the destination now.
+    Migrated,
     /// A fatal error; the message says what failed.
     Error(String),
 }
@@ -230,7 +326,7 @@ impl ExitReason {
     /// The process exit status for `ferro run`.
     pub fn status(&self) -> i32 {
         match self {
-            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Quit | ExitReason::Signal(_) => 0,
+            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Quit | ExitReason::Migrated | ExitReason::Signal(_) => 0,
             ExitReason::DebugExit(s) => *s,
             ExitReason::Error(_) => 2,
         }

@@ -101,19 +101,21 @@ impl<'a> VmBuilder<'a> {
     /// made from `memory_file` (written by [`VmControl::save_memory`]). Refused
     /// when this host lacks a CPU feature the guest was given.
     pub fn restore(self, state: SnapshotState, memory_file: &Path) -> Result<Vm> {
+        self.restore_with(state, |config| memory::create(&config.memory, memory::Source::File(memory_file)))
+    }
+
+    /// The VM `state` describes, its RAM made by `memory` once the state has checked out (a
+    /// migration's destination hands over the RAM it has received).
+    pub(crate) fn restore_with(self, state: SnapshotState, memory: impl FnOnce(&VmConfig) -> Result<GuestMemoryMmap>) -> Result<Vm> {
         let SnapshotState { config, cpu_features, vm: saved } = state;
-        self.check(&config)?;
-        let missing = cpu_features.missing_on(&host_features(self.hv, config.vcpus));
-        if !missing.is_empty() {
-            return Err(Error::Config(format!("this host's CPU lacks features the saved guest was given: {}", missing.join(", "))));
-        }
+        self.check_restorable(&config, &cpu_features)?;
         if saved.version != SAVED_VM_VERSION {
             return Err(Error::Config(format!("saved VM state version {}: this VMM reads version {SAVED_VM_VERSION}", saved.version)));
         }
         if saved.vcpus.len() != usize::from(config.vcpus) {
             return Err(Error::Config(format!("the saved VM has {} vCPUs, the configuration {}", saved.vcpus.len(), config.vcpus)));
         }
-        let memory = memory::create(&config.memory, memory::Source::File(memory_file))?;
+        let memory = memory(&config)?;
         let Base { vm, memory } = self.base(memory)?;
         let resources = ResourceAllocator::restored(saved.devices.resources.clone());
         let (devices, buses) = DeviceManager::new(&vm, &memory, &config, resources, self.serial_out, &self.events)?;
@@ -125,6 +127,17 @@ impl<'a> VmBuilder<'a> {
             .map_err(|e| Error::Io("spawning a vCPU thread", e))?;
         vcpus.restore(saved.vcpus).map_err(Error::Internal)?;
         pinned(VmControl::new(config, cpu_features, vm, memory, devices, shared, vcpus, self.events))
+    }
+
+    /// Refuses a VM this host cannot take over: a configuration it cannot run, or CPU features
+    /// the guest was given that this host lacks (guest code may already use them).
+    pub(crate) fn check_restorable(&self, config: &VmConfig, cpu_features: &CpuFeatures) -> Result<()> {
+        self.check(config)?;
+        let missing = cpu_features.missing_on(&host_features(self.hv, config.vcpus));
+        if !missing.is_empty() {
+            return Err(Error::Config(format!("this host's CPU lacks features the saved guest was given: {}", missing.join(", "))));
+        }
+        Ok(())
     }
 
     /// Refuses a configuration this host or this VMM cannot run, before anything is built, and

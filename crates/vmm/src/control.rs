@@ -1,8 +1,9 @@
 //! The per-VM control socket (docs/vmm-control.md): [`Request`]s from `ferrod` (or any client)
 //! to pause, resume, press the power button, reset, quit, read stats, set the balloon, save a
-//! snapshot, and read and set where vCPU and emulator threads run, one JSON line each way, typed by `ferro-vmm-api`, answered through [`VmControl`].
+//! snapshot, read and set where vCPU and emulator threads run, and migrate the VM away, one JSON line each way, typed by `ferro-vmm-api`, answered through [`VmControl`].
 
 use crate::exit::ExitReason;
+use crate::migration::{self, SendOptions};
 use crate::vm::VmControl;
 use ferro_jail::seccomp::{self, ThreadKind};
 use ferro_vmm_api::Request;
@@ -11,6 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Sets the balloon's target to `mib` MiB of guest memory to take back.
 fn balloon(vm: &VmControl, mib: u64) -> Result<BalloonReply, String> {
@@ -60,6 +62,18 @@ pub fn handle(vm: &VmControl, line: &str) -> (String, Option<ExitReason>) {
         Request::VcpuInfo => encode_reply(&vm.vcpu_info()),
         Request::PinVcpu { vcpu, cpus } => done(vm.pin_vcpu(vcpu, &cpus)),
         Request::PinEmulator { cpus } => done(vm.pin_emulator(&cpus)),
+        Request::MigrateSend { to, max_downtime_ms, bandwidth_mib, auto_converge } => {
+            let opts = SendOptions {
+                max_downtime: Duration::from_millis(max_downtime_ms),
+                bandwidth: bandwidth_mib.map(|mib| mib.saturating_mul(1 << 20)),
+                auto_converge,
+            };
+            let sent = migration::send(vm, &to, &opts);
+            let exit = sent.is_ok().then_some(ExitReason::Migrated);
+            return (encode_reply(&sent), exit);
+        }
+        Request::MigrateInfo => encode_reply(&Ok(vm.migration().info())),
+        Request::MigrateCancel => done(vm.migration().cancel()),
     };
     (reply, None)
 }

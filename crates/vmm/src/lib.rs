@@ -13,6 +13,7 @@ pub mod events;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod pci;
 pub mod resources;
 pub mod serial_socket;

@@ -17,9 +17,11 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+pub use ferro_devices::virtio::GuestMemoryMmap;
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 /// Pages are compared and written in pieces this big when memory is saved.
 const SAVE_CHUNK: usize = 64 << 10;
@@ -227,22 +229,57 @@ pub fn overhead_bytes() -> u64 {
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region_host(mem, region)?;
-        let desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
         // Guest RAM is never needed in a forked child (see vm::defer_kvm_teardown); this also
         // keeps fork from copying its page tables.
         // SAFETY: madvise on a mapping `mem` owns, covering exactly the region.
         unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTFORK) };
-        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM (the Vm
-        // keeps both and drops the VM fd first), and the slots do not overlap.
-        unsafe { vm.set_user_memory_region(desc) }.map_err(ferro_hypervisor::ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
+        set_slot(vm, mem, slot, region, 0)?;
     }
     Ok(())
+}
+
+/// Sets (or changes the flags of) KVM memory slot `slot`, which maps `region`.
+fn set_slot(vm: &VmFd, mem: &GuestMemoryMmap, slot: usize, region: &GuestRegionMmap, flags: u32) -> Result<()> {
+    let desc = kvm_userspace_memory_region {
+        slot: slot as u32,
+        flags,
+        guest_phys_addr: region.start_addr().0,
+        memory_size: region.len(),
+        userspace_addr: region_host(mem, region)? as u64,
+    };
+    // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM (the Vm
+    // keeps both and drops the VM fd first), and the slots do not overlap.
+    unsafe { vm.set_user_memory_region(desc) }.map_err(ferro_hypervisor::ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
+    Ok(())
+}
+
+/// Turns dirty page tracking on or off for all of guest RAM: KVM's dirty log for what the
+/// vCPUs write, and each region's bitmap for what devices write through `mem`. Turning it on
+/// starts both from clean.
+pub fn set_dirty_logging(vm: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<()> {
+    let flags = if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+    for (slot, region) in mem.iter().enumerate() {
+        std::ops::Deref::deref(region).bitmap().reset();
+        set_slot(vm, mem, slot, region, flags)?;
+    }
+    Ok(())
+}
+
+/// The pages written since dirty logging was turned on or this was last called, one bitmap per
+/// region in `mem`'s order (bit `i` of word `w` is page `64 * w + i` of the region), and both
+/// logs cleared: KVM's for the vCPUs' writes, OR-ed with the region's for the devices'.
+pub fn take_dirty(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>> {
+    mem.iter()
+        .enumerate()
+        .map(|(slot, region)| {
+            let mut bits = vm.get_dirty_log(slot as u32, region.len() as usize).map_err(ferro_hypervisor::ioctl_err("KVM_GET_DIRTY_LOG"))?;
+            let by_devices = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            for (word, device_word) in bits.iter_mut().zip(by_devices) {
+                *word |= device_word;
+            }
+            Ok(bits)
+        })
+        .collect()
 }
 
 /// Writes guest RAM to a new file at `path` in the layout [`create`] reads: regions back to
@@ -269,7 +306,7 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<u64> {
         let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
         let anonymous = region.file_offset().is_none();
         for (window_start, window) in bytes.chunks(PAGEMAP_WINDOW).enumerate().map(|(i, w)| (i * PAGEMAP_WINDOW, w)) {
-            let touched = if anonymous { Some(pagemap.touched(window)?) } else { None };
+            let touched = if anonymous { Some(pagemap.touched(window.as_ptr(), window.len())?) } else { None };
             for (i, chunk) in window.chunks(SAVE_CHUNK).enumerate() {
                 let pages = i * SAVE_CHUNK / PAGE..(i * SAVE_CHUNK + chunk.len()).div_ceil(PAGE);
                 let may_hold_data = touched.as_ref().is_none_or(|t| t[pages].iter().any(|&p| p));
@@ -285,24 +322,25 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<u64> {
     Ok(written)
 }
 
-const PAGE: usize = 4096;
+pub const PAGE: usize = 4096;
 /// Guest memory whose page states are read from pagemap in one go (8 bytes a page: 512 KiB).
 const PAGEMAP_WINDOW: usize = 256 << 20;
 
 /// This process's `/proc/self/pagemap`.
-struct PageMap(File);
+pub(crate) struct PageMap(File);
 
 impl PageMap {
-    fn open() -> Result<PageMap> {
+    pub(crate) fn open() -> Result<PageMap> {
         File::open("/proc/self/pagemap").map(PageMap).map_err(|e| Error::Io("opening /proc/self/pagemap", e))
     }
 
-    /// For each page of `bytes` (page aligned), whether it is in RAM or in swap (pagemap bits 63
-    /// and 62), i.e. may hold something other than zeros.
-    fn touched(&self, bytes: &[u8]) -> Result<Vec<bool>> {
+    /// For each page of the `len` bytes of this process's memory at `start` (page aligned),
+    /// whether it is in RAM or in swap (pagemap bits 63 and 62), i.e. may hold something other
+    /// than zeros. Only the addresses are used: the memory is not read.
+    pub(crate) fn touched(&self, start: *const u8, len: usize) -> Result<Vec<bool>> {
         const PRESENT_OR_SWAPPED: u64 = 3 << 62;
-        let mut entries = vec![0u8; bytes.len().div_ceil(PAGE) * 8];
-        let at = bytes.as_ptr() as u64 / PAGE as u64 * 8;
+        let mut entries = vec![0u8; len.div_ceil(PAGE) * 8];
+        let at = start as u64 / PAGE as u64 * 8;
         self.0.read_exact_at(&mut entries, at).map_err(|e| Error::Io("reading /proc/self/pagemap", e))?;
         Ok(entries.chunks_exact(8).map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) & PRESENT_OR_SWAPPED != 0).collect())
     }

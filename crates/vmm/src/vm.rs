@@ -54,6 +54,8 @@ pub struct VmControl {
     devices: DeviceManager,
     shared: Arc<Shared>,
     events: Arc<EventSink>,
+    /// The migration under way or the last one's outcome (docs/migration.md).
+    migration: crate::migration::Tracker,
     // Field order matters for drop: the VM fd goes before the memory it maps.
     vm: Arc<VmFd>,
     memory: GuestMemoryMmap,
@@ -71,7 +73,18 @@ impl VmControl {
         vcpus: Vcpus,
         events: Arc<EventSink>,
     ) -> VmControl {
-        VmControl { config, cpu_features, vcpus: Mutex::new(Some(vcpus)), paused: AtomicBool::new(true), devices, shared, events, vm, memory }
+        VmControl {
+            config,
+            cpu_features,
+            vcpus: Mutex::new(Some(vcpus)),
+            paused: AtomicBool::new(true),
+            devices,
+            shared,
+            events,
+            migration: crate::migration::Tracker::default(),
+            vm,
+            memory,
+        }
     }
 
     fn lock_vcpus(&self) -> MutexGuard<'_, Option<Vcpus>> {
@@ -141,6 +154,29 @@ impl VmControl {
             return Err("the VM is running; pause it before saving its memory".into());
         }
         memory::save(&self.memory, path).map_err(|e| e.to_string())
+    }
+
+    /// Guest RAM, for the migration stream (docs/migration.md).
+    pub(crate) fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub(crate) fn migration(&self) -> &crate::migration::Tracker {
+        &self.migration
+    }
+
+    /// Holds the vCPUs (not the devices) out of the guest for `hold`, then lets them run again:
+    /// one step of auto-converge's throttle. Nothing happens when the VM is paused or stopped;
+    /// other control operations wait meanwhile.
+    pub(crate) fn hold_vcpus(&self, hold: Duration) -> std::result::Result<(), String> {
+        let vcpus = self.lock_vcpus();
+        let Some(vcpus) = vcpus.as_ref() else { return Ok(()) };
+        if self.is_paused() {
+            return Ok(());
+        }
+        vcpus.pause()?;
+        std::thread::sleep(hold);
+        vcpus.resume()
     }
 
     /// Asks the run loop to end the VM with `reason` (the first reason asked for wins).

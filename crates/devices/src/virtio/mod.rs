@@ -29,7 +29,12 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest RAM as devices see it. Every write through it (a used ring, a buffer filled for the
+/// guest) marks its page in the region's bitmap, so a live migration resends pages devices
+/// wrote as well as those the vCPUs did (KVM's dirty log sees only the latter).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// What a view into [`GuestMemoryMmap`] carries to mark the pages it writes.
+pub type GuestBitmapSlice<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
 
 /// Device status bits (virtio 1.x section 2.1).
 pub mod status {

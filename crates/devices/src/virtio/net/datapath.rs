@@ -9,7 +9,7 @@ use super::tap::{Tap, VNET_HDR_LEN};
 use super::{RX_QUEUE, TX_QUEUE};
 use crate::virtio::chains::{Broken, drain, next_chain};
 use crate::virtio::worker::{Wake, WorkerState};
-use crate::virtio::{Activation, GuestMemoryMmap, InterruptReason, VirtioInterrupt};
+use crate::virtio::{Activation, GuestBitmapSlice, GuestMemoryMmap, InterruptReason, VirtioInterrupt};
 use ferro_vmm_api::control::NicStats;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -195,7 +195,7 @@ impl NetIo {
     /// broken ring.
     fn deliver(&mut self) -> Result<bool, String> {
         let len = self.pending;
-        let mut chains: Vec<(u16, Option<Writer<'_>>)> = Vec::new();
+        let mut chains: Vec<(u16, Option<Writer<'_, GuestBitmapSlice<'_>>>)> = Vec::new();
         let mut room = 0usize;
         while room < len {
             let Some(chain) = next_chain(&mut self.queues[RX_QUEUE], &self.mem)? else {

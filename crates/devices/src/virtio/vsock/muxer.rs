@@ -12,7 +12,7 @@
 use super::connection::{Conn, State};
 use super::packet::*;
 use crate::virtio::chains::{Broken, next_chain};
-use crate::virtio::{GuestMemoryMmap, InterruptReason, VirtioInterrupt};
+use crate::virtio::{GuestBitmapSlice, GuestMemoryMmap, InterruptReason, VirtioInterrupt};
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -296,7 +296,7 @@ impl Muxer {
         }
     }
 
-    fn handle_guest_packet(&mut self, pkt: &VsockPacket<'_, ()>, data: &[u8]) {
+    fn handle_guest_packet(&mut self, pkt: &VsockPacket<'_, GuestBitmapSlice<'_>>, data: &[u8]) {
         if pkt.src_cid() != self.guest_cid || pkt.dst_cid() != HOST_CID {
             return; // not from our guest, or not for the host: nowhere to go
         }
@@ -598,7 +598,7 @@ impl Muxer {
 
     /// Writes the next packet for the guest into `pkt`; its total length, or None if the work
     /// lists turned out to hold nothing.
-    fn next_packet(&mut self, pkt: &mut VsockPacket<'_, ()>) -> Option<u32> {
+    fn next_packet(&mut self, pkt: &mut VsockPacket<'_, GuestBitmapSlice<'_>>) -> Option<u32> {
         let hdr_len = pkt.header_slice().len() as u32;
         if let Some((local, peer)) = self.rsts.pop_front() {
             let h = ToGuest { guest_cid: self.guest_cid, local_port: local, peer_port: peer, op: OP_RST, ..Default::default() };

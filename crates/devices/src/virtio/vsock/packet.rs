@@ -2,6 +2,7 @@
 //! device writes into a guest receive buffer. Parsing guest packets is the `virtio-vsock`
 //! crate's job.
 
+use crate::virtio::GuestBitmapSlice;
 use virtio_vsock::packet::VsockPacket;
 
 pub const HOST_CID: u64 = 2;
@@ -38,7 +39,7 @@ pub struct ToGuest {
 }
 
 impl ToGuest {
-    pub fn write(&self, pkt: &mut VsockPacket<'_, ()>) {
+    pub fn write(&self, pkt: &mut VsockPacket<'_, GuestBitmapSlice<'_>>) {
         pkt.set_src_cid(HOST_CID)
             .set_dst_cid(self.guest_cid)
             .set_src_port(self.local_port)

@@ -1,0 +1,247 @@
+//! Live migration at the VMM level (docs/migration.md): `ferro vmm`'s `migrate_send` op moves a
+//! running guest to a `ferro vmm --incoming` on this host over a unix socket. The counter guest
+//! churns its 16 MiB pattern during the move (every pass checks each word against the
+//! generation last written, then writes the next one), so a page the move lost or left stale
+//! shows as errors on the destination; its count shows it was not rebooted. A destination that
+//! dies or refuses leaves the source running with its memory intact.
+
+use ferro_test_support::vm::{Vmm, ferro_command, read_until_within};
+use ferro_test_support::{TempDir, wait_exit, wait_for};
+use ferro_vmm_api::{BootConfig, DeviceConfig, Kernel, MemoryConfig, Transport, VmConfig};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+/// A guest's serial console socket.
+struct Console {
+    stream: UnixStream,
+    seen: String,
+}
+
+impl Console {
+    fn connect(path: &Path) -> Console {
+        wait_for("the serial socket", Duration::from_secs(20), || path.exists());
+        let stream = UnixStream::connect(path).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Console { stream, seen: String::new() }
+    }
+
+    fn type_keys(&mut self, keys: &str) {
+        self.stream.write_all(keys.as_bytes()).unwrap();
+    }
+
+    /// Waits for the whole line that starts with `prefix` and returns it (output before it is
+    /// dropped).
+    fn line(&mut self, prefix: &str) -> String {
+        read_until_within(&mut self.stream, &mut self.seen, prefix, Duration::from_secs(20));
+        let at = self.seen.find(prefix).expect("read_until saw it");
+        let mut line = self.seen.split_off(at);
+        read_until_within(&mut self.stream, &mut line, "\n", Duration::from_secs(10));
+        self.seen = line.split_off(line.find('\n').expect("read_until saw it") + 1);
+        line.trim_end().to_owned()
+    }
+}
+
+/// The value after `key=` in a counter line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let at = line.find(&format!("{key}=")).unwrap_or_else(|| panic!("no {key}= in {line:?}")) + key.len() + 1;
+    line[at..].split_whitespace().next().unwrap()
+}
+
+/// A source: the counter guest (64 MiB, 2 vCPUs) churning its pattern after two counts, every
+/// VMM thread under its seccomp allowlist (as ferrod runs VMMs).
+fn churning_source(tag: &str) -> (Vmm, Console, String) {
+    let dir = TempDir::new(tag);
+    let serial = dir.join("serial.sock");
+    let vmm = Vmm::start(
+        dir,
+        &["--guest", "counter", "--memory", "64M", "--cpus", "2", "--name", "mover", "--seccomp", "--serial-socket", serial.to_str().unwrap()],
+    );
+    let mut console = Console::connect(&serial);
+    let seed = field(&console.line("counter: up seed="), "seed").to_owned();
+    console.type_keys("cc");
+    assert_eq!(console.line("counter: 2 "), format!("counter: 2 seed={seed} errors=0"));
+    console.type_keys("d");
+    console.line("counter: churning");
+    (vmm, console, seed)
+}
+
+/// A `ferro vmm --incoming unix:DIR/in.sock` with its control and console sockets in DIR.
+struct Destination {
+    child: Child,
+    dir: TempDir,
+}
+
+impl Destination {
+    fn start(tag: &str, extra: &[&str]) -> Destination {
+        let dir = TempDir::new(tag);
+        let incoming = format!("unix:{}", dir.join("in.sock").display());
+        let child = ferro_command()
+            .arg("vmm")
+            .args(["--incoming", &incoming, "--api-socket", dir.join("api.sock").to_str().unwrap()])
+            .args(["--serial-socket", dir.join("serial.sock").to_str().unwrap()])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferro vmm --incoming");
+        let d = Destination { child, dir };
+        wait_for("the incoming socket", Duration::from_secs(10), || d.incoming().exists());
+        d
+    }
+
+    fn incoming(&self) -> PathBuf {
+        self.dir.join("in.sock")
+    }
+
+    fn address(&self) -> String {
+        format!("unix:{}", self.incoming().display())
+    }
+
+    fn request(&self, line: &str) -> Value {
+        let mut api = UnixStream::connect(self.dir.join("api.sock")).unwrap();
+        writeln!(api, "{line}").unwrap();
+        let mut reply = String::new();
+        BufReader::new(api).read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap()
+    }
+
+    fn stderr(&mut self) -> String {
+        let mut err = String::new();
+        self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        err
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_churning_guest_moves_with_every_page_and_the_source_exits() {
+    let (mut source, console, seed) = churning_source("mig-src");
+    let mut dest = Destination::start("mig-dst", &["--seccomp"]);
+
+    // 100 MiB/s, with auto-converge on: the first pass takes long enough for the guest to rewrite its pattern many
+    // times meanwhile, so the dirty rounds and the final pass carry real changes.
+    let reply = source.request(&json!({"op": "migrate_send", "to": dest.address(), "bandwidth_mib": 100, "auto_converge": true}).to_string());
+    assert_eq!(reply["ok"], true, "{reply}");
+    eprintln!("migrated: {reply}");
+    assert!(reply["iterations"].as_u64().unwrap() >= 2, "a first pass and a final one at least: {reply}");
+    assert!(reply["transferred_bytes"].as_u64().unwrap() > 16 << 20, "the 16 MiB pattern went over: {reply}");
+    assert!(reply["transferred_bytes"].as_u64().unwrap() < 64 << 20, "pages never touched are not sent: {reply}");
+    assert!(reply["downtime_us"].as_u64().unwrap() > 0 && reply["total_ms"].as_u64().unwrap() > 0, "{reply}");
+    assert!(source.wait_exit(Duration::from_secs(10)).success(), "the source exits once the destination runs the guest");
+
+    let info = dest.request(r#"{"op":"info"}"#);
+    assert_eq!((info["state"].as_str(), info["name"].as_str(), info["vcpus"].as_u64()), (Some("running"), Some("mover"), Some(2)), "{info}");
+    drop(console.stream);
+    let mut console = Console::connect(&dest.dir.join("serial.sock"));
+    console.type_keys("c");
+    // The churn went on across the move without a single stale word, and the count from before.
+    let churned = console.line("counter: churned ");
+    assert_eq!(field(&churned, "errors"), "0", "a page was lost or stale: {churned}");
+    assert!(field(&churned, "passes").parse::<u64>().unwrap() > 1, "{churned}");
+    assert_eq!(console.line("counter: 3 "), format!("counter: 3 seed={seed} errors=0"));
+    assert_eq!(dest.request(r#"{"op":"quit"}"#)["ok"], true);
+    assert!(wait_exit(&mut dest.child, Duration::from_secs(10)).unwrap().success(), "{}", dest.stderr());
+}
+
+#[test]
+fn a_destination_that_dies_or_refuses_leaves_the_source_running() {
+    let (mut source, mut console, seed) = churning_source("mig-fail-src");
+
+    // Killed mid-stream: 8 MiB/s makes the first pass take seconds.
+    let mut dest = Destination::start("mig-fail-dst", &[]);
+    let api = source.api_path();
+    let to = dest.address();
+    let migrating = std::thread::spawn(move || {
+        let mut s = UnixStream::connect(api).unwrap();
+        writeln!(s, "{}", json!({"op": "migrate_send", "to": to, "bandwidth_mib": 8})).unwrap();
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).unwrap();
+        serde_json::from_str::<Value>(&reply).unwrap()
+    });
+    wait_for("the destination to accept", Duration::from_secs(10), || !dest.incoming().exists());
+    wait_for("the migration to be under way", Duration::from_secs(10), || {
+        let info = source.request(r#"{"op":"migrate_info"}"#);
+        info["state"] == "active" && info["transferred_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    let again = source.request(&json!({"op": "migrate_send", "to": "unix:/nowhere"}).to_string());
+    assert!(again["error"].as_str().unwrap().contains("already under way"), "{again}");
+    dest.child.kill().unwrap();
+    let reply = migrating.join().unwrap();
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["error"].as_str().unwrap().starts_with("migration failed, the VM runs on here: "), "{reply}");
+    let info = source.request(r#"{"op":"migrate_info"}"#);
+    assert_eq!(info["state"], "failed", "{info}");
+    assert_eq!(source.request(r#"{"op":"info"}"#)["state"], "running");
+
+    // Refused at the hello: the destination's configuration is another VM.
+    let other = TempDir::new("mig-other");
+    let config = other.join("vm.json");
+    let wrong = VmConfig {
+        name: "mover".into(),
+        boot: BootConfig { kernel: Kernel::TestGuest("counter".into()), initrd: None, cmdline: String::new() },
+        memory: MemoryConfig::new(128 << 20),
+        vcpus: 2,
+        devices: DeviceConfig::with_default_ids(vec![]),
+        transport: Transport::Mmio,
+        debug_exit: false,
+        pinning: Default::default(),
+    };
+    std::fs::write(&config, serde_json::to_vec(&wrong).unwrap()).unwrap();
+    let mut refusing = Destination::start("mig-refuse-dst", &["--config", config.to_str().unwrap()]);
+    let reply = source.request(&json!({"op": "migrate_send", "to": refusing.address()}).to_string());
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("the destination refused while checking the VM"), "{reply}");
+    let status = wait_exit(&mut refusing.child, Duration::from_secs(10)).expect("the refusing destination exits");
+    assert!(!status.success());
+    eprintln!("refusing destination: {}", refusing.stderr());
+
+    // Cancelled: the op fails as cancelled and the guest runs on.
+    let dest = Destination::start("mig-cancel-dst", &[]);
+    let api = source.api_path();
+    let to = dest.address();
+    let migrating = std::thread::spawn(move || {
+        let mut s = UnixStream::connect(api).unwrap();
+        writeln!(s, "{}", json!({"op": "migrate_send", "to": to, "bandwidth_mib": 8})).unwrap();
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).unwrap();
+        serde_json::from_str::<Value>(&reply).unwrap()
+    });
+    wait_for("the migration to be under way", Duration::from_secs(10), || source.request(r#"{"op":"migrate_info"}"#)["state"] == "active");
+    assert_eq!(source.request(r#"{"op":"migrate_cancel"}"#)["ok"], true);
+    let reply = migrating.join().unwrap();
+    assert!(reply["error"].as_str().unwrap().contains("cancelled"), "{reply}");
+    assert_eq!(source.request(r#"{"op":"migrate_info"}"#)["state"], "cancelled");
+    drop(dest);
+
+    // The guest never stopped churning, every word as last written.
+    console.type_keys("c");
+    let churned = console.line("counter: churned ");
+    assert_eq!(field(&churned, "errors"), "0", "{churned}");
+    assert_eq!(console.line("counter: 3 "), format!("counter: 3 seed={seed} errors=0"));
+}
+
+#[test]
+fn a_stream_of_another_version_is_refused_by_name() {
+    let mut dest = Destination::start("mig-version", &[]);
+    let mut s = UnixStream::connect(dest.incoming()).unwrap();
+    let mut header = b"FERROMIG".to_vec();
+    header.extend_from_slice(&2u32.to_le_bytes());
+    header.extend_from_slice(&[0; 12]);
+    s.write_all(&header).unwrap();
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).unwrap();
+    let reply: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply["error"], "the source speaks migration protocol version 2, this VMM version 1", "{reply}");
+    assert!(!wait_exit(&mut dest.child, Duration::from_secs(10)).unwrap().success());
+    assert!(dest.stderr().contains("migration protocol version 2"));
+}

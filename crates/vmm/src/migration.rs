@@ -1,0 +1,750 @@
+//! Live migration between two VMMs (docs/migration.md): the sending side ([`send`], behind the
+//! `migrate_send` control op) and the receiving side ([`receive`], behind `ferro vmm
+//! --incoming`) of the version 1 stream, and the [`Tracker`] `migrate_info` reads.
+//!
+//! The sender turns on dirty logging (KVM's for what the vCPUs write, the memory bitmap for
+//! what devices write), sends every page that may hold data, then the pages dirtied meanwhile
+//! in rounds until the remainder fits the downtime budget at the measured rate. Then it pauses
+//! the guest, sends the remainder and the saved VM, and waits for the destination to have built
+//! the VM; only then does it send `go`, and it stops only once the destination says the guest
+//! runs. A failure before `go` resumes the guest here; after `go` without that word the guest
+//! stays paused here (it may run there) and the state says so.
+
+use crate::memory::{self, GuestMemoryMmap, PAGE, PageMap};
+use crate::snapshot::{CpuFeatures, SnapshotState};
+use crate::state::SavedVm;
+use crate::vm::{Vm, VmControl};
+use crate::{Error, Result, VmBuilder};
+use ferro_vmm_api::VmConfig;
+use ferro_vmm_api::control::{Done, MigrateReply, MigrationInfo, MigrationState, decode_reply, encode_reply};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// The first bytes of a migration stream.
+pub const MAGIC: [u8; 8] = *b"FERROMIG";
+/// The version of the stream: its framing, records and handshake.
+pub const VERSION: u32 = 1;
+
+/// Record tags (one byte before each record).
+const RECORD_PAGES: u8 = 1;
+const RECORD_ZEROS: u8 = 2;
+const RECORD_STATE: u8 = 3;
+const RECORD_GO: u8 = 4;
+
+/// Pages in one `pages` record the sender makes; the receiver accepts up to [`MAX_RUN`].
+const RUN: usize = 64;
+const MAX_RUN: u32 = 1024;
+/// The hello and the state are JSON; no real one is anywhere near these.
+const MAX_HELLO: u64 = 16 << 20;
+const MAX_STATE: u64 = 256 << 20;
+/// A link silent this long fails the migration on either side.
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(30);
+/// A dirty remainder this small always fits: it is one record.
+const SMALL_REMAINDER: u64 = (RUN * PAGE) as u64;
+/// One auto-converge throttle period, and its steps.
+const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
+const THROTTLE_FIRST: u32 = 20;
+const THROTTLE_STEP: u32 = 10;
+const THROTTLE_MAX: u32 = 99;
+
+/// What the destination learns first: the VM it is to take over.
+#[derive(Debug, Serialize, Deserialize)]
+struct Hello {
+    config: VmConfig,
+    cpu_features: CpuFeatures,
+}
+
+/// How `migrate_send` should go.
+#[derive(Clone, Debug)]
+pub struct SendOptions {
+    pub max_downtime: Duration,
+    /// Bytes per second the pre-copy may use; None: as fast as the link goes.
+    pub bandwidth: Option<u64>,
+    pub auto_converge: bool,
+}
+
+/// The migration under way or the last one's outcome, and the cancel flag.
+#[derive(Default)]
+pub struct Tracker {
+    info: Mutex<MigrationInfo>,
+    cancel: AtomicBool,
+    throttle: AtomicU32,
+}
+
+impl Tracker {
+    pub fn info(&self) -> MigrationInfo {
+        let mut info = self.info.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        info.throttle_percent = self.throttle.load(Ordering::Relaxed);
+        info
+    }
+
+    /// Asks the migration under way to stop before its switch-over.
+    pub fn cancel(&self) -> std::result::Result<(), String> {
+        let info = self.info.lock().unwrap_or_else(|p| p.into_inner());
+        match info.state {
+            MigrationState::Active => {
+                self.cancel.store(true, Ordering::Release);
+                Ok(())
+            }
+            MigrationState::SwitchingOver => Err("the migration is switching over and can no longer be cancelled".into()),
+            _ => Err("no migration is under way".into()),
+        }
+    }
+
+    fn begin(&self) -> std::result::Result<(), String> {
+        let mut info = self.info.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(info.state, MigrationState::Active | MigrationState::SwitchingOver) {
+            return Err("a migration is already under way".into());
+        }
+        *info = MigrationInfo { state: MigrationState::Active, ..Default::default() };
+        self.cancel.store(false, Ordering::Release);
+        self.throttle.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut MigrationInfo)) {
+        f(&mut self.info.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+}
+
+/// A connected migration stream: a unix socket or TCP.
+pub enum Link {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Link {
+    /// Connects to `unix:PATH` or `tcp:HOST:PORT`.
+    pub fn connect(to: &str) -> std::result::Result<Link, String> {
+        let link = if let Some(path) = to.strip_prefix("unix:") {
+            UnixStream::connect(path).map(Link::Unix)
+        } else if let Some(addr) = to.strip_prefix("tcp:") {
+            TcpStream::connect(addr).map(Link::Tcp)
+        } else {
+            return Err(format!("migration address {to:?}: expected unix:PATH or tcp:HOST:PORT"));
+        };
+        let link = link.map_err(|e| format!("connecting to {to}: {e}"))?;
+        link.set_timeouts()?;
+        Ok(link)
+    }
+
+    /// Waits for the source on `spec`: `unix:PATH` or `tcp:HOST:PORT` (listens there and
+    /// accepts one connection), or `fd:N` (an inherited, connected unix socket).
+    pub fn accept(spec: &str) -> std::result::Result<Link, String> {
+        let link = if let Some(path) = spec.strip_prefix("unix:") {
+            let _ = std::fs::remove_file(path);
+            let listener = UnixListener::bind(path).map_err(|e| format!("--incoming {spec}: {e}"))?;
+            let accepted = listener.accept().map(|(s, _)| Link::Unix(s));
+            let _ = std::fs::remove_file(path);
+            accepted
+        } else if let Some(addr) = spec.strip_prefix("tcp:") {
+            let listener = TcpListener::bind(addr).map_err(|e| format!("--incoming {spec}: {e}"))?;
+            listener.accept().map(|(s, _)| Link::Tcp(s))
+        } else if let Some(fd) = spec.strip_prefix("fd:") {
+            let fd: i32 = fd.parse().map_err(|_| format!("--incoming {spec}: fd:N needs a descriptor number"))?;
+            // SAFETY: fcntl(F_GETFD) only asks whether the number is an open descriptor.
+            if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(format!("--incoming {spec}: descriptor {fd} is not an open inherited descriptor"));
+            }
+            // SAFETY: the descriptor is open and was handed to this process for this stream
+            // alone; the Link owns it from here on.
+            Ok(Link::Unix(unsafe { UnixStream::from_raw_fd(fd) }))
+        } else {
+            return Err(format!("--incoming {spec}: expected unix:PATH, tcp:HOST:PORT or fd:N"));
+        };
+        let link = link.map_err(|e| format!("--incoming {spec}: accepting the source: {e}"))?;
+        link.set_timeouts()?;
+        Ok(link)
+    }
+
+    fn set_timeouts(&self) -> std::result::Result<(), String> {
+        let set = match self {
+            Link::Unix(s) => s.set_read_timeout(Some(LINK_TIMEOUT)).and_then(|()| s.set_write_timeout(Some(LINK_TIMEOUT))),
+            Link::Tcp(s) => s
+                .set_read_timeout(Some(LINK_TIMEOUT))
+                .and_then(|()| s.set_write_timeout(Some(LINK_TIMEOUT)))
+                .and_then(|()| s.set_nodelay(true)),
+        };
+        set.map_err(|e| format!("migration link: {e}"))
+    }
+
+    fn try_clone(&self) -> std::result::Result<Link, String> {
+        match self {
+            Link::Unix(s) => s.try_clone().map(Link::Unix),
+            Link::Tcp(s) => s.try_clone().map(Link::Tcp),
+        }
+        .map_err(|e| format!("migration link: {e}"))
+    }
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Unix(s) => s.read(buf),
+            Link::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Unix(s) => s.write(buf),
+            Link::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Why a migration did not complete, and so what becomes of the guest here.
+enum Failure {
+    /// Before `go`: the destination will not run the guest; it runs on here.
+    Before(String),
+    /// After `go` without the destination's word: it may run there, so it stays paused here.
+    Unconfirmed(String),
+}
+
+/// The `migrate_send` op: migrates `vm` to the VMM at `to`. On success the reply's numbers;
+/// the caller then ends this VMM. On failure the VM runs here again (or, when the destination
+/// was told to run it but did not confirm, stays paused) and the error says what failed.
+pub fn send(vm: &VmControl, to: &str, opts: &SendOptions) -> std::result::Result<MigrateReply, String> {
+    let tracker = vm.migration();
+    tracker.begin()?;
+    let started = Instant::now();
+    let was_running = !vm.is_paused();
+    let outcome = Link::connect(to).map_err(Failure::Before).and_then(|link| {
+        memory::set_dirty_logging(vm.vm_fd(), vm.memory(), true).map_err(|e| Failure::Before(e.to_string()))?;
+        let result = Sender::new(vm, link, opts, started).and_then(|mut s| s.run(was_running));
+        if let Err(e) = memory::set_dirty_logging(vm.vm_fd(), vm.memory(), false) {
+            eprintln!("ferro: turning dirty logging off after the migration: {e}");
+        }
+        result
+    });
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match outcome {
+        Ok(reply) => {
+            tracker.update(|i| {
+                i.state = MigrationState::Completed;
+                i.elapsed_ms = elapsed_ms;
+                i.remaining_bytes = 0;
+                i.result = Some(reply.clone());
+            });
+            Ok(reply)
+        }
+        Err(Failure::Before(e)) => {
+            let cancelled = tracker.cancelled();
+            let resumed = if was_running { vm.resume() } else { Ok(()) };
+            let e = match resumed {
+                Ok(()) => e,
+                Err(r) => format!("{e}; and the VM did not resume: {r}"),
+            };
+            tracker.update(|i| {
+                i.state = if cancelled { MigrationState::Cancelled } else { MigrationState::Failed };
+                i.elapsed_ms = elapsed_ms;
+                i.error = Some(e.clone());
+            });
+            Err(format!("migration failed, the VM {} here: {e}", if was_running { "runs on" } else { "stays paused" }))
+        }
+        Err(Failure::Unconfirmed(e)) => {
+            let e = format!(
+                "the destination was told to run the guest but did not confirm it ({e}); the guest stays paused here since it may run there"
+            );
+            tracker.update(|i| {
+                i.state = MigrationState::Unconfirmed;
+                i.elapsed_ms = elapsed_ms;
+                i.error = Some(e.clone());
+            });
+            Err(e)
+        }
+    }
+}
+
+/// The sending end of one migration.
+struct Sender<'a> {
+    vm: &'a VmControl,
+    out: BufWriter<Link>,
+    replies: BufReader<Link>,
+    opts: &'a SendOptions,
+    started: Instant,
+    /// Bytes written to the stream so far.
+    sent: u64,
+    /// While the guest runs: the bandwidth cap applies, counted from `capped_since`.
+    capped_since: Option<(Instant, u64)>,
+    buf: Vec<u8>,
+    iterations: u32,
+}
+
+impl<'a> Sender<'a> {
+    fn new(vm: &'a VmControl, link: Link, opts: &'a SendOptions, started: Instant) -> std::result::Result<Sender<'a>, Failure> {
+        let replies = BufReader::new(link.try_clone().map_err(Failure::Before)?);
+        Ok(Sender {
+            vm,
+            out: BufWriter::with_capacity(1 << 20, link),
+            replies,
+            opts,
+            started,
+            sent: 0,
+            capped_since: None,
+            buf: vec![0; RUN * PAGE],
+            iterations: 0,
+        })
+    }
+
+    fn run(&mut self, was_running: bool) -> std::result::Result<MigrateReply, Failure> {
+        let before = |e: String| Failure::Before(e);
+        self.hello().map_err(before)?;
+        self.capped_since = Some((Instant::now(), self.sent));
+        let mut remainder = self.precopy().map_err(before)?;
+
+        // Switch-over: pause, send what is left and the state.
+        self.vm.migration().update(|i| i.state = MigrationState::SwitchingOver);
+        self.capped_since = None;
+        let paused_at = Instant::now();
+        self.vm.pause().map_err(before)?;
+        self.iterations += 1;
+        let last = memory::take_dirty(self.vm.vm_fd(), self.vm.memory()).map_err(|e| before(e.to_string()))?;
+        merge(&mut remainder, &last);
+        self.send_dirty(&remainder).map_err(before)?;
+        let saved: SavedVm = self.vm.save().map_err(before)?;
+        let state = serde_json::to_vec(&saved).map_err(|e| before(format!("encoding the VM state: {e}")))?;
+        self.write(&[RECORD_STATE]).and_then(|()| self.write(&(state.len() as u64).to_le_bytes())).map_err(before)?;
+        self.write(&state).and_then(|()| self.flush()).map_err(before)?;
+        self.reply("building the VM").map_err(before)?;
+
+        // The point of no return: from here the guest may run there.
+        self.write(&[RECORD_GO, u8::from(was_running)]).and_then(|()| self.flush()).map_err(Failure::Unconfirmed)?;
+        self.reply("starting the guest").map_err(Failure::Unconfirmed)?;
+        Ok(MigrateReply {
+            downtime_us: paused_at.elapsed().as_micros() as u64,
+            total_ms: self.started.elapsed().as_millis() as u64,
+            transferred_bytes: self.sent,
+            iterations: self.iterations,
+        })
+    }
+
+    fn hello(&mut self) -> std::result::Result<(), String> {
+        let hello = Hello { config: self.vm.config().clone(), cpu_features: self.vm.cpu_features().clone() };
+        let body = serde_json::to_vec(&hello).map_err(|e| format!("encoding the hello: {e}"))?;
+        let mut header = Vec::with_capacity(24);
+        header.extend_from_slice(&MAGIC);
+        header.extend_from_slice(&VERSION.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        self.write(&header)?;
+        self.write(&body)?;
+        self.flush()?;
+        self.reply("checking the VM")
+    }
+
+    /// The destination's answer to the last step: `Ok` or its error.
+    fn reply(&mut self, step: &str) -> std::result::Result<(), String> {
+        let mut line = String::new();
+        match self.replies.by_ref().take(64 << 10).read_line(&mut line) {
+            Ok(0) => Err(format!("the destination closed the link while {step}")),
+            Ok(_) => decode_reply::<Done>(line.trim_end()).map(drop).map_err(|e| format!("the destination refused while {step}: {e}")),
+            Err(e) => Err(format!("waiting for the destination while {step}: {e}")),
+        }
+    }
+
+    /// The first full pass and the dirty rounds; returns the dirty pages left for the pause.
+    fn precopy(&mut self) -> std::result::Result<Vec<Vec<u64>>, String> {
+        let stop = AtomicBool::new(false);
+        let vm = self.vm;
+        std::thread::scope(|scope| {
+            let throttle = Throttle::start(scope, vm, self.opts.auto_converge, &stop);
+            self.rounds(&throttle)
+        })
+    }
+
+    /// The first full pass, then dirty rounds until the remainder fits the downtime budget.
+    fn rounds(&mut self, throttle: &Throttle) -> std::result::Result<Vec<Vec<u64>>, String> {
+        let tracker = self.vm.migration();
+        let mut round_start = Instant::now();
+        let mut round_sent = self.sent;
+        self.iterations = 1;
+        tracker.update(|i| i.iteration = 1);
+        self.send_all()?;
+        let mut rate = 0u64;
+        let mut slow_rounds = 0;
+        loop {
+            if tracker.cancelled() {
+                return Err("cancelled".into());
+            }
+            let dirty = memory::take_dirty(self.vm.vm_fd(), self.vm.memory()).map_err(|e| e.to_string())?;
+            let elapsed = round_start.elapsed().max(Duration::from_micros(1));
+            let bytes_this_round = self.sent - round_sent;
+            // A round of a few pages says little about the link: keep the last good measure.
+            if bytes_this_round >= SMALL_REMAINDER || rate == 0 {
+                rate = (bytes_this_round as f64 / elapsed.as_secs_f64()) as u64;
+            }
+            let remaining = dirty_pages(&dirty) * PAGE as u64;
+            let expected = if rate == 0 { Duration::MAX } else { Duration::from_secs_f64(remaining as f64 / rate as f64) };
+            tracker.update(|i| {
+                i.transferred_bytes = self.sent;
+                i.remaining_bytes = remaining;
+                i.dirty_rate_bytes_per_s = (remaining as f64 / elapsed.as_secs_f64()) as u64;
+                i.transfer_rate_bytes_per_s = rate;
+                i.expected_downtime_ms = expected.as_millis().min(u128::from(u64::MAX)) as u64;
+                i.elapsed_ms = self.started.elapsed().as_millis() as u64;
+            });
+            if remaining <= SMALL_REMAINDER || expected <= self.opts.max_downtime {
+                return Ok(dirty);
+            }
+            // The guest dirtied more than half of what went out meanwhile: it outruns the link.
+            if remaining * 2 > bytes_this_round {
+                slow_rounds += 1;
+                if slow_rounds >= 2 {
+                    throttle.step_up();
+                    slow_rounds = 0;
+                }
+            }
+            round_start = Instant::now();
+            round_sent = self.sent;
+            self.iterations += 1;
+            tracker.update(|i| i.iteration = self.iterations);
+            self.send_dirty(&dirty)?;
+        }
+    }
+
+    /// Every page that may hold data (anonymous pages never touched cannot, and are not read).
+    fn send_all(&mut self) -> std::result::Result<(), String> {
+        let mem = self.vm.memory();
+        let pagemap = PageMap::open().map_err(|e| e.to_string())?;
+        let regions: Vec<(u64, u64, Option<*const u8>)> = mem
+            .iter()
+            .map(|r| {
+                let host = mem.get_host_address(r.start_addr()).ok().map(|h| h.cast_const());
+                (r.start_addr().0, r.len(), if r.file_offset().is_none() { host } else { None })
+            })
+            .collect();
+        for (start, len, anonymous_at) in regions {
+            let pages = (len as usize) / PAGE;
+            let mut page = 0;
+            while page < pages {
+                let n = RUN.min(pages - page);
+                let touched = match anonymous_at {
+                    // SAFETY: only the address is formed (inside the region's mapping), never read.
+                    Some(host) => pagemap.touched(unsafe { host.add(page * PAGE) }, n * PAGE).map_err(|e| e.to_string())?.iter().any(|&t| t),
+                    None => true,
+                };
+                if touched {
+                    self.send_pages(start + (page * PAGE) as u64, n, false)?;
+                }
+                page += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// The pages set in `dirty` (one bitmap per region, in order).
+    fn send_dirty(&mut self, dirty: &[Vec<u64>]) -> std::result::Result<(), String> {
+        let starts: Vec<u64> = self.vm.memory().iter().map(|r| r.start_addr().0).collect();
+        for (start, bits) in starts.into_iter().zip(dirty) {
+            for (first, count) in runs(bits) {
+                self.send_pages(start + (first * PAGE) as u64, count, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `count` (at most [`RUN`]) pages from `gpa`: runs of pages with data as `pages`
+    /// records, and runs of zero pages as `zeros` records when `zeros_matter` (the destination
+    /// may hold older data there) or not at all.
+    fn send_pages(&mut self, gpa: u64, count: usize, zeros_matter: bool) -> std::result::Result<(), String> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let bytes = &mut buf[..count * PAGE];
+        self.vm.memory().read_slice(bytes, GuestAddress(gpa)).map_err(|e| format!("reading guest memory at {gpa:#x}: {e}"))?;
+        let mut result = Ok(());
+        let mut at = 0;
+        while at < count && result.is_ok() {
+            let zero = is_zero(&bytes[at * PAGE..(at + 1) * PAGE]);
+            let mut end = at + 1;
+            while end < count && is_zero(&bytes[end * PAGE..(end + 1) * PAGE]) == zero {
+                end += 1;
+            }
+            let addr = gpa + (at * PAGE) as u64;
+            let n = (end - at) as u32;
+            result = if !zero {
+                self.record_header(RECORD_PAGES, addr, n).and_then(|()| self.write(&bytes[at * PAGE..end * PAGE]))
+            } else if zeros_matter {
+                self.record_header(RECORD_ZEROS, addr, n)
+            } else {
+                Ok(())
+            };
+            at = end;
+        }
+        self.buf = buf;
+        result?;
+        self.keep_to_bandwidth();
+        Ok(())
+    }
+
+    fn record_header(&mut self, tag: u8, gpa: u64, pages: u32) -> std::result::Result<(), String> {
+        let mut header = [0u8; 13];
+        header[0] = tag;
+        header[1..9].copy_from_slice(&gpa.to_le_bytes());
+        header[9..13].copy_from_slice(&pages.to_le_bytes());
+        self.write(&header)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::result::Result<(), String> {
+        self.out.write_all(bytes).map_err(|e| format!("sending to the destination: {e}"))?;
+        self.sent += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::result::Result<(), String> {
+        self.out.flush().map_err(|e| format!("sending to the destination: {e}"))
+    }
+
+    /// Sleeps as long as the pre-copy is ahead of its bandwidth cap.
+    fn keep_to_bandwidth(&self) {
+        let (Some(limit), Some((since, sent_then))) = (self.opts.bandwidth, self.capped_since) else { return };
+        let due = Duration::from_secs_f64((self.sent - sent_then) as f64 / limit.max(1) as f64);
+        if let Some(ahead) = due.checked_sub(since.elapsed()) {
+            std::thread::sleep(ahead);
+        }
+    }
+}
+
+/// Auto-converge: a thread that holds the vCPUs out of the guest for a share of each period,
+/// the share raised step by step while the guest outruns the link. Dropping it stops the
+/// thread (the scope it was spawned in joins it).
+struct Throttle<'a> {
+    percent: &'a AtomicU32,
+    enabled: bool,
+    stop: &'a AtomicBool,
+}
+
+impl<'env> Throttle<'env> {
+    fn start<'scope>(scope: &'scope std::thread::Scope<'scope, 'env>, vm: &'env VmControl, enabled: bool, stop: &'env AtomicBool) -> Throttle<'env> {
+        let percent = &vm.migration().throttle;
+        if enabled {
+            scope.spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let p = percent.load(Ordering::Relaxed);
+                    let hold = THROTTLE_PERIOD * p / 100;
+                    if p > 0
+                        && let Err(e) = vm.hold_vcpus(hold)
+                    {
+                        eprintln!("ferro: auto-converge: {e}");
+                        return;
+                    }
+                    std::thread::sleep(THROTTLE_PERIOD - hold);
+                }
+            });
+        }
+        Throttle { percent, enabled, stop }
+    }
+
+    fn step_up(&self) {
+        if self.enabled {
+            let p = self.percent.load(Ordering::Relaxed);
+            let next = if p == 0 { THROTTLE_FIRST } else { (p + THROTTLE_STEP).min(THROTTLE_MAX) };
+            self.percent.store(next, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Throttle<'_> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.iter().all(|&b| b == 0)
+}
+
+fn dirty_pages(dirty: &[Vec<u64>]) -> u64 {
+    dirty.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// ORs `more` into `into` (same regions, same lengths).
+fn merge(into: &mut [Vec<u64>], more: &[Vec<u64>]) {
+    for (a, b) in into.iter_mut().zip(more) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= y;
+        }
+    }
+}
+
+/// The runs of set bits in `bits` as (first page, count), none longer than [`RUN`].
+fn runs(bits: &[u64]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut open: Option<(usize, usize)> = None;
+    for (w, &word) in bits.iter().enumerate() {
+        if word == 0 && open.is_none() {
+            continue;
+        }
+        for b in 0..64 {
+            let page = w * 64 + b;
+            if word & (1 << b) != 0 {
+                open = match open {
+                    Some((first, n)) if n < RUN => Some((first, n + 1)),
+                    Some(full) => {
+                        out.push(full);
+                        Some((page, 1))
+                    }
+                    None => Some((page, 1)),
+                };
+            } else if let Some(run) = open.take() {
+                out.push(run);
+            }
+        }
+    }
+    out.extend(open);
+    out
+}
+
+/// The destination: a VM received on `spec` (see [`Link::accept`]), built and, when the source
+/// ran it, running; wired to this host by `wiring` when given (see [`VmConfig::rewired`]).
+/// The returned VM's vCPUs are in the state the source had them in: run it with
+/// `RunOptions::paused` so `run` leaves them so.
+pub fn receive(builder: VmBuilder, spec: &str, wiring: Option<&VmConfig>) -> Result<Vm> {
+    let link = Link::accept(spec).map_err(Error::Config)?;
+    let replies = link.try_clone().map_err(Error::Config)?;
+    let mut receiver = Receiver { input: BufReader::with_capacity(1 << 20, link), replies };
+    let received = receiver.receive(builder, wiring);
+    if let Err(e) = &received {
+        // Tell the source why, so it resumes the guest at once; it may be gone already.
+        receiver.answer(Err(e.to_string()));
+    }
+    received
+}
+
+struct Receiver {
+    input: BufReader<Link>,
+    replies: Link,
+}
+
+impl Receiver {
+    fn answer(&mut self, result: std::result::Result<(), String>) {
+        let _ = writeln!(self.replies, "{}", encode_reply(&result.map(|()| Done {})));
+    }
+
+    fn receive(&mut self, builder: VmBuilder, wiring: Option<&VmConfig>) -> Result<Vm> {
+        let hello = self.hello()?;
+        let config = match wiring {
+            Some(given) => hello.config.rewired(given).map_err(|e| Error::Config(format!("the incoming VM: {e}")))?,
+            None => hello.config,
+        };
+        builder.check_restorable(&config, &hello.cpu_features)?;
+        let mem = memory::create(&config.memory, memory::Source::Fresh)?;
+        self.answer(Ok(()));
+        let saved = self.memory(&mem)?;
+        let state = SnapshotState { config, cpu_features: hello.cpu_features, vm: saved };
+        let vm = builder.restore_with(state, |_| Ok(mem))?;
+        self.answer(Ok(()));
+        let mut go = [0u8; 2];
+        self.input.read_exact(&mut go).map_err(|e| Error::Config(format!("the source did not say go: {e}")))?;
+        if go[0] != RECORD_GO || go[1] > 1 {
+            return Err(Error::Config(format!("the source sent record {} where go was due", go[0])));
+        }
+        if go[1] == 1 {
+            vm.control().resume().map_err(Error::Internal)?;
+        }
+        self.answer(Ok(()));
+        Ok(vm)
+    }
+
+    fn hello(&mut self) -> Result<Hello> {
+        let mut header = [0u8; 24];
+        self.input.read_exact(&mut header).map_err(|e| Error::Config(format!("reading the migration header: {e}")))?;
+        if header[..8] != MAGIC {
+            return Err(Error::Config("the source did not send a Ferrovisor migration stream (bad magic)".into()));
+        }
+        let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+        if version != VERSION {
+            return Err(Error::Config(format!("the source speaks migration protocol version {version}, this VMM version {VERSION}")));
+        }
+        let len = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
+        if len > MAX_HELLO {
+            return Err(Error::Config(format!("the migration hello claims {len} bytes (at most {MAX_HELLO})")));
+        }
+        let body = self.read_vec(len, "the migration hello")?;
+        serde_json::from_slice(&body).map_err(|e| Error::Config(format!("the migration hello: {e}")))
+    }
+
+    fn read_vec(&mut self, len: u64, what: &str) -> Result<Vec<u8>> {
+        let mut body = vec![0u8; len as usize];
+        self.input.read_exact(&mut body).map_err(|e| Error::Config(format!("reading {what}: {e}")))?;
+        Ok(body)
+    }
+
+    /// Memory records into `mem` until the state record, which it returns.
+    fn memory(&mut self, mem: &GuestMemoryMmap) -> Result<SavedVm> {
+        let mut page = vec![0u8; MAX_RUN as usize * PAGE];
+        let zeros = vec![0u8; MAX_RUN as usize * PAGE];
+        loop {
+            let mut tag = [0u8; 1];
+            self.input.read_exact(&mut tag).map_err(|e| Error::Config(format!("reading the migration stream: {e}")))?;
+            match tag[0] {
+                RECORD_PAGES | RECORD_ZEROS => {
+                    let mut header = [0u8; 12];
+                    self.input.read_exact(&mut header).map_err(|e| Error::Config(format!("reading the migration stream: {e}")))?;
+                    let gpa = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
+                    let pages = u32::from_le_bytes(header[8..].try_into().expect("4 bytes"));
+                    if pages == 0 || pages > MAX_RUN || gpa % PAGE as u64 != 0 {
+                        return Err(Error::Config(format!("migration record at {gpa:#x} with {pages} pages: not page aligned or not 1 to {MAX_RUN} pages")));
+                    }
+                    let bytes = pages as usize * PAGE;
+                    let data = if tag[0] == RECORD_PAGES {
+                        self.input.read_exact(&mut page[..bytes]).map_err(|e| Error::Config(format!("reading the migration stream: {e}")))?;
+                        &page[..bytes]
+                    } else {
+                        &zeros[..bytes]
+                    };
+                    mem.write_slice(data, GuestAddress(gpa))
+                        .map_err(|e| Error::Config(format!("migration record at {gpa:#x} with {pages} pages is outside guest RAM: {e}")))?;
+                }
+                RECORD_STATE => {
+                    let mut len = [0u8; 8];
+                    self.input.read_exact(&mut len).map_err(|e| Error::Config(format!("reading the migration stream: {e}")))?;
+                    let len = u64::from_le_bytes(len);
+                    if len > MAX_STATE {
+                        return Err(Error::Config(format!("the migrated VM state claims {len} bytes (at most {MAX_STATE})")));
+                    }
+                    let body = self.read_vec(len, "the migrated VM state")?;
+                    return serde_json::from_slice(&body).map_err(|e| Error::Config(format!("the migrated VM state: {e}")));
+                }
+                other => return Err(Error::Config(format!("unknown migration record {other}"))),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_at_gaps_and_at_the_record_size() {
+        assert_eq!(runs(&[0b1011]), vec![(0, 2), (3, 1)]);
+        assert_eq!(runs(&[1 << 63, 1]), vec![(63, 2)], "a run crosses words");
+        assert_eq!(runs(&[u64::MAX, u64::MAX, 1]), vec![(0, 64), (64, 64), (128, 1)]);
+        assert!(runs(&[0, 0]).is_empty());
+    }
+
+    #[test]
+    fn dirty_maps_merge_and_count() {
+        let mut a = vec![vec![0b1, 0], vec![0b10]];
+        merge(&mut a, &[vec![0b100, 1 << 5], vec![0b10]]);
+        assert_eq!(a, vec![vec![0b101, 1 << 5], vec![0b10]]);
+        assert_eq!(dirty_pages(&a), 4);
+    }
+}
