@@ -153,21 +153,27 @@ fn a_churning_guest_moves_with_every_page_and_the_source_exits() {
     assert!(wait_exit(&mut dest.child, Duration::from_secs(10)).unwrap().success(), "{}", dest.stderr());
 }
 
+/// Starts a migration at 8 MiB/s (the first pass takes seconds) on its own connection; the
+/// thread returns the reply.
+fn migrate_slowly(source: &Vmm, dest: &Destination) -> std::thread::JoinHandle<Value> {
+    let api = source.api_path();
+    let request = json!({"op": "migrate_send", "to": dest.address(), "bandwidth_mib": 8});
+    std::thread::spawn(move || {
+        let mut s = UnixStream::connect(api).unwrap();
+        writeln!(s, "{request}").unwrap();
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).unwrap();
+        serde_json::from_str::<Value>(&reply).unwrap()
+    })
+}
+
 #[test]
 fn a_destination_that_dies_or_refuses_leaves_the_source_running() {
     let (mut source, mut console, seed) = churning_source("mig-fail-src");
 
-    // Killed mid-stream: 8 MiB/s makes the first pass take seconds.
+    // Killed mid-stream.
     let mut dest = Destination::start("mig-fail-dst", &[]);
-    let api = source.api_path();
-    let to = dest.address();
-    let migrating = std::thread::spawn(move || {
-        let mut s = UnixStream::connect(api).unwrap();
-        writeln!(s, "{}", json!({"op": "migrate_send", "to": to, "bandwidth_mib": 8})).unwrap();
-        let mut reply = String::new();
-        BufReader::new(s).read_line(&mut reply).unwrap();
-        serde_json::from_str::<Value>(&reply).unwrap()
-    });
+    let migrating = migrate_slowly(&source, &dest);
     wait_for("the destination to accept", Duration::from_secs(10), || !dest.incoming().exists());
     wait_for("the migration to be under way", Duration::from_secs(10), || {
         let info = source.request(r#"{"op":"migrate_info"}"#);
@@ -207,15 +213,7 @@ fn a_destination_that_dies_or_refuses_leaves_the_source_running() {
 
     // Cancelled: the op fails as cancelled and the guest runs on.
     let dest = Destination::start("mig-cancel-dst", &[]);
-    let api = source.api_path();
-    let to = dest.address();
-    let migrating = std::thread::spawn(move || {
-        let mut s = UnixStream::connect(api).unwrap();
-        writeln!(s, "{}", json!({"op": "migrate_send", "to": to, "bandwidth_mib": 8})).unwrap();
-        let mut reply = String::new();
-        BufReader::new(s).read_line(&mut reply).unwrap();
-        serde_json::from_str::<Value>(&reply).unwrap()
-    });
+    let migrating = migrate_slowly(&source, &dest);
     wait_for("the migration to be under way", Duration::from_secs(10), || source.request(r#"{"op":"migrate_info"}"#)["state"] == "active");
     assert_eq!(source.request(r#"{"op":"migrate_cancel"}"#)["ok"], true);
     let reply = migrating.join().unwrap();
