@@ -12,6 +12,7 @@ mod exits;
 mod floor;
 mod images;
 mod launch;
+mod memory;
 mod network;
 mod snapshot;
 mod virtio;
@@ -62,6 +63,11 @@ enum Section {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Huge pages against ordinary guest RAM: a 1 GiB ring-3 memory touch and a 4 GiB boot, against QEMU with -mem-path on hugetlbfs.
+    Memory {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// The floor's child process (spawned by `launch`).
     #[command(hide = true)]
     FloorChild,
@@ -79,6 +85,7 @@ fn main() {
         Section::Network { runs } => network::run(runs),
         Section::Snapshot { runs } => snapshot::run(runs),
         Section::DiskSnapshot { runs } => disk_snapshot::run(runs),
+        Section::Memory { runs } => memory::run(runs),
         Section::FloorChild => floor::first_exit_child(),
     }
 }
