@@ -1,8 +1,9 @@
 //! ferrod's services wired together: opened over one store, recovered at start, stopped at the
-//! end. The dependencies go one way: snapshots use domains (to save and restore VMs) and jobs,
+//! end. The dependencies go one way: snapshots and backups use domains (to save and restore VMs) and jobs,
 //! domains use pools (to resolve volumes), pools use jobs (for copies) and networks (for their
 //! NICs); all of them share the store, the event hub and the file claims. Networks are recovered first, so the VMs' networks are up before any VM is re-attached.
 
+use crate::backups::Backups;
 use crate::claims::Claims;
 use crate::domains::Domains;
 use crate::events::EventHub;
@@ -24,6 +25,7 @@ pub struct Services {
     pub domains: Arc<Domains>,
     pub ovf: Arc<Ovf>,
     pub snapshots: Arc<Snapshots>,
+    pub backups: Arc<Backups>,
     store: Arc<Store>,
 }
 
@@ -37,10 +39,11 @@ impl Services {
         let jobs = Jobs::open(store.clone(), events.clone(), claims.clone())?;
         let pools = Pools::open(store.clone(), events.clone(), jobs.clone(), claims.clone())?;
         let networks = Networks::open(&paths.home.join("networks"), store.clone(), events.clone())?;
-        let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), networks.clone(), claims, overcommit_ratio)?;
+        let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), networks.clone(), claims.clone(), overcommit_ratio)?;
         let ovf = Ovf::open(jobs.clone(), pools.clone(), domains.clone());
         let snapshots = Snapshots::open(&paths.home, store.clone(), events.clone(), jobs.clone(), domains.clone());
-        Ok(Arc::new(Services { paths, events, jobs, pools, networks, domains, ovf, snapshots, store }))
+        let backups = Backups::open(store.clone(), events.clone(), jobs.clone(), domains.clone(), claims);
+        Ok(Arc::new(Services { paths, events, jobs, pools, networks, domains, ovf, snapshots, backups, store }))
     }
 
     /// Takes back the networks and re-attaches to the VMs that were running when ferrod last

@@ -11,13 +11,15 @@
 //! - services: `jobs` (the runner), `pools` (pools, volumes, copies, imports), `networks`
 //!   (virtual networks on the host), `domains` (definitions and supervision), with `vmm` (VM config and control socket) and `monitor` (the
 //!   per-VM process), `ovf` (OVF/OVA import and export, over pools and domains) and `snapshots`
-//!   (the domain snapshot tree, over domains and jobs);
+//!   (the domain snapshot tree, over domains and jobs) and `backups` (checkpoints
+//!   and backups of domain disks, over domains and jobs);
 //! - `daemon` wires the services together; `api` maps HTTP to them and checks who may call;
 //!   `listen` opens the unix socket and the TCP/TLS listeners that serve `api`;
 //! - running as a service: `config` (the configuration file), `notify` (systemd notifications).
 
 pub mod access;
 pub mod api;
+pub mod backups;
 pub mod claims;
 pub mod config;
 pub mod crashpoint;

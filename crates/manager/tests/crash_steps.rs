@@ -217,3 +217,54 @@ fn volume_create_and_delete_survive_a_kill_at_every_step() {
     );
     eprintln!("vol-delete: {steps} steps");
 }
+
+/// A shut-off domain `b1` on a 16 MiB qcow2 disk holding 2 MiB of data (for backups).
+fn backup_domain(d: &Daemon, home: &Home) {
+    let disk = home.path().join("disk.qcow2");
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "16M"]);
+    run_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 1M 2M", disk.to_str().unwrap()]);
+    let toml = format!("{}[[disk]]\npath = \"{}\"\nformat = \"qcow2\"\n", guest_toml("b1", "idle"), disk.display());
+    d.api().expect("POST", "/v1/domains", Some(&toml), 201);
+}
+
+/// ferrod's home, as it reports it.
+fn home_of(d: &Daemon) -> std::path::PathBuf {
+    d.api().expect("GET", "/v1/version", None, 200)["home"].as_str().unwrap().into()
+}
+
+/// The names in a directory (none if it does not exist).
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+}
+
+#[test]
+fn a_backup_killed_at_every_step_leaves_a_clean_disk_and_no_partial_file_or_checkpoint() {
+    let backup = |d: &Daemon| {
+        let out = home_of(d).join("out");
+        d.ferro(&["backup-begin", "b1", "--target", out.to_str().unwrap(), "--checkpoint", "c1"])
+    };
+    let steps = at_every_step(
+        "crash-backup",
+        backup_domain,
+        |d| drop(backup(d)),
+        |d, home| {
+            let (disk, out) = (home.path().join("disk.qcow2"), home.path().join("out"));
+            let disk_arg = disk.to_str().unwrap();
+            run_ok("qemu-img", &["check", "-q", disk_arg]);
+            let listed: Value = serde_json::from_str(&d.ferro_ok(&["checkpoint-list", "b1", "--json"])).unwrap();
+            let info: Value = serde_json::from_str(&run_ok("qemu-img", &["info", "--output=json", disk_arg])).unwrap();
+            let bitmaps = info["format-specific"]["data"]["bitmaps"].as_array().map(Vec::len).unwrap_or(0);
+            if listed.as_array().unwrap().is_empty() {
+                assert_eq!(bitmaps, 0, "no checkpoint listed, yet the disk has a bitmap: {info}");
+                assert!(names_in(&out).is_empty(), "no checkpoint listed, yet files were left: {:?}", names_in(&out));
+                let again = backup(d);
+                assert!(again.status.success(), "the backup runs again: {}", String::from_utf8_lossy(&again.stderr));
+            } else {
+                assert_eq!(bitmaps, 1, "{info}");
+            }
+            assert_eq!(names_in(&out), ["vda.qcow2"], "one whole backup file, nothing half made");
+            run_ok("qemu-img", &["compare", disk_arg, out.join("vda.qcow2").to_str().unwrap()]);
+        },
+    );
+    eprintln!("backup-begin: {steps} steps");
+}

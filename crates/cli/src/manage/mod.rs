@@ -2,6 +2,7 @@
 //!
 //! Human tables by default, `--json` for scripts; on failure one line on stderr and exit status 1.
 
+mod backup;
 mod client;
 pub mod complete;
 mod console;
@@ -295,6 +296,8 @@ pub enum ManageCommand {
         domain: String,
         name: String,
     },
+    #[command(flatten)]
+    Backup(backup::BackupCommand),
     /// Define a storage pool (only `dir` pools).
     PoolDefineAs {
         name: String,
@@ -794,6 +797,7 @@ fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
             let leases = c.get(&format!("{}/leases", net_path(&n.network)?))?;
             if n.json { print_json(&leases) } else { show::lease_table(leases.as_array().map(Vec::as_slice).unwrap_or(&[])) }
         }
+        C::Backup(cmd) => backup::execute(cmd, c)?,
         C::JobList { json } => {
             let list = c.get("/v1/jobs")?;
             if json { print_json(&list) } else { show::job_table(list.as_array().map(Vec::as_slice).unwrap_or(&[])) }

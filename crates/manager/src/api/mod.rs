@@ -1,6 +1,6 @@
 //! The REST API on ferrod's unix socket and TCP listeners (documented in `openapi.json` next to
 //! this crate): maps HTTP requests to service calls, and owns every HTTP status code. One file per
-//! resource family (`domains`, `snapshots` of domains, `pools` with volumes, `networks`, `jobs`,
+//! resource family (`domains`, `snapshots` of domains, `backups` with checkpoints of domains, `pools` with volumes, `networks`, `jobs`,
 //! `events` with metrics, `host`); `auth` checks every request first and serves `/v1/session`; `ui` serves the embedded
 //! web UI at `/`.
 //!
@@ -8,6 +8,7 @@
 //! that no input can produce a non-JSON error or take the daemon down.
 
 pub mod auth;
+mod backups;
 mod domains;
 mod events;
 mod host;
@@ -49,6 +50,9 @@ pub fn router(services: Arc<Services>, access: Arc<Access>) -> Router {
         .route("/v1/domains/{name}/snapshots", get(snapshots::list).post(snapshots::create))
         .route("/v1/domains/{name}/snapshots/{snapshot}", get(snapshots::get).delete(snapshots::delete))
         .route("/v1/domains/{name}/snapshots/{snapshot}/{action}", post(snapshots::action))
+        .route("/v1/domains/{name}/backup", post(backups::begin))
+        .route("/v1/domains/{name}/checkpoints", get(backups::list))
+        .route("/v1/domains/{name}/checkpoints/{checkpoint}", get(backups::get).delete(backups::delete))
         .route("/v1/ovf/import", post(domains::import_ovf))
         .route("/v1/pools", get(pools::list).post(pools::define))
         .route("/v1/pools/{pool}", get(pools::get).delete(pools::undefine))

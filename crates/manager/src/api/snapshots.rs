@@ -72,5 +72,6 @@ pub(super) async fn undefine(State(svc): Svc, Path(domain): Path<String>, RawQue
         Some(other) => return Err(ApiError::invalid(format!("snapshots: {other:?} is not \"metadata\" or \"all\""))),
     };
     svc.snapshots.undefine_domain(&domain, policy).await?;
+    svc.backups.forget_domain(&domain)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

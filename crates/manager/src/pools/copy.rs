@@ -154,49 +154,84 @@ fn failed(e: ferro_block::Error) -> JobError {
 /// stop request between chunks. Ranges the whole backing chain reads as zeroes are skipped, so
 /// the copy is as sparse as the source and stands alone (no backing file). The copy is synced.
 pub(crate) fn copy_image(ctx: &JobContext, src: &Path, src_format: Format, dst: &Path, dst_format: Format) -> std::result::Result<(), JobError> {
-    let ranges: Vec<(u64, u64)> = ferro_block::ops::map(src, Some(src_format), false)
-        .map_err(failed)?
-        .into_iter()
-        .filter(|e| e.data || !e.zero)
-        .map(|e| (e.start, e.length))
-        .collect();
+    let ranges = data_ranges(src, src_format)?;
     ctx.set_total(ranges.iter().map(|(_, len)| len).sum());
     let mut source = ferro_block::open(src, Some(src_format), true).map_err(failed)?;
     ferro_block::create(dst, &CreateOptions::new(dst_format, Some(source.size()))).map_err(failed)?;
     let mut target = ferro_block::open(dst, Some(dst_format), false).map_err(failed)?;
+    copy_ranges(ctx, source.as_mut(), target.as_mut(), &ranges, Zeroes::Skip)?;
+    target.flush().map_err(failed)
+}
+
+/// The ranges `(offset, length)` of an image that do not read as zeroes through its whole
+/// backing chain (as far as its metadata tells).
+pub(crate) fn data_ranges(src: &Path, src_format: Format) -> std::result::Result<Vec<(u64, u64)>, JobError> {
+    Ok(ferro_block::ops::map(src, Some(src_format), false)
+        .map_err(failed)?
+        .into_iter()
+        .filter(|e| e.data || !e.zero)
+        .map(|e| (e.start, e.length))
+        .collect())
+}
+
+/// What a copy does with the all-zero blocks of the ranges it copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Zeroes {
+    /// Leaves them out: the new target reads zeroes there already.
+    Skip,
+    /// Makes them read as zeroes: the target has a backing file whose data they must hide.
+    Write,
+}
+
+/// Copies `ranges` of `source` to the same offsets of `target`, one chunk at a time, reporting
+/// progress and checking the job's stop request between chunks. The caller flushes `target`.
+pub(crate) fn copy_ranges(
+    ctx: &JobContext,
+    source: &mut dyn DiskImage,
+    target: &mut dyn DiskImage,
+    ranges: &[(u64, u64)],
+    zeroes: Zeroes,
+) -> std::result::Result<(), JobError> {
     let mut buf = vec![0u8; CHUNK];
-    for (start, len) in ranges {
+    for &(start, len) in ranges {
         let mut off = start;
         while off < start + len {
             ctx.check_stop()?;
             let n = (start + len - off).min(CHUNK as u64) as usize;
             source.read_at(&mut buf[..n], off).map_err(failed)?;
-            write_nonzero(target.as_mut(), &buf[..n], off).map_err(failed)?;
+            write_blocks(target, &buf[..n], off, zeroes).map_err(failed)?;
             off += n as u64;
             ctx.advance(n as u64);
         }
     }
-    target.flush().map_err(failed)
+    Ok(())
 }
 
-/// Writes the runs of `data` that are not all zeroes; the new image already reads zeroes elsewhere.
-fn write_nonzero(img: &mut dyn DiskImage, data: &[u8], off: u64) -> ferro_block::Result<()> {
-    let mut run_start = None;
+/// Writes the runs of `data` that are not all zeroes; the all-zero runs are left out or written
+/// as zeroes, as `zeroes` says.
+fn write_blocks(img: &mut dyn DiskImage, data: &[u8], off: u64, zeroes: Zeroes) -> ferro_block::Result<()> {
+    let write_run = |img: &mut dyn DiskImage, start: usize, end: usize, zero: bool| match (zero, zeroes) {
+        (false, _) => img.write_at(&data[start..end], off + start as u64),
+        (true, Zeroes::Write) => img.write_zeroes(off + start as u64, (end - start) as u64),
+        (true, Zeroes::Skip) => Ok(()),
+    };
+    let mut run: Option<(usize, bool)> = None;
     for (i, block) in data.chunks(ZERO_BLOCK).enumerate() {
         let at = i * ZERO_BLOCK;
-        match (run_start, block.iter().all(|&b| b == 0)) {
-            (None, false) => run_start = Some(at),
-            (Some(start), true) => {
-                img.write_at(&data[start..at], off + start as u64)?;
-                run_start = None;
+        let zero = block.iter().all(|&b| b == 0);
+        match run {
+            Some((start, run_zero)) if run_zero != zero => {
+                write_run(img, start, at, run_zero)?;
+                run = Some((at, zero));
             }
+            None => run = Some((at, zero)),
             _ => {}
         }
     }
-    if let Some(start) = run_start {
-        img.write_at(&data[start..], off + start as u64)?;
+    match run {
+        Some((start, zero)) => write_run(img, start, data.len(), zero),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -213,7 +248,7 @@ mod tests {
         data[ZERO_BLOCK + 5] = 7;
         data[3 * ZERO_BLOCK..].fill(9);
         let mut img = ferro_block::open(&path, Some(Format::Raw), false).unwrap();
-        write_nonzero(img.as_mut(), &data, 1 << 20).unwrap();
+        write_blocks(img.as_mut(), &data, 1 << 20, Zeroes::Skip).unwrap();
         img.flush().unwrap();
         let mut back = vec![1u8; data.len()];
         img.read_at(&mut back, 1 << 20).unwrap();

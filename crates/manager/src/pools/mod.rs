@@ -8,7 +8,7 @@
 //! Image work goes through the block layer, `ferro-block`, on blocking threads so that no image
 //! stalls the API. A volume a running domain or a job uses is protected through `claims`.
 
-mod copy;
+pub(crate) mod copy;
 mod volumes;
 
 pub use copy::{CopyKind, Imported};

@@ -1,7 +1,7 @@
 //! The state store: one SQLite file per host holding definitions, runtime records, pools, networks,
-//! jobs and domain snapshots. It depends only on the shared types of `model`; each service keeps
+//! jobs, domain snapshots and backup checkpoints. It depends only on the shared types of `model`; each service keeps
 //! its own rows in its own file here (`domains.rs`, `pools.rs`, `networks.rs`, `jobs.rs`,
-//! `snapshots.rs`).
+//! `snapshots.rs`, `checkpoints.rs`).
 //!
 //! Every write is a single statement, so a crash of ferrod at any point leaves either the old or
 //! the new row, never a torn one. Writes are durable when they return: the database runs in WAL
@@ -12,12 +12,14 @@
 //! empty file to the current schema, and opening applies the missing ones in one transaction.
 //! A database written by a newer ferrod (a version above the steps this one knows) is refused.
 
+mod checkpoints;
 mod domains;
 mod jobs;
 mod networks;
 mod pools;
 mod snapshots;
 
+pub use checkpoints::StoredCheckpoint;
 pub use domains::StoredDomain;
 pub use jobs::StoredJob;
 pub use networks::StoredNetwork;
@@ -92,6 +94,18 @@ const MIGRATIONS: &[&str] = &[
          pause_us INTEGER,
          memory_bytes INTEGER,
          disks TEXT NOT NULL DEFAULT '[]',
+         PRIMARY KEY (domain, name)
+     );",
+    // 5: backup checkpoints: one chain per domain (parent names), the disks with a dirty bitmap
+    // of the checkpoint's name and the backup file made of each (a JSON array), and whether the
+    // checkpoint is still being made (undone at the next start if ferrod died meanwhile).
+    "CREATE TABLE checkpoints (
+         domain TEXT NOT NULL,
+         name TEXT NOT NULL,
+         parent TEXT,
+         created_ms INTEGER NOT NULL,
+         disks TEXT NOT NULL,
+         pending INTEGER NOT NULL DEFAULT 1,
          PRIMARY KEY (domain, name)
      );",
 ];
@@ -240,7 +254,7 @@ mod tests {
         drop(Store::open(&path).unwrap());
         let newer = Connection::open(&path).unwrap();
         newer.pragma_update(None, "user_version", SCHEMA_VERSION as i64 + 1).unwrap();
-        newer.execute_batch("CREATE TABLE checkpoints (name TEXT)").unwrap();
+        newer.execute_batch("CREATE TABLE from_the_future (name TEXT)").unwrap();
         drop(newer);
         let message = Store::open(&path).err().expect("a newer schema must be refused");
         let expected = format!("has schema version {}, written by a newer ferrod", SCHEMA_VERSION + 1);
