@@ -39,10 +39,10 @@ impl Services {
         let jobs = Jobs::open(store.clone(), events.clone(), claims.clone())?;
         let pools = Pools::open(store.clone(), events.clone(), jobs.clone(), claims.clone())?;
         let networks = Networks::open(&paths.home.join("networks"), store.clone(), events.clone())?;
-        let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), networks.clone(), claims.clone(), overcommit_ratio)?;
+        let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), networks.clone(), claims, overcommit_ratio)?;
         let ovf = Ovf::open(jobs.clone(), pools.clone(), domains.clone());
         let snapshots = Snapshots::open(&paths.home, store.clone(), events.clone(), jobs.clone(), domains.clone());
-        let backups = Backups::open(store.clone(), events.clone(), jobs.clone(), domains.clone(), claims);
+        let backups = Backups::open(store.clone(), events.clone(), jobs.clone(), domains.clone());
         Ok(Arc::new(Services { paths, events, jobs, pools, networks, domains, ovf, snapshots, backups, store }))
     }
 

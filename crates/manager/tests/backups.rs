@@ -11,65 +11,38 @@ use std::path::Path;
 use std::process::Command;
 
 fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is installed (scripts/setup.sh)")
+    Command::new("qemu-img").args(args).output().expect("qemu-img is installed (scripts/setup.sh)")
 }
 
 fn qemu_img_ok(args: &[&str]) -> String {
     let out = qemu_img(args);
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Writes through qemu-io, as a guest would (any bitmap the image has tracks it).
 fn qemu_io(image: &Path, command: &str) {
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", command])
-        .arg(image)
-        .output()
-        .expect("qemu-io is installed (scripts/setup.sh)");
-    assert!(
-        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("error"),
-        "qemu-io {command}: {out:?}"
-    );
+    let out =
+        Command::new("qemu-io").args(["-f", "qcow2", "-c", command]).arg(image).output().expect("qemu-io is installed (scripts/setup.sh)");
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("error"), "qemu-io {command}: {out:?}");
 }
 
 /// `qemu-img compare` says the two images read the same.
 fn identical(a: &Path, b: &Path) -> bool {
     let out = qemu_img(&["compare", a.to_str().unwrap(), b.to_str().unwrap()]);
-    assert!(
-        out.status.code().is_some_and(|c| c <= 1),
-        "qemu-img compare: {out:?}"
-    );
+    assert!(out.status.code().is_some_and(|c| c <= 1), "qemu-img compare: {out:?}");
     out.status.success()
 }
 
 /// The bitmaps qemu-img lists: name -> flags.
 fn bitmaps(image: &Path) -> Vec<(String, Vec<String>)> {
-    let info: Value = serde_json::from_str(&qemu_img_ok(&[
-        "info",
-        "--force-share",
-        "--output=json",
-        image.to_str().unwrap(),
-    ]))
-    .unwrap();
+    let info: Value = serde_json::from_str(&qemu_img_ok(&["info", "--force-share", "--output=json", image.to_str().unwrap()])).unwrap();
     info["format-specific"]["data"]["bitmaps"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|b| {
-            let flags = b["flags"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|f| f.as_str().unwrap().to_string())
-                .collect();
+            let flags = b["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
             (b["name"].as_str().unwrap().to_string(), flags)
         })
         .collect()
@@ -78,12 +51,7 @@ fn bitmaps(image: &Path) -> Vec<(String, Vec<String>)> {
 /// The ranges of the top layer of `image` that hold data or zero clusters (what the file itself
 /// stores, not its backing file).
 fn top_layer(image: &Path) -> Vec<(u64, u64)> {
-    let map: Value = serde_json::from_str(&qemu_img_ok(&[
-        "map",
-        "--output=json",
-        image.to_str().unwrap(),
-    ]))
-    .unwrap();
+    let map: Value = serde_json::from_str(&qemu_img_ok(&["map", "--output=json", image.to_str().unwrap()])).unwrap();
     map.as_array()
         .unwrap()
         .iter()
@@ -93,22 +61,13 @@ fn top_layer(image: &Path) -> Vec<(u64, u64)> {
 }
 
 fn backing_of(image: &Path) -> Option<String> {
-    let info: Value = serde_json::from_str(&qemu_img_ok(&[
-        "info",
-        "--output=json",
-        image.to_str().unwrap(),
-    ]))
-    .unwrap();
+    let info: Value = serde_json::from_str(&qemu_img_ok(&["info", "--output=json", image.to_str().unwrap()])).unwrap();
     info["full-backing-filename"].as_str().map(str::to_string)
 }
 
 fn ferro_err(d: &Daemon, args: &[&str]) -> String {
     let out = d.ferro(args);
-    assert!(
-        !out.status.success(),
-        "ferro {args:?} should have failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(!out.status.success(), "ferro {args:?} should have failed: {}", String::from_utf8_lossy(&out.stdout));
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -120,18 +79,8 @@ fn backup(d: &Daemon, args: &[&str]) -> Value {
 }
 
 fn checkpoints(d: &Daemon) -> Vec<(String, Option<String>)> {
-    let list: Value =
-        serde_json::from_str(&d.ferro_ok(&["checkpoint-list", "b1", "--json"])).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["name"].as_str().unwrap().to_string(),
-                c["parent"].as_str().map(str::to_string),
-            )
-        })
-        .collect()
+    let list: Value = serde_json::from_str(&d.ferro_ok(&["checkpoint-list", "b1", "--json"])).unwrap();
+    list.as_array().unwrap().iter().map(|c| (c["name"].as_str().unwrap().to_string(), c["parent"].as_str().map(str::to_string))).collect()
 }
 
 /// A shut-off domain `b1` with a 64 MiB qcow2 disk holding data at 0 (4 MiB) and at 32 MiB (1 MiB).
@@ -140,11 +89,7 @@ fn setup(home: &Home, d: &Daemon) -> std::path::PathBuf {
     qemu_img_ok(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "64M"]);
     qemu_io(&disk, "write -P 0x11 0 4M");
     qemu_io(&disk, "write -P 0x22 32M 1M");
-    let toml = format!(
-        "{}[[disk]]\npath = \"{}\"\nformat = \"qcow2\"\n",
-        guest_toml("b1", "idle"),
-        disk.display()
-    );
+    let toml = format!("{}[[disk]]\npath = \"{}\"\nformat = \"qcow2\"\n", guest_toml("b1", "idle"), disk.display());
     let file = home.path().join("b1.toml");
     std::fs::write(&file, toml).unwrap();
     d.ferro_ok(&["define", file.to_str().unwrap()]);
@@ -156,194 +101,60 @@ fn full_and_incremental_backups_of_a_shut_off_domain_restore_the_disk_at_each_po
     let home = Home::new("backup-offline");
     let d = Daemon::start(&home);
     let disk = setup(&home, &d);
-    let (dir1, dir2, dir3, dir4) = (
-        home.path().join("b/1"),
-        home.path().join("b/2"),
-        home.path().join("b/3"),
-        home.path().join("b/4"),
-    );
+    let (dir1, dir2, dir3, dir4) = (home.path().join("b/1"), home.path().join("b/2"), home.path().join("b/3"), home.path().join("b/4"));
 
     // Full: the whole disk, sparse, standalone; checkpoint c1 is an enabled bitmap in the disk.
-    let started = backup(
-        &d,
-        &[
-            "b1",
-            "--target",
-            dir1.to_str().unwrap(),
-            "--checkpoint",
-            "c1",
-        ],
-    );
+    let started = backup(&d, &["b1", "--target", dir1.to_str().unwrap(), "--checkpoint", "c1"]);
     let full = dir1.join("vda.qcow2");
-    assert_eq!(
-        started,
-        json!({ "checkpoint": "c1", "files": [full.display().to_string()] })
-    );
+    assert_eq!(started, json!({ "checkpoint": "c1", "files": [full.display().to_string()] }));
     assert!(identical(&disk, &full), "the full backup reads as the disk");
     assert_eq!(backing_of(&full), None);
-    assert_eq!(
-        top_layer(&full).iter().map(|r| r.1).sum::<u64>(),
-        5 << 20,
-        "only the 5 MiB of data are stored"
-    );
-    assert_eq!(
-        bitmaps(&disk),
-        [("c1".to_string(), vec!["auto".to_string()])]
-    );
+    assert_eq!(top_layer(&full).iter().map(|r| r.1).sum::<u64>(), 5 << 20, "only the 5 MiB of data are stored");
+    assert_eq!(bitmaps(&disk), [("c1".to_string(), vec!["auto".to_string()])]);
     let copy_at_c1 = home.path().join("at-c1.qcow2");
     std::fs::copy(&disk, &copy_at_c1).unwrap();
 
     // Writes after c1: new data, and zeroes over old data (a backing file must not show through).
     qemu_io(&disk, "write -P 0x33 8M 64k");
     qemu_io(&disk, "write -z 0 64k");
-    let out = d.ferro_ok(&[
-        "backup-begin",
-        "b1",
-        "--target",
-        dir2.to_str().unwrap(),
-        "--incremental",
-        "c1",
-        "--checkpoint",
-        "c2",
-    ]);
-    assert!(
-        out.contains("Backup of b1 complete: checkpoint c2") && out.contains("vda.qcow2"),
-        "{out}"
-    );
+    let out = d.ferro_ok(&["backup-begin", "b1", "--target", dir2.to_str().unwrap(), "--incremental", "c1", "--checkpoint", "c2"]);
+    assert!(out.contains("Backup of b1 complete: checkpoint c2") && out.contains("vda.qcow2"), "{out}");
     let inc = dir2.join("vda.qcow2");
-    assert_eq!(
-        backing_of(&inc).as_deref(),
-        Some(full.to_str().unwrap()),
-        "the incremental one is backed by c1's backup"
-    );
-    assert_eq!(
-        top_layer(&inc),
-        [(0, 64 << 10), (8 << 20, 64 << 10)],
-        "exactly the two clusters written since c1"
-    );
+    assert_eq!(backing_of(&inc).as_deref(), Some(full.to_str().unwrap()), "the incremental one is backed by c1's backup");
+    assert_eq!(top_layer(&inc), [(0, 64 << 10), (8 << 20, 64 << 10)], "exactly the two clusters written since c1");
     assert!(identical(&disk, &inc), "the chain reads as the disk");
-    assert!(
-        identical(&copy_at_c1, &full),
-        "the full backup still reads as the disk at c1"
-    );
+    assert!(identical(&copy_at_c1, &full), "the full backup still reads as the disk at c1");
     let restored = home.path().join("restored.raw");
-    qemu_img_ok(&[
-        "convert",
-        "-O",
-        "raw",
-        inc.to_str().unwrap(),
-        restored.to_str().unwrap(),
-    ]);
-    assert!(
-        identical(&disk, &restored),
-        "qemu-img convert of the newest file restores the disk"
-    );
-    assert_eq!(
-        bitmaps(&disk),
-        [
-            ("c1".to_string(), vec![]),
-            ("c2".to_string(), vec!["auto".to_string()])
-        ],
-        "only the newest tracks"
-    );
-    assert_eq!(
-        checkpoints(&d),
-        [
-            ("c1".to_string(), None),
-            ("c2".to_string(), Some("c1".to_string()))
-        ]
-    );
+    qemu_img_ok(&["convert", "-O", "raw", inc.to_str().unwrap(), restored.to_str().unwrap()]);
+    assert!(identical(&disk, &restored), "qemu-img convert of the newest file restores the disk");
+    assert_eq!(bitmaps(&disk), [("c1".to_string(), vec![]), ("c2".to_string(), vec!["auto".to_string()])], "only the newest tracks");
+    assert_eq!(checkpoints(&d), [("c1".to_string(), None), ("c2".to_string(), Some("c1".to_string()))]);
 
     // A file that exists is never replaced, and the refused backup leaves no checkpoint.
-    let err = ferro_err(
-        &d,
-        &["backup-begin", "b1", "--target", dir1.to_str().unwrap()],
-    );
-    assert!(
-        err.contains("exists") && err.contains("never replace"),
-        "{err}"
-    );
-    let err = ferro_err(
-        &d,
-        &[
-            "backup-begin",
-            "b1",
-            "--target",
-            dir3.to_str().unwrap(),
-            "--incremental",
-            "nope",
-        ],
-    );
-    assert!(
-        err.contains("incremental: domain b1 has no checkpoint \"nope\""),
-        "{err}"
-    );
+    let err = ferro_err(&d, &["backup-begin", "b1", "--target", dir1.to_str().unwrap()]);
+    assert!(err.contains("exists") && err.contains("never replace"), "{err}");
+    let err = ferro_err(&d, &["backup-begin", "b1", "--target", dir3.to_str().unwrap(), "--incremental", "nope"]);
+    assert!(err.contains("incremental: domain b1 has no checkpoint \"nope\""), "{err}");
     assert_eq!(checkpoints(&d).len(), 2);
     assert!(!dir3.join("vda.qcow2").exists());
 
     // Since c1 again after more writes: everything written since c1 (two bitmaps merged), on c1's backup.
     qemu_io(&disk, "write -P 0x44 40M 128k");
-    backup(
-        &d,
-        &[
-            "b1",
-            "--target",
-            dir3.to_str().unwrap(),
-            "--incremental",
-            "c1",
-            "--checkpoint",
-            "c3",
-        ],
-    );
+    backup(&d, &["b1", "--target", dir3.to_str().unwrap(), "--incremental", "c1", "--checkpoint", "c3"]);
     let since_c1 = dir3.join("vda.qcow2");
-    assert_eq!(
-        top_layer(&since_c1),
-        [(0, 64 << 10), (8 << 20, 64 << 10), (40 << 20, 128 << 10)]
-    );
+    assert_eq!(top_layer(&since_c1), [(0, 64 << 10), (8 << 20, 64 << 10), (40 << 20, 128 << 10)]);
     assert!(identical(&disk, &since_c1));
 
     // Deleting c2 merges its bitmap into c1's: changes since c1 are still complete.
     d.ferro_ok(&["checkpoint-delete", "b1", "c2"]);
-    assert_eq!(
-        checkpoints(&d),
-        [
-            ("c1".to_string(), None),
-            ("c3".to_string(), Some("c1".to_string()))
-        ]
-    );
-    assert_eq!(
-        bitmaps(&disk)
-            .iter()
-            .map(|b| b.0.as_str())
-            .collect::<Vec<_>>(),
-        ["c1", "c3"]
-    );
+    assert_eq!(checkpoints(&d), [("c1".to_string(), None), ("c3".to_string(), Some("c1".to_string()))]);
+    assert_eq!(bitmaps(&disk).iter().map(|b| b.0.as_str()).collect::<Vec<_>>(), ["c1", "c3"]);
     qemu_io(&disk, "write -P 0x55 60M 64k");
-    let started = backup(
-        &d,
-        &[
-            "b1",
-            "--target",
-            dir4.to_str().unwrap(),
-            "--incremental",
-            "c1",
-        ],
-    );
+    let started = backup(&d, &["b1", "--target", dir4.to_str().unwrap(), "--incremental", "c1"]);
     let name = started["checkpoint"].as_str().unwrap();
-    assert!(
-        name.parse::<u64>().is_ok(),
-        "a checkpoint named by the time: {name}"
-    );
+    assert!(name.parse::<u64>().is_ok(), "a checkpoint named by the time: {name}");
     let latest = dir4.join("vda.qcow2");
-    assert_eq!(
-        top_layer(&latest),
-        [
-            (0, 64 << 10),
-            (8 << 20, 64 << 10),
-            (40 << 20, 128 << 10),
-            (60 << 20, 64 << 10)
-        ]
-    );
+    assert_eq!(top_layer(&latest), [(0, 64 << 10), (8 << 20, 64 << 10), (40 << 20, 128 << 10), (60 << 20, 64 << 10)]);
     assert!(identical(&disk, &latest));
     assert!(identical(&copy_at_c1, &full), "older backups are untouched");
     let check = qemu_img(&["check", disk.to_str().unwrap()]);
@@ -354,31 +165,14 @@ fn full_and_incremental_backups_of_a_shut_off_domain_restore_the_disk_at_each_po
     let list = api.expect("GET", "/v1/domains/b1/checkpoints", None, 200);
     assert_eq!(list.as_array().unwrap().len(), 3);
     let c3 = api.expect("GET", "/v1/domains/b1/checkpoints/c3", None, 200);
-    assert_eq!(
-        c3["disks"],
-        json!([{ "target": "vda", "path": disk.display().to_string(), "backup": since_c1.display().to_string() }])
-    );
+    assert_eq!(c3["disks"], json!([{ "target": "vda", "path": disk.display().to_string(), "backup": since_c1.display().to_string() }]));
     api.expect("GET", "/v1/domains/b1/checkpoints/c2", None, 404);
     let body = json!({ "target": "relative/dir" }).to_string();
     let err = api.expect("POST", "/v1/domains/b1/backup", Some(&body), 400);
-    assert!(
-        err["message"].as_str().unwrap().starts_with("target: "),
-        "{err}"
-    );
-    api.expect(
-        "POST",
-        "/v1/domains/b1/backup",
-        Some(r#"{"target": "/tmp", "full": true}"#),
-        400,
-    );
+    assert!(err["message"].as_str().unwrap().starts_with("target: "), "{err}");
+    api.expect("POST", "/v1/domains/b1/backup", Some(r#"{"target": "/tmp", "full": true}"#), 400);
     api.expect("DELETE", "/v1/domains/b1/checkpoints/c1", None, 204);
-    assert_eq!(
-        bitmaps(&disk)
-            .iter()
-            .map(|b| b.0.as_str())
-            .collect::<Vec<_>>(),
-        ["c3", name]
-    );
+    assert_eq!(bitmaps(&disk).iter().map(|b| b.0.as_str()).collect::<Vec<_>>(), ["c3", name]);
     let job = d.ferro_ok(&["domjobinfo", "b1"]);
     assert!(job.contains("backup") && job.contains("completed"), "{job}");
     let dir5 = home.path().join("b/5");
@@ -387,11 +181,7 @@ fn full_and_incremental_backups_of_a_shut_off_domain_restore_the_disk_at_each_po
     assert_eq!(started["files"], json!([dir5.join("vda.qcow2")]));
     let job = api.wait_job(started["job"]["id"].as_u64().unwrap());
     assert_eq!(job["state"], "completed", "{job}");
-    assert_eq!(
-        top_layer(&dir5.join("vda.qcow2")),
-        [(60 << 20, 64 << 10)],
-        "since c3: the one cluster written after it"
-    );
+    assert_eq!(top_layer(&dir5.join("vda.qcow2")), [(60 << 20, 64 << 10)], "since c3: the one cluster written after it");
 }
 
 #[test]
@@ -400,38 +190,20 @@ fn a_raw_disk_a_running_domain_and_a_busy_disk_are_refused_by_name() {
     let d = Daemon::start(&home);
     let raw = home.path().join("disk.raw");
     std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
-    let toml = format!(
-        "{}[[disk]]\npath = \"{}\"\nformat = \"raw\"\n",
-        guest_toml("r1", "idle"),
-        raw.display()
-    );
+    let toml = format!("{}[[disk]]\npath = \"{}\"\nformat = \"raw\"\n", guest_toml("r1", "idle"), raw.display());
     let file = home.path().join("r1.toml");
     std::fs::write(&file, toml).unwrap();
     d.ferro_ok(&["define", file.to_str().unwrap()]);
     let target = home.path().join("out");
-    let err = ferro_err(
-        &d,
-        &["backup-begin", "r1", "--target", target.to_str().unwrap()],
-    );
-    assert!(
-        err.contains("disk vda") && err.contains("is raw, which cannot hold checkpoints"),
-        "{err}"
-    );
-    assert!(
-        std::fs::read_dir(&target)
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(true),
-        "nothing written"
-    );
+    let err = ferro_err(&d, &["backup-begin", "r1", "--target", target.to_str().unwrap()]);
+    assert!(err.contains("disk vda") && err.contains("is raw, which cannot hold checkpoints"), "{err}");
+    assert!(std::fs::read_dir(&target).map(|mut d| d.next().is_none()).unwrap_or(true), "nothing written");
 
     let file = home.path().join("idle.toml");
     std::fs::write(&file, guest_toml("i1", "idle")).unwrap();
     d.ferro_ok(&["define", file.to_str().unwrap()]);
     d.ferro_ok(&["start", "i1"]);
-    let err = ferro_err(
-        &d,
-        &["backup-begin", "i1", "--target", target.to_str().unwrap()],
-    );
+    let err = ferro_err(&d, &["backup-begin", "i1", "--target", target.to_str().unwrap()]);
     assert!(err.contains("domain i1 is running"), "{err}");
     let err = ferro_err(&d, &["domjobabort", "i1"]);
     assert!(err.contains("runs no job"), "{err}");

@@ -53,14 +53,7 @@ pub enum BackupCommand {
 pub fn execute(cmd: BackupCommand, c: &Client) -> Result<(), String> {
     use BackupCommand as C;
     match cmd {
-        C::BackupBegin {
-            domain,
-            target,
-            incremental,
-            checkpoint,
-            detach,
-            json,
-        } => {
+        C::BackupBegin { domain, target, incremental, checkpoint, detach, json } => {
             let mut body = json!({ "target": absolute(&target)? });
             if let Some(name) = incremental {
                 body["incremental"] = json!(name);
@@ -69,21 +62,13 @@ pub fn execute(cmd: BackupCommand, c: &Client) -> Result<(), String> {
                 body["checkpoint"] = json!(name);
             }
             let started = c.post(&format!("{}/backup", dom_path(&domain)?), Some(&body))?;
-            let files: Vec<&str> = started["files"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
+            let files: Vec<&str> = started["files"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
             let name = started["checkpoint"].as_str().unwrap_or("?");
             if detach {
                 if json {
                     print_json(&started);
                 } else {
-                    println!(
-                        "Backup of {domain} started: job {}, checkpoint {name}",
-                        started["job"]["id"]
-                    );
+                    println!("Backup of {domain} started: job {}, checkpoint {name}", started["job"]["id"]);
                 }
                 return Ok(());
             }
@@ -107,12 +92,7 @@ pub fn execute(cmd: BackupCommand, c: &Client) -> Result<(), String> {
                     .into_iter()
                     .flatten()
                     .map(|cp| {
-                        let disks: Vec<&str> = cp["disks"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(|d| d["target"].as_str())
-                            .collect();
+                        let disks: Vec<&str> = cp["disks"].as_array().into_iter().flatten().filter_map(|d| d["target"].as_str()).collect();
                         vec![
                             cp["name"].as_str().unwrap_or("?").to_string(),
                             cp["created"].as_str().unwrap_or("?").to_string(),
@@ -125,11 +105,7 @@ pub fn execute(cmd: BackupCommand, c: &Client) -> Result<(), String> {
             }
         }
         C::CheckpointDelete { domain, name } => {
-            c.json(
-                "DELETE",
-                &format!("{}/checkpoints/{}", dom_path(&domain)?, seg(&name)?),
-                None,
-            )?;
+            c.json("DELETE", &format!("{}/checkpoints/{}", dom_path(&domain)?, seg(&name)?), None)?;
             println!("Domain checkpoint {name} deleted");
         }
         C::Domjobinfo { domain, json } => match domain_job(c, &domain)? {
@@ -146,11 +122,7 @@ pub fn execute(cmd: BackupCommand, c: &Client) -> Result<(), String> {
             let ended = c.post(&format!("/v1/jobs/{}/cancel", job["id"]), None)?;
             match ended["state"].as_str() {
                 Some("cancelled") => println!("Job {} of domain {domain} aborted", job["id"]),
-                other => println!(
-                    "Job {} of domain {domain} {} before it could be aborted",
-                    job["id"],
-                    other.unwrap_or("ended")
-                ),
+                other => println!("Job {} of domain {domain} {} before it could be aborted", job["id"], other.unwrap_or("ended")),
             }
         }
     }
@@ -161,12 +133,7 @@ pub fn execute(cmd: BackupCommand, c: &Client) -> Result<(), String> {
 fn domain_job(c: &Client, domain: &str) -> Result<Option<Value>, String> {
     seg(domain)?;
     let jobs = c.get("/v1/jobs")?;
-    let mine: Vec<&Value> = jobs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|j| j["source"] == domain)
-        .collect();
+    let mine: Vec<&Value> = jobs.as_array().into_iter().flatten().filter(|j| j["source"] == domain).collect();
     let running = mine.iter().rev().find(|j| j["state"] == "running");
     Ok(running.or(mine.last()).map(|j| (*j).clone()))
 }

@@ -9,11 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 /// Starts a backup: `{"target", "incremental"?, "checkpoint"?}`.
-pub(super) async fn begin(
-    State(svc): Svc,
-    Path(domain): Path<String>,
-    body: Body,
-) -> ApiResult<Response> {
+pub(super) async fn begin(State(svc): Svc, Path(domain): Path<String>, body: Body) -> ApiResult<Response> {
     check_name("domain", &domain)?;
     let req = from_json(read_json(body).await?)?;
     let started = svc.backups.begin(&domain, req)?;
@@ -25,19 +21,13 @@ pub(super) async fn list(State(svc): Svc, Path(domain): Path<String>) -> ApiResu
     ok(&svc.backups.list(&domain)?)
 }
 
-pub(super) async fn get(
-    State(svc): Svc,
-    Path((domain, name)): Path<(String, String)>,
-) -> ApiResult<Response> {
+pub(super) async fn get(State(svc): Svc, Path((domain, name)): Path<(String, String)>) -> ApiResult<Response> {
     check_name("domain", &domain)?;
     check_name("checkpoint", &name)?;
     ok(&svc.backups.info(&domain, &name)?)
 }
 
-pub(super) async fn delete(
-    State(svc): Svc,
-    Path((domain, name)): Path<(String, String)>,
-) -> ApiResult<Response> {
+pub(super) async fn delete(State(svc): Svc, Path((domain, name)): Path<(String, String)>) -> ApiResult<Response> {
     check_name("domain", &domain)?;
     check_name("checkpoint", &name)?;
     svc.backups.delete(&domain, &name).await?;

@@ -32,12 +32,9 @@ pub(super) fn ranges_to_copy(disk: &Path, since: &Since) -> Result<Vec<(u64, u64
             let img = Qcow2::open(disk, Access::Read).map_err(failed)?;
             let mut dirty: Option<DirtyBitmap> = None;
             for name in bitmaps {
-                let bits = img.dirty_bitmap(name).map_err(|e| {
-                    JobError::Failed(format!(
-                        "{}: bitmap {name} cannot be used ({e}); take a full backup",
-                        disk.display()
-                    ))
-                })?;
+                let bits = img
+                    .dirty_bitmap(name)
+                    .map_err(|e| JobError::Failed(format!("{}: bitmap {name} cannot be used ({e}); take a full backup", disk.display())))?;
                 match &mut dirty {
                     Some(d) => d.merge(&bits),
                     None => dirty = Some(bits),
@@ -60,13 +57,7 @@ fn backing_name(file: &Path, backing: &Path) -> String {
 /// Copies `ranges` of `disk` into a new qcow2 file `file` of the disk's size: standalone and
 /// sparse for a full backup, backed by the previous backup otherwise (then the ranges' zeroes are
 /// written as zeroes). The file is synced.
-pub(super) fn write_backup(
-    ctx: &JobContext,
-    disk: &Path,
-    since: &Since,
-    ranges: &[(u64, u64)],
-    file: &Path,
-) -> Result<(), JobError> {
+pub(super) fn write_backup(ctx: &JobContext, disk: &Path, since: &Since, ranges: &[(u64, u64)], file: &Path) -> Result<(), JobError> {
     let mut source = ferro_block::open(disk, Some(Format::Qcow2), true).map_err(failed)?;
     let mut opts = CreateOptions::new(Format::Qcow2, Some(source.size()));
     let zeroes = match since {
@@ -86,11 +77,7 @@ pub(super) fn write_backup(
 /// Makes checkpoint `name` on a disk: a new enabled bitmap `name`, and the previous checkpoint's
 /// bitmap (`parent`, if the disk has it) disabled, so that each bitmap holds the writes between
 /// its checkpoint and the next.
-pub(super) fn add_checkpoint(
-    disk: &Path,
-    name: &str,
-    parent: Option<&str>,
-) -> ferro_block::Result<()> {
+pub(super) fn add_checkpoint(disk: &Path, name: &str, parent: Option<&str>) -> ferro_block::Result<()> {
     let mut img = Qcow2::open(disk, Access::Write)?;
     img.add_bitmap(name, None, true)?;
     if let Some(parent) = parent.filter(|p| has_usable_bitmap(&img, p)) {
@@ -101,11 +88,7 @@ pub(super) fn add_checkpoint(
 
 /// Removes checkpoint `name` from a disk: its bitmap is merged into its parent's (which takes
 /// over tracking if `name` tracked), then removed. A disk without the bitmap is left alone.
-pub(super) fn remove_checkpoint(
-    disk: &Path,
-    name: &str,
-    parent: Option<&str>,
-) -> ferro_block::Result<()> {
+pub(super) fn remove_checkpoint(disk: &Path, name: &str, parent: Option<&str>) -> ferro_block::Result<()> {
     let mut img = Qcow2::open(disk, Access::Write)?;
     let Some(this) = img.bitmaps().into_iter().find(|b| b.name == name) else {
         return img.close();
@@ -144,13 +127,7 @@ mod tests {
 
     #[test]
     fn a_backing_file_beside_the_backup_is_named_relatively() {
-        assert_eq!(
-            backing_name(Path::new("/b/2/vda.qcow2"), Path::new("/b/1/vda.qcow2")),
-            "/b/1/vda.qcow2"
-        );
-        assert_eq!(
-            backing_name(Path::new("/b/vda.2.qcow2"), Path::new("/b/vda.1.qcow2")),
-            "vda.1.qcow2"
-        );
+        assert_eq!(backing_name(Path::new("/b/2/vda.qcow2"), Path::new("/b/1/vda.qcow2")), "/b/1/vda.qcow2");
+        assert_eq!(backing_name(Path::new("/b/vda.2.qcow2"), Path::new("/b/vda.1.qcow2")), "vda.1.qcow2");
     }
 }

@@ -19,7 +19,7 @@
 
 mod disk;
 
-use crate::claims::{Access, Claims};
+use crate::claims::Access;
 use crate::domain::validate_name;
 use crate::domains::Domains;
 use crate::error::{Error, Result};
@@ -99,23 +99,16 @@ pub struct Backups {
     events: Arc<EventHub>,
     jobs: Arc<Jobs>,
     domains: Arc<Domains>,
-    claims: Arc<Claims>,
 }
 
 fn no_checkpoint(domain: &str, name: &str) -> Error {
-    Error::not_found(format!(
-        "domain {domain} has no checkpoint {name:?} (see `ferro checkpoint-list {domain}`)"
-    ))
+    Error::not_found(format!("domain {domain} has no checkpoint {name:?} (see `ferro checkpoint-list {domain}`)"))
 }
 
 /// The guest's name of the `i`th disk: vda ... vdz, vdaa ...
 fn target_name(i: usize) -> String {
     let letter = |n: usize| char::from(b'a' + (n % 26) as u8);
-    if i < 26 {
-        format!("vd{}", letter(i))
-    } else {
-        format!("vd{}{}", letter(i / 26 - 1), letter(i))
-    }
+    if i < 26 { format!("vd{}", letter(i)) } else { format!("vd{}{}", letter(i / 26 - 1), letter(i)) }
 }
 
 fn disks_of(row: &StoredCheckpoint) -> Vec<CheckpointDisk> {
@@ -139,20 +132,8 @@ fn store_failed(e: rusqlite::Error) -> JobError {
 
 impl Backups {
     /// Opens the service and undoes the checkpoints a dead ferrod left half made (see `recover`).
-    pub fn open(
-        store: Arc<Store>,
-        events: Arc<EventHub>,
-        jobs: Arc<Jobs>,
-        domains: Arc<Domains>,
-        claims: Arc<Claims>,
-    ) -> Arc<Backups> {
-        let backups = Arc::new(Backups {
-            store,
-            events,
-            jobs,
-            domains,
-            claims,
-        });
+    pub fn open(store: Arc<Store>, events: Arc<EventHub>, jobs: Arc<Jobs>, domains: Arc<Domains>) -> Arc<Backups> {
+        let backups = Arc::new(Backups { store, events, jobs, domains });
         backups.recover();
         backups
     }
@@ -167,16 +148,8 @@ impl Backups {
         };
         for row in pending {
             match self.undo(&row, true) {
-                Ok(()) => tracing::info!(
-                    domain = row.domain,
-                    checkpoint = row.name,
-                    "undid a checkpoint a stopped ferrod left half made"
-                ),
-                Err(e) => tracing::error!(
-                    domain = row.domain,
-                    checkpoint = row.name,
-                    "cannot undo a half-made checkpoint: {e}"
-                ),
+                Ok(()) => tracing::info!(domain = row.domain, checkpoint = row.name, "undid a checkpoint a stopped ferrod left half made"),
+                Err(e) => tracing::error!(domain = row.domain, checkpoint = row.name, "cannot undo a half-made checkpoint: {e}"),
             }
         }
     }
@@ -189,43 +162,27 @@ impl Backups {
                 let _ = std::fs::remove_file(&d.backup);
             }
             if Path::new(&d.path).is_file() {
-                disk::remove_checkpoint(Path::new(&d.path), &row.name, row.parent.as_deref())
-                    .map_err(|e| e.to_string())?;
+                disk::remove_checkpoint(Path::new(&d.path), &row.name, row.parent.as_deref()).map_err(|e| e.to_string())?;
             }
         }
-        self.store
-            .delete_checkpoint(&row.domain, &row.name)
-            .map_err(|e| e.to_string())
+        self.store.delete_checkpoint(&row.domain, &row.name).map_err(|e| e.to_string())
     }
 
     /// A domain's checkpoints, oldest first.
     pub fn list(&self, domain: &str) -> Result<Vec<CheckpointInfo>> {
         self.domains.info(domain)?;
-        Ok(self
-            .store
-            .checkpoints(domain)?
-            .iter()
-            .filter(|r| !r.pending)
-            .map(info_of)
-            .collect())
+        Ok(self.store.checkpoints(domain)?.iter().filter(|r| !r.pending).map(info_of).collect())
     }
 
     pub fn info(&self, domain: &str, name: &str) -> Result<CheckpointInfo> {
-        self.list(domain)?
-            .into_iter()
-            .find(|c| c.name == name)
-            .ok_or_else(|| no_checkpoint(domain, name))
+        self.list(domain)?.into_iter().find(|c| c.name == name).ok_or_else(|| no_checkpoint(domain, name))
     }
 
     /// Starts a backup of a domain's writable disks into `req.target` (a job), making a new
     /// checkpoint.
     pub fn begin(self: &Arc<Self>, domain: &str, req: BackupRequest) -> Result<BackupStarted> {
         let plan = self.plan(domain, &req)?;
-        let files: Vec<String> = plan
-            .disks
-            .iter()
-            .map(|d| d.file.display().to_string())
-            .collect();
+        let files: Vec<String> = plan.disks.iter().map(|d| d.file.display().to_string()).collect();
         let mut uses: Vec<(PathBuf, Access)> = Vec::new();
         for d in &plan.disks {
             uses.push((d.path.clone(), Access::Write));
@@ -249,11 +206,7 @@ impl Backups {
                 .await
                 .unwrap_or_else(|e| Err(JobError::Failed(format!("backup task failed: {e}"))))
         })?;
-        Ok(BackupStarted {
-            job: job.info(),
-            checkpoint,
-            files,
-        })
+        Ok(BackupStarted { job: job.info(), checkpoint, files })
     }
 
     /// Checks a request against the domain and its checkpoints and says what each disk gets.
@@ -267,27 +220,18 @@ impl Backups {
         }
         let dir = &req.target;
         if !dir.is_absolute() {
-            return Err(Error::invalid(format!(
-                "target: {} is not an absolute path",
-                dir.display()
-            )));
+            return Err(Error::invalid(format!("target: {} is not an absolute path", dir.display())));
         }
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::invalid(format!("target: cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::invalid(format!("target: cannot create {}: {e}", dir.display())))?;
         let rows = self.store.checkpoints(domain)?;
         if let Some(busy) = rows.iter().find(|r| r.pending) {
-            return Err(Error::conflict(format!(
-                "domain {domain}: checkpoint {} is being made by another backup",
-                busy.name
-            )));
+            return Err(Error::conflict(format!("domain {domain}: checkpoint {} is being made by another backup", busy.name)));
         }
         let checkpoint = match &req.checkpoint {
             Some(name) => {
                 validate_name(name).map_err(|e| Error::invalid(format!("checkpoint: {e}")))?;
                 if rows.iter().any(|r| &r.name == name) {
-                    return Err(Error::conflict(format!(
-                        "domain {domain} already has a checkpoint {name:?}; pick another name"
-                    )));
+                    return Err(Error::conflict(format!("domain {domain} already has a checkpoint {name:?}; pick another name")));
                 }
                 name.clone()
             }
@@ -307,23 +251,12 @@ impl Backups {
         let since = match &req.incremental {
             None => None,
             Some(name) => {
-                let at = rows
-                    .iter()
-                    .position(|r| &r.name == name)
-                    .ok_or_else(|| no_checkpoint(domain, name).for_key("incremental"))?;
-                Some((
-                    &rows[at],
-                    rows[at..]
-                        .iter()
-                        .map(|r| r.name.clone())
-                        .collect::<Vec<_>>(),
-                ))
+                let at = rows.iter().position(|r| &r.name == name).ok_or_else(|| no_checkpoint(domain, name).for_key("incremental"))?;
+                Some((&rows[at], rows[at..].iter().map(|r| r.name.clone()).collect::<Vec<_>>()))
             }
         };
         let (_, files) = self.domains.disk_files(domain)?;
-        let config = info.config.as_ref().ok_or_else(|| {
-            Error::conflict(format!("domain {domain} has an invalid stored definition"))
-        })?;
+        let config = info.config.as_ref().ok_or_else(|| Error::conflict(format!("domain {domain} has an invalid stored definition")))?;
         let mut disks = Vec::new();
         for (i, ((path, format), def)) in files.into_iter().zip(&config.disks).enumerate() {
             if def.readonly {
@@ -355,10 +288,7 @@ impl Backups {
                             backing.display()
                         )));
                     }
-                    Since::Checkpoint {
-                        bitmaps: bitmaps.clone(),
-                        backing,
-                    }
+                    Since::Checkpoint { bitmaps: bitmaps.clone(), backing }
                 }
             };
             let file = dir.join(format!("{target}.qcow2"));
@@ -369,26 +299,13 @@ impl Backups {
                 )));
             }
             let part = dir.join(format!(".{target}.qcow2.part"));
-            disks.push(DiskPlan {
-                target,
-                path,
-                since,
-                part,
-                file,
-            });
+            disks.push(DiskPlan { target, path, since, part, file });
         }
         if disks.is_empty() {
-            return Err(Error::conflict(format!(
-                "domain {domain} has no writable disk to back up"
-            )));
+            return Err(Error::conflict(format!("domain {domain} has no writable disk to back up")));
         }
         let parent = rows.last().map(|r| r.name.clone());
-        Ok(Plan {
-            domain: domain.to_string(),
-            checkpoint,
-            parent,
-            disks,
-        })
+        Ok(Plan { domain: domain.to_string(), checkpoint, parent, disks })
     }
 
     /// The backup job's work: copy, switch bitmaps, name the files, mark the checkpoint made.
@@ -397,11 +314,7 @@ impl Backups {
         let disks: Vec<CheckpointDisk> = plan
             .disks
             .iter()
-            .map(|d| CheckpointDisk {
-                target: d.target.clone(),
-                path: d.path.display().to_string(),
-                backup: d.file.display().to_string(),
-            })
+            .map(|d| CheckpointDisk { target: d.target.clone(), path: d.path.display().to_string(), backup: d.file.display().to_string() })
             .collect();
         let row = StoredCheckpoint {
             domain: plan.domain.clone(),
@@ -415,23 +328,14 @@ impl Backups {
         let result = self.copy_and_commit(ctx, plan);
         if let Err(e) = &result {
             if let Err(undo) = self.undo(&row, false) {
-                tracing::error!(
-                    domain = plan.domain,
-                    checkpoint = plan.checkpoint,
-                    "cannot undo a failed backup ({e:?}): {undo}"
-                );
+                tracing::error!(domain = plan.domain, checkpoint = plan.checkpoint, "cannot undo a failed backup ({e:?}): {undo}");
             }
             for d in &plan.disks {
                 let _ = std::fs::remove_file(&d.part);
             }
         } else {
             let files: Vec<String> = disks.iter().map(|d| d.backup.clone()).collect();
-            self.events.emit(
-                "domain",
-                &plan.domain,
-                "backup_completed",
-                format!("checkpoint {}: {}", plan.checkpoint, files.join(", ")),
-            );
+            self.events.emit("domain", &plan.domain, "backup_completed", format!("checkpoint {}: {}", plan.checkpoint, files.join(", ")));
         }
         result
     }
@@ -448,14 +352,8 @@ impl Backups {
         ctx.check_stop()?;
         for d in &plan.disks {
             crate::crashpoint::step("checkpoint bitmap added");
-            disk::add_checkpoint(&d.path, &plan.checkpoint, plan.parent.as_deref()).map_err(
-                |e| {
-                    JobError::Failed(format!(
-                        "disk {}: cannot add checkpoint {}: {e}",
-                        d.target, plan.checkpoint
-                    ))
-                },
-            )?;
+            disk::add_checkpoint(&d.path, &plan.checkpoint, plan.parent.as_deref())
+                .map_err(|e| JobError::Failed(format!("disk {}: cannot add checkpoint {}: {e}", d.target, plan.checkpoint)))?;
         }
         let mut named: Vec<&Path> = Vec::new();
         let mut result = Ok(());
@@ -463,19 +361,13 @@ impl Backups {
             match disk::publish(&d.part, &d.file) {
                 Ok(()) => named.push(&d.file),
                 Err(e) => {
-                    result = Err(JobError::Failed(format!(
-                        "cannot name {}: {e}",
-                        d.file.display()
-                    )));
+                    result = Err(JobError::Failed(format!("cannot name {}: {e}", d.file.display())));
                     break;
                 }
             }
         }
         if result.is_ok() {
-            result = self
-                .store
-                .complete_checkpoint(&plan.domain, &plan.checkpoint)
-                .map_err(store_failed);
+            result = self.store.complete_checkpoint(&plan.domain, &plan.checkpoint).map_err(store_failed);
         }
         if result.is_err() {
             for file in named {
@@ -488,55 +380,25 @@ impl Backups {
     /// Deletes checkpoint `name` of a shut-off domain: its bitmap is merged into its parent's in
     /// every disk, and the next checkpoint's parent becomes its parent. Its backup files stay.
     pub async fn delete(&self, domain: &str, name: &str) -> Result<()> {
-        let info = self.domains.info(domain)?;
         let row = self
             .store
             .checkpoints(domain)?
             .into_iter()
             .find(|r| r.name == name && !r.pending)
             .ok_or_else(|| no_checkpoint(domain, name))?;
-        if info.state.is_active() {
-            return Err(Error::conflict(format!(
-                "domain {domain} is {}: this ferrod deletes checkpoints of shut-off domains only",
-                info.state.word()
-            )));
-        }
-        let uses: Vec<(PathBuf, Access)> = disks_of(&row)
-            .into_iter()
-            .map(|d| (PathBuf::from(d.path), Access::Write))
-            .collect();
-        let held = self
-            .claims
-            .hold(&uses, "checkpoint deletion")
-            .map_err(|busy| {
-                Error::conflict(format!(
-                    "{} is in use by {}",
-                    busy.path.display(),
-                    busy.holder
-                ))
-            })?;
-        let (store, domain_name, name_owned) =
-            (self.store.clone(), domain.to_string(), name.to_string());
-        tokio::task::spawn_blocking(move || -> Result<()> {
+        let files: Vec<PathBuf> = disks_of(&row).into_iter().map(|d| PathBuf::from(d.path)).collect();
+        let store = self.store.clone();
+        let work = move || -> Result<()> {
             for d in disks_of(&row) {
                 if Path::new(&d.path).is_file() {
                     disk::remove_checkpoint(Path::new(&d.path), &row.name, row.parent.as_deref())
-                        .map_err(|e| {
-                        Error::internal(format!(
-                            "disk {}: cannot remove checkpoint {}: {e}",
-                            d.target, row.name
-                        ))
-                    })?;
+                        .map_err(|e| Error::internal(format!("disk {}: cannot remove checkpoint {}: {e}", d.target, row.name)))?;
                 }
             }
-            store.delete_checkpoint(&domain_name, &name_owned)?;
-            drop(held);
-            Ok(())
-        })
-        .await
-        .unwrap_or_else(|e| Err(Error::internal(format!("checkpoint task failed: {e}"))))?;
-        self.events
-            .emit("domain", domain, "checkpoint_deleted", name);
+            Ok(store.delete_checkpoint(&row.domain, &row.name)?)
+        };
+        self.domains.while_shut_off(domain, &files, "checkpoint deletion", work).await?;
+        self.events.emit("domain", domain, "checkpoint_deleted", name);
         Ok(())
     }
 
@@ -552,10 +414,7 @@ mod tests {
 
     #[test]
     fn disks_are_named_as_the_guest_sees_them() {
-        let names: Vec<String> = [0, 1, 25, 26, 27, 51, 52]
-            .into_iter()
-            .map(target_name)
-            .collect();
+        let names: Vec<String> = [0, 1, 25, 26, 27, 51, 52].into_iter().map(target_name).collect();
         assert_eq!(names, ["vda", "vdb", "vdz", "vdaa", "vdab", "vdaz", "vdba"]);
     }
 }

@@ -35,9 +35,7 @@ impl Store {
     /// A domain's checkpoints, oldest first (pending ones included).
     pub fn checkpoints(&self, domain: &str) -> StoreResult<Vec<StoredCheckpoint>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM checkpoints WHERE domain = ?1 ORDER BY created_ms, rowid"
-        ))?;
+        let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM checkpoints WHERE domain = ?1 ORDER BY created_ms, rowid"))?;
         let rows = stmt.query_map([domain], row)?;
         rows.collect()
     }
@@ -45,9 +43,7 @@ impl Store {
     /// Every pending checkpoint of every domain.
     pub fn pending_checkpoints(&self) -> StoreResult<Vec<StoredCheckpoint>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM checkpoints WHERE pending = 1 ORDER BY created_ms, rowid"
-        ))?;
+        let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM checkpoints WHERE pending = 1 ORDER BY created_ms, rowid"))?;
         let rows = stmt.query_map([], row)?;
         rows.collect()
     }
@@ -62,10 +58,7 @@ impl Store {
 
     /// Marks a checkpoint as made.
     pub fn complete_checkpoint(&self, domain: &str, name: &str) -> StoreResult<()> {
-        self.conn().execute(
-            "UPDATE checkpoints SET pending = 0 WHERE domain = ?1 AND name = ?2",
-            params![domain, name],
-        )?;
+        self.conn().execute("UPDATE checkpoints SET pending = 0 WHERE domain = ?1 AND name = ?2", params![domain, name])?;
         Ok(())
     }
 
@@ -73,26 +66,16 @@ impl Store {
     pub fn delete_checkpoint(&self, domain: &str, name: &str) -> StoreResult<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let parent: Option<String> = tx.query_row(
-            "SELECT parent FROM checkpoints WHERE domain = ?1 AND name = ?2",
-            params![domain, name],
-            |r| r.get(0),
-        )?;
-        tx.execute(
-            "UPDATE checkpoints SET parent = ?3 WHERE domain = ?1 AND parent = ?2",
-            params![domain, name, parent],
-        )?;
-        tx.execute(
-            "DELETE FROM checkpoints WHERE domain = ?1 AND name = ?2",
-            params![domain, name],
-        )?;
+        let parent: Option<String> =
+            tx.query_row("SELECT parent FROM checkpoints WHERE domain = ?1 AND name = ?2", params![domain, name], |r| r.get(0))?;
+        tx.execute("UPDATE checkpoints SET parent = ?3 WHERE domain = ?1 AND parent = ?2", params![domain, name, parent])?;
+        tx.execute("DELETE FROM checkpoints WHERE domain = ?1 AND name = ?2", params![domain, name])?;
         tx.commit()
     }
 
     /// Forgets every checkpoint of a domain.
     pub fn delete_domain_checkpoints(&self, domain: &str) -> StoreResult<()> {
-        self.conn()
-            .execute("DELETE FROM checkpoints WHERE domain = ?1", [domain])?;
+        self.conn().execute("DELETE FROM checkpoints WHERE domain = ?1", [domain])?;
         Ok(())
     }
 }
