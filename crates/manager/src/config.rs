@@ -20,6 +20,7 @@ pub struct FileConfig {
     pub ferro_bin: Option<PathBuf>,
     pub default_network: Option<bool>,
     pub log_level: Option<String>,
+    pub overcommit_ratio: Option<f64>,
     #[serde(default)]
     pub listen: ListenConfig,
 }
@@ -75,8 +76,16 @@ impl FileConfig {
         if let Some(level) = &config.log_level {
             check_log_filter(level).map_err(|e| format!("log_level: {e}"))?;
         }
+        if let Some(ratio) = config.overcommit_ratio {
+            check_overcommit_ratio(ratio).map_err(|e| format!("overcommit_ratio: {e}"))?;
+        }
         Ok(config)
     }
+}
+
+/// Checks an overcommit ratio: a positive number up to 100, such as 1.5.
+pub fn check_overcommit_ratio(ratio: f64) -> Result<f64, String> {
+    if ratio.is_finite() && ratio > 0.0 && ratio <= 100.0 { Ok(ratio) } else { Err(format!("{ratio} is not a ratio between 0 and 100, such as 1.5")) }
 }
 
 /// Checks a log filter (`info`, `debug`, `warn,ferro_manager=debug`, ...).
@@ -94,12 +103,13 @@ mod tests {
     #[test]
     fn every_setting_is_read() {
         let text = "home = \"/srv/ferro\"\nsocket = \"/run/f.sock\"\nsocket_group = \"kvm\"\nferro_bin = \"/opt/ferro\"\n\
-                    default_network = false\nlog_level = \"debug\"\n[listen]\naddresses = [\"0.0.0.0:8443\"]\n\
+                    default_network = false\nlog_level = \"debug\"\novercommit_ratio = 2.5\n[listen]\naddresses = [\"0.0.0.0:8443\"]\n\
                     tls_cert = \"/etc/c.pem\"\ntls_key = \"/etc/k.pem\"\ntoken_file = \"/etc/t\"\n";
         let c = FileConfig::parse(text).unwrap();
         assert_eq!(c.home.as_deref(), Some(Path::new("/srv/ferro")));
         assert_eq!(c.socket_group.as_deref(), Some("kvm"));
         assert_eq!(c.default_network, Some(false));
+        assert_eq!(c.overcommit_ratio, Some(2.5));
         assert_eq!(c.listen.addresses, ["0.0.0.0:8443"]);
         assert_eq!(c.listen.token_file.as_deref(), Some(Path::new("/etc/t")));
         assert!(!c.listen.insecure);
@@ -117,6 +127,7 @@ mod tests {
         assert_eq!(c.socket.as_deref(), Some(Path::new(crate::DEFAULT_SOCKET)));
         assert_eq!(c.socket_group.as_deref(), Some(crate::listen::DEFAULT_SOCKET_GROUP));
         assert_eq!((c.default_network, c.log_level.as_deref()), (Some(true), Some("info")));
+        assert_eq!(c.overcommit_ratio, Some(crate::domains::DEFAULT_OVERCOMMIT_RATIO));
         assert_eq!(c.listen.addresses, ["0.0.0.0:8443"]);
         assert!(c.listen.token_file.is_some() && !c.listen.insecure && !c.listen.no_auth);
     }
@@ -133,5 +144,9 @@ mod tests {
         assert!(e.starts_with("log_level: \"info,ferro=loud\" is not a log filter"), "{e}");
         let e = FileConfig::parse("default_network = \"yes\"\n").unwrap_err();
         assert!(e.starts_with("default_network: invalid type"), "{e}");
+        let e = FileConfig::parse("overcommit_ratio = 0.0\n").unwrap_err();
+        assert_eq!(e, "overcommit_ratio: 0 is not a ratio between 0 and 100, such as 1.5");
+        let e = FileConfig::parse("overcommit_ratio = \"2\"\n").unwrap_err();
+        assert!(e.starts_with("overcommit_ratio: invalid type"), "{e}");
     }
 }

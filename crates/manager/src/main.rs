@@ -50,8 +50,9 @@ struct Cli {
     no_default_network: bool,
     /// Refuse to start a domain when the memory committed to running domains (guest RAM minus
     /// balloon targets, plus VMM overhead) would pass this many times the host's RAM.
-    #[arg(long, value_name = "RATIO", value_parser = overcommit_ratio, default_value_t = DEFAULT_OVERCOMMIT_RATIO)]
-    overcommit_ratio: f64,
+    /// [default: 1.5, or overcommit_ratio in the configuration file]
+    #[arg(long, value_name = "RATIO", value_parser = overcommit_ratio)]
+    overcommit_ratio: Option<f64>,
     #[command(flatten)]
     listen: ListenArgs,
     #[command(subcommand)]
@@ -165,7 +166,7 @@ impl Settings {
             socket,
             ferro_bin: cli.ferro_bin.or(file.ferro_bin),
             default_network: !cli.no_default_network && file.default_network.unwrap_or(true),
-            overcommit_ratio: cli.overcommit_ratio,
+            overcommit_ratio: cli.overcommit_ratio.or(file.overcommit_ratio).unwrap_or(DEFAULT_OVERCOMMIT_RATIO),
             log_filter,
             listen,
             check_only: cli.check_config,
@@ -251,10 +252,7 @@ fn write_man_page(dir: &std::path::Path) -> ExitCode {
 
 /// `--overcommit-ratio`: a positive number such as 1.5.
 fn overcommit_ratio(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(r) if r.is_finite() && r > 0.0 && r <= 100.0 => Ok(r),
-        _ => Err(format!("'{text}' is not a ratio between 0 and 100, such as 1.5")),
-    }
+    text.parse::<f64>().map_err(|_| format!("'{text}' is not a number such as 1.5")).and_then(ferro_manager::config::check_overcommit_ratio)
 }
 
 /// Takes an exclusive lock on the state directory so that two daemons never share it.

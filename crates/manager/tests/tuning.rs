@@ -172,11 +172,27 @@ fn nodeinfo_counts_committed_memory_and_a_start_past_the_ratio_is_refused() {
     let o = d.ferro(&["start", "big"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
-    assert!(err.contains("starting big would commit") && err.contains("MiB are committed to 1 running domains"), "{err}");
+    assert!(err.contains("starting big would commit") && err.contains("MiB are committed to 1 running domains and starts under way"), "{err}");
     assert!(err.contains("big needs 96 MiB of RAM and 64 MiB of VMM overhead"), "{err}");
     assert_eq!(api.expect("GET", "/v1/domains/big", None, 200)["state"], "shutoff");
 
     d.ferro_ok(&["destroy", "small"]);
     d.ferro_ok(&["start", "big"]);
     d.ferro_ok(&["destroy", "big"]);
+
+    // Two domains that fit one at a time, started at the same instant: exactly one runs.
+    api.expect("POST", "/v1/domains", Some(&guest_toml("big2", "idle").replace("64M", "96M")), 201);
+    let (one, two) = std::thread::scope(|s| {
+        let one = s.spawn(|| d.ferro(&["start", "big"]));
+        let two = s.spawn(|| d.ferro(&["start", "big2"]));
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    let started: Vec<bool> = [&one, &two].iter().map(|o| o.status.success()).collect();
+    assert_eq!(started.iter().filter(|s| **s).count(), 1, "{one:?}\n{two:?}");
+    let refused = if started[0] { &two } else { &one };
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("MiB are committed to") && err.contains("needs 96 MiB of RAM"), "{err}");
+    let states: Vec<Value> = ["big", "big2"].iter().map(|n| api.expect("GET", &format!("/v1/domains/{n}"), None, 200)["state"].clone()).collect();
+    assert_eq!(states.iter().filter(|s| *s == "running").count(), 1, "{states:?}");
+    d.cleanup();
 }

@@ -87,6 +87,9 @@ pub struct Domains {
     restart_queue: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
     /// Memory committed to running domains may be at most this many times the host's RAM.
     overcommit_ratio: f64,
+    /// Memory of domains being started: checked against the limit but not running yet (see
+    /// `overcommit`), so two starts at the same instant cannot both pass it.
+    starting: Mutex<HashMap<String, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -152,6 +155,7 @@ impl Domains {
             restarts,
             restart_queue: Mutex::new(Some(queue)),
             overcommit_ratio,
+            starting: Mutex::new(HashMap::new()),
         }))
     }
 
