@@ -13,6 +13,7 @@ mod floor;
 mod images;
 mod launch;
 mod memory;
+mod migrate;
 mod network;
 mod snapshot;
 mod virtio;
@@ -68,6 +69,11 @@ enum Section {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Live migration downtime and total time, idle and dirtying 512 MiB guest, against QEMU live migration (-incoming tcp:).
+    Migrate {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// The floor's child process (spawned by `launch`).
     #[command(hide = true)]
     FloorChild,
@@ -86,6 +92,7 @@ fn main() {
         Section::Snapshot { runs } => snapshot::run(runs),
         Section::DiskSnapshot { runs } => disk_snapshot::run(runs),
         Section::Memory { runs } => memory::run(runs),
+        Section::Migrate { runs } => migrate::run(runs),
         Section::FloorChild => floor::first_exit_child(),
     }
 }

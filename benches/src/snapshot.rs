@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 const SIZES_MIB: [u64; 2] = [256, 2048];
 
 /// Connects to a unix socket the child is about to create; panics if it does not within 30 s.
-fn connect(path: &Path, child: &mut Child) -> UnixStream {
+pub(crate) fn connect(path: &Path, child: &mut Child) -> UnixStream {
     let start = Instant::now();
     loop {
         if let Ok(s) = UnixStream::connect(path) {
@@ -35,8 +35,8 @@ fn connect(path: &Path, child: &mut Child) -> UnixStream {
     }
 }
 
-/// Reads the console until `what` appears.
-fn wait_console(console: &mut UnixStream, what: &str) {
+/// Reads the console until `what` appears; returns what it read.
+pub(crate) fn wait_console(console: &mut UnixStream, what: &str) -> String {
     console.set_read_timeout(Some(Duration::from_secs(60))).expect("socket timeout");
     let mut seen = Vec::new();
     let mut buf = [0u8; 512];
@@ -46,39 +46,40 @@ fn wait_console(console: &mut UnixStream, what: &str) {
             Ok(n) => seen.extend_from_slice(&buf[..n]),
         }
     }
+    String::from_utf8_lossy(&seen).into_owned()
 }
 
-/// Types a ping on the console and waits for the guest's answer.
-fn ping(console: &mut UnixStream) {
+/// Types a ping on the console and waits for the guest's answer; returns what it read.
+pub(crate) fn ping(console: &mut UnixStream) -> String {
     console.write_all(b"p").expect("write to the console");
-    wait_console(console, "counter: pong");
+    wait_console(console, "counter: pong")
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn stop(mut child: Child) {
+pub(crate) fn stop(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
 
 /// One JSON line each way on a control socket (ours or QMP).
-struct LineSocket(BufReader<UnixStream>);
+pub(crate) struct LineSocket(pub(crate) BufReader<UnixStream>);
 
 impl LineSocket {
-    fn send(&mut self, v: &Value) {
+    pub(crate) fn send(&mut self, v: &Value) {
         writeln!(self.0.get_mut(), "{v}").expect("write a request");
     }
 
-    fn line(&mut self) -> Value {
+    pub(crate) fn line(&mut self) -> Value {
         let mut line = String::new();
         self.0.read_line(&mut line).expect("read a reply");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
     }
 
     /// QMP: the reply to the command just sent, skipping asynchronous events.
-    fn qmp(&mut self, v: &Value) -> Value {
+    pub(crate) fn qmp(&mut self, v: &Value) -> Value {
         self.send(v);
         loop {
             let reply = self.line();
@@ -145,7 +146,7 @@ fn ferro(mib: u64, runs: usize, dir: &Path) -> (f64, f64) {
     (median(pauses), median(restores))
 }
 
-fn qemu_command(qemu: &Path, guest: &Path, mib: u64, serial: &Path, qmp: &Path) -> Command {
+pub(crate) fn qemu_command(qemu: &Path, guest: &Path, mib: u64, serial: &Path, qmp: &Path) -> Command {
     let mut c = Command::new(qemu);
     c.args(["-M", "microvm", "-accel", "kvm", "-cpu", QEMU_CPU, "-m", &mib.to_string(), "-smp", "1"])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
@@ -161,7 +162,7 @@ fn qemu_command(qemu: &Path, guest: &Path, mib: u64, serial: &Path, qmp: &Path) 
     c
 }
 
-fn qmp_connect(path: &Path, child: &mut Child) -> LineSocket {
+pub(crate) fn qmp_connect(path: &Path, child: &mut Child) -> LineSocket {
     let mut s = LineSocket(BufReader::new(connect(path, child)));
     s.line(); // greeting
     s.qmp(&json!({"execute": "qmp_capabilities"}));

@@ -1,0 +1,193 @@
+//! `ferro-bench migrate`: live migration of a 512 MiB `counter` test guest between two VMMs on
+//! this host over loopback TCP, for `ferro vmm` and QEMU `-M microvm`, with the guest idle (its
+//! 16 MiB pattern written once, the rest of RAM untouched) and dirtying (churning the pattern:
+//! every pass rewrites all 16 MiB, a few milliseconds apart). The guest moves `runs` times in a
+//! chain (each destination is the next source), so every run starts from a guest that was
+//! itself migrated.
+//!
+//! - Downtime: as each VMM reports it. Ours: from the source's pause to the destination's word
+//!   that the guest runs there (`migrate_send`'s `downtime_us`). QEMU's: `query-migrate`'s
+//!   `downtime` (from the source's stop to the end of the migration on the source).
+//! - Total: as reported (`total_ms`; QEMU's `total-time`), and, the same way for both, from the
+//!   request until the destination's guest answers a byte typed on its console.
+//!
+//! Both run without a bandwidth cap (QEMU's default of 128 MiB/s is lifted) and with a 300 ms
+//! downtime budget (both defaults). After every move the guest must answer, and a churning one
+//! must report no stale word.
+
+use crate::common::{Scratch, ferro_bin, median, qemu_bin};
+use crate::snapshot::{LineSocket, connect, ms, ping, qemu_command, qmp_connect, stop, wait_console};
+use serde_json::json;
+use std::io::{BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MEMORY_MIB: u64 = 512;
+
+/// One workload's medians: reported downtime, reported total, request -> destination answering.
+struct Numbers {
+    downtime_ms: f64,
+    total_ms: f64,
+    answering_ms: f64,
+}
+
+/// A free loopback port for the next destination to listen on.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// Starts churning when asked to; after a move, checks the churn saw no stale word and churns on.
+fn after_move(console: &mut UnixStream, churn: bool) {
+    let seen = ping(console);
+    if churn {
+        assert!(seen.contains("counter: churned") && seen.contains(" errors=0"), "a stale or lost page: {seen}");
+        console.write_all(b"d").expect("write to the console");
+        wait_console(console, "counter: churning");
+    }
+}
+
+/// Our VMMs: boots the guest, then moves it `runs` times.
+fn ferro(runs: usize, churn: bool, dir: &Path) -> Numbers {
+    let ferro = ferro_bin();
+    let vmm = |at: &Path, extra: &[&str]| -> Child {
+        Command::new(&ferro)
+            .arg("vmm")
+            .args(extra)
+            .arg("--api-socket")
+            .arg(at.join("api.sock"))
+            .arg("--serial-socket")
+            .arg(at.join("serial.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn ferro vmm")
+    };
+    let mut at = dir.join("ferro-0");
+    std::fs::create_dir_all(&at).expect("run directory");
+    let memory = format!("{MEMORY_MIB}M");
+    let mut source = vmm(&at, &["--guest", "counter", "--memory", &memory]);
+    let mut console = connect(&at.join("serial.sock"), &mut source);
+    wait_console(&mut console, "counter: up");
+    if churn {
+        console.write_all(b"d").expect("write to the console");
+        wait_console(&mut console, "counter: churning");
+    }
+    let (mut downtimes, mut totals, mut answering) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let next = dir.join(format!("ferro-{run}"));
+        std::fs::create_dir_all(&next).expect("run directory");
+        let port = free_port();
+        let mut dest = vmm(&next, &["--incoming", &format!("tcp:127.0.0.1:{port}")]);
+        let mut control = LineSocket(BufReader::new(connect(&at.join("api.sock"), &mut source)));
+        let start = Instant::now();
+        // The destination may not listen yet: a refused connection fails before anything moved.
+        let reply = loop {
+            control.send(&json!({"op": "migrate_send", "to": format!("tcp:127.0.0.1:{port}")}));
+            let reply = control.line();
+            let refused = reply["error"].as_str().is_some_and(|e| e.contains("Connection refused"));
+            if !refused || start.elapsed() > Duration::from_secs(10) {
+                break reply;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(reply["ok"], true, "{reply}");
+        let mut dest_console = connect(&next.join("serial.sock"), &mut dest);
+        after_move(&mut dest_console, churn);
+        answering.push(ms(start.elapsed()));
+        downtimes.push(reply["downtime_us"].as_f64().expect("downtime_us") / 1e3);
+        totals.push(reply["total_ms"].as_f64().expect("total_ms"));
+        let _ = source.wait();
+        let _ = std::fs::remove_dir_all(&at);
+        (source, console, at) = (dest, dest_console, next);
+    }
+    drop(console);
+    stop(source);
+    Numbers { downtime_ms: median(downtimes), total_ms: median(totals), answering_ms: median(answering) }
+}
+
+/// QEMU, the peer: the same guest and the same moves, through QMP.
+fn qemu(qemu: &Path, guest: &Path, runs: usize, churn: bool, dir: &Path) -> Numbers {
+    let files = |run: usize| (dir.join(format!("qemu-{run}.serial")), dir.join(format!("qemu-{run}.qmp")));
+    let (serial, qmp_path) = files(0);
+    let mut source = qemu_command(qemu, guest, MEMORY_MIB, &serial, &qmp_path).spawn().expect("spawn qemu");
+    let mut console = connect(&serial, &mut source);
+    wait_console(&mut console, "counter: up");
+    let mut qmp = qmp_connect(&qmp_path, &mut source);
+    if churn {
+        console.write_all(b"d").expect("write to the console");
+        wait_console(&mut console, "counter: churning");
+    }
+    let (mut downtimes, mut totals, mut answering) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let (serial, qmp_path) = files(run);
+        let port = free_port();
+        let mut dest = qemu_command(qemu, guest, MEMORY_MIB, &serial, &qmp_path)
+            .arg("-incoming")
+            .arg(format!("tcp:127.0.0.1:{port}"))
+            .spawn()
+            .expect("spawn qemu -incoming");
+        let mut dest_console = connect(&serial, &mut dest);
+        let dest_qmp = qmp_connect(&qmp_path, &mut dest);
+        qmp.qmp(&json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 100u64 << 30, "downtime-limit": 300}}));
+        let start = Instant::now();
+        let status = loop {
+            qmp.qmp(&json!({"execute": "migrate", "arguments": {"uri": format!("tcp:127.0.0.1:{port}")}}));
+            let status = loop {
+                let status = qmp.qmp(&json!({"execute": "query-migrate"}));
+                match status["return"]["status"].as_str() {
+                    Some("completed") | Some("failed") | Some("cancelled") => break status,
+                    _ => std::thread::sleep(Duration::from_micros(200)),
+                }
+            };
+            if status["return"]["status"] == "completed" || start.elapsed() > Duration::from_secs(10) {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(status["return"]["status"], "completed", "QEMU migration: {status}");
+        after_move(&mut dest_console, churn);
+        answering.push(ms(start.elapsed()));
+        downtimes.push(status["return"]["downtime"].as_f64().expect("downtime"));
+        totals.push(status["return"]["total-time"].as_f64().expect("total-time"));
+        stop(source);
+        (source, console, qmp) = (dest, dest_console, dest_qmp);
+    }
+    drop(console);
+    stop(source);
+    Numbers { downtime_ms: median(downtimes), total_ms: median(totals), answering_ms: median(answering) }
+}
+
+fn show(who: &str, n: &Numbers) {
+    println!(
+        "  {who:<18} downtime {:8.2} ms   total {:8.1} ms   request -> destination answering {:8.1} ms",
+        n.downtime_ms, n.total_ms, n.answering_ms
+    );
+}
+
+pub fn run(runs: usize) {
+    let scratch = Scratch::new();
+    let guest = scratch.0.join("counter.elf");
+    std::fs::write(&guest, ferro_guests::get("counter").expect("built-in counter guest")).expect("write the guest");
+    let peer = qemu_bin();
+    println!("== live migration over loopback TCP, counter guest {MEMORY_MIB} MiB, {runs} moves each, medians");
+    for (churn, workload) in [(false, "idle (16 MiB written)"), (true, "dirtying (16 MiB churned)")] {
+        println!("  -- {workload}");
+        let ours = ferro(runs, churn, &scratch.0);
+        show("ferro vmm", &ours);
+        match &peer {
+            Some(qemu_path) => {
+                let theirs = qemu(qemu_path, &guest, runs, churn, &scratch.0);
+                show("qemu -M microvm", &theirs);
+                println!(
+                    "  ratio ferro/qemu   downtime {:.3}   total {:.3}   answering {:.3}",
+                    ours.downtime_ms / theirs.downtime_ms,
+                    ours.total_ms / theirs.total_ms,
+                    ours.answering_ms / theirs.answering_ms
+                );
+            }
+            None => println!("  (no QEMU peer: see scripts/qemu-peer.sh)"),
+        }
+    }
+}
