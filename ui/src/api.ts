@@ -98,6 +98,21 @@ export interface Job {
   error: string | null;
 }
 
+export interface Snapshot {
+  domain: string;
+  name: string;
+  parent: string | null;
+  children: string[];
+  state: "running" | "paused" | "shutoff";
+  created: string;
+  created_ms: number;
+  current: boolean;
+  description: string | null;
+  pause_us: number | null;
+  memory_bytes: number | null;
+  disks: string[];
+}
+
 export interface FerroEvent {
   seq: number;
   time_ms: number;
@@ -184,6 +199,17 @@ export async function signOut(): Promise<void> {
 export const domainPath = (name: string, sub = "") => `/v1/domains/${encodeURIComponent(name)}${sub ? "/" + sub : ""}`;
 export const volumePath = (pool: string, vol = "", sub = "") =>
   `/v1/pools/${encodeURIComponent(pool)}/volumes${vol ? "/" + encodeURIComponent(vol) : ""}${sub ? "/" + sub : ""}`;
+
+/** Polls job `id` until it has ended, reporting each state on the way; a failed or cancelled job throws its error. */
+export async function finishJob(id: number, progress: (job: Job) => void): Promise<Job> {
+  for (;;) {
+    const job = await get<Job>(`/v1/jobs/${id}`);
+    progress(job);
+    if (job.state === "completed") return job;
+    if (job.state !== "running") throw new Error(job.error ?? `job ${id} ${job.state}`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
 
 /** Uploads a file's bytes into a volume with XMLHttpRequest, the one browser API that reports upload progress. */
 export function upload(pool: string, vol: string, file: File, progress: (done: number, total: number) => void): Promise<Volume> {

@@ -123,6 +123,36 @@ try {
   await page.screenshot({ path: `${shots}/domain.png`, fullPage: true });
   await page.getByRole("button", { name: "Close console" }).click();
 
+  // Snapshots: take two in the page's form, revert to the first (confirmed), delete the second;
+  // ferro snapshot-list agrees at each step, and the domain keeps running after the revert.
+  const snapshots = () => JSON.parse(ferro("snapshot-list", domain, "--json"));
+  for (const name of ["ui-one", "ui-two"]) {
+    await page.getByRole("button", { name: "Take snapshot" }).click();
+    await page.getByLabel("Snapshot name").fill(name);
+    await page.getByLabel("Description").fill(`taken in the browser: ${name}`);
+    await page.getByRole("button", { name: "Create snapshot" }).click();
+    await page.getByRole("status").filter({ hasText: `Snapshot ${name} taken (guest paused` }).waitFor();
+    await page.locator(`tr[data-snapshot="${name}"]`).waitFor();
+  }
+  const taken = snapshots();
+  check(
+    taken.length === 2 && taken[1].parent === "ui-one" && taken[1].current && taken[0].description === "taken in the browser: ui-one",
+    "Take snapshot makes snapshots ferro snapshot-list shows, the second under the first and current",
+  );
+  check((await page.locator('tr[data-snapshot="ui-two"]').textContent()).includes("current"), "the page marks the current snapshot");
+  await page.locator('tr[data-snapshot="ui-one"]').getByRole("button", { name: "Revert" }).click();
+  await page.getByRole("button", { name: "Confirm" }).click();
+  await page.getByRole("status").filter({ hasText: "Reverted to ui-one" }).waitFor();
+  await until("after the revert ui-one is current (ferro snapshot-current)", async () => ferro("snapshot-current", domain) === "ui-one");
+  await until("the reverted domain runs (ferro domstate)", async () => state() === "running");
+  await until("the page marks ui-one current", async () => (await page.locator('tr[data-snapshot="ui-one"]').textContent()).includes("current"));
+  await page.locator('tr[data-snapshot="ui-two"]').getByRole("button", { name: "Delete" }).click();
+  await page.getByRole("button", { name: "Confirm" }).click();
+  await page.locator('tr[data-snapshot="ui-two"]').waitFor({ state: "detached" });
+  check(snapshots().map((s) => s.name).join() === "ui-one", "Delete (confirmed) removes the snapshot (ferro snapshot-list)");
+  await page.screenshot({ path: `${shots}/snapshots.png`, fullPage: true });
+  await until("the page shows the domain running", async () => (await page.locator("h1 .badge").textContent()) === "running");
+
   // Force off (confirmed in the page's dialog), then Start, each seen by `ferro domstate`.
   await page.getByRole("button", { name: "Force off" }).click();
   await page.getByRole("button", { name: "Confirm" }).click();
@@ -193,6 +223,9 @@ try {
   const buttons = await toolbar.getByRole("button").all();
   check(buttons.length >= 9, `the domain page has its ${buttons.length} action buttons`);
   for (const b of buttons) check(await b.isDisabled(), `readonly: "${await b.textContent()}" is disabled`);
+  const roSnapshot = ro.page.locator('tr[data-snapshot="ui-one"]');
+  await roSnapshot.waitFor();
+  for (const b of await roSnapshot.getByRole("button").all()) check(await b.isDisabled(), `readonly: the snapshot's "${await b.textContent()}" is disabled`);
   const width = await ro.page.evaluate(() => document.documentElement.scrollWidth);
   check(width <= 390, `the domain page fits a phone's width (${width} px)`);
   await ro.page.screenshot({ path: `${shots}/domain-phone-readonly.png`, fullPage: true });

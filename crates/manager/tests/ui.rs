@@ -120,7 +120,7 @@ fn the_ui_in_chromium() {
     println!("{stdout}");
     assert!(out.status.success(), "the browser test failed:\n{stdout}\n{stderr}\nferrod's log:\n{}", d.stderr());
     assert!(stdout.contains("all browser checks passed"), "{stdout}");
-    for shot in ["overview.png", "domain.png", "domain-phone-readonly.png"] {
+    for shot in ["overview.png", "domain.png", "snapshots.png", "domain-phone-readonly.png"] {
         assert!(shots.join(shot).metadata().is_ok_and(|m| m.len() > 1000), "screenshot {shot} missing");
     }
 }

@@ -5,6 +5,7 @@ import { type Lease, domainPath, leasesByMac, send } from "../api";
 import { bytes, ConfirmDialog, ErrorLine, Graph, percent, rate, Section, StateBadge } from "../components";
 import { Console } from "../console";
 import { refresh, useLive } from "../live";
+import { SnapshotList, TakeSnapshotDialog } from "./snapshots";
 
 interface Action {
   label: string;
@@ -32,6 +33,9 @@ export function DomainPage({ name, admin }: { name: string; admin: boolean }) {
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string | null>(null);
   const [console, setConsole] = useState(false);
+  const [snapshotting, setSnapshotting] = useState(false);
+  const [snapshotsTaken, setSnapshotsTaken] = useState(0);
+  const [message, setMessage] = useState<string | null>(null);
   const [leases, setLeases] = useState<Map<string, Lease>>(new Map());
   useEffect(() => {
     leasesByMac().then(setLeases, () => setLeases(new Map()));
@@ -78,7 +82,7 @@ export function DomainPage({ name, admin }: { name: string; admin: boolean }) {
             {a.label}
           </button>
         ))}
-        <button disabled title="Snapshots need ferrod's snapshot API, which this ferrod does not have yet">
+        <button disabled={!admin || busy || domain.state === "crashed"} onClick={() => setSnapshotting(true)}>
           Take snapshot
         </button>
         <button disabled={!admin || !active(domain.state)} onClick={() => setConsole(true)} title={admin ? "" : "The console is for admin tokens"}>
@@ -88,6 +92,22 @@ export function DomainPage({ name, admin }: { name: string; admin: boolean }) {
       {!admin && <p class="hint">Signed in read-only: you can look at everything and change nothing.</p>}
       <ErrorLine error={error ?? domain.error ?? (domain.crash && domain.state === "crashed" ? `crashed: ${domain.crash.reason}` : null)} />
       {asking && <ConfirmDialog text={asking.confirm!} onConfirm={() => run(asking)} onCancel={() => setAsking(null)} />}
+      {message && (
+        <p class="ok" role="status">
+          {message}
+        </p>
+      )}
+      {snapshotting && (
+        <TakeSnapshotDialog
+          domain={name}
+          onCancel={() => setSnapshotting(false)}
+          onDone={(m) => {
+            setSnapshotting(false);
+            setSnapshotsTaken(snapshotsTaken + 1);
+            setMessage(m);
+          }}
+        />
+      )}
       {console && active(domain.state) && <Console name={name} onClose={() => setConsole(false)} />}
       <Section title="Load" id="graphs">
         {active(domain.state) ? (
@@ -199,7 +219,7 @@ export function DomainPage({ name, admin }: { name: string; admin: boolean }) {
         )}
       </Section>
       <Section title="Snapshots" id="snapshots">
-        <p class="hint">This ferrod has no snapshot API yet, so there are no snapshots to list, revert or delete.</p>
+        <SnapshotList domain={name} admin={admin} changed={snapshotsTaken} onMessage={setMessage} />
       </Section>
     </>
   );
