@@ -24,7 +24,7 @@ export interface DomainConfig {
   vcpus: number;
   boot: { from?: string; kernel?: string; initrd?: string; cmdline?: string; guest?: string };
   disk?: DiskConfig[];
-  nic?: { tap: string; mac?: string }[];
+  nic?: { tap?: string; network?: string; bridge?: string; mac?: string }[];
 }
 
 export interface Domain {

@@ -195,7 +195,18 @@ try {
   check((await job.locator("progress").evaluate((p) => p.value)) === 1, "the jobs page shows the finished copy job with a full progress bar");
   await page.getByRole("link", { name: "Networks" }).click();
   await page.getByRole("heading", { name: "Networks" }).waitFor();
-  check(true, "the networks page loads");
+  // A network defined in the page's form (not started: that would make a bridge on this host).
+  await page.getByLabel("Network name").fill("uinet");
+  await page.getByLabel("Mode").selectOption("isolated");
+  await page.getByLabel("Bridge", { exact: true }).fill("fvui0");
+  await page.getByLabel("Gateway address").fill("10.93.0.1/24");
+  await page.getByLabel("DHCP from").fill("10.93.0.10");
+  await page.getByLabel("DHCP to").fill("10.93.0.20");
+  await page.getByLabel("Start with the host").uncheck();
+  await page.getByRole("button", { name: "Define network" }).click();
+  await page.locator('article[data-network="uinet"]').waitFor();
+  const uinet = ferro("net-dumpconfig", "uinet");
+  check(/mode = "isolated"/.test(uinet) && /bridge = "fvui0"/.test(uinet) && /start = "10.93.0.10"/.test(uinet), "the network form defines what ferro net-dumpconfig shows");
 
   // The create form defines and starts a domain that `ferro list` shows.
   await page.getByRole("link", { name: "Create VM" }).click();
@@ -207,6 +218,17 @@ try {
   await until("the created domain is listed by ferro list --all, running", async () =>
     ferro("list", "--all").split("\n").some((l) => l.includes("made-in-browser") && l.includes("running")),
   );
+  // The create form puts the NIC on a network chosen by name.
+  await page.getByRole("link", { name: "Create VM" }).click();
+  await page.getByLabel("Name", { exact: true }).fill("on-uinet");
+  await page.getByLabel("Memory", { exact: true }).fill("64M");
+  await page.getByLabel("Test guest", { exact: true }).fill("idle");
+  await page.locator('select[name="nic"]').selectOption("network:uinet");
+  await page.getByLabel("Start it now").uncheck();
+  await page.getByRole("button", { name: "Create" }).click();
+  await page.getByRole("status").filter({ hasText: "Created on-uinet" }).waitFor();
+  const onUinet = ferro("dumpconfig", "on-uinet");
+  check(onUinet.includes("[[nic]]") && onUinet.includes('network = "uinet"'), "the create form's network choice is the definition's NIC (ferro dumpconfig)");
   await page.getByRole("link", { name: "Events" }).click();
   await page.locator("ol.events li", { hasText: "made-in-browser" }).first().waitFor();
   check(true, "the event feed shows the new domain's events");
@@ -238,6 +260,9 @@ try {
   check(await roPool.getByRole("button", { name: "Create volume" }).isDisabled(), "readonly: Create volume is disabled");
   check(await roPool.locator('input[type="file"]').isDisabled(), "readonly: the upload is disabled");
   for (const b of await roPool.getByRole("button", { name: "Delete" }).all()) check(await b.isDisabled(), "readonly: a volume's Delete is disabled");
+  await ro.page.getByRole("link", { name: "Networks" }).click();
+  await ro.page.locator('article[data-network="uinet"]').waitFor();
+  check(await ro.page.getByRole("button", { name: "Define network" }).isDisabled(), "readonly: Define network is disabled");
   check(state() === "running", "nothing the readonly session did changed the domain");
   check(ro.page.errors.length === 0, `no errors in the browser console as readonly: ${ro.page.errors.join("; ")}`);
   await ro.context.close();

@@ -1,8 +1,9 @@
 // The create-VM form: writes a TOML definition (the same one `ferro define` takes), makes a new
-// volume first when asked, defines the domain and optionally starts it.
+// volume first when asked, defines the domain and optionally starts it. Its NIC goes on one of
+// ferrod's networks (the `default` one when it exists), a tap of the user's, or nowhere.
 
 import { useEffect, useState } from "preact/hooks";
-import { type Pool, type Volume, domainPath, get, send, volumePath } from "../api";
+import { type Network, type Pool, type Volume, domainPath, get, send, volumePath } from "../api";
 import { ErrorLine, Section } from "../components";
 import { refresh } from "../live";
 
@@ -27,11 +28,14 @@ export function CreatePage({ admin }: { admin: boolean }) {
     volume: "",
     size: "1G",
     format: "qcow2",
+    /** "none", "tap", or "network:NAME". */
+    nic: "none",
     tap: "",
     start: true,
   });
   const [pools, setPools] = useState<Pool[]>([]);
   const [volumes, setVolumes] = useState<Volume[]>([]);
+  const [networks, setNetworks] = useState<Network[]>([]);
   const [error, setError] = useState<string | null>(null);
   const [done, setDone] = useState<string | null>(null);
   const [busy, setBusy] = useState(false);
@@ -44,6 +48,13 @@ export function CreatePage({ admin }: { admin: boolean }) {
       setPools(p);
       if (p.length && !form.pool) setForm((f) => ({ ...f, pool: p[0].name }));
     }, () => setPools([]));
+  }, []);
+  useEffect(() => {
+    // Like `ferro create`: the `default` network when there is one.
+    get<Network[]>("/v1/networks").then((n) => {
+      setNetworks(n);
+      if (n.some((x) => x.name === "default")) setForm((f) => (f.nic === "none" ? { ...f, nic: "network:default" } : f));
+    }, () => setNetworks([]));
   }, []);
   useEffect(() => {
     if (form.pool) get<Volume[]>(volumePath(form.pool)).then(setVolumes, () => setVolumes([]));
@@ -63,7 +74,8 @@ export function CreatePage({ admin }: { admin: boolean }) {
       const format = form.disk === "new" ? form.format : (volumes.find((v) => v.name === volume)?.format ?? "raw");
       lines.push("[[disk]]", `pool = ${str(form.pool)}`, `volume = ${str(volume)}`, `format = ${str(format)}`);
     }
-    if (form.tap) lines.push("[[nic]]", `tap = ${str(form.tap)}`);
+    if (form.nic === "tap" && form.tap) lines.push("[[nic]]", `tap = ${str(form.tap)}`);
+    if (form.nic.startsWith("network:")) lines.push("[[nic]]", `network = ${str(form.nic.slice("network:".length))}`);
     return lines.join("\n") + "\n";
   };
 
@@ -173,8 +185,23 @@ export function CreatePage({ admin }: { admin: boolean }) {
             </>
           )}
           <label>
-            Network (tap device) <input name="tap" placeholder="none" value={form.tap} onInput={set("tap")} />
+            Network
+            <select name="nic" value={form.nic} onChange={set("nic")}>
+              <option value="none">No network</option>
+              {networks.map((n) => (
+                <option value={`network:${n.name}`}>
+                  {n.name} ({n.mode ?? "?"}
+                  {n.active ? "" : ", stopped"})
+                </option>
+              ))}
+              <option value="tap">A tap device of my own</option>
+            </select>
           </label>
+          {form.nic === "tap" && (
+            <label>
+              Tap device <input name="tap" required placeholder="tap0" value={form.tap} onInput={set("tap")} />
+            </label>
+          )}
           <label class="check">
             <input name="start" type="checkbox" checked={form.start} onChange={set("start")} /> Start it now
           </label>

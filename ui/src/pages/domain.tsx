@@ -190,7 +190,7 @@ export function DomainPage({ name, admin }: { name: string; admin: boolean }) {
               <thead>
                 <tr>
                   <th>Device</th>
-                  <th>Tap</th>
+                  <th>Attached to</th>
                   <th>MAC</th>
                   <th>Address</th>
                   <th>Received</th>
@@ -205,7 +205,7 @@ export function DomainPage({ name, admin }: { name: string; admin: boolean }) {
                   return (
                     <tr>
                       <td>{s?.id ?? `nic ${i}`}</td>
-                      <td>{n.tap}</td>
+                      <td>{n.network ? `network ${n.network}` : n.bridge ? `bridge ${n.bridge}` : `tap ${n.tap}`}</td>
                       <td class="mono">{mac ?? "assigned at start"}</td>
                       <td class="mono">{lease ? lease.ip : "–"}</td>
                       <td>{s ? bytes(s.rx_bytes) : "–"}</td>
