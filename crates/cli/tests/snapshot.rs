@@ -14,7 +14,8 @@ use std::time::Duration;
 
 const MEMORY: u64 = 64 << 20;
 
-/// A `ferro vmm` with its console on a socket, and that console.
+/// A `ferro vmm` under its seccomp filters (as ferrod runs it) with its console on a socket, and
+/// that console.
 struct Guest {
     vmm: Vmm,
     console: UnixStream,
@@ -25,7 +26,8 @@ impl Guest {
     fn start(tag: &str, args: &[&str]) -> Guest {
         let dir = TempDir::new(tag);
         let serial = dir.join("serial.sock");
-        let mut all = args.to_vec();
+        let mut all = vec!["--seccomp"];
+        all.extend(args);
         all.extend(["--serial-socket", serial.to_str().unwrap()]);
         let vmm = Vmm::start(dir, &all);
         wait_for("the serial socket", Duration::from_secs(10), || serial.exists());

@@ -67,7 +67,7 @@ fn hugepages_back_all_guest_ram_while_it_runs_and_go_back_when_it_stops() {
     let _pool = Reservation::exactly(PAGES + 8);
     let free_before = hugepages::read("free_hugepages");
     let spec = format!("size={MEMORY},hugepages=on");
-    let (child, seen) = run_until(&["--guest", "memory", "--memory", &spec, "--cmdline", "hold=1"], "memory: holding");
+    let (child, seen) = run_until(&["--seccomp", "--guest", "memory", "--memory", &spec, "--cmdline", "hold=1"], "memory: holding");
     // The guest wrote and checked every page above its image from ring 3.
     assert!(seen.contains("memory: verified 60 MiB in ring 3 with 0 errors"), "{seen}");
     assert_eq!(free_before - hugepages::read("free_hugepages"), PAGES, "64 MiB of guest RAM, all touched, is 32 huge pages");
@@ -104,7 +104,9 @@ fn a_snapshot_of_a_huge_page_guest_restores_into_huge_pages() {
     let start = |tag: &str, args: &[&str]| {
         let dir = TempDir::new(tag);
         let serial = dir.join("serial.sock");
-        let mut all = args.to_vec();
+        // Under seccomp, as ferrod runs VMMs: saving and restoring huge-page RAM stays allowed.
+        let mut all = vec!["--seccomp"];
+        all.extend(args);
         all.extend(["--serial-socket", serial.to_str().unwrap()]);
         let vmm = Vmm::start(dir, &all);
         wait_for("the serial socket", Duration::from_secs(10), || serial.exists());
@@ -155,8 +157,7 @@ fn allowed_cpus(pid: u32, tid: i64) -> String {
     status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).expect("Cpus_allowed_list").trim().to_owned()
 }
 
-/// The control ops under seccomp (ferrod does not pass --seccomp yet, so its tests do not cover
-/// this): vCPU threads carry their names, pin_vcpu and pin_emulator move exactly the threads they
+/// The control ops under seccomp: vCPU threads carry their names, pin_vcpu and pin_emulator move exactly the threads they
 /// name, and bad requests are refused by name.
 #[test]
 fn pinning_requests_move_threads_under_seccomp() {

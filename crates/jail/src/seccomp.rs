@@ -9,10 +9,24 @@
 //! create others (vCPUs start device workers when the guest activates a device; a control
 //! connection restarts vCPUs after a snapshot) include what their children need. docs/isolation.md
 //! lists what each kind may do.
+//!
+//! A forbidden call is not executed: the kernel sends the thread SIGSYS (SECCOMP_RET_TRAP), whose
+//! handler writes one line naming the thread kind and the system call number to stderr
+//! ([`FORBIDDEN_CALL_PREFIX`]) and kills the process with SIGSYS, so the VMM's supervisor sees both
+//! the signal and the call.
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::sync::OnceLock;
+
+/// How the line a VMM writes to stderr before seccomp kills it begins; it goes on with
+/// `<kind> thread made the forbidden system call <number>`.
+pub const FORBIDDEN_CALL_PREFIX: &str = "ferro: seccomp: ";
 
 /// The kinds of thread in a VMM, each with its own allowlist.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -148,6 +162,19 @@ const THREAD_LIFE: &[i64] = &[
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
+
+/// Calls every thread may make with one argument only: `fcntl(fd, F_GETFD)`, which Rust's
+/// standard library makes (in debug builds) before it closes a descriptor it owns, to catch a
+/// descriptor closed twice.
+fn narrowed_calls() -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError> {
+    let f_getfd = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::F_GETFD as u64,
+    )?;
+    Ok(vec![(libc::SYS_fcntl, SeccompRule::new(vec![f_getfd])?)])
+}
 
 /// Starting a thread (in the parent and in the child before its work begins, which includes
 /// taking the emulator's CPUs) and the epoll and eventfd set-up of a device worker.
@@ -292,19 +319,34 @@ const MAIN: &[i64] = &[
 /// The compiled programs, one per kind; set by [`enable`].
 static PROGRAMS: OnceLock<BTreeMap<ThreadKind, BpfProgram>> = OnceLock::new();
 
-/// Compiles every thread kind's filter and turns filtering on for threads started through
-/// [`spawn`] from now on and for [`install`].
+thread_local! {
+    /// The kind of the calling thread's filter, for the report of a forbidden call (read in the
+    /// SIGSYS handler: a const-initialised cell without destructor is safe to read there).
+    static FILTERED_AS: Cell<&'static str> = const { Cell::new("unfiltered") };
+}
+
+/// Compiles every thread kind's filter, installs the SIGSYS handler that reports a forbidden
+/// call, and turns filtering on for threads started through [`spawn`] from now on and for
+/// [`install`]. Call it before the process starts its threads.
 pub fn enable() -> Result<(), String> {
     let mut programs = BTreeMap::new();
     for kind in ThreadKind::all() {
-        let rules = kind
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = kind
             .allowed()
             .into_iter()
             .map(|call| (call, Vec::new()))
             .collect();
+        // A call a kind may make with any arguments stays unconditional.
+        for (call, rule) in narrowed_calls()
+            .map_err(|e| format!("seccomp filter of {} threads: {e}", kind.name()))?
+        {
+            if let Entry::Vacant(entry) = rules.entry(call) {
+                entry.insert(vec![rule]);
+            }
+        }
         let filter = SeccompFilter::new(
             rules,
-            SeccompAction::KillProcess,
+            SeccompAction::Trap,
             SeccompAction::Allow,
             TargetArch::x86_64,
         )
@@ -316,7 +358,122 @@ pub fn enable() -> Result<(), String> {
     }
     PROGRAMS
         .set(programs)
-        .map_err(|_| "seccomp filters are already enabled".to_string())
+        .map_err(|_| "seccomp filters are already enabled".to_string())?;
+    install_sigsys_handler()
+}
+
+/// The fields of a SIGSYS siginfo from seccomp (`struct siginfo`'s `_sigsys` on x86_64; the libc
+/// crate does not expose them).
+#[repr(C)]
+struct SigsysInfo {
+    _signo: libc::c_int,
+    _errno: libc::c_int,
+    code: libc::c_int,
+    _pad: libc::c_int,
+    _call_addr: *mut libc::c_void,
+    syscall: libc::c_int,
+    _arch: libc::c_uint,
+}
+
+/// `si_code` of a SIGSYS sent by seccomp.
+const SYS_SECCOMP: libc::c_int = 1;
+
+fn install_sigsys_handler() -> Result<(), String> {
+    // SAFETY: sigaction is plain data, zero is a valid start (empty mask, no flags).
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = report_forbidden_call as *const () as libc::sighandler_t;
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: the action is initialised and its handler only makes async-signal-safe calls.
+    if unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) } != 0 {
+        return Err(format!(
+            "cannot install the SIGSYS handler for seccomp: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// SIGSYS handler: one line on stderr naming the thread's kind and the forbidden call, then the
+/// process dies of SIGSYS (the call itself was never made). Only async-signal-safe work here: a
+/// stack buffer, write(2), sigaction(2), sigprocmask(2), raise(3); every filter allows them.
+extern "C" fn report_forbidden_call(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo for SIGSYS, whose layout SigsysInfo follows.
+    let info = unsafe { &*(info as *const SigsysInfo) };
+    let mut line = LineBuffer::default();
+    line.push(FORBIDDEN_CALL_PREFIX);
+    line.push(FILTERED_AS.with(Cell::get));
+    if info.code == SYS_SECCOMP {
+        line.push(" thread made the forbidden system call ");
+        line.push_number(info.syscall as i64);
+    } else {
+        line.push(" thread got SIGSYS from outside seccomp");
+    }
+    line.push("\n");
+    // SAFETY: writes the initialised bytes of the buffer to stderr.
+    unsafe { libc::write(2, line.bytes.as_ptr().cast(), line.len) };
+    // SAFETY: resets SIGSYS to its default action (end the process), unblocks it in this thread
+    // and raises it; nothing here touches memory shared with other threads.
+    unsafe {
+        libc::signal(libc::SIGSYS, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGSYS);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(libc::SIGSYS);
+        libc::_exit(128 + libc::SIGSYS);
+    }
+}
+
+/// A line assembled without allocating (for the signal handler); what does not fit is dropped.
+struct LineBuffer {
+    bytes: [u8; 160],
+    len: usize,
+}
+
+impl Default for LineBuffer {
+    fn default() -> Self {
+        LineBuffer { bytes: [0; 160], len: 0 }
+    }
+}
+
+impl LineBuffer {
+    fn push(&mut self, text: &str) {
+        for &byte in text.as_bytes() {
+            if self.len < self.bytes.len() {
+                self.bytes[self.len] = byte;
+                self.len += 1;
+            }
+        }
+    }
+
+    fn push_number(&mut self, number: i64) {
+        if number < 0 {
+            self.push("-");
+        }
+        let mut digits = [0u8; 20];
+        let mut rest = number.unsigned_abs();
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        self.push(std::str::from_utf8(&digits[start..]).unwrap_or("?"));
+    }
+}
+
+/// The system call number in a line the SIGSYS handler wrote, if `line` is one.
+pub fn forbidden_call_in(line: &str) -> Option<(&str, i64)> {
+    let rest = line.trim().strip_prefix(FORBIDDEN_CALL_PREFIX)?;
+    let (kind, number) = rest.split_once(" thread made the forbidden system call ")?;
+    Some((kind, number.parse().ok()?))
 }
 
 /// Whether [`enable`] was called.
@@ -339,6 +496,7 @@ pub fn install(kind: ThreadKind) -> Result<(), String> {
             kind.name()
         )
     })?;
+    FILTERED_AS.with(|cell| cell.set(kind.name()));
     selftest(kind);
     Ok(())
 }
@@ -384,6 +542,24 @@ fn selftest(kind: ThreadKind) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_report_line_is_built_without_allocation_and_parsed_back() {
+        let mut line = LineBuffer::default();
+        line.push(FORBIDDEN_CALL_PREFIX);
+        line.push("vcpu thread made the forbidden system call ");
+        line.push_number(0);
+        assert_eq!(
+            forbidden_call_in(std::str::from_utf8(&line.bytes[..line.len]).unwrap()),
+            Some(("vcpu", 0))
+        );
+        let mut line = LineBuffer::default();
+        line.push_number(-457);
+        line.push(&"x".repeat(500));
+        assert_eq!(line.len, 160, "a long line is cut, not overflowed");
+        assert!(line.bytes.starts_with(b"-457x"));
+        assert_eq!(forbidden_call_in("ferro: seccomp: vcpu thread made"), None);
+    }
 
     #[test]
     fn every_kind_compiles_and_the_selftest_call_is_in_no_list() {
@@ -439,16 +615,24 @@ mod tests {
             std::process::exit(0);
         }
         let exe = std::env::current_exe().unwrap();
-        let status = std::process::Command::new(exe)
+        let child = std::process::Command::new(exe)
             .args([
                 "--exact",
                 "seccomp::tests::a_forbidden_call_kills_the_process",
                 "--nocapture",
             ])
             .env("FERRO_SECCOMP_CHILD", "1")
-            .status()
+            .output()
             .unwrap();
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
+        assert_eq!(child.status.signal(), Some(libc::SIGSYS), "{child:?}");
+        // Its last words name the thread kind and the call.
+        let stderr = String::from_utf8_lossy(&child.stderr);
+        let reported = stderr.lines().find_map(forbidden_call_in);
+        assert_eq!(
+            reported,
+            Some(("virtio-rng", libc::SYS_getppid)),
+            "stderr: {stderr}"
+        );
     }
 }

@@ -21,6 +21,8 @@ pub struct FileConfig {
     pub default_network: Option<bool>,
     pub log_level: Option<String>,
     pub overcommit_ratio: Option<f64>,
+    /// false: VMMs run without seccomp filters (`--no-seccomp`).
+    pub seccomp: Option<bool>,
     #[serde(default)]
     pub listen: ListenConfig,
 }
@@ -103,13 +105,14 @@ mod tests {
     #[test]
     fn every_setting_is_read() {
         let text = "home = \"/srv/ferro\"\nsocket = \"/run/f.sock\"\nsocket_group = \"kvm\"\nferro_bin = \"/opt/ferro\"\n\
-                    default_network = false\nlog_level = \"debug\"\novercommit_ratio = 2.5\n[listen]\naddresses = [\"0.0.0.0:8443\"]\n\
+                    default_network = false\nlog_level = \"debug\"\novercommit_ratio = 2.5\nseccomp = false\n[listen]\naddresses = [\"0.0.0.0:8443\"]\n\
                     tls_cert = \"/etc/c.pem\"\ntls_key = \"/etc/k.pem\"\ntoken_file = \"/etc/t\"\n";
         let c = FileConfig::parse(text).unwrap();
         assert_eq!(c.home.as_deref(), Some(Path::new("/srv/ferro")));
         assert_eq!(c.socket_group.as_deref(), Some("kvm"));
         assert_eq!(c.default_network, Some(false));
         assert_eq!(c.overcommit_ratio, Some(2.5));
+        assert_eq!(c.seccomp, Some(false));
         assert_eq!(c.listen.addresses, ["0.0.0.0:8443"]);
         assert_eq!(c.listen.token_file.as_deref(), Some(Path::new("/etc/t")));
         assert!(!c.listen.insecure);
@@ -128,6 +131,7 @@ mod tests {
         assert_eq!(c.socket_group.as_deref(), Some(crate::listen::DEFAULT_SOCKET_GROUP));
         assert_eq!((c.default_network, c.log_level.as_deref()), (Some(true), Some("info")));
         assert_eq!(c.overcommit_ratio, Some(crate::domains::DEFAULT_OVERCOMMIT_RATIO));
+        assert_eq!(c.seccomp, Some(true));
         assert_eq!(c.listen.addresses, ["0.0.0.0:8443"]);
         assert!(c.listen.token_file.is_some() && !c.listen.insecure && !c.listen.no_auth);
     }

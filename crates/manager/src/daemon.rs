@@ -8,7 +8,7 @@ use crate::claims::Claims;
 use crate::domains::Domains;
 use crate::events::EventHub;
 use crate::jobs::Jobs;
-use crate::model::Paths;
+use crate::model::{Confinement, Paths};
 use crate::networks::Networks;
 use crate::ovf::Ovf;
 use crate::pools::Pools;
@@ -32,14 +32,14 @@ pub struct Services {
 impl Services {
     /// Opens the store and loads every service's records; does not touch running VMs yet (see
     /// `recover`).
-    pub fn open(paths: Paths, overcommit_ratio: f64) -> Result<Arc<Services>, String> {
+    pub fn open(paths: Paths, overcommit_ratio: f64, confinement: Confinement) -> Result<Arc<Services>, String> {
         let store = Arc::new(Store::open(&paths.db)?);
         let events = Arc::new(EventHub::default());
         let claims = Arc::new(Claims::default());
         let jobs = Jobs::open(store.clone(), events.clone(), claims.clone())?;
         let pools = Pools::open(store.clone(), events.clone(), jobs.clone(), claims.clone())?;
         let networks = Networks::open(&paths.home.join("networks"), store.clone(), events.clone())?;
-        let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), networks.clone(), claims, overcommit_ratio)?;
+        let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), networks.clone(), claims, overcommit_ratio, confinement)?;
         let ovf = Ovf::open(jobs.clone(), pools.clone(), domains.clone());
         let snapshots = Snapshots::open(&paths.home, store.clone(), events.clone(), jobs.clone(), domains.clone());
         let backups = Backups::open(store.clone(), events.clone(), jobs.clone(), domains.clone());

@@ -6,7 +6,7 @@ use ferro_manager::config::{FileConfig, check_log_filter};
 use ferro_manager::daemon::Services;
 use ferro_manager::domains::DEFAULT_OVERCOMMIT_RATIO;
 use ferro_manager::listen::ListenArgs;
-use ferro_manager::model::Paths;
+use ferro_manager::model::{Confinement, Paths};
 use ferro_manager::notify::Notifier;
 use ferro_manager::{DEFAULT_HOME, api, listen, monitor, socket_for_home};
 use std::os::fd::AsRawFd;
@@ -53,6 +53,10 @@ struct Cli {
     /// [default: 1.5, or overcommit_ratio in the configuration file]
     #[arg(long, value_name = "RATIO", value_parser = overcommit_ratio)]
     overcommit_ratio: Option<f64>,
+    /// Run VMMs without their seccomp filters (to tell whether a VMM that dies of SIGSYS needs a
+    /// call its allowlist lacks; docs/isolation.md). By default every VMM runs under them.
+    #[arg(long)]
+    no_seccomp: bool,
     #[command(flatten)]
     listen: ListenArgs,
     #[command(subcommand)]
@@ -127,6 +131,7 @@ struct Settings {
     ferro_bin: Option<PathBuf>,
     default_network: bool,
     overcommit_ratio: f64,
+    confinement: Confinement,
     log_filter: String,
     listen: ListenArgs,
     check_only: bool,
@@ -167,6 +172,7 @@ impl Settings {
             ferro_bin: cli.ferro_bin.or(file.ferro_bin),
             default_network: !cli.no_default_network && file.default_network.unwrap_or(true),
             overcommit_ratio: cli.overcommit_ratio.or(file.overcommit_ratio).unwrap_or(DEFAULT_OVERCOMMIT_RATIO),
+            confinement: Confinement { seccomp: !cli.no_seccomp && file.seccomp.unwrap_or(true) },
             log_filter,
             listen,
             check_only: cli.check_config,
@@ -183,7 +189,10 @@ impl Settings {
 }
 
 fn serve(settings: Settings, notifier: Notifier) -> Result<(), String> {
-    let Settings { home, socket, ferro_bin, default_network, overcommit_ratio, listen: listen_args, .. } = settings;
+    let Settings { home, socket, ferro_bin, default_network, overcommit_ratio, confinement, listen: listen_args, .. } = settings;
+    if !confinement.seccomp {
+        tracing::warn!("VMMs run without seccomp filters (--no-seccomp or seccomp = false)");
+    }
     let self_exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let ferro_bin = ferro_bin.unwrap_or_else(|| self_exe.with_file_name("ferro"));
     let tcp = listen_args.plan()?;
@@ -205,7 +214,7 @@ fn serve(settings: Settings, notifier: Notifier) -> Result<(), String> {
     runtime.block_on(async move {
         // Before the socket exists: a client that sees it may send SIGTERM at once.
         let signals = shutdown_signals()?;
-        let services = Services::open(paths.clone(), overcommit_ratio)?;
+        let services = Services::open(paths.clone(), overcommit_ratio, confinement)?;
         let tcp_servers = tcp.bind().await?;
         let listener = listen::bind_unix(&paths.socket, listen_args.socket_group.as_deref())?;
         services.recover(default_network).await;

@@ -35,6 +35,14 @@ pub struct Paths {
     pub monitor_bin: PathBuf,
 }
 
+/// How ferrod confines the VMMs it starts (docs/isolation.md); set by the host's administrator
+/// (ferrod's flags and file), never by a domain definition.
+#[derive(Debug, Clone)]
+pub struct Confinement {
+    /// Every VMM thread under its seccomp allowlist (`ferro vmm --seccomp`).
+    pub seccomp: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum DomainState {

@@ -93,12 +93,24 @@ fn reason(end: &RunEnd) -> String {
         Some(ExitReason::DebugExit(status)) => format!("guest exited with status {status} (debug-exit port)"),
         Some(ExitReason::Error(message)) => message.clone(),
         None => match (end.status.code(), end.status.signal(), &end.last_line) {
+            (_, Some(libc::SIGSYS), last_line) => seccomp_reason(last_line.as_deref()),
             (Some(0), _, _) => "VMM exited without saying why".to_string(),
             (_, _, Some(line)) => line.clone(),
             (_, Some(sig), None) => format!("VMM killed by signal {sig} ({})", signal_name(sig)),
             (Some(code), _, None) => format!("VMM exited with status {code} without a message"),
             (None, None, None) => "VMM exited".to_string(),
         },
+    }
+}
+
+/// Why a VMM died of SIGSYS: its seccomp filter caught a call outside its thread's allowlist.
+/// The VMM's SIGSYS handler names the thread kind and the call in its last stderr line.
+fn seccomp_reason(last_line: Option<&str>) -> String {
+    match last_line.and_then(ferro_jail::seccomp::forbidden_call_in) {
+        Some((kind, call)) => {
+            format!("seccomp: the VMM's {kind} thread made the forbidden system call {call}; killed by SIGSYS")
+        }
+        None => "seccomp: VMM killed by SIGSYS (a system call outside its seccomp allowlist)".to_string(),
     }
 }
 
@@ -196,9 +208,11 @@ fn last_line_since(path: &Path, start: u64) -> Option<String> {
     file.read_to_end(&mut tail).ok()?;
     let text = String::from_utf8_lossy(&tail);
     let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    // Prefer an error line among the last few (clap, for one, ends with a "--help" hint).
+    // Prefer a seccomp report, then an error line among the last few (clap, for one, ends with a
+    // "--help" hint).
     let recent = &lines[lines.len().saturating_sub(3)..];
-    recent.iter().rev().find(|l| l.to_ascii_lowercase().contains("error")).or(recent.last()).map(|l| l.to_string())
+    let report = recent.iter().rev().find(|l| ferro_jail::seccomp::forbidden_call_in(l).is_some());
+    report.or_else(|| recent.iter().rev().find(|l| l.to_ascii_lowercase().contains("error"))).or(recent.last()).map(|l| l.to_string())
 }
 
 /// Written whole and synced (see `durable`): ferrod, restarted after a power loss, reads either no
@@ -297,6 +311,43 @@ mod tests {
         assert!(runs.len() == 2 && runs[0].starts_with("--restore /snap --event-fd ") && runs[1].starts_with("--event-fd "), "{runs:?}");
         let log = std::fs::read_to_string(dir.join("vmm.stderr")).unwrap();
         assert!(log.contains("device vda stopped until its driver resets it: queue 0 is broken"), "{log}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A VMM that dies of SIGSYS was stopped by its seccomp filter: the report says so, with the
+    /// thread kind and call number its SIGSYS handler wrote, or without them if it wrote none.
+    #[test]
+    fn a_sigsys_death_is_reported_as_seccomp_with_the_call() {
+        let dir = std::env::temp_dir().join(format!("ferro-monitor-sigsys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let run_script = |name: &str, script: &str| {
+            let args = MonitorArgs {
+                exit_report: dir.join(format!("{name}.json")),
+                log: dir.join("vmm.log"),
+                stderr: dir.join(format!("{name}.stderr")),
+                sockets: Vec::new(),
+                command: vec!["sh".into(), "-c".into(), script.into()],
+                first_run_args: Vec::new(),
+            };
+            assert_eq!(run(args), ExitCode::FAILURE);
+            read_report(&dir.join(format!("{name}.json"))).unwrap()
+        };
+        let report = run_script(
+            "named",
+            "echo 'error: a line before' >&2; echo 'ferro: seccomp: vcpu thread made the forbidden system call 110' >&2; kill -SYS $$",
+        );
+        assert_eq!(
+            report,
+            ExitReport {
+                code: None,
+                signal: Some(libc::SIGSYS),
+                reason: "seccomp: the VMM's vcpu thread made the forbidden system call 110; killed by SIGSYS".into(),
+                resets: 0
+            }
+        );
+        let report = run_script("unnamed", "kill -SYS $$");
+        assert_eq!(report.reason, "seccomp: VMM killed by SIGSYS (a system call outside its seccomp allowlist)");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -3,6 +3,7 @@
 //! in docs/vmm-control.md).
 
 use crate::domain::DomainConfig;
+use crate::model::Confinement;
 use ferro_vmm_api::control::{self, Request};
 use ferro_vmm_api::{BootConfig, CpuList, DeviceConfig, DeviceKind, DiskFormat, Kernel, MacAddr, MemoryConfig, Pinning, Transport, VmConfig};
 use serde::de::DeserializeOwned;
@@ -127,9 +128,10 @@ fn pinning(config: &DomainConfig) -> Result<Pinning, String> {
 }
 
 /// The `ferro vmm` arguments that run the VM whose configuration is in `files.vm_config()`, with
-/// its control and console sockets (the monitor adds `--event-fd`).
-pub fn vmm_args(files: &RunFiles) -> Vec<String> {
-    [
+/// its control and console sockets and the confinement ferrod was told to apply (the monitor adds
+/// `--event-fd`).
+pub fn vmm_args(files: &RunFiles, confinement: &Confinement) -> Vec<String> {
+    let mut args = [
         "vmm".to_string(),
         "--config".to_string(),
         files.vm_config().display().to_string(),
@@ -138,7 +140,11 @@ pub fn vmm_args(files: &RunFiles) -> Vec<String> {
         "--serial-socket".to_string(),
         files.serial_socket().display().to_string(),
     ]
-    .to_vec()
+    .to_vec();
+    if confinement.seccomp {
+        args.push("--seccomp".to_string());
+    }
+    args
 }
 
 /// Sends one request on a fresh connection to the VMM's control socket and returns its typed
@@ -201,9 +207,10 @@ mod tests {
 
         let files = RunFiles::new(Path::new("/run"), "u");
         assert_eq!(
-            vmm_args(&files).join(" "),
+            vmm_args(&files, &Confinement { seccomp: false }).join(" "),
             "vmm --config /run/u/vm.json --api-socket /run/u/api.sock --serial-socket /run/u/serial.sock"
         );
+        assert_eq!(vmm_args(&files, &Confinement { seccomp: true }).last().unwrap(), "--seccomp");
 
         let guest = DomainConfig::parse("name = \"t\"\nmemory = \"64M\"\n[boot]\nguest = \"idle\"\n").unwrap();
         let vm = vm_config(&guest, &[], &[], None).unwrap();

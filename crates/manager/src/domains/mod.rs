@@ -26,7 +26,7 @@ use crate::claims::Claims;
 use crate::domain::{DomainConfig, NicAttachment};
 use crate::error::{Error, Result};
 use crate::events::EventHub;
-use crate::model::{Crash, DomainInfo, DomainState, InterfaceInfo, Paths, new_uuid};
+use crate::model::{Confinement, Crash, DomainInfo, DomainState, InterfaceInfo, Paths, new_uuid};
 use crate::networks::Networks;
 use crate::pools::Pools;
 use crate::store::Store;
@@ -90,6 +90,7 @@ pub struct Domains {
     /// Memory of domains being started: checked against the limit but not running yet (see
     /// `overcommit`), so two starts at the same instant cannot both pass it.
     starting: Mutex<HashMap<String, u64>>,
+    confinement: Confinement,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -106,6 +107,7 @@ fn not_running(name: &str, state: DomainState) -> Error {
 
 impl Domains {
     /// Loads every domain from the store; does not touch running VMs yet (see `reattach`).
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         paths: Paths,
         store: Arc<Store>,
@@ -114,6 +116,7 @@ impl Domains {
         networks: Arc<Networks>,
         claims: Arc<Claims>,
         overcommit_ratio: f64,
+        confinement: Confinement,
     ) -> std::result::Result<Arc<Domains>, String> {
         std::fs::create_dir_all(&paths.run).map_err(|e| format!("cannot create {}: {e}", paths.run.display()))?;
         let mut domains = BTreeMap::new();
@@ -156,6 +159,7 @@ impl Domains {
             restart_queue: Mutex::new(Some(queue)),
             overcommit_ratio,
             starting: Mutex::new(HashMap::new()),
+            confinement,
         }))
     }
 

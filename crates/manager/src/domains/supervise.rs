@@ -282,7 +282,7 @@ impl Domains {
             .args(first_run.iter().map(|arg| format!("--first-run-arg={arg}")))
             .arg("--")
             .arg(&self.paths.ferro_bin)
-            .args(vmm::vmm_args(files))
+            .args(vmm::vmm_args(files, &self.confinement))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
