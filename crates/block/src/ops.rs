@@ -385,12 +385,16 @@ fn chain_status(img: &mut dyn DiskImage, off: u64, len: u64, depth: u32) -> Resu
 
 /// `map`: the allocation of every byte of the virtual disk, merged into runs.
 pub fn map(path: &Path, format: Option<Format>, force_share: bool) -> Result<Vec<MapEntry>> {
-    let mut img = open_read(path, format, force_share)?;
+    map_image(open_read(path, format, force_share)?.as_mut())
+}
+
+/// `map` of an open image.
+pub fn map_image(img: &mut dyn DiskImage) -> Result<Vec<MapEntry>> {
     let size = img.size();
     let mut out: Vec<MapEntry> = Vec::new();
     let mut off = 0;
     while off < size {
-        let e = chain_status(img.as_mut(), off, size - off, 0)?;
+        let e = chain_status(img, off, size - off, 0)?;
         off += e.length;
         if let Some(last) = out.last_mut() {
             let contiguous = match (last.offset, e.offset) {

@@ -70,6 +70,7 @@ impl Services {
             tracing::error!("recovering networks failed: {e}");
         }
         self.domains.reattach().await;
+        self.backups.recover().await;
         if first_since_boot {
             self.pools.autostart();
             self.domains.autostart().await;

@@ -5,7 +5,7 @@
 //! replaced, and a refused backup changes nothing. The REST answers are checked against
 //! openapi.json.
 
-use ferro_test_support::daemon::{Daemon, Home, guest_toml};
+use ferro_test_support::daemon::{Daemon, Home, guest_toml, read_console};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::Command;
@@ -79,7 +79,11 @@ fn backup(d: &Daemon, args: &[&str]) -> Value {
 }
 
 fn checkpoints(d: &Daemon) -> Vec<(String, Option<String>)> {
-    let list: Value = serde_json::from_str(&d.ferro_ok(&["checkpoint-list", "b1", "--json"])).unwrap();
+    checkpoints_of(d, "b1")
+}
+
+fn checkpoints_of(d: &Daemon, domain: &str) -> Vec<(String, Option<String>)> {
+    let list: Value = serde_json::from_str(&d.ferro_ok(&["checkpoint-list", domain, "--json"])).unwrap();
     list.as_array().unwrap().iter().map(|c| (c["name"].as_str().unwrap().to_string(), c["parent"].as_str().map(str::to_string))).collect()
 }
 
@@ -185,7 +189,7 @@ fn full_and_incremental_backups_of_a_shut_off_domain_restore_the_disk_at_each_po
 }
 
 #[test]
-fn a_raw_disk_a_running_domain_and_a_busy_disk_are_refused_by_name() {
+fn a_raw_disk_and_a_domain_without_disks_are_refused_by_name() {
     let home = Home::new("backup-refused");
     let d = Daemon::start(&home);
     let raw = home.path().join("disk.raw");
@@ -204,7 +208,84 @@ fn a_raw_disk_a_running_domain_and_a_busy_disk_are_refused_by_name() {
     d.ferro_ok(&["define", file.to_str().unwrap()]);
     d.ferro_ok(&["start", "i1"]);
     let err = ferro_err(&d, &["backup-begin", "i1", "--target", target.to_str().unwrap()]);
-    assert!(err.contains("domain i1 is running"), "{err}");
+    assert!(err.contains("domain i1 has no writable disk to back up"), "{err}");
     let err = ferro_err(&d, &["domjobabort", "i1"]);
     assert!(err.contains("runs no job"), "{err}");
+}
+
+/// Internal snapshots qemu-img lists (names).
+fn snapshots_of(image: &Path) -> Vec<String> {
+    let info: Value = serde_json::from_str(&qemu_img_ok(&["info", "--force-share", "--output=json", image.to_str().unwrap()])).unwrap();
+    info["snapshots"].as_array().into_iter().flatten().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+}
+
+/// `qemu-img compare --force-share`: the images read the same (the guest is idle, its writes
+/// flushed, so the running domain's disk holds still).
+fn identical_shared(a: &Path, b: &Path) -> bool {
+    let out = qemu_img(&["compare", "-U", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(out.status.code().is_some_and(|c| c <= 1), "qemu-img compare: {out:?}");
+    out.status.success()
+}
+
+/// Defines (or redefines) `r1`: the `virtio` test guest writing its pattern at `sector` of the
+/// qcow2 disk, then staying up.
+fn define_writer(d: &Daemon, home: &Home, disk: &Path, seed: u32, sector: u64) {
+    let toml = format!(
+        "name = \"r1\"\nmemory = \"64M\"\nvcpus = 1\n[boot]\nguest = \"virtio\"\ncmdline = \"virtio.hold=1 blk.seed={seed} blk.sector={sector}\"\n[[disk]]\npath = \"{}\"\nformat = \"qcow2\"\n",
+        disk.display()
+    );
+    let file = home.path().join("r1.toml");
+    std::fs::write(&file, toml).unwrap();
+    d.ferro_ok(&["define", file.to_str().unwrap()]);
+}
+
+fn start_writer(d: &Daemon) {
+    d.ferro_ok(&["start", "r1"]);
+    let mut console = d.console("r1");
+    read_console(&mut console, "virtio: all devices passed", std::time::Duration::from_secs(20));
+}
+
+#[test]
+fn backups_of_a_running_domain_are_one_point_in_time_and_the_guest_runs_on() {
+    let home = Home::new("backup-running");
+    let d = Daemon::start(&home);
+    let disk = home.path().join("disk.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "64M"]);
+    qemu_io(&disk, "write -P 0x11 0 4M");
+    define_writer(&d, &home, &disk, 3, 16384);
+    start_writer(&d);
+    let (dir1, dir2) = (home.path().join("b/1"), home.path().join("b/2"));
+
+    // Full, while the guest runs: its writes at 8 MiB are in, the guest runs on, no snapshot stays.
+    let started = backup(&d, &["r1", "--target", dir1.to_str().unwrap(), "--checkpoint", "c1"]);
+    assert_eq!(started["checkpoint"], "c1");
+    let full = dir1.join("vda.qcow2");
+    assert_eq!(d.api().expect("GET", "/v1/domains/r1", None, 200)["state"], "running");
+    assert!(identical_shared(&disk, &full), "the full backup reads as the running domain's disk");
+    let data = top_layer(&full);
+    assert!(data.iter().any(|&(off, len)| off <= 8 << 20 && off + len > 8 << 20), "the guest's write at 8 MiB is in: {data:?}");
+    assert!(snapshots_of(&disk).is_empty(), "the backup's temporary snapshot is gone: {:?}", snapshots_of(&disk));
+
+    // The guest writes at 16 MiB in its next run; the bitmap tracked across the VMM's restart.
+    d.ferro_ok(&["destroy", "r1"]);
+    assert_eq!(bitmaps(&disk), [("c1".to_string(), vec!["auto".to_string()])], "stored when the VMM closed the disk");
+    define_writer(&d, &home, &disk, 9, 32768);
+    start_writer(&d);
+    let out = d.ferro_ok(&["backup-begin", "r1", "--target", dir2.to_str().unwrap(), "--incremental", "c1", "--checkpoint", "c2"]);
+    assert!(out.contains("checkpoint c2"), "{out}");
+    let inc = dir2.join("vda.qcow2");
+    assert_eq!(top_layer(&inc), [(16 << 20, 64 << 10)], "only the cluster the guest wrote since c1");
+    assert!(identical_shared(&disk, &inc), "the chain reads as the running domain's disk");
+    let restored = home.path().join("restored.qcow2");
+    qemu_img_ok(&["convert", "-O", "qcow2", inc.to_str().unwrap(), restored.to_str().unwrap()]);
+    assert!(identical_shared(&disk, &restored));
+    assert!(snapshots_of(&disk).is_empty(), "{:?}", snapshots_of(&disk));
+
+    // Deleting c1 while the domain runs goes through its VMM; c2 keeps tracking.
+    d.ferro_ok(&["checkpoint-delete", "r1", "c1"]);
+    assert_eq!(checkpoints_of(&d, "r1"), [("c2".to_string(), None)]);
+    d.ferro_ok(&["destroy", "r1"]);
+    assert_eq!(bitmaps(&disk), [("c2".to_string(), vec!["auto".to_string()])]);
+    let check = qemu_img(&["check", disk.to_str().unwrap()]);
+    assert!(check.status.success(), "the disk is clean: {check:?}");
 }

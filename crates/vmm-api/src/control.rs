@@ -47,6 +47,34 @@ pub enum Request {
         #[serde(default)]
         disk_snapshot: Option<String>,
     },
+    /// Starts a backup of the disks at one point in time (docs/backups.md): while the VM is
+    /// paused, every writable disk (all qcow2) gets checkpoint bitmap `checkpoint` (`parent`'s
+    /// stops tracking) and internal snapshot `snapshot`, the frozen view the backup then reads
+    /// while the guest runs on. With `since` (a checkpoint and every later one, oldest first)
+    /// the clusters written since that checkpoint are written for the `i`th writable disk to
+    /// `ranges_dir/<i>`, as pairs of little-endian u64 offset and length. Every disk is checked
+    /// before anything changes, and a failure on one undoes the others. Reply:
+    /// [`BackupBeginReply`].
+    BackupBegin {
+        checkpoint: String,
+        #[serde(default)]
+        parent: Option<String>,
+        snapshot: String,
+        #[serde(default)]
+        since: Vec<String>,
+        #[serde(default)]
+        ranges_dir: Option<std::path::PathBuf>,
+    },
+    /// Ends a backup: deletes internal snapshot `snapshot` from every writable disk that has
+    /// it. Reply: [`Done`].
+    BackupEnd { snapshot: String },
+    /// Removes checkpoint `checkpoint` from every writable disk: its bitmap is merged into
+    /// `parent`'s (which tracks again if it tracked). Reply: [`Done`].
+    CheckpointRemove {
+        checkpoint: String,
+        #[serde(default)]
+        parent: Option<String>,
+    },
     /// Each vCPU's host thread, state, CPU time and CPU affinity, and the emulator threads'
     /// affinity. Reply: [`VcpuInfoReply`].
     VcpuInfo,
@@ -99,6 +127,9 @@ impl Request {
             Request::Stats => "stats",
             Request::Balloon { .. } => "balloon",
             Request::Snapshot { .. } => "snapshot",
+            Request::BackupBegin { .. } => "backup_begin",
+            Request::BackupEnd { .. } => "backup_end",
+            Request::CheckpointRemove { .. } => "checkpoint_remove",
             Request::VcpuInfo => "vcpu_info",
             Request::PinVcpu { .. } => "pin_vcpu",
             Request::PinEmulator { .. } => "pin_emulator",
@@ -237,6 +268,14 @@ pub struct SnapshotReply {
     pub state: RunState,
     /// The disk images that got the internal snapshot `disk_snapshot` (none without it).
     #[serde(default)]
+    pub disks: Vec<std::path::PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackupBeginReply {
+    /// How long the guest was paused while the bitmaps switched and the snapshots were taken.
+    pub pause_us: u64,
+    /// The writable disks, in order (the `i` of the ranges files).
     pub disks: Vec<std::path::PathBuf>,
 }
 
@@ -414,6 +453,12 @@ mod tests {
             decode_request(r#"{"op":"snapshot","dir":"/s","resume":true,"disk_snapshot":"before"}"#),
             Ok(Request::Snapshot { dir: "/s".into(), resume: true, disk_snapshot: Some("before".into()) }),
         );
+        assert_eq!(
+            decode_request(r#"{"op":"backup_begin","checkpoint":"c2","snapshot":"s"}"#),
+            Ok(Request::BackupBegin { checkpoint: "c2".into(), parent: None, snapshot: "s".into(), since: Vec::new(), ranges_dir: None }),
+            "parent, since and ranges_dir are optional"
+        );
+        assert!(decode_request(r#"{"op":"checkpoint_remove"}"#).unwrap_err().contains("checkpoint"));
         let mistyped = decode_request(r#"{"op":"balloon","target_mib":"lots"}"#).unwrap_err();
         assert!(mistyped.starts_with("bad request: target_mib: invalid type"), "{mistyped}");
     }

@@ -1,7 +1,8 @@
 //! The per-VM control socket (docs/vmm-control.md): [`Request`]s from `ferrod` (or any client)
 //! to pause, resume, press the power button, reset, quit, read stats, set the balloon, save a
-//! snapshot, read and set where vCPU and emulator threads run, and migrate the VM away, one JSON line each way, typed by `ferro-vmm-api`, answered through [`VmControl`].
+//! snapshot, start and end a backup (`backup`), read and set where vCPU and emulator threads run, and migrate the VM away, one JSON line each way, typed by `ferro-vmm-api`, answered through [`VmControl`].
 
+use crate::backup;
 use crate::exit::ExitReason;
 use crate::migration::{self, SendOptions};
 use crate::vm::VmControl;
@@ -59,6 +60,11 @@ pub fn handle(vm: &VmControl, line: &str) -> (String, Option<ExitReason>) {
         Request::Snapshot { dir, resume, disk_snapshot } => {
             encode_reply(&snapshot(vm, &dir, resume, disk_snapshot.as_deref()))
         }
+        Request::BackupBegin { checkpoint, parent, snapshot, since, ranges_dir } => {
+            encode_reply(&backup::begin(vm, &checkpoint, parent.as_deref(), &snapshot, &since, ranges_dir.as_deref()))
+        }
+        Request::BackupEnd { snapshot } => done(backup::end(vm, &snapshot)),
+        Request::CheckpointRemove { checkpoint, parent } => done(backup::remove_checkpoint(vm, &checkpoint, parent.as_deref())),
         Request::VcpuInfo => encode_reply(&vm.vcpu_info()),
         Request::PinVcpu { vcpu, cpus } => done(vm.pin_vcpu(vcpu, &cpus)),
         Request::PinEmulator { cpus } => done(vm.pin_emulator(&cpus)),

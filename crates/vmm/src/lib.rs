@@ -2,6 +2,7 @@
 //! per vCPU, and the main loop that waits for the guest (or a signal, or the console) to end it.
 
 pub mod acpi;
+pub mod backup;
 pub mod boot;
 mod builder;
 pub mod bus;

@@ -620,6 +620,55 @@ impl Qcow2 {
         *data = target.bits;
         Ok(())
     }
+
+    /// Whether bitmap `name` exists and is consistent (usable).
+    fn has_consistent_bitmap(&self, name: &str) -> bool {
+        self.bitmaps.iter().any(|b| b.name == name && !b.inconsistent)
+    }
+
+    /// Makes checkpoint `name` (libvirt's model, one bitmap per checkpoint): a new tracking
+    /// bitmap `name`, and `parent`'s bitmap (the previous checkpoint's, if the image has it
+    /// consistent) stops tracking, so each bitmap holds the writes between its checkpoint and
+    /// the next.
+    pub fn add_checkpoint(&mut self, name: &str, parent: Option<&str>) -> Result<()> {
+        self.add_bitmap(name, None, true)?;
+        if let Some(parent) = parent.filter(|p| self.has_consistent_bitmap(p)) {
+            self.set_bitmap_enabled(parent, false)?;
+        }
+        Ok(())
+    }
+
+    /// Removes checkpoint `name`: its bitmap is merged into `parent`'s (which tracks again if
+    /// `name` was tracking) and removed. An image without the bitmap is left alone; an
+    /// inconsistent one is only removed.
+    pub fn remove_checkpoint(&mut self, name: &str, parent: Option<&str>) -> Result<()> {
+        let Some(this) = self.bitmaps.iter().find(|b| b.name == name) else { return Ok(()) };
+        let (enabled, consistent) = (this.flags & FLAG_AUTO != 0, !this.inconsistent);
+        if let Some(parent) = parent.filter(|p| self.has_consistent_bitmap(p)) {
+            if consistent {
+                let bits = self.dirty_bitmap(name)?;
+                self.merge_into_bitmap(parent, &bits)?;
+            }
+            if enabled {
+                self.set_bitmap_enabled(parent, true)?;
+            }
+        }
+        self.remove_bitmap(name)
+    }
+
+    /// What was written since the oldest of `checkpoints`, given the bitmaps of it and of every
+    /// checkpoint after it: their union. Refused naming a bitmap that is missing or inconsistent.
+    pub fn changed_since(&self, checkpoints: &[String]) -> Result<DirtyBitmap> {
+        let mut union: Option<DirtyBitmap> = None;
+        for name in checkpoints {
+            let bits = self.dirty_bitmap(name)?;
+            match &mut union {
+                Some(u) => u.merge(&bits),
+                None => union = Some(bits),
+            }
+        }
+        union.ok_or_else(|| Error::invalid(&self.path, "no checkpoint bitmap named"))
+    }
 }
 
 /// The directory entries of `list`, with the flags and table positions it records.

@@ -301,6 +301,31 @@ impl Qcow2 {
         self.update_copied_flags()
     }
 
+    /// Makes a read-only image read as its internal snapshot `name` (its backing chain stays
+    /// under it). With `ReadShared` access this reads a snapshot of an image another process
+    /// writes: nothing a snapshot reaches is ever written in place (its clusters have more than
+    /// one reference or are the snapshot's alone, and writes copy them), so the view stays
+    /// whole for as long as the snapshot exists.
+    pub fn view_snapshot(&mut self, name: &str) -> Result<()> {
+        if !self.readonly {
+            return Err(Error::invalid(&self.path, "only an image opened read-only can show a snapshot"));
+        }
+        let (entries, _) = self.read_snapshot_table()?;
+        let s = entries[self.find_snapshot(&entries, name)?].clone();
+        if let Some(size) = s.disk_size.filter(|&size| size != self.h.size) {
+            return Err(Error::unsupported(
+                &self.path,
+                format!("snapshot {name:?} was taken at a virtual size of {size} bytes, the image has {} now", self.h.size),
+            ));
+        }
+        let mut l1: Vec<u64> = self.read_snapshot_l1(&s)?.iter().map(|e| e & !OFLAG_COPIED).collect();
+        l1.resize(self.l1.len().max(l1.len()), 0);
+        // The L2 cache is keyed by file offset and holds clean tables only (read-only), so
+        // what it has is right for the snapshot's tables too.
+        self.l1 = l1;
+        Ok(())
+    }
+
     /// Deletes snapshot `name` (by name, else by id), freeing clusters only it used.
     pub fn delete_snapshot(&mut self, name: &str) -> Result<()> {
         self.writable()?;

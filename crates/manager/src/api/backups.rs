@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 pub(super) async fn begin(State(svc): Svc, Path(domain): Path<String>, body: Body) -> ApiResult<Response> {
     check_name("domain", &domain)?;
     let req = from_json(read_json(body).await?)?;
-    let started = svc.backups.begin(&domain, req)?;
+    let started = svc.backups.begin(&domain, req).await?;
     Ok(json(StatusCode::ACCEPTED, &started))
 }
 

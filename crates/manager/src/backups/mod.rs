@@ -27,7 +27,8 @@ use crate::events::EventHub;
 use crate::jobs::{JobContext, JobError, Jobs, NewJob};
 use crate::model::{JobInfo, ProgressUnit, now_ms, rfc3339};
 use crate::store::{Store, StoredCheckpoint};
-use disk::Since;
+use disk::{Since, Source};
+use ferro_vmm_api::control::{BackupBeginReply, Done, Request};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,7 +92,22 @@ struct Plan {
     domain: String,
     checkpoint: String,
     parent: Option<String>,
+    /// The domain runs: the VMM switches the bitmaps and snapshots the disks.
+    running: bool,
+    /// For an incremental backup: the bitmaps whose union is what changed.
+    since: Vec<String>,
+    dir: PathBuf,
     disks: Vec<DiskPlan>,
+}
+
+/// Who undoes a checkpoint, which decides how its disks may be touched.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Undoer {
+    /// The backup's own job, which holds the disks of a shut-off domain (`holds_disks`) and
+    /// removes the files it named itself.
+    Job { holds_disks: bool },
+    /// ferrod at start, or a later backup: the files the row names go too.
+    Later,
 }
 
 pub struct Backups {
@@ -126,44 +142,88 @@ fn info_of(row: &StoredCheckpoint) -> CheckpointInfo {
     }
 }
 
+/// The internal snapshot a backup of a running domain reads, deleted when the backup ends.
+fn backup_snapshot(checkpoint: &str) -> String {
+    format!("ferro-backup-{checkpoint}")
+}
+
+/// Where the VMM writes the ranges an incremental backup of a running domain copies.
+fn ranges_dir(dir: &Path, checkpoint: &str) -> PathBuf {
+    dir.join(format!(".ranges-{checkpoint}"))
+}
+
+/// Reads a VMM's ranges file: pairs of little-endian u64 offset and length.
+fn read_ranges(file: &Path) -> std::result::Result<Vec<(u64, u64)>, String> {
+    let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    if bytes.len() % 16 != 0 {
+        return Err(format!("{}: {} bytes is not a list of ranges", file.display(), bytes.len()));
+    }
+    let u64_at = |c: &[u8]| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+    Ok(bytes.chunks_exact(16).map(|c| (u64_at(&c[..8]), u64_at(&c[8..]))).collect())
+}
+
+fn failed(e: Error) -> JobError {
+    JobError::Failed(e.message)
+}
+
 fn store_failed(e: rusqlite::Error) -> JobError {
     JobError::Failed(format!("state store: {e}"))
 }
 
 impl Backups {
-    /// Opens the service and undoes the checkpoints a dead ferrod left half made (see `recover`).
+    /// Opens the service and undoes the checkpoints a dead ferrod left half made on shut-off
+    /// domains (before anything can start them); those of running domains wait for `recover`.
     pub fn open(store: Arc<Store>, events: Arc<EventHub>, jobs: Arc<Jobs>, domains: Arc<Domains>) -> Arc<Backups> {
         let backups = Arc::new(Backups { store, events, jobs, domains });
-        backups.recover();
+        for row in backups.store.pending_checkpoints().unwrap_or_default() {
+            if backups.domains.info(&row.domain).is_ok_and(|i| i.state.is_active()) {
+                continue;
+            }
+            match undo_offline(&row, true).and_then(|()| backups.store.delete_checkpoint(&row.domain, &row.name).map_err(|e| e.to_string())) {
+                Ok(()) => tracing::info!(domain = row.domain, checkpoint = row.name, "undid a checkpoint a stopped ferrod left half made"),
+                Err(e) => tracing::error!(domain = row.domain, checkpoint = row.name, "cannot undo a half-made checkpoint: {e}"),
+            }
+        }
         backups
     }
 
-    /// Undoes every pending checkpoint: its bitmaps leave the disks (merged into the parent's),
-    /// the backup files its job had already named are removed (the job was recorded failed), and
-    /// its row goes.
-    fn recover(&self) {
+    /// Undoes the checkpoints a dead ferrod left half made on running domains (call once they
+    /// are re-attached: their VMMs hold the bitmaps).
+    pub async fn recover(&self) {
         let pending = match self.store.pending_checkpoints() {
             Ok(rows) => rows,
             Err(e) => return tracing::error!("cannot read pending checkpoints: {e}"),
         };
         for row in pending {
-            match self.undo(&row, true) {
+            match self.undo(&row, Undoer::Later).await {
                 Ok(()) => tracing::info!(domain = row.domain, checkpoint = row.name, "undid a checkpoint a stopped ferrod left half made"),
                 Err(e) => tracing::error!(domain = row.domain, checkpoint = row.name, "cannot undo a half-made checkpoint: {e}"),
             }
         }
     }
 
-    /// Takes a pending checkpoint's bitmaps out of its disks and forgets it; with
-    /// `remove_files`, also its backup files (a job that died may have named some).
-    fn undo(&self, row: &StoredCheckpoint, remove_files: bool) -> std::result::Result<(), String> {
-        for d in disks_of(row) {
-            if remove_files {
-                let _ = std::fs::remove_file(&d.backup);
+    /// Takes a pending checkpoint out of its disks (its bitmap, and the backup snapshot of a
+    /// running domain's backup), through the VMM when the domain runs, and forgets it. A row
+    /// that cannot be undone now stays pending, to be undone by the next backup or start.
+    async fn undo(&self, row: &StoredCheckpoint, by: Undoer) -> std::result::Result<(), String> {
+        let remove_files = by == Undoer::Later;
+        match self.domains.info(&row.domain) {
+            Ok(info) if info.state.is_active() => {
+                remove_scratch(row, remove_files);
+                let (checkpoint, parent) = (row.name.clone(), row.parent.clone());
+                let remove = Request::CheckpointRemove { checkpoint, parent };
+                self.domains.disk_request::<Done>(&row.domain, &remove).await.map_err(|e| e.message)?;
+                let end = Request::BackupEnd { snapshot: backup_snapshot(&row.name) };
+                self.domains.disk_request::<Done>(&row.domain, &end).await.map_err(|e| e.message)?;
             }
-            if Path::new(&d.path).is_file() {
-                disk::remove_checkpoint(Path::new(&d.path), &row.name, row.parent.as_deref()).map_err(|e| e.to_string())?;
+            Ok(_) if by != (Undoer::Job { holds_disks: true }) => {
+                let files: Vec<PathBuf> = disks_of(row).iter().map(|d| PathBuf::from(&d.path)).collect();
+                let copy = row.clone();
+                let work = move || undo_offline(&copy, remove_files).map_err(Error::internal);
+                self.domains.while_shut_off(&row.domain, &files, "backup undo", work).await.map_err(|e| e.message)?;
             }
+            // The job holds the disks itself, or the domain is gone.
+            _ => undo_offline(row, remove_files)?,
         }
         self.store.delete_checkpoint(&row.domain, &row.name).map_err(|e| e.to_string())
     }
@@ -179,13 +239,23 @@ impl Backups {
     }
 
     /// Starts a backup of a domain's writable disks into `req.target` (a job), making a new
-    /// checkpoint.
-    pub fn begin(self: &Arc<Self>, domain: &str, req: BackupRequest) -> Result<BackupStarted> {
+    /// checkpoint. A checkpoint a failed backup could not undo then is undone first.
+    pub async fn begin(self: &Arc<Self>, domain: &str, req: BackupRequest) -> Result<BackupStarted> {
+        for row in self.store.checkpoints(domain)?.into_iter().filter(|r| r.pending) {
+            if self.jobs.list().iter().any(|j| j.kind == "backup" && j.source == domain && j.state == crate::model::JobState::Running) {
+                return Err(Error::conflict(format!("domain {domain}: a backup is running (see `ferro domjobinfo {domain}`)")));
+            }
+            self.undo(&row, Undoer::Later)
+                .await
+                .map_err(|e| Error::conflict(format!("domain {domain}: cannot undo the unfinished checkpoint {}: {e}", row.name)))?;
+        }
         let plan = self.plan(domain, &req)?;
         let files: Vec<String> = plan.disks.iter().map(|d| d.file.display().to_string()).collect();
         let mut uses: Vec<(PathBuf, Access)> = Vec::new();
         for d in &plan.disks {
-            uses.push((d.path.clone(), Access::Write));
+            if !plan.running {
+                uses.push((d.path.clone(), Access::Write));
+            }
             uses.push((d.file.clone(), Access::Write));
             if let Since::Checkpoint { backing, .. } = &d.since {
                 uses.push((backing.clone(), Access::Read));
@@ -201,32 +271,18 @@ impl Backups {
         };
         let checkpoint = plan.checkpoint.clone();
         let this = self.clone();
-        let job = self.jobs.start(new, move |ctx| async move {
-            tokio::task::spawn_blocking(move || this.run(&ctx, &plan))
-                .await
-                .unwrap_or_else(|e| Err(JobError::Failed(format!("backup task failed: {e}"))))
-        })?;
+        let job = self.jobs.start(new, move |ctx| async move { this.run(ctx, Arc::new(plan)).await })?;
         Ok(BackupStarted { job: job.info(), checkpoint, files })
     }
 
     /// Checks a request against the domain and its checkpoints and says what each disk gets.
     fn plan(&self, domain: &str, req: &BackupRequest) -> Result<Plan> {
         let info = self.domains.info(domain)?;
-        if info.state.is_active() {
-            return Err(Error::conflict(format!(
-                "domain {domain} is {}: this ferrod backs up shut-off domains only; shut it down first",
-                info.state.word()
-            )));
-        }
         let dir = &req.target;
         if !dir.is_absolute() {
             return Err(Error::invalid(format!("target: {} is not an absolute path", dir.display())));
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::invalid(format!("target: cannot create {}: {e}", dir.display())))?;
         let rows = self.store.checkpoints(domain)?;
-        if let Some(busy) = rows.iter().find(|r| r.pending) {
-            return Err(Error::conflict(format!("domain {domain}: checkpoint {} is being made by another backup", busy.name)));
-        }
         let checkpoint = match &req.checkpoint {
             Some(name) => {
                 validate_name(name).map_err(|e| Error::invalid(format!("checkpoint: {e}")))?;
@@ -293,10 +349,7 @@ impl Backups {
             };
             let file = dir.join(format!("{target}.qcow2"));
             if file.exists() {
-                return Err(Error::conflict(format!(
-                    "target: {} exists; backups never replace a file (pick a new directory)",
-                    file.display()
-                )));
+                return Err(Error::conflict(format!("target: {} exists; backups never replace a file (pick a new directory)", file.display())));
             }
             let part = dir.join(format!(".{target}.qcow2.part"));
             disks.push(DiskPlan { target, path, since, part, file });
@@ -304,13 +357,15 @@ impl Backups {
         if disks.is_empty() {
             return Err(Error::conflict(format!("domain {domain} has no writable disk to back up")));
         }
+        std::fs::create_dir_all(dir).map_err(|e| Error::invalid(format!("target: cannot create {}: {e}", dir.display())))?;
         let parent = rows.last().map(|r| r.name.clone());
-        Ok(Plan { domain: domain.to_string(), checkpoint, parent, disks })
+        let since = since.map(|(_, bitmaps)| bitmaps).unwrap_or_default();
+        Ok(Plan { domain: domain.to_string(), checkpoint, parent, running: info.state.is_active(), since, dir: dir.clone(), disks })
     }
 
-    /// The backup job's work: copy, switch bitmaps, name the files, mark the checkpoint made.
-    /// Anything failing on the way undoes what was done before.
-    fn run(&self, ctx: &JobContext, plan: &Plan) -> std::result::Result<(), JobError> {
+    /// The backup job's work. The checkpoint is recorded pending first; anything failing on the
+    /// way undoes what was done.
+    async fn run(self: Arc<Self>, ctx: JobContext, plan: Arc<Plan>) -> std::result::Result<(), JobError> {
         let disks: Vec<CheckpointDisk> = plan
             .disks
             .iter()
@@ -325,60 +380,85 @@ impl Backups {
             pending: true,
         };
         self.store.insert_checkpoint(&row).map_err(store_failed)?;
-        let result = self.copy_and_commit(ctx, plan);
-        if let Err(e) = &result {
-            if let Err(undo) = self.undo(&row, false) {
-                tracing::error!(domain = plan.domain, checkpoint = plan.checkpoint, "cannot undo a failed backup ({e:?}): {undo}");
+        let result = self.make(&ctx, &plan).await;
+        match &result {
+            Err(e) => {
+                for d in &plan.disks {
+                    let _ = std::fs::remove_file(&d.part);
+                }
+                if let Err(undo) = self.undo(&row, Undoer::Job { holds_disks: !plan.running }).await {
+                    tracing::error!(domain = plan.domain, checkpoint = plan.checkpoint, "cannot undo a failed backup ({e:?}) yet: {undo}");
+                }
             }
-            for d in &plan.disks {
-                let _ = std::fs::remove_file(&d.part);
+            Ok(()) => {
+                let files: Vec<String> = disks.iter().map(|d| d.backup.clone()).collect();
+                let detail = format!("checkpoint {}: {}", plan.checkpoint, files.join(", "));
+                self.events.emit("domain", &plan.domain, "backup_completed", detail);
             }
-        } else {
-            let files: Vec<String> = disks.iter().map(|d| d.backup.clone()).collect();
-            self.events.emit("domain", &plan.domain, "backup_completed", format!("checkpoint {}: {}", plan.checkpoint, files.join(", ")));
         }
         result
     }
 
-    fn copy_and_commit(&self, ctx: &JobContext, plan: &Plan) -> std::result::Result<(), JobError> {
-        let mut ranges = Vec::new();
-        for d in &plan.disks {
-            ranges.push(disk::ranges_to_copy(&d.path, &d.since)?);
-        }
-        ctx.set_total(ranges.iter().flatten().map(|(_, len)| len).sum());
-        for (d, ranges) in plan.disks.iter().zip(&ranges) {
-            disk::write_backup(ctx, &d.path, &d.since, ranges, &d.part)?;
-        }
-        ctx.check_stop()?;
-        for d in &plan.disks {
-            crate::crashpoint::step("checkpoint bitmap added");
-            disk::add_checkpoint(&d.path, &plan.checkpoint, plan.parent.as_deref())
-                .map_err(|e| JobError::Failed(format!("disk {}: cannot add checkpoint {}: {e}", d.target, plan.checkpoint)))?;
-        }
-        let mut named: Vec<&Path> = Vec::new();
-        let mut result = Ok(());
-        for d in &plan.disks {
-            match disk::publish(&d.part, &d.file) {
-                Ok(()) => named.push(&d.file),
-                Err(e) => {
-                    result = Err(JobError::Failed(format!("cannot name {}: {e}", d.file.display())));
-                    break;
+    /// Makes the point in time (the bitmaps switch; a running domain's VMM also snapshots the
+    /// disks), copies, names the files, marks the checkpoint made, and ends the VMM's part.
+    async fn make(&self, ctx: &JobContext, plan: &Arc<Plan>) -> std::result::Result<(), JobError> {
+        let sources = if plan.running { self.begin_in_vmm(plan).await? } else { plan.disks.iter().map(|_| Source::Disk).collect() };
+        let (this_store, copy_plan, copy_ctx) = (self.store.clone(), plan.clone(), ctx.clone());
+        let copied = tokio::task::spawn_blocking(move || copy_and_commit(&copy_ctx, &copy_plan, &sources, &this_store))
+            .await
+            .unwrap_or_else(|e| Err(JobError::Failed(format!("backup task failed: {e}"))));
+        if plan.running {
+            let end = Request::BackupEnd { snapshot: backup_snapshot(&plan.checkpoint) };
+            if let Err(e) = self.domains.disk_request::<Done>(&plan.domain, &end).await {
+                if copied.is_ok() {
+                    tracing::warn!(domain = plan.domain, "cannot delete the backup's snapshot through the VMM ({e}); it goes when the checkpoint is deleted");
                 }
             }
         }
-        if result.is_ok() {
-            result = self.store.complete_checkpoint(&plan.domain, &plan.checkpoint).map_err(store_failed);
-        }
-        if result.is_err() {
-            for file in named {
-                let _ = std::fs::remove_file(file);
-            }
-        }
-        result
+        copied
     }
 
-    /// Deletes checkpoint `name` of a shut-off domain: its bitmap is merged into its parent's in
-    /// every disk, and the next checkpoint's parent becomes its parent. Its backup files stay.
+    /// Has the VMM switch the bitmaps and snapshot the disks; the sources the copy reads.
+    async fn begin_in_vmm(&self, plan: &Plan) -> std::result::Result<Vec<Source>, JobError> {
+        let snapshot = backup_snapshot(&plan.checkpoint);
+        let ranges = (!plan.since.is_empty()).then(|| ranges_dir(&plan.dir, &plan.checkpoint));
+        if let Some(dir) = &ranges {
+            std::fs::create_dir_all(dir).map_err(|e| JobError::Failed(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let request = Request::BackupBegin {
+            checkpoint: plan.checkpoint.clone(),
+            parent: plan.parent.clone(),
+            snapshot: snapshot.clone(),
+            since: plan.since.clone(),
+            ranges_dir: ranges.clone(),
+        };
+        let reply: BackupBeginReply = self.domains.disk_request(&plan.domain, &request).await.map_err(failed)?;
+        let same = reply.disks.len() == plan.disks.len()
+            && reply.disks.iter().zip(&plan.disks).all(|(a, b)| a.canonicalize().ok() == b.path.canonicalize().ok());
+        if !same {
+            return Err(JobError::Failed(format!(
+                "domain {}: its VMM runs other disks than its definition names (redefined since it started?); restart it first",
+                plan.domain
+            )));
+        }
+        let mut sources = Vec::new();
+        for i in 0..plan.disks.len() {
+            let changed = match &ranges {
+                Some(dir) => Some(read_ranges(&dir.join(i.to_string())).map_err(JobError::Failed)?),
+                None => None,
+            };
+            sources.push(Source::Snapshot { name: snapshot.clone(), changed });
+        }
+        if let Some(dir) = &ranges {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        tracing::info!(domain = plan.domain, checkpoint = plan.checkpoint, pause_us = reply.pause_us, "backup point in time taken");
+        Ok(sources)
+    }
+
+    /// Deletes checkpoint `name`: its bitmap is merged into its parent's in every disk (through
+    /// the VMM while the domain runs), and the next checkpoint's parent becomes its parent. Its
+    /// backup files stay.
     pub async fn delete(&self, domain: &str, name: &str) -> Result<()> {
         let row = self
             .store
@@ -386,18 +466,25 @@ impl Backups {
             .into_iter()
             .find(|r| r.name == name && !r.pending)
             .ok_or_else(|| no_checkpoint(domain, name))?;
-        let files: Vec<PathBuf> = disks_of(&row).into_iter().map(|d| PathBuf::from(d.path)).collect();
-        let store = self.store.clone();
-        let work = move || -> Result<()> {
-            for d in disks_of(&row) {
-                if Path::new(&d.path).is_file() {
-                    disk::remove_checkpoint(Path::new(&d.path), &row.name, row.parent.as_deref())
-                        .map_err(|e| Error::internal(format!("disk {}: cannot remove checkpoint {}: {e}", d.target, row.name)))?;
+        if self.domains.info(domain)?.state.is_active() {
+            let request = Request::CheckpointRemove { checkpoint: row.name.clone(), parent: row.parent.clone() };
+            self.domains.disk_request::<Done>(domain, &request).await?;
+            self.store.delete_checkpoint(domain, name)?;
+        } else {
+            let files: Vec<PathBuf> = disks_of(&row).into_iter().map(|d| PathBuf::from(d.path)).collect();
+            let store = self.store.clone();
+            let work = move || -> Result<()> {
+                let snapshot = backup_snapshot(&row.name);
+                for d in disks_of(&row) {
+                    if Path::new(&d.path).is_file() {
+                        disk::remove_checkpoint(Path::new(&d.path), &row.name, row.parent.as_deref(), Some(&snapshot))
+                            .map_err(|e| Error::internal(format!("disk {}: cannot remove checkpoint {}: {e}", d.target, row.name)))?;
+                    }
                 }
-            }
-            Ok(store.delete_checkpoint(&row.domain, &row.name)?)
-        };
-        self.domains.while_shut_off(domain, &files, "checkpoint deletion", work).await?;
+                Ok(store.delete_checkpoint(&row.domain, &row.name)?)
+            };
+            self.domains.while_shut_off(domain, &files, "checkpoint deletion", work).await?;
+        }
         self.events.emit("domain", domain, "checkpoint_deleted", name);
         Ok(())
     }
@@ -406,6 +493,73 @@ impl Backups {
     pub fn forget_domain(&self, domain: &str) -> Result<()> {
         Ok(self.store.delete_domain_checkpoints(domain)?)
     }
+}
+
+/// Removes what a pending checkpoint's backup left beside its files: the ranges directory, and
+/// with `files` the backup files it named.
+fn remove_scratch(row: &StoredCheckpoint, files: bool) {
+    let disks = disks_of(row);
+    if let Some(dir) = disks.first().and_then(|d| Path::new(&d.backup).parent()) {
+        let _ = std::fs::remove_dir_all(ranges_dir(dir, &row.name));
+    }
+    if files {
+        for d in &disks {
+            let _ = std::fs::remove_file(&d.backup);
+        }
+    }
+}
+
+/// Undoes a pending checkpoint in disks no VMM has open: its bitmap (merged into its parent's)
+/// and a running backup's snapshot leave them, and its leftovers go (see `remove_scratch`).
+fn undo_offline(row: &StoredCheckpoint, files: bool) -> std::result::Result<(), String> {
+    remove_scratch(row, files);
+    let snapshot = backup_snapshot(&row.name);
+    for d in disks_of(row).iter().filter(|d| Path::new(&d.path).is_file()) {
+        disk::remove_checkpoint(Path::new(&d.path), &row.name, row.parent.as_deref(), Some(&snapshot)).map_err(|e| format!("{}: {e}", d.path))?;
+    }
+    Ok(())
+}
+
+/// The blocking part of a backup: copies every disk into its `.part` file, adds the checkpoint
+/// to the disks of a shut-off domain (a running one's VMM did), names the files and marks the
+/// checkpoint made.
+fn copy_and_commit(ctx: &JobContext, plan: &Plan, sources: &[Source], store: &Store) -> std::result::Result<(), JobError> {
+    let mut ranges = Vec::new();
+    for (d, source) in plan.disks.iter().zip(sources) {
+        ranges.push(disk::ranges_to_copy(&d.path, source, &d.since)?);
+    }
+    ctx.set_total(ranges.iter().flatten().map(|(_, len)| len).sum());
+    for ((d, source), ranges) in plan.disks.iter().zip(sources).zip(&ranges) {
+        disk::write_backup(ctx, &d.path, source, &d.since, ranges, &d.part)?;
+    }
+    ctx.check_stop()?;
+    if !plan.running {
+        for d in &plan.disks {
+            crate::crashpoint::step("checkpoint bitmap added");
+            disk::add_checkpoint(&d.path, &plan.checkpoint, plan.parent.as_deref())
+                .map_err(|e| JobError::Failed(format!("disk {}: cannot add checkpoint {}: {e}", d.target, plan.checkpoint)))?;
+        }
+    }
+    let mut named: Vec<&Path> = Vec::new();
+    let mut result = Ok(());
+    for d in &plan.disks {
+        match disk::publish(&d.part, &d.file) {
+            Ok(()) => named.push(&d.file),
+            Err(e) => {
+                result = Err(JobError::Failed(format!("cannot name {}: {e}", d.file.display())));
+                break;
+            }
+        }
+    }
+    if result.is_ok() {
+        result = store.complete_checkpoint(&plan.domain, &plan.checkpoint).map_err(store_failed);
+    }
+    if result.is_err() {
+        for file in named {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+    result
 }
 
 #[cfg(test)]

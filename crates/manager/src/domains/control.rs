@@ -149,6 +149,14 @@ impl Domains {
         Ok((state, reply))
     }
 
+    /// Sends a request about the disks (a backup's) to a running or paused domain's VMM, under
+    /// the domain's operation lock. Taking a backup's snapshots can take a while on big disks.
+    pub async fn disk_request<R: serde::de::DeserializeOwned>(&self, name: &str, request: &Request) -> Result<R> {
+        let _op = self.lock_op(name).await;
+        let socket = self.active_socket(name, true)?;
+        vmm::call::<R>(&socket, request, SAVE_TIMEOUT).await.map_err(Error::vmm)
+    }
+
     /// Sets the memory a running guest may use (virsh setmem, live only): the balloon takes back
     /// the rest of the defined memory. The definition is not changed.
     pub async fn setmem(&self, name: &str, memory: u64) -> Result<DomainInfo> {

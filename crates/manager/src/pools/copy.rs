@@ -154,9 +154,9 @@ fn failed(e: ferro_block::Error) -> JobError {
 /// stop request between chunks. Ranges the whole backing chain reads as zeroes are skipped, so
 /// the copy is as sparse as the source and stands alone (no backing file). The copy is synced.
 pub(crate) fn copy_image(ctx: &JobContext, src: &Path, src_format: Format, dst: &Path, dst_format: Format) -> std::result::Result<(), JobError> {
-    let ranges = data_ranges(src, src_format)?;
-    ctx.set_total(ranges.iter().map(|(_, len)| len).sum());
     let mut source = ferro_block::open(src, Some(src_format), true).map_err(failed)?;
+    let ranges = data_ranges(source.as_mut())?;
+    ctx.set_total(ranges.iter().map(|(_, len)| len).sum());
     ferro_block::create(dst, &CreateOptions::new(dst_format, Some(source.size()))).map_err(failed)?;
     let mut target = ferro_block::open(dst, Some(dst_format), false).map_err(failed)?;
     copy_ranges(ctx, source.as_mut(), target.as_mut(), &ranges, Zeroes::Skip)?;
@@ -165,8 +165,8 @@ pub(crate) fn copy_image(ctx: &JobContext, src: &Path, src_format: Format, dst: 
 
 /// The ranges `(offset, length)` of an image that do not read as zeroes through its whole
 /// backing chain (as far as its metadata tells).
-pub(crate) fn data_ranges(src: &Path, src_format: Format) -> std::result::Result<Vec<(u64, u64)>, JobError> {
-    Ok(ferro_block::ops::map(src, Some(src_format), false)
+pub(crate) fn data_ranges(src: &mut dyn DiskImage) -> std::result::Result<Vec<(u64, u64)>, JobError> {
+    Ok(ferro_block::ops::map_image(src)
         .map_err(failed)?
         .into_iter()
         .filter(|e| e.data || !e.zero)

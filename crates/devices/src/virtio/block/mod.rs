@@ -174,6 +174,40 @@ impl BlockDisk {
     pub fn delete_snapshot(&self, name: &str) -> Result<(), String> {
         self.with_qcow2(|q| q.delete_snapshot(name))
     }
+
+    /// Whether the image has internal snapshot `name`.
+    pub fn has_snapshot(&self, name: &str) -> Result<bool, String> {
+        self.with_qcow2(|q| Ok(q.snapshots()?.iter().any(|s| s.name == name)))
+    }
+
+    /// Refuses, changing nothing, a disk that cannot start a backup: not qcow2, snapshot
+    /// `snapshot` or bitmap `checkpoint` there already, or a bitmap of `since` missing or
+    /// inconsistent.
+    pub fn check_backup(&self, checkpoint: &str, snapshot: &str, since: &[String]) -> Result<(), String> {
+        self.check_snapshot(snapshot)?;
+        if self.with_qcow2(|q| Ok(q.bitmaps().iter().any(|b| b.name == checkpoint)))? {
+            return Err(format!("disk {} has a bitmap named {checkpoint:?} already", self.path.display()));
+        }
+        if !since.is_empty() {
+            self.changed_since(since)?;
+        }
+        Ok(())
+    }
+
+    /// Makes checkpoint `name` (see `Qcow2::add_checkpoint`).
+    pub fn add_checkpoint(&self, name: &str, parent: Option<&str>) -> Result<(), String> {
+        self.with_qcow2(|q| q.add_checkpoint(name, parent))
+    }
+
+    /// Removes checkpoint `name`, merging it into `parent` (see `Qcow2::remove_checkpoint`).
+    pub fn remove_checkpoint(&self, name: &str, parent: Option<&str>) -> Result<(), String> {
+        self.with_qcow2(|q| q.remove_checkpoint(name, parent))
+    }
+
+    /// The byte ranges written since the oldest checkpoint of `since` (see `Qcow2::changed_since`).
+    pub fn changed_since(&self, since: &[String]) -> Result<Vec<(u64, u64)>, String> {
+        self.with_qcow2(|q| Ok(q.changed_since(since)?.ranges()))
+    }
 }
 
 /// GET_ID's answer: the image's file name, cut to 20 bytes (NUL-padded when shorter).
