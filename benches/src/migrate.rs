@@ -38,6 +38,17 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
+/// Waits until something listens on loopback TCP `port` (a destination ready for the stream),
+/// from /proc/net/tcp, without connecting (a destination accepts one connection only).
+fn wait_listening(port: u16) {
+    let start = Instant::now();
+    let wanted = format!(":{port:04X} 00000000:0000 0A");
+    while !std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp").contains(&wanted) {
+        assert!(start.elapsed() < Duration::from_secs(30), "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// Starts churning when asked to; after a move, checks the churn saw no stale word and churns on.
 fn after_move(console: &mut UnixStream, churn: bool) {
     let seen = ping(console);
@@ -81,17 +92,10 @@ fn ferro(runs: usize, churn: bool, dir: &Path) -> Numbers {
         let port = free_port();
         let mut dest = vmm(&next, &["--incoming", &format!("tcp:127.0.0.1:{port}")]);
         let mut control = LineSocket(BufReader::new(connect(&at.join("api.sock"), &mut source)));
+        wait_listening(port);
         let start = Instant::now();
-        // The destination may not listen yet: a refused connection fails before anything moved.
-        let reply = loop {
-            control.send(&json!({"op": "migrate_send", "to": format!("tcp:127.0.0.1:{port}")}));
-            let reply = control.line();
-            let refused = reply["error"].as_str().is_some_and(|e| e.contains("Connection refused"));
-            if !refused || start.elapsed() > Duration::from_secs(10) {
-                break reply;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
+        control.send(&json!({"op": "migrate_send", "to": format!("tcp:127.0.0.1:{port}")}));
+        let reply = control.line();
         assert_eq!(reply["ok"], true, "{reply}");
         let mut dest_console = connect(&next.join("serial.sock"), &mut dest);
         after_move(&mut dest_console, churn);
@@ -129,24 +133,25 @@ fn qemu(qemu: &Path, guest: &Path, runs: usize, churn: bool, dir: &Path) -> Numb
             .spawn()
             .expect("spawn qemu -incoming");
         let mut dest_console = connect(&serial, &mut dest);
-        let dest_qmp = qmp_connect(&qmp_path, &mut dest);
+        let mut dest_qmp = qmp_connect(&qmp_path, &mut dest);
         qmp.qmp(&json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 100u64 << 30, "downtime-limit": 300}}));
+        wait_listening(port);
         let start = Instant::now();
+        qmp.qmp(&json!({"execute": "migrate", "arguments": {"uri": format!("tcp:127.0.0.1:{port}")}}));
         let status = loop {
-            qmp.qmp(&json!({"execute": "migrate", "arguments": {"uri": format!("tcp:127.0.0.1:{port}")}}));
-            let status = loop {
-                let status = qmp.qmp(&json!({"execute": "query-migrate"}));
-                match status["return"]["status"].as_str() {
-                    Some("completed") | Some("failed") | Some("cancelled") => break status,
-                    _ => std::thread::sleep(Duration::from_micros(200)),
-                }
-            };
-            if status["return"]["status"] == "completed" || start.elapsed() > Duration::from_secs(10) {
-                break status;
+            let status = qmp.qmp(&json!({"execute": "query-migrate"}));
+            match status["return"]["status"].as_str() {
+                Some("completed") | Some("failed") | Some("cancelled") => break status,
+                _ if start.elapsed() > Duration::from_secs(60) => panic!("QEMU migration still not done after 60 s: {status}"),
+                _ => std::thread::sleep(Duration::from_micros(200)),
             }
-            std::thread::sleep(Duration::from_millis(1));
         };
         assert_eq!(status["return"]["status"], "completed", "QEMU migration: {status}");
+        // The source is done before the destination runs: a byte typed before then may be lost.
+        while dest_qmp.qmp(&json!({"execute": "query-status"}))["return"]["status"] != "running" {
+            assert!(start.elapsed() < Duration::from_secs(60), "the destination QEMU never ran the guest");
+            std::thread::sleep(Duration::from_micros(200));
+        }
         after_move(&mut dest_console, churn);
         answering.push(ms(start.elapsed()));
         downtimes.push(status["return"]["downtime"].as_f64().expect("downtime"));

@@ -10,9 +10,9 @@ use crate::device_manager::DeviceManager;
 use crate::events::EventSink;
 use crate::exit::ExitSignal;
 use crate::memory::{self, GuestMemoryMmap};
-use crate::resources::ResourceAllocator;
+use crate::resources::{ResourceAllocator, ResourceState};
 use crate::snapshot::{self, CpuFeatures, SnapshotState};
-use crate::state::SAVED_VM_VERSION;
+use crate::state::{SAVED_VM_VERSION, SavedVm};
 use crate::vcpu::{self, Shared, Vcpus};
 use crate::vm::{Start, Vm, VmControl};
 use crate::{Error, Result, acpi, cpuid, signals};
@@ -104,29 +104,36 @@ impl<'a> VmBuilder<'a> {
         self.restore_with(state, |config| memory::create(&config.memory, memory::Source::File(memory_file)))
     }
 
-    /// The VM `state` describes, its RAM made by `memory` once the state has checked out (a
-    /// migration's destination hands over the RAM it has received).
-    pub(crate) fn restore_with(self, state: SnapshotState, memory: impl FnOnce(&VmConfig) -> Result<GuestMemoryMmap>) -> Result<Vm> {
+    /// The VM `state` describes, its RAM made by `memory` once the state has checked out.
+    fn restore_with(self, state: SnapshotState, memory: impl FnOnce(&VmConfig) -> Result<GuestMemoryMmap>) -> Result<Vm> {
         let SnapshotState { config, cpu_features, vm: saved } = state;
+        check_saved(&saved, &config)?;
         self.check_restorable(&config, &cpu_features)?;
-        if saved.version != SAVED_VM_VERSION {
-            return Err(Error::Config(format!("saved VM state version {}: this VMM reads version {SAVED_VM_VERSION}", saved.version)));
-        }
-        if saved.vcpus.len() != usize::from(config.vcpus) {
-            return Err(Error::Config(format!("the saved VM has {} vCPUs, the configuration {}", saved.vcpus.len(), config.vcpus)));
-        }
         let memory = memory(&config)?;
+        let resources = saved.devices.resources.clone();
+        self.prepare_restore(config, cpu_features, resources, memory)?.restore(saved)
+    }
+
+    /// Everything of a restored VM but its saved state: `memory` registered, the in-kernel
+    /// devices, the devices placed by `resources` as the saved VM had them, and paused vCPU
+    /// threads. A migration's destination builds this while memory still arrives, so that only
+    /// applying the state is left for the switch-over.
+    pub(crate) fn prepare_restore(
+        self,
+        config: VmConfig,
+        cpu_features: CpuFeatures,
+        resources: ResourceState,
+        memory: GuestMemoryMmap,
+    ) -> Result<Unrestored> {
+        self.check_restorable(&config, &cpu_features)?;
         let Base { vm, memory } = self.base(memory)?;
-        let resources = ResourceAllocator::restored(saved.devices.resources.clone());
-        let (devices, buses) = DeviceManager::new(&vm, &memory, &config, resources, self.serial_out, &self.events)?;
+        let (devices, buses) =
+            DeviceManager::new(&vm, &memory, &config, ResourceAllocator::restored(resources), self.serial_out, &self.events)?;
         let fds = create_vcpus(self.hv, &vm, config.vcpus)?;
-        saved.kvm.restore(&vm)?;
-        devices.restore(&saved.devices)?;
         let shared = new_shared(buses)?;
         let vcpus = Vcpus::spawn(fds, &shared, msr_list(self.hv)?, &vec![false; usize::from(config.vcpus)])
             .map_err(|e| Error::Io("spawning a vCPU thread", e))?;
-        vcpus.restore(saved.vcpus).map_err(Error::Internal)?;
-        pinned(VmControl::new(config, cpu_features, vm, memory, devices, shared, vcpus, self.events))
+        Ok(Unrestored { config, cpu_features, vm, memory, devices, shared, vcpus, events: self.events })
     }
 
     /// Refuses a VM this host cannot take over: a configuration it cannot run, or CPU features
@@ -168,6 +175,51 @@ impl<'a> VmBuilder<'a> {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(ioctl_err("KVM_CREATE_PIT2"))?;
         Ok(Base { vm, memory })
+    }
+}
+
+/// Refuses a saved VM of another version, or with another vCPU count than `config`.
+fn check_saved(saved: &SavedVm, config: &VmConfig) -> Result<()> {
+    if saved.version != SAVED_VM_VERSION {
+        return Err(Error::Config(format!("saved VM state version {}: this VMM reads version {SAVED_VM_VERSION}", saved.version)));
+    }
+    if saved.vcpus.len() != usize::from(config.vcpus) {
+        return Err(Error::Config(format!("the saved VM has {} vCPUs, the configuration {}", saved.vcpus.len(), config.vcpus)));
+    }
+    Ok(())
+}
+
+/// A restored VM built but for its saved state (see [`VmBuilder::prepare_restore`]).
+pub(crate) struct Unrestored {
+    config: VmConfig,
+    cpu_features: CpuFeatures,
+    vm: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    devices: DeviceManager,
+    shared: Arc<Shared>,
+    vcpus: Vcpus,
+    events: Arc<EventSink>,
+}
+
+impl Unrestored {
+    /// Guest RAM, to fill before the state is applied.
+    pub(crate) fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Applies `saved` (KVM's VM-wide state, the devices', every vCPU's on its own thread): a
+    /// paused VM. Refused when `saved` is of another version, another vCPU count, or placed its
+    /// devices elsewhere than this VM was built with.
+    pub(crate) fn restore(self, saved: SavedVm) -> Result<Vm> {
+        check_saved(&saved, &self.config)?;
+        if &saved.devices.resources != self.devices.resources() {
+            return Err(Error::Config("the saved VM's devices are placed otherwise than announced".into()));
+        }
+        saved.kvm.restore(&self.vm)?;
+        self.devices.restore(&saved.devices)?;
+        self.vcpus.restore(saved.vcpus).map_err(Error::Internal)?;
+        let Unrestored { config, cpu_features, vm, memory, devices, shared, vcpus, events } = self;
+        pinned(VmControl::new(config, cpu_features, vm, memory, devices, shared, vcpus, events))
     }
 }
 

@@ -221,6 +221,11 @@ impl DeviceManager {
     }
 
     /// Every device's state; call it paused.
+    /// Where each device was placed (MMIO window, PCI slot, BARs, GSIs).
+    pub fn resources(&self) -> &ResourceState {
+        &self.resources
+    }
+
     pub fn save(&self) -> DeviceManagerState {
         let mut devices = BTreeMap::new();
         devices.insert(COM1.to_owned(), DeviceState::Serial(lock(&self.serial).save()));

@@ -11,7 +11,8 @@
 //! stays paused here (it may run there) and the state says so.
 
 use crate::memory::{self, GuestMemoryMmap, PAGE, PageMap};
-use crate::snapshot::{CpuFeatures, SnapshotState};
+use crate::resources::ResourceState;
+use crate::snapshot::CpuFeatures;
 use crate::state::SavedVm;
 use crate::vm::{Vm, VmControl};
 use crate::{Error, Result, VmBuilder};
@@ -59,6 +60,8 @@ const THROTTLE_MAX: u32 = 99;
 struct Hello {
     config: VmConfig,
     cpu_features: CpuFeatures,
+    /// Where the devices are placed, so the destination can build them before the state comes.
+    resources: ResourceState,
 }
 
 /// How `migrate_send` should go.
@@ -337,7 +340,11 @@ impl<'a> Sender<'a> {
     }
 
     fn hello(&mut self) -> std::result::Result<(), String> {
-        let hello = Hello { config: self.vm.config().clone(), cpu_features: self.vm.cpu_features().clone() };
+        let hello = Hello {
+            config: self.vm.config().clone(),
+            cpu_features: self.vm.cpu_features().clone(),
+            resources: self.vm.devices().resources().clone(),
+        };
         let body = serde_json::to_vec(&hello).map_err(|e| format!("encoding the hello: {e}"))?;
         let mut header = Vec::with_capacity(24);
         header.extend_from_slice(&MAGIC);
@@ -643,12 +650,12 @@ impl Receiver {
             Some(given) => hello.config.rewired(given).map_err(|e| Error::Config(format!("the incoming VM: {e}")))?,
             None => hello.config,
         };
-        builder.check_restorable(&config, &hello.cpu_features)?;
+        // Everything but the state is built now, while the guest still runs on the source.
         let mem = memory::create(&config.memory, memory::Source::Fresh)?;
+        let unrestored = builder.prepare_restore(config, hello.cpu_features, hello.resources, mem)?;
         self.answer(Ok(()));
-        let saved = self.memory(&mem)?;
-        let state = SnapshotState { config, cpu_features: hello.cpu_features, vm: saved };
-        let vm = builder.restore_with(state, |_| Ok(mem))?;
+        let saved = self.memory(unrestored.memory())?;
+        let vm = unrestored.restore(saved)?;
         self.answer(Ok(()));
         let mut go = [0u8; 2];
         self.input.read_exact(&mut go).map_err(|e| Error::Config(format!("the source did not say go: {e}")))?;
