@@ -14,7 +14,7 @@ use crate::resources::{ResourceAllocator, ResourceState};
 use crate::snapshot::{self, CpuFeatures, SnapshotState};
 use crate::state::{SAVED_VM_VERSION, SavedVm};
 use crate::vcpu::{self, Shared, Vcpus};
-use crate::vm::{Start, Vm, VmControl};
+use crate::vm::{Start, Vm, VmControl, VmParts};
 use crate::{Error, Result, acpi, cpuid, signals};
 use ferro_hypervisor::{Hypervisor, ioctl_err};
 use ferro_vmm_api::VmConfig;
@@ -84,7 +84,7 @@ impl<'a> VmBuilder<'a> {
         let shared = new_shared(buses)?;
         let vcpus = Vcpus::spawn(fds, &shared, msr_list(self.hv)?, &started).map_err(|e| Error::Io("spawning a vCPU thread", e))?;
         let features = host_features(self.hv, config.vcpus);
-        pinned(VmControl::new(config, features, vm, memory, devices, shared, vcpus, self.events))
+        pinned(VmControl::new(VmParts { config, cpu_features: features, vcpus, devices, shared, events: self.events, vm, memory }))
     }
 
     /// The VM saved in snapshot directory `dir` (docs/snapshot-format.md), wired to this host
@@ -133,7 +133,7 @@ impl<'a> VmBuilder<'a> {
         let shared = new_shared(buses)?;
         let vcpus = Vcpus::spawn(fds, &shared, msr_list(self.hv)?, &vec![false; usize::from(config.vcpus)])
             .map_err(|e| Error::Io("spawning a vCPU thread", e))?;
-        Ok(Unrestored { config, cpu_features, vm, memory, devices, shared, vcpus, events: self.events })
+        Ok(Unrestored(VmParts { config, cpu_features, vcpus, devices, shared, events: self.events, vm, memory }))
     }
 
     /// Refuses a VM this host cannot take over: a configuration it cannot run, or CPU features
@@ -190,36 +190,27 @@ fn check_saved(saved: &SavedVm, config: &VmConfig) -> Result<()> {
 }
 
 /// A restored VM built but for its saved state (see [`VmBuilder::prepare_restore`]).
-pub(crate) struct Unrestored {
-    config: VmConfig,
-    cpu_features: CpuFeatures,
-    vm: Arc<VmFd>,
-    memory: GuestMemoryMmap,
-    devices: DeviceManager,
-    shared: Arc<Shared>,
-    vcpus: Vcpus,
-    events: Arc<EventSink>,
-}
+pub(crate) struct Unrestored(VmParts);
 
 impl Unrestored {
     /// Guest RAM, to fill before the state is applied.
     pub(crate) fn memory(&self) -> &GuestMemoryMmap {
-        &self.memory
+        &self.0.memory
     }
 
     /// Applies `saved` (KVM's VM-wide state, the devices', every vCPU's on its own thread): a
     /// paused VM. Refused when `saved` is of another version, another vCPU count, or placed its
     /// devices elsewhere than this VM was built with.
     pub(crate) fn restore(self, saved: SavedVm) -> Result<Vm> {
-        check_saved(&saved, &self.config)?;
-        if &saved.devices.resources != self.devices.resources() {
+        let parts = self.0;
+        check_saved(&saved, &parts.config)?;
+        if &saved.devices.resources != parts.devices.resources() {
             return Err(Error::Config("the saved VM's devices are placed otherwise than announced".into()));
         }
-        saved.kvm.restore(&self.vm)?;
-        self.devices.restore(&saved.devices)?;
-        self.vcpus.restore(saved.vcpus).map_err(Error::Internal)?;
-        let Unrestored { config, cpu_features, vm, memory, devices, shared, vcpus, events } = self;
-        pinned(VmControl::new(config, cpu_features, vm, memory, devices, shared, vcpus, events))
+        saved.kvm.restore(&parts.vm)?;
+        parts.devices.restore(&saved.devices)?;
+        parts.vcpus.restore(saved.vcpus).map_err(Error::Internal)?;
+        pinned(VmControl::new(parts))
     }
 }
 

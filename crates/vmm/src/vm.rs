@@ -61,18 +61,22 @@ pub struct VmControl {
     memory: GuestMemoryMmap,
 }
 
+/// What a VM is built from: the builder makes these, [`VmControl::new`] takes them over.
+pub(crate) struct VmParts {
+    pub config: VmConfig,
+    pub cpu_features: CpuFeatures,
+    pub vcpus: Vcpus,
+    pub devices: DeviceManager,
+    pub shared: Arc<Shared>,
+    pub events: Arc<EventSink>,
+    // Field order matters for drop: the VM fd goes before the memory it maps.
+    pub vm: Arc<VmFd>,
+    pub memory: GuestMemoryMmap,
+}
+
 impl VmControl {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        config: VmConfig,
-        cpu_features: CpuFeatures,
-        vm: Arc<VmFd>,
-        memory: GuestMemoryMmap,
-        devices: DeviceManager,
-        shared: Arc<Shared>,
-        vcpus: Vcpus,
-        events: Arc<EventSink>,
-    ) -> VmControl {
+    pub(crate) fn new(parts: VmParts) -> VmControl {
+        let VmParts { config, cpu_features, vcpus, devices, shared, events, vm, memory } = parts;
         VmControl {
             config,
             cpu_features,
