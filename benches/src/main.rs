@@ -6,6 +6,7 @@
 //! are QEMU from Debian (`common::qemu_bin`), the host itself, and the raw-ioctl floor
 //! (`floor`: KVM ioctls and a few guest instructions, no VMM).
 
+mod backup;
 mod common;
 mod disk_snapshot;
 mod exits;
@@ -74,6 +75,11 @@ enum Section {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Full and incremental backups of a 1 GiB qcow2 disk against qemu-img convert of the same disk.
+    Backup {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// The floor's child process (spawned by `launch`).
     #[command(hide = true)]
     FloorChild,
@@ -93,6 +99,7 @@ fn main() {
         Section::DiskSnapshot { runs } => disk_snapshot::run(runs),
         Section::Memory { runs } => memory::run(runs),
         Section::Migrate { runs } => migrate::run(runs),
+        Section::Backup { runs } => backup::run(runs),
         Section::FloorChild => floor::first_exit_child(),
     }
 }

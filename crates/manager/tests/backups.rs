@@ -186,6 +186,23 @@ fn full_and_incremental_backups_of_a_shut_off_domain_restore_the_disk_at_each_po
     let job = api.wait_job(started["job"]["id"].as_u64().unwrap());
     assert_eq!(job["state"], "completed", "{job}");
     assert_eq!(top_layer(&dir5.join("vda.qcow2")), [(60 << 20, 64 << 10)], "since c3: the one cluster written after it");
+
+    // Restores: back to c1 (the full backup), then forward to the newest chain.
+    let now = home.path().join("now.qcow2");
+    qemu_img_ok(&["convert", "-O", "qcow2", disk.to_str().unwrap(), now.to_str().unwrap()]);
+    let out = d.ferro_ok(&["backup-restore", "b1", "--from", full.to_str().unwrap()]);
+    assert!(out.contains("b1/vda restored from"), "{out}");
+    assert!(identical(&disk, &copy_at_c1), "the disk is back at c1");
+    d.ferro_ok(&["backup-restore", "b1", "--from", dir5.join("vda.qcow2").to_str().unwrap(), "--disk", "vda"]);
+    assert!(identical(&disk, &now), "the disk is back at the newest backup");
+    let err = ferro_err(&d, &["backup-restore", "b1", "--from", full.to_str().unwrap(), "--disk", "vdq"]);
+    assert!(err.contains("disk: domain b1 has no writable disk \"vdq\""), "{err}");
+    let body = json!({ "from": full, "disk": "vda" }).to_string();
+    let job = api.expect("POST", "/v1/domains/b1/restore", Some(&body), 202);
+    assert_eq!(api.wait_job(job["id"].as_u64().unwrap())["state"], "completed");
+    assert!(identical(&disk, &copy_at_c1));
+    let check = qemu_img(&["check", disk.to_str().unwrap()]);
+    assert!(check.status.success(), "the restored disk is clean: {check:?}");
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Backup verbs (libvirt's names): backup-begin, checkpoint-list, checkpoint-delete, and
+//! Backup verbs (libvirt's names): backup-begin, backup-restore, checkpoint-list, checkpoint-delete, and
 //! domjobinfo/domjobabort for the job a domain runs.
 
 use super::client::Client;
@@ -29,6 +29,16 @@ pub enum BackupCommand {
         /// Print {"checkpoint", "files"} as JSON (with --detach, the job too).
         #[arg(long)]
         json: bool,
+    },
+    /// Write a backup back into a shut-off domain's disk (a job): FILE is the newest file of a
+    /// backup chain; the disk is --disk, else the one FILE is named after, else the only one.
+    BackupRestore {
+        domain: String,
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The disk to restore: vda, vdb, ...
+        #[arg(long)]
+        disk: Option<String>,
     },
     /// List a domain's checkpoints, oldest first.
     CheckpointList {
@@ -81,6 +91,15 @@ pub fn execute(cmd: BackupCommand, c: &Client) -> Result<(), String> {
                     println!("  {file}");
                 }
             }
+        }
+        C::BackupRestore { domain, from, disk } => {
+            let mut body = json!({ "from": absolute(&from)? });
+            if let Some(disk) = disk {
+                body["disk"] = json!(disk);
+            }
+            let job = c.post(&format!("{}/restore", dom_path(&domain)?), Some(&body))?;
+            follow_job(c, &job)?;
+            println!("Domain {domain}: {} restored from {}", job["target"].as_str().unwrap_or("?"), from.display());
         }
         C::CheckpointList { domain, json } => {
             let list = c.get(&format!("{}/checkpoints", dom_path(&domain)?))?;

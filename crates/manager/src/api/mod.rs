@@ -51,6 +51,7 @@ pub fn router(services: Arc<Services>, access: Arc<Access>) -> Router {
         .route("/v1/domains/{name}/snapshots/{snapshot}", get(snapshots::get).delete(snapshots::delete))
         .route("/v1/domains/{name}/snapshots/{snapshot}/{action}", post(snapshots::action))
         .route("/v1/domains/{name}/backup", post(backups::begin))
+        .route("/v1/domains/{name}/restore", post(backups::restore))
         .route("/v1/domains/{name}/checkpoints", get(backups::list))
         .route("/v1/domains/{name}/checkpoints/{checkpoint}", get(backups::get).delete(backups::delete))
         .route("/v1/ovf/import", post(domains::import_ovf))

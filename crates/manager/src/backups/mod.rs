@@ -10,14 +10,18 @@
 //! written since C, with C's backup file as its backing file, so the newest file of a chain is
 //! the whole disk to `qemu-img convert`.
 //!
-//! A backup runs as a job holding the disks and the new files (`claims`), so the domain cannot
-//! start under it. It copies into hidden `.part` files, then switches the bitmaps, then gives the
-//! files their names (never replacing a file), then marks the checkpoint made. A failure or a
-//! cancel on the way undoes what was done; a checkpoint row is written (pending) before any disk
-//! changes, so a ferrod that died during a backup undoes it at its next start. Deleting a
-//! checkpoint merges its bitmap into its parent's.
+//! A backup runs as a job holding its new files (`claims`), and for a shut-off domain its disks
+//! too, so the domain cannot start under it. Of a shut-off domain it copies into hidden `.part`
+//! files, then switches the bitmaps; of a running one the VMM first switches the bitmaps and
+//! takes temporary internal snapshots while the guest is paused (`backup_begin`), and the copy
+//! reads those while the guest runs on (docs/backups.md says why). Then the files get their
+//! names (never replacing a file) and the checkpoint is marked made. A failure or a cancel on
+//! the way undoes what was done; a checkpoint row is written (pending) before any disk changes,
+//! so a ferrod that died during a backup undoes it at its next start. Deleting a checkpoint
+//! merges its bitmap into its parent's. `restore` writes a backup back into a disk.
 
 mod disk;
+mod restore;
 
 use crate::claims::Access;
 use crate::domain::validate_name;
