@@ -1,0 +1,78 @@
+//! What each fuzz target does with one input, in one place: the cargo-fuzz targets in `fuzz/`
+//! call these functions, and `tests/corpora.rs` replays every committed corpus file through them
+//! on the stable toolchain, so CI catches a regression without a fuzzer (docs/fuzzing.md).
+//!
+//! Every function takes bytes an attacker controls (a guest's memory and queues, an image
+//! file) and must return without panicking, whatever they are.
+
+mod memory_file;
+
+use ferro_block::DiskImage;
+use ferro_devices::virtio::GuestMemoryMmap;
+use ferro_devices::virtio::chains::{Chain, drain, gather, scatter};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Guest memory of the virtqueue target: the input's first bytes, the rest zero.
+const GUEST_MEMORY: usize = 64 << 10;
+/// Where the driver's structures lie in that memory.
+const DESC_TABLE: u64 = 0;
+const AVAIL_RING: u64 = 0x1000;
+const USED_RING: u64 = 0x2000;
+
+/// A split virtqueue whose descriptor table, available ring and buffers are the input (the
+/// first byte chooses the queue size): every chain the device would serve is walked as the
+/// device workers walk them (segments checked, readable then writable, copied in and out).
+/// Returns how many chains were served without a fault.
+pub fn virtqueue(data: &[u8]) -> usize {
+    let Some((&size_byte, memory)) = data.split_first() else { return 0 };
+    let size = 1u16 << (size_byte % 9); // 1 ..= 256, powers of two as the spec requires
+    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_MEMORY)]) else { return 0 };
+    let len = memory.len().min(GUEST_MEMORY);
+    if mem.write_slice(&memory[..len], GuestAddress(0)).is_err() {
+        return 0;
+    }
+    let Ok(mut queue) = Queue::new(256) else { return 0 };
+    queue.set_size(size);
+    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+    queue.set_ready(true);
+    if !queue.is_valid(&mem) {
+        return 0;
+    }
+    let mut buf = vec![0u8; 4096];
+    let mut served = 0;
+    let _ = drain(&mut queue, &mem, |chain| {
+        let chain = Chain::parse(chain, &mem);
+        if chain.fault.is_some() {
+            return 0;
+        }
+        served += 1;
+        let _ = gather(&mem, &chain.readable, 0, &mut buf);
+        if scatter(&mem, &chain.writable, 0, &buf) { buf.len() as u32 } else { 0 }
+    });
+    served
+}
+
+/// A qcow2 image file that is the input (held in memory): opened, read at a few places, and
+/// written where the image can take it; errors are fine, panics and hangs are not. Returns
+/// whether the image opened.
+pub fn qcow2(data: &[u8]) -> bool {
+    let storage = memory_file::MemoryFile::new(data);
+    // A backing file the header names is looked up beside this path, which does not exist.
+    let path = std::path::Path::new("/nonexistent/fuzz.qcow2");
+    let Ok(mut image) = ferro_block::qcow2::Qcow2::open_on(Box::new(storage), path, false) else { return false };
+    let size = image.size();
+    let mut buf = vec![0u8; 65536];
+    for off in [0, size / 2, size.saturating_sub(512)] {
+        let off = off & !511;
+        let len = (size - off.min(size)).min(buf.len() as u64) as usize;
+        if image.read_at(&mut buf[..len], off).is_err() || image.write_at(&buf[..len.min(4096)], off).is_err() {
+            return true;
+        }
+    }
+    let _ = image.block_status(0, size);
+    let _ = image.flush();
+    true
+}
