@@ -10,6 +10,7 @@
 //! reach the disk before any table that points at the new cluster, and a cluster is only freed
 //! after the table that stopped pointing at it is durable. A process killed at any point leaves
 //! at worst leaked clusters, which `check` reports.
+mod deflate;
 mod error;
 pub mod lock;
 pub mod ops;

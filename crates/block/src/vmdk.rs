@@ -147,8 +147,7 @@ impl VmdkImage {
         }
         let mut input = vec![0u8; len as usize];
         self.file.read_exact_at(&mut input, pos + 12).map_err(Error::io(&self.path, "read grain"))?;
-        let out = miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(&input, self.grain as usize)
-            .map_err(|e| Error::corrupt(&self.path, format!("compressed grain at sector {sector}: {e:?}")))?;
+        let out = crate::deflate::inflate(&input, self.grain as usize, crate::deflate::Framing::Zlib).map_err(|e| Error::corrupt(&self.path, format!("compressed grain at sector {sector}: {e}")))?;
         let end = in_grain + buf.len();
         if out.len() < end {
             buf.fill(0);
@@ -269,7 +268,8 @@ const DESCRIPTOR_SECTORS: u64 = 20;
 /// Sectors before the first grain: header, descriptor, padding to a grain boundary.
 const STREAM_OVERHEAD: u64 = STREAM_GRAIN / 512;
 /// zlib level of the grains (zlib's default, as qemu-img and VMware use).
-const STREAM_LEVEL: u8 = 6;
+const STREAM_LEVEL: u32 = 6;
+
 /// Metadata marker types of the stream format.
 const MARKER_EOS: u32 = 0;
 const MARKER_GT: u32 = 1;
@@ -396,7 +396,7 @@ impl StreamWriter {
         }
         let mut grain = data.to_vec();
         grain.resize(STREAM_GRAIN as usize, 0);
-        let compressed = miniz_oxide::deflate::compress_to_vec_zlib(&grain, STREAM_LEVEL);
+        let compressed = crate::deflate::zlib(&grain, STREAM_LEVEL);
         let sector = self.next_sector()?;
         let mut block = Vec::with_capacity(12 + compressed.len());
         block.extend_from_slice(&lba.to_le_bytes());

@@ -495,8 +495,8 @@ impl Qcow2 {
             }
             let mut input = vec![0u8; avail as usize];
             self.pread(&mut input, host)?;
-            let out = miniz_oxide::inflate::decompress_to_vec_with_limit(&input, self.cs as usize)
-                .map_err(|e| Error::corrupt(&self.path, format!("compressed cluster at {host:#x}: {e:?}")))?;
+            let out = crate::deflate::inflate(&input, self.cs as usize, crate::deflate::Framing::Raw)
+                .map_err(|e| Error::corrupt(&self.path, format!("compressed cluster at {host:#x}: {e}")))?;
             if out.len() as u64 != self.cs {
                 return Err(Error::corrupt(&self.path, format!("compressed cluster at {host:#x} inflates to {} bytes", out.len())));
             }
