@@ -76,3 +76,31 @@ pub fn qcow2(data: &[u8]) -> bool {
     let _ = image.flush();
     true
 }
+
+/// A VMDK file that is the input (sparse or streamOptimized; written to a file of this process
+/// in /dev/shm, since VMDK images are opened by path; one file per process, so parallel
+/// fuzz jobs do not share it): opened read-only and read at the start,
+/// middle and end. Returns whether the image opened.
+pub fn vmdk(data: &[u8]) -> bool {
+    let shm = std::path::Path::new("/dev/shm");
+    let dir = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+    let path = dir.join(format!("ferro-fuzz-{}.vmdk", std::process::id()));
+    if std::fs::write(&path, data).is_err() {
+        return false;
+    }
+    let opened = ferro_block::vmdk::VmdkImage::open(&path, ferro_block::Access::Read);
+    let through = opened.is_ok();
+    if let Ok(mut image) = opened {
+        let size = image.size();
+        let mut buf = vec![0u8; 65536];
+        for off in [0, size / 2, size.saturating_sub(512)] {
+            let off = off & !511;
+            let len = (size - off.min(size)).min(buf.len() as u64) as usize;
+            if image.read_at(&mut buf[..len], off).is_err() {
+                break;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    through
+}

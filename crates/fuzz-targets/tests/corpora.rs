@@ -31,3 +31,9 @@ fn qcow2_corpus() {
     let opened = replay("qcow2", ferro_fuzz_targets::qcow2);
     assert!(opened >= 5, "only {opened} qcow2 seeds opened (all but the one whose backing file is missing should)");
 }
+
+#[test]
+fn vmdk_corpus() {
+    let opened = replay("vmdk", ferro_fuzz_targets::vmdk);
+    assert_eq!(opened, 2, "the sparse and streamOptimized seeds should open");
+}
