@@ -174,8 +174,8 @@ fn a_destination_that_dies_or_refuses_leaves_the_source_running() {
     // Killed mid-stream.
     let mut dest = Destination::start("mig-fail-dst", &[]);
     let migrating = migrate_slowly(&source, &dest);
-    wait_for("the destination to accept", Duration::from_secs(10), || !dest.incoming().exists());
-    wait_for("the migration to be under way", Duration::from_secs(10), || {
+    wait_for("the destination to accept", Duration::from_secs(30), || !dest.incoming().exists());
+    wait_for("the migration to be under way", Duration::from_secs(30), || {
         let info = source.request(r#"{"op":"migrate_info"}"#);
         info["state"] == "active" && info["transferred_bytes"].as_u64().unwrap_or(0) > 0
     });
@@ -214,7 +214,7 @@ fn a_destination_that_dies_or_refuses_leaves_the_source_running() {
     // Cancelled: the op fails as cancelled and the guest runs on.
     let dest = Destination::start("mig-cancel-dst", &[]);
     let migrating = migrate_slowly(&source, &dest);
-    wait_for("the migration to be under way", Duration::from_secs(10), || source.request(r#"{"op":"migrate_info"}"#)["state"] == "active");
+    wait_for("the migration to be under way", Duration::from_secs(30), || source.request(r#"{"op":"migrate_info"}"#)["state"] == "active");
     assert_eq!(source.request(r#"{"op":"migrate_cancel"}"#)["ok"], true);
     let reply = migrating.join().unwrap();
     assert!(reply["error"].as_str().unwrap().contains("cancelled"), "{reply}");

@@ -496,6 +496,8 @@ impl<'a> Sender<'a> {
         }
         self.buf = buf;
         result?;
+        let sent = self.sent;
+        self.vm.migration().update(|i| i.transferred_bytes = sent);
         self.keep_to_bandwidth();
         Ok(())
     }
