@@ -23,6 +23,8 @@ pub struct FileConfig {
     pub overcommit_ratio: Option<f64>,
     /// false: VMMs run without seccomp filters (`--no-seccomp`).
     pub seccomp: Option<bool>,
+    /// Directories the files domain definitions name must lie under, besides pool targets.
+    pub allowed_image_paths: Option<Vec<PathBuf>>,
     #[serde(default)]
     pub listen: ListenConfig,
 }
@@ -75,6 +77,9 @@ impl FileConfig {
                 return Err(format!("{key}: {} is a relative path; give an absolute one", path.display()));
             }
         }
+        for path in config.allowed_image_paths.iter().flatten().filter(|p| !p.is_absolute()) {
+            return Err(format!("allowed_image_paths: {} is a relative path; give an absolute one", path.display()));
+        }
         if let Some(level) = &config.log_level {
             check_log_filter(level).map_err(|e| format!("log_level: {e}"))?;
         }
@@ -105,7 +110,7 @@ mod tests {
     #[test]
     fn every_setting_is_read() {
         let text = "home = \"/srv/ferro\"\nsocket = \"/run/f.sock\"\nsocket_group = \"kvm\"\nferro_bin = \"/opt/ferro\"\n\
-                    default_network = false\nlog_level = \"debug\"\novercommit_ratio = 2.5\nseccomp = false\n[listen]\naddresses = [\"0.0.0.0:8443\"]\n\
+                    default_network = false\nlog_level = \"debug\"\novercommit_ratio = 2.5\nseccomp = false\nallowed_image_paths = [\"/srv/images\"]\n[listen]\naddresses = [\"0.0.0.0:8443\"]\n\
                     tls_cert = \"/etc/c.pem\"\ntls_key = \"/etc/k.pem\"\ntoken_file = \"/etc/t\"\n";
         let c = FileConfig::parse(text).unwrap();
         assert_eq!(c.home.as_deref(), Some(Path::new("/srv/ferro")));
@@ -113,6 +118,7 @@ mod tests {
         assert_eq!(c.default_network, Some(false));
         assert_eq!(c.overcommit_ratio, Some(2.5));
         assert_eq!(c.seccomp, Some(false));
+        assert_eq!(c.allowed_image_paths, Some(vec![PathBuf::from("/srv/images")]));
         assert_eq!(c.listen.addresses, ["0.0.0.0:8443"]);
         assert_eq!(c.listen.token_file.as_deref(), Some(Path::new("/etc/t")));
         assert!(!c.listen.insecure);

@@ -57,6 +57,10 @@ struct Cli {
     /// call its allowlist lacks; docs/isolation.md). By default every VMM runs under them.
     #[arg(long)]
     no_seccomp: bool,
+    /// Files named by domain definitions (disks, kernel, initrd) must lie under DIR or a pool's
+    /// directory (repeatable; default: allowed_image_paths in the file, else anywhere).
+    #[arg(long = "allow-path", value_name = "DIR", value_parser = absolute_dir)]
+    allow_paths: Vec<PathBuf>,
     #[command(flatten)]
     listen: ListenArgs,
     #[command(subcommand)]
@@ -172,7 +176,10 @@ impl Settings {
             ferro_bin: cli.ferro_bin.or(file.ferro_bin),
             default_network: !cli.no_default_network && file.default_network.unwrap_or(true),
             overcommit_ratio: cli.overcommit_ratio.or(file.overcommit_ratio).unwrap_or(DEFAULT_OVERCOMMIT_RATIO),
-            confinement: Confinement { seccomp: !cli.no_seccomp && file.seccomp.unwrap_or(true) },
+            confinement: Confinement {
+                seccomp: !cli.no_seccomp && file.seccomp.unwrap_or(true),
+                allowed_paths: if cli.allow_paths.is_empty() { file.allowed_image_paths.unwrap_or_default() } else { cli.allow_paths },
+            },
             log_filter,
             listen,
             check_only: cli.check_config,
@@ -257,6 +264,12 @@ fn write_man_page(dir: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--allow-path`: an absolute directory (ferrod runs from `/` as a service).
+fn absolute_dir(text: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(text);
+    if path.is_absolute() { Ok(path) } else { Err(format!("{text} is a relative path; give an absolute one")) }
 }
 
 /// `--overcommit-ratio`: a positive number such as 1.5.

@@ -41,6 +41,9 @@ pub struct Paths {
 pub struct Confinement {
     /// Every VMM thread under its seccomp allowlist (`ferro vmm --seccomp`).
     pub seccomp: bool,
+    /// Directories the files a definition names must lie under, besides pool targets
+    /// (`allowed_image_paths`, `--allow-path`); empty: anywhere (domains/paths.rs).
+    pub allowed_paths: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -207,10 +207,10 @@ mod tests {
 
         let files = RunFiles::new(Path::new("/run"), "u");
         assert_eq!(
-            vmm_args(&files, &Confinement { seccomp: false }).join(" "),
+            vmm_args(&files, &Confinement { seccomp: false, allowed_paths: Vec::new() }).join(" "),
             "vmm --config /run/u/vm.json --api-socket /run/u/api.sock --serial-socket /run/u/serial.sock"
         );
-        assert_eq!(vmm_args(&files, &Confinement { seccomp: true }).last().unwrap(), "--seccomp");
+        assert_eq!(vmm_args(&files, &Confinement { seccomp: true, allowed_paths: Vec::new() }).last().unwrap(), "--seccomp");
 
         let guest = DomainConfig::parse("name = \"t\"\nmemory = \"64M\"\n[boot]\nguest = \"idle\"\n").unwrap();
         let vm = vm_config(&guest, &[], &[], None).unwrap();

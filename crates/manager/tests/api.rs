@@ -496,3 +496,52 @@ fn sigterm_stops_the_daemon_even_with_an_event_stream_open() {
     assert!(status.success(), "{status:?}: {}", d.stderr());
     assert!(!d.socket.exists(), "socket removed on a clean stop");
 }
+
+#[test]
+fn with_allow_path_definitions_name_only_files_under_it_or_in_pools() {
+    let home = Home::new("allow-path");
+    let allowed = home.path().join("images");
+    let elsewhere = home.path().join("elsewhere");
+    let pool_dir = home.path().join("pool");
+    for dir in [&allowed, &elsewhere] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let d = Daemon::start_args(&home, &["--allow-path", allowed.to_str().unwrap()], &[]);
+    let api = d.api();
+    let with_disk = |name: &str, path: &std::path::Path| format!("{}[[disk]]\npath = \"{}\"\nformat = \"raw\"\n", guest_toml(name, "idle"), path.display());
+    let inside = allowed.join("ok.raw");
+    std::fs::write(&inside, vec![0u8; 1 << 20]).unwrap();
+    api.expect("POST", "/v1/domains", Some(&with_disk("inside", &inside)), 201);
+
+    // Outside, through `..`, through a symlink planted in the allowed directory: refused by key.
+    let outside = elsewhere.join("x.raw");
+    std::fs::write(&outside, vec![0u8; 1 << 20]).unwrap();
+    let dotdot = allowed.join("../elsewhere/x.raw");
+    std::os::unix::fs::symlink(&outside, allowed.join("link.raw")).unwrap();
+    for (name, path) in [("out1", outside.clone()), ("out2", dotdot), ("out3", allowed.join("link.raw"))] {
+        let v = api.expect("POST", "/v1/domains", Some(&with_disk(name, &path)), 400);
+        let m = message(&v);
+        assert!(m.starts_with("disk[0].path: ") && m.contains("is outside the directories domains may use"), "{m}");
+        assert!(m.contains(allowed.to_str().unwrap()) && m.contains("--allow-path"), "{m}");
+    }
+    let kernel = format!("name = \"k\"\nmemory = \"64M\"\n[boot]\nkernel = \"{}\"\n", outside.display());
+    assert!(message(&api.expect("POST", "/v1/domains", Some(&kernel), 400)).starts_with("boot.kernel: "));
+
+    // A pool's directory is allowed: its volumes, and files named by path inside it.
+    d.ferro_ok(&["pool-define-as", "p", "dir", "--target", pool_dir.to_str().unwrap()]);
+    d.ferro_ok(&["pool-build", "p"]);
+    d.ferro_ok(&["pool-start", "p"]);
+    api.expect("POST", "/v1/pools/p/volumes", Some(r#"{"name": "v.raw", "capacity": "1M"}"#), 201);
+    let on_pool = format!("{}[[disk]]\npool = \"p\"\nvolume = \"v.raw\"\nformat = \"raw\"\n", guest_toml("vol", "idle"));
+    api.expect("POST", "/v1/domains", Some(&on_pool), 201);
+    api.expect("POST", "/v1/domains", Some(&with_disk("bypath", &pool_dir.join("v.raw"))), 201);
+
+    // Checked again at start: a file swapped for a symlink after the definition is refused.
+    std::fs::remove_file(&inside).unwrap();
+    std::os::unix::fs::symlink(&outside, &inside).unwrap();
+    let v = api.expect("POST", "/v1/domains/inside/start", None, 400);
+    assert!(message(&v).contains(&format!("resolving to {}", outside.display())), "{v}");
+    assert_eq!(api.expect("GET", "/v1/domains/inside", None, 200)["state"], "shutoff");
+    d.ferro_ok(&["start", "vol"]);
+    d.cleanup();
+}

@@ -16,6 +16,7 @@
 mod cgroups;
 mod control;
 mod overcommit;
+mod paths;
 mod pinning;
 mod supervise;
 
@@ -229,6 +230,7 @@ impl Domains {
     /// else a new one.
     pub async fn define(&self, text: &str) -> Result<(bool, DomainInfo)> {
         let parsed = DomainConfig::parse(text).map_err(|e| Error::invalid(e.to_string()))?;
+        self.check_paths(&parsed)?;
         let name = parsed.name.clone();
         let _op = self.lock_op(&name).await;
         let mut domains = lock(&self.domains);

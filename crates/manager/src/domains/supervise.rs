@@ -131,6 +131,7 @@ impl Domains {
                 .map_err(|e| Error::conflict(format!("domain {name} has an invalid stored definition ({e}); define it again")))?;
             (d.uuid.clone(), config)
         };
+        self.check_paths(&config)?;
         let _reservation = self.check_commitment(name, &config).await?;
         let mut disks = self.resolve_disks(&config)?;
         for (key, path) in [("boot.kernel", &config.boot.kernel), ("boot.initrd", &config.boot.initrd)] {
