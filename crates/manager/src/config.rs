@@ -77,7 +77,7 @@ impl FileConfig {
                 return Err(format!("{key}: {} is a relative path; give an absolute one", path.display()));
             }
         }
-        for path in config.allowed_image_paths.iter().flatten().filter(|p| !p.is_absolute()) {
+        if let Some(path) = config.allowed_image_paths.iter().flatten().find(|p| !p.is_absolute()) {
             return Err(format!("allowed_image_paths: {} is a relative path; give an absolute one", path.display()));
         }
         if let Some(level) = &config.log_level {
