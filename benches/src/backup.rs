@@ -39,7 +39,14 @@ pub fn run(runs: usize) {
     run_ok(qemu_img, &["create", "-q", "-f", "qcow2", disk_s, "1G"], &[]);
     run_ok(qemu_io, &["-f", "qcow2", "-c", "write -P 0x5a 0 512M", disk_s], &[]);
     let ferrod = ferro_test_support::ferrod_bin();
-    let child = Command::new(&ferrod).env("FERRO_HOME", &home).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start ferrod");
+    // No default network: it would make a bridge, NAT rules and forwarding on this host.
+    let child = Command::new(&ferrod)
+        .arg("--no-default-network")
+        .env("FERRO_HOME", &home)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ferrod");
     let _ferrod = Ferrod(child);
     let socket = home.join("ferrod.sock");
     let start = Instant::now();
