@@ -154,9 +154,7 @@ impl Snapshots {
             }
         } else {
             let disks = self.domains.writable_disk_files(domain).map_err(failed)?;
-            let (files, snapshot) = (disks.clone(), name.to_string());
-            let work = move || disks::create(&files, &snapshot);
-            self.domains.while_shut_off(domain, &disks, "disk snapshot", work).await.map_err(failed)?;
+            self.on_shut_off_disks(domain, &disks, name, "disk snapshot", disks::create).await.map_err(failed)?;
             (DomainState::Shutoff, None, disks)
         };
         ctx.advance(1);
@@ -177,8 +175,7 @@ impl Snapshots {
             let _ = std::fs::remove_dir_all(&dir);
             // The disk snapshots of a snapshot that was never recorded (a running domain's disks
             // stay open in its VMM; those are named in the log).
-            let (files, snapshot) = (disks.clone(), name.to_string());
-            if let Err(e) = self.domains.while_shut_off(domain, &disks, "disk snapshot deletion", move || disks::delete(&files, &snapshot)).await {
+            if let Err(e) = self.on_shut_off_disks(domain, &disks, name, "disk snapshot deletion", disks::delete).await {
                 tracing::warn!(domain, snapshot = name, "disk snapshots left in {disks:?}: {e}");
             }
             return Err(JobError::Failed(format!("cannot record snapshot {name}: {e}")));
@@ -227,8 +224,7 @@ impl Snapshots {
         }
         let disks = disk_files(&row);
         if !disks.is_empty() {
-            let (files, snapshot) = (disks.clone(), name.to_string());
-            self.domains.while_shut_off(domain, &disks, "disk snapshot revert", move || disks::apply(&files, &snapshot)).await.map_err(failed)?;
+            self.on_shut_off_disks(domain, &disks, name, "disk snapshot revert", disks::apply).await.map_err(failed)?;
         }
         ctx.advance(1);
         if self.domains.definition(domain).map_err(failed)? != row.definition {
@@ -310,8 +306,21 @@ impl Snapshots {
         if disks.is_empty() {
             return Ok(());
         }
-        let (files, snapshot) = (disks.clone(), row.name.clone());
-        self.domains.while_shut_off(&row.domain, &disks, "disk snapshot deletion", move || disks::delete(&files, &snapshot)).await
+        self.on_shut_off_disks(&row.domain, &disks, &row.name, "disk snapshot deletion", disks::delete).await
+    }
+
+    /// Runs `action` (create, apply or delete internal snapshot `name`) on a shut-off domain's
+    /// disks through `Domains::while_shut_off`, which names the work as `what`.
+    async fn on_shut_off_disks(
+        &self,
+        domain: &str,
+        disks: &[PathBuf],
+        name: &str,
+        what: &'static str,
+        action: fn(&[PathBuf], &str) -> Result<()>,
+    ) -> Result<()> {
+        let (files, snapshot) = (disks.to_vec(), name.to_string());
+        self.domains.while_shut_off(domain, disks, what, move || action(&files, &snapshot)).await
     }
 }
 
