@@ -42,8 +42,9 @@ impl Domains {
         if self.confinement.allowed_paths.is_empty() {
             return Ok(());
         }
-        let pools: Vec<PathBuf> = self.pools.list().into_iter().map(|p| PathBuf::from(p.target)).collect();
-        let allowed: Vec<PathBuf> = self.confinement.allowed_paths.iter().chain(&pools).map(|dir| resolve(dir)).collect();
+        let pools = self.pools.list().into_iter().map(|p| PathBuf::from(p.target));
+        let dirs: Vec<PathBuf> = self.confinement.allowed_paths.iter().cloned().chain(pools).collect();
+        let allowed: Vec<PathBuf> = dirs.iter().map(|dir| resolve(dir)).collect();
         let mut named: Vec<(String, &str)> = Vec::new();
         named.extend(config.boot.kernel.as_deref().map(|p| ("boot.kernel".to_string(), p)));
         named.extend(config.boot.initrd.as_deref().map(|p| ("boot.initrd".to_string(), p)));
@@ -54,7 +55,7 @@ impl Domains {
             let real = resolve(Path::new(path));
             if !allowed.iter().any(|dir| real.starts_with(dir)) {
                 let shown = if real == Path::new(path) { String::new() } else { format!(" (resolving to {})", real.display()) };
-                let list: Vec<String> = self.confinement.allowed_paths.iter().chain(&pools).map(|d| d.display().to_string()).collect();
+                let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
                 return Err(Error::invalid(format!(
                     "{key}: {path}{shown} is outside the directories domains may use ({}); put the file in a pool, or add its \
                      directory to allowed_image_paths in ferrod's configuration (--allow-path)",
