@@ -148,13 +148,13 @@ fn linux_guests_get_leases_names_nat_and_isolation_from_ferrods_networks() {
     }
 
     // c: snapshot at its first wait, write b, revert, check.
-    let ready = read_console(&mut con_c, "\nSNAP-READY", BOOT_LIMIT);
+    let ready = read_console(&mut con_c, "SNAP-READY\r", BOOT_LIMIT);
     let created = d.ferro_ok(&["snapshot-create-as", "c", "s1"]);
     assert!(created.contains("Domain snapshot s1 created"), "{created}");
     let s1: Value = serde_json::from_str(&d.ferro_ok(&["snapshot-info", "c", "s1", "--json"])).unwrap();
     assert_eq!((s1["state"].as_str(), &s1["disks"]), (Some("running"), &serde_json::json!([disk.display().to_string()])), "{s1}");
     con_c.write_all(b"w\n").expect("type into c's console");
-    let written = read_console(&mut con_c, "\nB-WRITTEN", BOOT_LIMIT);
+    let written = read_console(&mut con_c, "B-WRITTEN\r", BOOT_LIMIT);
     drop(con_c);
     d.ferro_ok(&["snapshot-revert", "c", "s1"]);
     assert_eq!(d.ferro_ok(&["domstate", "c"]).trim(), "running");
