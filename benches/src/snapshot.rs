@@ -2,10 +2,13 @@
 //! one answers again, for `ferro vmm` and QEMU `-M microvm` running the same `counter` test
 //! guest (which has written a 16 MiB pattern; the rest of RAM is untouched), at 256 MiB and 2 GiB.
 //!
-//! - Pause: ours is the control socket's `snapshot` request with `resume` (memory file and state
-//!   written while paused), timed by the client from request to reply. QEMU's is `stop`, then
-//!   `migrate` to a file (`exec:cat > FILE`, polled with `query-migrate` until completed), then
-//!   `cont` over QMP, timed the same way. Both write the whole RAM while the guest is stopped.
+//! - Pause: ours is the control socket's `snapshot` request with `resume`, which writes memory
+//!   while the guest runs and pauses it only for the pages dirtied meanwhile and the state; the
+//!   pause is the VMM's own `pause_us`, and the whole request is timed by the client too. QEMU's
+//!   savevm-style snapshot is `stop`, then `migrate` to a file (`exec:cat > FILE`, polled with
+//!   `query-migrate` until completed), then `cont` over QMP, all paused. QEMU's live equivalent
+//!   is `migrate` to a file while the guest runs: it stops the guest for the last pages and ends
+//!   paused, so its pause is its reported `downtime` plus the time until `cont` returned.
 //! - Restore: from spawning the VMM with the snapshot (`ferro vmm --restore DIR`; QEMU with
 //!   `-incoming "exec:cat FILE"` and a QMP `cont` once the migration is in) until the guest
 //!   answers a byte typed on its serial console ("counter: pong").
@@ -91,8 +94,18 @@ impl LineSocket {
     }
 }
 
+/// What one VMM's snapshots and restores cost (medians, ms).
+struct Costs {
+    /// The guest paused.
+    pause: f64,
+    /// The whole snapshot, from request to the guest running with the files written.
+    total: f64,
+    /// From spawning the restoring VMM until the guest answers.
+    restore: f64,
+}
+
 /// Our VMM: boots the counter guest, times `runs` snapshots and `runs` restores.
-fn ferro(mib: u64, runs: usize, dir: &Path) -> (f64, f64) {
+fn ferro(mib: u64, runs: usize, dir: &Path) -> Costs {
     let ferro = ferro_bin();
     let (api, serial) = (dir.join("api.sock"), dir.join("serial.sock"));
     let memory = format!("{mib}M");
@@ -109,15 +122,16 @@ fn ferro(mib: u64, runs: usize, dir: &Path) -> (f64, f64) {
     let mut console = connect(&serial, &mut vmm);
     wait_console(&mut console, "counter: up");
     let mut control = LineSocket(BufReader::new(connect(&api, &mut vmm)));
-    let mut pauses = Vec::new();
+    let (mut pauses, mut totals) = (Vec::new(), Vec::new());
     let mut snapshot = PathBuf::new();
     for i in 0..runs {
         snapshot = dir.join(format!("snap{i}"));
         let start = Instant::now();
         control.send(&json!({"op": "snapshot", "dir": snapshot, "resume": true}));
         let reply = control.line();
-        pauses.push(ms(start.elapsed()));
+        totals.push(ms(start.elapsed()));
         assert_eq!(reply["ok"], true, "{reply}");
+        pauses.push(reply["pause_us"].as_f64().expect("pause_us") / 1e3);
         ping(&mut console);
     }
     stop(vmm);
@@ -143,7 +157,7 @@ fn ferro(mib: u64, runs: usize, dir: &Path) -> (f64, f64) {
     for i in 0..runs {
         let _ = std::fs::remove_dir_all(dir.join(format!("snap{i}")));
     }
-    (median(pauses), median(restores))
+    Costs { pause: median(pauses), total: median(totals), restore: median(restores) }
 }
 
 pub(crate) fn qemu_command(qemu: &Path, guest: &Path, mib: u64, serial: &Path, qmp: &Path) -> Command {
@@ -169,8 +183,21 @@ pub(crate) fn qmp_connect(path: &Path, child: &mut Child) -> LineSocket {
     s
 }
 
-/// QEMU, the peer: the same guest and the same measurements, through QMP and migration files.
-fn qemu(qemu: &Path, guest: &Path, mib: u64, runs: usize, dir: &Path) -> (f64, f64) {
+/// Polls `query-migrate` until the migration completed; returns its final status.
+fn wait_migrated(qmp: &mut LineSocket) -> Value {
+    loop {
+        let status = qmp.qmp(&json!({"execute": "query-migrate"}));
+        match status["return"]["status"].as_str() {
+            Some("completed") => return status,
+            Some("failed") | Some("cancelled") => panic!("QEMU migration to a file: {status}"),
+            _ => std::thread::sleep(Duration::from_micros(200)),
+        }
+    }
+}
+
+/// QEMU, the peer: the same guest and the same measurements, through QMP and migration files:
+/// the savevm-style snapshot (stopped throughout) and its restore.
+fn qemu(qemu: &Path, guest: &Path, mib: u64, runs: usize, dir: &Path) -> Costs {
     let (qmp_path, serial) = (dir.join("qmp.sock"), dir.join("qemu-serial.sock"));
     let mut vm = qemu_command(qemu, guest, mib, &serial, &qmp_path).spawn().expect("spawn qemu");
     let mut console = connect(&serial, &mut vm);
@@ -183,14 +210,7 @@ fn qemu(qemu: &Path, guest: &Path, mib: u64, runs: usize, dir: &Path) -> (f64, f
         let start = Instant::now();
         qmp.qmp(&json!({"execute": "stop"}));
         qmp.qmp(&json!({"execute": "migrate", "arguments": {"uri": format!("exec:cat > {}", file.display())}}));
-        loop {
-            let status = qmp.qmp(&json!({"execute": "query-migrate"}));
-            match status["return"]["status"].as_str() {
-                Some("completed") => break,
-                Some("failed") | Some("cancelled") => panic!("QEMU migration to a file: {status}"),
-                _ => std::thread::sleep(Duration::from_micros(200)),
-            }
-        }
+        wait_migrated(&mut qmp);
         qmp.qmp(&json!({"execute": "cont"}));
         pauses.push(ms(start.elapsed()));
         ping(&mut console);
@@ -223,7 +243,35 @@ fn qemu(qemu: &Path, guest: &Path, mib: u64, runs: usize, dir: &Path) -> (f64, f
         restores.push(ms(start.elapsed()));
         stop(restored);
     }
-    (median(pauses), median(restores))
+    let pause = median(pauses);
+    Costs { pause, total: pause, restore: median(restores) }
+}
+
+/// QEMU's live snapshot to a file: `migrate` while the guest runs; at the end QEMU stops the
+/// guest for the last pages and leaves it paused until `cont`. Returns (pause, total), medians.
+fn qemu_live(qemu: &Path, guest: &Path, mib: u64, runs: usize, dir: &Path) -> (f64, f64) {
+    let (qmp_path, serial) = (dir.join("qmp-live.sock"), dir.join("qemu-live-serial.sock"));
+    let mut vm = qemu_command(qemu, guest, mib, &serial, &qmp_path).spawn().expect("spawn qemu");
+    let mut console = connect(&serial, &mut vm);
+    wait_console(&mut console, "counter: up");
+    let mut qmp = qmp_connect(&qmp_path, &mut vm);
+    let (mut pauses, mut totals) = (Vec::new(), Vec::new());
+    let file = dir.join("qemu-live.migration");
+    for _ in 0..runs {
+        let _ = std::fs::remove_file(&file);
+        let start = Instant::now();
+        qmp.qmp(&json!({"execute": "migrate", "arguments": {"uri": format!("exec:cat > {}", file.display())}}));
+        let status = wait_migrated(&mut qmp);
+        let seen = Instant::now();
+        qmp.qmp(&json!({"execute": "cont"}));
+        let downtime = status["return"]["downtime"].as_f64().expect("QEMU reports the downtime of a completed migration");
+        pauses.push(downtime + ms(seen.elapsed()));
+        totals.push(ms(start.elapsed()));
+        ping(&mut console);
+    }
+    stop(vm);
+    let _ = std::fs::remove_file(&file);
+    (median(pauses), median(totals))
 }
 
 pub fn run(runs: usize) {
@@ -233,18 +281,28 @@ pub fn run(runs: usize) {
     let peer = qemu_bin();
     println!("== snapshot pause and restore -> guest answering, counter guest (16 MiB written), {runs} runs, medians");
     for mib in SIZES_MIB {
-        let (pause, restore) = ferro(mib, runs, &scratch.0);
-        println!("  {mib:>5} MiB  ferro vmm          pause {pause:8.2} ms   restore -> answering {restore:8.2} ms");
+        let ours = ferro(mib, runs, &scratch.0);
+        println!(
+            "  {mib:>5} MiB  ferro vmm (live)         pause {:8.2} ms   whole snapshot {:8.2} ms   restore -> answering {:8.2} ms",
+            ours.pause, ours.total, ours.restore
+        );
         match &peer {
             Some(qemu_path) => {
-                let (q_pause, q_restore) = qemu(qemu_path, &guest, mib, runs, &scratch.0);
-                println!("  {mib:>5} MiB  qemu -M microvm    pause {q_pause:8.2} ms   restore -> answering {q_restore:8.2} ms");
+                let savevm = qemu(qemu_path, &guest, mib, runs, &scratch.0);
+                let (live_pause, live_total) = qemu_live(qemu_path, &guest, mib, runs, &scratch.0);
                 println!(
-                    "  {mib:>5} MiB  ratio ferro/qemu   pause {:.3} (qemu {:.1}x longer)   restore {:.3} (qemu {:.1}x slower)",
-                    pause / q_pause,
-                    q_pause / pause,
-                    restore / q_restore,
-                    q_restore / restore
+                    "  {mib:>5} MiB  qemu stop+migrate+cont   pause {:8.2} ms   whole snapshot {:8.2} ms   restore -> answering {:8.2} ms",
+                    savevm.pause, savevm.total, savevm.restore
+                );
+                println!("  {mib:>5} MiB  qemu live migrate+cont   pause {live_pause:8.2} ms   whole snapshot {live_total:8.2} ms");
+                println!(
+                    "  {mib:>5} MiB  ratio ferro/qemu   pause {:.3} vs stop+migrate (qemu {:.1}x longer), {:.3} vs live (qemu {:.1}x longer)   restore {:.3} (qemu {:.1}x slower)",
+                    ours.pause / savevm.pause,
+                    savevm.pause / ours.pause,
+                    ours.pause / live_pause,
+                    live_pause / ours.pause,
+                    ours.restore / savevm.restore,
+                    savevm.restore / ours.restore
                 );
             }
             None => println!("  (no QEMU peer: see scripts/qemu-peer.sh)"),

@@ -181,6 +181,11 @@ fn a_destination_that_dies_or_refuses_leaves_the_source_running() {
     });
     let again = source.request(&json!({"op": "migrate_send", "to": "unix:/nowhere"}).to_string());
     assert!(again["error"].as_str().unwrap().contains("already under way"), "{again}");
+    // A snapshot would need the dirty log the migration is using.
+    let snapshot_dir = dest.dir.join("snapshot");
+    let snapshot = source.request(&json!({"op": "snapshot", "dir": snapshot_dir, "resume": true}).to_string());
+    assert!(snapshot["error"].as_str().unwrap().contains("already under way"), "{snapshot}");
+    assert!(!snapshot_dir.exists(), "a refused snapshot made its directory");
     dest.child.kill().unwrap();
     let reply = migrating.join().unwrap();
     assert_eq!(reply["ok"], false, "{reply}");

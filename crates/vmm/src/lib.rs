@@ -10,6 +10,7 @@ pub mod console;
 pub mod control;
 pub mod cpuid;
 pub mod device_manager;
+pub mod dirty;
 pub mod events;
 pub mod exit;
 pub mod layout;

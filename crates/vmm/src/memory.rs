@@ -7,6 +7,7 @@
 //! any guest size and the file is never changed. [`save`] writes that file: the RAM regions back to back, in
 //! guest address order, all-zero pages left as holes.
 
+use crate::dirty::{self, DirtyMap};
 use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START, MIN_MEMORY};
 use crate::{Error, Result};
 use ferro_hypervisor::host_memory::{HUGE_PAGE, HugePagePool};
@@ -18,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub use ferro_devices::virtio::GuestMemoryMmap;
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
@@ -320,6 +321,155 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<u64> {
     }
     file.set_len(offset).map_err(io)?;
     Ok(written)
+}
+
+/// A memory file written while the guest runs, for a snapshot whose pause must be short. Dirty
+/// logging is turned on first; [`LiveSave::start`] writes every page that may hold data,
+/// [`LiveSave::converge`] the pages dirtied meanwhile, in rounds, until few are left; the caller
+/// then pauses the guest and [`LiveSave::finish`] writes the last ones. The file ends up as
+/// [`save`] would have written it at the moment of the pause. Dropping it turns dirty logging
+/// off again.
+pub struct LiveSave<'a> {
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    file: File,
+    path: std::path::PathBuf,
+    /// Where each region starts in the file.
+    offsets: Vec<u64>,
+    /// Dirtied pages not yet written again.
+    pending: DirtyMap,
+    buf: Vec<u8>,
+}
+
+/// Rounds of dirty pages written before the guest is paused anyway.
+const LIVE_ROUNDS: usize = 8;
+/// Dirty pages left for the pause once a round leaves no more than this (8 MiB: a few ms of
+/// writes into the page cache).
+const LIVE_FEW_PAGES: u64 = 2048;
+/// Pages read and written at a time after the first pass.
+const LIVE_RUN: usize = 64;
+
+impl<'a> LiveSave<'a> {
+    /// Creates the memory file at `path` (it must not exist), turns dirty logging on and writes
+    /// every page that may hold data while the guest runs.
+    pub fn start(vm: &'a VmFd, mem: &'a GuestMemoryMmap, path: &Path) -> Result<LiveSave<'a>> {
+        let file = File::options().write(true).create_new(true).open(path).map_err(|e| Error::Config(format!("memory file {}: {e}", path.display())))?;
+        let mut offsets = Vec::new();
+        let mut total = 0u64;
+        for region in mem.iter() {
+            offsets.push(total);
+            total += region.len();
+        }
+        file.set_len(total).map_err(|e| Error::Io("sizing the memory file", e))?;
+        set_dirty_logging(vm, mem, true)?;
+        let mut live = LiveSave { vm, mem, file, path: path.to_owned(), offsets, pending: clean_map(mem), buf: vec![0; SAVE_CHUNK.max(LIVE_RUN * PAGE)] };
+        live.write_everything()?;
+        Ok(live)
+    }
+
+    /// Writes the pages dirtied since the last look, round after round, until a round finds
+    /// few (they are left for [`LiveSave::finish`]) or the rounds run out.
+    pub fn converge(&mut self) -> Result<()> {
+        for _ in 0..LIVE_ROUNDS {
+            let dirty = take_dirty(self.vm, self.mem)?;
+            dirty::merge(&mut self.pending, &dirty);
+            if dirty::count(&self.pending) <= LIVE_FEW_PAGES {
+                return Ok(());
+            }
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    /// With the guest and its devices paused: writes the pages still dirty. Returns the bytes
+    /// the file holds (all-zero pages are holes). The file is not synced.
+    pub fn finish(mut self) -> Result<u64> {
+        let dirty = take_dirty(self.vm, self.mem)?;
+        dirty::merge(&mut self.pending, &dirty);
+        self.write_pending()?;
+        let meta = self.file.metadata().map_err(|e| Error::Io("reading the memory file's size", e))?;
+        Ok(std::os::unix::fs::MetadataExt::blocks(&meta) * 512)
+    }
+
+    /// The first pass: [`save`]'s walk, reading through `mem` since the guest may be writing.
+    fn write_everything(&mut self) -> Result<()> {
+        let pagemap = PageMap::open()?;
+        let regions: Vec<(u64, u64, Option<*const u8>, u64)> = self
+            .mem
+            .iter()
+            .zip(&self.offsets)
+            .map(|(r, &offset)| {
+                let anonymous = r.file_offset().is_none();
+                (r.start_addr().0, r.len(), anonymous.then(|| region_host(self.mem, r).ok()).flatten().map(|h| h.cast_const()), offset)
+            })
+            .collect();
+        for (start, len, anonymous_at, offset) in regions {
+            let mut at = 0u64;
+            while at < len {
+                let n = (SAVE_CHUNK as u64).min(len - at) as usize;
+                let may_hold_data = match anonymous_at {
+                    // SAFETY: only the address is formed (inside the region's mapping); pagemap
+                    // is asked about it, the memory is not read.
+                    Some(host) => pagemap.touched(unsafe { host.add(at as usize) }, n)?.iter().any(|&t| t),
+                    None => true,
+                };
+                if may_hold_data {
+                    self.copy(start + at, offset + at, n, false)?;
+                }
+                at += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> Result<()> {
+        let pending = std::mem::replace(&mut self.pending, clean_map(self.mem));
+        let places: Vec<(u64, u64)> = self.mem.iter().map(|r| r.start_addr().0).zip(self.offsets.iter().copied()).collect();
+        for ((start, offset), bits) in places.into_iter().zip(&pending) {
+            for (first, count) in dirty::runs(bits, LIVE_RUN) {
+                let at = (first * PAGE) as u64;
+                self.copy(start + at, offset + at, count * PAGE, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes of guest memory at `gpa` to the file at `offset`. All zeros are not
+    /// written: they become a hole when `zeros_matter` (the file may hold older data there),
+    /// else they are skipped (the file is a hole there already).
+    fn copy(&mut self, gpa: u64, offset: u64, len: usize, zeros_matter: bool) -> Result<()> {
+        let bytes = &mut self.buf[..len];
+        self.mem.read_slice(bytes, GuestAddress(gpa)).map_err(|e| Error::Internal(format!("reading guest memory at {gpa:#x}: {e}")))?;
+        let io = |e: std::io::Error| Error::Io("writing the memory file", e);
+        if bytes.iter().any(|&b| b != 0) {
+            self.file.write_all_at(bytes, offset).map_err(io)?;
+        } else if zeros_matter {
+            punch_hole(&self.file, offset, len as u64).map_err(io)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LiveSave<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = set_dirty_logging(self.vm, self.mem, false) {
+            eprintln!("ferro: turning dirty logging off after saving {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// A dirty map of `mem` with no page set.
+fn clean_map(mem: &GuestMemoryMmap) -> DirtyMap {
+    mem.iter().map(|r| vec![0u64; (r.len() as usize / PAGE).div_ceil(64)]).collect()
+}
+
+/// Makes `len` bytes of `file` at `offset` a hole (reads give zeros), keeping its size.
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a descriptor `file` owns, with plain integer arguments; it touches no
+    // memory of this process.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 pub const PAGE: usize = 4096;

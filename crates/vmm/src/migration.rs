@@ -10,6 +10,7 @@
 //! runs. A failure before `go` resumes the guest here; after `go` without that word the guest
 //! stays paused here (it may run there) and the state says so.
 
+use crate::dirty;
 use crate::memory::{self, GuestMemoryMmap, PAGE, PageMap};
 use crate::resources::ResourceState;
 use crate::snapshot::CpuFeatures;
@@ -225,6 +226,7 @@ enum Failure {
 /// the caller then ends this VMM. On failure the VM runs here again (or, when the destination
 /// was told to run it but did not confirm, stays paused) and the error says what failed.
 pub fn send(vm: &VmControl, to: &str, opts: &SendOptions) -> std::result::Result<MigrateReply, String> {
+    let _tracking = vm.claim_dirty_tracking("migrate")?;
     let tracker = vm.migration();
     tracker.begin()?;
     let started = Instant::now();
@@ -320,7 +322,7 @@ impl<'a> Sender<'a> {
         self.vm.pause().map_err(before)?;
         self.iterations += 1;
         let last = memory::take_dirty(self.vm.vm_fd(), self.vm.memory()).map_err(|e| before(e.to_string()))?;
-        merge(&mut remainder, &last);
+        dirty::merge(&mut remainder, &last);
         self.send_dirty(&remainder).map_err(before)?;
         let saved: SavedVm = self.vm.save().map_err(before)?;
         let state = serde_json::to_vec(&saved).map_err(|e| before(format!("encoding the VM state: {e}")))?;
@@ -398,7 +400,7 @@ impl<'a> Sender<'a> {
             if bytes_this_round >= SMALL_REMAINDER || rate == 0 {
                 rate = (bytes_this_round as f64 / elapsed.as_secs_f64()) as u64;
             }
-            let remaining = dirty_pages(&dirty) * PAGE as u64;
+            let remaining = dirty::count(&dirty) * PAGE as u64;
             let expected = if rate == 0 { Duration::MAX } else { Duration::from_secs_f64(remaining as f64 / rate as f64) };
             tracker.update(|i| {
                 i.transferred_bytes = self.sent;
@@ -461,7 +463,7 @@ impl<'a> Sender<'a> {
     fn send_dirty(&mut self, dirty: &[Vec<u64>]) -> std::result::Result<(), String> {
         let starts: Vec<u64> = self.vm.memory().iter().map(|r| r.start_addr().0).collect();
         for (start, bits) in starts.into_iter().zip(dirty) {
-            for (first, count) in runs(bits) {
+            for (first, count) in dirty::runs(bits, RUN) {
                 self.send_pages(start + (first * PAGE) as u64, count, true)?;
             }
         }
@@ -579,47 +581,6 @@ fn is_zero(page: &[u8]) -> bool {
     page.iter().all(|&b| b == 0)
 }
 
-fn dirty_pages(dirty: &[Vec<u64>]) -> u64 {
-    dirty.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
-}
-
-/// ORs `more` into `into` (same regions, same lengths).
-fn merge(into: &mut [Vec<u64>], more: &[Vec<u64>]) {
-    for (a, b) in into.iter_mut().zip(more) {
-        for (x, y) in a.iter_mut().zip(b) {
-            *x |= y;
-        }
-    }
-}
-
-/// The runs of set bits in `bits` as (first page, count), none longer than [`RUN`].
-fn runs(bits: &[u64]) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    let mut open: Option<(usize, usize)> = None;
-    for (w, &word) in bits.iter().enumerate() {
-        if word == 0 && open.is_none() {
-            continue;
-        }
-        for b in 0..64 {
-            let page = w * 64 + b;
-            if word & (1 << b) != 0 {
-                open = match open {
-                    Some((first, n)) if n < RUN => Some((first, n + 1)),
-                    Some(full) => {
-                        out.push(full);
-                        Some((page, 1))
-                    }
-                    None => Some((page, 1)),
-                };
-            } else if let Some(run) = open.take() {
-                out.push(run);
-            }
-        }
-    }
-    out.extend(open);
-    out
-}
-
 /// The destination: a VM received on `spec` (see [`Link::accept`]), built and, when the source
 /// ran it, running; wired to this host by `wiring` when given (see [`VmConfig::rewired`]).
 /// The returned VM's vCPUs are in the state the source had them in: run it with
@@ -734,26 +695,5 @@ impl Receiver {
                 other => return Err(Error::Config(format!("unknown migration record {other}"))),
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_split_at_gaps_and_at_the_record_size() {
-        assert_eq!(runs(&[0b1011]), vec![(0, 2), (3, 1)]);
-        assert_eq!(runs(&[1 << 63, 1]), vec![(63, 2)], "a run crosses words");
-        assert_eq!(runs(&[u64::MAX, u64::MAX, 1]), vec![(0, 64), (64, 64), (128, 1)]);
-        assert!(runs(&[0, 0]).is_empty());
-    }
-
-    #[test]
-    fn dirty_maps_merge_and_count() {
-        let mut a = vec![vec![0b1, 0], vec![0b10]];
-        merge(&mut a, &[vec![0b100, 1 << 5], vec![0b10]]);
-        assert_eq!(a, vec![vec![0b101, 1 << 5], vec![0b10]]);
-        assert_eq!(dirty_pages(&a), 4);
     }
 }

@@ -8,6 +8,7 @@
 //! [`SavedVm`]. Anything that does not check out (magic, version, length, checksum, JSON,
 //! features this host lacks) is refused with a message naming it, before any VM is built.
 
+use crate::memory;
 use crate::state::{SAVED_VM_VERSION, SavedVm};
 use crate::vm::VmControl;
 use ferro_devices::virtio::block::BlockDisk;
@@ -183,11 +184,25 @@ pub fn save(vm: &VmControl, dir: &Path, resume: bool, disk_snapshot: Option<&str
             disks
         }
     };
+    let _tracking = vm.claim_dirty_tracking("take a snapshot")?;
     prepare_dir(dir)?;
     let was_running = !vm.is_paused();
+    // A guest that goes on running afterwards is paused only for what changed while its memory
+    // was written; one that stays paused may as well be paused for the whole write.
+    let live = if resume && was_running {
+        let live = memory::LiveSave::start(vm.vm_fd(), vm.memory(), &memory_path(dir))
+            .and_then(|mut live| live.converge().map(|()| live))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(memory_path(dir));
+                e.to_string()
+            })?;
+        Some(live)
+    } else {
+        None
+    };
     let start = Instant::now();
     vm.pause()?;
-    let written = write_files(vm, dir).and_then(|bytes| {
+    let written = write_files(vm, dir, live).and_then(|bytes| {
         let name = disk_snapshot.unwrap_or_default();
         snapshot_disks(&disks, name).map(|()| bytes)
     });
@@ -240,9 +255,14 @@ fn prepare_dir(dir: &Path) -> Result<(), String> {
     }
 }
 
-fn write_files(vm: &VmControl, dir: &Path) -> Result<u64, String> {
+/// Writes the paused VM's state file and its memory file, or the last pages of the memory file
+/// `live` has been writing.
+fn write_files(vm: &VmControl, dir: &Path, live: Option<memory::LiveSave>) -> Result<u64, String> {
     let saved = vm.save()?;
-    let memory_bytes = vm.save_memory(&memory_path(dir))?;
+    let memory_bytes = match live {
+        Some(live) => live.finish().map_err(|e| e.to_string())?,
+        None => vm.save_memory(&memory_path(dir))?,
+    };
     let state = SnapshotState { config: vm.config().clone(), cpu_features: vm.cpu_features().clone(), vm: saved };
     write_state(&state_path(dir), &state)?;
     Ok(memory_bytes)

@@ -56,6 +56,9 @@ pub struct VmControl {
     events: Arc<EventSink>,
     /// The migration under way or the last one's outcome (docs/migration.md).
     migration: crate::migration::Tracker,
+    /// Held by whoever uses dirty page tracking (a migration, a pre-copied snapshot): there is
+    /// one dirty log, so one user at a time.
+    dirty_tracking: Mutex<()>,
     // Field order matters for drop: the VM fd goes before the memory it maps.
     vm: Arc<VmFd>,
     memory: GuestMemoryMmap,
@@ -86,6 +89,7 @@ impl VmControl {
             shared,
             events,
             migration: crate::migration::Tracker::default(),
+            dirty_tracking: Mutex::new(()),
             vm,
             memory,
         }
@@ -167,6 +171,16 @@ impl VmControl {
 
     pub(crate) fn migration(&self) -> &crate::migration::Tracker {
         &self.migration
+    }
+
+    /// The right to use dirty page tracking until the guard drops, or an error saying `what`
+    /// cannot start now because a migration or a snapshot holds it.
+    pub(crate) fn claim_dirty_tracking(&self, what: &str) -> std::result::Result<MutexGuard<'_, ()>, String> {
+        match self.dirty_tracking.try_lock() {
+            Ok(guard) => Ok(guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => Err(format!("cannot {what} now: a migration or a snapshot of this VM is already under way")),
+        }
     }
 
     /// Holds the vCPUs (not the devices) out of the guest for `hold`, then lets them run again:
