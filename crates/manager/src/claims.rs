@@ -24,6 +24,8 @@ pub enum Holder {
     Domain(String),
     /// A job, by id and kind ("clone", ...).
     Job { id: u64, kind: String },
+    /// A template's disks, for as long as it is a template: read, never written.
+    Template(String),
     /// A request that changes a file while it runs (a volume upload, wipe or resize); `id` only
     /// tells two of them apart.
     Operation { id: u64, what: &'static str },
@@ -33,6 +35,7 @@ impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Holder::Domain(name) => write!(f, "running domain {name}"),
+            Holder::Template(name) => write!(f, "template {name} (a template's disks are read-only)"),
             Holder::Job { id, kind } => write!(f, "{kind} job {id} (see `ferro job-info {id}`)"),
             Holder::Operation { what, .. } => write!(f, "a volume {what} in progress"),
         }

@@ -1,10 +1,11 @@
 //! ferrod's services wired together: opened over one store, recovered at start, stopped at the
-//! end. The dependencies go one way: snapshots and backups use domains (to save and restore VMs) and jobs,
+//! end. The dependencies go one way: snapshots, backups and clones use domains (to save and restore VMs, define clones) and jobs,
 //! domains use pools (to resolve volumes), pools use jobs (for copies) and networks (for their
 //! NICs); all of them share the store, the event hub and the file claims. Networks are recovered first, so the VMs' networks are up before any VM is re-attached.
 
 use crate::backups::Backups;
 use crate::claims::Claims;
+use crate::clones::Clones;
 use crate::domains::Domains;
 use crate::events::EventHub;
 use crate::jobs::Jobs;
@@ -26,6 +27,7 @@ pub struct Services {
     pub ovf: Arc<Ovf>,
     pub snapshots: Arc<Snapshots>,
     pub backups: Arc<Backups>,
+    pub clones: Arc<Clones>,
     store: Arc<Store>,
 }
 
@@ -43,7 +45,8 @@ impl Services {
         let ovf = Ovf::open(jobs.clone(), pools.clone(), domains.clone());
         let snapshots = Snapshots::open(&paths.home, store.clone(), events.clone(), jobs.clone(), domains.clone());
         let backups = Backups::open(store.clone(), events.clone(), jobs.clone(), domains.clone());
-        Ok(Arc::new(Services { paths, events, jobs, pools, networks, domains, ovf, snapshots, backups, store }))
+        let clones = Clones::open(events.clone(), jobs.clone(), pools.clone(), domains.clone());
+        Ok(Arc::new(Services { paths, events, jobs, pools, networks, domains, ovf, snapshots, backups, clones, store }))
     }
 
     /// Takes back the networks and re-attaches to the VMs that were running when ferrod last

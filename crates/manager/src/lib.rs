@@ -12,7 +12,8 @@
 //!   (virtual networks on the host), `domains` (definitions and supervision), with `vmm` (VM config and control socket) and `monitor` (the
 //!   per-VM process), `ovf` (OVF/OVA import and export, over pools and domains) and `snapshots`
 //!   (the domain snapshot tree, over domains and jobs) and `backups` (checkpoints
-//!   and backups of domain disks, over domains and jobs);
+//!   and backups of domain disks, over domains and jobs) and `clones` (domain clones, over
+//!   domains, pools and jobs; templates are the domains service's);
 //! - `daemon` wires the services together; `api` maps HTTP to them and checks who may call;
 //!   `listen` opens the unix socket and the TCP/TLS listeners that serve `api`;
 //! - running as a service: `config` (the configuration file), `notify` (systemd notifications).
@@ -21,6 +22,7 @@ pub mod access;
 pub mod api;
 pub mod backups;
 pub mod claims;
+pub mod clones;
 pub mod config;
 pub mod crashpoint;
 pub mod daemon;

@@ -96,6 +96,8 @@ pub struct DomainInfo {
     pub name: String,
     pub uuid: String,
     pub state: DomainState,
+    /// A template: never started, the read-only base of linked clones.
+    pub template: bool,
     pub autostart: bool,
     pub vcpus: Option<u32>,
     pub memory_bytes: Option<u64>,

@@ -5,34 +5,10 @@
 //! replaced, and a refused backup changes nothing. The REST answers are checked against
 //! openapi.json.
 
+use ferro_test_support::qemu::{identical, img as qemu_img, img_ok as qemu_img_ok, io as qemu_io};
 use ferro_test_support::daemon::{Daemon, Home, guest_toml, read_console};
 use serde_json::{Value, json};
 use std::path::Path;
-use std::process::Command;
-
-fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img").args(args).output().expect("qemu-img is installed (scripts/setup.sh)")
-}
-
-fn qemu_img_ok(args: &[&str]) -> String {
-    let out = qemu_img(args);
-    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Writes through qemu-io, as a guest would (any bitmap the image has tracks it).
-fn qemu_io(image: &Path, command: &str) {
-    let out =
-        Command::new("qemu-io").args(["-f", "qcow2", "-c", command]).arg(image).output().expect("qemu-io is installed (scripts/setup.sh)");
-    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("error"), "qemu-io {command}: {out:?}");
-}
-
-/// `qemu-img compare` says the two images read the same.
-fn identical(a: &Path, b: &Path) -> bool {
-    let out = qemu_img(&["compare", a.to_str().unwrap(), b.to_str().unwrap()]);
-    assert!(out.status.code().is_some_and(|c| c <= 1), "qemu-img compare: {out:?}");
-    out.status.success()
-}
 
 /// The bitmaps qemu-img lists: name -> flags.
 fn bitmaps(image: &Path) -> Vec<(String, Vec<String>)> {

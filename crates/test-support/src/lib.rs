@@ -8,7 +8,8 @@
 //!   cached Linux test guest;
 //! - [`daemon`]: a real `ferrod` in a private `FERRO_HOME`, its REST API (every answer checked
 //!   against `crates/manager/openapi.json`) and the `ferro` CLI pointed at it;
-//! - [`grammar`]: the sizes and MAC addresses every parser of them must accept or refuse.
+//! - [`grammar`]: the sizes and MAC addresses every parser of them must accept or refuse;
+//! - [`qemu`]: qemu-img and qemu-io, the peers of image tests.
 //!
 //! A missing prerequisite (a tool, a binary, the right to make a namespace) panics with what is
 //! missing and how to get it: a test never passes without having run. docs/testing.md describes
@@ -18,6 +19,7 @@ pub mod daemon;
 pub mod grammar;
 pub mod hugepages;
 pub mod net;
+pub mod qemu;
 pub mod vm;
 
 use std::ffi::OsStr;

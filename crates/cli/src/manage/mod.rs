@@ -4,6 +4,7 @@
 
 mod backup;
 mod client;
+mod clone;
 pub mod complete;
 mod console;
 mod create;
@@ -298,6 +299,8 @@ pub enum ManageCommand {
     },
     #[command(flatten)]
     Backup(backup::BackupCommand),
+    #[command(flatten)]
+    Clone(clone::CloneCommand),
     /// Define a storage pool (only `dir` pools).
     PoolDefineAs {
         name: String,
@@ -798,6 +801,7 @@ fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
             if n.json { print_json(&leases) } else { show::lease_table(leases.as_array().map(Vec::as_slice).unwrap_or(&[])) }
         }
         C::Backup(cmd) => backup::execute(cmd, c)?,
+        C::Clone(cmd) => clone::execute(cmd, c)?,
         C::JobList { json } => {
             let list = c.get("/v1/jobs")?;
             if json { print_json(&list) } else { show::job_table(list.as_array().map(Vec::as_slice).unwrap_or(&[])) }

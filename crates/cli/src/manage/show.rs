@@ -60,6 +60,9 @@ pub fn domain_table(list: &[Value]) {
         .iter()
         .map(|d| {
             let mut state = state_word(&d["state"]).to_string();
+            if d["template"] == true {
+                state = "template".to_string();
+            }
             if d["error"].is_string() {
                 state.push_str(" (invalid definition)");
             }

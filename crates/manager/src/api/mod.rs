@@ -1,6 +1,6 @@
 //! The REST API on ferrod's unix socket and TCP listeners (documented in `openapi.json` next to
 //! this crate): maps HTTP requests to service calls, and owns every HTTP status code. One file per
-//! resource family (`domains`, `snapshots` of domains, `backups` with checkpoints of domains, `pools` with volumes, `networks`, `jobs`,
+//! resource family (`domains`, `snapshots` of domains, `backups` with checkpoints of domains, `clones` and templates of domains, `pools` with volumes, `networks`, `jobs`,
 //! `events` with metrics, `host`); `auth` checks every request first and serves `/v1/session`; `ui` serves the embedded
 //! web UI at `/`.
 //!
@@ -9,6 +9,7 @@
 
 pub mod auth;
 mod backups;
+mod clones;
 mod domains;
 mod events;
 mod host;
@@ -52,6 +53,8 @@ pub fn router(services: Arc<Services>, access: Arc<Access>) -> Router {
         .route("/v1/domains/{name}/snapshots/{snapshot}/{action}", post(snapshots::action))
         .route("/v1/domains/{name}/backup", post(backups::begin))
         .route("/v1/domains/{name}/restore", post(backups::restore))
+        .route("/v1/domains/{name}/clone", post(clones::clone))
+        .route("/v1/domains/{name}/template", post(clones::template))
         .route("/v1/domains/{name}/checkpoints", get(backups::list))
         .route("/v1/domains/{name}/checkpoints/{checkpoint}", get(backups::get).delete(backups::delete))
         .route("/v1/ovf/import", post(domains::import_ovf))

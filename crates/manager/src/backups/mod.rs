@@ -126,7 +126,7 @@ fn no_checkpoint(domain: &str, name: &str) -> Error {
 }
 
 /// The guest's name of the `i`th disk: vda ... vdz, vdaa ...
-fn target_name(i: usize) -> String {
+pub(crate) fn target_name(i: usize) -> String {
     let letter = |n: usize| char::from(b'a' + (n % 26) as u8);
     if i < 26 { format!("vd{}", letter(i)) } else { format!("vd{}{}", letter(i / 26 - 1), letter(i)) }
 }

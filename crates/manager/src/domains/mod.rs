@@ -9,6 +9,7 @@
 //! - `overcommit`: memory committed to running domains against the host's RAM (nodeinfo, and the
 //!   check before a start);
 //! - `pinning`: which host CPUs a domain's vCPU and emulator threads run on, live and in the definition.
+//! - `template`: templates (a shut-off domain turned into the read-only base of linked clones).
 //!
 //! Operations on one domain are serialized by a per-domain async lock; the record map itself is
 //! behind a plain mutex held only for short updates, never across an await.
@@ -19,6 +20,7 @@ mod overcommit;
 mod paths;
 mod pinning;
 mod supervise;
+mod template;
 
 pub use overcommit::DEFAULT_OVERCOMMIT_RATIO;
 pub use pinning::PinTarget;
@@ -70,6 +72,8 @@ struct Domain {
     rt: Runtime,
     /// A destroy is under way: the coming exit is not a crash.
     stopping: bool,
+    /// A template: never started, its disks read-only (see `template`).
+    template: bool,
 }
 
 pub struct Domains {
@@ -138,7 +142,15 @@ impl Domains {
             };
             domains.insert(
                 row.name,
-                Domain { uuid: row.uuid, definition: row.definition, config, autostart: row.autostart, rt, stopping: false },
+                Domain {
+                    uuid: row.uuid,
+                    definition: row.definition,
+                    config,
+                    autostart: row.autostart,
+                    rt,
+                    stopping: false,
+                    template: row.template,
+                },
             );
         }
         let (restarts, queue) = tokio::sync::mpsc::unbounded_channel();
@@ -146,7 +158,7 @@ impl Domains {
         for warning in cgroups.enable_for_children() {
             tracing::warn!("{warning}");
         }
-        Ok(Arc::new(Domains {
+        let domains = Arc::new(Domains {
             paths,
             store,
             events,
@@ -161,7 +173,9 @@ impl Domains {
             overcommit_ratio,
             starting: Mutex::new(HashMap::new()),
             confinement,
-        }))
+        });
+        domains.hold_template_disks();
+        Ok(domains)
     }
 
     async fn lock_op(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
@@ -186,6 +200,7 @@ impl Domains {
             name: name.to_string(),
             uuid: d.uuid.clone(),
             state: d.rt.state,
+            template: d.template,
             autostart: d.autostart,
             vcpus: config.map(|c| c.vcpus),
             memory_bytes: config.map(|c| c.memory_bytes()),
@@ -229,11 +244,29 @@ impl Domains {
     /// address never changes across starts: the MAC the same NIC had in the previous definition,
     /// else a new one.
     pub async fn define(&self, text: &str) -> Result<(bool, DomainInfo)> {
+        self.define_text(text, false).await
+    }
+
+    /// Defines a new domain; a domain of the name that exists is a conflict (not replaced).
+    pub async fn define_new(&self, text: &str) -> Result<DomainInfo> {
+        Ok(self.define_text(text, true).await?.1)
+    }
+
+    async fn define_text(&self, text: &str, only_new: bool) -> Result<(bool, DomainInfo)> {
         let parsed = DomainConfig::parse(text).map_err(|e| Error::invalid(e.to_string()))?;
         self.check_paths(&parsed)?;
         let name = parsed.name.clone();
         let _op = self.lock_op(&name).await;
         let mut domains = lock(&self.domains);
+        match domains.get(&name) {
+            Some(_) if only_new => return Err(Error::conflict(format!("name: domain {name} already exists"))),
+            Some(d) if d.template => {
+                return Err(Error::conflict(format!(
+                    "domain {name} is a template: its definition stays as it is (linked clones depend on its disks); clone it and change the clone"
+                )));
+            }
+            _ => {}
+        }
         let previous = domains.get(&name).and_then(|d| d.config.as_ref().ok());
         let (text, config) = with_nic_macs(text, parsed, previous)?;
         let text = text.as_str();
@@ -255,6 +288,7 @@ impl Domains {
                     autostart,
                     rt: Runtime::default(),
                     stopping: false,
+                    template: false,
                 };
                 domains.insert(name.clone(), d);
             }
@@ -267,6 +301,10 @@ impl Domains {
 
     pub async fn undefine(&self, name: &str) -> Result<()> {
         let _op = self.lock_op(name).await;
+        if self.info(name)?.template {
+            // Refused while linked clones use its disks.
+            self.release_template(name)?;
+        }
         let mut domains = lock(&self.domains);
         let d = domains.get(name).ok_or_else(|| no_domain(name))?;
         if d.rt.state.is_active() {
@@ -286,6 +324,9 @@ impl Domains {
         let _op = self.lock_op(name).await;
         let mut domains = lock(&self.domains);
         let d = domains.get_mut(name).ok_or_else(|| no_domain(name))?;
+        if enabled && d.template {
+            return Err(Error::conflict(format!("domain {name} is a template, which never runs")));
+        }
         let definition = set_top_level_bool(&d.definition, "autostart", enabled);
         self.store.put_domain(name, &d.uuid, &definition, enabled)?;
         d.definition = definition;

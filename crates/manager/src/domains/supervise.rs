@@ -125,6 +125,12 @@ impl Domains {
             if d.rt.state.is_active() {
                 return Err(Error::conflict(format!("domain {name} is already {}", d.rt.state.word())));
             }
+            if d.template {
+                return Err(Error::conflict(format!(
+                    "domain {name} is a template, which never runs (its disks are the read-only base of linked clones); \
+                     clone it: `ferro clone {name} --name NEW --linked`"
+                )));
+            }
             let config = d
                 .config
                 .clone()

@@ -11,12 +11,14 @@ pub struct StoredDomain {
     pub definition: String,
     pub autostart: bool,
     pub runtime: Option<String>,
+    /// Marked a template (see `domains::template`).
+    pub template: bool,
 }
 
 impl Store {
     pub fn domains(&self) -> StoreResult<Vec<StoredDomain>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name, uuid, definition, autostart, runtime FROM domains")?;
+        let mut stmt = conn.prepare("SELECT name, uuid, definition, autostart, runtime, template FROM domains")?;
         let rows = stmt.query_map([], |r| {
             Ok(StoredDomain {
                 name: r.get(0)?,
@@ -24,6 +26,7 @@ impl Store {
                 definition: r.get(2)?,
                 autostart: r.get(3)?,
                 runtime: r.get(4)?,
+                template: r.get(5)?,
             })
         })?;
         rows.collect()
@@ -41,6 +44,11 @@ impl Store {
 
     pub fn set_runtime(&self, name: &str, runtime: &str) -> StoreResult<()> {
         self.conn().execute("UPDATE domains SET runtime = ?2 WHERE name = ?1", params![name, runtime])?;
+        Ok(())
+    }
+
+    pub fn set_template(&self, name: &str, template: bool) -> StoreResult<()> {
+        self.conn().execute("UPDATE domains SET template = ?2 WHERE name = ?1", params![name, template])?;
         Ok(())
     }
 

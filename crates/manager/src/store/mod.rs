@@ -108,6 +108,9 @@ const MIGRATIONS: &[&str] = &[
          pending INTEGER NOT NULL DEFAULT 1,
          PRIMARY KEY (domain, name)
      );",
+    // 6: templates: a domain marked a template cannot start, its disks are read-only and linked
+    // clones use them as backing files.
+    "ALTER TABLE domains ADD COLUMN template INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this ferrod writes.
