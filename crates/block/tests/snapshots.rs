@@ -200,6 +200,43 @@ fn qemu_made_snapshots_are_read_written_reverted_and_deleted() {
     assert!(read(&mut img) == model, "our read after qemu's revert to our snapshot");
 }
 
+/// A snapshot taken at another virtual size brings its size back on revert, both ways, as
+/// qemu-img's revert does: the bytes match qemu-img's revert of the same image.
+#[test]
+fn a_revert_brings_back_the_snapshots_virtual_size_as_qemu_does() {
+    let s = TempDir::new("snap-resize");
+    let q = new_image(&s, "resized.qcow2", 65_536, false);
+    let mut img = rw(&q);
+    img.write_at(&data(1, 4096), SIZE - 4096).expect("write the last page");
+    img.create_snapshot("small").expect("snapshot at 8 MiB");
+    img.resize(2 * SIZE).expect("grow to 16 MiB");
+    img.write_at(&data(2, 65_536), 2 * SIZE - MIB).expect("write beyond the old size");
+    img.create_snapshot("big").expect("snapshot at 16 MiB");
+    img.write_at(&data(3, 65_536), 2 * SIZE - MIB).expect("write after the snapshot");
+    drop(img);
+    let qemu_small = qemu_revert_copy(&q, "small", &s);
+    let qemu_big = qemu_revert_copy(&q, "big", &s);
+    assert_eq!((qemu_small.len() as u64, qemu_big.len() as u64), (SIZE, 2 * SIZE), "qemu-img's reverts resize");
+
+    let mut img = rw(&q);
+    img.apply_snapshot("small").expect("revert to the smaller snapshot");
+    assert_eq!(img.size(), SIZE);
+    assert!(read(&mut img) == qemu_small, "our revert to the 8 MiB snapshot reads as qemu-img's");
+    drop(img);
+    assert_clean(&q, "after shrinking by a revert");
+    let info: serde_json::Value = serde_json::from_str(&qemu_img_ok(&["info", "--output=json", p(&q)])).expect("info json");
+    assert_eq!(info["virtual-size"].as_u64(), Some(SIZE), "{info}");
+
+    let mut img = rw(&q);
+    img.apply_snapshot("big").expect("revert to the larger snapshot");
+    assert_eq!(img.size(), 2 * SIZE);
+    let bytes = read(&mut img);
+    assert!(bytes[(2 * SIZE - MIB) as usize..][..65_536] == data(2, 65_536)[..], "the data beyond the old size comes back");
+    assert!(bytes == qemu_big, "our revert to the 16 MiB snapshot reads as qemu-img's");
+    drop(img);
+    assert_clean(&q, "after growing by a revert");
+}
+
 #[test]
 fn dirty_bitmaps_survive_snapshots_and_mark_reverted_ranges() {
     let s = TempDir::new("snap-bitmaps");

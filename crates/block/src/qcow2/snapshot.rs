@@ -260,16 +260,17 @@ impl Qcow2 {
         Ok(info)
     }
 
-    /// Reverts the disk to snapshot `name` (by name, else by id). The snapshot stays.
+    /// Reverts the disk to snapshot `name` (by name, else by id). The snapshot stays. A
+    /// snapshot taken at another virtual size brings that size back too (as QEMU's revert does),
+    /// unless persistent bitmaps forbid the resize.
     pub fn apply_snapshot(&mut self, name: &str) -> Result<()> {
         self.writable()?;
         let (entries, _) = self.read_snapshot_table()?;
         let s = entries[self.find_snapshot(&entries, name)?].clone();
-        if let Some(size) = s.disk_size.filter(|&size| size != self.h.size) {
-            return Err(Error::unsupported(
-                &self.path,
-                format!("snapshot {name:?} was taken at a virtual size of {size} bytes, the image has {} now", self.h.size),
-            ));
+        let old_size = self.h.size;
+        let new_size = s.disk_size.filter(|&size| size != old_size);
+        if let Some(size) = new_size {
+            self.check_bitmaps_resizable(size)?;
         }
         crate::DiskImage::flush(self)?;
         if s.l1_size as usize > self.l1.len() {
@@ -298,6 +299,12 @@ impl Qcow2 {
         self.add_tree_refcounts(&old_l1, -1)?;
         self.write_refcounts()?;
         self.sync()?;
+        // 4. The snapshot's size: its tree holds nothing beyond it, and what lies beyond the
+        //    old size within it is the snapshot's data.
+        if let Some(size) = new_size {
+            self.write_size(size)?;
+            self.resize_bitmaps(old_size);
+        }
         self.update_copied_flags()
     }
 
