@@ -68,6 +68,9 @@ pub enum Request {
     /// Ends a backup: deletes internal snapshot `snapshot` from every writable disk that has
     /// it. Reply: [`Done`].
     BackupEnd { snapshot: String },
+    /// Deletes internal snapshot `name` from every writable disk that has it, while the VM runs
+    /// (a domain snapshot deleted while its domain runs). Reply: [`Done`].
+    DiskSnapshotDelete { name: String },
     /// Removes checkpoint `checkpoint` from every writable disk: its bitmap is merged into
     /// `parent`'s (which tracks again if it tracked). Reply: [`Done`].
     CheckpointRemove {
@@ -129,6 +132,7 @@ impl Request {
             Request::Snapshot { .. } => "snapshot",
             Request::BackupBegin { .. } => "backup_begin",
             Request::BackupEnd { .. } => "backup_end",
+            Request::DiskSnapshotDelete { .. } => "disk_snapshot_delete",
             Request::CheckpointRemove { .. } => "checkpoint_remove",
             Request::VcpuInfo => "vcpu_info",
             Request::PinVcpu { .. } => "pin_vcpu",

@@ -10,10 +10,6 @@ use ferro_vmm_api::control::BackupBeginReply;
 use std::path::Path;
 use std::time::Instant;
 
-fn writable_disks(vm: &VmControl) -> Vec<BlockDisk> {
-    vm.devices().handles().disk_images.iter().filter(|d| !d.readonly()).cloned().collect()
-}
-
 /// The `backup_begin` op: checks every writable disk, then, paused, adds checkpoint
 /// `checkpoint` and snapshot `snapshot` to each (undoing the disks done if one fails), resumes
 /// a VM that ran, and writes the ranges written since `since` for each disk into `ranges_dir`.
@@ -25,7 +21,7 @@ pub fn begin(
     since: &[String],
     ranges_dir: Option<&Path>,
 ) -> Result<BackupBeginReply, String> {
-    let disks = writable_disks(vm);
+    let disks = vm.writable_disks();
     if disks.is_empty() {
         return Err("the VM has no writable disk".into());
     }
@@ -84,17 +80,12 @@ fn undo(disks: &[BlockDisk], checkpoint: &str, parent: Option<&str>, snapshot: &
 
 /// The `backup_end` op: deletes the backup's snapshot from every writable disk that has it.
 pub fn end(vm: &VmControl, snapshot: &str) -> Result<(), String> {
-    for d in writable_disks(vm) {
-        if d.has_snapshot(snapshot)? {
-            d.delete_snapshot(snapshot)?;
-        }
-    }
-    Ok(())
+    crate::snapshot::delete_disk_snapshot(vm, snapshot)
 }
 
 /// The `checkpoint_remove` op: removes checkpoint `checkpoint` from every writable disk.
 pub fn remove_checkpoint(vm: &VmControl, checkpoint: &str, parent: Option<&str>) -> Result<(), String> {
-    for d in writable_disks(vm) {
+    for d in vm.writable_disks() {
         d.remove_checkpoint(checkpoint, parent)?;
     }
     Ok(())

@@ -64,6 +64,7 @@ pub fn handle(vm: &VmControl, line: &str) -> (String, Option<ExitReason>) {
             encode_reply(&backup::begin(vm, &checkpoint, parent.as_deref(), &snapshot, &since, ranges_dir.as_deref()))
         }
         Request::BackupEnd { snapshot } => done(backup::end(vm, &snapshot)),
+        Request::DiskSnapshotDelete { name } => done(crate::snapshot::delete_disk_snapshot(vm, &name)),
         Request::CheckpointRemove { checkpoint, parent } => done(backup::remove_checkpoint(vm, &checkpoint, parent.as_deref())),
         Request::VcpuInfo => encode_reply(&vm.vcpu_info()),
         Request::PinVcpu { vcpu, cpus } => done(vm.pin_vcpu(vcpu, &cpus)),

@@ -177,7 +177,7 @@ pub fn save(vm: &VmControl, dir: &Path, resume: bool, disk_snapshot: Option<&str
     let disks: Vec<BlockDisk> = match disk_snapshot {
         None => Vec::new(),
         Some(name) => {
-            let disks: Vec<BlockDisk> = vm.devices().handles().disk_images.iter().filter(|d| !d.readonly()).cloned().collect();
+            let disks = vm.writable_disks();
             for d in &disks {
                 d.check_snapshot(name)?;
             }
@@ -216,6 +216,17 @@ pub fn save(vm: &VmControl, dir: &Path, resume: bool, disk_snapshot: Option<&str
     resumed.map_err(|e| format!("the snapshot was saved, but the VM did not resume: {e}"))?;
     let disks = disks.iter().map(|d| d.path().to_path_buf()).collect();
     Ok(SnapshotTimes { paused, memory_bytes, disks })
+}
+
+/// The `disk_snapshot_delete` op: deletes internal snapshot `name` from every writable disk
+/// that has it, while the guest runs (each disk's image is locked against its worker meanwhile).
+pub fn delete_disk_snapshot(vm: &VmControl, name: &str) -> Result<(), String> {
+    for d in vm.writable_disks() {
+        if d.has_snapshot(name)? {
+            d.delete_snapshot(name)?;
+        }
+    }
+    Ok(())
 }
 
 /// Takes internal snapshot `name` of every disk in `disks`; if one fails, the ones taken are

@@ -169,6 +169,11 @@ impl VmControl {
         &self.memory
     }
 
+    /// The disks the guest may write (their images are what snapshots and backups change).
+    pub(crate) fn writable_disks(&self) -> Vec<ferro_devices::virtio::block::BlockDisk> {
+        self.devices.handles().disk_images.iter().filter(|d| !d.readonly()).cloned().collect()
+    }
+
     pub(crate) fn migration(&self) -> &crate::migration::Tracker {
         &self.migration
     }

@@ -21,6 +21,7 @@ use crate::events::EventHub;
 use crate::jobs::{Job, JobContext, JobError, Jobs, NewJob};
 use crate::model::{DomainInfo, DomainState, ProgressUnit, SnapshotInfo, now_ms, rfc3339};
 use crate::store::{Store, StoredSnapshot};
+use ferro_vmm_api::control::{Done, Request};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -299,12 +300,16 @@ impl Snapshots {
 }
 
 impl Snapshots {
-    /// Deletes a snapshot's internal snapshots from its disks (the domain must be shut off: its
-    /// VMM holds the disks open while it runs); a disk file that is gone is skipped.
+    /// Deletes a snapshot's internal snapshots from its disks: a running or paused domain's
+    /// VMM, which holds the disks open, deletes them itself; a disk file that is gone is skipped.
     async fn delete_disk_snapshots(&self, row: &StoredSnapshot) -> Result<()> {
         let disks: Vec<PathBuf> = disk_files(row).into_iter().filter(|f| f.exists()).collect();
         if disks.is_empty() {
             return Ok(());
+        }
+        if self.domains.info(&row.domain)?.state.is_active() {
+            let request = Request::DiskSnapshotDelete { name: row.name.clone() };
+            return self.domains.disk_request::<Done>(&row.domain, &request).await.map(drop);
         }
         self.on_shut_off_disks(&row.domain, &disks, &row.name, "disk snapshot deletion", disks::delete).await
     }
