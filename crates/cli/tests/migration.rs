@@ -5,51 +5,15 @@
 //! shows as errors on the destination; its count shows it was not rebooted. A destination that
 //! dies or refuses leaves the source running with its memory intact.
 
-use ferro_test_support::vm::{Vmm, ferro_command, read_until_within};
+use ferro_test_support::vm::{Console, Vmm, ferro_command, field};
 use ferro_test_support::{TempDir, wait_exit, wait_for};
 use ferro_vmm_api::{BootConfig, DeviceConfig, Kernel, MemoryConfig, Transport, VmConfig};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
-
-/// A guest's serial console socket.
-struct Console {
-    stream: UnixStream,
-    seen: String,
-}
-
-impl Console {
-    fn connect(path: &Path) -> Console {
-        wait_for("the serial socket", Duration::from_secs(20), || path.exists());
-        let stream = UnixStream::connect(path).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Console { stream, seen: String::new() }
-    }
-
-    fn type_keys(&mut self, keys: &str) {
-        self.stream.write_all(keys.as_bytes()).unwrap();
-    }
-
-    /// Waits for the whole line that starts with `prefix` and returns it (output before it is
-    /// dropped).
-    fn line(&mut self, prefix: &str) -> String {
-        read_until_within(&mut self.stream, &mut self.seen, prefix, Duration::from_secs(20));
-        let at = self.seen.find(prefix).expect("read_until saw it");
-        let mut line = self.seen.split_off(at);
-        read_until_within(&mut self.stream, &mut line, "\n", Duration::from_secs(10));
-        self.seen = line.split_off(line.find('\n').expect("read_until saw it") + 1);
-        line.trim_end().to_owned()
-    }
-}
-
-/// The value after `key=` in a counter line.
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    let at = line.find(&format!("{key}=")).unwrap_or_else(|| panic!("no {key}= in {line:?}")) + key.len() + 1;
-    line[at..].split_whitespace().next().unwrap()
-}
 
 /// A source: the counter guest (64 MiB, 2 vCPUs) churning its pattern after two counts, every
 /// VMM thread under its seccomp allowlist (as ferrod runs VMMs).

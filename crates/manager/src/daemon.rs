@@ -1,5 +1,6 @@
 //! ferrod's services wired together: opened over one store, recovered at start, stopped at the
-//! end. The dependencies go one way: snapshots, backups and clones use domains (to save and restore VMs, define clones) and jobs,
+//! end. The dependencies go one way: migrations use snapshots and backups (to undefine a source),
+//! snapshots, backups and clones use domains (to save and restore VMs, define clones) and jobs,
 //! domains use pools (to resolve volumes), pools use jobs (for copies) and networks (for their
 //! NICs); all of them share the store, the event hub and the file claims. Networks are recovered first, so the VMs' networks are up before any VM is re-attached.
 
@@ -9,6 +10,7 @@ use crate::clones::Clones;
 use crate::domains::Domains;
 use crate::events::EventHub;
 use crate::jobs::Jobs;
+use crate::migration::Migrations;
 use crate::model::{Confinement, Paths};
 use crate::networks::Networks;
 use crate::ovf::Ovf;
@@ -28,6 +30,7 @@ pub struct Services {
     pub snapshots: Arc<Snapshots>,
     pub backups: Arc<Backups>,
     pub clones: Arc<Clones>,
+    pub migrations: Arc<Migrations>,
     store: Arc<Store>,
 }
 
@@ -46,7 +49,8 @@ impl Services {
         let snapshots = Snapshots::open(&paths.home, store.clone(), events.clone(), jobs.clone(), domains.clone());
         let backups = Backups::open(store.clone(), events.clone(), jobs.clone(), domains.clone());
         let clones = Clones::open(events.clone(), jobs.clone(), pools.clone(), domains.clone());
-        Ok(Arc::new(Services { paths, events, jobs, pools, networks, domains, ovf, snapshots, backups, clones, store }))
+        let migrations = Migrations::open(jobs.clone(), domains.clone(), snapshots.clone(), backups.clone(), events.clone());
+        Ok(Arc::new(Services { paths, events, jobs, pools, networks, domains, ovf, snapshots, backups, clones, migrations, store }))
     }
 
     /// Takes back the networks and re-attaches to the VMs that were running when ferrod last

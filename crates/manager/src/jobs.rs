@@ -111,6 +111,12 @@ impl JobContext {
         self.update(|done, total| (done.saturating_add(amount), total));
     }
 
+    /// Sets the work done and the total at once (for work that measures itself, such as a
+    /// migration whose remainder grows while the guest writes).
+    pub fn set_progress(&self, done: u64, total: u64) {
+        self.update(|_, _| (done, total));
+    }
+
     fn update(&self, f: impl FnOnce(u64, u64) -> (u64, u64)) {
         // Progress is polled by readers, not pushed: waiters only wake for the final state.
         self.job.info.send_if_modified(|j| {

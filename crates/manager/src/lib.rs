@@ -12,8 +12,9 @@
 //!   (virtual networks on the host), `domains` (definitions and supervision), with `vmm` (VM config and control socket) and `monitor` (the
 //!   per-VM process), `ovf` (OVF/OVA import and export, over pools and domains) and `snapshots`
 //!   (the domain snapshot tree, over domains and jobs) and `backups` (checkpoints
-//!   and backups of domain disks, over domains and jobs) and `clones` (domain clones, over
-//!   domains, pools and jobs; templates are the domains service's);
+//!   and backups of domain disks, over domains and jobs), `clones` (domain clones, over
+//!   domains, pools and jobs; templates are the domains service's) and `migration` (moving a
+//!   running domain to another ferrod, over domains and jobs);
 //! - `daemon` wires the services together; `api` maps HTTP to them and checks who may call;
 //!   `listen` opens the unix socket and the TCP/TLS listeners that serve `api`;
 //! - running as a service: `config` (the configuration file), `notify` (systemd notifications).
@@ -33,6 +34,7 @@ pub mod error;
 pub mod events;
 pub mod jobs;
 pub mod listen;
+pub mod migration;
 pub mod model;
 pub mod monitor;
 pub mod networks;

@@ -46,6 +46,14 @@ impl RunFiles {
     pub fn vm_config(&self) -> PathBuf {
         self.dir.join("vm.json")
     }
+    /// Where a VMM waiting for a VM to migrate in listens (`ferro vmm --incoming`).
+    pub fn incoming_socket(&self) -> PathBuf {
+        self.dir.join("incoming.sock")
+    }
+    /// Where ferrod waits for its VMM's outgoing migration stream, to carry it to the destination.
+    pub fn outgoing_socket(&self) -> PathBuf {
+        self.dir.join("outgoing.sock")
+    }
 }
 
 /// A disk as handed to the VMM, after pool volumes have been resolved to paths.

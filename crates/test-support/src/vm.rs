@@ -152,6 +152,47 @@ pub fn linux_run(limit_secs: u32, prefix: &[&str], kernel: &str, guest_cmd: &str
     c
 }
 
+/// A guest's serial console socket, read line by line (the counter guest's protocol).
+pub struct Console {
+    pub stream: UnixStream,
+    seen: String,
+}
+
+impl Console {
+    /// Waits (20 s at most) for the socket at `path` and connects to it.
+    pub fn connect(path: &Path) -> Console {
+        crate::wait_for("the serial socket", Duration::from_secs(20), || path.exists());
+        Console::on(UnixStream::connect(path).unwrap())
+    }
+
+    /// A console already connected (through ferrod, say).
+    pub fn on(stream: UnixStream) -> Console {
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Console { stream, seen: String::new() }
+    }
+
+    pub fn type_keys(&mut self, keys: &str) {
+        self.stream.write_all(keys.as_bytes()).unwrap();
+    }
+
+    /// Waits for the whole line that starts with `prefix` and returns it (output before it is
+    /// dropped).
+    pub fn line(&mut self, prefix: &str) -> String {
+        read_until_within(&mut self.stream, &mut self.seen, prefix, Duration::from_secs(20));
+        let at = self.seen.find(prefix).expect("read_until saw it");
+        let mut line = self.seen.split_off(at);
+        read_until_within(&mut self.stream, &mut line, "\n", Duration::from_secs(10));
+        self.seen = line.split_off(line.find('\n').expect("read_until saw it") + 1);
+        line.trim_end().to_owned()
+    }
+}
+
+/// The value after `key=` in a line such as the counter guest's `counter: 3 seed=.. errors=0`.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let at = line.find(&format!("{key}=")).unwrap_or_else(|| panic!("no {key}= in {line:?}")) + key.len() + 1;
+    line[at..].split_whitespace().next().unwrap()
+}
+
 /// Reads from a console (a pty, a socket, a pipe) until `seen` contains `what`; panics with what
 /// it saw on end of stream, on an error, or when a read returns after 10 s without it.
 pub fn read_until(r: &mut dyn Read, seen: &mut String, what: &str) {

@@ -1,5 +1,5 @@
 //! Backup verbs (libvirt's names): backup-begin, backup-restore, checkpoint-list, checkpoint-delete, and
-//! domjobinfo/domjobabort for the job a domain runs.
+//! domjobinfo/domjobabort for the job a domain runs (a backup, a snapshot, a migration).
 
 use super::client::Client;
 use super::{absolute, dom_path, follow_job, print_json, seg, show};
@@ -49,14 +49,15 @@ pub enum BackupCommand {
     },
     /// Delete a checkpoint: its bitmap is merged into its parent's; its backup files stay.
     CheckpointDelete { domain: String, name: String },
-    /// Show the job a domain runs (a backup, a snapshot), or the last one it ran.
+    /// Show the job a domain runs (a backup, a snapshot, a migration), or the last one it ran.
     Domjobinfo {
         domain: String,
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
     },
-    /// Stop the job a domain runs; what it was making is removed.
+    /// Stop the job a domain runs; what it was making is removed (a migration: the guest runs on
+    /// here and nothing stays on the destination).
     Domjobabort { domain: String },
 }
 
@@ -128,8 +129,21 @@ pub fn execute(cmd: BackupCommand, c: &Client) -> Result<(), String> {
             println!("Domain checkpoint {name} deleted");
         }
         C::Domjobinfo { domain, json } => match domain_job(c, &domain)? {
-            Some(job) if json => print_json(&job),
-            Some(job) => show::job_info(&job),
+            Some(mut job) => {
+                // A migration's job also has the VMM's progress (or the final numbers).
+                let migration = if job["kind"] == "migrate" { Some(c.get(&format!("{}/migration", dom_path(&domain)?))?) } else { None };
+                if json {
+                    if let Some(m) = migration {
+                        job["migration"] = m;
+                    }
+                    print_json(&job);
+                } else {
+                    show::job_info(&job);
+                    if let Some(m) = migration {
+                        super::migrate::print_migration(&m);
+                    }
+                }
+            }
             None if json => print_json(&Value::Null),
             None => println!("Job type: None"),
         },

@@ -245,7 +245,7 @@ fn authority(host: &str, port: u16) -> String {
 
 /// The token a token file gives first: the first word of its first line that is neither blank
 /// nor a `#` comment (ferrod's own token file works as it is).
-fn read_token(file: &Path) -> Result<String, String> {
+pub fn read_token(file: &Path) -> Result<String, String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read the token file {}: {e}", file.display()))?;
     text.lines()
         .map(str::trim)

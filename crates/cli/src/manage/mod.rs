@@ -8,6 +8,7 @@ mod clone;
 pub mod complete;
 mod console;
 mod create;
+mod migrate;
 mod show;
 
 use client::{Body, Client};
@@ -301,6 +302,10 @@ pub enum ManageCommand {
     Backup(backup::BackupCommand),
     #[command(flatten)]
     Clone(clone::CloneCommand),
+    /// Move a running or paused domain to another ferrod (a job; see domjobinfo, domjobabort):
+    /// memory, vCPUs and devices go over a TLS connection between the two ferrods; the disks
+    /// must be on storage both hosts share (checked before anything moves).
+    Migrate(migrate::MigrateArgs),
     /// Define a storage pool (only `dir` pools).
     PoolDefineAs {
         name: String,
@@ -463,7 +468,7 @@ pub enum ManageCommand {
 
 pub fn run(cmd: ManageCommand, connect: &Connect) -> ExitCode {
     let client = Client::new(connect.connect.as_deref(), connect.ca.as_deref(), connect.token_file.as_deref());
-    match client.and_then(|client| execute(cmd, &client)) {
+    match client.and_then(|client| execute(cmd, &client, connect)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("error: {message}");
@@ -501,7 +506,7 @@ fn print_json(value: &Value) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
-fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
+fn execute(cmd: ManageCommand, c: &Client, connect: &Connect) -> Result<(), String> {
     use ManageCommand as C;
     match cmd {
         C::Create(args) => create::run(*args, c)?,
@@ -802,6 +807,7 @@ fn execute(cmd: ManageCommand, c: &Client) -> Result<(), String> {
         }
         C::Backup(cmd) => backup::execute(cmd, c)?,
         C::Clone(cmd) => clone::execute(cmd, c)?,
+        C::Migrate(args) => migrate::execute(args, c, connect)?,
         C::JobList { json } => {
             let list = c.get("/v1/jobs")?;
             if json { print_json(&list) } else { show::job_table(list.as_array().map(Vec::as_slice).unwrap_or(&[])) }

@@ -1,6 +1,6 @@
 //! The REST API on ferrod's unix socket and TCP listeners (documented in `openapi.json` next to
 //! this crate): maps HTTP requests to service calls, and owns every HTTP status code. One file per
-//! resource family (`domains`, `snapshots` of domains, `backups` with checkpoints of domains, `clones` and templates of domains, `pools` with volumes, `networks`, `jobs`,
+//! resource family (`domains`, `snapshots` of domains, `backups` with checkpoints of domains, `clones` and templates of domains, `migration` of domains between ferrods, `pools` with volumes, `networks`, `jobs`,
 //! `events` with metrics, `host`); `auth` checks every request first and serves `/v1/session`; `ui` serves the embedded
 //! web UI at `/`.
 //!
@@ -14,6 +14,7 @@ mod domains;
 mod events;
 mod host;
 mod jobs;
+mod migration;
 mod networks;
 mod pools;
 mod snapshots;
@@ -55,6 +56,9 @@ pub fn router(services: Arc<Services>, access: Arc<Access>) -> Router {
         .route("/v1/domains/{name}/restore", post(backups::restore))
         .route("/v1/domains/{name}/clone", post(clones::clone))
         .route("/v1/domains/{name}/template", post(clones::template))
+        .route("/v1/domains/{name}/migrate", post(migration::migrate))
+        .route("/v1/domains/{name}/migration", get(migration::last))
+        .route("/v1/migrations/incoming", post(migration::incoming))
         .route("/v1/domains/{name}/checkpoints", get(backups::list))
         .route("/v1/domains/{name}/checkpoints/{checkpoint}", get(backups::get).delete(backups::delete))
         .route("/v1/ovf/import", post(domains::import_ovf))

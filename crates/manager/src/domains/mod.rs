@@ -228,6 +228,11 @@ impl Domains {
         lock(&self.domains).get(name).map(|d| d.definition.clone()).ok_or_else(|| no_domain(name))
     }
 
+    /// The files of a domain's runs (sockets, logs) in its run directory.
+    pub fn run_files(&self, name: &str) -> Result<RunFiles> {
+        self.files(name).ok_or_else(|| no_domain(name))
+    }
+
     fn files(&self, name: &str) -> Option<RunFiles> {
         lock(&self.domains).get(name).map(|d| RunFiles::new(&self.paths.run, &d.uuid))
     }

@@ -115,10 +115,56 @@ impl Domains {
     /// boots the domain as usual.
     pub async fn start_restored(self: &Arc<Self>, name: &str, dir: &Path, paused: bool) -> Result<DomainInfo> {
         let _op = self.lock_op(name).await;
-        self.start_run(name, Some(Restore { dir, paused })).await
+        self.start_run(name, Some(FirstRun::Restore { dir, paused })).await
     }
 
-    async fn start_run(self: &Arc<Self>, name: &str, restore: Option<Restore<'_>>) -> Result<DomainInfo> {
+    /// Starts a shut-off domain's VMM waiting for its VM to migrate in on the unix socket
+    /// `RUN_DIR/incoming.sock` (`ferro vmm --incoming`, docs/migration.md) and returns that
+    /// socket once the VMM listens on it. The domain shows as paused until
+    /// [`Domains::incoming_arrived`] finds the VM arrived.
+    pub async fn start_incoming(self: &Arc<Self>, name: &str) -> Result<PathBuf> {
+        let _op = self.lock_op(name).await;
+        let socket = self.files(name).ok_or_else(|| no_domain(name))?.incoming_socket();
+        self.start_run(name, Some(FirstRun::Incoming { socket: &socket })).await?;
+        Ok(socket)
+    }
+
+    /// After the migration stream of [`Domains::start_incoming`] ended: waits (at most
+    /// `START_TIMEOUT`) until the VMM answers on its control socket, which it opens once the VM
+    /// has arrived, and records its pid and state. An error if the VMM is gone (the migration
+    /// failed) or does not answer (then it is killed).
+    pub async fn incoming_arrived(&self, name: &str) -> Result<DomainInfo> {
+        let _op = self.lock_op(name).await;
+        let pid = self.current_monitor(name).ok_or_else(|| Error::vmm(format!("domain {name}: the VM did not arrive")))?;
+        let files = self.files(name).ok_or_else(|| no_domain(name))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.current_monitor(name) != Some(pid) {
+                let reason = self.info(name)?.crash.map(|c| c.reason).unwrap_or_else(|| "its VMM exited".to_string());
+                return Err(Error::vmm(format!("domain {name}: the VM did not arrive: {reason}")));
+            }
+            if let Ok(info) = vmm::call::<InfoReply>(&files.api_socket(), &Request::Info, VMM_TIMEOUT).await {
+                self.update(name, |d| {
+                    if d.rt.monitor_pid == Some(pid) {
+                        d.rt.vmm_pid = Some(info.pid as i32);
+                        d.rt.state = if info.state == RunState::Paused { DomainState::Paused } else { DomainState::Running };
+                    }
+                })?;
+                self.events.emit("domain", name, "migrated_in", format!("VMM pid {}", info.pid));
+                return self.info(name);
+            }
+            if Instant::now() > deadline {
+                self.stop_run(name, pid).await?;
+                return Err(Error::vmm(format!(
+                    "domain {name}: the VMM did not open its control socket within {} s of the migration's end",
+                    START_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn start_run(self: &Arc<Self>, name: &str, first: Option<FirstRun<'_>>) -> Result<DomainInfo> {
         let (uuid, config) = {
             let domains = lock(&self.domains);
             let d = domains.get(name).ok_or_else(|| no_domain(name))?;
@@ -176,7 +222,7 @@ impl Domains {
         let started = match prepare_boot_files(name, &uuid, &config, &disks, &files).await {
             Ok(disk_boot) => vmm::vm_config(&config, &disks, &nics, disk_boot.as_ref()).map_err(Error::invalid).and_then(|vm| {
                 let cgroup = self.create_cgroup(name, &uuid, &config, &disks[..config.disks.len()])?;
-                let first_run = restore.as_ref().map(Restore::vmm_args).unwrap_or_default();
+                let first_run = first.as_ref().map(FirstRun::vmm_args).unwrap_or_default();
                 self.spawn_monitor(name, &files, &vm, &cgroup, taps.clone(), &first_run).inspect_err(|_| cgroups::remove(name, &cgroup))
             }),
             Err(e) => Err(e),
@@ -192,7 +238,11 @@ impl Domains {
             }
         };
 
-        let paused = restore.as_ref().is_some_and(|r| r.paused);
+        let paused = match first {
+            Some(FirstRun::Restore { paused, .. }) => paused,
+            Some(FirstRun::Incoming { socket }) => return self.wait_listening(name, pid, socket).await,
+            None => false,
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if self.current_monitor(name) != Some(pid) {
@@ -219,9 +269,7 @@ impl Domains {
                 }
                 Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(10)).await,
                 Err(e) => {
-                    self.update(name, |d| d.stopping = true)?;
-                    self.kill_run(name).await;
-                    self.wait_for_exit(name, pid, Duration::from_secs(5)).await;
+                    self.stop_run(name, pid).await?;
                     return Err(Error::vmm(format!(
                         "domain {name} failed to start: no control socket after {} s ({e})",
                         START_TIMEOUT.as_secs()
@@ -229,6 +277,29 @@ impl Domains {
                 }
             }
         }
+        self.info(name)
+    }
+
+    /// Waits (at most `START_TIMEOUT`) until the VMM of a domain started for an incoming
+    /// migration listens on `socket`; the domain is paused until the VM has arrived.
+    async fn wait_listening(&self, name: &str, pid: i32, socket: &Path) -> Result<DomainInfo> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !socket.exists() {
+            if self.current_monitor(name) != Some(pid) {
+                let reason = self.info(name)?.crash.map(|c| c.reason).unwrap_or_else(|| "it exited at once".to_string());
+                return Err(Error::vmm(format!("domain {name} failed to start for the incoming migration: {reason}")));
+            }
+            if Instant::now() > deadline {
+                self.stop_run(name, pid).await?;
+                return Err(Error::vmm(format!("domain {name}: the VMM did not listen for the migration within {} s", START_TIMEOUT.as_secs())));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.update(name, |d| {
+            if d.rt.monitor_pid == Some(pid) {
+                d.rt.state = DomainState::Paused;
+            }
+        })?;
         self.info(name)
     }
 
@@ -256,7 +327,7 @@ impl Domains {
             })
             .collect();
         std::fs::create_dir_all(&files.dir).map_err(|e| Error::internal(format!("cannot create {}: {e}", files.dir.display())))?;
-        for stale in [files.exit_report(), files.api_socket(), files.serial_socket()] {
+        for stale in [files.exit_report(), files.api_socket(), files.serial_socket(), files.incoming_socket()] {
             let _ = std::fs::remove_file(stale);
         }
         for log in [files.log(), files.stderr()] {
@@ -345,6 +416,15 @@ impl Domains {
             domains.monitor_exited(&watched, Some(token)).await;
         });
         recorded.map(|()| pid)
+    }
+
+    /// Ends a run that did not come up as it should: its processes are killed and its end is
+    /// recorded as a stop, not a crash.
+    async fn stop_run(&self, name: &str, pid: i32) -> Result<()> {
+        self.update(name, |d| d.stopping = true)?;
+        self.kill_run(name).await;
+        self.wait_for_exit(name, pid, Duration::from_secs(5)).await;
+        Ok(())
     }
 
     pub(super) fn current_monitor(&self, name: &str) -> Option<i32> {
@@ -619,20 +699,27 @@ async fn prepare_boot_files(
     tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| Err(Error::internal(format!("boot file task failed: {e}"))))
 }
 
-/// A start from a snapshot directory instead of a boot.
-struct Restore<'a> {
-    dir: &'a Path,
-    paused: bool,
+/// What a domain's first VMM run starts from instead of a boot (a reset later boots afresh).
+enum FirstRun<'a> {
+    /// The VM saved in a snapshot directory, running or paused.
+    Restore { dir: &'a Path, paused: bool },
+    /// A VM migrating in, received on this unix socket (docs/migration.md).
+    Incoming { socket: &'a Path },
 }
 
-impl Restore<'_> {
+impl FirstRun<'_> {
     /// What the VMM's first run adds to its command line.
     fn vmm_args(&self) -> Vec<String> {
-        let mut args = vec!["--restore".to_string(), self.dir.display().to_string()];
-        if self.paused {
-            args.push("--paused".to_string());
+        match self {
+            FirstRun::Restore { dir, paused } => {
+                let mut args = vec!["--restore".to_string(), dir.display().to_string()];
+                if *paused {
+                    args.push("--paused".to_string());
+                }
+                args
+            }
+            FirstRun::Incoming { socket } => vec!["--incoming".to_string(), format!("unix:{}", socket.display())],
         }
-        args
     }
 }
 

@@ -1,8 +1,10 @@
 //! A real `ferrod` for tests: a private `FERRO_HOME` ([`Home`]), the daemon process ([`Daemon`]),
 //! an HTTP client for its REST API over the unix socket, plain TCP or TLS that checks every answer
-//! against `crates/manager/openapi.json` ([`Api`], [`openapi`]), and the `ferro` CLI pointed at it.
+//! against `crates/manager/openapi.json` ([`Api`], [`openapi`]), the `ferro` CLI pointed at it, and
+//! certificates and tokens for its TLS listeners ([`pki`]).
 
 pub mod openapi;
+pub mod pki;
 
 use crate::{TempDir, ferro_bin, ferrod_bin};
 use serde_json::Value;
