@@ -282,3 +282,79 @@ fn backups_of_a_running_domain_are_one_point_in_time_and_the_guest_runs_on() {
     let check = qemu_img(&["check", disk.to_str().unwrap()]);
     assert!(check.status.success(), "the disk is clean: {check:?}");
 }
+
+/// The names in a directory (none if it does not exist).
+fn names_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+}
+
+/// Starts a detached backup of `r1` into `dir` and returns its job id once the copy is under
+/// way (some bytes copied, not all).
+fn backup_under_way(d: &Daemon, dir: &Path) -> u64 {
+    let started = backup(d, &["r1", "--target", dir.to_str().unwrap(), "--checkpoint", "c1", "--detach"]);
+    let id = started["job"]["id"].as_u64().unwrap();
+    loop {
+        let job = d.api().expect("GET", &format!("/v1/jobs/{id}"), None, 200);
+        assert_eq!(job["state"], "running", "the backup ended before it could be interrupted: {job}");
+        let (done, total) = (job["done_bytes"].as_u64().unwrap(), job["total_bytes"].as_u64().unwrap());
+        if done > 0 {
+            assert!(done < total, "{job}");
+            return id;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// After an interrupted backup: no checkpoint, no file, and the disk (once its domain is off)
+/// clean, with neither the checkpoint's bitmap nor the backup's snapshot left in it.
+fn nothing_left(d: &Daemon, disk: &Path, dir: &Path) {
+    assert!(checkpoints_of(d, "r1").is_empty(), "{:?}", checkpoints_of(d, "r1"));
+    assert!(names_in(dir).is_empty(), "files left: {:?}", names_in(dir));
+    let check = qemu_img(&["check", disk.to_str().unwrap()]);
+    assert!(check.status.success(), "the disk is clean: {check:?}");
+    assert!(snapshots_of(disk).is_empty(), "{:?}", snapshots_of(disk));
+    assert!(bitmaps(disk).iter().all(|(name, _)| name != "c1"), "{:?}", bitmaps(disk));
+}
+
+#[test]
+fn a_backup_whose_vmm_or_ferrod_is_killed_mid_copy_leaves_nothing_half_made() {
+    let home = Home::new("backup-killed");
+    let mut d = Daemon::start(&home);
+    let disk = home.path().join("disk.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "256M"]);
+    qemu_io(&disk, "write -P 0x11 0 192M");
+    define_writer(&d, &home, &disk, 3, 16384);
+    start_writer(&d);
+
+    // The VMM killed while ferrod copies: the backup fails and is undone in the disk's files.
+    let dir = home.path().join("b/vmm");
+    let id = backup_under_way(&d, &dir);
+    let pid = d.api().expect("GET", "/v1/domains/r1", None, 200)["pid"].as_i64().unwrap();
+    // SAFETY: kill(2) on the VMM this test's ferrod started; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let job = d.api().wait_job(id);
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("its VMM could not end the backup"), "{job}");
+    assert_eq!(d.api().expect("GET", "/v1/domains/r1", None, 200)["state"], "crashed");
+    nothing_left(&d, &disk, &dir);
+
+    // ferrod killed while it copies (the VMM runs on): the restarted ferrod undoes the backup
+    // through the VMM, and a backup runs again.
+    start_writer(&d);
+    let dir = home.path().join("b/ferrod");
+    backup_under_way(&d, &dir);
+    d.kill9();
+    let d = Daemon::start(&home);
+    assert_eq!(d.api().expect("GET", "/v1/domains/r1", None, 200)["state"], "running");
+    assert!(checkpoints_of(&d, "r1").is_empty(), "{:?}", checkpoints_of(&d, "r1"));
+    assert!(names_in(&dir).is_empty(), "files left: {:?}", names_in(&dir));
+    assert!(snapshots_of(&disk).is_empty(), "the VMM deleted the backup's snapshot: {:?}", snapshots_of(&disk));
+    let again = home.path().join("b/again");
+    backup(&d, &["r1", "--target", again.to_str().unwrap(), "--checkpoint", "c1"]);
+    assert!(identical_shared(&disk, &again.join("vda.qcow2")), "the backup after the kills reads as the disk");
+    d.ferro_ok(&["destroy", "r1"]);
+    let check = qemu_img(&["check", disk.to_str().unwrap()]);
+    assert!(check.status.success(), "the disk is clean: {check:?}");
+    assert!(snapshots_of(&disk).is_empty());
+    assert_eq!(bitmaps(&disk), [("c1".to_string(), vec!["auto".to_string()])]);
+}

@@ -268,3 +268,39 @@ fn a_backup_killed_at_every_step_leaves_a_clean_disk_and_no_partial_file_or_chec
     );
     eprintln!("backup-begin: {steps} steps");
 }
+
+#[test]
+fn a_running_domains_backup_killed_at_every_step_is_undone_through_its_vmm() {
+    let backup = |d: &Daemon| {
+        let out = home_of(d).join("out");
+        d.ferro(&["backup-begin", "b1", "--target", out.to_str().unwrap(), "--checkpoint", "c1"])
+    };
+    let steps = at_every_step(
+        "crash-backup-running",
+        |d, home| {
+            backup_domain(d, home);
+            d.ferro_ok(&["start", "b1"]);
+        },
+        |d| drop(backup(d)),
+        |d, home| {
+            let (disk, out) = (home.path().join("disk.qcow2"), home.path().join("out"));
+            let disk_arg = disk.to_str().unwrap();
+            assert!(running_or_cleanly_off(d, home, "b1"), "the VMM runs on through ferrod's kill");
+            let listed: Value = serde_json::from_str(&d.ferro_ok(&["checkpoint-list", "b1", "--json"])).unwrap();
+            if listed.as_array().unwrap().is_empty() {
+                assert!(names_in(&out).is_empty(), "no checkpoint listed, yet files were left: {:?}", names_in(&out));
+                let again = backup(d);
+                assert!(again.status.success(), "the backup runs again: {}", String::from_utf8_lossy(&again.stderr));
+            }
+            assert_eq!(names_in(&out), ["vda.qcow2"], "one whole backup file, nothing half made");
+            run_ok("qemu-img", &["compare", "-U", disk_arg, out.join("vda.qcow2").to_str().unwrap()]);
+            d.ferro_ok(&["destroy", "b1"]);
+            run_ok("qemu-img", &["check", "-q", disk_arg]);
+            let info: Value = serde_json::from_str(&run_ok("qemu-img", &["info", "--output=json", disk_arg])).unwrap();
+            assert_eq!(info["snapshots"], Value::Null, "the backup's snapshot is gone: {info}");
+            let bitmaps = info["format-specific"]["data"]["bitmaps"].as_array().map(Vec::len).unwrap_or(0);
+            assert_eq!(bitmaps, 1, "{info}");
+        },
+    );
+    eprintln!("backup-begin of a running domain: {steps} steps");
+}

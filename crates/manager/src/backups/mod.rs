@@ -166,6 +166,9 @@ fn read_ranges(file: &Path) -> std::result::Result<Vec<(u64, u64)>, String> {
     Ok(bytes.chunks_exact(16).map(|c| (u64_at(&c[..8]), u64_at(&c[8..]))).collect())
 }
 
+/// How many times (50 ms apart) a backup whose VMM failed it looks whether the domain is shut off.
+const VMM_EXIT_POLLS: u32 = 100;
+
 fn failed(e: Error) -> JobError {
     JobError::Failed(e.message)
 }
@@ -404,22 +407,37 @@ impl Backups {
     }
 
     /// Makes the point in time (the bitmaps switch; a running domain's VMM also snapshots the
-    /// disks), copies, names the files, marks the checkpoint made, and ends the VMM's part.
+    /// disks), copies, names the files, ends the VMM's part, and marks the checkpoint made. The
+    /// checkpoint is made only once every step is: a VMM that died on the way (its bitmaps are
+    /// in use then, never to be trusted) fails the backup, which is then undone.
     async fn make(&self, ctx: &JobContext, plan: &Arc<Plan>) -> std::result::Result<(), JobError> {
         let sources = if plan.running { self.begin_in_vmm(plan).await? } else { plan.disks.iter().map(|_| Source::Disk).collect() };
-        let (this_store, copy_plan, copy_ctx) = (self.store.clone(), plan.clone(), ctx.clone());
-        let copied = tokio::task::spawn_blocking(move || copy_and_commit(&copy_ctx, &copy_plan, &sources, &this_store))
+        let (copy_plan, copy_ctx) = (plan.clone(), ctx.clone());
+        let named = tokio::task::spawn_blocking(move || copy_and_name(&copy_ctx, &copy_plan, &sources))
             .await
-            .unwrap_or_else(|e| Err(JobError::Failed(format!("backup task failed: {e}"))));
-        if plan.running {
-            let end = Request::BackupEnd { snapshot: backup_snapshot(&plan.checkpoint) };
-            if let Err(e) = self.domains.disk_request::<Done>(&plan.domain, &end).await {
-                if copied.is_ok() {
-                    tracing::warn!(domain = plan.domain, "cannot delete the backup's snapshot through the VMM ({e}); it goes when the checkpoint is deleted");
-                }
+            .unwrap_or_else(|e| Err(JobError::Failed(format!("backup task failed: {e}"))))?;
+        let ended = if plan.running { self.end_in_vmm(plan).await } else { Ok(()) };
+        let result = ended.and_then(|()| self.store.complete_checkpoint(&plan.domain, &plan.checkpoint).map_err(store_failed));
+        if result.is_err() {
+            for file in named {
+                let _ = std::fs::remove_file(file);
             }
         }
-        copied
+        result
+    }
+
+    /// Has the VMM delete the backup's snapshots. If it cannot (it died during the backup), waits
+    /// a moment for the domain to be seen shut off, so that the undo can work on its files.
+    async fn end_in_vmm(&self, plan: &Plan) -> std::result::Result<(), JobError> {
+        let end = Request::BackupEnd { snapshot: backup_snapshot(&plan.checkpoint) };
+        let Err(e) = self.domains.disk_request::<Done>(&plan.domain, &end).await else { return Ok(()) };
+        for _ in 0..VMM_EXIT_POLLS {
+            if !self.domains.info(&plan.domain).is_ok_and(|i| i.state.is_active()) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Err(JobError::Failed(format!("domain {}: its VMM could not end the backup ({e}); the backup is undone", plan.domain)))
     }
 
     /// Has the VMM switch the bitmaps and snapshot the disks; the sources the copy reads.
@@ -525,9 +543,9 @@ fn undo_offline(row: &StoredCheckpoint, files: bool) -> std::result::Result<(), 
 }
 
 /// The blocking part of a backup: copies every disk into its `.part` file, adds the checkpoint
-/// to the disks of a shut-off domain (a running one's VMM did), names the files and marks the
-/// checkpoint made.
-fn copy_and_commit(ctx: &JobContext, plan: &Plan, sources: &[Source], store: &Store) -> std::result::Result<(), JobError> {
+/// to the disks of a shut-off domain (a running one's VMM did), and names the files (all or
+/// none: the ones named are removed again if one cannot be). Returns the named files.
+fn copy_and_name(ctx: &JobContext, plan: &Plan, sources: &[Source]) -> std::result::Result<Vec<PathBuf>, JobError> {
     let mut ranges = Vec::new();
     for (d, source) in plan.disks.iter().zip(sources) {
         ranges.push(disk::ranges_to_copy(&d.path, source, &d.since)?);
@@ -544,26 +562,17 @@ fn copy_and_commit(ctx: &JobContext, plan: &Plan, sources: &[Source], store: &St
                 .map_err(|e| JobError::Failed(format!("disk {}: cannot add checkpoint {}: {e}", d.target, plan.checkpoint)))?;
         }
     }
-    let mut named: Vec<&Path> = Vec::new();
-    let mut result = Ok(());
+    let mut named = Vec::new();
     for d in &plan.disks {
-        match disk::publish(&d.part, &d.file) {
-            Ok(()) => named.push(&d.file),
-            Err(e) => {
-                result = Err(JobError::Failed(format!("cannot name {}: {e}", d.file.display())));
-                break;
+        if let Err(e) = disk::publish(&d.part, &d.file) {
+            for file in &named {
+                let _ = std::fs::remove_file(file);
             }
+            return Err(JobError::Failed(format!("cannot name {}: {e}", d.file.display())));
         }
+        named.push(d.file.clone());
     }
-    if result.is_ok() {
-        result = store.complete_checkpoint(&plan.domain, &plan.checkpoint).map_err(store_failed);
-    }
-    if result.is_err() {
-        for file in named {
-            let _ = std::fs::remove_file(file);
-        }
-    }
-    result
+    Ok(named)
 }
 
 #[cfg(test)]
