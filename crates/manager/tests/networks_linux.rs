@@ -147,7 +147,8 @@ fn linux_guests_get_leases_names_nat_and_isolation_from_ferrods_networks() {
         out.get_mut(name).unwrap().1 = all;
     }
 
-    // c: snapshot at its first wait, write b, revert, check.
+    // c: snapshot at its first wait, write b, revert, check. Markers are matched by their line
+    // end: the read that found LEASE-END may already have taken the newline before SNAP-READY.
     let ready = read_console(&mut con_c, "SNAP-READY\r", BOOT_LIMIT);
     let created = d.ferro_ok(&["snapshot-create-as", "c", "s1"]);
     assert!(created.contains("Domain snapshot s1 created"), "{created}");
