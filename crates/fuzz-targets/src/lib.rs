@@ -6,6 +6,9 @@
 //! file) and must return without panicking, whatever they are.
 
 mod memory_file;
+mod transport;
+
+pub use transport::{TransportRun, transport, transport_settled};
 
 use ferro_block::DiskImage;
 use ferro_devices::virtio::GuestMemoryMmap;

@@ -37,3 +37,14 @@ fn vmdk_corpus() {
     let opened = replay("vmdk", ferro_fuzz_targets::vmdk);
     assert_eq!(opened, 2, "the sparse and streamOptimized seeds should open");
 }
+
+#[test]
+fn transport_corpus() {
+    let served = replay("transport", |input| {
+        let run = ferro_fuzz_targets::transport_settled(input, std::time::Duration::from_secs(2));
+        run.accesses > 0 && run.used_index == 1
+    });
+    // The rng seeds (MMIO, PCI) and the block read and write seeds set up queue 0, kick it and get
+    // their buffer back; the balloon seed only configures.
+    assert!(served >= 5, "only {served} transport seeds had their buffer served");
+}
