@@ -70,7 +70,7 @@ enum Section {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
-    /// Live migration downtime and total time, idle and dirtying 512 MiB guest, against QEMU live migration (-incoming tcp:).
+    /// Live migration downtime and total time, idle and dirtying 512 MiB guest, VMM to VMM and ferrod to ferrod (TLS), against QEMU live migration (-incoming tcp:).
     Migrate {
         #[arg(long, default_value_t = 3)]
         runs: usize,

@@ -1,5 +1,7 @@
 //! `ferro-bench migrate`: live migration of a 512 MiB `counter` test guest between two VMMs on
-//! this host over loopback TCP, for `ferro vmm` and QEMU `-M microvm`, with the guest idle (its
+//! this host over loopback TCP, for `ferro vmm` and QEMU `-M microvm`, and between two ferrods
+//! (`ferro migrate --live`: the same VMM stream relayed through both ferrods and their TLS
+//! connection, the CLI's request and checks included), with the guest idle (its
 //! 16 MiB pattern written once, the rest of RAM untouched) and dirtying (churning the pattern:
 //! every pass rewrites all 16 MiB, a few milliseconds apart). The guest moves `runs` times in a
 //! chain (each destination is the next source), so every run starts from a guest that was
@@ -16,6 +18,8 @@
 //! must report no stale word.
 
 use crate::common::{Scratch, ferro_bin, median, qemu_bin};
+use ferro_test_support::daemon::pki::Pki;
+use ferro_test_support::daemon::Home;
 use crate::snapshot::{LineSocket, connect, ms, ping, qemu_command, qmp_connect, stop, wait_console};
 use serde_json::json;
 use std::io::{BufReader, Write};
@@ -111,6 +115,44 @@ fn ferro(runs: usize, churn: bool, dir: &Path) -> Numbers {
     Numbers { downtime_ms: median(downtimes), total_ms: median(totals), answering_ms: median(answering) }
 }
 
+/// Two ferrods on this host, each with a TLS listener on 127.0.0.1: the guest moves from one to
+/// the other and back with `ferro migrate --live --undefine-source --json`.
+fn ferrods(runs: usize, churn: bool) -> Numbers {
+    let pki = Pki::new();
+    let homes = [Home::new("bench-mig-a"), Home::new("bench-mig-b")];
+    let daemons = [pki.daemon(&homes[0]), pki.daemon(&homes[1])];
+    let definition = homes[0].path().join("mover.toml");
+    let toml = format!("name = \"mover\"\nmemory = \"{MEMORY_MIB}M\"\n[boot]\nguest = \"counter\"\n");
+    std::fs::write(&definition, toml).expect("write the definition");
+    daemons[0].0.ferro_ok(&["define", definition.to_str().expect("utf-8")]);
+    daemons[0].0.ferro_ok(&["start", "mover"]);
+    let mut console = daemons[0].0.console("mover");
+    wait_console(&mut console, "counter: up");
+    if churn {
+        console.write_all(b"d").expect("write to the console");
+        wait_console(&mut console, "counter: churning");
+    }
+    let (ca, tokens) = (pki.arg("ca.pem"), pki.arg("tokens"));
+    let (mut downtimes, mut totals, mut answering) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let (from, to) = (&daemons[(run - 1) % 2].0, &daemons[run % 2]);
+        let uri = format!("tls://127.0.0.1:{}", to.1.port());
+        let start = Instant::now();
+        let numbers: serde_json::Value = serde_json::from_str(&from.ferro_ok(&[
+            "migrate", "mover", &uri, "--live", "--undefine-source", "--json", "--dest-ca", &ca, "--dest-token-file", &tokens,
+        ]))
+        .expect("ferro migrate --json");
+        let mut dest_console = to.0.console("mover");
+        after_move(&mut dest_console, churn);
+        answering.push(ms(start.elapsed()));
+        downtimes.push(numbers["downtime_ms"].as_f64().expect("downtime_ms"));
+        totals.push(numbers["total_ms"].as_f64().expect("total_ms"));
+        console = dest_console;
+    }
+    drop(console);
+    Numbers { downtime_ms: median(downtimes), total_ms: median(totals), answering_ms: median(answering) }
+}
+
 /// QEMU, the peer: the same guest and the same moves, through QMP.
 fn qemu(qemu: &Path, guest: &Path, runs: usize, churn: bool, dir: &Path) -> Numbers {
     let files = |run: usize| (dir.join(format!("qemu-{run}.serial")), dir.join(format!("qemu-{run}.qmp")));
@@ -181,16 +223,20 @@ pub fn run(runs: usize) {
         println!("  -- {workload}");
         let ours = ferro(runs, churn, &scratch.0);
         show("ferro vmm", &ours);
+        let relayed = ferrods(runs, churn);
+        show("ferrod over TLS", &relayed);
         match &peer {
             Some(qemu_path) => {
                 let theirs = qemu(qemu_path, &guest, runs, churn, &scratch.0);
                 show("qemu -M microvm", &theirs);
-                println!(
-                    "  ratio ferro/qemu   downtime {:.3}   total {:.3}   answering {:.3}",
-                    ours.downtime_ms / theirs.downtime_ms,
-                    ours.total_ms / theirs.total_ms,
-                    ours.answering_ms / theirs.answering_ms
-                );
+                for (who, n) in [("ferro/qemu", &ours), ("ferrod/qemu", &relayed)] {
+                    println!(
+                        "  ratio {who:<12} downtime {:.3}   total {:.3}   answering {:.3}",
+                        n.downtime_ms / theirs.downtime_ms,
+                        n.total_ms / theirs.total_ms,
+                        n.answering_ms / theirs.answering_ms
+                    );
+                }
             }
             None => println!("  (no QEMU peer: see scripts/qemu-peer.sh)"),
         }

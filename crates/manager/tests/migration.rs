@@ -2,13 +2,15 @@
 //! destination serving TLS on 127.0.0.1 with certificates and tokens made by openssl. The counter
 //! guest churns its 16 MiB pattern the whole time (every pass checks each word against the
 //! generation last written), so a page lost or left stale by a move shows as errors, and its
-//! count shows it was never rebooted. Refused credentials and a destination VMM killed mid-way
-//! leave the guest running on the source and nothing on the destination.
+//! count shows it was never rebooted; its read-only disk is on storage both ferrods see (checked
+//! with a marker). Refused credentials and a destination VMM killed mid-way leave the guest
+//! running on the source and nothing on the destination. A shut-off domain moves with the disks
+//! the destination lacks, byte for byte as `qemu-img compare` reads them.
 
 use ferro_test_support::daemon::pki::Pki;
 use ferro_test_support::daemon::{Daemon, Home, openapi};
 use ferro_test_support::vm::{Console, field};
-use ferro_test_support::{ferro_bin, wait_for};
+use ferro_test_support::{ferro_bin, qemu, wait_for};
 use serde_json::Value;
 use std::process::{Output, Stdio};
 use std::time::Duration;
@@ -35,6 +37,42 @@ fn incoming_vmms(home: &Home) -> Vec<i32> {
         .collect()
 }
 
+/// Defines `definition` on `src` (as a file in `home`), starts it, and sets its counter guest
+/// churning after one count; returns the console and the guest's seed.
+fn churning(src: &Daemon, home: &Home, definition: &str) -> (Console, String) {
+    let file = home.path().join("mover.toml");
+    std::fs::write(&file, definition).unwrap();
+    src.ferro_ok(&["define", file.to_str().unwrap()]);
+    src.ferro_ok(&["start", "mover"]);
+    let mut console = Console::on(src.console("mover"));
+    console.type_keys("c");
+    let first = console.line("counter: 1 ");
+    let seed = field(&first, "seed").to_owned();
+    assert_eq!(first, format!("counter: 1 seed={seed} errors=0"));
+    console.type_keys("d");
+    console.line("counter: churning");
+    (console, seed)
+}
+
+/// `ferro migrate mover URI --live --bandwidth 8` from `home`'s ferrod, in the background (the
+/// first pass takes seconds), once at least `bytes` went over.
+fn slow_migration(home: &Home, src: &Daemon, uri: &str, pki: &Pki, bytes: u64) -> std::process::Child {
+    let (ca, tokens) = (pki.arg("ca.pem"), pki.arg("tokens"));
+    let child = std::process::Command::new(ferro_bin())
+        .args(["migrate", "mover", uri, "--live", "--bandwidth", "8", "--dest-ca", &ca, "--dest-token-file", &tokens])
+        .env("FERRO_HOME", home.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the migration to be under way", Duration::from_secs(30), || {
+        let (status, m) = src.api().call("GET", "/v1/domains/mover/migration", None);
+        status == 200 && m["progress"]["state"] == "active" && m["progress"]["transferred_bytes"].as_u64().unwrap_or(0) > bytes
+    });
+    child
+}
+
 #[test]
 fn a_churning_guest_moves_between_two_ferrods_and_only_then() {
     let pki = Pki::new();
@@ -48,17 +86,13 @@ fn a_churning_guest_moves_between_two_ferrods_and_only_then() {
         src.ferro(&args)
     };
 
-    let file = src_home.path().join("mover.toml");
-    std::fs::write(&file, GUEST).unwrap();
-    src.ferro_ok(&["define", file.to_str().unwrap()]);
-    src.ferro_ok(&["start", "mover"]);
-    let mut console = Console::on(src.console("mover"));
-    console.type_keys("c");
-    let first = console.line("counter: 1 ");
-    let seed = field(&first, "seed").to_owned();
-    assert_eq!(first, format!("counter: 1 seed={seed} errors=0"));
-    console.type_keys("d");
-    console.line("counter: churning");
+    // A read-only disk on storage both ferrods see (two VMMs may hold it open for reading).
+    let shared = src_home.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let media = shared.join("media.raw");
+    std::fs::write(&media, vec![0x33u8; 1 << 20]).unwrap();
+    let definition = format!("{GUEST}[[disk]]\npath = \"{}\"\nformat = \"raw\"\nreadonly = true\n", media.display());
+    let (console, seed) = churning(&src, &src_home, &definition);
 
     // Refused before anything moves: a wrong token, a readonly one, a CA that did not sign the
     // destination's certificate.
@@ -77,18 +111,7 @@ fn a_churning_guest_moves_between_two_ferrods_and_only_then() {
 
     // The destination's VMM killed while memory goes over (8 MiB/s: the first pass takes
     // seconds): the job fails, the guest runs on here, the destination keeps nothing.
-    let slow = std::process::Command::new(ferro_bin())
-        .args(["migrate", "mover", &uri, "--live", "--bandwidth", "8", "--dest-ca", &ca, "--dest-token-file", &tokens])
-        .env("FERRO_HOME", src_home.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("the migration to be under way", Duration::from_secs(30), || {
-        let (status, m) = src.api().call("GET", "/v1/domains/mover/migration", None);
-        status == 200 && m["progress"]["state"] == "active" && m["progress"]["transferred_bytes"].as_u64().unwrap_or(0) > 0
-    });
+    let slow = slow_migration(&src_home, &src, &uri, &pki, 0);
     assert_eq!(state_of(&dst, "mover").as_deref(), Some("paused"), "the destination waits for the VM");
     let info = src.ferro_ok(&["domjobinfo", "mover"]);
     assert!(info.contains("migrate") && info.contains("Iteration:") && info.contains(&uri), "{info}");
@@ -118,6 +141,7 @@ fn a_churning_guest_moves_between_two_ferrods_and_only_then() {
     let stopped = events.as_array().unwrap().iter().rev().find(|e| e["name"] == "mover" && e["kind"] == "stopped").cloned();
     assert!(stopped.as_ref().is_some_and(|e| e["detail"].as_str().unwrap().contains("migrated away")), "{events}");
     assert_eq!(state_of(&dst, "mover").as_deref(), Some("running"));
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 1, "the shared-storage marker is gone");
     let listed = String::from_utf8_lossy(
         &std::process::Command::new(ferro_bin())
             .args(["list", "--connect", &uri, "--ca", &ca, "--token-file", &tokens])
@@ -138,4 +162,139 @@ fn a_churning_guest_moves_between_two_ferrods_and_only_then() {
     assert_eq!(field(&churned, "errors"), "0", "a page was lost or stale: {churned}");
     assert_eq!(console.line("counter: 2 "), format!("counter: 2 seed={seed} errors=0"));
     dst.ferro_ok(&["destroy", "mover"]);
+}
+
+/// Defines pool `p` at `dir` on a daemon and starts it.
+fn pool(d: &Daemon, dir: &std::path::Path) {
+    let api = d.api();
+    api.expect("POST", "/v1/pools", Some(&format!(r#"{{"name":"p","type":"dir","target":"{}"}}"#, dir.display())), 201);
+    api.expect("POST", "/v1/pools/p/build", None, 200);
+    api.expect("POST", "/v1/pools/p/start", None, 200);
+}
+
+#[test]
+fn a_shut_off_domain_moves_with_the_disks_the_destination_lacks() {
+    let pki = Pki::new();
+    let (src_home, dst_home) = (Home::new("mig-off-src"), Home::new("mig-off-dst"));
+    let src = Daemon::start(&src_home);
+    let (dst, addr) = pki.daemon(&dst_home);
+    let uri = format!("tls://127.0.0.1:{}", addr.port());
+    let (src_pool, dst_pool) = (src_home.path().join("pool"), dst_home.path().join("pool"));
+    pool(&src, &src_pool);
+    pool(&dst, &dst_pool);
+    // A qcow2 volume with data in two places (the rest unallocated), and a raw disk in a
+    // directory both ferrods see.
+    let volume = src_pool.join("data.qcow2");
+    qemu::img_ok(&["create", "-q", "-f", "qcow2", volume.to_str().unwrap(), "256M"]);
+    qemu::io(&volume, "write -P 0x5a 1M 3M");
+    qemu::io(&volume, "write -P 0xa5 200M 1M");
+    let shared = src_home.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let raw = shared.join("scratch.raw");
+    std::fs::write(&raw, vec![0x42u8; 1 << 20]).unwrap();
+    let definition = format!(
+        "{GUEST}[[disk]]\npool = \"p\"\nvolume = \"data.qcow2\"\nformat = \"qcow2\"\n[[disk]]\npath = \"{}\"\nformat = \"raw\"\n",
+        raw.display()
+    );
+    let file = src_home.path().join("mover.toml");
+    std::fs::write(&file, &definition).unwrap();
+    src.ferro_ok(&["define", file.to_str().unwrap()]);
+    let migrate = |extra: &[&str]| -> Output {
+        let base = ["migrate", "mover", uri.as_str(), "--dest-ca", &pki.arg("ca.pem"), "--dest-token-file", &pki.arg("tokens")];
+        src.ferro(&[&base[..], extra].concat())
+    };
+
+    // A live migration of a shut-off domain, and a file of the destination's own where the
+    // volume would go: refused, nothing kept, nothing overwritten.
+    assert!(stderr_line(&migrate(&["--live"])).contains("--offline moves a shut-off one"));
+    let theirs = dst_pool.join("data.qcow2");
+    std::fs::write(&theirs, b"the destination's own file").unwrap();
+    let err = stderr_line(&migrate(&["--offline"]));
+    assert!(err.contains("disk[0]") && err.contains("not the source's"), "{err}");
+    assert_eq!(std::fs::read(&theirs).unwrap(), b"the destination's own file");
+    assert_eq!(dst.api().call("GET", "/v1/domains", None).1, serde_json::json!([]));
+    std::fs::remove_file(&theirs).unwrap();
+
+    let out = migrate(&["--offline", "--undefine-source", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let numbers: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("offline migration: {numbers}");
+    openapi::validate(&serde_json::json!({"$ref": "#/components/schemas/MigrationResult"}), &numbers, "$").unwrap();
+    let sent = numbers["transferred_bytes"].as_u64().unwrap();
+    assert!((4 << 20..64 << 20).contains(&sent), "the volume's data went, not its 256 MiB: {numbers}");
+    // The volume arrived byte for byte (as QEMU reads it), and is a sound image; the shared
+    // disk was not copied (the directory holds it alone).
+    assert!(qemu::identical(&volume, &theirs), "qemu-img compare found the copy different");
+    qemu::img_ok(&["check", "-q", theirs.to_str().unwrap()]);
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 1, "no marker or copy is left in the shared directory");
+    assert!(state_of(&src, "mover").is_none(), "--undefine-source");
+    assert_eq!(state_of(&dst, "mover").as_deref(), Some("shutoff"));
+    dst.ferro_ok(&["start", "mover"]);
+    assert_eq!(state_of(&dst, "mover").as_deref(), Some("running"));
+    dst.ferro_ok(&["destroy", "mover"]);
+}
+
+/// A TCP relay from a port of 127.0.0.1 to `to` whose link can be cut silently: from then on it
+/// carries nothing more but keeps every connection open, as a broken network would.
+struct Link {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Link {
+    fn to(to: std::net::SocketAddr) -> Link {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(to) else { continue };
+                for (mut from, mut into) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 64 << 10];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || flag.load(Ordering::Relaxed) || into.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        // Silent: the sockets stay open until the test ends.
+                        std::thread::park();
+                    });
+                }
+            }
+        });
+        Link { port, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_link_that_goes_silent_mid_migration_leaves_the_guest_on_the_source() {
+    let pki = Pki::new();
+    let (src_home, dst_home) = (Home::new("mig-cut-src"), Home::new("mig-cut-dst"));
+    let src = Daemon::start(&src_home);
+    let (dst, addr) = pki.daemon(&dst_home);
+    let link = Link::to(addr);
+    let uri = format!("tls://127.0.0.1:{}", link.port);
+    let (mut console, seed) = churning(&src, &src_home, GUEST);
+    let migrating = slow_migration(&src_home, &src, &uri, &pki, 1 << 20);
+    link.cut();
+    let started = std::time::Instant::now();
+    let err = stderr_line(&migrating.wait_with_output().unwrap());
+    eprintln!("silent link noticed after {:?}: {err}", started.elapsed());
+    assert!(err.contains("runs on here"), "{err}");
+    assert_eq!(state_of(&src, "mover").as_deref(), Some("running"));
+    wait_for("the destination to drop the domain", Duration::from_secs(60), || state_of(&dst, "mover").is_none());
+    console.type_keys("c");
+    let churned = console.line("counter: churned ");
+    assert_eq!(field(&churned, "errors"), "0", "{churned}");
+    assert_eq!(console.line("counter: 2 "), format!("counter: 2 seed={seed} errors=0"));
+    src.ferro_ok(&["destroy", "mover"]);
 }

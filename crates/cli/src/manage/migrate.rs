@@ -9,13 +9,17 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct MigrateArgs {
-    /// Domain to move (running or paused).
+    /// Domain to move (running or paused; shut off with --offline).
     name: String,
     /// The destination ferrod: tls://HOST:PORT (a ferrod started with --listen).
     dest_uri: String,
     /// Pre-copy while the guest runs (without it the guest is paused for the whole move).
     #[arg(long)]
     live: bool,
+    /// Move a shut-off domain: its definition, and its disks where the destination does not see
+    /// the same files (copied, holes kept).
+    #[arg(long, conflicts_with_all = ["live", "max_downtime", "bandwidth", "auto_converge"])]
+    offline: bool,
     /// The longest pause the guest should see at the switch-over, in ms.
     #[arg(long, value_name = "MS")]
     max_downtime: Option<u64>,
@@ -49,6 +53,7 @@ pub fn execute(args: MigrateArgs, c: &Client, connect: &Connect) -> Result<(), S
         "destination": args.dest_uri,
         "dest_token": read_token(token_file)?,
         "live": args.live,
+        "offline": args.offline,
         "auto_converge": args.auto_converge,
         "undefine_source": args.undefine_source,
     });

@@ -304,7 +304,8 @@ pub enum ManageCommand {
     Clone(clone::CloneCommand),
     /// Move a running or paused domain to another ferrod (a job; see domjobinfo, domjobabort):
     /// memory, vCPUs and devices go over a TLS connection between the two ferrods; the disks
-    /// must be on storage both hosts share (checked before anything moves).
+    /// must be on storage both hosts share (checked before anything moves). --offline moves a
+    /// shut-off domain, copying the disks the destination does not share.
     Migrate(migrate::MigrateArgs),
     /// Define a storage pool (only `dir` pools).
     PoolDefineAs {

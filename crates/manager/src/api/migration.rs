@@ -18,13 +18,13 @@ const UPGRADE: &str = "ferro-migration";
 const MAX_DOWNTIME_MS: u64 = 600_000;
 
 /// Starts migrating the domain: `{"destination": "tls://HOST:PORT", "dest_token", "dest_ca"?,
-/// "live"?, "max_downtime_ms"?, "bandwidth_mib"?, "auto_converge"?, "undefine_source"?}`.
+/// "live"?, "offline"?, "max_downtime_ms"?, "bandwidth_mib"?, "auto_converge"?, "undefine_source"?}`.
 pub(super) async fn migrate(State(svc): Svc, Path(name): Path<String>, body: Body) -> ApiResult<Response> {
     check_name("domain", &name)?;
     let body = read_json(body).await?;
     only_fields(
         &body,
-        &["destination", "dest_ca", "dest_token", "live", "max_downtime_ms", "bandwidth_mib", "auto_converge", "undefine_source"],
+        &["destination", "dest_ca", "dest_token", "live", "offline", "max_downtime_ms", "bandwidth_mib", "auto_converge", "undefine_source"],
     )?;
     let text = |key: &str| match body.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -48,6 +48,7 @@ pub(super) async fn migrate(State(svc): Svc, Path(name): Path<String>, body: Bod
         dest_ca: text("dest_ca")?,
         dest_token: text("dest_token")?.ok_or_else(|| ApiError::invalid("dest_token: missing (an admin token of the destination ferrod)"))?,
         live: flag("live")?,
+        offline: flag("offline")?,
         max_downtime_ms: number("max_downtime_ms", 1..=MAX_DOWNTIME_MS)?.unwrap_or(DEFAULT_MAX_DOWNTIME_MS),
         bandwidth_mib: number("bandwidth_mib", 1..=1 << 20)?,
         auto_converge: flag("auto_converge")?,
@@ -64,9 +65,10 @@ pub(super) async fn last(State(svc): Svc, Path(name): Path<String>) -> ApiResult
     ok(&svc.migrations.last(&name)?)
 }
 
-/// The destination's side: `{"definition": TOML, "disks": [{"size", "marker", "nonce"}]}` with
-/// `Upgrade: ferro-migration`. Answers 101 once the domain's VMM waits for the VM, and relays
-/// the connection to it from then on.
+/// The destination's side: `{"definition": TOML, "disks": [{"size", "marker", "nonce"}],
+/// "offline"?}` with `Upgrade: ferro-migration`. Answers 101 once the domain's VMM waits for the
+/// VM, and relays the connection to it from then on; offline, the connection then carries the
+/// disks missing here.
 pub(super) async fn incoming(State(svc): Svc, mut req: Request) -> ApiResult<Response> {
     let upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !upgrade.eq_ignore_ascii_case(UPGRADE) {
@@ -74,18 +76,23 @@ pub(super) async fn incoming(State(svc): Svc, mut req: Request) -> ApiResult<Res
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let body = read_json(req.into_body()).await?;
-    only_fields(&body, &["definition", "disks"])?;
+    only_fields(&body, &["definition", "disks", "offline"])?;
     let definition = body.get("definition").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("definition: missing (the domain's TOML)"))?;
     let disks: Vec<DiskClaim> = from_json(body.get("disks").cloned().unwrap_or(Value::Array(Vec::new())))?;
-    let (name, vmm) = svc.migrations.incoming(definition, &disks).await?;
+    let offline = match body.get("offline") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid("offline: must be true or false")),
+    };
+    let (name, arrival) = svc.migrations.incoming(definition, &disks, offline).await?;
     let migrations = svc.migrations.clone();
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => migrations.carry_incoming(&name, hyper_util::rt::TokioIo::new(upgraded), vmm).await,
+            Ok(upgraded) => migrations.arrive(&name, hyper_util::rt::TokioIo::new(upgraded), arrival).await,
             Err(e) => {
                 tracing::warn!(domain = name, "incoming migration: the upgrade failed: {e}");
-                drop(vmm);
-                migrations.abandon_incoming(&name).await;
+                drop(arrival);
+                migrations.abandon_incoming(&name, &[]).await;
             }
         }
     });

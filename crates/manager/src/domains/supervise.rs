@@ -629,12 +629,7 @@ impl Domains {
     /// The disks of a definition as files, with pool volumes resolved; each must exist.
     fn resolve_disks(&self, config: &DomainConfig) -> Result<Vec<ResolvedDisk>> {
         let mut disks = Vec::new();
-        for (i, disk) in config.disks.iter().enumerate() {
-            let path = match (&disk.path, &disk.pool, &disk.volume) {
-                (Some(p), _, _) => PathBuf::from(p),
-                (None, Some(pool), Some(vol)) => self.pools.disk_path(pool, vol, &format!("disk[{i}].pool"))?,
-                _ => return Err(Error::invalid(format!("disk[{i}]: no path"))),
-            };
+        for (i, (disk, path)) in config.disks.iter().zip(self.disk_places(config)?).enumerate() {
             if !path.is_file() {
                 return Err(Error::invalid(format!("disk[{i}]: {} does not exist", path.display())));
             }
@@ -643,6 +638,17 @@ impl Domains {
             disks.push(ResolvedDisk { path, format, readonly: disk.readonly });
         }
         Ok(disks)
+    }
+
+    /// Where the disks of a definition are on this host, pool volumes resolved, whether their
+    /// files exist or not.
+    pub fn disk_places(&self, config: &DomainConfig) -> Result<Vec<PathBuf>> {
+        let place = |(i, disk): (usize, &crate::domain::DiskConfig)| match (&disk.path, &disk.pool, &disk.volume) {
+            (Some(p), _, _) => Ok(PathBuf::from(p)),
+            (None, Some(pool), Some(vol)) => self.pools.disk_path(pool, vol, &format!("disk[{i}].pool")),
+            _ => Err(Error::invalid(format!("disk[{i}]: no path"))),
+        };
+        config.disks.iter().enumerate().map(place).collect()
     }
 
     /// Claims the disks of a domain found running after a restart, as far as they still resolve.

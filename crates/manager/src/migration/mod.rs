@@ -9,11 +9,14 @@
 //!   the disks are the source's own (`storage`), starts the domain's VMM with `--incoming` and
 //!   relays the upgraded connection to it. When the stream ends the VM has arrived, or the
 //!   definition is removed again: a failed migration leaves nothing on the destination.
+//! - Offline (a shut-off domain): the same request, but the connection then carries the disks
+//!   the destination does not share with the source (`copy`), and no VMM runs.
 //!
 //! The VMMs enforce "exactly one place" (the destination runs the guest only after `go`, the
 //! source resumes on any failure before it) and notice a silent link (30 s timeouts); the relays
 //! here only carry bytes, and end when either side ends.
 
+mod copy;
 mod peer;
 mod storage;
 
@@ -30,7 +33,8 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 pub use storage::DiskClaim;
@@ -60,6 +64,9 @@ pub struct MigrateRequest {
     pub dest_token: String,
     /// Pre-copy while the guest runs; false: the guest is paused for the whole move.
     pub live: bool,
+    /// Move a shut-off domain: its definition, and its disks where the destination does not
+    /// share them.
+    pub offline: bool,
     pub max_downtime_ms: u64,
     pub bandwidth_mib: Option<u64>,
     pub auto_converge: bool,
@@ -70,12 +77,26 @@ pub struct MigrateRequest {
 /// The final numbers of a completed migration (`ferro migrate --json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationResult {
-    /// From the source's pause to the destination's word that the guest runs there.
+    /// From the source's pause to the destination's word that the guest runs there (0 offline).
     pub downtime_ms: f64,
     pub total_ms: u64,
+    /// The VMM's stream, or offline the disks' data copied.
     pub transferred_bytes: u64,
+    /// Memory passes (0 offline).
     pub iterations: u32,
 }
+
+/// How a domain arrives on the destination.
+pub enum Arrival {
+    /// Live: the connection to its VMM waiting for the VM.
+    Live(UnixStream),
+    /// Offline: the disks to receive, by index in the definition, with where they go and their
+    /// size.
+    Offline(Vec<(usize, PathBuf, u64)>),
+}
+
+/// The longest line the two ferrods exchange on an offline migration's connection.
+const MAX_ANSWER: u64 = 64 << 10;
 
 /// A domain's last outgoing migration, as `domjobinfo` shows it (`GET /v1/domains/{name}/migration`).
 #[derive(Debug, Clone, Serialize)]
@@ -125,8 +146,17 @@ impl Migrations {
     /// first, so a wrong CA or token is refused here, before anything moves.
     pub async fn migrate(self: &Arc<Self>, name: &str, req: MigrateRequest) -> Result<Arc<Job>> {
         let info = self.domains.info(name)?;
-        if !info.state.is_active() {
-            return Err(Error::conflict(format!("domain {name} is {}: only a running or paused domain migrates; start it first", info.state.word())));
+        match (info.state.is_active(), req.offline) {
+            (false, false) => {
+                return Err(Error::conflict(format!(
+                    "domain {name} is {}: a live migration moves a running or paused domain (--offline moves a shut-off one)",
+                    info.state.word()
+                )));
+            }
+            (true, true) => {
+                return Err(Error::conflict(format!("domain {name} is {}: --offline moves a shut-off domain; shut it down first", info.state.word())));
+            }
+            _ => {}
         }
         if let Some(o) = self.outgoing().get(name).filter(|o| o.job.info().state == JobState::Running) {
             return Err(Error::conflict(format!("domain {name} is already migrating (job {}); see `ferro domjobinfo {name}`", o.job.info().id)));
@@ -140,13 +170,20 @@ impl Migrations {
                 session["role"]
             )));
         }
+        // Offline, the disks are read while the job runs: nothing may start the domain meanwhile.
+        let uses = if req.offline {
+            let (config, disks) = self.domains.disk_files(name)?;
+            disks.into_iter().take(config.disks.len()).map(|(path, _)| (path, crate::claims::Access::Read)).collect()
+        } else {
+            Vec::new()
+        };
         let new = NewJob {
             kind: "migrate",
             source: name.to_string(),
             target: format!("{}/{name}", req.destination),
             unit: ProgressUnit::Bytes,
             scratch_files: Vec::new(),
-            uses: Vec::new(),
+            uses,
         };
         let (this, domain, destination, live) = (self.clone(), name.to_string(), req.destination.clone(), req.live);
         // The record goes in before the work can report progress into it.
@@ -170,44 +207,24 @@ impl Migrations {
         })
     }
 
-    /// The job's work: pauses the guest first when the move is not live, carries the migration,
-    /// and takes care of the source domain afterwards.
+    /// The job's work: the move (live, or offline), then the source domain's end.
     async fn send(&self, ctx: &JobContext, name: &str, req: &MigrateRequest, peer: &peer::Peer) -> std::result::Result<(), JobError> {
         let definition = self.domains.definition(name).map_err(failed)?;
         let (config, disks) = self.domains.disk_files(name).map_err(failed)?;
-        let disks: Vec<_> = disks.into_iter().take(config.disks.len()).map(|(path, _)| path).collect();
-        let markers = storage::Markers::place(&disks).map_err(failed)?;
-        let paused_here = !req.live && self.domains.info(name).map_err(failed)?.state == DomainState::Running;
-        if paused_here {
-            self.domains.suspend(name).await.map_err(failed)?;
-        }
-        let carried = self.carry(ctx, name, req, peer, &definition, markers).await;
-        let reply = match carried {
-            Ok(reply) => reply,
-            Err(e) => {
-                if paused_here && let Err(r) = self.domains.resume(name).await {
-                    tracing::warn!(domain = name, "the guest paused for the migration did not resume: {r}");
-                }
-                return Err(e);
-            }
+        let disks: Vec<(PathBuf, ferro_block::Format)> = disks.into_iter().take(config.disks.len()).collect();
+        let paths: Vec<PathBuf> = disks.iter().map(|(path, _)| path.clone()).collect();
+        let markers = storage::Markers::place(&paths).map_err(failed)?;
+        let (result, mut notes) = if req.offline {
+            (self.send_offline(ctx, peer, &definition, markers, &disks).await?, Vec::new())
+        } else {
+            self.send_live(ctx, name, req, peer, &definition, markers).await?
         };
-        let mut notes = Vec::new();
-        if paused_here && let Err(e) = peer.call("POST", &format!("/v1/domains/{name}/resume"), None).await {
-            notes.push(format!("the guest stays paused on the destination: {e}"));
-        }
-        self.wait_source_off(name).await;
         if req.undefine_source {
             let undefined = self.snapshots.undefine_domain(name, SnapshotsOnUndefine::Refuse).await.and_then(|()| self.backups.forget_domain(name));
             if let Err(e) = undefined {
                 notes.push(format!("the source's definition stays: {e}"));
             }
         }
-        let result = MigrationResult {
-            downtime_ms: reply.downtime_us as f64 / 1000.0,
-            total_ms: reply.total_ms,
-            transferred_bytes: reply.transferred_bytes,
-            iterations: reply.iterations,
-        };
         let detail = format!(
             "to {} (downtime {:.3} ms, total {} ms, {} bytes in {} iterations){}",
             req.destination,
@@ -222,6 +239,85 @@ impl Migrations {
         }
         self.events.emit("domain", name, "migrated", detail);
         Ok(())
+    }
+
+    /// A running or paused domain: pauses the guest first when the move is not live, carries the
+    /// VMM's stream, and waits for the source domain to be off. Returns the numbers and what did
+    /// not go as asked after the guest moved.
+    async fn send_live(
+        &self,
+        ctx: &JobContext,
+        name: &str,
+        req: &MigrateRequest,
+        peer: &peer::Peer,
+        definition: &str,
+        markers: storage::Markers,
+    ) -> std::result::Result<(MigrationResult, Vec<String>), JobError> {
+        let paused_here = !req.live && self.domains.info(name).map_err(failed)?.state == DomainState::Running;
+        if paused_here {
+            self.domains.suspend(name).await.map_err(failed)?;
+        }
+        let carried = self.carry(ctx, name, req, peer, definition, markers).await;
+        let reply = match carried {
+            Ok(reply) => reply,
+            Err(e) => {
+                if paused_here && let Err(r) = self.domains.resume(name).await {
+                    tracing::warn!(domain = name, "the guest paused for the migration did not resume: {r}");
+                }
+                return Err(e);
+            }
+        };
+        let mut notes = Vec::new();
+        if paused_here && let Err(e) = peer.call("POST", &format!("/v1/domains/{name}/resume"), None).await {
+            notes.push(format!("the guest stays paused on the destination: {e}"));
+        }
+        self.wait_source_off(name).await;
+        let result = MigrationResult {
+            downtime_ms: reply.downtime_us as f64 / 1000.0,
+            total_ms: reply.total_ms,
+            transferred_bytes: reply.transferred_bytes,
+            iterations: reply.iterations,
+        };
+        Ok((result, notes))
+    }
+
+    /// A shut-off domain: its definition goes over, then the disks the destination asks for.
+    async fn send_offline(
+        &self,
+        ctx: &JobContext,
+        peer: &peer::Peer,
+        definition: &str,
+        markers: storage::Markers,
+        disks: &[(PathBuf, ferro_block::Format)],
+    ) -> std::result::Result<MigrationResult, JobError> {
+        let started = Instant::now();
+        let body = serde_json::json!({ "definition": definition, "disks": markers.claims, "offline": true });
+        let sizes: Vec<u64> = markers.claims.iter().map(|c| c.size).collect();
+        let link = peer.upgrade("/v1/migrations/incoming", &body).await.map_err(failed)?;
+        drop(markers);
+        let mut link = tokio::io::BufReader::new(link);
+        let wanted = read_answer(&mut link).await?;
+        let copies: Vec<usize> = wanted["copy"]
+            .as_array()
+            .map(|list| list.iter().filter_map(|i| i.as_u64().map(|i| i as usize)).filter(|i| *i < disks.len()).collect())
+            .ok_or_else(|| JobError::Failed(format!("the destination sent {wanted} where the disks to copy were due")))?;
+        ctx.set_total(copies.iter().map(|i| sizes[*i]).sum());
+        let sent = std::sync::atomic::AtomicU64::new(0);
+        for i in copies {
+            let (path, format) = &disks[i];
+            let keep_going = |n: u64| {
+                sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                ctx.advance(n);
+                ctx.check_stop().is_ok()
+            };
+            if let Err(e) = copy::send_disk(i, path, *format, &mut link, keep_going).await {
+                ctx.check_stop()?;
+                return Err(failed(e));
+            }
+        }
+        link.flush().await.map_err(|e| JobError::Failed(format!("the link to the destination: {e}")))?;
+        read_answer(&mut link).await?;
+        Ok(MigrationResult { downtime_ms: 0.0, total_ms: started.elapsed().as_millis() as u64, transferred_bytes: sent.into_inner(), iterations: 0 })
     }
 
     /// Asks the destination for the incoming migration and relays the VMM's stream to it while
@@ -312,46 +408,107 @@ impl Migrations {
     }
 
     /// The destination's side of a migration request: defines the domain (the name must be
-    /// free here), checks its disks are the source's (`disks`, see `storage`), starts its VMM
-    /// waiting for the VM and returns the connection to it. On failure nothing is left here.
-    pub async fn incoming(&self, definition: &str, disks: &[DiskClaim]) -> Result<(String, UnixStream)> {
+    /// free here) and locates its disks against the source's (`disks`, see `storage`). Live: all
+    /// must be the source's; its VMM is started waiting for the VM. Offline: the disks missing
+    /// here are to be received. On failure nothing is left here.
+    pub async fn incoming(&self, definition: &str, disks: &[DiskClaim], offline: bool) -> Result<(String, Arrival)> {
         let info = self.domains.define_new(definition).await?;
         let name = info.name;
-        match self.prepare_incoming(&name, disks).await {
-            Ok(stream) => Ok((name, stream)),
+        match self.prepare_incoming(&name, disks, offline).await {
+            Ok(arrival) => Ok((name, arrival)),
             Err(e) => {
-                self.abandon_incoming(&name).await;
+                self.abandon_incoming(&name, &[]).await;
                 Err(e)
             }
         }
     }
 
-    async fn prepare_incoming(&self, name: &str, claims: &[DiskClaim]) -> Result<UnixStream> {
-        let (config, disks) = self.domains.disk_files(name)?;
-        let disks: Vec<_> = disks.into_iter().take(config.disks.len()).map(|(path, _)| path).collect();
+    async fn prepare_incoming(&self, name: &str, claims: &[DiskClaim], offline: bool) -> Result<Arrival> {
+        let config = self.domains.info(name)?.config.ok_or_else(|| Error::invalid(format!("domain {name}: the definition is invalid")))?;
+        let disks = self.domains.disk_places(&config)?;
         let claims = claims.to_vec();
+        if offline {
+            let (places, disks) = tokio::task::spawn_blocking(move || storage::locate(&disks, &claims).map(|p| (p, disks, claims)))
+                .await
+                .unwrap_or_else(|e| Err(Error::internal(format!("the disk check failed: {e}"))))
+                .map(|(places, disks, claims)| (places, disks.into_iter().zip(claims).collect::<Vec<_>>()))?;
+            let mut copies = Vec::new();
+            for (i, (place, (path, claim))) in places.into_iter().zip(disks).enumerate() {
+                if place == storage::Place::Absent {
+                    if !path.parent().is_some_and(Path::is_dir) {
+                        return Err(Error::conflict(format!("disk[{i}] {}: its directory does not exist here", path.display())));
+                    }
+                    copies.push((i, path, claim.size));
+                }
+            }
+            return Ok(Arrival::Offline(copies));
+        }
         tokio::task::spawn_blocking(move || storage::check(&disks, &claims))
             .await
             .unwrap_or_else(|e| Err(Error::internal(format!("the disk check failed: {e}"))))?;
         let socket = self.domains.start_incoming(name).await?;
-        UnixStream::connect(&socket).await.map_err(|e| Error::vmm(format!("domain {name}: cannot connect to the waiting VMM: {e}")))
+        let vmm = UnixStream::connect(&socket).await.map_err(|e| Error::vmm(format!("domain {name}: cannot connect to the waiting VMM: {e}")))?;
+        Ok(Arrival::Live(vmm))
+    }
+
+    /// Carries the arrival over the upgraded connection `link`: relays a live one to its VMM,
+    /// receives an offline one's disks.
+    pub async fn arrive<L: AsyncRead + AsyncWrite + Unpin>(&self, name: &str, link: L, arrival: Arrival) {
+        match arrival {
+            Arrival::Live(vmm) => self.carry_incoming(name, link, vmm).await,
+            Arrival::Offline(copies) => self.receive_offline(name, link, copies).await,
+        }
+    }
+
+    /// Tells the source which disks to send, receives them and answers; on any failure the copies
+    /// made and the definition go again.
+    async fn receive_offline<L: AsyncRead + AsyncWrite + Unpin>(&self, name: &str, link: L, copies: Vec<(usize, PathBuf, u64)>) {
+        let mut link = tokio::io::BufReader::new(link);
+        let wanted = serde_json::json!({ "copy": copies.iter().map(|(i, _, _)| i).collect::<Vec<_>>() });
+        let mut placed = Vec::new();
+        let mut received = write_line(&mut link, &wanted.to_string()).await;
+        for (i, path, size) in &copies {
+            if received.is_err() {
+                break;
+            }
+            received = copy::receive_disk(*i, &mut link, path, *size).await;
+            if received.is_ok() {
+                placed.push(path.clone());
+            }
+        }
+        let answer = match &received {
+            Ok(()) => serde_json::json!({ "ok": true }),
+            Err(e) => serde_json::json!({ "ok": false, "error": e.message }),
+        };
+        let _ = write_line(&mut link, &answer.to_string()).await;
+        match received {
+            Ok(()) => self.events.emit("domain", name, "migrated_in", format!("offline, {} disk(s) copied", copies.len())),
+            Err(e) => {
+                tracing::warn!(domain = name, "offline migration failed: {e}");
+                self.abandon_incoming(name, &placed).await;
+            }
+        }
     }
 
     /// Relays the migration stream from the source (`link`) to the waiting VMM until it ends;
     /// then the VM has arrived, or the domain is removed again.
-    pub async fn carry_incoming<L: AsyncRead + AsyncWrite + Unpin>(&self, name: &str, link: L, vmm: UnixStream) {
+    async fn carry_incoming<L: AsyncRead + AsyncWrite + Unpin>(&self, name: &str, link: L, vmm: UnixStream) {
         relay(vmm, link).await;
         match self.domains.incoming_arrived(name).await {
             Ok(info) => tracing::info!(domain = name, state = info.state.name(), "migrated in"),
             Err(e) => {
                 tracing::warn!(domain = name, "incoming migration failed: {e}");
-                self.abandon_incoming(name).await;
+                self.abandon_incoming(name, &[]).await;
             }
         }
     }
 
-    /// Removes a domain whose incoming migration failed: its VMM (if any) and its definition.
-    pub async fn abandon_incoming(&self, name: &str) {
+    /// Removes a domain whose incoming migration failed: its VMM (if any), the disks copied for
+    /// it (`copied`) and its definition.
+    pub async fn abandon_incoming(&self, name: &str, copied: &[PathBuf]) {
+        for file in copied {
+            let _ = std::fs::remove_file(file);
+        }
         if self.domains.info(name).is_ok_and(|i| i.state.is_active())
             && let Err(e) = self.domains.destroy(name).await
         {
@@ -388,4 +545,30 @@ where
         () = &mut there => drop(tokio::time::timeout(LINGER, back).await),
         () = &mut back => drop(tokio::time::timeout(LINGER, there).await),
     }
+}
+
+/// Reads one JSON line of the other ferrod: an error answer (`{"ok": false, "error"}`) is the
+/// job's failure.
+async fn read_answer<R: AsyncBufRead + Unpin>(link: &mut R) -> std::result::Result<serde_json::Value, JobError> {
+    let mut line = String::new();
+    let read = (&mut *link).take(MAX_ANSWER).read_line(&mut line).await;
+    match read {
+        Ok(0) => return Err(JobError::Failed("the destination closed the connection without an answer".into())),
+        Ok(_) => {}
+        Err(e) => return Err(JobError::Failed(format!("the link to the destination: {e}"))),
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| JobError::Failed(format!("the destination's answer is not JSON ({e})")))?;
+    if value["ok"] == false {
+        return Err(JobError::Failed(format!("the destination refused: {}", value["error"].as_str().unwrap_or("no reason given"))));
+    }
+    Ok(value)
+}
+
+/// Writes one line to the other ferrod.
+async fn write_line<W: AsyncWrite + Unpin>(link: &mut W, line: &str) -> Result<()> {
+    let io = |e: std::io::Error| Error::conflict(format!("the link to the source: {e}"));
+    link.write_all(line.as_bytes()).await.map_err(io)?;
+    link.write_all(b"\n").await.map_err(io)?;
+    link.flush().await.map_err(io)
 }

@@ -1,4 +1,4 @@
-//! The shared-storage check of a migration without disk copying: the destination must open the
+//! The shared-storage check of a migration: without disk copying the destination must open the
 //! very files the source's VMM has open, so before anything moves the source proves, per disk,
 //! that the destination sees the same file.
 //!
@@ -11,6 +11,8 @@
 //! The size catches a path that resolves elsewhere through a symlink of the destination's. A
 //! content hash would not do better: the guest writes to the disk while it runs, and a copy
 //! made earlier can hold the same bytes. The markers are removed once the destination answered.
+//! A disk path that holds nothing on the destination is one an offline migration may copy there
+//! ([`Place::Absent`]).
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -77,38 +79,63 @@ impl Drop for Markers {
     }
 }
 
-/// The destination's side: each disk of the definition (resolved on this host) must be the file
-/// the source claims. The error names the disk and what does not match.
-pub fn check(disks: &[PathBuf], claims: &[DiskClaim]) -> Result<()> {
+/// Where a disk the source described is on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// The source's own file: the storage is shared.
+    Shared,
+    /// Nothing at the disk's path here: a copy may go there.
+    Absent,
+}
+
+/// The destination's side: where each disk of the definition (resolved on this host) is, next to
+/// the file the source claims. A file at a disk's path that is not the source's is an error
+/// naming the disk (it is never overwritten).
+pub fn locate(disks: &[PathBuf], claims: &[DiskClaim]) -> Result<Vec<Place>> {
     if disks.len() != claims.len() {
         return Err(Error::invalid(format!("disks: the definition has {} disks, the source described {}", disks.len(), claims.len())));
     }
+    let mut places = Vec::new();
     for (i, (disk, claim)) in disks.iter().zip(claims).enumerate() {
-        let not_shared = |why: String| {
-            Error::conflict(format!(
-                "disk[{i}] {}: not the source's disk ({why}); without --copy-storage-all the disks must be on storage both hosts share, \
-                 at the same path",
-                disk.display()
-            ))
-        };
+        let other = |why: String| Error::conflict(format!("disk[{i}] {}: a file here that is not the source's ({why})", disk.display()));
         let is_marker_name = claim.marker.strip_prefix(".ferro-migration-").is_some_and(|n| n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit()));
         if !is_marker_name {
             return Err(Error::invalid(format!("disks[{i}].marker: {:?} is not a migration marker name", claim.marker)));
         }
-        let real = disk.canonicalize().map_err(|e| not_shared(format!("{e} here")))?;
+        if std::fs::symlink_metadata(disk).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+            places.push(Place::Absent);
+            continue;
+        }
+        let real = disk.canonicalize().map_err(|e| other(e.to_string()))?;
         let dir = real.parent().unwrap_or(Path::new("/"));
         let marker = dir.join(&claim.marker);
         match std::fs::read_to_string(&marker) {
             Ok(text) if text == claim.nonce => {}
-            Ok(_) => return Err(not_shared(format!("the marker {} holds something else", marker.display()))),
-            Err(_) => return Err(not_shared(format!("the source's marker {} is not in {} here", claim.marker, dir.display()))),
+            Ok(_) => return Err(other(format!("the marker {} holds something else", marker.display()))),
+            Err(_) => return Err(other(format!("the source's marker {} is not in {} here", claim.marker, dir.display()))),
         }
-        let size = std::fs::metadata(&real).map_err(|e| not_shared(e.to_string()))?.len();
+        let size = std::fs::metadata(&real).map_err(|e| other(e.to_string()))?.len();
         if size != claim.size {
-            return Err(not_shared(format!("{size} bytes here, {} on the source", claim.size)));
+            return Err(other(format!("{size} bytes here, {} on the source", claim.size)));
         }
+        places.push(Place::Shared);
     }
-    Ok(())
+    Ok(places)
+}
+
+/// The destination's side of a migration without disk copies: every disk must be the source's.
+pub fn check(disks: &[PathBuf], claims: &[DiskClaim]) -> Result<()> {
+    let places = locate(disks, claims).map_err(|e| Error {
+        message: format!("{e}; without disk copies the disks must be on storage both hosts share, at the same path"),
+        ..e
+    })?;
+    match places.iter().position(|p| *p == Place::Absent) {
+        Some(i) => Err(Error::conflict(format!(
+            "disk[{i}] {}: no such file here; without disk copies the disks must be on storage both hosts share, at the same path",
+            disks[i].display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// 128 random bits as 32 hex digits.
@@ -124,7 +151,8 @@ mod tests {
     use super::*;
 
     /// A disk in a shared directory passes; a copy of it in another directory (same name, same
-    /// size, same bytes) does not, and neither does the shared one once it changed size.
+    /// size, same bytes) does not, nor does the shared one once it changed size; a disk missing
+    /// here may be copied to.
     #[test]
     fn only_the_same_file_in_the_same_directory_passes() {
         let root = std::env::temp_dir().join(format!("ferro-migration-storage-{}", std::process::id()));
@@ -145,8 +173,11 @@ mod tests {
 
         let copies = [copy.join("a.raw"), copy.join("b.raw")];
         let e = check(&copies, &markers.claims).unwrap_err();
-        assert!(e.message.starts_with("disk[0] ") && e.message.contains("is not in"), "{e}");
+        assert!(e.message.starts_with("disk[0] ") && e.message.contains("is not in") && e.message.contains("share"), "{e}");
         assert!(check(&disks[..1], &markers.claims).unwrap_err().message.contains("the source described 2"));
+        let elsewhere = [shared.join("a.raw"), copy.join("c.raw")];
+        assert_eq!(locate(&elsewhere, &markers.claims).unwrap(), [Place::Shared, Place::Absent]);
+        assert!(check(&elsewhere, &markers.claims).unwrap_err().message.starts_with(&format!("disk[1] {}: no such file here", elsewhere[1].display())));
 
         std::fs::write(&disks[1], vec![8u8; 4096]).unwrap();
         let e = check(&disks, &markers.claims).unwrap_err();
