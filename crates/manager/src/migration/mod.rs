@@ -14,7 +14,9 @@
 //!
 //! The VMMs enforce "exactly one place" (the destination runs the guest only after `go`, the
 //! source resumes on any failure before it) and notice a silent link (30 s timeouts); the relays
-//! here only carry bytes, and end when either side ends.
+//! here only carry bytes, and end when either side ends. The source also cuts a link whose stream
+//! has not grown for 20 s, since a write that trickles into socket buffers restarts the VMM's
+//! timeout.
 
 mod copy;
 mod peer;
@@ -49,6 +51,8 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const VMM_TIMEOUT: Duration = Duration::from_secs(3);
 /// Once one direction of a relay ended, how long the other may take to finish.
 const LINGER: Duration = Duration::from_secs(5);
+/// How long the migration stream may carry nothing before the source cuts the link.
+const LINK_SILENCE: Duration = Duration::from_secs(20);
 /// How long the source domain may take to be recorded off once its VMM said the guest moved.
 const SOURCE_STOP_WAIT: Duration = Duration::from_secs(10);
 
@@ -362,12 +366,24 @@ impl Migrations {
         tokio::pin!(send);
         let mut tick = tokio::time::interval(PROGRESS_EVERY);
         let mut stop = None;
+        // The stream's last growth: a link that carries nothing for LINK_SILENCE is cut here, so
+        // the VMM fails at once instead of after its socket timeouts (which restart whenever a
+        // write moves a few bytes into a buffer).
+        let mut moved = (0, Instant::now());
+        let mut silent = false;
         let sent = loop {
             tokio::select! {
                 sent = &mut send => break sent,
                 _ = tick.tick() => {
                     if let Ok(progress) = vmm::call::<MigrationInfo>(&api, &Request::MigrateInfo, VMM_TIMEOUT).await {
                         ctx.set_progress(progress.transferred_bytes, progress.transferred_bytes + progress.remaining_bytes);
+                        if progress.transferred_bytes != moved.0 {
+                            moved = (progress.transferred_bytes, Instant::now());
+                        } else if !silent && moved.1.elapsed() > LINK_SILENCE {
+                            tracing::warn!(domain = name, "the migration stream moved nothing for {} s: cutting the link", LINK_SILENCE.as_secs());
+                            relay.abort();
+                            silent = true;
+                        }
                         if let Some(o) = self.outgoing().get_mut(name) {
                             o.progress = Some(progress);
                         }
@@ -394,6 +410,7 @@ impl Migrations {
                 Ok(reply)
             }
             (Err(_), Some(why)) => Err(why),
+            (Err(e), None) if silent => Err(JobError::Failed(format!("the link to the destination carried nothing for {} s: {e}", LINK_SILENCE.as_secs()))),
             (Err(e), None) => Err(JobError::Failed(e)),
         }
     }
