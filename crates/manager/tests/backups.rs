@@ -159,8 +159,11 @@ fn full_and_incremental_backups_of_a_shut_off_domain_restore_the_disk_at_each_po
     let body = json!({ "target": dir5, "incremental": "c3", "checkpoint": "c5" }).to_string();
     let started = api.expect("POST", "/v1/domains/b1/backup", Some(&body), 202);
     assert_eq!(started["files"], json!([dir5.join("vda.qcow2")]));
-    let job = api.wait_job(started["job"]["id"].as_u64().unwrap());
-    assert_eq!(job["state"], "completed", "{job}");
+    let id = started["job"]["id"].as_u64().unwrap();
+    let job = api.expect("GET", &format!("/v1/jobs/{id}?wait_ms=60000"), None, 200);
+    assert_eq!(job["state"], "completed", "answered when the job ended: {job}");
+    let err = api.expect("GET", &format!("/v1/jobs/{id}?wait_ms=60001"), None, 400);
+    assert!(err["message"].as_str().unwrap().starts_with("wait_ms: "), "{err}");
     assert_eq!(top_layer(&dir5.join("vda.qcow2")), [(60 << 20, 64 << 10)], "since c3: the one cluster written after it");
 
     // Restores: back to c1 (the full backup), then forward to the newest chain.

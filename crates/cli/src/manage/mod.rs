@@ -863,7 +863,8 @@ fn follow_job(c: &Client, job: &Value) -> Result<(), String> {
     let id = job["id"].as_u64().ok_or("ferrod answered without a job id")?;
     let tty = std::io::stderr().is_terminal();
     let job = loop {
-        let job = c.get(&format!("/v1/jobs/{id}"))?;
+        // ferrod answers when the job ends, or after 200 ms with its progress.
+        let job = c.get(&format!("/v1/jobs/{id}?wait_ms=200"))?;
         if tty {
             eprint!("\r\x1b[K{}", show::job_line(&job));
             let _ = std::io::stderr().flush();
@@ -871,7 +872,6 @@ fn follow_job(c: &Client, job: &Value) -> Result<(), String> {
         if job["state"] != "running" {
             break job;
         }
-        std::thread::sleep(std::time::Duration::from_millis(200));
     };
     if tty {
         eprint!("\r\x1b[K");

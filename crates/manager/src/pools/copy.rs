@@ -17,9 +17,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Bytes copied between two looks at the stop request (and two progress updates).
-const CHUNK: usize = 1 << 20;
+const CHUNK: usize = 4 << 20;
+/// Chunks read ahead of the one being written.
+const READ_AHEAD: usize = 2;
 /// Granularity of zero detection: all-zero blocks are not written, so the copy stays sparse.
 const ZERO_BLOCK: usize = 64 << 10;
+/// Bytes looked at in one go when testing a block for zeroes.
+const ZERO_PAGE: usize = 4 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyKind {
@@ -150,7 +154,7 @@ fn failed(e: ferro_block::Error) -> JobError {
     JobError::Failed(e.to_string())
 }
 
-/// Copies the data of `src` into a new image at `dst`, one chunk at a time, checking the job's
+/// Copies the data of `src` into a new image at `dst` (see [`copy_ranges`]), checking the job's
 /// stop request between chunks. Ranges the whole backing chain reads as zeroes are skipped, so
 /// the copy is as sparse as the source and stands alone (no backing file). The copy is synced.
 pub(crate) fn copy_image(ctx: &JobContext, src: &Path, src_format: Format, dst: &Path, dst_format: Format) -> std::result::Result<(), JobError> {
@@ -183,8 +187,17 @@ pub(crate) enum Zeroes {
     Write,
 }
 
-/// Copies `ranges` of `source` to the same offsets of `target`, one chunk at a time, reporting
-/// progress and checking the job's stop request between chunks. The caller flushes `target`.
+/// One chunk read from the source: its bytes and where they go.
+struct Chunk {
+    buf: Vec<u8>,
+    off: u64,
+    len: usize,
+}
+
+/// Copies `ranges` of `source` to the same offsets of `target`, reporting progress and checking
+/// the job's stop request between chunks. A reader thread reads the next chunks (up to
+/// `READ_AHEAD` of them) while this one writes, so reading and writing overlap. The caller
+/// flushes `target`.
 pub(crate) fn copy_ranges(
     ctx: &JobContext,
     source: &mut dyn DiskImage,
@@ -192,19 +205,58 @@ pub(crate) fn copy_ranges(
     ranges: &[(u64, u64)],
     zeroes: Zeroes,
 ) -> std::result::Result<(), JobError> {
-    let mut buf = vec![0u8; CHUNK];
-    for &(start, len) in ranges {
-        let mut off = start;
-        while off < start + len {
-            ctx.check_stop()?;
-            let n = (start + len - off).min(CHUNK as u64) as usize;
-            source.read_at(&mut buf[..n], off).map_err(failed)?;
-            write_blocks(target, &buf[..n], off, zeroes).map_err(failed)?;
-            off += n as u64;
-            ctx.advance(n as u64);
-        }
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<ferro_block::Result<Chunk>>(READ_AHEAD);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..=READ_AHEAD {
+        let _ = empty_tx.send(vec![0u8; CHUNK]);
+    }
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for (off, len) in chunks(ranges) {
+                // Either channel closed: the writer stopped.
+                let Ok(mut buf) = empty_rx.recv() else { return };
+                let read = source.read_at(&mut buf[..len], off).map(|()| Chunk { buf, off, len });
+                let failed = read.is_err();
+                if full_tx.send(read).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        // Returning drops both channel ends, which ends the reader wherever it waits.
+        write_chunks(ctx, target, zeroes, full_rx, empty_tx)
+    })
+}
+
+/// The writer's side of [`copy_ranges`]: writes each chunk the reader sends and hands its
+/// buffer back.
+fn write_chunks(
+    ctx: &JobContext,
+    target: &mut dyn DiskImage,
+    zeroes: Zeroes,
+    full: std::sync::mpsc::Receiver<ferro_block::Result<Chunk>>,
+    empty: std::sync::mpsc::Sender<Vec<u8>>,
+) -> std::result::Result<(), JobError> {
+    for chunk in full {
+        ctx.check_stop()?;
+        let chunk = chunk.map_err(failed)?;
+        write_blocks(target, &chunk.buf[..chunk.len], chunk.off, zeroes).map_err(failed)?;
+        ctx.advance(chunk.len as u64);
+        let _ = empty.send(chunk.buf);
     }
     Ok(())
+}
+
+/// `ranges` cut into pieces of at most `CHUNK` bytes: `(offset, length)`.
+fn chunks(ranges: &[(u64, u64)]) -> impl Iterator<Item = (u64, usize)> + '_ {
+    ranges.iter().flat_map(|&(start, len)| {
+        (start..start + len).step_by(CHUNK).map(move |off| (off, (start + len - off).min(CHUNK as u64) as usize))
+    })
+}
+
+/// Whether a block is all zeroes: OR-ed together a page at a time (which the compiler turns into
+/// wide vector operations), stopping at the first page that is not.
+fn is_zero(block: &[u8]) -> bool {
+    block.chunks(ZERO_PAGE).all(|page| page.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 /// Writes the runs of `data` that are not all zeroes; the all-zero runs are left out or written
@@ -218,7 +270,7 @@ fn write_blocks(img: &mut dyn DiskImage, data: &[u8], off: u64, zeroes: Zeroes) 
     let mut run: Option<(usize, bool)> = None;
     for (i, block) in data.chunks(ZERO_BLOCK).enumerate() {
         let at = i * ZERO_BLOCK;
-        let zero = block.iter().all(|&b| b == 0);
+        let zero = is_zero(block);
         match run {
             Some((start, run_zero)) if run_zero != zero => {
                 write_run(img, start, at, run_zero)?;
@@ -237,6 +289,18 @@ fn write_blocks(img: &mut dyn DiskImage, data: &[u8], off: u64, zeroes: Zeroes) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_are_cut_into_chunks_and_zero_pages_found() {
+        let c = CHUNK as u64;
+        let pieces: Vec<(u64, usize)> = chunks(&[(0, 10), (c, 2 * c + 5)]).collect();
+        assert_eq!(pieces, [(0, 10), (c, CHUNK), (2 * c, CHUNK), (3 * c, 5)]);
+        let mut block = vec![0u8; ZERO_BLOCK];
+        assert!(is_zero(&block));
+        block[ZERO_BLOCK - 1] = 1;
+        assert!(!is_zero(&block));
+        assert!(is_zero(&block[..ZERO_PAGE + 3]));
+    }
 
     #[test]
     fn only_nonzero_runs_are_written() {
