@@ -47,6 +47,17 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
 fi
 
+# ferrod runs each VMM jailed as this unprivileged system user (docs/isolation.md); the Debian
+# package's postinst makes it the same way.
+if ! getent passwd ferro-vmm >/dev/null; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup.sh: the user ferro-vmm (jailed VMMs run as it) is missing; run as root or: sudo adduser --system --group --no-create-home --home /nonexistent --shell /usr/sbin/nologin ferro-vmm" >&2
+        exit 1
+    fi
+    echo "setup.sh: creating the system user ferro-vmm" >&2
+    adduser --quiet --system --group --no-create-home --home /nonexistent --shell /usr/sbin/nologin ferro-vmm
+fi
+
 if ! command -v cargo >/dev/null; then
     echo "setup.sh: cargo not found: install the Rust toolchain (rustup, Rust 1.85 or newer)" >&2
     exit 1

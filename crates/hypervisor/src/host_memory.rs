@@ -30,7 +30,8 @@ pub struct HugePagePool {
 }
 
 impl HugePagePool {
-    const DIR: &'static str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+    /// The kernel's counters of 2 MiB huge pages.
+    pub const DIR: &'static str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 
     pub fn read() -> Result<HugePagePool, String> {
         let field = |name: &str| read_number(&format!("{}/{name}", Self::DIR), "does the kernel have 2 MiB huge pages?");

@@ -3,6 +3,7 @@
 //! - [`cgroup`]: one cgroup per VM below the cgroup of the process that places it, with CPU,
 //!   memory, block I/O and pid limits, on cgroup v2 or on the v1 controllers of hybrid hosts.
 //! - [`affinity`]: which host CPUs each VMM thread runs on (vCPU and emulator pinning).
+//! - [`jail`]: the namespaces, root directory, user and limits a VMM runs in.
 //! - [`seccomp`]: an allowlist of system calls per VMM thread kind, installed by the one helper
 //!   that starts the VMM's threads.
 //!
@@ -11,4 +12,5 @@
 
 pub mod affinity;
 pub mod cgroup;
+pub mod jail;
 pub mod seccomp;

@@ -23,6 +23,10 @@ pub struct FileConfig {
     pub overcommit_ratio: Option<f64>,
     /// false: VMMs run without seccomp filters (`--no-seccomp`).
     pub seccomp: Option<bool>,
+    /// false: VMMs run unjailed (`--no-jail`).
+    pub jail: Option<bool>,
+    /// The user jailed VMMs run as (`--jail-user`; default ferro-vmm).
+    pub jail_user: Option<String>,
     /// Directories the files domain definitions name must lie under, besides pool targets.
     pub allowed_image_paths: Option<Vec<PathBuf>>,
     #[serde(default)]
@@ -110,7 +114,7 @@ mod tests {
     #[test]
     fn every_setting_is_read() {
         let text = "home = \"/srv/ferro\"\nsocket = \"/run/f.sock\"\nsocket_group = \"kvm\"\nferro_bin = \"/opt/ferro\"\n\
-                    default_network = false\nlog_level = \"debug\"\novercommit_ratio = 2.5\nseccomp = false\nallowed_image_paths = [\"/srv/images\"]\n[listen]\naddresses = [\"0.0.0.0:8443\"]\n\
+                    default_network = false\nlog_level = \"debug\"\novercommit_ratio = 2.5\nseccomp = false\njail = false\njail_user = \"vmm\"\nallowed_image_paths = [\"/srv/images\"]\n[listen]\naddresses = [\"0.0.0.0:8443\"]\n\
                     tls_cert = \"/etc/c.pem\"\ntls_key = \"/etc/k.pem\"\ntoken_file = \"/etc/t\"\n";
         let c = FileConfig::parse(text).unwrap();
         assert_eq!(c.home.as_deref(), Some(Path::new("/srv/ferro")));
@@ -118,6 +122,7 @@ mod tests {
         assert_eq!(c.default_network, Some(false));
         assert_eq!(c.overcommit_ratio, Some(2.5));
         assert_eq!(c.seccomp, Some(false));
+        assert_eq!((c.jail, c.jail_user.as_deref()), (Some(false), Some("vmm")));
         assert_eq!(c.allowed_image_paths, Some(vec![PathBuf::from("/srv/images")]));
         assert_eq!(c.listen.addresses, ["0.0.0.0:8443"]);
         assert_eq!(c.listen.token_file.as_deref(), Some(Path::new("/etc/t")));
@@ -138,6 +143,7 @@ mod tests {
         assert_eq!((c.default_network, c.log_level.as_deref()), (Some(true), Some("info")));
         assert_eq!(c.overcommit_ratio, Some(crate::domains::DEFAULT_OVERCOMMIT_RATIO));
         assert_eq!(c.seccomp, Some(true));
+        assert_eq!((c.jail, c.jail_user.as_deref()), (Some(true), Some(crate::DEFAULT_JAIL_USER)));
         assert_eq!(c.listen.addresses, ["0.0.0.0:8443"]);
         assert!(c.listen.token_file.is_some() && !c.listen.insecure && !c.listen.no_auth);
     }

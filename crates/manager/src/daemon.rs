@@ -46,7 +46,7 @@ impl Services {
         let networks = Networks::open(&paths.home.join("networks"), store.clone(), events.clone())?;
         let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), networks.clone(), claims, overcommit_ratio, confinement)?;
         let ovf = Ovf::open(jobs.clone(), pools.clone(), domains.clone());
-        let snapshots = Snapshots::open(&paths.home, store.clone(), events.clone(), jobs.clone(), domains.clone());
+        let snapshots = Snapshots::open(paths.snapshots(), store.clone(), events.clone(), jobs.clone(), domains.clone());
         let backups = Backups::open(store.clone(), events.clone(), jobs.clone(), domains.clone());
         let clones = Clones::open(events.clone(), jobs.clone(), pools.clone(), domains.clone());
         let migrations = Migrations::open(jobs.clone(), domains.clone(), snapshots.clone(), backups.clone(), events.clone());

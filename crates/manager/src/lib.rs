@@ -48,6 +48,9 @@ pub mod vmm;
 
 /// State directory when FERRO_HOME is not set.
 pub const DEFAULT_HOME: &str = "/var/lib/ferrovisor";
+/// The unprivileged user jailed VMMs run as, unless ferrod's configuration names another (the
+/// package and scripts/setup.sh create it).
+pub const DEFAULT_JAIL_USER: &str = "ferro-vmm";
 /// API socket when FERRO_HOME is not set.
 pub const DEFAULT_SOCKET: &str = "/run/ferrovisor/ferrod.sock";
 

@@ -6,9 +6,9 @@ use ferro_manager::config::{FileConfig, check_log_filter};
 use ferro_manager::daemon::Services;
 use ferro_manager::domains::DEFAULT_OVERCOMMIT_RATIO;
 use ferro_manager::listen::ListenArgs;
-use ferro_manager::model::{Confinement, Paths};
+use ferro_manager::model::{Confinement, Jailer, Paths};
 use ferro_manager::notify::Notifier;
-use ferro_manager::{DEFAULT_HOME, api, listen, monitor, socket_for_home};
+use ferro_manager::{DEFAULT_HOME, DEFAULT_JAIL_USER, api, listen, monitor, socket_for_home};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +57,13 @@ struct Cli {
     /// call its allowlist lacks; docs/isolation.md). By default every VMM runs under them.
     #[arg(long)]
     no_seccomp: bool,
+    /// Run VMMs unjailed: as root, in the host's namespaces and file system (docs/isolation.md).
+    /// By default each VMM runs in a jail of its own as the VMM user.
+    #[arg(long)]
+    no_jail: bool,
+    /// The unprivileged user jailed VMMs run as (default: jail_user in the file, else ferro-vmm).
+    #[arg(long, value_name = "USER")]
+    jail_user: Option<String>,
     /// Files named by domain definitions (disks, kernel, initrd) must lie under DIR or a pool's
     /// directory (repeatable; default: allowed_image_paths in the file, else anywhere).
     #[arg(long = "allow-path", value_name = "DIR", value_parser = absolute_dir)]
@@ -88,6 +95,9 @@ enum Command {
         /// boots the VM afresh). Repeatable.
         #[arg(long, allow_hyphen_values = true)]
         first_run_arg: Vec<String>,
+        /// The jail to run the VMM in (a `ferro_jail::jail::JailSpec` as JSON).
+        #[arg(long)]
+        jail: Option<PathBuf>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -96,8 +106,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Monitor { exit_report, log, stderr, socket, first_run_arg, command }) => {
-            let args = monitor::MonitorArgs { exit_report, log, stderr, sockets: socket, command, first_run_args: first_run_arg };
+        Some(Command::Monitor { exit_report, log, stderr, socket, first_run_arg, jail, command }) => {
+            let args = monitor::MonitorArgs { exit_report, log, stderr, sockets: socket, command, first_run_args: first_run_arg, jail };
             return monitor::run(args);
         }
         Some(Command::Man { dir }) => return write_man_page(&dir),
@@ -136,6 +146,8 @@ struct Settings {
     default_network: bool,
     overcommit_ratio: f64,
     confinement: Confinement,
+    /// The user VMMs run as in their jails; None: unjailed.
+    jail_user: Option<String>,
     log_filter: String,
     listen: ListenArgs,
     check_only: bool,
@@ -178,8 +190,12 @@ impl Settings {
             overcommit_ratio: cli.overcommit_ratio.or(file.overcommit_ratio).unwrap_or(DEFAULT_OVERCOMMIT_RATIO),
             confinement: Confinement {
                 seccomp: !cli.no_seccomp && file.seccomp.unwrap_or(true),
+                // Known once the VMM program is (`serve`).
+                jail: None,
                 allowed_paths: if cli.allow_paths.is_empty() { file.allowed_image_paths.unwrap_or_default() } else { cli.allow_paths },
             },
+            jail_user: (!cli.no_jail && file.jail.unwrap_or(true))
+                .then(|| cli.jail_user.or(file.jail_user).unwrap_or_else(|| DEFAULT_JAIL_USER.to_string())),
             log_filter,
             listen,
             check_only: cli.check_config,
@@ -196,12 +212,16 @@ impl Settings {
 }
 
 fn serve(settings: Settings, notifier: Notifier) -> Result<(), String> {
-    let Settings { home, socket, ferro_bin, default_network, overcommit_ratio, confinement, listen: listen_args, .. } = settings;
+    let Settings { home, socket, ferro_bin, default_network, overcommit_ratio, mut confinement, jail_user, listen: listen_args, .. } = settings;
     if !confinement.seccomp {
         tracing::warn!("VMMs run without seccomp filters (--no-seccomp or seccomp = false)");
     }
     let self_exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let ferro_bin = ferro_bin.unwrap_or_else(|| self_exe.with_file_name("ferro"));
+    confinement.jail = jail_user.map(|user| Jailer::new(&user, &ferro_bin)).transpose()?;
+    if confinement.jail.is_none() {
+        tracing::warn!("VMMs run unjailed, as root in the host's file system (--no-jail or jail = false)");
+    }
     let tcp = listen_args.plan()?;
     std::fs::create_dir_all(&home).map_err(|e| format!("cannot create {}: {e}", home.display()))?;
     let _lock = lock_home(&home)?;

@@ -6,7 +6,7 @@ use crate::domain::DomainConfig;
 use ferro_jail::cgroup::CgroupStats;
 use ferro_vmm_api::control::StatsReply;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -35,15 +35,43 @@ pub struct Paths {
     pub monitor_bin: PathBuf,
 }
 
+impl Paths {
+    /// `$home/snapshots`: one directory per domain uuid, with its snapshots' memory and state.
+    pub fn snapshots(&self) -> PathBuf {
+        self.home.join("snapshots")
+    }
+}
+
 /// How ferrod confines the VMMs it starts (docs/isolation.md); set by the host's administrator
 /// (ferrod's flags and file), never by a domain definition.
 #[derive(Debug, Clone)]
 pub struct Confinement {
     /// Every VMM thread under its seccomp allowlist (`ferro vmm --seccomp`).
     pub seccomp: bool,
+    /// Each VMM in a jail of its own as this user (`jail = false`: none).
+    pub jail: Option<Jailer>,
     /// Directories the files a definition names must lie under, besides pool targets
     /// (`allowed_image_paths`, `--allow-path`); empty: anywhere (domains/paths.rs).
     pub allowed_paths: Vec<PathBuf>,
+}
+
+/// What every VMM jail has in common: the user it runs as and the files of the VMM program.
+#[derive(Debug, Clone)]
+pub struct Jailer {
+    pub user: ferro_jail::jail::User,
+    /// The `ferro` binary, its ELF interpreter and its shared libraries.
+    pub program: Vec<PathBuf>,
+}
+
+impl Jailer {
+    /// The jail of VMMs that run `ferro_bin` as the user `user`; ferrod must be root to jail.
+    pub fn new(user: &str, ferro_bin: &Path) -> Result<Jailer, String> {
+        // SAFETY: geteuid has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("jailing VMMs needs ferrod to run as root: run it as root or set jail = false (--no-jail)".to_string());
+        }
+        Ok(Jailer { user: ferro_jail::jail::User::lookup(user)?, program: ferro_jail::jail::program_files(ferro_bin)? })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -10,7 +10,11 @@
 //! only an exit for a reset restarts it. A device that needs a reset is noted in the VMM's stderr
 //! log. A VMM that dies without an `exited` event (killed, crashed) is described by its status and
 //! its last stderr line.
+//!
+//! With `--jail SPEC` the monitor hands the VMM user the files it needs (given back at the end)
+//! and starts each VMM run in a fresh jail (`ferro_jail::jail`, docs/isolation.md).
 
+use ferro_jail::jail::{JailSpec, Prepared};
 use ferro_vmm_api::control::MAX_LINE;
 use ferro_vmm_api::{ExitReason, VmEvent};
 use serde::{Deserialize, Serialize};
@@ -47,6 +51,8 @@ pub struct MonitorArgs {
     /// Added to the command for the first run only: a VM restored from a snapshot boots afresh
     /// after a guest reset.
     pub first_run_args: Vec<String>,
+    /// The jail's description, if the VMM runs jailed.
+    pub jail: Option<PathBuf>,
 }
 
 /// How one run of the VMM ended.
@@ -60,13 +66,20 @@ struct RunEnd {
 /// Runs the VMM until it exits for a reason other than a reset; never returns early on errors
 /// without writing a report, so ferrod always learns why the domain stopped.
 pub fn run(args: MonitorArgs) -> ExitCode {
+    let jail = match args.jail.as_deref().map(grant_jail).transpose() {
+        Ok(jail) => jail,
+        Err(reason) => {
+            let report = ExitReport { code: None, signal: None, reason, resets: 0 };
+            return finish(&args, &report);
+        }
+    };
     let mut resets = 0;
     let report = loop {
         for socket in &args.sockets {
             let _ = std::fs::remove_file(socket);
         }
         let first_run = if resets == 0 { args.first_run_args.as_slice() } else { &[] };
-        match run_once(&args, first_run) {
+        match run_once(&args, first_run, jail.as_ref().map(|(spec, _)| spec)) {
             Ok(RunEnd { exited: Some(ExitReason::Reset), status, .. }) if status.success() => {
                 resets += 1;
             }
@@ -74,8 +87,24 @@ pub fn run(args: MonitorArgs) -> ExitCode {
             Err(reason) => break ExitReport { code: None, signal: None, reason, resets },
         }
     };
+    for failure in jail.map(|(_, owners)| ferro_jail::jail::restore_owners(&owners)).unwrap_or_default() {
+        eprintln!("ferrod monitor: {failure}");
+    }
+    finish(&args, &report)
+}
+
+/// Reads the jail's description and hands the VMM user its files for the whole run.
+fn grant_jail(path: &Path) -> Result<(JailSpec, Vec<ferro_jail::jail::Owner>), String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read the VMM's jail {}: {e}", path.display()))?;
+    let spec: JailSpec = serde_json::from_slice(&text).map_err(|e| format!("the VMM's jail {}: {e}", path.display()))?;
+    let owners = ferro_jail::jail::grant(&spec)?;
+    Ok((spec, owners))
+}
+
+/// Writes the report; the monitor's exit status says whether the VMM ended well.
+fn finish(args: &MonitorArgs, report: &ExitReport) -> ExitCode {
     let failed = report.code != Some(0);
-    if let Err(e) = write_report(&args.exit_report, &report) {
+    if let Err(e) = write_report(&args.exit_report, report) {
         eprintln!("ferrod monitor: cannot write {}: {e}", args.exit_report.display());
     }
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
@@ -114,7 +143,7 @@ fn seccomp_reason(last_line: Option<&str>) -> String {
     }
 }
 
-fn run_once(args: &MonitorArgs, first_run: &[String]) -> Result<RunEnd, String> {
+fn run_once(args: &MonitorArgs, first_run: &[String], jail: Option<&JailSpec>) -> Result<RunEnd, String> {
     let open = |path: &Path| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -128,6 +157,7 @@ fn run_once(args: &MonitorArgs, first_run: &[String]) -> Result<RunEnd, String> 
     let (program, rest) = args.command.split_first().ok_or("no VMM command given")?;
     let (events, event_writer) = event_pipe()?;
     let writer_fd = event_writer.as_raw_fd();
+    let jail = jail.map(Prepared::new).transpose()?;
     let mut command = Command::new(program);
     command
         .args(rest)
@@ -138,16 +168,25 @@ fn run_once(args: &MonitorArgs, first_run: &[String]) -> Result<RunEnd, String> 
         .stdout(stdout)
         .stderr(stderr.try_clone().map_err(|e| format!("cannot open VMM log: {e}"))?);
     // SAFETY: runs in the forked child before exec and only calls fcntl(2), which is
-    // async-signal-safe, on a descriptor the child inherited: the VMM keeps the pipe's write end.
+    // async-signal-safe, on a descriptor the child inherited (the VMM keeps the pipe's write
+    // end), then enters the jail, which only makes system calls on memory prepared before the
+    // fork (`Prepared::enter`).
     unsafe {
         command.pre_exec(move || {
             if libc::fcntl(writer_fd, libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            jail.as_ref().map_or(Ok(()), Prepared::enter)
         });
     }
-    let mut child = command.spawn().map_err(|e| format!("cannot run VMM {program}: {e}"))?;
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        // A jail step that failed named itself on the VMM's stderr.
+        Err(e) => return Err(match last_line_since(&args.stderr, start) {
+            Some(step) => format!("cannot run VMM {program}: {step}: {e}"),
+            None => format!("cannot run VMM {program}: {e}"),
+        }),
+    };
     // Only the VMM holds the write end now, so the reader sees the end of the pipe when it exits.
     drop(event_writer);
     let notes = stderr.try_clone().map_err(|e| format!("cannot open VMM log: {e}"))?;
@@ -258,6 +297,7 @@ mod tests {
             sockets: vec![stale_socket.clone()],
             command: ["sh", "-c", "echo booting; echo 'error: no such kernel' >&2; exit 3"].map(String::from).to_vec(),
             first_run_args: Vec::new(),
+            jail: None,
         };
         assert_eq!(run(args), ExitCode::FAILURE);
         let report = read_report(&dir.join("exit.json")).unwrap();
@@ -302,6 +342,7 @@ mod tests {
             sockets: Vec::new(),
             command: vec!["sh".into(), "-c".into(), script, "vmm".into()],
             first_run_args: vec!["--restore".into(), "/snap".into()],
+            jail: None,
         };
         assert_eq!(run(args), ExitCode::SUCCESS);
         let report = read_report(&dir.join("exit.json")).unwrap();
@@ -329,6 +370,7 @@ mod tests {
                 sockets: Vec::new(),
                 command: vec!["sh".into(), "-c".into(), script.into()],
                 first_run_args: Vec::new(),
+                jail: None,
             };
             assert_eq!(run(args), ExitCode::FAILURE);
             read_report(&dir.join(format!("{name}.json"))).unwrap()

@@ -3,10 +3,13 @@
 //! in docs/vmm-control.md).
 
 use crate::domain::DomainConfig;
-use crate::model::Confinement;
+use crate::model::{Confinement, Jailer};
+use ferro_hypervisor::host_memory::HugePagePool;
+use ferro_jail::jail::{Access, Bind, JailSpec};
 use ferro_vmm_api::control::{self, Request};
 use ferro_vmm_api::{BootConfig, CpuList, DeviceConfig, DeviceKind, DiskFormat, Kernel, MacAddr, MemoryConfig, Pinning, Transport, VmConfig};
 use serde::de::DeserializeOwned;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -22,11 +25,23 @@ impl RunFiles {
     pub fn new(run_root: &Path, uuid: &str) -> RunFiles {
         RunFiles { dir: run_root.join(uuid) }
     }
+    /// The one directory of the run a jailed VMM may write: its sockets.
+    pub fn vmm_dir(&self) -> PathBuf {
+        self.dir.join("vmm")
+    }
     pub fn api_socket(&self) -> PathBuf {
-        self.dir.join("api.sock")
+        self.vmm_dir().join("api.sock")
     }
     pub fn serial_socket(&self) -> PathBuf {
-        self.dir.join("serial.sock")
+        self.vmm_dir().join("serial.sock")
+    }
+    /// The jail's description, for the monitor (`ferro_jail::jail::JailSpec`).
+    pub fn jail_spec(&self) -> PathBuf {
+        self.dir.join("jail.json")
+    }
+    /// The VMM's root directory when jailed.
+    pub fn jail_root(&self) -> PathBuf {
+        self.dir.join("root")
     }
     pub fn log(&self) -> PathBuf {
         self.dir.join("vmm.log")
@@ -48,11 +63,18 @@ impl RunFiles {
     }
     /// Where a VMM waiting for a VM to migrate in listens (`ferro vmm --incoming`).
     pub fn incoming_socket(&self) -> PathBuf {
-        self.dir.join("incoming.sock")
+        self.vmm_dir().join("incoming.sock")
     }
-    /// Where ferrod waits for its VMM's outgoing migration stream, to carry it to the destination.
+    /// Where ferrod waits for its VMM's outgoing migration stream, to carry it to the destination
+    /// (in the VMM's directory, so a jailed VMM reaches it; see [`RunFiles::give_to_vmm`]).
     pub fn outgoing_socket(&self) -> PathBuf {
-        self.dir.join("outgoing.sock")
+        self.vmm_dir().join("outgoing.sock")
+    }
+    /// Makes a file or directory ferrod made in [`RunFiles::vmm_dir`] the VMM's, like that
+    /// directory: a jailed VMM runs as an unprivileged user (docs/isolation.md).
+    pub fn give_to_vmm(&self, path: &Path) -> std::io::Result<()> {
+        let owner = std::fs::metadata(self.vmm_dir())?;
+        std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid()))
     }
 }
 
@@ -155,6 +177,69 @@ pub fn vmm_args(files: &RunFiles, confinement: &Confinement) -> Vec<String> {
     args
 }
 
+/// The devices every jailed VMM may open: KVM, taps by name, randomness, and /dev/null.
+const JAIL_DEVICES: [&str; 4] = ["/dev/kvm", "/dev/net/tun", "/dev/urandom", "/dev/null"];
+
+/// RLIMIT_NOFILE of a jailed VMM: a VM's descriptors (vCPUs, queues' event and irq fds, disks,
+/// taps, sockets) are a few hundred at most.
+const JAIL_MAX_OPEN_FILES: u64 = 4096;
+
+/// The jail of the VMM that runs `vm` (docs/isolation.md, "The jail"): the VMM program, the VM
+/// configuration, the run's sockets directory, the domain's snapshot directory (`snapshots`,
+/// where the VMM writes memory snapshots; a restore reads `restore`), the host's list of online
+/// CPUs, the kernel and initrd, each
+/// disk with its backing chain (only the top of a writable disk is writable), a few devices and,
+/// for huge-page RAM, the kernel's huge page counters.
+pub fn jail_spec(files: &RunFiles, vm: &VmConfig, jailer: &Jailer, snapshots: &Path, restore: Option<&Path>) -> Result<JailSpec, String> {
+    let mut binds: Vec<Bind> = jailer.program.iter().map(|path| Bind { path: path.clone(), access: Access::Exec }).collect();
+    let mut bind = |path: &Path, access| binds.push(Bind { path: path.to_path_buf(), access });
+    bind(&files.vm_config(), Access::Read);
+    bind(&files.vmm_dir(), Access::Write);
+    bind(snapshots, Access::Write);
+    // Pinning checks CPU lists against it.
+    bind(Path::new(CpuList::ONLINE), Access::Read);
+    if let Some(dir) = restore {
+        bind(dir, Access::Read);
+    }
+    if let Kernel::Path(kernel) = &vm.boot.kernel {
+        bind(kernel, Access::Read);
+    }
+    if let Some(initrd) = &vm.boot.initrd {
+        bind(initrd, Access::Read);
+    }
+    for device in &vm.devices {
+        let DeviceKind::Block { path, format, readonly } = &device.kind else { continue };
+        let format = format.and_then(|f| ferro_block::Format::from_name(f.name()));
+        let chain = ferro_block::ops::info(path, format, true, true).map_err(|e| format!("disk {}: {e}", device.id))?;
+        for (depth, image) in chain.iter().enumerate() {
+            let block_device = std::fs::metadata(&image.path).is_ok_and(|m| m.file_type().is_block_device());
+            let access = match (block_device, depth == 0 && !readonly) {
+                (true, _) => Access::Device,
+                (false, true) => Access::Write,
+                (false, false) => Access::Read,
+            };
+            bind(&image.path, access);
+        }
+    }
+    for device in JAIL_DEVICES {
+        bind(Path::new(device), Access::Device);
+    }
+    if vm.memory.hugepages {
+        bind(Path::new(HugePagePool::DIR), Access::Read);
+    }
+    // /dev/kvm is usually root:kvm 0660: the VMM user needs its group.
+    let kvm = std::fs::metadata(JAIL_DEVICES[0]).map_err(|e| format!("{}: {e}", JAIL_DEVICES[0]))?;
+    let groups = if kvm.mode() & 0o006 == 0o006 { Vec::new() } else { vec![kvm.gid()] };
+    Ok(JailSpec {
+        root: files.jail_root(),
+        uid: jailer.user.uid,
+        gid: jailer.user.gid,
+        groups,
+        binds,
+        max_open_files: JAIL_MAX_OPEN_FILES,
+    })
+}
+
 /// Sends one request on a fresh connection to the VMM's control socket and returns its typed
 /// reply; an error is one line for the caller (the VMM's own message when it refused).
 pub async fn call<R: DeserializeOwned>(socket: &Path, request: &Request, timeout: Duration) -> Result<R, String> {
@@ -215,10 +300,10 @@ mod tests {
 
         let files = RunFiles::new(Path::new("/run"), "u");
         assert_eq!(
-            vmm_args(&files, &Confinement { seccomp: false, allowed_paths: Vec::new() }).join(" "),
-            "vmm --config /run/u/vm.json --api-socket /run/u/api.sock --serial-socket /run/u/serial.sock"
+            vmm_args(&files, &Confinement { seccomp: false, jail: None, allowed_paths: Vec::new() }).join(" "),
+            "vmm --config /run/u/vm.json --api-socket /run/u/vmm/api.sock --serial-socket /run/u/vmm/serial.sock"
         );
-        assert_eq!(vmm_args(&files, &Confinement { seccomp: true, allowed_paths: Vec::new() }).last().unwrap(), "--seccomp");
+        assert_eq!(vmm_args(&files, &Confinement { seccomp: true, jail: None, allowed_paths: Vec::new() }).last().unwrap(), "--seccomp");
 
         let guest = DomainConfig::parse("name = \"t\"\nmemory = \"64M\"\n[boot]\nguest = \"idle\"\n").unwrap();
         let vm = vm_config(&guest, &[], &[], None).unwrap();

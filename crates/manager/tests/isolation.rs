@@ -182,3 +182,90 @@ fn ferrod_runs_vmms_under_seccomp_and_names_a_forbidden_call() {
     assert!(threads.iter().all(|(_, mode, _)| mode == "0"), "{threads:?}");
     assert_eq!(info(&d, "open")["state"], "running", "without filters the hook's call is harmless");
 }
+
+/// One line of `/proc/PID/status` (or of a thread's), without its name.
+fn status_field(status: &str, name: &str) -> String {
+    status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_else(|| panic!("no {name} in {status}")).split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// ferrod starts each VMM in a jail of its own (docs/isolation.md, "The jail"), seen from /proc
+/// the way an administrator would check it: every thread runs as the ferro-vmm user with no
+/// capability, no_new_privs and its seccomp filter; the VMM's root holds its own disk and that
+/// disk's backing file (read-only) but not the host's /etc/shadow, ferrod's database or another
+/// domain's disk; it has mount, IPC and UTS namespaces of its own and limits on open files and
+/// core dumps. The disk it writes is the VMM user's while it runs and root's again after.
+/// `ferrod --no-jail` runs the VMM as root in the host's file system.
+#[test]
+fn ferrod_jails_each_vmm_in_its_own_root_as_the_vmm_user() {
+    let vmm_user = ferro_jail::jail::User::lookup("ferro-vmm").unwrap_or_else(|e| panic!("{e}"));
+    let home = Home::new("jail");
+    let d = Daemon::start(&home);
+    let images = home.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let (base, overlay, other) = (images.join("base.raw"), images.join("a.qcow2"), images.join("b.raw"));
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&other, vec![0u8; 1 << 20]).unwrap();
+    ferro_test_support::run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", base.to_str().unwrap(), "-F", "raw", overlay.to_str().unwrap()]);
+    let toml = |name: &str, disk: &Path| {
+        let format = disk.extension().unwrap().to_str().unwrap();
+        format!("name = \"{name}\"\nmemory = \"64M\"\nvcpus = 2\n[boot]\nguest = \"idle\"\n[[disk]]\npath = \"{}\"\nformat = \"{format}\"\n", disk.display())
+    };
+    let vmm = define_and_start(&d, &home, "a", &toml("a", &overlay));
+    define_and_start(&d, &home, "b", &toml("b", &other));
+    wait_for("every VMM thread filtered", Duration::from_secs(10), || thread_filters(vmm).iter().all(|(_, mode, _)| mode == "2"));
+
+    let tasks: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{vmm}/task")).unwrap().flatten().map(|t| t.path()).collect();
+    assert!(tasks.len() >= 4, "vCPUs, control and serial threads: {tasks:?}");
+    let ids = |id: u32| format!("{id} {id} {id} {id}");
+    for task in &tasks {
+        let Ok(status) = std::fs::read_to_string(task.join("status")) else { continue };
+        let thread = status_field(&status, "Name:");
+        assert_eq!(status_field(&status, "Uid:"), ids(vmm_user.uid), "thread {thread}");
+        assert_eq!(status_field(&status, "Gid:"), ids(vmm_user.gid), "thread {thread}");
+        for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            assert_eq!(status_field(&status, set), "0000000000000000", "{set} of thread {thread}");
+        }
+        assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "thread {thread}");
+        assert_eq!(status_field(&status, "Seccomp:"), "2", "thread {thread}");
+    }
+
+    let root = PathBuf::from(format!("/proc/{vmm}/root"));
+    let inside = |path: &Path| root.join(path.strip_prefix("/").unwrap());
+    for absent in [Path::new("/etc/shadow"), Path::new("/etc/passwd"), &home.path().join("ferrod.db"), &other] {
+        assert!(!inside(absent).exists(), "{} is visible in the VMM's jail", absent.display());
+    }
+    for present in [&overlay, &base, Path::new("/dev/kvm")] {
+        assert!(inside(present).exists(), "{} is missing from the VMM's jail", present.display());
+    }
+    let mounts = std::fs::read_to_string(format!("/proc/{vmm}/mountinfo")).unwrap();
+    let options_of = |path: &Path| {
+        let line = mounts.lines().find(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap())).unwrap_or_else(|| panic!("{} is not mounted: {mounts}", path.display()));
+        line.split(' ').nth(5).unwrap().to_string()
+    };
+    assert!(options_of(&overlay).starts_with("rw,"), "the disk is writable: {}", options_of(&overlay));
+    assert!(options_of(&base).starts_with("ro,"), "its backing file is read-only: {}", options_of(&base));
+    assert!(options_of(&overlay).contains("noexec") && options_of(&overlay).contains("nosuid"), "{}", options_of(&overlay));
+    assert!(options_of(Path::new("/")).starts_with("ro,"), "the jail's root is read-only: {}", options_of(Path::new("/")));
+    for ns in ["mnt", "ipc", "uts"] {
+        let of = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(of(&vmm.to_string()), of("self"), "the VMM has a {ns} namespace of its own");
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{vmm}/limits")).unwrap();
+    let limit = |name: &str| limits.lines().find_map(|l| l.strip_prefix(name)).unwrap().split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    assert_eq!(limit("Max open files"), "4096 4096");
+    assert_eq!(limit("Max core file size"), "0 0");
+
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&overlay).unwrap().uid(), vmm_user.uid, "the VMM user owns the disk it writes while it runs");
+    assert_eq!(std::fs::metadata(&base).unwrap().uid(), 0, "a backing file others may read keeps its owner");
+    d.ferro_ok(&["destroy", "a"]);
+    wait_for("the monitor to give the disk back", Duration::from_secs(10), || std::fs::metadata(&overlay).unwrap().uid() == 0);
+    drop(d);
+
+    let home = Home::new("jail-off");
+    let d = Daemon::start_args(&home, &["--no-jail"], &[]);
+    let vmm = define_and_start(&d, &home, "open", &toml("open", &other));
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+    assert_eq!(status_field(&status, "Uid:"), ids(0), "unjailed, the VMM runs as root");
+    assert!(PathBuf::from(format!("/proc/{vmm}/root/etc/passwd")).exists(), "unjailed, the VMM sees the host's files");
+}

@@ -34,9 +34,12 @@ impl CpuList {
         }
     }
 
-    /// The host's online CPUs (`/sys/devices/system/cpu/online`).
+    /// Where the kernel lists the host's online CPUs.
+    pub const ONLINE: &'static str = "/sys/devices/system/cpu/online";
+
+    /// The host's online CPUs ([`CpuList::ONLINE`]).
     pub fn host_online() -> Result<CpuList, String> {
-        let path = "/sys/devices/system/cpu/online";
+        let path = Self::ONLINE;
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
         text.trim().parse().map_err(|e| format!("{path}: {e}"))
     }

@@ -100,7 +100,6 @@ struct Plan {
     running: bool,
     /// For an incremental backup: the bitmaps whose union is what changed.
     since: Vec<String>,
-    dir: PathBuf,
     disks: Vec<DiskPlan>,
 }
 
@@ -151,9 +150,10 @@ fn backup_snapshot(checkpoint: &str) -> String {
     format!("ferro-backup-{checkpoint}")
 }
 
-/// Where the VMM writes the ranges an incremental backup of a running domain copies.
+/// Where the VMM writes the ranges an incremental backup of a running domain copies: in `dir`,
+/// the one directory of its run a jailed VMM may write.
 fn ranges_dir(dir: &Path, checkpoint: &str) -> PathBuf {
-    dir.join(format!(".ranges-{checkpoint}"))
+    dir.join(format!("ranges-{checkpoint}"))
 }
 
 /// Reads a VMM's ranges file: pairs of little-endian u64 offset and length.
@@ -367,7 +367,7 @@ impl Backups {
         std::fs::create_dir_all(dir).map_err(|e| Error::invalid(format!("target: cannot create {}: {e}", dir.display())))?;
         let parent = rows.last().map(|r| r.name.clone());
         let since = since.map(|(_, bitmaps)| bitmaps).unwrap_or_default();
-        Ok(Plan { domain: domain.to_string(), checkpoint, parent, running: info.state.is_active(), since, dir: dir.clone(), disks })
+        Ok(Plan { domain: domain.to_string(), checkpoint, parent, running: info.state.is_active(), since, disks })
     }
 
     /// The backup job's work. The checkpoint is recorded pending first; anything failing on the
@@ -443,9 +443,12 @@ impl Backups {
     /// Has the VMM switch the bitmaps and snapshot the disks; the sources the copy reads.
     async fn begin_in_vmm(&self, plan: &Plan) -> std::result::Result<Vec<Source>, JobError> {
         let snapshot = backup_snapshot(&plan.checkpoint);
-        let ranges = (!plan.since.is_empty()).then(|| ranges_dir(&plan.dir, &plan.checkpoint));
+        let files = self.domains.run_files(&plan.domain).map_err(failed)?;
+        let ranges = (!plan.since.is_empty()).then(|| ranges_dir(&files.vmm_dir(), &plan.checkpoint));
         if let Some(dir) = &ranges {
-            std::fs::create_dir_all(dir).map_err(|e| JobError::Failed(format!("cannot create {}: {e}", dir.display())))?;
+            let cannot = |e: std::io::Error| JobError::Failed(format!("cannot create {}: {e}", dir.display()));
+            std::fs::create_dir_all(dir).map_err(cannot)?;
+            files.give_to_vmm(dir).map_err(cannot)?;
         }
         let request = Request::BackupBegin {
             checkpoint: plan.checkpoint.clone(),
@@ -517,13 +520,10 @@ impl Backups {
     }
 }
 
-/// Removes what a pending checkpoint's backup left beside its files: the ranges directory, and
-/// with `files` the backup files it named.
+/// Removes what a pending checkpoint's backup left: with `files`, the backup files it named (a
+/// ranges directory left in the run's VMM directory goes with the run's files).
 fn remove_scratch(row: &StoredCheckpoint, files: bool) {
     let disks = disks_of(row);
-    if let Some(dir) = disks.first().and_then(|d| Path::new(&d.backup).parent()) {
-        let _ = std::fs::remove_dir_all(ranges_dir(dir, &row.name));
-    }
     if files {
         for d in &disks {
             let _ = std::fs::remove_file(&d.backup);

@@ -223,7 +223,13 @@ impl Domains {
             Ok(disk_boot) => vmm::vm_config(&config, &disks, &nics, disk_boot.as_ref()).map_err(Error::invalid).and_then(|vm| {
                 let cgroup = self.create_cgroup(name, &uuid, &config, &disks[..config.disks.len()])?;
                 let first_run = first.as_ref().map(FirstRun::vmm_args).unwrap_or_default();
-                self.spawn_monitor(name, &files, &vm, &cgroup, taps.clone(), &first_run).inspect_err(|_| cgroups::remove(name, &cgroup))
+                let restore = match &first {
+                    Some(FirstRun::Restore { dir, .. }) => Some(*dir),
+                    _ => None,
+                };
+                let jail = self.write_jail(&uuid, &files, &vm, restore)?;
+                self.spawn_monitor(name, &files, &vm, &cgroup, taps.clone(), &first_run, jail.as_deref())
+                    .inspect_err(|_| cgroups::remove(name, &cgroup))
             }),
             Err(e) => Err(e),
         };
@@ -307,7 +313,8 @@ impl Domains {
     /// in the run's cgroup, records the run and watches for its end. Returns the monitor's pid.
     /// The NICs' open taps (`taps`, recorded in the run) are inherited by the monitor and the VMM
     /// on the descriptor numbers the VM config names. `first_run` goes to the VMM's first run
-    /// only (a restore).
+    /// only (a restore); `jail` describes the VMM's jail, if it has one.
+    #[allow(clippy::too_many_arguments)]
     fn spawn_monitor(
         self: &Arc<Self>,
         name: &str,
@@ -316,6 +323,7 @@ impl Domains {
         cgroup: &VmCgroup,
         taps: Vec<String>,
         first_run: &[String],
+        jail: Option<&Path>,
     ) -> Result<i32> {
         let placement = cgroup.placement().map_err(|e| Error::internal(format!("domain {name}: {e}")))?;
         let inherited: Vec<i32> = vm
@@ -326,7 +334,7 @@ impl Domains {
                 _ => None,
             })
             .collect();
-        std::fs::create_dir_all(&files.dir).map_err(|e| Error::internal(format!("cannot create {}: {e}", files.dir.display())))?;
+        std::fs::create_dir_all(files.vmm_dir()).map_err(|e| Error::internal(format!("cannot create {}: {e}", files.vmm_dir().display())))?;
         for stale in [files.exit_report(), files.api_socket(), files.serial_socket(), files.incoming_socket()] {
             let _ = std::fs::remove_file(stale);
         }
@@ -358,6 +366,7 @@ impl Domains {
             .arg("--socket")
             .arg(files.serial_socket())
             .args(first_run.iter().map(|arg| format!("--first-run-arg={arg}")))
+            .args(jail.iter().flat_map(|spec| [std::ffi::OsStr::new("--jail"), spec.as_os_str()]))
             .arg("--")
             .arg(&self.paths.ferro_bin)
             .args(vmm::vmm_args(files, &self.confinement))
@@ -703,6 +712,22 @@ async fn prepare_boot_files(
         Ok(Some(vmm::DiskBoot { kernel: found.kernel, initrd: found.initrd, cmdline: found.cmdline }))
     };
     tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| Err(Error::internal(format!("boot file task failed: {e}"))))
+}
+
+impl Domains {
+    /// Writes the jail of a run's VMM for its monitor (None when VMMs run unjailed); the
+    /// directories the VMM writes (its sockets', the domain's snapshots') exist from here on.
+    fn write_jail(&self, uuid: &str, files: &RunFiles, vm: &ferro_vmm_api::VmConfig, restore: Option<&Path>) -> Result<Option<PathBuf>> {
+        let Some(jailer) = &self.confinement.jail else { return Ok(None) };
+        let snapshots = self.paths.snapshots().join(uuid);
+        for dir in [files.vmm_dir(), snapshots.clone()] {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let spec = vmm::jail_spec(files, vm, jailer, &snapshots, restore).map_err(Error::invalid)?;
+        let json = serde_json::to_vec_pretty(&spec).map_err(|e| Error::internal(format!("cannot encode the VMM's jail: {e}")))?;
+        durable::write(&files.jail_spec(), &json).map_err(|e| Error::internal(format!("cannot write {}: {e}", files.jail_spec().display())))?;
+        Ok(Some(files.jail_spec()))
+    }
 }
 
 /// What a domain's first VMM run starts from instead of a boot (a reset later boots afresh).

@@ -339,6 +339,7 @@ impl Migrations {
         let relay_socket = files.outgoing_socket();
         let _ = std::fs::remove_file(&relay_socket);
         let listener = UnixListener::bind(&relay_socket)
+            .and_then(|listener| files.give_to_vmm(&relay_socket).map(|()| listener))
             .map_err(|e| JobError::Failed(format!("cannot listen on {}: {e}", relay_socket.display())))?;
         let body = serde_json::json!({ "definition": definition, "disks": markers.claims });
         let link = peer.upgrade("/v1/migrations/incoming", &body).await;

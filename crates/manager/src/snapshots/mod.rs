@@ -68,8 +68,8 @@ fn failed(e: Error) -> JobError {
 }
 
 impl Snapshots {
-    pub fn open(home: &Path, store: Arc<Store>, events: Arc<EventHub>, jobs: Arc<Jobs>, domains: Arc<Domains>) -> Arc<Snapshots> {
-        Arc::new(Snapshots { root: home.join("snapshots"), store, events, jobs, domains, op_locks: Mutex::new(HashMap::new()) })
+    pub fn open(root: PathBuf, store: Arc<Store>, events: Arc<EventHub>, jobs: Arc<Jobs>, domains: Arc<Domains>) -> Arc<Snapshots> {
+        Arc::new(Snapshots { root, store, events, jobs, domains, op_locks: Mutex::new(HashMap::new()) })
     }
 
     async fn lock_op(&self, domain: &str) -> tokio::sync::OwnedMutexGuard<()> {
