@@ -12,6 +12,7 @@ mod disk_snapshot;
 mod exits;
 mod floor;
 mod images;
+mod jail;
 mod launch;
 mod memory;
 mod migrate;
@@ -80,6 +81,11 @@ enum Section {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Start-to-exit and PIO exit round trips of jailed, seccomp-filtered VMMs against plain ones, both under ferrod.
+    Jail {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// The floor's child process (spawned by `launch`).
     #[command(hide = true)]
     FloorChild,
@@ -100,6 +106,7 @@ fn main() {
         Section::Memory { runs } => memory::run(runs),
         Section::Migrate { runs } => migrate::run(runs),
         Section::Backup { runs } => backup::run(runs),
+        Section::Jail { runs } => jail::run(runs),
         Section::FloorChild => floor::first_exit_child(),
     }
 }

@@ -80,17 +80,32 @@ pub fn qcow2(data: &[u8]) -> bool {
     true
 }
 
+/// A raw disk that is the input, searched for what it boots as ferrod does for a domain with
+/// `boot.from = "disk"` (partition table, MBR or GPT, then each partition's ext4 file system,
+/// the boot loader's configuration and the kernel it names): the disk's bytes are whatever the
+/// guest wrote, and ferrod reads them as root. Written to a file of this process like [`vmdk`]'s.
+/// Returns whether a kernel was found.
+pub fn disk_boot(data: &[u8]) -> bool {
+    let Some(path) = scratch_file("disk_boot.raw", data) else { return false };
+    let found = ferro_images::boot::find(&path, Some(ferro_block::Format::Raw)).is_ok();
+    let _ = std::fs::remove_file(&path);
+    found
+}
+
+/// `data` in a file of this process (in /dev/shm when there is one) named after `name`.
+fn scratch_file(name: &str, data: &[u8]) -> Option<std::path::PathBuf> {
+    let shm = std::path::Path::new("/dev/shm");
+    let dir = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+    let path = dir.join(format!("ferro-fuzz-{}-{name}", std::process::id()));
+    std::fs::write(&path, data).ok().map(|()| path)
+}
+
 /// A VMDK file that is the input (sparse or streamOptimized; written to a file of this process
 /// in /dev/shm, since VMDK images are opened by path; one file per process, so parallel
 /// fuzz jobs do not share it): opened read-only and read at the start,
 /// middle and end. Returns whether the image opened.
 pub fn vmdk(data: &[u8]) -> bool {
-    let shm = std::path::Path::new("/dev/shm");
-    let dir = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
-    let path = dir.join(format!("ferro-fuzz-{}.vmdk", std::process::id()));
-    if std::fs::write(&path, data).is_err() {
-        return false;
-    }
+    let Some(path) = scratch_file("image.vmdk", data) else { return false };
     let opened = ferro_block::vmdk::VmdkImage::open(&path, ferro_block::Access::Read);
     let through = opened.is_ok();
     if let Ok(mut image) = opened {

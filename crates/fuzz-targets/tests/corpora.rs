@@ -48,3 +48,9 @@ fn transport_corpus() {
     // their buffer back; the balloon seed only configures.
     assert!(served >= 5, "only {served} transport seeds had their buffer served");
 }
+
+#[test]
+fn disk_boot_corpus() {
+    let found = replay("disk_boot", ferro_fuzz_targets::disk_boot);
+    assert_eq!(found, 3, "the kernel on the whole-disk, MBR and GPT ext4 seeds should be found (not on the truncated one)");
+}

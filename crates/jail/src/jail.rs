@@ -110,12 +110,21 @@ fn unsafe_zeroed_passwd() -> libc::passwd {
 
 /// The files a dynamically linked `program` needs to run: itself, its ELF interpreter and the
 /// shared libraries the interpreter loads for it (`<interpreter> --list`, what ldd does). A
-/// static program needs only itself.
+/// static program needs only itself. `program` is listed as given (it is what is executed) and,
+/// when that is a link, as the file it leads to.
 pub fn program_files(program: &Path) -> Result<Vec<PathBuf>, String> {
+    if !program.is_absolute() {
+        return Err(format!("VMM program {}: not an absolute path", program.display()));
+    }
+    let given = program.to_path_buf();
     let program = program.canonicalize().map_err(|e| format!("VMM program {}: {e}", program.display()))?;
     let image = std::fs::read(&program).map_err(|e| format!("cannot read {}: {e}", program.display()))?;
+    let mut files = vec![given];
+    if program != files[0] {
+        files.push(program.clone());
+    }
     let Some(interpreter) = elf_interpreter(&image).map_err(|e| format!("{}: {e}", program.display()))? else {
-        return Ok(vec![program]);
+        return Ok(files);
     };
     let listed = std::process::Command::new(&interpreter)
         .arg("--list")
@@ -125,7 +134,7 @@ pub fn program_files(program: &Path) -> Result<Vec<PathBuf>, String> {
     if !listed.status.success() {
         return Err(format!("{} --list {} failed: {}", interpreter.display(), program.display(), String::from_utf8_lossy(&listed.stderr).trim()));
     }
-    let mut files = vec![program, interpreter];
+    files.push(interpreter);
     // Lines: `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)`, `/lib64/ld-linux-x86-64.so.2 (0x...)`,
     // `linux-vdso.so.1 (0x...)` (in the kernel, no file).
     for line in String::from_utf8_lossy(&listed.stdout).lines() {
@@ -172,19 +181,33 @@ pub struct Owner {
     pub mode: u32,
 }
 
-/// Makes every bound file and directory usable by the jail's user: one it must write and does
-/// not own, or must read and may not, becomes the user's (the read-only bind keeps it read-only
-/// for the VMM whoever owns it). Returns the previous owners, for [`restore_owners`].
+/// The host's system directories: no pool may be defined on or in one, and no file in one is
+/// handed to the VMM user.
+pub const SYSTEM_DIRECTORIES: [&str; 14] =
+    ["/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/root", "/run", "/sbin", "/sys", "/usr"];
+
+/// The system directory `path` (absolute, resolved) is or lies in, `/` for the root itself.
+pub fn system_directory(path: &Path) -> Option<&'static str> {
+    if path == Path::new("/") {
+        return Some("/");
+    }
+    SYSTEM_DIRECTORIES.into_iter().find(|dir| path.starts_with(dir))
+}
+
+/// Makes every bound file and directory usable by the jail's user: one it must write, or read,
+/// and may not becomes the user's (the read-only bind keeps a file it reads read-only for the VMM
+/// whoever owns it). Files in system directories and devices are never handed over: one the user
+/// cannot use is an error naming it. Returns the previous owners, for [`restore_owners`].
 pub fn grant(spec: &JailSpec) -> Result<Vec<Owner>, String> {
     let mut changed = Vec::new();
     for bind in &spec.binds {
         let meta = std::fs::metadata(&bind.path).map_err(|e| format!("jail: {}: {e}", bind.path.display()))?;
         let mode = meta.mode();
         let needs = match bind.access {
-            Access::Write => 0o6,
+            Access::Write | Access::Device => 0o6,
             Access::Read if meta.is_dir() => 0o5,
             Access::Read => 0o4,
-            Access::Exec | Access::Device => continue,
+            Access::Exec => continue,
         };
         let allowed = if meta.uid() == spec.uid {
             (mode >> 6) & needs == needs
@@ -193,8 +216,16 @@ pub fn grant(spec: &JailSpec) -> Result<Vec<Owner>, String> {
         } else {
             mode & needs == needs
         };
-        if allowed && (bind.access != Access::Write || meta.uid() == spec.uid) {
+        if allowed {
             continue;
+        }
+        if let Some(dir) = system_directory(&bind.path).or((bind.access == Access::Device).then_some("/dev")) {
+            let how = if needs & 0o2 != 0 { "read and write" } else { "read" };
+            return Err(format!(
+                "jail: the VMM user (uid {}) may not {how} {}, and files in {dir} are not handed over: give the user access, or run VMMs unjailed (jail = false)",
+                spec.uid,
+                bind.path.display()
+            ));
         }
         std::os::unix::fs::chown(&bind.path, Some(spec.uid), Some(spec.gid))
             .map_err(|e| format!("jail: cannot hand {} to uid {}: {e}", bind.path.display(), spec.uid))?;
@@ -424,11 +455,50 @@ mod tests {
     #[test]
     fn the_program_files_are_the_binary_its_interpreter_and_libraries() {
         let files = program_files(Path::new("/bin/true")).unwrap();
-        assert_eq!(files[0], Path::new("/bin/true").canonicalize().unwrap());
+        assert_eq!(files[0], Path::new("/bin/true"));
+        assert!(files.contains(&Path::new("/bin/true").canonicalize().unwrap()), "{files:?}");
+        assert!(program_files(Path::new("true")).is_err());
         assert!(files.iter().any(|f| f.to_string_lossy().contains("ld-linux")), "{files:?}");
         assert!(files.iter().any(|f| f.to_string_lossy().contains("libc.so")), "{files:?}");
         assert!(elf_interpreter(b"#!/bin/sh\n").is_err());
         assert!(elf_interpreter(b"\x7fELF\x02\x01\x01").is_err(), "truncated headers are refused, not read past");
+    }
+
+    #[test]
+    fn system_directories_are_named_whatever_lies_below_them() {
+        assert_eq!(system_directory(Path::new("/")), Some("/"));
+        assert_eq!(system_directory(Path::new("/etc/ferrovisor/images")), Some("/etc"));
+        assert_eq!(system_directory(Path::new("/dev")), Some("/dev"));
+        assert_eq!(system_directory(Path::new("/srv/images")), None);
+        assert_eq!(system_directory(Path::new("/etcetera")), None, "by component, not by prefix");
+    }
+
+    /// Run as root (ferrod's jail needs it): a disk only root may write becomes the VMM user's for
+    /// the run and root's again after; a file others may read stays as it is; a file in a system
+    /// directory is never handed over.
+    #[test]
+    fn grant_hands_files_over_for_a_run_and_gives_them_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = ferro_test_support::TempDir::new("jail-grant");
+        let (disk, kernel) = (dir.join("disk.raw"), dir.join("kernel"));
+        for (file, mode) in [(&disk, 0o600), (&kernel, 0o644)] {
+            std::fs::write(file, b"x").unwrap();
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let spec = |binds: Vec<Bind>| JailSpec { root: dir.join("root"), uid: 54321, gid: 54322, groups: Vec::new(), binds, max_open_files: 64 };
+        let owners = grant(&spec(vec![Bind { path: disk.clone(), access: Access::Write }, Bind { path: kernel.clone(), access: Access::Read }]))
+            .unwrap_or_else(|e| panic!("{e} (this test runs as root)"));
+        assert_eq!(owners, [Owner { path: disk.clone(), uid: 0, gid: 0, mode: 0o600 }]);
+        let meta = |p: &Path| std::fs::metadata(p).unwrap();
+        assert_eq!((meta(&disk).uid(), meta(&disk).gid(), meta(&disk).mode() & 0o777), (54321, 54322, 0o600));
+        assert_eq!(meta(&kernel).uid(), 0, "a file others may read keeps its owner");
+        assert!(restore_owners(&owners).is_empty());
+        assert_eq!((meta(&disk).uid(), meta(&disk).gid()), (0, 0));
+
+        let shadow = Path::new("/etc/shadow");
+        let error = grant(&spec(vec![Bind { path: shadow.to_path_buf(), access: Access::Read }])).unwrap_err();
+        assert!(error.contains("may not read /etc/shadow, and files in /etc are not handed over"), "{error}");
+        assert_eq!(meta(shadow).uid(), 0);
     }
 
     #[test]

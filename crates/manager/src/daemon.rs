@@ -42,7 +42,7 @@ impl Services {
         let events = Arc::new(EventHub::default());
         let claims = Arc::new(Claims::default());
         let jobs = Jobs::open(store.clone(), events.clone(), claims.clone())?;
-        let pools = Pools::open(store.clone(), events.clone(), jobs.clone(), claims.clone())?;
+        let pools = Pools::open(paths.clone(), store.clone(), events.clone(), jobs.clone(), claims.clone())?;
         let networks = Networks::open(&paths.home.join("networks"), store.clone(), events.clone())?;
         let domains = Domains::open(paths.clone(), store.clone(), events.clone(), pools.clone(), networks.clone(), claims, overcommit_ratio, confinement)?;
         let ovf = Ovf::open(jobs.clone(), pools.clone(), domains.clone());

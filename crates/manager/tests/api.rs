@@ -543,5 +543,47 @@ fn with_allow_path_definitions_name_only_files_under_it_or_in_pools() {
     assert!(message(&v).contains(&format!("resolving to {}", outside.display())), "{v}");
     assert_eq!(api.expect("GET", "/v1/domains/inside", None, 200)["state"], "shutoff");
     d.ferro_ok(&["start", "vol"]);
+
+    // A qcow2 in an allowed place whose header names a backing file elsewhere (an upload can
+    // carry any header): refused at the start, before anything opens the backing file.
+    let overlay = allowed.join("overlay.qcow2");
+    ferro_test_support::run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", outside.to_str().unwrap(), "-F", "raw", overlay.to_str().unwrap()]);
+    let backed = format!("{}[[disk]]\npath = \"{}\"\nformat = \"qcow2\"\n", guest_toml("backed", "idle"), overlay.display());
+    api.expect("POST", "/v1/domains", Some(&backed), 201);
+    let m = message(&api.expect("POST", "/v1/domains/backed/start", None, 400));
+    assert!(m.starts_with(&format!("disk[0]: {}: backing file: {}", overlay.display(), outside.display())), "{m}");
+    assert!(m.contains("is outside the directories domains may use"), "{m}");
+
+    // A symbolic link planted in a pool is no volume: not listed, not read, written or deleted.
+    let victim = elsewhere.join("victim.raw");
+    std::fs::write(&victim, b"keep me").unwrap();
+    std::os::unix::fs::symlink(&victim, pool_dir.join("planted.raw")).unwrap();
+    let listed = api.expect("GET", "/v1/pools/p/volumes", None, 200);
+    assert!(!listed.to_string().contains("planted"), "{listed}");
+    for (method, path) in [("GET", "/v1/pools/p/volumes/planted.raw"), ("DELETE", "/v1/pools/p/volumes/planted.raw")] {
+        let m = message(&api.expect(method, path, None, 409));
+        assert!(m.contains("is a symbolic link; pool volumes must be files in the pool's directory"), "{method} {path}: {m}");
+    }
+    let m = message(&api.expect("PUT", "/v1/pools/p/volumes/planted.raw/data", Some("overwritten"), 409));
+    assert!(m.contains("is a symbolic link"), "{m}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+
+    // No pool on a system directory, on or in ferrod's own state, whatever the path says.
+    std::os::unix::fs::symlink("/etc", home.path().join("etc-link")).unwrap();
+    let refusals = [
+        ("/", "is the root directory".to_string()),
+        ("/etc", "is in the system directory /etc".to_string()),
+        ("/usr/lib/images", "is in the system directory /usr".to_string()),
+        ("/proc/self", "is in the system directory /proc".to_string()),
+        (home.path().join("etc-link/x").to_str().unwrap(), "(resolving to /etc/x) is in the system directory /etc".to_string()),
+        (home.path().to_str().unwrap(), format!("holds ferrod's state directory {}", home.path().canonicalize().unwrap().display())),
+        (home.path().parent().unwrap().to_str().unwrap(), "holds ferrod's state directory".to_string()),
+        (home.path().join("run/x").to_str().unwrap(), "is in ferrod's state directory".to_string()),
+    ];
+    for (target, why) in refusals {
+        let body = serde_json::json!({"name": "bad", "target": target}).to_string();
+        let m = message(&api.expect("POST", "/v1/pools", Some(&body), 400));
+        assert!(m.starts_with(&format!("target: {target}")) && m.contains(&why), "{target}: {m}");
+    }
     d.cleanup();
 }

@@ -18,6 +18,7 @@ mod cgroups;
 mod control;
 mod overcommit;
 mod paths;
+pub(crate) use paths::resolve;
 mod pinning;
 mod supervise;
 mod template;

@@ -186,6 +186,7 @@ impl Domains {
         self.check_paths(&config)?;
         let _reservation = self.check_commitment(name, &config).await?;
         let mut disks = self.resolve_disks(&config)?;
+        self.check_backing_files(&disks)?;
         for (key, path) in [("boot.kernel", &config.boot.kernel), ("boot.initrd", &config.boot.initrd)] {
             if let Some(path) = path
                 && !std::path::Path::new(path).is_file()

@@ -20,7 +20,7 @@ use crate::domain::validate_name;
 use crate::error::{Error, Result};
 use crate::events::EventHub;
 use crate::jobs::Jobs;
-use crate::model::{PoolInfo, new_uuid};
+use crate::model::{Paths, PoolInfo, new_uuid};
 use crate::store::{Store, StoredPool};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -51,6 +51,8 @@ fn dir() -> String {
 }
 
 pub struct Pools {
+    /// ferrod's own directories, which no pool may hold or be in.
+    paths: Paths,
     store: Arc<Store>,
     events: Arc<EventHub>,
     jobs: Arc<Jobs>,
@@ -68,14 +70,20 @@ fn not_active(name: &str) -> Error {
 
 impl Pools {
     /// Loads every pool from the store.
-    pub fn open(store: Arc<Store>, events: Arc<EventHub>, jobs: Arc<Jobs>, claims: Arc<Claims>) -> std::result::Result<Arc<Pools>, String> {
+    pub fn open(
+        paths: Paths,
+        store: Arc<Store>,
+        events: Arc<EventHub>,
+        jobs: Arc<Jobs>,
+        claims: Arc<Claims>,
+    ) -> std::result::Result<Arc<Pools>, String> {
         let pools = store
             .pools()
             .map_err(|e| format!("cannot read pools: {e}"))?
             .into_iter()
             .map(|p| (p.name, Pool { uuid: p.uuid, target: p.target, autostart: p.autostart, active: p.active }))
             .collect();
-        Ok(Arc::new(Pools { store, events, jobs, claims, pools: Mutex::new(pools) }))
+        Ok(Arc::new(Pools { paths, store, events, jobs, claims, pools: Mutex::new(pools) }))
     }
 
     fn pools(&self) -> MutexGuard<'_, BTreeMap<String, Pool>> {
@@ -134,6 +142,7 @@ impl Pools {
             return Err(Error::invalid(format!("target: {:?} is not an absolute path", def.target)));
         }
         let target = def.target.trim_end_matches('/').to_string();
+        self.check_target(Path::new(&def.target))?;
         let mut pools = self.pools();
         if pools.contains_key(&def.name) {
             return Err(Error::conflict(format!("pool {} is already defined", def.name)));
@@ -148,6 +157,27 @@ impl Pools {
         drop(pools);
         self.events.emit("pool", &def.name, "defined", "");
         Ok(info)
+    }
+
+    /// Refuses a pool directory that is, or lies in, a system directory, or that holds or lies in
+    /// ferrod's own state: a pool's files are written through the API and handed to VMMs.
+    fn check_target(&self, target: &Path) -> Result<()> {
+        let real = crate::domains::resolve(target);
+        let shown = if real == target { String::new() } else { format!(" (resolving to {})", real.display()) };
+        let refuse = |why: String| Err(Error::invalid(format!("target: {}{shown} {why}; choose a directory of its own, such as /srv/images", target.display())));
+        if let Some(dir) = ferro_jail::jail::system_directory(&real) {
+            return refuse(if dir == "/" { "is the root directory".to_string() } else { format!("is in the system directory {dir}") });
+        }
+        let home = crate::domains::resolve(&self.paths.home);
+        if home.starts_with(&real) {
+            return refuse(format!("holds ferrod's state directory {}", home.display()));
+        }
+        for state in [&self.paths.run, &self.paths.snapshots()] {
+            if real.starts_with(crate::domains::resolve(state)) {
+                return refuse(format!("is in ferrod's state directory {}", state.display()));
+            }
+        }
+        Ok(())
     }
 
     /// Applies `f` to a pool, persists it, reports `event` and returns the pool's new info.

@@ -67,12 +67,20 @@ pub(super) fn block_format(name: &str) -> Format {
 
 impl Pools {
     /// The path of an existing volume; with `for_write`, refuses volumes that a running domain or
-    /// a job uses.
+    /// a job uses. A volume is a file in the pool's directory: a symbolic link planted there,
+    /// which could lead anywhere on the host, is refused (and never listed).
     pub fn volume_path(&self, pool: &str, name: &str, for_write: bool) -> Result<PathBuf> {
         validate_volume_name(name).map_err(|e| Error::invalid(format!("volume name: {e}")))?;
         let path = self.active_dir(pool)?.join(name);
-        if !path.is_file() {
-            return Err(no_volume(pool, name));
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(Error::conflict(format!(
+                    "volume {name}: {} is a symbolic link; pool volumes must be files in the pool's directory",
+                    path.display()
+                )));
+            }
+            Ok(meta) if meta.is_file() => {}
+            _ => return Err(no_volume(pool, name)),
         }
         if for_write && let Err(busy) = self.claims.check(&path, Access::Write) {
             return Err(Error::conflict(format!("volume {name} is in use by {}", busy.holder)));
@@ -226,7 +234,10 @@ impl Pools {
         let (path, _held) = self.hold_volume(pool, name, "upload")?;
         let tmp = path.with_file_name(format!(".{name}.upload"));
         let io = |e: std::io::Error| Error::internal(format!("upload to {}: {e}", path.display()));
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
+        // Made exclusively (a stale one, or anything planted under its name, is unlinked first):
+        // the upload never writes through a link into another file.
+        let _ = tokio::fs::remove_file(&tmp).await;
+        let mut file = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).await.map_err(io)?;
         let mut result = Ok(());
         while let Some(chunk) = body.next().await {
             match chunk {
