@@ -550,7 +550,7 @@ fn with_allow_path_definitions_name_only_files_under_it_or_in_pools() {
     ferro_test_support::run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", outside.to_str().unwrap(), "-F", "raw", overlay.to_str().unwrap()]);
     let backed = format!("{}[[disk]]\npath = \"{}\"\nformat = \"qcow2\"\n", guest_toml("backed", "idle"), overlay.display());
     api.expect("POST", "/v1/domains", Some(&backed), 201);
-    let m = message(&api.expect("POST", "/v1/domains/backed/start", None, 400));
+    let m = message(&api.expect("POST", "/v1/domains/backed/start", None, 400)).to_string();
     assert!(m.starts_with(&format!("disk[0]: {}: backing file: {}", overlay.display(), outside.display())), "{m}");
     assert!(m.contains("is outside the directories domains may use"), "{m}");
 
@@ -561,28 +561,29 @@ fn with_allow_path_definitions_name_only_files_under_it_or_in_pools() {
     let listed = api.expect("GET", "/v1/pools/p/volumes", None, 200);
     assert!(!listed.to_string().contains("planted"), "{listed}");
     for (method, path) in [("GET", "/v1/pools/p/volumes/planted.raw"), ("DELETE", "/v1/pools/p/volumes/planted.raw")] {
-        let m = message(&api.expect(method, path, None, 409));
+        let m = message(&api.expect(method, path, None, 409)).to_string();
         assert!(m.contains("is a symbolic link; pool volumes must be files in the pool's directory"), "{method} {path}: {m}");
     }
-    let m = message(&api.expect("PUT", "/v1/pools/p/volumes/planted.raw/data", Some("overwritten"), 409));
+    let m = message(&api.expect("PUT", "/v1/pools/p/volumes/planted.raw/data", Some("overwritten"), 409)).to_string();
     assert!(m.contains("is a symbolic link"), "{m}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
 
     // No pool on a system directory, on or in ferrod's own state, whatever the path says.
     std::os::unix::fs::symlink("/etc", home.path().join("etc-link")).unwrap();
+    let path = |p: std::path::PathBuf| p.to_str().unwrap().to_string();
     let refusals = [
-        ("/", "is the root directory".to_string()),
-        ("/etc", "is in the system directory /etc".to_string()),
-        ("/usr/lib/images", "is in the system directory /usr".to_string()),
-        ("/proc/self", "is in the system directory /proc".to_string()),
-        (home.path().join("etc-link/x").to_str().unwrap(), "(resolving to /etc/x) is in the system directory /etc".to_string()),
-        (home.path().to_str().unwrap(), format!("holds ferrod's state directory {}", home.path().canonicalize().unwrap().display())),
-        (home.path().parent().unwrap().to_str().unwrap(), "holds ferrod's state directory".to_string()),
-        (home.path().join("run/x").to_str().unwrap(), "is in ferrod's state directory".to_string()),
+        ("/".to_string(), "is the root directory".to_string()),
+        ("/etc".to_string(), "is in the system directory /etc".to_string()),
+        ("/usr/lib/images".to_string(), "is in the system directory /usr".to_string()),
+        ("/proc/self".to_string(), "is in the system directory /proc".to_string()),
+        (path(home.path().join("etc-link/x")), "(resolving to /etc/x) is in the system directory /etc".to_string()),
+        (path(home.path().to_path_buf()), format!("holds ferrod's state directory {}", home.path().canonicalize().unwrap().display())),
+        (path(home.path().parent().unwrap().to_path_buf()), "holds ferrod's state directory".to_string()),
+        (path(home.path().join("run/x")), "is in ferrod's state directory".to_string()),
     ];
     for (target, why) in refusals {
         let body = serde_json::json!({"name": "bad", "target": target}).to_string();
-        let m = message(&api.expect("POST", "/v1/pools", Some(&body), 400));
+        let m = message(&api.expect("POST", "/v1/pools", Some(&body), 400)).to_string();
         assert!(m.starts_with(&format!("target: {target}")) && m.contains(&why), "{target}: {m}");
     }
     d.cleanup();
