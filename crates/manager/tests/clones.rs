@@ -149,6 +149,13 @@ fn full_and_linked_clones_run_on_their_own_disks_and_the_template_never_changes(
     api.expect("POST", "/v1/domains/src/template", None, 409);
     let err = ferro_err(&d, &["define", file.to_str().unwrap()]);
     assert!(err.contains("domain src is a template"), "{err}");
+    // Nothing of ferrod's writes the template's disk: a backup, a volume wipe or delete.
+    let err = ferro_err(&d, &["backup-begin", "src", "--target", home.path().join("b").to_str().unwrap()]);
+    assert!(err.contains("in use by template src"), "{err}");
+    let err = ferro_err(&d, &["vol-wipe", "src.qcow2", "--pool", "p"]);
+    assert!(err.contains("in use by template src"), "{err}");
+    let err = ferro_err(&d, &["vol-delete", "src.qcow2", "--pool", "p"]);
+    assert!(err.contains("in use by template src"), "{err}");
 
     // A linked clone through the API: at once, a qcow2 overlay backed by the template's disk.
     let body = json!({ "name": "linked0", "linked": true }).to_string();
