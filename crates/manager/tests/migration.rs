@@ -3,8 +3,8 @@
 //! guest churns its 16 MiB pattern the whole time (every pass checks each word against the
 //! generation last written), so a page lost or left stale by a move shows as errors, and its
 //! count shows it was never rebooted; its read-only disk is on storage both ferrods see (checked
-//! with a marker). Refused credentials and a destination VMM killed mid-way leave the guest
-//! running on the source and nothing on the destination. A shut-off domain moves with the disks
+//! with a marker). Refused credentials, a destination VMM killed mid-way, a cancel and a link
+//! that goes silent leave the guest running on the source and nothing on the destination. A shut-off domain moves with the disks
 //! the destination lacks, byte for byte as `qemu-img compare` reads them.
 
 use ferro_test_support::daemon::pki::Pki;
@@ -126,6 +126,15 @@ fn a_churning_guest_moves_between_two_ferrods_and_only_then() {
     wait_for("the destination to drop the domain", Duration::from_secs(30), || state_of(&dst, "mover").is_none());
     let job: Value = serde_json::from_str(&src.ferro_ok(&["domjobinfo", "mover", "--json"])).unwrap();
     assert_eq!((job["kind"].as_str(), job["state"].as_str()), (Some("migrate"), Some("failed")), "{job}");
+
+    // domjobabort: the VMM's migrate_cancel; the guest runs on, the destination keeps nothing.
+    let slow = slow_migration(&src_home, &src, &uri, &pki, 0);
+    let aborted = src.ferro_ok(&["domjobabort", "mover"]);
+    assert!(aborted.contains("aborted"), "{aborted}");
+    let err = stderr_line(&slow.wait_with_output().unwrap());
+    assert!(err.contains("cancelled"), "{err}");
+    assert_eq!(state_of(&src, "mover").as_deref(), Some("running"));
+    wait_for("the destination to drop the domain", Duration::from_secs(30), || state_of(&dst, "mover").is_none());
 
     // The move: every page, the count going on, and the guest in one place only.
     let out = migrate(&["--dest-token-file", &tokens, "--bandwidth", "100", "--auto-converge", "--json"]);
