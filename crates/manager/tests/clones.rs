@@ -146,6 +146,7 @@ fn full_and_linked_clones_run_on_their_own_disks_and_the_template_never_changes(
     let list = d.ferro_ok(&["list", "--all"]);
     assert!(list.lines().any(|l| l.contains("src") && l.contains("template")), "{list}");
     assert_eq!(domain(&d, "src")["template"], true);
+    assert!(d.ferro_ok(&["dominfo", "src"]).contains("Template"), "dominfo says it is a template");
     api.expect("POST", "/v1/domains/src/template", None, 409);
     let err = ferro_err(&d, &["define", file.to_str().unwrap()]);
     assert!(err.contains("domain src is a template"), "{err}");

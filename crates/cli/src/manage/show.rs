@@ -88,6 +88,9 @@ pub fn dominfo(d: &Value) {
         ("Memory", d["memory_bytes"].as_u64().map(bytes).unwrap_or_else(|| "-".into())),
         ("Autostart", if d["autostart"] == true { "enable".into() } else { "disable".into() }),
     ];
+    if d["template"] == true {
+        rows.push(("Template", "yes (never started; the base of linked clones)".into()));
+    }
     if let Some(pid) = d["pid"].as_u64() {
         rows.push(("PID", pid.to_string()));
     }

@@ -15,7 +15,8 @@
 //! files, then switches the bitmaps; of a running one the VMM first switches the bitmaps and
 //! takes temporary internal snapshots while the guest is paused (`backup_begin`), and the copy
 //! reads those while the guest runs on (docs/backups.md says why). Then the files get their
-//! names (never replacing a file) and the checkpoint is marked made. A failure or a cancel on
+//! names (never replacing a file), the VMM deletes its snapshots, and only then is the
+//! checkpoint marked made (a VMM that died on the way fails the backup). A failure or a cancel on
 //! the way undoes what was done; a checkpoint row is written (pending) before any disk changes,
 //! so a ferrod that died during a backup undoes it at its next start. Deleting a checkpoint
 //! merges its bitmap into its parent's. `restore` writes a backup back into a disk.
