@@ -4,13 +4,14 @@
 //! generation last written), so a page lost or left stale by a move shows as errors, and its
 //! count shows it was never rebooted; its read-only disk is on storage both ferrods see (checked
 //! with a marker). Refused credentials, a destination VMM killed mid-way, a cancel and a link
-//! that goes silent leave the guest running on the source and nothing on the destination. A shut-off domain moves with the disks
+//! that goes silent (two network namespaces joined by a veth pair, one ferrod in each, the veth
+//! taken down) leave the guest running on the source and nothing on the destination. A shut-off domain moves with the disks
 //! the destination lacks, byte for byte as `qemu-img compare` reads them.
 
 use ferro_test_support::daemon::pki::Pki;
 use ferro_test_support::daemon::{Daemon, Home, openapi};
 use ferro_test_support::vm::{Console, field};
-use ferro_test_support::{ferro_bin, qemu, wait_for};
+use ferro_test_support::{ferro_bin, net, qemu, wait_for};
 use serde_json::Value;
 use std::process::{Output, Stdio};
 use std::time::Duration;
@@ -243,58 +244,24 @@ fn a_shut_off_domain_moves_with_the_disks_the_destination_lacks() {
     dst.ferro_ok(&["destroy", "mover"]);
 }
 
-/// A TCP relay from a port of 127.0.0.1 to `to` whose link can be cut silently: from then on it
-/// carries nothing more but keeps every connection open, as a broken network would.
-struct Link {
-    port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Link {
-    fn to(to: std::net::SocketAddr) -> Link {
-        use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = cut.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = std::net::TcpStream::connect(to) else { continue };
-                for (mut from, mut into) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
-                    let flag = flag.clone();
-                    std::thread::spawn(move || {
-                        use std::io::{Read, Write};
-                        let mut buf = [0u8; 64 << 10];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || flag.load(Ordering::Relaxed) || into.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        // Silent: the sockets stay open until the test ends.
-                        std::thread::park();
-                    });
-                }
-            }
-        });
-        Link { port, cut }
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 #[test]
 fn a_link_that_goes_silent_mid_migration_leaves_the_guest_on_the_source() {
+    // Two hosts: the source ferrod in one network namespace, the destination's in another,
+    // joined by a veth pair; the link is cut by taking the source's end down (packets vanish,
+    // nobody is told).
+    let (host, outside) = net::host_and_outside();
     let pki = Pki::new();
     let (src_home, dst_home) = (Home::new("mig-cut-src"), Home::new("mig-cut-dst"));
-    let src = Daemon::start(&src_home);
-    let (dst, addr) = pki.daemon(&dst_home);
-    let link = Link::to(addr);
-    let uri = format!("tls://127.0.0.1:{}", link.port);
+    let src = Daemon::start_in(&src_home, &host, &["--no-default-network"]);
+    let listen = format!("{}:8443", net::OUTSIDE);
+    let (cert, key, tokens) = (pki.arg("ferrod.pem"), pki.arg("ferrod.key"), pki.arg("tokens"));
+    let dst = Daemon::start_in(&dst_home, &outside, &[
+        "--no-default-network", "--listen", &listen, "--tls-cert", &cert, "--tls-key", &key, "--token-file", &tokens,
+    ]);
+    let uri = format!("tls://{listen}");
     let (mut console, seed) = churning(&src, &src_home, GUEST);
     let migrating = slow_migration(&src_home, &src, &uri, &pki, 1 << 20);
-    link.cut();
+    host.ip(&["link", "set", "uplink", "down"]);
     let started = std::time::Instant::now();
     let err = stderr_line(&migrating.wait_with_output().unwrap());
     eprintln!("silent link noticed after {:?}: {err}", started.elapsed());

@@ -1,6 +1,7 @@
 //! Certificates and tokens for ferrod's TLS listeners, made with the openssl commands of
-//! docs/remote.md: a CA, a certificate for 127.0.0.1 and localhost signed by it, a second CA that
-//! signed nothing of ours, and token files (admin and readonly, a reader's, a wrong one).
+//! docs/remote.md: a CA, a certificate for 127.0.0.1, localhost and `net::OUTSIDE` (a ferrod in
+//! the outside namespace of `net::host_and_outside`) signed by it, a second CA that signed nothing
+//! of ours, and token files (admin and readonly, a reader's, a wrong one).
 
 use super::{Api, Daemon, Home};
 use crate::{TempDir, run_ok};
@@ -35,7 +36,7 @@ impl Pki {
         ]);
         std::fs::write(
             dir.join("ferrod.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:203.0.113.2\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
         )
         .unwrap();
         run_ok("openssl", &[
