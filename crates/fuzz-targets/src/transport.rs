@@ -17,7 +17,7 @@ use ferro_devices::virtio::rng::Rng;
 use ferro_devices::pci::bus::{PciBus, PciEcam, PciMmioWindow, SharedFunction};
 use ferro_devices::pci::msix::{MsiMessage, MsiRoutes, MsixVector};
 use ferro_devices::{BusAction, BusDevice, IrqLine};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
@@ -31,12 +31,21 @@ const ACCESS: usize = 12;
 /// The PCI function's BAR 0 and the host bridge window it decodes in.
 const WINDOW_START: u64 = 0xc000_0000;
 
-/// The disk behind the fuzzed virtio-blk: a 1 MiB raw file in /dev/shm, made once per process
-/// (the guest's writes land there; any content is a valid raw disk).
+/// The disk behind the fuzzed virtio-blk: a 1 MiB raw file in /dev/shm made once per process
+/// (the guest's writes land there; any content is a valid raw disk). The files of processes that
+/// are gone are removed first, so runs do not pile them up.
 fn disk() -> Option<&'static PathBuf> {
+    const PREFIX: &str = "ferro-fuzz-transport-";
     static DISK: OnceLock<Option<PathBuf>> = OnceLock::new();
     DISK.get_or_init(|| {
-        let path = PathBuf::from(format!("/dev/shm/ferro-fuzz-transport-{}.raw", std::process::id()));
+        for entry in std::fs::read_dir("/dev/shm").ok()?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.strip_prefix(PREFIX).and_then(|rest| rest.strip_suffix(".raw"));
+            if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let path = PathBuf::from(format!("/dev/shm/{PREFIX}{}.raw", std::process::id()));
         std::fs::write(&path, vec![0u8; 1 << 20]).ok()?;
         Some(path)
     })
