@@ -25,6 +25,7 @@ if [ "${1:-}" = "--test" ]; then
     packages+=(chromium)  # the web UI's browser test (crates/manager/tests/ui.rs) drives it headless
     # scripts/check-package.sh: systemd-analyze verify of the unit, man -l of every page
     packages+=(systemd man-db groff-base)
+    packages+=(python3-venv)  # the API test's schemathesis (below) lives in a venv
 fi
 # npm builds the web UI that ferrod embeds (crates/manager/build.rs). Any Node.js 18+ with npm will
 # do (a NodeSource one included, whose nodejs package carries npm), so Debian's are only installed
@@ -64,6 +65,15 @@ if ! command -v cargo >/dev/null; then
 fi
 if [ "${1:-}" = "--test" ] && [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
     echo "setup.sh: warning: Node.js $(node --version) is older than 20, which the browser test's playwright-core needs" >&2
+fi
+# schemathesis (PyPI) fuzzes ferrod's REST API against openapi.json in
+# crates/manager/tests/api_schemathesis.rs; it goes into its own venv, pinned.
+schemathesis_version=4.32.5
+schemathesis_venv=${XDG_CACHE_HOME:-$HOME/.cache}/ferrovisor/schemathesis
+if [ "${1:-}" = "--test" ] && ! "$schemathesis_venv/bin/schemathesis" --version 2>/dev/null | grep -q "$schemathesis_version"; then
+    echo "setup.sh: installing schemathesis $schemathesis_version into $schemathesis_venv" >&2
+    python3 -m venv "$schemathesis_venv"
+    "$schemathesis_venv/bin/pip" install -q "schemathesis==$schemathesis_version" >&2
 fi
 if [ ! -e /dev/kvm ]; then
     echo "setup.sh: warning: /dev/kvm is missing; VM tests will fail (see 'ferro host-check')" >&2
