@@ -196,6 +196,20 @@ pub fn open(path: impl AsRef<Path>, format: Option<Format>, readonly: bool) -> R
     open_with(path.as_ref(), &OpenOptions { format, access, open_backing: true })
 }
 
+/// Closes an image as a clean close does, reporting what fails: every completed write made
+/// durable and, for qcow2, the dirty bitmaps stored with their `in_use` flags cleared. Once this
+/// returns Ok the image is consistent on disk and its locks are released, so another process may
+/// open it (a migration's hand-over, docs/migration.md); dropping an image does the same but
+/// cannot report a failure. On failure the image is closed all the same (dropped, which tries
+/// once more), so its locks are released either way.
+pub fn close(mut img: Box<dyn DiskImage>) -> Result<()> {
+    img.flush()?;
+    if let Some(qcow2) = img.as_qcow2() {
+        qcow2.store_bitmaps()?;
+    }
+    Ok(())
+}
+
 /// Opens an image with explicit options.
 pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
     let mut seen = Vec::new();

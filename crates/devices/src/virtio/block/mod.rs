@@ -6,6 +6,12 @@
 //! types and flags); a request whose status byte cannot be written completes with length zero.
 //! A broken queue marks the device NEEDS_RESET. `request` holds the request logic, `state` the
 //! saved state. When the VM ends, [`VirtioDevice::shutdown`] flushes and closes the image.
+//!
+//! A writable image may also be *inactive*: closed while the VM is paused because another VMM
+//! is to use it (a live migration hands it over, docs/migration.md). The source closes it
+//! cleanly and so releases its locks ([`BlockDisk::inactivate`]); the destination builds its
+//! device without opening it ([`Block::new_inactive`]) and opens it only once the source has let
+//! go ([`BlockDisk::activate`]), as does a source that takes it back after a failed migration.
 
 mod request;
 mod state;
@@ -43,8 +49,24 @@ fn bit(b: u32) -> u64 {
     1 << b
 }
 
-/// The open image; None once the device has shut down and closed it.
-type SharedDisk = Arc<Mutex<Option<Box<dyn DiskImage>>>>;
+/// The image, shared by the device, its worker and the VMM's handle.
+type SharedDisk = Arc<Mutex<Slot>>;
+
+/// The image if it is open, and what it must be when it is opened again.
+struct Slot {
+    /// None once the device has shut down, or while the image is inactive.
+    image: Option<Box<dyn DiskImage>>,
+    /// Set while the image is inactive (another process may own it): its format, if known,
+    /// and its capacity in sectors, once known (a destination learns both from the state).
+    inactive: Option<(Option<DiskFormat>, Option<u64>)>,
+}
+
+fn to_block_format(format: DiskFormat) -> Format {
+    match format {
+        DiskFormat::Raw => Format::Raw,
+        DiskFormat::Qcow2 => Format::Qcow2,
+    }
+}
 
 pub struct Block {
     path: PathBuf,
@@ -64,11 +86,7 @@ const NAME: &str = "virtio-blk";
 impl Block {
     /// Opens `path` (raw or qcow2; None to detect) for a guest disk.
     pub fn new(path: &Path, format: Option<DiskFormat>, readonly: bool) -> Result<Block, String> {
-        let format = format.map(|f| match f {
-            DiskFormat::Raw => Format::Raw,
-            DiskFormat::Qcow2 => Format::Qcow2,
-        });
-        let disk = ferro_block::open(path, format, readonly).map_err(|e| format!("disk {}: {e}", path.display()))?;
+        let disk = ferro_block::open(path, format.map(to_block_format), readonly).map_err(|e| format!("disk {}: {e}", path.display()))?;
         let format = match disk.info().format {
             Format::Qcow2 => DiskFormat::Qcow2,
             _ => DiskFormat::Raw,
@@ -76,7 +94,7 @@ impl Block {
         let capacity = disk.size() / SECTOR_SIZE;
         Ok(Block {
             path: path.to_path_buf(),
-            disk: Arc::new(Mutex::new(Some(disk))),
+            disk: Arc::new(Mutex::new(Slot { image: Some(disk), inactive: None })),
             format,
             readonly,
             capacity,
@@ -85,6 +103,24 @@ impl Block {
             counters: Arc::default(),
             runner: Runner::Idle,
         })
+    }
+
+    /// A writable disk at `path` that another process owns for now (a migration's source): the
+    /// image is neither opened nor locked, and nothing of it is read. Its format (unless given)
+    /// and capacity come from the saved state restored into the device; [`BlockDisk::activate`]
+    /// opens it, and checks it against them, once the other process has let go.
+    pub fn new_inactive(path: &Path, format: Option<DiskFormat>) -> Block {
+        Block {
+            path: path.to_path_buf(),
+            disk: Arc::new(Mutex::new(Slot { image: None, inactive: Some((format, None)) })),
+            format: format.unwrap_or(DiskFormat::Raw),
+            readonly: false,
+            capacity: 0,
+            id: serial_from_path(path),
+            acked_features: 0,
+            counters: Arc::default(),
+            runner: Runner::Idle,
+        }
     }
 
     /// The request counters the worker keeps.
@@ -97,13 +133,13 @@ impl Block {
         BlockDisk { path: self.path.clone(), readonly: self.readonly, disk: self.disk.clone() }
     }
 
-    fn lock_disk(&self) -> MutexGuard<'_, Option<Box<dyn DiskImage>>> {
+    fn lock_disk(&self) -> MutexGuard<'_, Slot> {
         self.disk.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Makes every completed write durable; a closed disk has nothing left to flush.
     fn flush(&self) -> Result<(), String> {
-        match self.lock_disk().as_mut() {
+        match self.lock_disk().image.as_mut() {
             Some(disk) if !self.readonly => disk.flush().map_err(|e| format!("disk {}: flush: {e}", self.path.display())),
             _ => Ok(()),
         }
@@ -146,8 +182,9 @@ impl BlockDisk {
     /// Runs `f` on the image's qcow2 layer; a disk of another format (or closed) is refused
     /// naming it.
     fn with_qcow2<T>(&self, f: impl FnOnce(&mut ferro_block::qcow2::Qcow2) -> ferro_block::Result<T>) -> Result<T, String> {
-        let mut guard = self.disk.lock().unwrap_or_else(|p| p.into_inner());
-        let disk = guard.as_mut().ok_or_else(|| format!("disk {} is closed", self.path.display()))?;
+        let mut guard = self.lock();
+        let why = if guard.inactive.is_some() { "inactive (handed over to another VMM by a migration)" } else { "closed" };
+        let disk = guard.image.as_mut().ok_or_else(|| format!("disk {} is {why}", self.path.display()))?;
         let qcow2 = ferro_block::snapshot_capable(disk.as_mut()).map_err(|e| format!("disk {e}"))?;
         f(qcow2).map_err(|e| format!("disk {e}"))
     }
@@ -207,6 +244,65 @@ impl BlockDisk {
     /// The byte ranges written since the oldest checkpoint of `since` (see `Qcow2::changed_since`).
     pub fn changed_since(&self, since: &[String]) -> Result<Vec<(u64, u64)>, String> {
         self.with_qcow2(|q| Ok(q.changed_since(since)?.ranges()))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.disk.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the image is inactive (closed until [`activate`](Self::activate)).
+    pub fn is_inactive(&self) -> bool {
+        self.lock().inactive.is_some()
+    }
+
+    /// Closes a writable image as a clean close does (writes durable, qcow2 metadata and dirty
+    /// bitmaps stored, their `in_use` flags cleared) and so releases its locks, for another
+    /// process to open it. The device's worker must be paused (the VM is). A read-only or
+    /// already inactive image is left as it is. On failure the image is closed all the same (it
+    /// is inactive, and its locks are released): [`activate`](Self::activate) opens it again.
+    pub fn inactivate(&self) -> Result<(), String> {
+        let mut slot = self.lock();
+        if self.readonly || slot.inactive.is_some() {
+            return Ok(());
+        }
+        let Some(image) = slot.image.take() else { return Err(format!("disk {} is closed", self.path.display())) };
+        let format = match image.info().format {
+            Format::Qcow2 => DiskFormat::Qcow2,
+            _ => DiskFormat::Raw,
+        };
+        slot.inactive = Some((Some(format), Some(image.size() / SECTOR_SIZE)));
+        ferro_block::close(image).map_err(|e| format!("disk {}: closing it for the hand-over: {e}", self.path.display()))
+    }
+
+    /// Opens an inactive image again (its locks taken, its metadata read afresh), and checks it
+    /// is what the device exposes: the format and capacity it had (or, on a migration's
+    /// destination, that the restored state gave). `Err((true, why))` when another process
+    /// still holds the image (its locks refuse the open), `Err((false, why))` for any other
+    /// failure. An active image is left as it is.
+    pub fn activate(&self) -> Result<(), (bool, String)> {
+        let mut slot = self.lock();
+        let Some((format, capacity)) = slot.inactive else { return Ok(()) };
+        let here = self.path.display();
+        let Some(capacity) = capacity else {
+            return Err((false, format!("disk {here}: its size is not known yet (no state was restored)")));
+        };
+        let image = ferro_block::open(&self.path, format.map(to_block_format), false).map_err(|e| {
+            let in_use = matches!(e, ferro_block::Error::InUse { .. });
+            (in_use, format!("disk {here}: {e}"))
+        })?;
+        let opened = match image.info().format {
+            Format::Qcow2 => DiskFormat::Qcow2,
+            _ => DiskFormat::Raw,
+        };
+        if format.is_some_and(|f| f != opened) {
+            return Err((false, format!("disk {here}: it is {} now, {} before", opened.name(), format.map_or("?", |f| f.name()))));
+        }
+        if image.size() / SECTOR_SIZE != capacity {
+            return Err((false, format!("disk {here}: {} sectors now, {capacity} before", image.size() / SECTOR_SIZE)));
+        }
+        slot.image = Some(image);
+        slot.inactive = None;
+        Ok(())
     }
 }
 
@@ -288,7 +384,9 @@ impl VirtioDevice for Block {
         if let Err(e) = self.flush() {
             eprintln!("ferro: {e}");
         }
-        drop(self.lock_disk().take());
+        let mut slot = self.lock_disk();
+        slot.inactive = None;
+        drop(slot.image.take());
     }
 }
 
@@ -316,8 +414,8 @@ impl WorkerState for BlockWorker {
         if self.broken.is_set() {
             return;
         }
-        let mut disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(disk) = disk.as_mut() else { return };
+        let mut slot = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(disk) = slot.image.as_mut() else { return };
         let (mem, requests) = (&self.mem, &mut self.requests);
         let served = chains::drain(queue, mem, |chain| {
             let chain = Chain::parse(chain, mem);
