@@ -279,11 +279,15 @@ fn vcpu_calls() -> Vec<i64> {
 }
 
 /// A control connection answers requests: pause and resume (which restarts vCPUs, so it may do
-/// what they do), statistics, balloon changes and snapshots (a new directory of files).
+/// what they do), statistics, balloon changes and snapshots (a new directory of files), and
+/// migrations (a source whose migration failed opens its disk images again: their paths are
+/// resolved, symbolic links included, and they are locked with fcntl, which SPAWN allows).
 fn control_connection_calls() -> Vec<i64> {
     let mut list = vcpu_calls();
     list.extend(SOCKET_IO);
     list.extend([
+        libc::SYS_readlink,
+        libc::SYS_readlinkat,
         libc::SYS_openat,
         libc::SYS_mkdir,
         libc::SYS_mkdirat,

@@ -14,6 +14,7 @@ use crate::resources::{ResourceAllocator, ResourceState};
 use crate::snapshot::{self, CpuFeatures, SnapshotState};
 use crate::state::{SAVED_VM_VERSION, SavedVm};
 use crate::vcpu::{self, Shared, Vcpus};
+use crate::virtio::DiskOpening;
 use crate::vm::{Start, Vm, VmControl, VmParts};
 use crate::{Error, Result, acpi, cpuid, signals};
 use ferro_hypervisor::{Hypervisor, ioctl_err};
@@ -73,7 +74,8 @@ impl<'a> VmBuilder<'a> {
         self.check(&config)?;
         let memory = memory::create(&config.memory, memory::Source::Fresh)?;
         let Base { vm, memory } = self.base(memory)?;
-        let (devices, buses) = DeviceManager::new(&vm, &memory, &config, ResourceAllocator::new(), self.serial_out, &self.events)?;
+        let (devices, buses) =
+            DeviceManager::new(&vm, &memory, &config, ResourceAllocator::new(), self.serial_out, &self.events, DiskOpening::Now)?;
         let rsdp = acpi::write_tables(&memory, config.vcpus, &devices.mmio_slots())?;
         let src = BootSource { kernel: &config.boot.kernel, initrd: config.boot.initrd.as_deref(), cmdline: &config.boot.cmdline, rsdp };
         let entry = boot::load(&memory, &src)?;
@@ -111,24 +113,26 @@ impl<'a> VmBuilder<'a> {
         self.check_restorable(&config, &cpu_features)?;
         let memory = memory(&config)?;
         let resources = saved.devices.resources.clone();
-        self.prepare_restore(config, cpu_features, resources, memory)?.restore(saved)
+        self.prepare_restore(config, cpu_features, resources, memory, DiskOpening::Now)?.restore(saved)
     }
 
     /// Everything of a restored VM but its saved state: `memory` registered, the in-kernel
     /// devices, the devices placed by `resources` as the saved VM had them, and paused vCPU
     /// threads. A migration's destination builds this while memory still arrives, so that only
-    /// applying the state is left for the switch-over.
+    /// applying the state (and opening the writable disks, `DiskOpening::Later`) is left for
+    /// the switch-over.
     pub(crate) fn prepare_restore(
         self,
         config: VmConfig,
         cpu_features: CpuFeatures,
         resources: ResourceState,
         memory: GuestMemoryMmap,
+        disks: DiskOpening,
     ) -> Result<Unrestored> {
         self.check_restorable(&config, &cpu_features)?;
         let Base { vm, memory } = self.base(memory)?;
         let (devices, buses) =
-            DeviceManager::new(&vm, &memory, &config, ResourceAllocator::restored(resources), self.serial_out, &self.events)?;
+            DeviceManager::new(&vm, &memory, &config, ResourceAllocator::restored(resources), self.serial_out, &self.events, disks)?;
         let fds = create_vcpus(self.hv, &vm, config.vcpus)?;
         let shared = new_shared(buses)?;
         let vcpus = Vcpus::spawn(fds, &shared, msr_list(self.hv)?, &vec![false; usize::from(config.vcpus)])

@@ -11,7 +11,7 @@ use crate::events::EventSink;
 use crate::memory::GuestMemoryMmap;
 use crate::pci::{GsiRoutes, KvmIoEvents, PCI_MMIO_WINDOW};
 use crate::resources::{ResourceAllocator, ResourceState};
-use crate::virtio::{self, DeviceHandles};
+use crate::virtio::{self, DeviceHandles, DiskOpening};
 use crate::{Error, Result};
 use ferro_devices::IrqLine;
 use ferro_devices::acpi::{AcpiPm, AcpiPmState, GED_IRQ, PM_BASE, PM_SIZE};
@@ -122,8 +122,9 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine> {
 }
 
 impl DeviceManager {
-    /// Builds every device of `config` (opening what they use on the host) and the buses that
-    /// reach them; placement comes from `resources` (a restored VM's saved allocator).
+    /// Builds every device of `config` (opening what they use on the host, writable disks as
+    /// `disks` says) and the buses that reach them; placement comes from `resources` (a restored
+    /// VM's saved allocator).
     pub fn new(
         vm: &Arc<VmFd>,
         mem: &GuestMemoryMmap,
@@ -131,6 +132,7 @@ impl DeviceManager {
         mut resources: ResourceAllocator,
         serial_out: Box<dyn std::io::Write + Send>,
         events: &Arc<EventSink>,
+        disks: DiskOpening,
     ) -> Result<(DeviceManager, Buses)> {
         if let Some(d) = config.devices.iter().find(|d| BUILT_IN.contains(&d.id.as_str())) {
             return Err(Error::Config(format!("device id {:?} is taken by a built-in device ({})", d.id, BUILT_IN.join(", "))));
@@ -155,8 +157,8 @@ impl DeviceManager {
         let mut virtio = Vec::with_capacity(config.devices.len());
         for dc in &config.devices {
             let transport = match config.transport {
-                Transport::Mmio => VirtioTransport::Mmio(attach_mmio(vm, mem, dc, &mut resources, &mut mmio, &mut handles, events)?),
-                Transport::Pci => VirtioTransport::Pci(attach_pci(vm, mem, dc, &mut resources, &mut pci, &routes, &mut handles, events)?),
+                Transport::Mmio => VirtioTransport::Mmio(attach_mmio(vm, mem, dc, &mut resources, &mut mmio, &mut handles, disks, events)?),
+                Transport::Pci => VirtioTransport::Pci(attach_pci(vm, mem, dc, &mut resources, &mut pci, &routes, &mut handles, disks, events)?),
             };
             virtio.push((dc.id.clone(), transport));
         }
@@ -302,6 +304,7 @@ impl DeviceManager {
 
 /// Puts device `config` on virtio-mmio: its window on the MMIO bus, a KVM ioeventfd per queue on
 /// QueueNotify (datamatch = queue index), its interrupt an irqfd on its pin.
+#[allow(clippy::too_many_arguments)]
 fn attach_mmio(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
@@ -309,10 +312,11 @@ fn attach_mmio(
     resources: &mut ResourceAllocator,
     bus: &mut Bus,
     handles: &mut DeviceHandles,
+    disks: DiskOpening,
     events: &Arc<EventSink>,
 ) -> Result<Arc<Mutex<MmioTransport>>> {
     let slot = resources.mmio(&config.id)?;
-    let device = virtio::build(config, handles)?;
+    let device = virtio::build(config, handles, disks)?;
     let mut kicks = Vec::new();
     for q in 0..device.queue_max_sizes().len() {
         let kick = eventfd()?;
@@ -338,9 +342,10 @@ fn attach_pci(
     bus: &mut PciBus,
     routes: &Arc<dyn MsiRoutes>,
     handles: &mut DeviceHandles,
+    disks: DiskOpening,
     events: &Arc<EventSink>,
 ) -> Result<Arc<Mutex<VirtioPciTransport>>> {
-    let device = virtio::build(config, handles)?;
+    let device = virtio::build(config, handles, disks)?;
     let queues = device.queue_max_sizes().len();
     let placement = resources.pci(&config.id, queues + 1)?;
     let kicks = (0..queues).map(|_| eventfd()).collect::<Result<Vec<_>>>()?;

@@ -5,16 +5,19 @@
 //! The sender turns on dirty logging (KVM's for what the vCPUs write, the memory bitmap for
 //! what devices write), sends every page that may hold data, then the pages dirtied meanwhile
 //! in rounds until the remainder fits the downtime budget at the measured rate. Then it pauses
-//! the guest, sends the remainder and the saved VM, and waits for the destination to have built
-//! the VM; only then does it send `go`, and it stops only once the destination says the guest
-//! runs. A failure before `go` resumes the guest here; after `go` without that word the guest
-//! stays paused here (it may run there) and the state says so.
+//! the guest, sends the remainder, hands its writable disks over (closes them cleanly, which
+//! releases their locks), sends the saved VM, and waits for the destination to have built the VM
+//! and opened the disks; only then does it send `go`, and it stops only once the destination says
+//! the guest runs. A failure before `go` takes the disks back (waiting while the destination
+//! still holds them) and resumes the guest here; after `go` without that word the guest stays
+//! paused here with its disks let go (it may run there) and the state says so.
 
 use crate::dirty;
 use crate::memory::{self, GuestMemoryMmap, PAGE, PageMap};
 use crate::resources::ResourceState;
 use crate::snapshot::CpuFeatures;
 use crate::state::SavedVm;
+use crate::virtio::DiskOpening;
 use crate::vm::{Vm, VmControl};
 use crate::{Error, Result, VmBuilder};
 use ferro_vmm_api::VmConfig;
@@ -48,6 +51,12 @@ const MAX_HELLO: u64 = 16 << 20;
 const MAX_STATE: u64 = 256 << 20;
 /// A link silent this long fails the migration on either side.
 pub const LINK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a source whose migration failed waits to take its disks back: a destination that
+/// opened them lets go when it learns of the failure, at the latest when its link times out.
+const TAKE_BACK_WAIT: Duration = Duration::from_secs(LINK_TIMEOUT.as_secs() + 15);
+/// How long the destination tries to open the disks the source has just let go (a shared file
+/// system may carry the lock release with a delay).
+const ACTIVATE_WAIT: Duration = Duration::from_secs(2);
 /// A dirty remainder this small always fits: it is one record.
 const SMALL_REMAINDER: u64 = (RUN * PAGE) as u64;
 /// One auto-converge throttle period, and its steps.
@@ -252,7 +261,13 @@ pub fn send(vm: &VmControl, to: &str, opts: &SendOptions) -> std::result::Result
         }
         Err(Failure::Before(e)) => {
             let cancelled = tracker.cancelled();
-            let resumed = if was_running { vm.resume() } else { Ok(()) };
+            // The disks first (the destination may hold them until it learns of the failure),
+            // and the guest runs only with all of them back.
+            let resumed = vm
+                .activate_disks(TAKE_BACK_WAIT)
+                .map_err(|r| format!("its disks could not be taken back ({r}), so the VM stays paused"))
+                .and_then(|()| if was_running { vm.resume() } else { Ok(()) });
+            let runs = was_running && resumed.is_ok();
             let e = match resumed {
                 Ok(()) => e,
                 Err(r) => format!("{e}; and the VM did not resume: {r}"),
@@ -262,11 +277,11 @@ pub fn send(vm: &VmControl, to: &str, opts: &SendOptions) -> std::result::Result
                 i.elapsed_ms = elapsed_ms;
                 i.error = Some(e.clone());
             });
-            Err(format!("migration failed, the VM {} here: {e}", if was_running { "runs on" } else { "stays paused" }))
+            Err(format!("migration failed, the VM {} here: {e}", if runs { "runs on" } else { "stays paused" }))
         }
         Err(Failure::Unconfirmed(e)) => {
             let e = format!(
-                "the destination was told to run the guest but did not confirm it ({e}); the guest stays paused here since it may run there"
+                "the destination was told to run the guest but did not confirm it ({e}); the guest stays paused here, its disks let go, since it may run there"
             );
             tracker.update(|i| {
                 i.state = MigrationState::Unconfirmed;
@@ -324,6 +339,9 @@ impl<'a> Sender<'a> {
         let last = memory::take_dirty(self.vm.vm_fd(), self.vm.memory()).map_err(|e| before(e.to_string()))?;
         dirty::merge(&mut remainder, &last);
         self.send_dirty(&remainder).map_err(before)?;
+        // The hand-over: the disks are consistent on disk and unlocked before the destination
+        // hears the state, which is when it opens them.
+        self.vm.inactivate_disks().map_err(before)?;
         let saved: SavedVm = self.vm.save().map_err(before)?;
         let state = serde_json::to_vec(&saved).map_err(|e| before(format!("encoding the VM state: {e}")))?;
         self.write(&[RECORD_STATE]).and_then(|()| self.write(&(state.len() as u64).to_le_bytes())).map_err(before)?;
@@ -615,10 +633,14 @@ impl Receiver {
         };
         // Everything but the state is built now, while the guest still runs on the source.
         let mem = memory::create(&config.memory, memory::Source::Fresh)?;
-        let unrestored = builder.prepare_restore(config, hello.cpu_features, hello.resources, mem)?;
+        // Writable disks stay closed (the source holds them) until the state has come.
+        let unrestored = builder.prepare_restore(config, hello.cpu_features, hello.resources, mem, DiskOpening::Later)?;
         self.answer(Ok(()));
         let saved = self.memory(unrestored.memory())?;
         let vm = unrestored.restore(saved)?;
+        // The source let go of the writable disks before it sent the state: open them now, so
+        // that the source hears of any trouble before `go` and takes them back.
+        vm.control().activate_disks(ACTIVATE_WAIT).map_err(|e| Error::Config(format!("opening the disks the source handed over: {e}")))?;
         self.answer(Ok(()));
         let mut go = [0u8; 2];
         self.input.read_exact(&mut go).map_err(|e| Error::Config(format!("the source did not say go: {e}")))?;

@@ -21,7 +21,7 @@ pub struct DeviceHandles {
     pub console_input: Option<Arc<std::fs::File>>,
     /// Each disk's id and request counters, in configuration order.
     pub disks: Vec<(String, Arc<BlockCounters>)>,
-    /// Each disk's open image, in configuration order (for disk snapshots).
+    /// Each disk's image, in configuration order (for disk snapshots and a migration's hand-over).
     pub disk_images: Vec<BlockDisk>,
     /// Each NIC's id, MAC and traffic counters, in configuration order.
     pub nics: Vec<(String, MacAddr, Arc<NetCounters>)>,
@@ -37,8 +37,18 @@ impl DeviceHandles {
     }
 }
 
+/// When a VM's writable disks are opened (read-only ones always are at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskOpening {
+    /// While the devices are built.
+    Now,
+    /// Later, by activating them: a migration's destination, whose source holds them until the
+    /// switch-over (docs/migration.md). Nothing of them is opened, locked or read before.
+    Later,
+}
+
 /// Builds the device `config` describes, keeping its handles in `handles`.
-pub fn build(config: &DeviceConfig, handles: &mut DeviceHandles) -> Result<Box<dyn VirtioDevice>> {
+pub fn build(config: &DeviceConfig, handles: &mut DeviceHandles, disks: DiskOpening) -> Result<Box<dyn VirtioDevice>> {
     let id = &config.id;
     match &config.kind {
         DeviceKind::Rng { rate } => Ok(Box::new(Rng::new(*rate))),
@@ -59,7 +69,11 @@ pub fn build(config: &DeviceConfig, handles: &mut DeviceHandles) -> Result<Box<d
             Ok(Box::new(net))
         }
         DeviceKind::Block { path, format, readonly } => {
-            let block = Block::new(path, *format, *readonly).map_err(|e| Error::Config(format!("{id}: {e}")))?;
+            let block = if !*readonly && disks == DiskOpening::Later {
+                Block::new_inactive(path, *format)
+            } else {
+                Block::new(path, *format, *readonly).map_err(|e| Error::Config(format!("{id}: {e}")))?
+            };
             handles.disks.push((id.clone(), block.counters()));
             handles.disk_images.push(block.disk_handle());
             Ok(Box::new(block))

@@ -26,7 +26,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How to run a built VM.
 #[derive(Clone, Debug, Default)]
@@ -125,13 +125,22 @@ impl VmControl {
         Ok(())
     }
 
-    /// Lets the devices, then the vCPUs, run again. Idempotent.
+    /// Lets the devices, then the vCPUs, run again. Idempotent. Disks handed over by a
+    /// migration are taken back first: refused, the VM staying paused, while another process
+    /// holds one, or when the destination may run the guest (the migration is unconfirmed).
     pub fn resume(&self) -> std::result::Result<(), String> {
         let vcpus = self.lock_vcpus();
         let vcpus = vcpus.as_ref().ok_or("the VM has stopped")?;
         if !self.is_paused() {
             return Ok(());
         }
+        let handed_over = self.writable_disks().iter().any(|d| d.is_inactive());
+        if handed_over && self.migration.info().state == ferro_vmm_api::control::MigrationState::Unconfirmed {
+            return Err("the disks went to a migration's destination that was told to run the guest and did not confirm it: \
+                        the guest may run there, so it does not resume here (end this VMM)"
+                .into());
+        }
+        self.activate_disks(Duration::ZERO)?;
         self.devices.resume().map_err(|e| e.to_string())?;
         vcpus.resume()?;
         self.paused.store(false, Ordering::Release);
@@ -172,6 +181,34 @@ impl VmControl {
     /// The disks the guest may write (their images are what snapshots and backups change).
     pub(crate) fn writable_disks(&self) -> Vec<ferro_devices::virtio::block::BlockDisk> {
         self.devices.handles().disk_images.iter().filter(|d| !d.readonly()).cloned().collect()
+    }
+
+    /// Hands the writable disks over to another process (a migration's destination): each is
+    /// closed cleanly, releasing its locks (see `BlockDisk::inactivate`). The VM must be paused
+    /// and stay so until [`activate_disks`](Self::activate_disks). On failure some disks may be
+    /// inactive: `activate_disks` takes them back.
+    pub(crate) fn inactivate_disks(&self) -> std::result::Result<(), String> {
+        if !self.is_paused() {
+            return Err("the VM is running; pause it before handing its disks over".into());
+        }
+        self.writable_disks().iter().try_for_each(|disk| disk.inactivate())
+    }
+
+    /// Opens every inactive writable disk again (locks taken, metadata read afresh). While
+    /// another process still holds one (its locks refuse the open), tries again until `wait`
+    /// has passed; then, or on any other failure, the error names the disk.
+    pub(crate) fn activate_disks(&self, wait: Duration) -> std::result::Result<(), String> {
+        let deadline = Instant::now() + wait;
+        for disk in self.writable_disks() {
+            loop {
+                match disk.activate() {
+                    Ok(()) => break,
+                    Err((true, _)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                    Err((_, why)) => return Err(why),
+                }
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn migration(&self) -> &crate::migration::Tracker {
