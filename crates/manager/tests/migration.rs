@@ -6,7 +6,9 @@
 //! with a marker). Refused credentials, a destination VMM killed mid-way, a cancel and a link
 //! that goes silent (two network namespaces joined by a veth pair, one ferrod in each, the veth
 //! taken down) leave the guest running on the source and nothing on the destination. A shut-off domain moves with the disks
-//! the destination lacks, byte for byte as `qemu-img compare` reads them.
+//! the destination lacks, byte for byte as `qemu-img compare` reads them. A guest writing its
+//! shared qcow2 disk moves with it (the source hands the disk over at the switch-over), and a
+//! hand-over that fails gives the disk back to the source.
 
 use ferro_test_support::daemon::pki::Pki;
 use ferro_test_support::daemon::{Daemon, Home, openapi};
@@ -273,4 +275,178 @@ fn a_link_that_goes_silent_mid_migration_leaves_the_guest_on_the_source() {
     assert_eq!(field(&churned, "errors"), "0", "{churned}");
     assert_eq!(console.line("counter: 2 "), format!("counter: 2 seed={seed} errors=0"));
     src.ferro_ok(&["destroy", "mover"]);
+}
+
+/// The soak guest (guests/src/soak.c) on its qcow2 disk: record k (sector 1 + k % 256) written
+/// and flushed every 20 ms, "soak: flushed K" every 16th.
+const SOAK: &str = "name = \"mover\"\nmemory = \"64M\"\nvcpus = 1\n[boot]\nguest = \"soak\"\n";
+const SOAK_MAGIC: u64 = 0x4345_524b_414f_5346;
+const SOAK_MULT: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The next "soak: flushed K" on `console` with K above `past`.
+fn flushed_past(console: &mut Console, past: u64) -> u64 {
+    loop {
+        let line = console.line("soak: flushed ");
+        let k: u64 = line["soak: flushed ".len()..].parse().unwrap_or_else(|_| panic!("{line:?}"));
+        if k > past {
+            return k;
+        }
+    }
+}
+
+/// The soak guest's ring as QEMU reads the image (`qemu-img convert` to raw): every record is
+/// whole and in its sector, and together they are the last min(256, K + 1) records 0..=K with
+/// none missing. Returns K.
+fn soak_ring(image: &std::path::Path, scratch: &std::path::Path) -> u64 {
+    qemu::img_ok(&["convert", "-f", "qcow2", "-O", "raw", image.to_str().unwrap(), scratch.to_str().unwrap()]);
+    let raw = std::fs::read(scratch).unwrap();
+    let mut records = Vec::new();
+    for s in 1..=256usize {
+        let sector = &raw[s * 512..(s + 1) * 512];
+        let word = |i: usize| u64::from_le_bytes(sector[i * 8..i * 8 + 8].try_into().unwrap());
+        if word(0) != SOAK_MAGIC {
+            assert!(sector.iter().all(|b| *b == 0), "sector {s} holds neither a record nor zeros");
+            continue;
+        }
+        let k = word(1);
+        assert_eq!(word(2), k.wrapping_mul(SOAK_MULT), "sector {s}: record {k} is torn");
+        assert_eq!(k % 256, s as u64 - 1, "record {k} in sector {s}");
+        assert!(sector[24..].iter().all(|b| *b == (k & 0xff) as u8), "sector {s}: record {k}'s filler is wrong");
+        records.push(k);
+    }
+    records.sort_unstable();
+    let last = *records.last().expect("the guest wrote records");
+    let expected: Vec<u64> = (last.saturating_sub(255)..=last).collect();
+    assert_eq!(records, expected, "the ring holds the last records, none missing");
+    last
+}
+
+/// Pids of the `ferro vmm` processes of `home`'s domains.
+fn vmms(home: &Home) -> Vec<i32> {
+    home.processes()
+        .into_iter()
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == b"vmm")))
+        .collect()
+}
+
+/// The pids /proc/locks gives for the locks on `path`'s inode (OFD locks may show -1).
+fn lock_holders(path: &std::path::Path) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).unwrap().ino();
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let at = fields.iter().position(|f| f.matches(':').count() == 2)?;
+            (fields[at].rsplit(':').next()? == ino.to_string()).then(|| fields[at - 1].parse().ok())?
+        })
+        .collect()
+}
+
+/// Whether a qemu-io write to the image is refused by its locks.
+fn qemu_write_refused(image: &std::path::Path) -> bool {
+    let out = std::process::Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0xee 8M 4k"]).arg(image).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    text.contains("Failed to get") && text.contains("lock")
+}
+
+/// A running domain whose writable qcow2 disk (with a persistent dirty bitmap) is on storage
+/// both ferrods see, its guest writing and flushing records all along. First a migration that
+/// fails after the source has handed the disk over: the destination cannot open it (a reader's
+/// lock taken meanwhile refuses writers), so the source takes it back, once that lock is gone,
+/// and the guest writes on there under its lock. Then the move: the guest writes on at the
+/// destination, every record before and after reads back whole and none is missing, the image
+/// and its bitmap are sound, and no lock outlives its process.
+#[test]
+fn a_guest_writing_its_shared_disk_moves_and_a_failed_hand_over_gives_the_disk_back() {
+    use ferro_block::lock::{Use, file_use};
+    use std::os::fd::AsRawFd;
+    let pki = Pki::new();
+    let (src_home, dst_home) = (Home::new("mig-rw-src"), Home::new("mig-rw-dst"));
+    let src = Daemon::start(&src_home);
+    let (dst, addr) = pki.daemon(&dst_home);
+    let uri = format!("tls://127.0.0.1:{}", addr.port());
+    let shared = src_home.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let disk = shared.join("data.qcow2");
+    let image = disk.to_str().unwrap();
+    qemu::img_ok(&["create", "-q", "-f", "qcow2", image, "16M"]);
+    qemu::img_ok(&["bitmap", "--add", image, "since-start"]);
+    let file = src_home.path().join("mover.toml");
+    std::fs::write(&file, format!("{SOAK}[[disk]]\npath = \"{image}\"\nformat = \"qcow2\"\n")).unwrap();
+    src.ferro_ok(&["define", file.to_str().unwrap()]);
+    src.ferro_ok(&["start", "mover"]);
+    let mut console = Console::on(src.console("mover"));
+    let before = flushed_past(&mut console, 16);
+    assert_eq!(file_use(&disk).unwrap(), Use::Write);
+    let migrate = || {
+        std::process::Command::new(ferro_bin())
+            .args(["migrate", "mover", &uri, "--live", "--json", "--dest-ca", &pki.arg("ca.pem"), "--dest-token-file", &pki.arg("tokens")])
+            .env("FERRO_HOME", src_home.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // A lock on byte 201 ("does not share write"), as a reader that opened the image while
+    // nobody wrote it would hold: the running source is not asked again, but every new writer
+    // is refused.
+    let reader = std::fs::File::open(&disk).unwrap();
+    // SAFETY: an all-zero flock is a valid value of this plain C struct.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_RDLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 201;
+    fl.l_len = 1;
+    // SAFETY: F_OFD_SETLK reads the flock we own; the descriptor is `reader`'s.
+    assert_eq!(unsafe { libc::fcntl(reader.as_raw_fd(), libc::F_OFD_SETLK, &fl) }, 0, "{}", std::io::Error::last_os_error());
+    let failing = migrate();
+    // The source let go of the disk (nobody holds its write lock), the destination could not
+    // take it and dropped the domain, and the source waits for the disk, its guest paused.
+    wait_for("the source to hand the disk over", Duration::from_secs(30), || file_use(&disk).unwrap() == Use::Unused);
+    wait_for("the destination to drop the domain", Duration::from_secs(30), || state_of(&dst, "mover").is_none() && incoming_vmms(&dst_home).is_empty());
+    assert_eq!(file_use(&disk).unwrap(), Use::Unused, "the source waits for the disk");
+    drop(reader);
+    let err = stderr_line(&failing.wait_with_output().unwrap());
+    assert!(err.contains("runs on here") && err.contains("opening the disks") && err.contains("write"), "{err}");
+    assert_eq!(state_of(&src, "mover").as_deref(), Some("running"));
+    assert_eq!(file_use(&disk).unwrap(), Use::Write, "the source took its lock back");
+    assert!(qemu_write_refused(&disk), "qemu-io may not write the disk the source runs on");
+    let resumed = flushed_past(&mut console, before);
+    let on_source = flushed_past(&mut console, resumed + 16);
+
+    // The move.
+    let out = migrate().wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let numbers: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("migrated with a writable disk: {numbers}");
+    assert_eq!(state_of(&src, "mover").as_deref(), Some("shutoff"));
+    assert_eq!(state_of(&dst, "mover").as_deref(), Some("running"));
+    wait_for("the source's VMM to exit", Duration::from_secs(10), || vmms(&src_home).is_empty());
+    drop(console);
+    let mut console = Console::on(dst.console("mover"));
+    let arrived = flushed_past(&mut console, on_source);
+    let later = flushed_past(&mut console, arrived + 32);
+    assert_eq!(file_use(&disk).unwrap(), Use::Write);
+    assert!(qemu_write_refused(&disk), "qemu-io may not write the disk the destination runs on");
+    let alive = vmms(&dst_home);
+    let holders = lock_holders(&disk);
+    assert!(!holders.is_empty() && holders.iter().all(|pid| *pid == -1 || alive.contains(pid)), "locks {holders:?}, VMMs {alive:?}");
+    dst.ferro_ok(&["destroy", "mover"]);
+    wait_for("the destination's VMM to exit", Duration::from_secs(10), || vmms(&dst_home).is_empty());
+    assert_eq!(file_use(&disk).unwrap(), Use::Unused, "no lock outlives its VMM");
+    assert!(lock_holders(&disk).is_empty(), "no lock outlives its VMM: {:?}", lock_holders(&disk));
+
+    // Every record reads back whole, those written here and there, and the newest the guest
+    // saw flushed on the destination is in; the image and its bitmap are sound.
+    let last = soak_ring(&disk, &src_home.path().join("ring.raw"));
+    assert!(last >= later, "record {later} was flushed on the destination, the image ends at {last}");
+    qemu::img_ok(&["check", "-q", image]);
+    let info: Value = serde_json::from_str(&qemu::img_ok(&["info", "--output=json", image])).unwrap();
+    let bitmaps = &info["format-specific"]["data"]["bitmaps"];
+    assert_eq!(bitmaps[0]["name"], "since-start", "{info}");
+    assert_eq!(bitmaps[0]["flags"], serde_json::json!(["auto"]), "stored consistent, not in use: {info}");
 }
