@@ -99,7 +99,11 @@ fn find_in(disk: &Rc<RefCell<Box<dyn DiskImage>>>) -> Result<(Ext4, Found), Stri
     let mut looked = Vec::new();
     for part in layout.partitions(size) {
         let name = if part.number == 0 { "the whole disk".to_string() } else { format!("partition {}", part.number) };
-        let reader = PartitionReader { disk: disk.clone(), start: part.start, size: part.size };
+        let mut reader = PartitionReader { disk: disk.clone(), start: part.start, size: part.size };
+        if let Err(e) = check_block_groups(&mut reader) {
+            looked.push(format!("{name}: {e}"));
+            continue;
+        }
         let fs = match Ext4::load(Box::new(reader)) {
             Ok(fs) => fs,
             Err(e) => {
@@ -119,6 +123,38 @@ fn find_in(disk: &Rc<RefCell<Box<dyn DiskImage>>>) -> Result<(Ext4, Found), Stri
         looked.push("no partitions".to_string());
     }
     Err(format!("no kernel found ({}; looked at {})", layout.describe(), looked.join("; ")))
+}
+
+/// Most block groups an ext2/3/4 file system may claim: 128 TiB in 4 KiB blocks.
+const MAX_BLOCK_GROUPS: u64 = 1 << 20;
+
+/// Refuses an ext2/3/4 superblock that claims more blocks than its partition holds, or more
+/// block groups than [`MAX_BLOCK_GROUPS`], before ext4-view allocates a descriptor for each group:
+/// the superblock is whatever the guest wrote, and one claiming 2^32 groups made ferrod ask for
+/// gigabytes (found by the `disk_boot` fuzz target). Anything else is left to ext4-view.
+fn check_block_groups(reader: &mut PartitionReader) -> Result<(), String> {
+    use ext4_view::Ext4Read;
+    let mut sb = [0u8; 1024];
+    if reader.size < 2048 || reader.read(1024, &mut sb).is_err() {
+        return Ok(());
+    }
+    let u32_at = |at: usize| u32::from_le_bytes([sb[at], sb[at + 1], sb[at + 2], sb[at + 3]]);
+    let (magic, log_block_size, per_group) = (u16::from_le_bytes([sb[0x38], sb[0x39]]), u32_at(0x18), u32_at(0x20));
+    if magic != 0xef53 || log_block_size > 6 || per_group == 0 {
+        return Ok(());
+    }
+    let block_size = 1024u64 << log_block_size;
+    // The high half of the block count counts only with the 64bit feature (incompat 0x80).
+    let high = if u32_at(0x60) & 0x80 != 0 { u64::from(u32_at(0x150)) } else { 0 };
+    let blocks = high << 32 | u64::from(u32_at(0x4));
+    if blocks.saturating_mul(block_size) > reader.size {
+        return Err(format!("ext2/3/4 superblock claims {blocks} blocks of {block_size} bytes, more than the {} bytes there are", reader.size));
+    }
+    let groups = blocks.div_ceil(u64::from(per_group));
+    if groups > MAX_BLOCK_GROUPS {
+        return Err(format!("ext2/3/4 superblock claims {groups} block groups (at most {MAX_BLOCK_GROUPS} are read)"));
+    }
+    Ok(())
 }
 
 /// A file's text if it exists, refusing files larger than [`MAX_CONFIG`].

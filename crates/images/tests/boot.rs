@@ -262,3 +262,41 @@ fn hostile_disks_are_refused() {
     let e = boot::find(&bad, Some(Format::Raw)).unwrap_err().to_string();
     assert!(e.contains("extended partition chain loops back to sector 2148"), "{e}");
 }
+
+/// An ext4 superblock is whatever the guest wrote: one that claims more blocks than the disk
+/// holds, or so many block groups that a descriptor for each would take gigabytes of ferrod's
+/// memory, is refused by name before any group is read (the `disk_boot` fuzz target found the
+/// allocation). The disks are sparse: the large one holds a few KiB.
+#[test]
+fn superblocks_claiming_more_than_the_disk_are_refused_before_reading_groups() {
+    let s = TempDir::new("img-boot-groups");
+    let tree = stage(&s, "root", &[("/boot/vmlinuz", KERNEL)], &[]);
+    let img = ext4(&s, &tree, 8);
+    let good = std::fs::read(&img).expect("fs image");
+    assert!(boot::find(&img, Some(Format::Raw)).is_ok(), "the untouched file system boots");
+    let set_u32 = |d: &mut Vec<u8>, at: usize, v: u32| d[1024 + at..1024 + at + 4].copy_from_slice(&v.to_le_bytes());
+
+    // 2^40 blocks on an 8 MiB disk (the high half counts on a 64bit file system).
+    let mut d = good.clone();
+    let incompat = u32::from_le_bytes(d[1024 + 0x60..1024 + 0x64].try_into().expect("4 bytes"));
+    set_u32(&mut d, 0x60, incompat | 0x80);
+    set_u32(&mut d, 0x4, 0);
+    set_u32(&mut d, 0x150, 1 << 8);
+    let bad = s.join("too-many-blocks.raw");
+    std::fs::write(&bad, &d).expect("write");
+    let e = boot::find(&bad, Some(Format::Raw)).unwrap_err().to_string();
+    assert!(e.contains("superblock claims 1099511627776 blocks"), "{e}");
+
+    // 2^21 blocks that fit the (sparse) disk, one per group: 2^21 groups.
+    let mut d = good;
+    let block_size = 1024u64 << u32::from_le_bytes(d[1024 + 0x18..1024 + 0x1c].try_into().expect("4 bytes"));
+    let blocks = 1u64 << 21;
+    set_u32(&mut d, 0x4, 1 << 21);
+    set_u32(&mut d, 0x150, 0);
+    set_u32(&mut d, 0x20, 1);
+    let bad = s.join("too-many-groups.raw");
+    std::fs::write(&bad, &d).expect("write");
+    std::fs::File::options().write(true).open(&bad).and_then(|f| f.set_len(blocks * block_size)).expect("sparse disk");
+    let e = boot::find(&bad, Some(Format::Raw)).unwrap_err().to_string();
+    assert!(e.contains(&format!("superblock claims {blocks} block groups")), "{e}");
+}
