@@ -12,6 +12,12 @@
  *   bench.depth=N           requests in flight, 1..16 (default 16)
  *   bench.verify=1          blk reads: the first 8 bytes of each request's data must hold its
  *                           byte offset on the disk (the host prepares the image so)
+ *   bench.span=BYTES        blk: requests stay in the first BYTES of the disk (default: all of it)
+ *   bench.rounds=N          does the workload N times (default 1; 0: until the VM is stopped),
+ *                           the offsets going on where the last round stopped, and prints
+ *                           "bench: round R cycles C errors E" after each round but the last, so
+ *                           the host sees the guest's throughput over time (ferro-bench
+ *                           backup-running times a backup against it)
  * Every blk write puts its byte offset in its first 8 bytes; a write run ends with a FLUSH
  * inside the timed part. Every frame is a broadcast of ethertype 0x88b5 from the device's MAC
  * (or 02:00:00:00:00:01) carrying its sequence number (u64, little endian) at byte 14.
@@ -57,7 +63,8 @@ static struct vring_desc itab[VQ_SIZE + 1][3] __attribute__((aligned(16)));
 
 struct bench {
     enum op op;
-    u64 size, count, random, depth, verify;
+    u64 size, count, random, depth, verify, span, rounds;
+    u64 rng, next;           /* blk: the random state and the next sequential sector, kept across rounds */
     u64 blocks;              /* blk: requests of `size` that fit the disk */
     u64 mask;                /* blk random: the largest power of two <= blocks, less one */
     struct vq *v;
@@ -116,7 +123,7 @@ static inline __attribute__((always_inline)) u64 run(const enum op op, const int
     volatile struct vring_used_elem *uring = v->used->ring;
     u16 *aring = v->avail->ring;
     const u64 count = b.count, size = b.size, mask = b.mask, spb = b.size >> 9, end = b.blocks * spb;
-    u64 rng = RNG_SEED, next = 0, issued = 0, done = 0, errors = 0;
+    u64 rng = b.rng, next = b.next, issued = 0, done = 0, errors = 0;
     u16 avail = v->avail->idx, used = *used_idx;
 #define POST(s) do {                                                                        \
         if (op == OP_TX) {                                                                  \
@@ -149,7 +156,17 @@ static inline __attribute__((always_inline)) u64 run(const enum op op, const int
     }
 #undef POST
     v->last_used = used;
+    b.rng = rng;
+    b.next = next;
     return errors;
+}
+
+/* One round of the workload: run() with its constants. */
+static u64 workload(void) {
+    if (b.op == OP_TX) return run(OP_TX, 0, 0);
+    if (b.op == OP_WRITE) return b.random ? run(OP_WRITE, 1, 0) : run(OP_WRITE, 0, 0);
+    if (b.verify) return b.random ? run(OP_READ, 1, 1) : run(OP_READ, 0, 1);
+    return b.random ? run(OP_READ, 1, 0) : run(OP_READ, 0, 0);
 }
 
 /* One FLUSH on descriptor 0 (every slot is free by now); 0 when it succeeded. */
@@ -178,7 +195,9 @@ static int setup_blk(void) {
     if (!(virtio_negotiated & F_INDIRECT_DESC)) { kit_puts("bench: the device lacks indirect descriptors\n"); return 1; }
     u64 capacity = virtio_config32(&dev, 0) | ((u64)virtio_config32(&dev, 4) << 32);
     if (!b.size || b.size % 512 || capacity * 512 < b.size) { kit_printf("bench: bad size %lu for a disk of %lu sectors\n", b.size, capacity); return 1; }
-    u64 blocks = capacity * 512 / b.size;
+    u64 bytes = b.span && b.span < capacity * 512 ? b.span : capacity * 512;
+    if (bytes < b.size) { kit_printf("bench: span %lu is smaller than a request of %lu\n", b.span, b.size); return 1; }
+    u64 blocks = bytes / b.size;
     b.blocks = blocks;
     for (b.mask = 1; b.mask * 2 <= blocks; b.mask *= 2) {}
     b.mask -= 1;
@@ -219,12 +238,15 @@ static int setup_tx(void) {
 int guest_main(struct hvm_start_info *si) {
     (void)si;
     b.op = op_is("read") ? OP_READ : op_is("write") ? OP_WRITE : op_is("tx") ? OP_TX : (enum op)-1;
-    b.size = 4096; b.count = 0; b.random = 0; b.depth = VQ_SIZE; b.verify = 0;
+    b.size = 4096; b.count = 0; b.random = 0; b.depth = VQ_SIZE; b.verify = 0; b.span = 0; b.rounds = 1;
+    b.rng = RNG_SEED; b.next = 0;
     kit_cmdline_u64("bench.size", &b.size);
     kit_cmdline_u64("bench.count", &b.count);
     kit_cmdline_u64("bench.random", &b.random);
     kit_cmdline_u64("bench.depth", &b.depth);
     kit_cmdline_u64("bench.verify", &b.verify);
+    kit_cmdline_u64("bench.span", &b.span);
+    kit_cmdline_u64("bench.rounds", &b.rounds);
     if ((int)b.op < 0 || !b.depth || b.depth > VQ_SIZE) { kit_puts("bench: give bench.op=read|write|tx and bench.depth=1..16\n"); return 2; }
     u32 want = b.op == OP_TX ? 1 : 2;
     static struct vdev found[8];
@@ -243,12 +265,13 @@ int guest_main(struct hvm_start_info *si) {
     } else {
         b.notify = dev.base + 0x50;
     }
-    u64 t0 = rdtsc();
-    u64 errors;
-    if (b.op == OP_TX) errors = run(OP_TX, 0, 0);
-    else if (b.op == OP_WRITE) errors = b.random ? run(OP_WRITE, 1, 0) : run(OP_WRITE, 0, 0);
-    else if (b.verify) errors = b.random ? run(OP_READ, 1, 1) : run(OP_READ, 0, 1);
-    else errors = b.random ? run(OP_READ, 1, 0) : run(OP_READ, 0, 0);
+    u64 t0, errors;
+    for (u64 round = 1;; round++) {
+        t0 = rdtsc();
+        errors = workload();
+        if (errors == ~0UL || round == b.rounds) break;
+        kit_printf("bench: round %lu cycles %lu errors %lu\n", round, rdtsc() - t0, errors);
+    }
     int stuck = errors == ~0UL;
     if (!stuck && b.op == OP_WRITE && b.count) errors += (u64)flush();
     u64 cycles = rdtsc() - t0;

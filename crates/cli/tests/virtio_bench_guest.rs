@@ -111,6 +111,34 @@ fn random_writes_land_where_the_guest_generator_says() {
 }
 
 #[test]
+fn rounds_go_on_where_the_last_stopped_and_stay_in_the_span() {
+    let image = Image::new("rounds", |_| u64::MAX);
+    // Three rounds of 20 random 4 KiB writes in the first 128 KiB (32 blocks): 60 steps of one
+    // generator, a line after each round but the last (ferro-bench backup-running reads them).
+    let cmdline = "bench.op=write bench.size=4096 bench.count=20 bench.random=1 bench.span=131072 bench.rounds=3";
+    let r = bench_guest(ferro_command(), &strs(&image.disk("pci")), cmdline);
+    assert_passed(&r, 20);
+    for round in [1, 2] {
+        assert!(r.1.contains(&format!("bench: round {round} cycles ")), "round {round} reported: {}", r.1);
+    }
+    assert!(!r.1.contains("bench: round 3"), "the last round ends with the summary line: {}", r.1);
+    let mut state: u64 = 0x243f_6a88_85a3_08d3;
+    let mut steps = |n: usize, expect: &mut Vec<u64>| {
+        for _ in 0..n {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            let block = (state >> 24) & 31;
+            expect[block as usize] = block * 4096;
+        }
+    };
+    let mut first_round = vec![u64::MAX; (IMAGE / 4096) as usize];
+    steps(20, &mut first_round);
+    let mut expect = first_round.clone();
+    steps(40, &mut expect);
+    assert_ne!(expect, first_round, "the later rounds write blocks the first did not");
+    assert_eq!(image.stamps(4096), expect, "every write in the first 128 KiB, the generator going on across rounds");
+}
+
+#[test]
 fn transmitted_frames_come_out_of_the_tap_each_once() {
     let ns = Netns::with_tap("vbench", "vbtap0", None);
     let sock = ns.packet_socket("vbtap0", ETHERTYPE);
