@@ -7,6 +7,7 @@
 //! (`floor`: KVM ioctls and a few guest instructions, no VMM).
 
 mod backup;
+mod backup_running;
 mod common;
 mod disk_snapshot;
 mod exits;
@@ -81,6 +82,11 @@ enum Section {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Full and incremental backups of a running domain whose guest writes its disk: backup time and the guest's write throughput during it, against QEMU blockdev-backup and qemu-img convert -U.
+    BackupRunning {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Start-to-exit and PIO exit round trips of jailed, seccomp-filtered VMMs against plain ones, both under ferrod.
     Jail {
         #[arg(long, default_value_t = 5)]
@@ -106,6 +112,7 @@ fn main() {
         Section::Memory { runs } => memory::run(runs),
         Section::Migrate { runs } => migrate::run(runs),
         Section::Backup { runs } => backup::run(runs),
+        Section::BackupRunning { runs } => backup_running::run(runs),
         Section::Jail { runs } => jail::run(runs),
         Section::FloorChild => floor::first_exit_child(),
     }
