@@ -2,7 +2,8 @@
 //! 512 MiB of data, full and then incremental after 64 MiB were rewritten, against `qemu-img
 //! convert -O qcow2` of the same disk in the same run (what a backup without checkpoints
 //! costs). Each is timed from the command's start to its end, so ferrod's job, the bitmap switch
-//! and the file naming count. A running guest's backup reads the same way, from a snapshot.
+//! and the file naming count. A running guest's backup reads the same way, from a snapshot
+//! (`backup-running` times one, and what it costs the guest).
 
 use crate::common::{Scratch, ferro_bin, median};
 use std::path::Path;

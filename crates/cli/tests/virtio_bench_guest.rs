@@ -1,8 +1,9 @@
 //! The `virtio_bench` guest (guests/src/virtio_bench.c) that ferro-bench times beside QEMU,
 //! checked for correctness with small counts: its reads find the bytes the host put in the
 //! image, its writes land at the offsets its sequential and random patterns promise (recomputed
-//! here), a read of the wrong data is reported as an error, and the frames it transmits come
-//! out of a tap, every sequence number once, as a raw socket on the host side sees them.
+//! here, also across rounds and inside a span), a read of the wrong data is reported as an
+//! error, and the frames it transmits come out of a tap, every sequence number once, as a raw
+//! socket on the host side sees them.
 
 use ferro_test_support::TempDir;
 use ferro_test_support::net::{Netns, read_frames};
