@@ -1,7 +1,8 @@
 //! `ferro-bench migrate`: live migration of a 512 MiB `counter` test guest between two VMMs on
 //! this host over loopback TCP, for `ferro vmm` and QEMU `-M microvm`, and between two ferrods
 //! (`ferro migrate --live`: the same VMM stream relayed through both ferrods and their TLS
-//! connection, the CLI's request and checks included), with the guest idle (its
+//! connection, the CLI's request and checks included; once more with a writable qcow2 disk on
+//! storage both see, which changes hands at each switch-over), with the guest idle (its
 //! 16 MiB pattern written once, the rest of RAM untouched) and dirtying (churning the pattern:
 //! every pass rewrites all 16 MiB, a few milliseconds apart). The guest moves `runs` times in a
 //! chain (each destination is the next source), so every run starts from a guest that was
@@ -116,13 +117,25 @@ fn ferro(runs: usize, churn: bool, dir: &Path) -> Numbers {
 }
 
 /// Two ferrods on this host, each with a TLS listener on 127.0.0.1: the guest moves from one to
-/// the other and back with `ferro migrate --live --undefine-source --json`.
-fn ferrods(runs: usize, churn: bool) -> Numbers {
+/// the other and back with `ferro migrate --live --undefine-source --json`. With `disk`, the
+/// domain has a writable 64 MiB qcow2 disk with a persistent dirty bitmap in a directory both
+/// see, which changes hands at every switch-over (flushed and closed, bitmap stored, on the
+/// source; opened on the destination).
+fn ferrods(runs: usize, churn: bool, disk: bool) -> Numbers {
     let pki = Pki::new();
     let homes = [Home::new("bench-mig-a"), Home::new("bench-mig-b")];
     let daemons = [pki.daemon(&homes[0]), pki.daemon(&homes[1])];
     let definition = homes[0].path().join("mover.toml");
-    let toml = format!("name = \"mover\"\nmemory = \"{MEMORY_MIB}M\"\n[boot]\nguest = \"counter\"\n");
+    let mut toml = format!("name = \"mover\"\nmemory = \"{MEMORY_MIB}M\"\n[boot]\nguest = \"counter\"\n");
+    if disk {
+        let image = homes[0].path().join("data.qcow2");
+        let image = image.to_str().expect("utf-8");
+        for args in [&["create", "-q", "-f", "qcow2", image, "64M"][..], &["bitmap", "--add", image, "b0"]] {
+            let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
+            assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+        }
+        toml.push_str(&format!("[[disk]]\npath = \"{image}\"\nformat = \"qcow2\"\n"));
+    }
     std::fs::write(&definition, toml).expect("write the definition");
     daemons[0].0.ferro_ok(&["define", definition.to_str().expect("utf-8")]);
     daemons[0].0.ferro_ok(&["start", "mover"]);
@@ -223,8 +236,10 @@ pub fn run(runs: usize) {
         println!("  -- {workload}");
         let ours = ferro(runs, churn, &scratch.0);
         show("ferro vmm", &ours);
-        let relayed = ferrods(runs, churn);
+        let relayed = ferrods(runs, churn, false);
         show("ferrod over TLS", &relayed);
+        let with_disk = ferrods(runs, churn, true);
+        show("ferrod, qcow2 disk", &with_disk);
         match &peer {
             Some(qemu_path) => {
                 let theirs = qemu(qemu_path, &guest, runs, churn, &scratch.0);
