@@ -18,7 +18,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub use ferro_devices::virtio::GuestMemoryMmap;
@@ -104,7 +104,9 @@ fn map_regions(size: u64, flags: i32, file: Option<&File>) -> Result<GuestMemory
     let mut offset = 0u64;
     let mut regions = Vec::new();
     for (addr, len) in ram_ranges(size) {
-        let mut builder = MmapRegionBuilder::new(len)
+        // The bitmap records what devices write (for pre-copy, with KVM's log of the vCPUs'
+        // writes); `MmapRegionBuilder::new` would give an empty one, which records nothing.
+        let mut builder = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
             .with_hugetlbfs(flags & libc::MAP_HUGETLB != 0);
@@ -515,6 +517,22 @@ mod tests {
         assert!(check_size(1 << 20).unwrap_err().to_string().contains("too small"));
         assert!(check_size(1 << 50).unwrap_err().to_string().contains("more than this host has"));
         assert!(check_size(64 << 20).is_ok());
+    }
+
+    /// What devices write is recorded in each region's bitmap (migration and pre-copied
+    /// snapshots send those pages again): page by page, whichever way the write is made.
+    #[test]
+    fn device_writes_are_recorded() {
+        let mem = create(&MemoryConfig::new(32 << 20), Source::Fresh).unwrap();
+        mem.write_slice(&[1; 5000], GuestAddress(0x3000)).unwrap();
+        mem.store(7u16, GuestAddress(0x10_0002), std::sync::atomic::Ordering::Release).unwrap();
+        let mut disk = std::io::Cursor::new(vec![2u8; 512]);
+        mem.read_exact_volatile_from(GuestAddress((32 << 20) - 512), &mut disk, 512).unwrap();
+        let region = mem.iter().next().unwrap();
+        let bits = std::ops::Deref::deref(region).bitmap().get_and_reset();
+        let dirty: Vec<usize> = (0..bits.len() * 64).filter(|&page| bits[page / 64] & (1 << (page % 64)) != 0).collect();
+        assert_eq!(dirty, [3, 4, 0x100, (32 << 20) / 4096 - 1], "the pages written, by number");
+        assert!(std::ops::Deref::deref(region).bitmap().get_and_reset().iter().all(|w| *w == 0), "taking the pages clears them");
     }
 
     #[test]
