@@ -5,13 +5,17 @@
 //! Every function takes bytes an attacker controls (a guest's memory and queues, an image
 //! file) and must return without panicking, whatever they are.
 
+mod definition;
+mod guest_memory;
+mod kernel;
 mod memory_file;
 mod transport;
 
+pub use definition::{DefinitionRun, definition};
+pub use kernel::kernel;
 pub use transport::{TransportRun, transport, transport_settled};
 
 use ferro_block::DiskImage;
-use ferro_devices::virtio::GuestMemoryMmap;
 use ferro_devices::virtio::chains::{Chain, drain, gather, scatter};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -30,7 +34,8 @@ const USED_RING: u64 = 0x2000;
 pub fn virtqueue(data: &[u8]) -> usize {
     let Some((&size_byte, memory)) = data.split_first() else { return 0 };
     let size = 1u16 << (size_byte % 9); // 1 ..= 256, powers of two as the spec requires
-    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_MEMORY)]) else { return 0 };
+    let Some(lease) = guest_memory::Lease::new(GUEST_MEMORY) else { return 0 };
+    let mem = lease.mem();
     let len = memory.len().min(GUEST_MEMORY);
     if mem.write_slice(&memory[..len], GuestAddress(0)).is_err() {
         return 0;
@@ -41,19 +46,19 @@ pub fn virtqueue(data: &[u8]) -> usize {
     queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
     queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
     queue.set_ready(true);
-    if !queue.is_valid(&mem) {
+    if !queue.is_valid(mem) {
         return 0;
     }
     let mut buf = vec![0u8; 4096];
     let mut served = 0;
-    let _ = drain(&mut queue, &mem, |chain| {
-        let chain = Chain::parse(chain, &mem);
+    let _ = drain(&mut queue, mem, |chain| {
+        let chain = Chain::parse(chain, mem);
         if chain.fault.is_some() {
             return 0;
         }
         served += 1;
-        let _ = gather(&mem, &chain.readable, 0, &mut buf);
-        if scatter(&mem, &chain.writable, 0, &buf) { buf.len() as u32 } else { 0 }
+        let _ = gather(mem, &chain.readable, 0, &mut buf);
+        if scatter(mem, &chain.writable, 0, &buf) { buf.len() as u32 } else { 0 }
     });
     served
 }
@@ -90,6 +95,23 @@ pub fn disk_boot(data: &[u8]) -> bool {
     let found = ferro_images::boot::find(&path, Some(ferro_block::Format::Raw)).is_ok();
     let _ = std::fs::remove_file(&path);
     found
+}
+
+/// A file made once per process, `/dev/shm/ferro-fuzz-{prefix}{pid}{suffix}` holding `contents`
+/// (one per process, so that parallel fuzz jobs do not share it); the files of this kind of
+/// processes that are gone are removed first, so that runs do not pile them up.
+fn process_file(prefix: &str, suffix: &str, contents: &[u8]) -> Option<std::path::PathBuf> {
+    let prefix = format!("ferro-fuzz-{prefix}");
+    for entry in std::fs::read_dir("/dev/shm").ok()?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(suffix));
+        if pid.is_some_and(|pid| pid.bytes().all(|b| b.is_ascii_digit()) && !std::path::Path::new("/proc").join(pid).exists()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let path = std::path::PathBuf::from(format!("/dev/shm/{prefix}{}{suffix}", std::process::id()));
+    std::fs::write(&path, contents).ok()?;
+    Some(path)
 }
 
 /// `data` in a file of this process (in /dev/shm when there is one) named after `name`.

@@ -17,7 +17,7 @@ use ferro_devices::virtio::rng::Rng;
 use ferro_devices::pci::bus::{PciBus, PciEcam, PciMmioWindow, SharedFunction};
 use ferro_devices::pci::msix::{MsiMessage, MsiRoutes, MsixVector};
 use ferro_devices::{BusAction, BusDevice, IrqLine};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
@@ -35,21 +35,8 @@ const WINDOW_START: u64 = 0xc000_0000;
 /// (the guest's writes land there; any content is a valid raw disk). The files of processes that
 /// are gone are removed first, so runs do not pile them up.
 fn disk() -> Option<&'static PathBuf> {
-    const PREFIX: &str = "ferro-fuzz-transport-";
     static DISK: OnceLock<Option<PathBuf>> = OnceLock::new();
-    DISK.get_or_init(|| {
-        for entry in std::fs::read_dir("/dev/shm").ok()?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name.strip_prefix(PREFIX).and_then(|rest| rest.strip_suffix(".raw"));
-            if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-        let path = PathBuf::from(format!("/dev/shm/{PREFIX}{}.raw", std::process::id()));
-        std::fs::write(&path, vec![0u8; 1 << 20]).ok()?;
-        Some(path)
-    })
-    .as_ref()
+    DISK.get_or_init(|| crate::process_file("transport-", ".raw", &vec![0u8; 1 << 20])).as_ref()
 }
 
 fn device(choice: u8) -> Option<Box<dyn VirtioDevice>> {
@@ -131,7 +118,9 @@ fn run(data: &[u8], settle: Duration) -> TransportRun {
     let [choice, n_lo, n_hi, rest @ ..] = data else { return none };
     let list_len = (usize::from(u16::from_le_bytes([*n_lo, *n_hi])) * ACCESS).min(rest.len() / ACCESS * ACCESS);
     let (list, memory) = rest.split_at(list_len);
-    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY)]) else { return none };
+    // Declared first, so dropped (cleared and given back) after the device and its worker.
+    let Some(lease) = crate::guest_memory::Lease::new(MEMORY) else { return none };
+    let mem = lease.mem().clone();
     if mem.write_slice(&memory[..memory.len().min(FILLED)], GuestAddress(0)).is_err() {
         return none;
     }

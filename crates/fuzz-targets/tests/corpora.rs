@@ -54,3 +54,24 @@ fn disk_boot_corpus() {
     let found = replay("disk_boot", ferro_fuzz_targets::disk_boot);
     assert_eq!(found, 3, "the kernel on the whole-disk, MBR and GPT ext4 seeds should be found (not on the truncated one)");
 }
+
+#[test]
+fn kernel_corpus() {
+    use ferro_vmm::boot::EntryPoint;
+    let pvh = replay("kernel", |input| matches!(ferro_fuzz_targets::kernel(input), Some(EntryPoint::Pvh { .. })));
+    let linux = replay("kernel", |input| matches!(ferro_fuzz_targets::kernel(input), Some(EntryPoint::Linux64 { .. })));
+    // PVH: the ELF64 and 32-bit ELF test guests; the 64-bit boot protocol: the ELF64 guest
+    // without its note and the bzImage.
+    assert_eq!((pvh, linux), (2, 2), "the kernel seeds should load: (PVH, 64-bit boot protocol)");
+}
+
+#[test]
+fn definition_corpus() {
+    let domains = replay("definition", |input| ferro_fuzz_targets::definition(input).domain);
+    let started = replay("definition", |input| ferro_fuzz_targets::definition(input).domain_vm);
+    let vm_json = replay("definition", |input| ferro_fuzz_targets::definition(input).vm_json);
+    let networks = replay("definition", |input| ferro_fuzz_targets::definition(input).network);
+    let daemon = replay("definition", |input| ferro_fuzz_targets::definition(input).daemon);
+    assert!(domains >= 2 && started >= 2, "{domains} domain seeds accepted, {started} of them startable");
+    assert!(vm_json >= 1 && networks >= 1 && daemon >= 1, "VMM configuration, network, ferrod.toml seeds accepted: {vm_json}, {networks}, {daemon}");
+}

@@ -393,6 +393,16 @@ impl Domains {
     }
 }
 
+/// What `define` (POST /v1/domains, `ferro define`) makes of a definition's text before it
+/// stores it, for a domain not defined before: the text is parsed and validated, and NICs without
+/// a MAC get one. Returns the text as it would be stored and the domain. What depends on the
+/// daemon (the directories `allowed_image_paths` permits, a domain of that name) is checked by
+/// `define` afterwards. The fuzz target `definition` runs this (docs/fuzzing.md).
+pub fn checked_definition(text: &str) -> Result<(String, DomainConfig)> {
+    let parsed = DomainConfig::parse(text).map_err(|e| Error::invalid(e.to_string()))?;
+    with_nic_macs(text, parsed, None)
+}
+
 /// Gives every NIC of `config` without a MAC one (the same NIC's in `previous`, else a new one)
 /// and writes it into `text` right after that NIC's `[[nic]]` header, keeping the rest as
 /// written. A definition whose NICs are not `[[nic]]` tables is stored re-serialized instead.

@@ -1,0 +1,6 @@
+//! Fuzz target: ferro_fuzz_targets::definition (what it does with an input is documented there).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    ferro_fuzz_targets::definition(data);
+});
