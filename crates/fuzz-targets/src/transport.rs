@@ -5,15 +5,18 @@
 //! configuration, the MSI-X table and PBA) and, after them, the first bytes of guest memory, where
 //! the queues the accesses set up find their descriptors and buffers. Whatever the accesses do
 //! (features, queue addresses, status, kicks), the device's worker serves the queues from that
-//! memory until the transport shuts the device down.
+//! memory until the transport shuts the device down. The devices: rng, blk (on a raw file),
+//! balloon, console (on a socket no client connects to) and vsock (no host sockets).
 
 use ferro_devices::virtio::GuestMemoryMmap;
 use ferro_devices::virtio::VirtioDevice;
 use ferro_devices::virtio::balloon::Balloon;
 use ferro_devices::virtio::block::Block;
+use ferro_devices::virtio::console::{Console, ConsoleIo};
 use ferro_devices::virtio::mmio::MmioTransport;
 use ferro_devices::virtio::pci::{BAR_SIZE, IoEvents, PciResources, VirtioPciTransport};
 use ferro_devices::virtio::rng::Rng;
+use ferro_devices::virtio::vsock::Vsock;
 use ferro_devices::pci::bus::{PciBus, PciEcam, PciMmioWindow, SharedFunction};
 use ferro_devices::pci::msix::{MsiMessage, MsiRoutes, MsixVector};
 use ferro_devices::{BusAction, BusDevice, IrqLine};
@@ -39,11 +42,25 @@ fn disk() -> Option<&'static PathBuf> {
     DISK.get_or_init(|| crate::process_file("transport-", ".raw", &vec![0u8; 1 << 20])).as_ref()
 }
 
+/// A unix socket path of this process for `what` (the device binds it and removes it when
+/// dropped; one left by a process that died is replaced).
+fn socket(what: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(format!("/dev/shm/ferro-fuzz-{what}-{}.sock", std::process::id()));
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => None,
+        _ => Some(path),
+    }
+}
+
 fn device(choice: u8) -> Option<Box<dyn VirtioDevice>> {
-    Some(match choice % 3 {
+    Some(match choice % 5 {
         0 => Box::new(Rng::new(None)),
         1 => Box::new(Block::new(disk()?, None, false).ok()?),
-        _ => Box::new(Balloon::new(4, true).ok()?),
+        2 => Box::new(Balloon::new(4, true).ok()?),
+        // Its output waits for a client of the socket, which never comes (kept up to a limit).
+        3 => Box::new(Console::new(ConsoleIo::Socket(socket("console")?)).ok()?),
+        // Connections the guest opens find no host socket (`{uds}_{port}`) and are reset.
+        _ => Box::new(Vsock::new(3, &socket("vsock")?).ok()?),
     })
 }
 
