@@ -32,6 +32,11 @@ pub fn begin(
         d.check_backup(checkpoint, snapshot, since)?;
     }
     let was_running = !vm.is_paused();
+    // The snapshot flushes each disk while the guest is paused; flushed first, it has only
+    // the last moments' writes left to make durable.
+    for d in &disks {
+        d.flush()?;
+    }
     let start = Instant::now();
     vm.pause()?;
     let switched = switch(&disks, checkpoint, parent, snapshot);

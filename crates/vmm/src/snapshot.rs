@@ -200,6 +200,11 @@ pub fn save(vm: &VmControl, dir: &Path, resume: bool, disk_snapshot: Option<&str
     } else {
         None
     };
+    // Each disk snapshot flushes while the guest is paused: flushed first, it has only the
+    // last moments' writes left.
+    for d in &disks {
+        d.flush()?;
+    }
     let start = Instant::now();
     vm.pause()?;
     let written = write_files(vm, dir, live).and_then(|bytes| {
