@@ -50,10 +50,7 @@ fn boot_with_devices(transport: &str) {
         "ip+link+set+eth0+up",
         "ip+addr+add+10.0.0.2/24+dev+eth0",
         "ping+-c+2+-W+10+10.0.0.1",
-        // Not `timeout ... | od` in one pipeline: Debian's busybox-static 1:1.35.0-4+deb12u1+b1
-        // segfaults there (with /dev/zero as well), a file in between works.
-        "timeout+30+head+-c+16+/dev/hwrng>/tmp/rng",
-        "echo+RNG:$(od+-An+-tx1+/tmp/rng)",
+        "echo+RNG:$(timeout+30+head+-c+16+/dev/hwrng|od+-An+-tx1)",
         "echo+hvc-hello>/dev/hvc0",
         "ls+/sys/bus/virtio/devices",
         "sleep+4",
