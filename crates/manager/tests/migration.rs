@@ -61,7 +61,7 @@ fn churning(src: &Daemon, home: &Home, definition: &str) -> (Console, String) {
 /// first pass takes seconds), once at least `bytes` went over.
 fn slow_migration(home: &Home, src: &Daemon, uri: &str, pki: &Pki, bytes: u64) -> std::process::Child {
     let (ca, tokens) = (pki.arg("ca.pem"), pki.arg("tokens"));
-    let child = std::process::Command::new(ferro_bin())
+    let mut child = std::process::Command::new(ferro_bin())
         .args(["migrate", "mover", uri, "--live", "--bandwidth", "8", "--dest-ca", &ca, "--dest-token-file", &tokens])
         .env("FERRO_HOME", home.path())
         .stdin(Stdio::null())
@@ -69,11 +69,21 @@ fn slow_migration(home: &Home, src: &Daemon, uri: &str, pki: &Pki, bytes: u64) -
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("the migration to be under way", Duration::from_secs(30), || {
+    // Not wait_for: a migrate command that already ended, or a job in another state, is named
+    // in the failure (CI once timed out here without saying why).
+    let start = std::time::Instant::now();
+    loop {
         let (status, m) = src.api().call("GET", "/v1/domains/mover/migration", None);
-        status == 200 && m["progress"]["state"] == "active" && m["progress"]["transferred_bytes"].as_u64().unwrap_or(0) > bytes
-    });
-    child
+        if status == 200 && m["progress"]["state"] == "active" && m["progress"]["transferred_bytes"].as_u64().unwrap_or(0) > bytes {
+            return child;
+        }
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            let out = child.wait_with_output().unwrap();
+            panic!("ferro migrate ended before the migration was under way: {}; migration {status} {m}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the migration was not under way after 60 s: {status} {m}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
