@@ -125,6 +125,13 @@ impl Domains {
     pub async fn start_incoming(self: &Arc<Self>, name: &str) -> Result<PathBuf> {
         let _op = self.lock_op(name).await;
         let socket = self.files(name).ok_or_else(|| no_domain(name))?.incoming_socket();
+        // A socket left by an earlier incoming VMM (killed, or its migration cancelled) would pass
+        // for this one's before it listens: the source then met "connection refused".
+        match std::fs::remove_file(&socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::internal(format!("domain {name}: cannot remove the old migration socket {}: {e}", socket.display()))),
+        }
         self.start_run(name, Some(FirstRun::Incoming { socket: &socket })).await?;
         Ok(socket)
     }
