@@ -465,7 +465,19 @@ impl Migrations {
             .await
             .unwrap_or_else(|e| Err(Error::internal(format!("the disk check failed: {e}"))))?;
         let socket = self.domains.start_incoming(name).await?;
-        let vmm = UnixStream::connect(&socket).await.map_err(|e| Error::vmm(format!("domain {name}: cannot connect to the waiting VMM: {e}")))?;
+        // The socket file appears when the VMM binds it, a moment before it listens: a connect in
+        // between is refused, so refusals are retried for a while (the first connection that gets
+        // through is the migration's own; the VMM takes one).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let vmm = loop {
+            match UnixStream::connect(&socket).await {
+                Ok(vmm) => break vmm,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => return Err(Error::vmm(format!("domain {name}: cannot connect to the waiting VMM: {e}"))),
+            }
+        };
         Ok(Arrival::Live(vmm))
     }
 
