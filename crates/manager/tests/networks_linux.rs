@@ -92,9 +92,10 @@ fn linux_guests_get_leases_names_nat_and_isolation_from_ferrods_networks() {
     d.ferro_ok(&["net-start", "lab"]);
     d.ferro_ok(&["net-start", "iso"]);
 
+    // b may boot later than a: a retries its TCP message until b's listener is up.
     let a = format!(
         "{DHCP} ping -c 1 -W 5 10.77.0.1 && echo GATEWAY-OK ; ping -c 1 -W 5 {OUTSIDE} && echo OUTSIDE-OK ;
-         {} ping -c 1 -W 5 $P && echo PEER-OK ; echo hello-from-a | nc $P 7777 && echo SENT-OK ; sleep 20",
+         {} ping -c 1 -W 5 $P && echo PEER-OK ; for i in $(seq 120) ; do echo hello-from-a | nc $P 7777 && echo SENT-OK && break ; sleep 1 ; done ; sleep 20",
         resolve("b")
     );
     let b = format!(
