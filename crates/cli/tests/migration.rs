@@ -202,13 +202,13 @@ fn a_stream_of_another_version_is_refused_by_name() {
     let mut dest = Destination::start("mig-version", &[]);
     let mut s = UnixStream::connect(dest.incoming()).unwrap();
     let mut header = b"FERROMIG".to_vec();
-    header.extend_from_slice(&2u32.to_le_bytes());
+    header.extend_from_slice(&1u32.to_le_bytes());
     header.extend_from_slice(&[0; 12]);
     s.write_all(&header).unwrap();
     let mut reply = String::new();
     BufReader::new(s).read_line(&mut reply).unwrap();
     let reply: Value = serde_json::from_str(&reply).unwrap();
-    assert_eq!(reply["error"], "the source speaks migration protocol version 2, this VMM version 1", "{reply}");
+    assert_eq!(reply["error"], "the source speaks migration protocol version 1, this VMM version 2", "{reply}");
     assert!(!wait_exit(&mut dest.child, Duration::from_secs(10)).unwrap().success());
-    assert!(dest.stderr().contains("migration protocol version 2"));
+    assert!(dest.stderr().contains("migration protocol version 1"));
 }

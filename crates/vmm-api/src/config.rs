@@ -246,6 +246,12 @@ impl VmConfig {
     /// which must describe the same machine otherwise (a restore gets a new process, so a tap
     /// the supervisor opened for it has a new descriptor). The error names what differs.
     pub fn rewired(&self, given: &VmConfig) -> Result<VmConfig, String> {
+        self.rewired_with_disks(given, &[])
+    }
+
+    /// As [`rewired`](Self::rewired), and the disks with ids in `copied` (a migration that
+    /// copies them along to files of this host's) take their paths from `given` too.
+    pub fn rewired_with_disks(&self, given: &VmConfig, copied: &[&str]) -> Result<VmConfig, String> {
         if self.devices.len() != given.devices.len() {
             return Err(format!("devices: the snapshot has {}, the configuration {}", self.devices.len(), given.devices.len()));
         }
@@ -255,6 +261,11 @@ impl VmConfig {
             if let (DeviceKind::Net { tap, fd, .. }, DeviceKind::Net { tap: new_tap, fd: new_fd, .. }) = (&mut mine.kind, &theirs.kind) {
                 tap.clone_from(new_tap);
                 *fd = *new_fd;
+            }
+            if let (DeviceKind::Block { path, .. }, DeviceKind::Block { path: new_path, .. }) = (&mut mine.kind, &theirs.kind)
+                && copied.contains(&mine.id.as_str())
+            {
+                path.clone_from(new_path);
             }
             if mine != theirs {
                 return Err(format!("devices ({}): the snapshot has {:?}, the configuration {:?}", mine.id, mine.kind, theirs.kind));

@@ -93,7 +93,7 @@ pub enum Request {
     /// runs the guest, and this VMM then exits ([`ExitReason::Migrated`]). Before that point
     /// any failure leaves the VM running here. `bandwidth_mib` caps the pre-copy rate (MiB/s);
     /// `auto_converge` throttles the vCPUs step by step while the guest dirties memory faster
-    /// than it can be sent. Reply: [`MigrateReply`].
+    /// than it can be sent; `copy_storage` copies the writable disks along. Reply: [`MigrateReply`].
     MigrateSend {
         to: String,
         #[serde(default = "default_max_downtime_ms")]
@@ -102,6 +102,10 @@ pub enum Request {
         bandwidth_mib: Option<u64>,
         #[serde(default)]
         auto_converge: bool,
+        /// Copy the writable disks along to the destination's own files (which must exist there,
+        /// fresh, of the same format and size) instead of handing shared ones over.
+        #[serde(default)]
+        copy_storage: bool,
     },
     /// Progress of the migration under way, or how the last one ended. Reply: [`MigrationInfo`].
     MigrateInfo,

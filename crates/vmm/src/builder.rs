@@ -202,6 +202,12 @@ impl Unrestored {
         &self.0.memory
     }
 
+    /// The disks' handles, in the configuration's order (a migration's destination writes the
+    /// disks it receives through them).
+    pub(crate) fn disks(&self) -> Vec<ferro_devices::virtio::block::BlockDisk> {
+        self.0.devices.handles().disk_images.clone()
+    }
+
     /// Applies `saved` (KVM's VM-wide state, the devices', every vCPU's on its own thread): a
     /// paused VM. Refused when `saved` is of another version, another vCPU count, or placed its
     /// devices elsewhere than this VM was built with.

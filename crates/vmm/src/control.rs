@@ -69,11 +69,12 @@ pub fn handle(vm: &VmControl, line: &str) -> (String, Option<ExitReason>) {
         Request::VcpuInfo => encode_reply(&vm.vcpu_info()),
         Request::PinVcpu { vcpu, cpus } => done(vm.pin_vcpu(vcpu, &cpus)),
         Request::PinEmulator { cpus } => done(vm.pin_emulator(&cpus)),
-        Request::MigrateSend { to, max_downtime_ms, bandwidth_mib, auto_converge } => {
+        Request::MigrateSend { to, max_downtime_ms, bandwidth_mib, auto_converge, copy_storage } => {
             let opts = SendOptions {
                 max_downtime: Duration::from_millis(max_downtime_ms),
                 bandwidth: bandwidth_mib.map(|mib| mib.saturating_mul(1 << 20)),
                 auto_converge,
+                copy_storage,
             };
             let sent = migration::send(vm, &to, &opts);
             let exit = sent.is_ok().then_some(ExitReason::Migrated);

@@ -11,6 +11,12 @@
 //! the guest runs. A failure before `go` takes the disks back (waiting while the destination
 //! still holds them) and resumes the guest here; after `go` without that word the guest stays
 //! paused here with its disks let go (it may run there) and the state says so.
+//!
+//! With `copy_storage` the writable disks are not shared but copied along: the destination has
+//! fresh images of the same format and size, open from the start. The sender marks what the
+//! guest changes on each disk, sends every part of it that may hold data, then the changed parts
+//! in rounds, the memory as above, and the last changes with the guest paused; its own disks stay
+//! open (nothing is handed over), so a failure only has to resume the guest.
 
 use crate::dirty;
 use crate::memory::{self, GuestMemoryMmap, PAGE, PageMap};
@@ -18,6 +24,8 @@ use crate::resources::ResourceState;
 use crate::snapshot::CpuFeatures;
 use crate::state::SavedVm;
 use crate::virtio::DiskOpening;
+use ferro_devices::virtio::block::BlockDisk;
+use ferro_vmm_api::{DeviceKind, DiskFormat};
 use crate::vm::{Vm, VmControl};
 use crate::{Error, Result, VmBuilder};
 use ferro_vmm_api::VmConfig;
@@ -35,13 +43,24 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 /// The first bytes of a migration stream.
 pub const MAGIC: [u8; 8] = *b"FERROMIG";
 /// The version of the stream: its framing, records and handshake.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Record tags (one byte before each record).
 const RECORD_PAGES: u8 = 1;
 const RECORD_ZEROS: u8 = 2;
 const RECORD_STATE: u8 = 3;
 const RECORD_GO: u8 = 4;
+const RECORD_DISK: u8 = 5;
+const RECORD_DISK_ZEROS: u8 = 6;
+
+/// Disk bytes in one `disk` record the sender makes; the receiver accepts up to
+/// [`MAX_DISK_CHUNK`].
+const DISK_CHUNK: u64 = 1 << 20;
+const MAX_DISK_CHUNK: u32 = 4 << 20;
+/// The disk rounds end once this little changed meanwhile (it goes again later), or after
+/// [`DISK_ROUNDS`] rounds (a guest writing faster than the link: the rest goes at the end).
+const DISK_SMALL: u64 = 4 << 20;
+const DISK_ROUNDS: u32 = 10;
 
 /// Pages in one `pages` record the sender makes; the receiver accepts up to [`MAX_RUN`].
 const RUN: usize = 64;
@@ -72,6 +91,17 @@ struct Hello {
     cpu_features: CpuFeatures,
     /// Where the devices are placed, so the destination can build them before the state comes.
     resources: ResourceState,
+    /// The disks copied along (empty: the writable disks are shared and handed over).
+    #[serde(default)]
+    copied_disks: Vec<CopiedDisk>,
+}
+
+/// A disk the stream carries: its device, and what the destination's copy must be.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CopiedDisk {
+    id: String,
+    format: DiskFormat,
+    size: u64,
 }
 
 /// How `migrate_send` should go.
@@ -81,6 +111,9 @@ pub struct SendOptions {
     /// Bytes per second the pre-copy may use; None: as fast as the link goes.
     pub bandwidth: Option<u64>,
     pub auto_converge: bool,
+    /// Copy the writable disks along to the destination's own files instead of handing shared
+    /// ones over.
+    pub copy_storage: bool,
 }
 
 /// The migration under way or the last one's outcome, and the cancel flag.
@@ -243,6 +276,9 @@ pub fn send(vm: &VmControl, to: &str, opts: &SendOptions) -> std::result::Result
     let outcome = Link::connect(to).map_err(Failure::Before).and_then(|link| {
         memory::set_dirty_logging(vm.vm_fd(), vm.memory(), true).map_err(|e| Failure::Before(e.to_string()))?;
         let result = Sender::new(vm, link, opts, started).and_then(|mut s| s.run(was_running));
+        for disk in vm.writable_disks() {
+            disk.stop_mirror();
+        }
         if let Err(e) = memory::set_dirty_logging(vm.vm_fd(), vm.memory(), false) {
             eprintln!("ferro: turning dirty logging off after the migration: {e}");
         }
@@ -306,11 +342,20 @@ struct Sender<'a> {
     capped_since: Option<(Instant, u64)>,
     buf: Vec<u8>,
     iterations: u32,
+    /// The disks copied along (`copy_storage`), with their device ids.
+    disks: Vec<(String, BlockDisk)>,
+    disk_buf: Vec<u8>,
 }
 
 impl<'a> Sender<'a> {
     fn new(vm: &'a VmControl, link: Link, opts: &'a SendOptions, started: Instant) -> std::result::Result<Sender<'a>, Failure> {
         let replies = BufReader::new(link.try_clone().map_err(Failure::Before)?);
+        let disks = if opts.copy_storage {
+            let ids = vm.config().devices.iter().filter(|d| matches!(d.kind, DeviceKind::Block { .. })).map(|d| d.id.clone());
+            ids.zip(vm.devices().handles().disk_images.iter().cloned()).filter(|(_, d)| !d.readonly()).collect()
+        } else {
+            Vec::new()
+        };
         Ok(Sender {
             vm,
             out: BufWriter::with_capacity(1 << 20, link),
@@ -321,6 +366,8 @@ impl<'a> Sender<'a> {
             capped_since: None,
             buf: vec![0; RUN * PAGE],
             iterations: 0,
+            disks,
+            disk_buf: Vec::new(),
         })
     }
 
@@ -328,6 +375,7 @@ impl<'a> Sender<'a> {
         let before = |e: String| Failure::Before(e);
         self.hello().map_err(before)?;
         self.capped_since = Some((Instant::now(), self.sent));
+        self.copy_disks().map_err(before)?;
         let mut remainder = self.precopy().map_err(before)?;
 
         // Switch-over: pause, send what is left and the state.
@@ -338,15 +386,22 @@ impl<'a> Sender<'a> {
         for d in self.vm.writable_disks() {
             d.flush().map_err(before)?;
         }
+        // What the guest wrote to its disks during the memory rounds, while it still runs.
+        self.send_disk_changes().map_err(before)?;
         let paused_at = Instant::now();
         self.vm.pause().map_err(before)?;
         self.iterations += 1;
         let last = memory::take_dirty(self.vm.vm_fd(), self.vm.memory()).map_err(|e| before(e.to_string()))?;
         dirty::merge(&mut remainder, &last);
         self.send_dirty(&remainder).map_err(before)?;
-        // The hand-over: the disks are consistent on disk and unlocked before the destination
-        // hears the state, which is when it opens them.
-        self.vm.inactivate_disks().map_err(before)?;
+        if self.opts.copy_storage {
+            // The copies get the disks' last changes; the disks here stay open, for a failure.
+            self.send_disk_changes().map_err(before)?;
+        } else {
+            // The hand-over: the disks are consistent on disk and unlocked before the
+            // destination hears the state, which is when it opens them.
+            self.vm.inactivate_disks().map_err(before)?;
+        }
         let saved: SavedVm = self.vm.save().map_err(before)?;
         let state = serde_json::to_vec(&saved).map_err(|e| before(format!("encoding the VM state: {e}")))?;
         self.write(&[RECORD_STATE]).and_then(|()| self.write(&(state.len() as u64).to_le_bytes())).map_err(before)?;
@@ -369,6 +424,11 @@ impl<'a> Sender<'a> {
             config: self.vm.config().clone(),
             cpu_features: self.vm.cpu_features().clone(),
             resources: self.vm.devices().resources().clone(),
+            copied_disks: self
+                .disks
+                .iter()
+                .map(|(id, d)| Ok(CopiedDisk { id: id.clone(), format: d.format()?, size: d.size()? }))
+                .collect::<std::result::Result<_, String>>()?,
         };
         let body = serde_json::to_vec(&hello).map_err(|e| format!("encoding the hello: {e}"))?;
         let mut header = Vec::with_capacity(24);
@@ -390,6 +450,84 @@ impl<'a> Sender<'a> {
             Ok(_) => decode_reply::<Done>(line.trim_end()).map(drop).map_err(|e| format!("the destination refused while {step}: {e}")),
             Err(e) => Err(format!("waiting for the destination while {step}: {e}")),
         }
+    }
+
+    /// The disks copied along: marks on, every part that may hold data, then the parts the
+    /// guest changed meanwhile, in rounds until little is left (that goes later).
+    fn copy_disks(&mut self) -> std::result::Result<(), String> {
+        for (_, d) in &self.disks {
+            d.start_mirror()?;
+        }
+        for i in 0..self.disks.len() {
+            let disk = self.disks[i].1.clone();
+            let size = disk.size()?;
+            let mut off = 0;
+            while off < size {
+                if self.vm.migration().cancelled() {
+                    return Err("cancelled".into());
+                }
+                let (len, zero) = disk.extent(off, (size - off).min(DISK_CHUNK))?;
+                // The destination's fresh copy reads zeroes wherever nothing was written.
+                if !zero {
+                    self.send_disk_range(i, off, len, false)?;
+                }
+                off += len;
+            }
+        }
+        for _ in 0..DISK_ROUNDS {
+            if self.vm.migration().cancelled() {
+                return Err("cancelled".into());
+            }
+            if self.disks.iter().map(|(_, d)| d.mirror_bytes()).sum::<u64>() <= DISK_SMALL {
+                break;
+            }
+            self.send_disk_changes()?;
+        }
+        Ok(())
+    }
+
+    /// The parts of the copied disks changed since the last look.
+    fn send_disk_changes(&mut self) -> std::result::Result<(), String> {
+        for i in 0..self.disks.len() {
+            for (off, len) in self.disks[i].1.take_mirror() {
+                self.send_disk_range(i, off, len, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `len` bytes of disk `index` from `off`, a chunk at a time: chunks with data as
+    /// `disk` records, chunks of zeroes as `disk zeros` records when `zeros_matter` (the copy
+    /// may hold older data there) or not at all.
+    fn send_disk_range(&mut self, index: usize, off: u64, len: u64, zeros_matter: bool) -> std::result::Result<(), String> {
+        let disk = self.disks[index].1.clone();
+        let mut buf = std::mem::take(&mut self.disk_buf);
+        let mut at = off;
+        let mut result = Ok(());
+        while at < off + len && result.is_ok() {
+            let n = (off + len - at).min(DISK_CHUNK);
+            buf.resize(n as usize, 0);
+            result = disk.read_at(&mut buf, at).and_then(|()| {
+                let mut header = Vec::with_capacity(21);
+                header.extend_from_slice(&(index as u32).to_le_bytes());
+                header.extend_from_slice(&at.to_le_bytes());
+                if !is_zero(&buf) {
+                    header.extend_from_slice(&(n as u32).to_le_bytes());
+                    self.write(&[RECORD_DISK]).and_then(|()| self.write(&header)).and_then(|()| self.write(&buf))
+                } else if zeros_matter {
+                    header.extend_from_slice(&n.to_le_bytes());
+                    self.write(&[RECORD_DISK_ZEROS]).and_then(|()| self.write(&header))
+                } else {
+                    Ok(())
+                }
+            });
+            let sent = self.sent;
+            self.vm.migration().update(|i| i.transferred_bytes = sent);
+            self.keep_to_bandwidth();
+            at += n;
+        }
+        self.disk_buf = buf;
+        result
     }
 
     /// The first full pass and the dirty rounds; returns the dirty pages left for the pause.
@@ -600,6 +738,33 @@ impl Drop for Throttle<'_> {
     }
 }
 
+/// The destination's disks that the stream fills, by their index in `copied`, with their sizes:
+/// each must be a writable disk of the configuration whose image here has the source's format
+/// and size.
+fn copies(copied: &[CopiedDisk], block_ids: &[String], disks: Vec<BlockDisk>) -> Result<Vec<(BlockDisk, u64)>> {
+    copied
+        .iter()
+        .map(|c| {
+            let at = block_ids.iter().position(|id| *id == c.id);
+            let disk = at.and_then(|at| disks.get(at)).filter(|d| !d.readonly()).ok_or_else(|| {
+                Error::Config(format!("the source copies disk {:?}, which is no writable disk of this VM", c.id))
+            })?;
+            let (format, size) = (disk.format().map_err(Error::Config)?, disk.size().map_err(Error::Config)?);
+            if format != c.format || size != c.size {
+                return Err(Error::Config(format!(
+                    "disk {} ({}): the copy here is {} of {size} bytes, the source's disk {} of {} bytes",
+                    c.id,
+                    disk.path().display(),
+                    format.name(),
+                    c.format.name(),
+                    c.size
+                )));
+            }
+            Ok((disk.clone(), size))
+        })
+        .collect()
+}
+
 fn is_zero(page: &[u8]) -> bool {
     page.iter().all(|&b| b == 0)
 }
@@ -632,16 +797,25 @@ impl Receiver {
 
     fn receive(&mut self, builder: VmBuilder, wiring: Option<&VmConfig>) -> Result<Vm> {
         let hello = self.hello()?;
+        let copied: Vec<&str> = hello.copied_disks.iter().map(|c| c.id.as_str()).collect();
         let config = match wiring {
-            Some(given) => hello.config.rewired(given).map_err(|e| Error::Config(format!("the incoming VM: {e}")))?,
+            Some(given) => hello.config.rewired_with_disks(given, &copied).map_err(|e| Error::Config(format!("the incoming VM: {e}")))?,
             None => hello.config,
         };
+        let block_ids: Vec<String> = config.devices.iter().filter(|d| matches!(d.kind, DeviceKind::Block { .. })).map(|d| d.id.clone()).collect();
         // Everything but the state is built now, while the guest still runs on the source.
         let mem = memory::create(&config.memory, memory::Source::Fresh)?;
-        // Writable disks stay closed (the source holds them) until the state has come.
-        let unrestored = builder.prepare_restore(config, hello.cpu_features, hello.resources, mem, DiskOpening::Later)?;
+        // Shared writable disks stay closed (the source holds them) until the state has come;
+        // copies are this host's own files, written from the start.
+        let opening = if hello.copied_disks.is_empty() { DiskOpening::Later } else { DiskOpening::Now };
+        let unrestored = builder.prepare_restore(config, hello.cpu_features, hello.resources, mem, opening)?;
+        let copies = copies(&hello.copied_disks, &block_ids, unrestored.disks())?;
         self.answer(Ok(()));
-        let saved = self.memory(unrestored.memory())?;
+        let saved = self.memory(unrestored.memory(), &copies)?;
+        // The copies are durable before the source hears the VM is built: it may stop then.
+        for (disk, _) in &copies {
+            disk.flush().map_err(Error::Config)?;
+        }
         let vm = unrestored.restore(saved)?;
         // The source let go of the writable disks before it sent the state: open them now, so
         // that the source hears of any trouble before `go` and takes them back.
@@ -683,8 +857,10 @@ impl Receiver {
         Ok(body)
     }
 
-    /// Memory records into `mem` until the state record, which it returns.
-    fn memory(&mut self, mem: &GuestMemoryMmap) -> Result<SavedVm> {
+    /// Memory records into `mem`, disk records into `copies`, until the state record, which
+    /// it returns.
+    fn memory(&mut self, mem: &GuestMemoryMmap, copies: &[(BlockDisk, u64)]) -> Result<SavedVm> {
+        let mut chunk = Vec::new();
         let mut page = vec![0u8; MAX_RUN as usize * PAGE];
         let zeros = vec![0u8; MAX_RUN as usize * PAGE];
         loop {
@@ -708,6 +884,39 @@ impl Receiver {
                     };
                     mem.write_slice(data, GuestAddress(gpa))
                         .map_err(|e| Error::Config(format!("migration record at {gpa:#x} with {pages} pages is outside guest RAM: {e}")))?;
+                }
+                RECORD_DISK | RECORD_DISK_ZEROS => {
+                    let mut header = [0u8; 12];
+                    self.input.read_exact(&mut header).map_err(|e| Error::Config(format!("reading the migration stream: {e}")))?;
+                    let index = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+                    let off = u64::from_le_bytes(header[4..].try_into().expect("8 bytes"));
+                    let len = if tag[0] == RECORD_DISK {
+                        let mut len = [0u8; 4];
+                        self.input.read_exact(&mut len).map_err(|e| Error::Config(format!("reading the migration stream: {e}")))?;
+                        let len = u32::from_le_bytes(len);
+                        if len == 0 || len > MAX_DISK_CHUNK {
+                            return Err(Error::Config(format!("disk record of {len} bytes: 1 to {MAX_DISK_CHUNK} bytes allowed")));
+                        }
+                        u64::from(len)
+                    } else {
+                        let mut len = [0u8; 8];
+                        self.input.read_exact(&mut len).map_err(|e| Error::Config(format!("reading the migration stream: {e}")))?;
+                        u64::from_le_bytes(len)
+                    };
+                    let Some((disk, size)) = copies.get(index) else {
+                        return Err(Error::Config(format!("disk record for disk {index}: the source announced {} copied disks", copies.len())));
+                    };
+                    if len == 0 || off.checked_add(len).is_none_or(|end| end > *size) {
+                        return Err(Error::Config(format!("disk record for disk {index} at {off} of {len} bytes: outside its {size} bytes")));
+                    }
+                    let written = if tag[0] == RECORD_DISK {
+                        chunk.resize(len as usize, 0);
+                        self.input.read_exact(&mut chunk).map_err(|e| Error::Config(format!("reading the migration stream: {e}")))?;
+                        disk.write_at(&chunk, off)
+                    } else {
+                        disk.write_zeroes(off, len)
+                    };
+                    written.map_err(|e| Error::Config(format!("writing the disk copy: {e}")))?;
                 }
                 RECORD_STATE => {
                     let mut len = [0u8; 8];

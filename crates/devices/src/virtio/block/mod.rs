@@ -13,9 +13,11 @@
 //! device without opening it ([`Block::new_inactive`]) and opens it only once the source has let
 //! go ([`BlockDisk::activate`]), as does a source that takes it back after a failed migration.
 
+mod mirror;
 mod request;
 mod state;
 
+pub use mirror::{DirtyGranules, GRANULE};
 pub use request::BlockCounters;
 pub use state::BlockState;
 
@@ -59,6 +61,8 @@ struct Slot {
     /// Set while the image is inactive (another process may own it): its format, if known,
     /// and its capacity in sectors, once known (a destination learns both from the state).
     inactive: Option<(Option<DiskFormat>, Option<u64>)>,
+    /// Set while a migration copies the disk along: the granules changed since it last looked.
+    mirror: Option<DirtyGranules>,
 }
 
 fn to_block_format(format: DiskFormat) -> Format {
@@ -94,7 +98,7 @@ impl Block {
         let capacity = disk.size() / SECTOR_SIZE;
         Ok(Block {
             path: path.to_path_buf(),
-            disk: Arc::new(Mutex::new(Slot { image: Some(disk), inactive: None })),
+            disk: Arc::new(Mutex::new(Slot { image: Some(disk), inactive: None, mirror: None })),
             format,
             readonly,
             capacity,
@@ -112,7 +116,7 @@ impl Block {
     pub fn new_inactive(path: &Path, format: Option<DiskFormat>) -> Block {
         Block {
             path: path.to_path_buf(),
-            disk: Arc::new(Mutex::new(Slot { image: None, inactive: Some((format, None)) })),
+            disk: Arc::new(Mutex::new(Slot { image: None, inactive: Some((format, None)), mirror: None })),
             format: format.unwrap_or(DiskFormat::Raw),
             readonly: false,
             capacity: 0,
@@ -261,6 +265,88 @@ impl BlockDisk {
         self.disk.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f` on the open image; a closed or inactive one is refused naming the disk.
+    fn with_image<T>(&self, f: impl FnOnce(&mut dyn DiskImage, &mut Option<DirtyGranules>) -> ferro_block::Result<T>) -> Result<T, String> {
+        let mut guard = self.lock();
+        let Slot { image, mirror, inactive } = &mut *guard;
+        let why = if inactive.is_some() { "inactive (handed over to another VMM by a migration)" } else { "closed" };
+        let disk = image.as_mut().ok_or_else(|| format!("disk {} is {why}", self.path.display()))?;
+        f(disk.as_mut(), mirror).map_err(|e| format!("disk {}: {e}", self.path.display()))
+    }
+
+    /// The virtual size in bytes.
+    pub fn size(&self) -> Result<u64, String> {
+        self.with_image(|disk, _| Ok(disk.size()))
+    }
+
+    /// The image's format.
+    pub fn format(&self) -> Result<DiskFormat, String> {
+        self.with_image(|disk, _| Ok(if disk.info().format == Format::Qcow2 { DiskFormat::Qcow2 } else { DiskFormat::Raw }))
+    }
+
+    /// Starts marking what the guest changes (see [`DirtyGranules`]); the marks start empty.
+    pub fn start_mirror(&self) -> Result<(), String> {
+        if self.readonly {
+            return Err(format!("disk {} is read-only", self.path.display()));
+        }
+        self.with_image(|disk, mirror| {
+            *mirror = Some(DirtyGranules::new(disk.size()));
+            Ok(())
+        })
+    }
+
+    /// Stops marking (a migration that copied the disk ended).
+    pub fn stop_mirror(&self) {
+        self.lock().mirror = None;
+    }
+
+    /// The ranges marked since the last look, clearing them (empty when not marking).
+    pub fn take_mirror(&self) -> Vec<(u64, u64)> {
+        self.lock().mirror.as_mut().map(DirtyGranules::take).unwrap_or_default()
+    }
+
+    /// Bytes marked since the last look.
+    pub fn mirror_bytes(&self) -> u64 {
+        self.lock().mirror.as_ref().map_or(0, DirtyGranules::bytes)
+    }
+
+    /// How the disk reads from `off` (below its size): `(len, true)` when the next `len` bytes
+    /// read as zeroes without reading them (this layer says so, or has nothing and no backing
+    /// file), `(len, false)` when they may hold data.
+    pub fn extent(&self, off: u64, len: u64) -> Result<(u64, bool), String> {
+        self.with_image(|disk, _| {
+            let e = disk.block_status(off, len)?;
+            let zero = match e.status {
+                ferro_block::Status::Zero => true,
+                ferro_block::Status::Unallocated => disk.backing_mut().is_none(),
+                _ => false,
+            };
+            Ok((e.len.clamp(1, len), zero))
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `off` as the guest would.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<(), String> {
+        self.with_image(|disk, _| disk.read_at(buf, off))
+    }
+
+    /// Writes `buf` at `off` (a migration's destination filling its copy); the range must lie
+    /// within the disk, which the caller checks.
+    pub fn write_at(&self, buf: &[u8], off: u64) -> Result<(), String> {
+        if self.readonly {
+            return Err(format!("disk {} is read-only", self.path.display()));
+        }
+        self.with_image(|disk, _| disk.write_at(buf, off))
+    }
+
+    /// Makes `len` bytes at `off` read as zeroes (a migration's destination).
+    pub fn write_zeroes(&self, off: u64, len: u64) -> Result<(), String> {
+        if self.readonly {
+            return Err(format!("disk {} is read-only", self.path.display()));
+        }
+        self.with_image(|disk, _| disk.write_zeroes(off, len))
+    }
+
     /// Whether the image is inactive (closed until [`activate`](Self::activate)).
     pub fn is_inactive(&self) -> bool {
         self.lock().inactive.is_some()
@@ -397,6 +483,7 @@ impl VirtioDevice for Block {
         }
         let mut slot = self.lock_disk();
         slot.inactive = None;
+        slot.mirror = None;
         drop(slot.image.take());
     }
 }
@@ -426,11 +513,20 @@ impl WorkerState for BlockWorker {
             return;
         }
         let mut slot = self.disk.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(disk) = slot.image.as_mut() else { return };
+        let Slot { image, mirror, .. } = &mut *slot;
+        let Some(disk) = image.as_mut() else { return };
+        let mut marking;
+        let disk: &mut dyn DiskImage = match mirror {
+            Some(dirty) => {
+                marking = mirror::Marking { inner: disk.as_mut(), dirty };
+                &mut marking
+            }
+            None => disk.as_mut(),
+        };
         let (mem, requests) = (&self.mem, &mut self.requests);
         let served = chains::drain(queue, mem, |chain| {
             let chain = Chain::parse(chain, mem);
-            requests.serve(disk.as_mut(), mem, &chain)
+            requests.serve(&mut *disk, mem, &chain)
         });
         match served {
             Ok(true) => self.interrupt.trigger(InterruptReason::Queue(0)),
