@@ -10,7 +10,9 @@
 //! shared qcow2 disk moves with it (the source hands the disk over at the switch-over), and a
 //! hand-over that fails gives the disk back to the source. A Linux guest with an ext4 qcow2 disk
 //! moves while a shell loop in it writes and syncs the disk: on the destination it answers its
-//! console, its file's checksum is the one it had, and what it wrote there is in the image.
+//! console, its file's checksum is the one it had, and what it wrote there is in the image. With
+//! `--copy-storage-all` a guest writing its disk moves with the disk copied along to the other
+//! ferrod's pool, and back, byte for byte as `qemu-img compare` reads them.
 
 use ferro_test_support::daemon::pki::Pki;
 use ferro_test_support::daemon::{Daemon, Home, openapi, read_console};
@@ -592,4 +594,89 @@ fn a_linux_guest_with_a_disk_moves_keeping_its_file_and_its_console() {
     let seen = ticks(&on_source).into_iter().chain(ticks(&on_destination)).max().unwrap();
     assert!(last >= seen, "count {seen} was printed after its sync, the image ends at {last}");
     eprintln!("counts: {last} on the image, {:?} printed on the destination", ticks(&on_destination));
+}
+
+/// `--copy-storage-all`: a running domain whose writable qcow2 volume is in a pool of each
+/// ferrod (same pool name, different directories: nothing shared) moves with its disk copied
+/// along while the guest writes and flushes records. Without the flag the move is refused before
+/// anything moves (the destination lacks the disk). With it, the guest writes on at the
+/// destination into the copy: every record reads back whole there, the newest flushed one
+/// included, a pattern written before the start (which the guest never touches) is in the copy,
+/// and copy and source volume both pass `qemu-img check`, the source's records ending where the
+/// copy's went on. Then the guest, paused, moves back: the old volume still there is refused
+/// (never overwritten), and once it is gone the copy made back reads the same as the one it came
+/// from (`qemu-img compare`), and the guest stays paused.
+#[test]
+fn a_guest_writing_its_disk_moves_with_the_disk_copied_along() {
+    let pki = Pki::new();
+    let (src_home, dst_home) = (Home::new("mig-copy-src"), Home::new("mig-copy-dst"));
+    let (src, src_addr) = pki.daemon(&src_home);
+    let (dst, dst_addr) = pki.daemon(&dst_home);
+    let (src_uri, dst_uri) = (format!("tls://127.0.0.1:{}", src_addr.port()), format!("tls://127.0.0.1:{}", dst_addr.port()));
+    let (src_pool, dst_pool) = (src_home.path().join("pool"), dst_home.path().join("pool"));
+    pool(&src, &src_pool);
+    pool(&dst, &dst_pool);
+    let (volume, copy) = (src_pool.join("data.qcow2"), dst_pool.join("data.qcow2"));
+    qemu::img_ok(&["create", "-q", "-f", "qcow2", volume.to_str().unwrap(), "16M"]);
+    qemu::io(&volume, "write -P 0x5a 8M 3M");
+    let file = src_home.path().join("mover.toml");
+    std::fs::write(&file, format!("{SOAK}[[disk]]\npool = \"p\"\nvolume = \"data.qcow2\"\nformat = \"qcow2\"\n")).unwrap();
+    src.ferro_ok(&["define", file.to_str().unwrap()]);
+    src.ferro_ok(&["start", "mover"]);
+    let mut console = Console::on(src.console("mover"));
+    let before = flushed_past(&mut console, 16);
+    let migrate = |from: &Daemon, to: &str, extra: &[&str]| -> Output {
+        let base = ["migrate", "mover", to, "--live", "--json", "--dest-ca", &pki.arg("ca.pem"), "--dest-token-file", &pki.arg("tokens")];
+        from.ferro(&[&base[..], extra].concat())
+    };
+
+    let err = stderr_line(&migrate(&src, &dst_uri, &[]));
+    assert!(err.contains("disk[0]") && err.contains("no such file here") && err.contains("share"), "{err}");
+    assert!(!copy.exists(), "nothing made on the destination");
+    assert_eq!(state_of(&src, "mover").as_deref(), Some("running"));
+    assert!(state_of(&dst, "mover").is_none());
+
+    let out = migrate(&src, &dst_uri, &["--copy-storage-all"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let numbers: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("migrated with the disk copied along: {numbers}");
+    assert!(numbers["transferred_bytes"].as_u64().unwrap() > 3 << 20, "the pattern went over: {numbers}");
+    assert_eq!(state_of(&src, "mover").as_deref(), Some("shutoff"));
+    assert_eq!(state_of(&dst, "mover").as_deref(), Some("running"));
+    wait_for("the source's VMM to exit", Duration::from_secs(10), || vmms(&src_home).is_empty());
+    drop(console);
+    let mut console = Console::on(dst.console("mover"));
+    let arrived = flushed_past(&mut console, before);
+    let later = flushed_past(&mut console, arrived + 32);
+    dst.ferro_ok(&["suspend", "mover"]);
+    // The source's volume, closed by its VMM: sound, its records ending where the copy's go on.
+    let source_last = soak_ring(&volume, &src_home.path().join("ring.raw"));
+    assert!(source_last >= before, "the source's volume ends at record {source_last}, before {before}");
+    qemu::img_ok(&["check", "-q", volume.to_str().unwrap()]);
+
+    // Back, paused: the old volume is never overwritten; without it, the copy is exact.
+    src.ferro_ok(&["undefine", "mover"]);
+    let err = stderr_line(&migrate(&dst, &src_uri, &["--copy-storage-all"]));
+    assert!(err.contains("disk[0]") && err.contains("not the source's"), "{err}");
+    assert_eq!(state_of(&dst, "mover").as_deref(), Some("paused"));
+    assert_eq!(soak_ring(&volume, &src_home.path().join("ring.raw")), source_last, "the old volume was left alone");
+    std::fs::remove_file(&volume).unwrap();
+    let out = migrate(&dst, &src_uri, &["--copy-storage-all"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(state_of(&src, "mover").as_deref(), Some("paused"));
+    wait_for("the destination's VMM to exit", Duration::from_secs(10), || vmms(&dst_home).is_empty());
+    src.ferro_ok(&["destroy", "mover"]);
+    wait_for("the source's VMM to exit", Duration::from_secs(10), || vmms(&src_home).is_empty());
+
+    // Both images closed, as QEMU reads them.
+    let scratch = dst_home.path().join("ring.raw");
+    let last = soak_ring(&copy, &scratch);
+    assert!(last >= later, "record {later} was flushed on the destination, the copy ends at {last}");
+    assert!(source_last < last, "the guest wrote on at the destination: the source's volume ends at {source_last}, the copy at {last}");
+    let raw = std::fs::read(&scratch).unwrap();
+    assert!(raw[8 << 20..11 << 20].iter().all(|b| *b == 0x5a), "the data written before the start is not in the copy");
+    assert!(raw[11 << 20..].iter().all(|b| *b == 0), "the copy holds data past what was written");
+    qemu::img_ok(&["check", "-q", copy.to_str().unwrap()]);
+    assert!(qemu::identical(&copy, &volume), "qemu-img compare: the copy made back differs");
+    qemu::img_ok(&["check", "-q", volume.to_str().unwrap()]);
 }

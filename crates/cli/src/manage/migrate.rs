@@ -18,7 +18,7 @@ pub struct MigrateArgs {
     live: bool,
     /// Move a shut-off domain: its definition, and its disks where the destination does not see
     /// the same files (copied, holes kept).
-    #[arg(long, conflicts_with_all = ["live", "max_downtime", "bandwidth", "auto_converge"])]
+    #[arg(long, conflicts_with_all = ["live", "max_downtime", "bandwidth", "auto_converge", "copy_storage_all"])]
     offline: bool,
     /// The longest pause the guest should see at the switch-over, in ms.
     #[arg(long, value_name = "MS")]
@@ -30,6 +30,11 @@ pub struct MigrateArgs {
     /// carries it.
     #[arg(long)]
     auto_converge: bool,
+    /// Copy the writable disks along while the guest runs, to new files at their paths (pool
+    /// volumes: in the destination's pool of the same name), instead of requiring storage both
+    /// hosts share. Read-only disks must still be shared.
+    #[arg(long)]
+    copy_storage_all: bool,
     /// Remove the domain's definition here once it runs on the destination.
     #[arg(long)]
     undefine_source: bool,
@@ -55,6 +60,7 @@ pub fn execute(args: MigrateArgs, c: &Client, connect: &Connect) -> Result<(), S
         "live": args.live,
         "offline": args.offline,
         "auto_converge": args.auto_converge,
+        "copy_storage_all": args.copy_storage_all,
         "undefine_source": args.undefine_source,
     });
     if let Some(ca) = args.dest_ca.as_ref().or(connect.ca.as_ref()) {

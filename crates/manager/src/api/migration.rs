@@ -18,13 +18,25 @@ const UPGRADE: &str = "ferro-migration";
 const MAX_DOWNTIME_MS: u64 = 600_000;
 
 /// Starts migrating the domain: `{"destination": "tls://HOST:PORT", "dest_token", "dest_ca"?,
-/// "live"?, "offline"?, "max_downtime_ms"?, "bandwidth_mib"?, "auto_converge"?, "undefine_source"?}`.
+/// "live"?, "offline"?, "max_downtime_ms"?, "bandwidth_mib"?, "auto_converge"?, "copy_storage_all"?,
+/// "undefine_source"?}`.
 pub(super) async fn migrate(State(svc): Svc, Path(name): Path<String>, body: Body) -> ApiResult<Response> {
     check_name("domain", &name)?;
     let body = read_json(body).await?;
     only_fields(
         &body,
-        &["destination", "dest_ca", "dest_token", "live", "offline", "max_downtime_ms", "bandwidth_mib", "auto_converge", "undefine_source"],
+        &[
+            "destination",
+            "dest_ca",
+            "dest_token",
+            "live",
+            "offline",
+            "max_downtime_ms",
+            "bandwidth_mib",
+            "auto_converge",
+            "copy_storage_all",
+            "undefine_source",
+        ],
     )?;
     let text = |key: &str| match body.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -52,8 +64,12 @@ pub(super) async fn migrate(State(svc): Svc, Path(name): Path<String>, body: Bod
         max_downtime_ms: number("max_downtime_ms", 1..=MAX_DOWNTIME_MS)?.unwrap_or(DEFAULT_MAX_DOWNTIME_MS),
         bandwidth_mib: number("bandwidth_mib", 1..=1 << 20)?,
         auto_converge: flag("auto_converge")?,
+        copy_storage: flag("copy_storage_all")?,
         undefine_source: flag("undefine_source")?,
     };
+    if req.copy_storage && req.offline {
+        return Err(ApiError::invalid("copy_storage_all: moves a running domain's disks; offline already copies the disks the destination lacks"));
+    }
     let job = svc.migrations.migrate(&name, req).await?;
     Ok(json(StatusCode::ACCEPTED, &job.info()))
 }
@@ -65,8 +81,8 @@ pub(super) async fn last(State(svc): Svc, Path(name): Path<String>) -> ApiResult
     ok(&svc.migrations.last(&name)?)
 }
 
-/// The destination's side: `{"definition": TOML, "disks": [{"size", "marker", "nonce"}],
-/// "offline"?}` with `Upgrade: ferro-migration`. Answers 101 once the domain's VMM waits for the
+/// The destination's side: `{"definition": TOML, "disks": [{"size", "marker", "nonce", "format"?,
+/// "virtual_size"?}], "offline"?, "copy_storage"?}` with `Upgrade: ferro-migration`. Answers 101 once the domain's VMM waits for the
 /// VM, and relays the connection to it from then on; offline, the connection then carries the
 /// disks missing here.
 pub(super) async fn incoming(State(svc): Svc, mut req: Request) -> ApiResult<Response> {
@@ -76,15 +92,19 @@ pub(super) async fn incoming(State(svc): Svc, mut req: Request) -> ApiResult<Res
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
     let body = read_json(req.into_body()).await?;
-    only_fields(&body, &["definition", "disks", "offline"])?;
+    only_fields(&body, &["definition", "disks", "offline", "copy_storage"])?;
     let definition = body.get("definition").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("definition: missing (the domain's TOML)"))?;
     let disks: Vec<DiskClaim> = from_json(body.get("disks").cloned().unwrap_or(Value::Array(Vec::new())))?;
-    let offline = match body.get("offline") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::invalid("offline: must be true or false")),
+    let flag = |key: &str| match body.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::invalid(format!("{key}: must be true or false"))),
     };
-    let (name, arrival) = svc.migrations.incoming(definition, &disks, offline).await?;
+    let (offline, copy_storage) = (flag("offline")?, flag("copy_storage")?);
+    if offline && copy_storage {
+        return Err(ApiError::invalid("copy_storage: a live migration's; offline copies the disks missing here anyway"));
+    }
+    let (name, arrival) = svc.migrations.incoming(definition, &disks, offline, copy_storage).await?;
     let migrations = svc.migrations.clone();
     tokio::spawn(async move {
         match on_upgrade.await {

@@ -74,6 +74,9 @@ pub struct MigrateRequest {
     pub max_downtime_ms: u64,
     pub bandwidth_mib: Option<u64>,
     pub auto_converge: bool,
+    /// Copy the writable disks along to new files on the destination (live; virsh's
+    /// `--copy-storage-all`) instead of requiring storage both hosts share.
+    pub copy_storage: bool,
     /// Remove the source's definition once the guest runs on the destination.
     pub undefine_source: bool,
 }
@@ -92,8 +95,9 @@ pub struct MigrationResult {
 
 /// How a domain arrives on the destination.
 pub enum Arrival {
-    /// Live: the connection to its VMM waiting for the VM.
-    Live(UnixStream),
+    /// Live: the connection to its VMM waiting for the VM, and the disk copies made for it
+    /// (removed should it not arrive).
+    Live(UnixStream, Vec<PathBuf>),
     /// Offline: the disks to receive, by index in the definition, with where they go and their
     /// size.
     Offline(Vec<(usize, PathBuf, u64)>),
@@ -217,7 +221,12 @@ impl Migrations {
         let (config, disks) = self.domains.disk_files(name).map_err(failed)?;
         let disks: Vec<(PathBuf, ferro_block::Format)> = disks.into_iter().take(config.disks.len()).collect();
         let paths: Vec<PathBuf> = disks.iter().map(|(path, _)| path.clone()).collect();
-        let markers = storage::Markers::place(&paths).map_err(failed)?;
+        let markers = if req.copy_storage {
+            let described: Vec<(PathBuf, Option<ferro_block::Format>)> = disks.iter().map(|(path, format)| (path.clone(), Some(*format))).collect();
+            storage::Markers::place_described(&described).map_err(failed)?
+        } else {
+            storage::Markers::place(&paths).map_err(failed)?
+        };
         let (result, mut notes) = if req.offline {
             (self.send_offline(ctx, peer, &definition, markers, &disks).await?, Vec::new())
         } else {
@@ -341,7 +350,7 @@ impl Migrations {
         let listener = UnixListener::bind(&relay_socket)
             .and_then(|listener| files.give_to_vmm(&relay_socket).map(|()| listener))
             .map_err(|e| JobError::Failed(format!("cannot listen on {}: {e}", relay_socket.display())))?;
-        let body = serde_json::json!({ "definition": definition, "disks": markers.claims });
+        let body = serde_json::json!({ "definition": definition, "disks": markers.claims, "copy_storage": req.copy_storage });
         let link = peer.upgrade("/v1/migrations/incoming", &body).await;
         drop(markers);
         let link = match link {
@@ -362,6 +371,7 @@ impl Migrations {
             max_downtime_ms: req.max_downtime_ms,
             bandwidth_mib: req.bandwidth_mib,
             auto_converge: req.auto_converge,
+            copy_storage: req.copy_storage,
         };
         let send = vmm::call::<MigrateReply>(&api, &request, SEND_TIMEOUT);
         tokio::pin!(send);
@@ -427,12 +437,13 @@ impl Migrations {
 
     /// The destination's side of a migration request: defines the domain (the name must be
     /// free here) and locates its disks against the source's (`disks`, see `storage`). Live: all
-    /// must be the source's; its VMM is started waiting for the VM. Offline: the disks missing
+    /// must be the source's (with `copy_storage` the writable ones are created here, empty, and
+    /// the stream fills them); its VMM is started waiting for the VM. Offline: the disks missing
     /// here are to be received. On failure nothing is left here.
-    pub async fn incoming(&self, definition: &str, disks: &[DiskClaim], offline: bool) -> Result<(String, Arrival)> {
+    pub async fn incoming(&self, definition: &str, disks: &[DiskClaim], offline: bool, copy_storage: bool) -> Result<(String, Arrival)> {
         let info = self.domains.define_new(definition).await?;
         let name = info.name;
-        match self.prepare_incoming(&name, disks, offline).await {
+        match self.prepare_incoming(&name, disks, offline, copy_storage).await {
             Ok(arrival) => Ok((name, arrival)),
             Err(e) => {
                 self.abandon_incoming(&name, &[]).await;
@@ -441,7 +452,7 @@ impl Migrations {
         }
     }
 
-    async fn prepare_incoming(&self, name: &str, claims: &[DiskClaim], offline: bool) -> Result<Arrival> {
+    async fn prepare_incoming(&self, name: &str, claims: &[DiskClaim], offline: bool, copy_storage: bool) -> Result<Arrival> {
         let config = self.domains.info(name)?.config.ok_or_else(|| Error::invalid(format!("domain {name}: the definition is invalid")))?;
         let disks = self.domains.disk_places(&config)?;
         let claims = claims.to_vec();
@@ -461,9 +472,25 @@ impl Migrations {
             }
             return Ok(Arrival::Offline(copies));
         }
-        tokio::task::spawn_blocking(move || storage::check(&disks, &claims))
-            .await
-            .unwrap_or_else(|e| Err(Error::internal(format!("the disk check failed: {e}"))))?;
+        let readonly: Vec<bool> = config.disks.iter().map(|d| d.readonly).collect();
+        let created = tokio::task::spawn_blocking(move || {
+            if copy_storage { storage::create_copies(&disks, &readonly, &claims) } else { storage::check(&disks, &claims).map(|()| Vec::new()) }
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::internal(format!("the disk check failed: {e}"))))?;
+        match self.start_incoming_vmm(name).await {
+            Ok(vmm) => Ok(Arrival::Live(vmm, created)),
+            Err(e) => {
+                for file in &created {
+                    let _ = std::fs::remove_file(file);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the domain's VMM waiting for the VM and connects to it.
+    async fn start_incoming_vmm(&self, name: &str) -> Result<UnixStream> {
         let socket = self.domains.start_incoming(name).await?;
         // The socket file appears when the VMM binds it, a moment before it listens: a connect in
         // between is refused, so refusals are retried for a while (the first connection that gets
@@ -478,14 +505,14 @@ impl Migrations {
                 Err(e) => return Err(Error::vmm(format!("domain {name}: cannot connect to the waiting VMM: {e}"))),
             }
         };
-        Ok(Arrival::Live(vmm))
+        Ok(vmm)
     }
 
     /// Carries the arrival over the upgraded connection `link`: relays a live one to its VMM,
     /// receives an offline one's disks.
     pub async fn arrive<L: AsyncRead + AsyncWrite + Unpin>(&self, name: &str, link: L, arrival: Arrival) {
         match arrival {
-            Arrival::Live(vmm) => self.carry_incoming(name, link, vmm).await,
+            Arrival::Live(vmm, copies) => self.carry_incoming(name, link, vmm, &copies).await,
             Arrival::Offline(copies) => self.receive_offline(name, link, copies).await,
         }
     }
@@ -521,14 +548,14 @@ impl Migrations {
     }
 
     /// Relays the migration stream from the source (`link`) to the waiting VMM until it ends;
-    /// then the VM has arrived, or the domain is removed again.
-    async fn carry_incoming<L: AsyncRead + AsyncWrite + Unpin>(&self, name: &str, link: L, vmm: UnixStream) {
+    /// then the VM has arrived, or the domain is removed again (with the disk copies made for it).
+    async fn carry_incoming<L: AsyncRead + AsyncWrite + Unpin>(&self, name: &str, link: L, vmm: UnixStream, copies: &[PathBuf]) {
         relay(vmm, link).await;
         match self.domains.incoming_arrived(name).await {
             Ok(info) => tracing::info!(domain = name, state = info.state.name(), "migrated in"),
             Err(e) => {
                 tracing::warn!(domain = name, "incoming migration failed: {e}");
-                self.abandon_incoming(name, &[]).await;
+                self.abandon_incoming(name, copies).await;
             }
         }
     }

@@ -27,6 +27,12 @@ pub struct DiskClaim {
     pub marker: String,
     /// What the marker holds.
     pub nonce: String,
+    /// The image's format ("raw", "qcow2") and virtual size in bytes: what a copy of the disk
+    /// made on the destination (`--copy-storage-all`) must be.
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub virtual_size: Option<u64>,
 }
 
 /// Markers placed next to the source's disks; removed on drop.
@@ -38,8 +44,14 @@ pub struct Markers {
 impl Markers {
     /// Places one marker beside each disk (one per directory, shared by the disks in it).
     pub fn place(disks: &[PathBuf]) -> Result<Markers> {
+        Markers::place_described(&disks.iter().map(|d| (d.clone(), None)).collect::<Vec<_>>())
+    }
+
+    /// As [`place`](Self::place), each claim also naming the disk's format (when given) and
+    /// virtual size, read from the image without locking it (its VMM may hold it).
+    pub fn place_described(disks: &[(PathBuf, Option<ferro_block::Format>)]) -> Result<Markers> {
         let mut markers = Markers { files: Vec::new(), claims: Vec::new() };
-        for (i, disk) in disks.iter().enumerate() {
+        for (i, (disk, format)) in disks.iter().enumerate() {
             let real = disk.canonicalize().map_err(|e| Error::conflict(format!("disk[{i}] {}: {e}", disk.display())))?;
             let size = std::fs::metadata(&real).map_err(|e| Error::conflict(format!("disk[{i}] {}: {e}", real.display())))?.len();
             let dir = real.parent().unwrap_or(Path::new("/"));
@@ -47,8 +59,16 @@ impl Markers {
                 let name = markers.files[at].file_name()?.to_str()?;
                 markers.claims.iter().find(|c| c.marker == name).cloned()
             });
+            let described = match format {
+                Some(format) => {
+                    let opts = ferro_block::OpenOptions { format: Some(*format), access: ferro_block::Access::ReadShared, open_backing: false };
+                    let image = ferro_block::open_with(&real, &opts).map_err(|e| Error::conflict(format!("disk[{i}] {}: {e}", real.display())))?;
+                    (Some(format.name().to_string()), Some(image.size()))
+                }
+                None => (None, None),
+            };
             let claim = match placed {
-                Some(same_dir) => DiskClaim { size, ..same_dir },
+                Some(same_dir) => DiskClaim { size, format: described.0, virtual_size: described.1, ..same_dir },
                 None => {
                     let nonce = random_hex()?;
                     let marker = format!(".ferro-migration-{nonce}");
@@ -62,7 +82,7 @@ impl Markers {
                         ))
                     })?;
                     markers.files.push(file);
-                    DiskClaim { size, marker, nonce }
+                    DiskClaim { size, marker, nonce, format: described.0, virtual_size: described.1 }
                 }
             };
             markers.claims.push(claim);
@@ -138,6 +158,63 @@ pub fn check(disks: &[PathBuf], claims: &[DiskClaim]) -> Result<()> {
     }
 }
 
+/// The destination's side of a migration that copies the writable disks along: each must be
+/// absent here (a file at its path is never overwritten, and one the source shares would be
+/// copied onto itself) and is created empty with the source's format and virtual size; the
+/// read-only ones are not copied and must be shared. Returns the files created, for the caller
+/// to remove should the migration fail; on error none is left.
+pub fn create_copies(disks: &[PathBuf], readonly: &[bool], claims: &[DiskClaim]) -> Result<Vec<PathBuf>> {
+    let places = locate(disks, claims)?;
+    let mut created = Vec::new();
+    let made = (|| {
+        for (i, ((disk, place), claim)) in disks.iter().zip(&places).zip(claims).enumerate() {
+            let shown = disk.display();
+            match (readonly.get(i).copied().unwrap_or(false), place) {
+                (true, Place::Shared) => {}
+                (true, Place::Absent) => {
+                    return Err(Error::conflict(format!(
+                        "disk[{i}] {shown}: no such file here; read-only disks are not copied, they must be on storage both hosts share"
+                    )));
+                }
+                (false, Place::Shared) => {
+                    return Err(Error::conflict(format!(
+                        "disk[{i}] {shown}: on storage both hosts share, so copying it would copy it onto itself; migrate without copying the disks"
+                    )));
+                }
+                (false, Place::Absent) => {
+                    let format = claim.format.as_deref().and_then(ferro_block::Format::from_name);
+                    let (Some(format), Some(size)) = (format.filter(|f| matches!(f, ferro_block::Format::Raw | ferro_block::Format::Qcow2)), claim.virtual_size)
+                    else {
+                        return Err(Error::invalid(format!("disks[{i}]: the source did not say the disk's format (raw or qcow2) and virtual size")));
+                    };
+                    if !disk.parent().is_some_and(Path::is_dir) {
+                        return Err(Error::conflict(format!("disk[{i}] {shown}: its directory does not exist here")));
+                    }
+                    // Exclusively: a file that appeared since the check is left alone.
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(disk)
+                        .map_err(|e| Error::conflict(format!("disk[{i}] {shown}: cannot create the copy: {e}")))?;
+                    created.push(disk.clone());
+                    ferro_block::create(disk, &ferro_block::CreateOptions::new(format, Some(size)))
+                        .map_err(|e| Error::conflict(format!("disk[{i}] {shown}: cannot create the copy: {e}")))?;
+                }
+            }
+        }
+        Ok(())
+    })();
+    match made {
+        Ok(()) => Ok(created),
+        Err(e) => {
+            for file in &created {
+                let _ = std::fs::remove_file(file);
+            }
+            Err(e)
+        }
+    }
+}
+
 /// 128 random bits as 32 hex digits.
 fn random_hex() -> Result<String> {
     use ring::rand::SecureRandom;
@@ -188,6 +265,53 @@ mod tests {
         assert!(check(&disks, &forged).unwrap_err().message.starts_with("disks[0].marker"));
         drop(markers);
         assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 2, "the markers are gone");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Copying along: a writable disk missing here is created with the source's format and
+    /// virtual size; one the source shares, a read-only one missing here, and a claim without a
+    /// format are refused, and a refusal leaves none of the copies made before it.
+    #[test]
+    fn copies_are_made_only_where_nothing_is() {
+        let root = std::env::temp_dir().join(format!("ferro-migration-copies-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (shared, here) = (root.join("shared"), root.join("here"));
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::create_dir_all(&here).unwrap();
+        let source = [shared.join("a.qcow2"), shared.join("b.raw")];
+        ferro_block::create(&source[0], &ferro_block::CreateOptions::new(ferro_block::Format::Qcow2, Some(32 << 20))).unwrap();
+        std::fs::write(&source[1], vec![1u8; 8192]).unwrap();
+        let markers = Markers::place_described(&[(source[0].clone(), Some(ferro_block::Format::Qcow2)), (source[1].clone(), Some(ferro_block::Format::Raw))]).unwrap();
+        assert_eq!((markers.claims[0].format.as_deref(), markers.claims[0].virtual_size), (Some("qcow2"), Some(32 << 20)));
+        assert_eq!((markers.claims[1].format.as_deref(), markers.claims[1].virtual_size), (Some("raw"), Some(8192)));
+
+        let copies = [here.join("a.qcow2"), here.join("b.raw")];
+        let made = create_copies(&copies, &[false, false], &markers.claims).unwrap();
+        assert_eq!(made, copies);
+        let a = ferro_block::open(&copies[0], None, true).unwrap();
+        assert_eq!((a.info().format, a.size()), (ferro_block::Format::Qcow2, 32 << 20));
+        assert_eq!(std::fs::metadata(&copies[1]).unwrap().len(), 8192);
+        assert!(std::fs::read(&copies[1]).unwrap().iter().all(|b| *b == 0), "a fresh raw copy reads zeroes");
+        drop(a);
+
+        // Now they exist: refused, left alone.
+        let e = create_copies(&copies, &[false, false], &markers.claims).unwrap_err();
+        assert!(e.message.starts_with("disk[0]") && e.message.contains("not the source's"), "{e}");
+        for f in &copies {
+            std::fs::remove_file(f).unwrap();
+        }
+        let e = create_copies(&[copies[0].clone(), source[1].clone()], &[false, false], &markers.claims).unwrap_err();
+        assert!(e.message.starts_with("disk[1]") && e.message.contains("onto itself"), "{e}");
+        assert!(!copies[0].exists(), "the copy made before the refusal is gone");
+        let e = create_copies(&copies, &[false, true], &markers.claims).unwrap_err();
+        assert!(e.message.starts_with("disk[1]") && e.message.contains("read-only"), "{e}");
+        assert!(!copies[0].exists());
+        create_copies(&[copies[0].clone(), source[1].clone()], &[false, true], &markers.claims).unwrap();
+        std::fs::remove_file(&copies[0]).unwrap();
+        let mut vague = markers.claims.clone();
+        vague[0].format = None;
+        assert!(create_copies(&copies, &[false, false], &vague).unwrap_err().message.starts_with("disks[0]: the source did not say"));
+        drop(markers);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
