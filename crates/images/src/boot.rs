@@ -26,6 +26,9 @@ pub const MAX_INITRD: u64 = 1 << 30;
 const MAX_CONFIG: u64 = 1 << 20;
 /// Most BLS entries considered.
 const MAX_BLS_ENTRIES: usize = 256;
+/// Most symbolic links followed in one path (Linux's limit), and the longest link target read.
+const MAX_LINKS: usize = 40;
+const MAX_LINK_TARGET: u64 = 4096;
 
 /// What the disk's configuration says to boot, before anything is copied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,8 +160,63 @@ fn check_block_groups(reader: &mut PartitionReader) -> Result<(), String> {
     Ok(())
 }
 
+/// `path` with every symbolic link in it resolved here, so that ext4-view never follows one
+/// itself: it reads a link's whole target into memory at the size the link's inode claims, and
+/// the inode is whatever the guest wrote (the `disk_boot` fuzz target found a link claiming a
+/// terabyte, which made ferrod, as root, ask for that much memory). A link claiming more than
+/// [`MAX_LINK_TARGET`] bytes, or a path through more than [`MAX_LINKS`] links, is an error. A
+/// component that does not exist ends the walk: the rest is kept as it is (it cannot be reached,
+/// so nothing in it is followed).
+fn no_links(fs: &Ext4, path: &str) -> Result<String, String> {
+    let mut done: Vec<String> = Vec::new();
+    let mut todo: Vec<String> = path.split('/').filter(|c| !c.is_empty()).rev().map(str::to_string).collect();
+    let mut links = 0;
+    while let Some(part) = todo.pop() {
+        match part.as_str() {
+            "." => continue,
+            ".." => {
+                done.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let here = format!("/{}", done.iter().chain([&part]).map(String::as_str).collect::<Vec<_>>().join("/"));
+        let Ok(meta) = fs.symlink_metadata(here.as_str()) else {
+            done.push(part);
+            done.extend(todo.drain(..).rev());
+            break;
+        };
+        if !meta.is_symlink() {
+            done.push(part);
+            continue;
+        }
+        links += 1;
+        if links > MAX_LINKS {
+            return Err(format!("{path}: more than {MAX_LINKS} symbolic links"));
+        }
+        if meta.len() > MAX_LINK_TARGET {
+            return Err(format!("{here}: a symbolic link whose target claims {} bytes (at most {MAX_LINK_TARGET} are read)", meta.len()));
+        }
+        let target = fs.read_link(here.as_str()).map_err(|e| format!("{here}: {e}"))?;
+        let target = target.to_str().map_err(|_| format!("{here}: its target is not UTF-8"))?;
+        if target.starts_with('/') {
+            done.clear();
+        }
+        todo.extend(target.split('/').filter(|c| !c.is_empty()).rev().map(str::to_string));
+    }
+    Ok(format!("/{}", done.join("/")))
+}
+
+/// Metadata of `path`, its links followed by [`no_links`].
+fn metadata(fs: &Ext4, path: &str) -> Result<ext4_view::Metadata, String> {
+    let real = no_links(fs, path)?;
+    fs.metadata(real.as_str()).map_err(|e| format!("{path}: {e}"))
+}
+
 /// A file's text if it exists, refusing files larger than [`MAX_CONFIG`].
 fn config_text(fs: &Ext4, path: &str) -> Result<Option<String>, String> {
+    let path = no_links(fs, path)?;
+    let path = path.as_str();
     match fs.metadata(path) {
         Ok(m) if m.is_dir() => return Ok(None),
         Ok(m) if m.len() > MAX_CONFIG => return Err(format!("{path} is {} bytes (more than {MAX_CONFIG})", m.len())),
@@ -169,7 +227,7 @@ fn config_text(fs: &Ext4, path: &str) -> Result<Option<String>, String> {
 }
 
 fn is_file(fs: &Ext4, path: &str) -> bool {
-    fs.metadata(path).is_ok_and(|m| !m.is_dir())
+    metadata(fs, path).is_ok_and(|m| !m.is_dir())
 }
 
 /// A path as the configuration wrote it, found on this filesystem: as is, or under /boot when
@@ -181,14 +239,14 @@ fn resolve(fs: &Ext4, boot_dir: &str, path: &str) -> Option<String> {
 
 fn find_on_fs(fs: &Ext4, part: &Partition, layout: &Layout) -> Result<Found, String> {
     // A root filesystem keeps its boot files in /boot; a separate /boot partition at its root.
-    let boot_dir = if fs.metadata("/boot").is_ok_and(|m| m.is_dir()) { "/boot" } else { "" };
+    let boot_dir = if metadata(fs, "/boot").is_ok_and(|m| m.is_dir()) { "/boot" } else { "" };
     let mut notes = Vec::new();
     let grubenv = ["grub/grubenv", "grub2/grubenv"].iter().find_map(|p| config_text(fs, &format!("{boot_dir}/{p}")).ok().flatten());
     let var = |name: &str| grubenv.as_deref().and_then(|t| bootcfg::grubenv(t, name));
 
     // 1. Boot Loader Specification entries, newest version first.
     let entries_dir = format!("{boot_dir}/loader/entries");
-    match fs.read_dir(entries_dir.as_str()) {
+    match no_links(fs, &entries_dir).and_then(|dir| fs.read_dir(dir.as_str()).map_err(|e| e.to_string())) {
         Ok(dir) => {
             let mut entries = Vec::new();
             for item in dir.flatten().take(MAX_BLS_ENTRIES) {
@@ -229,6 +287,10 @@ fn find_on_fs(fs: &Ext4, part: &Partition, layout: &Layout) -> Result<Found, Str
     // 3. The links Debian's kernel packages maintain.
     for dir in if boot_dir.is_empty() { vec![""] } else { vec!["/boot", ""] } {
         let (kernel, initrd) = (format!("{dir}/vmlinuz"), format!("{dir}/initrd.img"));
+        if let Err(e) = no_links(fs, &kernel) {
+            notes.push(e);
+            continue;
+        }
         if is_file(fs, &kernel) {
             let initrds = if is_file(fs, &initrd) { vec![initrd.clone()] } else { Vec::new() };
             let entry = Entry { title: String::new(), kernel: kernel.clone(), initrds, cmdline: String::new() };
@@ -269,6 +331,7 @@ fn complete(fs: &Ext4, boot_dir: &str, entry: Entry, part: &Partition, layout: &
 /// Copies files out of the filesystem, one after the other, into `dest` (through a temporary
 /// file renamed into place), refusing to copy more than `max` bytes in all.
 fn copy_out(fs: &Ext4, paths: &[String], dest: &Path, max: u64, what: &str) -> Result<(), Error> {
+    let paths = paths.iter().map(|p| no_links(fs, p)).collect::<Result<Vec<_>, _>>().map_err(|e| Error::new(format!("the {what}: {e}")))?;
     let total: u64 = paths.iter().map(|p| fs.metadata(p.as_str()).map(|m| m.len()).unwrap_or(0)).sum();
     if total > max {
         return Err(Error::new(format!("the {what} ({}) is {total} bytes, more than the {max} this host copies", paths.join(" + "))));
@@ -278,7 +341,7 @@ fn copy_out(fs: &Ext4, paths: &[String], dest: &Path, max: u64, what: &str) -> R
     let mut copied = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     let result = (|| {
-        for path in paths {
+        for path in &paths {
             let mut file = fs.open(path.as_str()).map_err(|e| format!("{path}: {e}"))?;
             loop {
                 let n = file.read_bytes(&mut buf).map_err(|e| format!("{path}: {e}"))?;
