@@ -85,6 +85,9 @@ try {
   // --- admin at 1280x800 ---
   const { context, page } = await openPage({ width: 1280, height: 800 });
   await page.goto(url);
+  // The page draws the form once it has asked ferrod who the visitor is: wait for it
+  // (isVisible does not wait, and on a loaded host the form came a moment after the load event).
+  await page.getByRole("button", { name: "Sign in" }).waitFor({ state: "visible" });
   check(await page.getByRole("button", { name: "Sign in" }).isVisible(), "an unsigned visitor sees the sign-in form");
   await page.getByLabel("Token").fill("not-the-token-of-this-ferrod");
   await page.getByRole("button", { name: "Sign in" }).click();
@@ -242,6 +245,8 @@ try {
   await row(ro.page, domain).getByRole("link", { name: domain }).click();
   await ro.page.getByRole("heading", { name: domain }).waitFor();
   const toolbar = ro.page.getByRole("toolbar", { name: "Domain actions" });
+  // all() does not wait: the toolbar may be drawn a moment after the heading.
+  await until("the domain page's action buttons", async () => (await toolbar.getByRole("button").count()) >= 9);
   const buttons = await toolbar.getByRole("button").all();
   check(buttons.length >= 9, `the domain page has its ${buttons.length} action buttons`);
   for (const b of buttons) check(await b.isDisabled(), `readonly: "${await b.textContent()}" is disabled`);
