@@ -212,9 +212,7 @@ fn ferro(runs: usize, dir: &Path) -> Side {
     warm_up(&meter, 5);
     let mut side = Side::default();
     for i in 0..runs {
-        let a = Instant::now();
-        std::thread::sleep(QUIET);
-        side.quiet.push(meter.rate(a, Instant::now()));
+        side.quiet.push(quiet_rate(&meter));
 
         let (full_dir, inc_dir) = (dir.join(format!("full-{i}")), dir.join(format!("inc-{i}")));
         let (secs, a, b) = timed(|| {
@@ -307,9 +305,7 @@ fn qemu(qemu: &Path, runs: usize, dir: &Path) -> Side {
     warm_up(&meter, 5);
     let mut side = Side::default();
     for i in 0..runs {
-        let a = Instant::now();
-        std::thread::sleep(QUIET);
-        side.quiet.push(meter.rate(a, Instant::now()));
+        side.quiet.push(quiet_rate(&meter));
 
         let (full, inc) = (dir.join(format!("qemu-full-{i}.qcow2")), dir.join(format!("qemu-inc-{i}.qcow2")));
         let (secs, a, b) = timed(|| {
@@ -345,6 +341,14 @@ fn qemu(qemu: &Path, runs: usize, dir: &Path) -> Side {
     side.round_ms = meter.round_ms();
     drop(vm);
     side
+}
+
+/// The guest's write rate over a quiet spell (no backup running), the 100 % its rate during a
+/// backup is measured against.
+fn quiet_rate(meter: &Meter) -> f64 {
+    let start = Instant::now();
+    std::thread::sleep(QUIET);
+    meter.rate(start, Instant::now())
 }
 
 fn print_backup(label: &str, who: &str, v: &[(f64, u64, f64)], quiet: f64) {
