@@ -351,8 +351,7 @@ impl<'a> Sender<'a> {
     fn new(vm: &'a VmControl, link: Link, opts: &'a SendOptions, started: Instant) -> std::result::Result<Sender<'a>, Failure> {
         let replies = BufReader::new(link.try_clone().map_err(Failure::Before)?);
         let disks = if opts.copy_storage {
-            let ids = vm.config().devices.iter().filter(|d| matches!(d.kind, DeviceKind::Block { .. })).map(|d| d.id.clone());
-            ids.zip(vm.devices().handles().disk_images.iter().cloned()).filter(|(_, d)| !d.readonly()).collect()
+            block_ids(vm.config()).into_iter().zip(vm.devices().handles().disk_images.iter().cloned()).filter(|(_, d)| !d.readonly()).collect()
         } else {
             Vec::new()
         };
@@ -738,6 +737,11 @@ impl Drop for Throttle<'_> {
     }
 }
 
+/// The ids of the configuration's disks, in its order (the order of the VM's disk handles).
+fn block_ids(config: &VmConfig) -> Vec<String> {
+    config.devices.iter().filter(|d| matches!(d.kind, DeviceKind::Block { .. })).map(|d| d.id.clone()).collect()
+}
+
 /// The destination's disks that the stream fills, by their index in `copied`, with their sizes:
 /// each must be a writable disk of the configuration whose image here has the source's format
 /// and size.
@@ -802,7 +806,7 @@ impl Receiver {
             Some(given) => hello.config.rewired_with_disks(given, &copied).map_err(|e| Error::Config(format!("the incoming VM: {e}")))?,
             None => hello.config,
         };
-        let block_ids: Vec<String> = config.devices.iter().filter(|d| matches!(d.kind, DeviceKind::Block { .. })).map(|d| d.id.clone()).collect();
+        let block_ids = block_ids(&config);
         // Everything but the state is built now, while the guest still runs on the source.
         let mem = memory::create(&config.memory, memory::Source::Fresh)?;
         // Shared writable disks stay closed (the source holds them) until the state has come;
