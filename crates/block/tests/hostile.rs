@@ -296,3 +296,17 @@ fn mutation_fuzz_never_panics() {
 
 #[allow(dead_code)]
 fn assert_send(_: &dyn DiskImage) {}
+
+/// An image whose header says it is empty but whose L2 table still maps data (a fuzzer's find):
+/// asking the status of its zero bytes answers a zero-length extent and does not underflow
+/// while cutting the (empty) data run.
+#[test]
+fn the_status_of_nothing_on_an_empty_image_with_mapped_data_is_empty() {
+    let s = TempDir::new("block-empty-mapped");
+    let q = valid(&s, "empty.qcow2");
+    patch(&q, 24, &0u64.to_be_bytes());
+    let mut img = open(&q, None, false).expect("an empty image with an L1 table opens");
+    assert_eq!(img.size(), 0);
+    let extent = img.block_status(0, 0).expect("status of nothing");
+    assert_eq!(extent.len, 0, "{extent:?}");
+}

@@ -462,7 +462,8 @@ impl Qcow2 {
     /// run reaches it; the next lookup then reports that cluster as corrupt.
     fn clamp_data_run(&self, host: u64, in_cluster: u64, len: u64) -> u64 {
         let clusters = (in_cluster + len).div_ceil(self.cs);
-        if clusters == 1 {
+        // An empty run (a zero-length request on an empty image) has nothing to cut.
+        if clusters <= 1 {
             return len;
         }
         let first = host >> self.cb;
