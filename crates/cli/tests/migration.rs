@@ -120,8 +120,12 @@ fn a_churning_guest_moves_with_every_page_and_the_source_exits() {
 /// Starts a migration at 8 MiB/s (the first pass takes seconds) on its own connection; the
 /// thread returns the reply.
 fn migrate_slowly(source: &Vmm, dest: &Destination) -> std::thread::JoinHandle<Value> {
+    migrate_in_background(source, json!({"op": "migrate_send", "to": dest.address(), "bandwidth_mib": 8}))
+}
+
+/// Sends `request` to the source on its own connection; the thread returns the reply.
+fn migrate_in_background(source: &Vmm, request: Value) -> std::thread::JoinHandle<Value> {
     let api = source.api_path();
-    let request = json!({"op": "migrate_send", "to": dest.address(), "bandwidth_mib": 8});
     std::thread::spawn(move || {
         let mut s = UnixStream::connect(api).unwrap();
         writeln!(s, "{request}").unwrap();
@@ -202,13 +206,137 @@ fn a_stream_of_another_version_is_refused_by_name() {
     let mut dest = Destination::start("mig-version", &[]);
     let mut s = UnixStream::connect(dest.incoming()).unwrap();
     let mut header = b"FERROMIG".to_vec();
-    header.extend_from_slice(&1u32.to_le_bytes());
+    header.extend_from_slice(&2u32.to_le_bytes());
     header.extend_from_slice(&[0; 12]);
     s.write_all(&header).unwrap();
     let mut reply = String::new();
     BufReader::new(s).read_line(&mut reply).unwrap();
     let reply: Value = serde_json::from_str(&reply).unwrap();
-    assert_eq!(reply["error"], "the source speaks migration protocol version 1, this VMM version 2", "{reply}");
+    assert_eq!(reply["error"], "the source speaks migration protocol version 2, this VMM version 3", "{reply}");
     assert!(!wait_exit(&mut dest.child, Duration::from_secs(10)).unwrap().success());
-    assert!(dest.stderr().contains("migration protocol version 1"));
+    assert!(dest.stderr().contains("migration protocol version 2"));
+}
+
+/// What a destination played by the test saw of the stream.
+struct Seen {
+    syncs: u32,
+    go: [u8; 2],
+}
+
+/// A destination played by the test on `path`: it takes the stream record by record (answering
+/// the hello and each `sync`), and once the state and `go` have come it answers `last`, or with
+/// `None` closes the link without a word.
+fn played_destination(path: PathBuf, last: Option<&'static str>) -> std::thread::JoinHandle<Seen> {
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut answers = s.try_clone().unwrap();
+        let mut input = BufReader::new(s);
+        let mut take = |n: usize| {
+            let mut b = vec![0u8; n];
+            input.read_exact(&mut b).unwrap();
+            b
+        };
+        let header = take(24);
+        assert_eq!(&header[..8], b"FERROMIG");
+        take(u64::from_le_bytes(header[16..24].try_into().unwrap()) as usize);
+        writeln!(answers, r#"{{"ok":true}}"#).unwrap();
+        let mut syncs = 0;
+        loop {
+            match take(1)[0] {
+                1 => {
+                    let h = take(12);
+                    take(u32::from_le_bytes(h[8..].try_into().unwrap()) as usize * 4096);
+                }
+                2 => drop(take(12)),
+                7 => {
+                    syncs += 1;
+                    writeln!(answers, r#"{{"ok":true}}"#).unwrap();
+                }
+                3 => {
+                    let len = u64::from_le_bytes(take(8).try_into().unwrap());
+                    take(len as usize);
+                    break;
+                }
+                other => panic!("record {other} before the state"),
+            }
+        }
+        let go: [u8; 2] = take(2).try_into().unwrap();
+        if let Some(line) = last {
+            writeln!(answers, "{line}").unwrap();
+        }
+        Seen { syncs, go }
+    })
+}
+
+/// The switch-over is one step: the state and `go` leave together, and the destination's word
+/// decides. A refusal means it did not run the guest, so the source resumes it; silence may mean
+/// it runs there, so the source keeps it paused and says the move is unconfirmed. Every round
+/// before ended with the destination saying it had caught up.
+#[test]
+fn the_destinations_word_after_the_state_decides_where_the_guest_runs() {
+    let (mut source, mut console, seed) = churning_source("mig-word");
+    let dir = TempDir::new("mig-word-dst");
+
+    let refusing = played_destination(dir.join("refuses.sock"), Some(r#"{"ok":false,"error":"the test's destination refuses the state"}"#));
+    let to = format!("unix:{}", dir.join("refuses.sock").display());
+    let reply = source.request(&json!({"op": "migrate_send", "to": to}).to_string());
+    let seen = refusing.join().unwrap();
+    assert_eq!(seen.go, [4, 1], "go, to run the guest, right after the state");
+    assert!(seen.syncs >= 1, "the first pass ends with a sync");
+    assert_eq!(reply["ok"], false, "{reply}");
+    let error = reply["error"].as_str().unwrap();
+    assert!(error.contains("runs on here") && error.contains("the test's destination refuses the state"), "{error}");
+    assert_eq!(source.request(r#"{"op":"info"}"#)["state"], "running");
+    console.type_keys("c");
+    let churned = console.line("counter: churned ");
+    assert_eq!(field(&churned, "errors"), "0", "{churned}");
+    assert_eq!(console.line("counter: 3 "), format!("counter: 3 seed={seed} errors=0"));
+
+    let silent = played_destination(dir.join("silent.sock"), None);
+    let to = format!("unix:{}", dir.join("silent.sock").display());
+    let reply = source.request(&json!({"op": "migrate_send", "to": to}).to_string());
+    assert_eq!(silent.join().unwrap().go, [4, 1]);
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("did not confirm"), "{reply}");
+    assert_eq!(source.request(r#"{"op":"migrate_info"}"#)["state"], "unconfirmed");
+    assert_eq!(source.request(r#"{"op":"info"}"#)["state"], "paused", "the guest may run there: it stays paused here");
+}
+
+/// The counter guest rewrites its 16 MiB pattern many times a second; at 32 MiB/s a round of it
+/// takes half a second, more than the 300 ms budget. Without auto-converge the rounds go on and
+/// the expected downtime stays above the budget (seen at the tenth round, still copying) until
+/// the move is cancelled, the guest running on. With it, the vCPU throttle rises a step every
+/// two such rounds until the guest writes little enough, and the move completes with every page
+/// right. Rounds, not wall time, decide each step, so a slower host only makes it take longer.
+#[test]
+fn a_guest_outrunning_the_link_converges_only_with_auto_converge() {
+    let (mut source, console, seed) = churning_source("mig-ac");
+
+    let dest = Destination::start("mig-ac-plain", &[]);
+    let plain = migrate_in_background(&source, json!({"op": "migrate_send", "to": dest.address(), "bandwidth_mib": 32}));
+    wait_for("ten rounds", Duration::from_secs(120), || source.request(r#"{"op":"migrate_info"}"#)["iteration"].as_u64().unwrap_or(0) >= 10);
+    let info = source.request(r#"{"op":"migrate_info"}"#);
+    assert_eq!(info["state"], "active", "without auto-converge the move must not have converged: {info}");
+    assert!(info["expected_downtime_ms"].as_u64().unwrap() > 300, "{info}");
+    assert_eq!(info["throttle_percent"], 0, "{info}");
+    assert_eq!(source.request(r#"{"op":"migrate_cancel"}"#)["ok"], true);
+    let reply = plain.join().unwrap();
+    assert!(reply["error"].as_str().unwrap().contains("cancelled"), "{reply}");
+    assert_eq!(source.request(r#"{"op":"info"}"#)["state"], "running");
+    drop(dest);
+
+    let dest = Destination::start("mig-ac-converging", &[]);
+    let reply = source.request(&json!({"op": "migrate_send", "to": dest.address(), "bandwidth_mib": 32, "auto_converge": true}).to_string());
+    assert_eq!(reply["ok"], true, "with auto-converge the move completes: {reply}");
+    eprintln!("auto-converged: {reply}");
+    assert!(reply["iterations"].as_u64().unwrap() >= 3, "it took throttled rounds: {reply}");
+    assert!(source.wait_exit(Duration::from_secs(10)).success());
+    drop(console.stream);
+    let mut console = Console::connect(&dest.dir.join("serial.sock"));
+    console.type_keys("c");
+    let churned = console.line("counter: churned ");
+    assert_eq!(field(&churned, "errors"), "0", "a page was lost or stale: {churned}");
+    assert_eq!(console.line("counter: 3 "), format!("counter: 3 seed={seed} errors=0"));
+    assert_eq!(dest.request(r#"{"op":"quit"}"#)["ok"], true);
 }

@@ -1,16 +1,17 @@
 //! Live migration between two VMMs (docs/migration.md): the sending side ([`send`], behind the
 //! `migrate_send` control op) and the receiving side ([`receive`], behind `ferro vmm
-//! --incoming`) of the version 1 stream, and the [`Tracker`] `migrate_info` reads.
+//! --incoming`) of the version 3 stream, and the [`Tracker`] `migrate_info` reads.
 //!
 //! The sender turns on dirty logging (KVM's for what the vCPUs write, the memory bitmap for
 //! what devices write), sends every page that may hold data, then the pages dirtied meanwhile
-//! in rounds until the remainder fits the downtime budget at the measured rate. Then it pauses
+//! in rounds, each ending when the destination has applied it (a `sync` record), until the
+//! remainder fits the downtime budget at the measured rate and stops shrinking. Then it pauses
 //! the guest, sends the remainder, hands its writable disks over (closes them cleanly, which
-//! releases their locks), sends the saved VM, and waits for the destination to have built the VM
-//! and opened the disks; only then does it send `go`, and it stops only once the destination says
-//! the guest runs. A failure before `go` takes the disks back (waiting while the destination
-//! still holds them) and resumes the guest here; after `go` without that word the guest stays
-//! paused here with its disks let go (it may run there) and the state says so.
+//! releases their locks), and sends the saved VM followed by `go`; the destination builds the
+//! VM, opens the disks, starts the guest and says so, and only then does the sender stop. A
+//! refusal (the destination did not start the guest) takes the disks back (waiting while the
+//! destination still holds them) and resumes the guest here; no answer at all leaves the guest
+//! paused here with its disks let go (it may run there), and the state says so.
 //!
 //! With `copy_storage` the writable disks are not shared but copied along: the destination has
 //! fresh images of the same format and size, open from the start. The sender marks what the
@@ -33,7 +34,7 @@ use ferro_vmm_api::control::{Done, MigrateReply, MigrationInfo, MigrationState, 
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsFd, FromRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -43,7 +44,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 /// The first bytes of a migration stream.
 pub const MAGIC: [u8; 8] = *b"FERROMIG";
 /// The version of the stream: its framing, records and handshake.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Record tags (one byte before each record).
 const RECORD_PAGES: u8 = 1;
@@ -52,6 +53,7 @@ const RECORD_STATE: u8 = 3;
 const RECORD_GO: u8 = 4;
 const RECORD_DISK: u8 = 5;
 const RECORD_DISK_ZEROS: u8 = 6;
+const RECORD_SYNC: u8 = 7;
 
 /// Disk bytes in one `disk` record the sender makes; the receiver accepts up to
 /// [`MAX_DISK_CHUNK`].
@@ -78,6 +80,14 @@ const TAKE_BACK_WAIT: Duration = Duration::from_secs(LINK_TIMEOUT.as_secs() + 15
 const ACTIVATE_WAIT: Duration = Duration::from_secs(2);
 /// A dirty remainder this small always fits: it is one record.
 const SMALL_REMAINDER: u64 = (RUN * PAGE) as u64;
+/// The rounds go on, even once the remainder fits the downtime budget, while each leaves at most
+/// this share (in quarters) of the one before: a guest that writes slower than the link lets
+/// the remainder, and so the pause, shrink further. At most [`MAX_ROUNDS`] rounds.
+const SHRINKING_QUARTERS: u64 = 3;
+const MAX_ROUNDS: u32 = 30;
+/// The sender's buffer: records and small runs of pages gather in it; a run of pages at least
+/// this long goes from the page buffer straight to the link.
+const SEND_BUFFER: usize = 64 << 10;
 /// One auto-converge throttle period, and its steps.
 const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
 const THROTTLE_FIRST: u32 = 20;
@@ -243,6 +253,15 @@ impl Read for Link {
     }
 }
 
+impl std::os::fd::AsFd for Link {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Link::Unix(s) => s.as_fd(),
+            Link::Tcp(s) => s.as_fd(),
+        }
+    }
+}
+
 impl Write for Link {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
@@ -254,6 +273,13 @@ impl Write for Link {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// A step the destination did not answer `ok`: it said no (and so does not run the guest), or
+/// it said nothing (and may).
+enum Answer {
+    Refused(String),
+    Silent(String),
 }
 
 /// Why a migration did not complete, and so what becomes of the guest here.
@@ -357,7 +383,7 @@ impl<'a> Sender<'a> {
         };
         Ok(Sender {
             vm,
-            out: BufWriter::with_capacity(1 << 20, link),
+            out: BufWriter::with_capacity(SEND_BUFFER, link),
             replies,
             opts,
             started,
@@ -403,13 +429,17 @@ impl<'a> Sender<'a> {
         }
         let saved: SavedVm = self.vm.save().map_err(before)?;
         let state = serde_json::to_vec(&saved).map_err(|e| before(format!("encoding the VM state: {e}")))?;
+        // The state and `go` leave in one write, `go` last: if that write fails, `go` did not
+        // leave, and the destination cannot run the guest.
         self.write(&[RECORD_STATE]).and_then(|()| self.write(&(state.len() as u64).to_le_bytes())).map_err(before)?;
-        self.write(&state).and_then(|()| self.flush()).map_err(before)?;
-        self.reply("building the VM").map_err(before)?;
-
-        // The point of no return: from here the guest may run there.
-        self.write(&[RECORD_GO, u8::from(was_running)]).and_then(|()| self.flush()).map_err(Failure::Unconfirmed)?;
-        self.reply("starting the guest").map_err(Failure::Unconfirmed)?;
+        self.write(&state).and_then(|()| self.write(&[RECORD_GO, u8::from(was_running)])).and_then(|()| self.flush()).map_err(before)?;
+        // The point of no return: the destination may run the guest from here. A refusal says it
+        // did not (and will not: its VMM exits); silence does not.
+        match self.answer("building the VM and starting the guest") {
+            Ok(()) => {}
+            Err(Answer::Refused(e)) => return Err(Failure::Before(e)),
+            Err(Answer::Silent(e)) => return Err(Failure::Unconfirmed(e)),
+        }
         Ok(MigrateReply {
             downtime_us: paused_at.elapsed().as_micros() as u64,
             total_ms: self.started.elapsed().as_millis() as u64,
@@ -441,13 +471,28 @@ impl<'a> Sender<'a> {
         self.reply("checking the VM")
     }
 
+    /// Waits until the destination has applied every record sent so far: what is still on its
+    /// way when the guest pauses would lengthen the pause, and the time a round takes to arrive,
+    /// not to leave, is the rate the remainder will go at.
+    fn sync(&mut self) -> std::result::Result<(), String> {
+        self.write(&[RECORD_SYNC])?;
+        self.flush()?;
+        self.reply("catching up")
+    }
+
     /// The destination's answer to the last step: `Ok` or its error.
     fn reply(&mut self, step: &str) -> std::result::Result<(), String> {
+        self.answer(step).map_err(|(Answer::Refused(e) | Answer::Silent(e))| e)
+    }
+
+    /// The destination's answer to the last step, telling a refusal from no answer at all.
+    fn answer(&mut self, step: &str) -> std::result::Result<(), Answer> {
         let mut line = String::new();
         match self.replies.by_ref().take(64 << 10).read_line(&mut line) {
-            Ok(0) => Err(format!("the destination closed the link while {step}")),
-            Ok(_) => decode_reply::<Done>(line.trim_end()).map(drop).map_err(|e| format!("the destination refused while {step}: {e}")),
-            Err(e) => Err(format!("waiting for the destination while {step}: {e}")),
+            Ok(0) => Err(Answer::Silent(format!("the destination closed the link while {step}"))),
+            Ok(_) if !line.ends_with('\n') => Err(Answer::Silent(format!("the destination's answer while {step} was cut off"))),
+            Ok(_) => decode_reply::<Done>(line.trim_end()).map(drop).map_err(|e| Answer::Refused(format!("the destination refused while {step}: {e}"))),
+            Err(e) => Err(Answer::Silent(format!("waiting for the destination while {step}: {e}"))),
         }
     }
 
@@ -539,7 +584,8 @@ impl<'a> Sender<'a> {
         })
     }
 
-    /// The first full pass, then dirty rounds until the remainder fits the downtime budget.
+    /// The first full pass, then dirty rounds until the remainder fits the downtime budget and
+    /// no longer shrinks by a quarter a round.
     fn rounds(&mut self, throttle: &Throttle) -> std::result::Result<Vec<Vec<u64>>, String> {
         let tracker = self.vm.migration();
         let mut round_start = Instant::now();
@@ -547,8 +593,10 @@ impl<'a> Sender<'a> {
         self.iterations = 1;
         tracker.update(|i| i.iteration = 1);
         self.send_all()?;
+        self.sync()?;
         let mut rate = 0u64;
         let mut slow_rounds = 0;
+        let mut before = self.sent - round_sent;
         loop {
             if tracker.cancelled() {
                 return Err("cancelled".into());
@@ -570,9 +618,11 @@ impl<'a> Sender<'a> {
                 i.expected_downtime_ms = expected.as_millis().min(u128::from(u64::MAX)) as u64;
                 i.elapsed_ms = self.started.elapsed().as_millis() as u64;
             });
-            if remaining <= SMALL_REMAINDER || expected <= self.opts.max_downtime {
+            let shrinking = remaining * 4 <= before * SHRINKING_QUARTERS && self.iterations < MAX_ROUNDS;
+            if remaining <= SMALL_REMAINDER || (expected <= self.opts.max_downtime && !shrinking) {
                 return Ok(dirty);
             }
+            before = remaining;
             // The guest dirtied more than half of what went out meanwhile: it outruns the link.
             if remaining * 2 > bytes_this_round {
                 slow_rounds += 1;
@@ -586,6 +636,7 @@ impl<'a> Sender<'a> {
             self.iterations += 1;
             tracker.update(|i| i.iteration = self.iterations);
             self.send_dirty(&dirty)?;
+            self.sync()?;
         }
     }
 
@@ -780,9 +831,11 @@ fn is_zero(page: &[u8]) -> bool {
 pub fn receive(builder: VmBuilder, spec: &str, wiring: Option<&VmConfig>) -> Result<Vm> {
     let link = Link::accept(spec).map_err(Error::Config)?;
     let replies = link.try_clone().map_err(Error::Config)?;
-    let mut receiver = Receiver { input: BufReader::with_capacity(1 << 20, link), replies };
+    let mut receiver = Receiver { input: BufReader::with_capacity(1 << 20, link), replies, may_have_run: false };
     let received = receiver.receive(builder, wiring);
-    if let Err(e) = &received {
+    if let Err(e) = &received
+        && !receiver.may_have_run
+    {
         // Tell the source why, so it resumes the guest at once; it may be gone already.
         receiver.answer(Err(e.to_string()));
     }
@@ -792,6 +845,8 @@ pub fn receive(builder: VmBuilder, spec: &str, wiring: Option<&VmConfig>) -> Res
 struct Receiver {
     input: BufReader<Link>,
     replies: Link,
+    /// The guest may have run here: from then on a failure is not answered.
+    may_have_run: bool,
 }
 
 impl Receiver {
@@ -816,21 +871,24 @@ impl Receiver {
         let copies = copies(&hello.copied_disks, &block_ids, unrestored.disks())?;
         self.answer(Ok(()));
         let saved = self.memory(unrestored.memory(), &copies)?;
+        // `go` follows the state at once: whether the guest runs once it is built.
+        let mut go = [0u8; 2];
+        self.input.read_exact(&mut go).map_err(|e| Error::Config(format!("the source did not say go: {e}")))?;
+        if go[0] != RECORD_GO || go[1] > 1 {
+            return Err(Error::Config(format!("the source sent record {} where go was due", go[0])));
+        }
         // The copies are durable before the source hears the VM is built: it may stop then.
         for (disk, _) in &copies {
             disk.flush().map_err(Error::Config)?;
         }
         let vm = unrestored.restore(saved)?;
         // The source let go of the writable disks before it sent the state: open them now, so
-        // that the source hears of any trouble before `go` and takes them back.
+        // that the source hears of any trouble before the guest runs anywhere, and takes them back.
         vm.control().activate_disks(ACTIVATE_WAIT).map_err(|e| Error::Config(format!("opening the disks the source handed over: {e}")))?;
-        self.answer(Ok(()));
-        let mut go = [0u8; 2];
-        self.input.read_exact(&mut go).map_err(|e| Error::Config(format!("the source did not say go: {e}")))?;
-        if go[0] != RECORD_GO || go[1] > 1 {
-            return Err(Error::Config(format!("the source sent record {} where go was due", go[0])));
-        }
         if go[1] == 1 {
+            // A resume that fails half way may have let a vCPU run: no refusal goes out then
+            // (the source must not resume on it), only silence.
+            self.may_have_run = true;
             vm.control().resume().map_err(Error::Internal)?;
         }
         self.answer(Ok(()));
@@ -861,11 +919,32 @@ impl Receiver {
         Ok(body)
     }
 
+    /// A `pages` record's data, `bytes` of it, into guest memory at `gpa` (checked to lie in
+    /// it): what the input buffer holds already, then the rest straight from the link, so the
+    /// pages are copied once on their way in.
+    fn read_pages(&mut self, mem: &GuestMemoryMmap, gpa: u64, bytes: usize) -> Result<()> {
+        let failed = |e: &dyn std::fmt::Display| Error::Config(format!("reading the migration stream: {e}"));
+        let buffered = self.input.buffer();
+        let n = buffered.len().min(bytes);
+        mem.write_slice(&buffered[..n], GuestAddress(gpa)).map_err(|e| failed(&e))?;
+        self.input.consume(n);
+        // The input buffer is empty now, so reading past it keeps the stream in order.
+        let mut fd = self.input.get_ref().as_fd();
+        let mut done = n;
+        while done < bytes {
+            match mem.read_volatile_from(GuestAddress(gpa + done as u64), &mut fd, bytes - done) {
+                Ok(0) => return Err(failed(&"the source closed the link inside a record")),
+                Ok(read) => done += read,
+                Err(e) => return Err(failed(&e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Memory records into `mem`, disk records into `copies`, until the state record, which
     /// it returns.
     fn memory(&mut self, mem: &GuestMemoryMmap, copies: &[(BlockDisk, u64)]) -> Result<SavedVm> {
         let mut chunk = Vec::new();
-        let mut page = vec![0u8; MAX_RUN as usize * PAGE];
         let zeros = vec![0u8; MAX_RUN as usize * PAGE];
         loop {
             let mut tag = [0u8; 1];
@@ -880,14 +959,15 @@ impl Receiver {
                         return Err(Error::Config(format!("migration record at {gpa:#x} with {pages} pages: not page aligned or not 1 to {MAX_RUN} pages")));
                     }
                     let bytes = pages as usize * PAGE;
-                    let data = if tag[0] == RECORD_PAGES {
-                        self.input.read_exact(&mut page[..bytes]).map_err(|e| Error::Config(format!("reading the migration stream: {e}")))?;
-                        &page[..bytes]
+                    let outside = |e| Error::Config(format!("migration record at {gpa:#x} with {pages} pages is outside guest RAM: {e}"));
+                    if !mem.check_range(GuestAddress(gpa), bytes) {
+                        return Err(outside(vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(gpa))));
+                    }
+                    if tag[0] == RECORD_PAGES {
+                        self.read_pages(mem, gpa, bytes)?;
                     } else {
-                        &zeros[..bytes]
-                    };
-                    mem.write_slice(data, GuestAddress(gpa))
-                        .map_err(|e| Error::Config(format!("migration record at {gpa:#x} with {pages} pages is outside guest RAM: {e}")))?;
+                        mem.write_slice(&zeros[..bytes], GuestAddress(gpa)).map_err(outside)?;
+                    }
                 }
                 RECORD_DISK | RECORD_DISK_ZEROS => {
                     let mut header = [0u8; 12];
@@ -932,6 +1012,7 @@ impl Receiver {
                     let body = self.read_vec(len, "the migrated VM state")?;
                     return serde_json::from_slice(&body).map_err(|e| Error::Config(format!("the migrated VM state: {e}")));
                 }
+                RECORD_SYNC => self.answer(Ok(())),
                 other => return Err(Error::Config(format!("unknown migration record {other}"))),
             }
         }
