@@ -83,6 +83,12 @@ impl LineSocket {
 
     /// QMP: the reply to the command just sent, skipping asynchronous events.
     pub(crate) fn qmp(&mut self, v: &Value) -> Value {
+        self.qmp_keeping_events(v, &mut Vec::new())
+    }
+
+    /// QMP: the reply to the command just sent; the asynchronous events that came before it
+    /// go to `events`.
+    pub(crate) fn qmp_keeping_events(&mut self, v: &Value, events: &mut Vec<Value>) -> Value {
         self.send(v);
         loop {
             let reply = self.line();
@@ -90,6 +96,7 @@ impl LineSocket {
                 assert!(reply.get("error").is_none(), "QMP {v}: {reply}");
                 return reply;
             }
+            events.push(reply);
         }
     }
 }
