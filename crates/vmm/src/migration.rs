@@ -39,7 +39,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory, WriteVolatile};
 
 /// The first bytes of a migration stream.
 pub const MAGIC: [u8; 8] = *b"FERROMIG";
@@ -684,31 +684,31 @@ impl<'a> Sender<'a> {
     /// Sends `count` (at most [`RUN`]) pages from `gpa`: runs of pages with data as `pages`
     /// records, and runs of zero pages as `zeros` records when `zeros_matter` (the destination
     /// may hold older data there) or not at all.
+    ///
+    /// The pages are read where they are in guest RAM, while the guest may still write them: a
+    /// page it writes after the dirty log was fetched is in the next fetch and goes again.
     fn send_pages(&mut self, gpa: u64, count: usize, zeros_matter: bool) -> std::result::Result<(), String> {
-        let mut buf = std::mem::take(&mut self.buf);
-        let bytes = &mut buf[..count * PAGE];
-        self.vm.memory().read_slice(bytes, GuestAddress(gpa)).map_err(|e| format!("reading guest memory at {gpa:#x}: {e}"))?;
-        let mut result = Ok(());
+        let memory = self.vm.memory();
+        let unreadable = |e: vm_memory::VolatileMemoryError| format!("reading guest memory at {gpa:#x}: {e}");
+        let run = memory.get_slice(GuestAddress(gpa), count * PAGE).map_err(|e| format!("reading guest memory at {gpa:#x}: {e}"))?;
+        let page = |i: usize| run.subslice(i * PAGE, PAGE).map_err(unreadable);
         let mut at = 0;
-        while at < count && result.is_ok() {
-            let zero = is_zero(&bytes[at * PAGE..(at + 1) * PAGE]);
+        while at < count {
+            let zero = page_is_zero(&page(at)?);
             let mut end = at + 1;
-            while end < count && is_zero(&bytes[end * PAGE..(end + 1) * PAGE]) == zero {
+            while end < count && page_is_zero(&page(end)?) == zero {
                 end += 1;
             }
             let addr = gpa + (at * PAGE) as u64;
             let n = (end - at) as u32;
-            result = if !zero {
-                self.record_header(RECORD_PAGES, addr, n).and_then(|()| self.write(&bytes[at * PAGE..end * PAGE]))
+            if !zero {
+                self.record_header(RECORD_PAGES, addr, n)?;
+                self.write_guest(&run.subslice(at * PAGE, (end - at) * PAGE).map_err(unreadable)?)?;
             } else if zeros_matter {
-                self.record_header(RECORD_ZEROS, addr, n)
-            } else {
-                Ok(())
-            };
+                self.record_header(RECORD_ZEROS, addr, n)?;
+            }
             at = end;
         }
-        self.buf = buf;
-        result?;
         let sent = self.sent;
         self.vm.migration().update(|i| i.transferred_bytes = sent);
         self.keep_to_bandwidth();
@@ -721,6 +721,23 @@ impl<'a> Sender<'a> {
         header[1..9].copy_from_slice(&gpa.to_le_bytes());
         header[9..13].copy_from_slice(&pages.to_le_bytes());
         self.write(&header)
+    }
+
+    /// Pages of guest RAM onto the link: a long run straight from guest RAM (the kernel copies it
+    /// once, into the socket), a short one through the send buffer with the records around it.
+    fn write_guest(&mut self, pages: &GuestSlice<'_>) -> std::result::Result<(), String> {
+        if pages.len() < SEND_BUFFER {
+            let mut buf = std::mem::take(&mut self.buf);
+            let n = pages.copy_to(&mut buf[..pages.len()]);
+            let written = self.write(&buf[..n]);
+            self.buf = buf;
+            return written;
+        }
+        self.flush()?;
+        let mut link = self.out.get_ref().as_fd();
+        link.write_all_volatile(pages).map_err(|e| format!("sending to the destination: {e}"))?;
+        self.sent += pages.len() as u64;
+        Ok(())
     }
 
     fn write(&mut self, bytes: &[u8]) -> std::result::Result<(), String> {
@@ -822,6 +839,19 @@ fn copies(copied: &[CopiedDisk], block_ids: &[String], disks: Vec<BlockDisk>) ->
 
 fn is_zero(page: &[u8]) -> bool {
     page.iter().all(|&b| b == 0)
+}
+
+/// A stretch of guest RAM as the sender reads it.
+type GuestSlice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::MS<'a, GuestMemoryMmap>>;
+
+/// Whether a page of guest RAM (exactly [`PAGE`] bytes) holds only zeros, read a word at a time
+/// as volatile loads (the guest may be writing it); a page with data usually says so at its
+/// first word.
+fn page_is_zero(page: &GuestSlice<'_>) -> bool {
+    match page.get_array_ref::<u64>(0, PAGE / 8) {
+        Ok(words) => (0..PAGE / 8).all(|i| words.load(i) == 0),
+        Err(_) => false,
+    }
 }
 
 /// The destination: a VM received on `spec` (see [`Link::accept`]), built and, when the source
