@@ -147,9 +147,11 @@ fn check_block_groups(reader: &mut PartitionReader) -> Result<(), String> {
         return Ok(());
     }
     let block_size = 1024u64 << log_block_size;
-    // The high half of the block count counts only with the 64bit feature (incompat 0x80).
-    let high = if u32_at(0x60) & 0x80 != 0 { u64::from(u32_at(0x150)) } else { 0 };
-    let blocks = high << 32 | u64::from(u32_at(0x4));
+    // The high half of the block count, as ext4-view reads it: always, whatever the features
+    // say (Linux counts it only with the 64bit feature, incompat 0x80, but what ext4-view will
+    // allocate for is what matters here; a disk with the feature off and the high half set was
+    // the fuzzer's second find, a 16 GiB allocation).
+    let blocks = u64::from(u32_at(0x150)) << 32 | u64::from(u32_at(0x4));
     if blocks.saturating_mul(block_size) > reader.size {
         return Err(format!("ext2/3/4 superblock claims {blocks} blocks of {block_size} bytes, more than the {} bytes there are", reader.size));
     }

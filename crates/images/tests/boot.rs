@@ -287,6 +287,14 @@ fn superblocks_claiming_more_than_the_disk_are_refused_before_reading_groups() {
     let e = boot::find(&bad, Some(Format::Raw)).unwrap_err().to_string();
     assert!(e.contains("superblock claims 1099511627776 blocks"), "{e}");
 
+    // The same count without the 64bit feature: Linux would ignore the high half, ext4-view does
+    // not (it allocated 16 GiB for such a disk's groups), so it counts.
+    set_u32(&mut d, 0x60, incompat & !0x80);
+    let bad = s.join("high-half-without-64bit.raw");
+    std::fs::write(&bad, &d).expect("write");
+    let e = boot::find(&bad, Some(Format::Raw)).unwrap_err().to_string();
+    assert!(e.contains("superblock claims 1099511627776 blocks"), "{e}");
+
     // 2^21 blocks that fit the (sparse) disk, one per group: 2^21 groups.
     let mut d = good;
     let block_size = 1024u64 << u32::from_le_bytes(d[1024 + 0x18..1024 + 0x1c].try_into().expect("4 bytes"));
