@@ -17,6 +17,9 @@
 //! - Total: as reported (`total_ms`; QEMU's `total-time`), and, the same way for both, from the
 //!   request until the destination's guest answers a byte typed on its console.
 //!
+//! QEMU runs twice: over plain TCP, and over TLS (`tls-creds-x509`, the same test CA and
+//! certificate as the ferrods'), the peer for the ferrod row, whose stream is encrypted too.
+//!
 //! Both run without a bandwidth cap (QEMU's default of 128 MiB/s is lifted) and with a 300 ms
 //! downtime budget (both defaults). After every move the guest must answer, and a churning one
 //! must report no stale word.
@@ -28,7 +31,7 @@ use crate::snapshot::{LineSocket, connect, ms, ping, qemu_command, qmp_connect, 
 use serde_json::json;
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -172,10 +175,44 @@ fn ferrods(runs: usize, churn: bool, disk: bool) -> Numbers {
 }
 
 /// QEMU, the peer: the same guest and the same moves, through QMP.
-fn qemu(qemu: &Path, guest: &Path, runs: usize, churn: bool, dir: &Path) -> Numbers {
+/// QEMU's migration over TLS (`tls-creds-x509`): a server credential for receiving and a client
+/// one for sending, each VM given both since every destination becomes the next source.
+struct QemuTls {
+    server: PathBuf,
+    client: PathBuf,
+    _pki: Pki,
+}
+
+impl QemuTls {
+    /// The directories QEMU reads (ca-cert.pem; server-cert.pem and server-key.pem), from the
+    /// same test CA and certificate as the ferrods' (for 127.0.0.1).
+    fn new(dir: &Path) -> QemuTls {
+        let pki = Pki::new();
+        let (server, client) = (dir.join("qemu-tls-server"), dir.join("qemu-tls-client"));
+        for d in [&server, &client] {
+            std::fs::create_dir_all(d).expect("tls directory");
+            std::fs::copy(pki.path("ca.pem"), d.join("ca-cert.pem")).expect("ca");
+        }
+        std::fs::copy(pki.path("ferrod.pem"), server.join("server-cert.pem")).expect("cert");
+        std::fs::copy(pki.path("ferrod.key"), server.join("server-key.pem")).expect("key");
+        QemuTls { server, client, _pki: pki }
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "-object".into(),
+            format!("tls-creds-x509,id=tls-in,dir={},endpoint=server,verify-peer=off", self.server.display()),
+            "-object".into(),
+            format!("tls-creds-x509,id=tls-out,dir={},endpoint=client", self.client.display()),
+        ]
+    }
+}
+
+fn qemu(qemu: &Path, guest: &Path, runs: usize, churn: bool, dir: &Path, tls: Option<&QemuTls>) -> Numbers {
     let files = |run: usize| (dir.join(format!("qemu-{run}.serial")), dir.join(format!("qemu-{run}.qmp")));
+    let tls_args = tls.map(QemuTls::args).unwrap_or_default();
     let (serial, qmp_path) = files(0);
-    let mut source = qemu_command(qemu, guest, MEMORY_MIB, &serial, &qmp_path).spawn().expect("spawn qemu");
+    let mut source = qemu_command(qemu, guest, MEMORY_MIB, &serial, &qmp_path).args(&tls_args).spawn().expect("spawn qemu");
     let mut console = connect(&serial, &mut source);
     wait_console(&mut console, "counter: up");
     let mut qmp = qmp_connect(&qmp_path, &mut source);
@@ -187,14 +224,22 @@ fn qemu(qemu: &Path, guest: &Path, runs: usize, churn: bool, dir: &Path) -> Numb
     for run in 1..=runs {
         let (serial, qmp_path) = files(run);
         let port = free_port();
+        let incoming = if tls.is_some() { "defer".to_string() } else { format!("tcp:127.0.0.1:{port}") };
         let mut dest = qemu_command(qemu, guest, MEMORY_MIB, &serial, &qmp_path)
+            .args(&tls_args)
             .arg("-incoming")
-            .arg(format!("tcp:127.0.0.1:{port}"))
+            .arg(incoming)
             .spawn()
             .expect("spawn qemu -incoming");
         let mut dest_console = connect(&serial, &mut dest);
         let mut dest_qmp = qmp_connect(&qmp_path, &mut dest);
         qmp.qmp(&json!({"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 100u64 << 30, "downtime-limit": 300}}));
+        if tls.is_some() {
+            // The credentials must be set before the destination listens.
+            dest_qmp.qmp(&json!({"execute": "migrate-set-parameters", "arguments": {"tls-creds": "tls-in"}}));
+            dest_qmp.qmp(&json!({"execute": "migrate-incoming", "arguments": {"uri": format!("tcp:127.0.0.1:{port}")}}));
+            qmp.qmp(&json!({"execute": "migrate-set-parameters", "arguments": {"tls-creds": "tls-out", "tls-hostname": "127.0.0.1"}}));
+        }
         wait_listening(port);
         let start = Instant::now();
         let (mut source_events, mut dest_events) = (Vec::new(), Vec::new());
@@ -269,8 +314,11 @@ pub fn run(runs: usize) {
         show("ferrod, qcow2 disk", &with_disk);
         match &peer {
             Some(qemu_path) => {
-                let theirs = qemu(qemu_path, &guest, runs, churn, &scratch.0);
+                let theirs = qemu(qemu_path, &guest, runs, churn, &scratch.0, None);
                 show("qemu -M microvm", &theirs);
+                let tls = QemuTls::new(&scratch.0);
+                let theirs_tls = qemu(qemu_path, &guest, runs, churn, &scratch.0, Some(&tls));
+                show("qemu, TLS", &theirs_tls);
                 let their_downtime = theirs.stop_to_resume_ms.unwrap_or(theirs.downtime_ms);
                 for (who, n) in [("ferro/qemu", &ours), ("ferrod/qemu", &relayed)] {
                     println!(
@@ -281,6 +329,16 @@ pub fn run(runs: usize) {
                         n.answering_ms / theirs.answering_ms
                     );
                 }
+                // Both encrypt: ferrod's relays carry the stream in TLS, QEMU its own.
+                let their_downtime = theirs_tls.stop_to_resume_ms.unwrap_or(theirs_tls.downtime_ms);
+                println!(
+                    "  ratio {:<12} downtime {:.3} (against STOP -> RESUME; {:.3} against QEMU's own figure)   total {:.3}   answering {:.3}",
+                    "ferrod/qemu-tls",
+                    relayed.downtime_ms / their_downtime,
+                    relayed.downtime_ms / theirs_tls.downtime_ms,
+                    relayed.total_ms / theirs_tls.total_ms,
+                    relayed.answering_ms / theirs_tls.answering_ms
+                );
             }
             None => println!("  (no QEMU peer: see scripts/qemu-peer.sh)"),
         }
