@@ -288,12 +288,21 @@ fn superblocks_claiming_more_than_the_disk_are_refused_before_reading_groups() {
     assert!(e.contains("superblock claims 1099511627776 blocks"), "{e}");
 
     // The same count without the 64bit feature: Linux would ignore the high half, ext4-view does
-    // not (it allocated 16 GiB for such a disk's groups), so it counts.
+    // not, so it counts.
     set_u32(&mut d, 0x60, incompat & !0x80);
     let bad = s.join("high-half-without-64bit.raw");
     std::fs::write(&bad, &d).expect("write");
     let e = boot::find(&bad, Some(Format::Raw)).unwrap_err().to_string();
     assert!(e.contains("superblock claims 1099511627776 blocks"), "{e}");
+
+    // Blocks of 4 MiB (log 12): Linux stops at 64 KiB, ext4-view does not (a disk claiming 2^43
+    // such blocks made it allocate 16 GiB for their groups: the fuzzer's find).
+    let mut d = good.clone();
+    set_u32(&mut d, 0x18, 12);
+    let bad = s.join("huge-blocks.raw");
+    std::fs::write(&bad, &d).expect("write");
+    let e = boot::find(&bad, Some(Format::Raw)).unwrap_err().to_string();
+    assert!(e.contains("superblock claims blocks of 2^22 bytes"), "{e}");
 
     // 2^21 blocks that fit the (sparse) disk, one per group: 2^21 groups.
     let mut d = good;
