@@ -174,7 +174,6 @@ fn ferrods(runs: usize, churn: bool, disk: bool) -> Numbers {
     Numbers { downtime_ms: median(downtimes), stop_to_resume_ms: None, total_ms: median(totals), answering_ms: median(answering) }
 }
 
-/// QEMU, the peer: the same guest and the same moves, through QMP.
 /// QEMU's migration over TLS (`tls-creds-x509`): a server credential for receiving and a client
 /// one for sending, each VM given both since every destination becomes the next source.
 struct QemuTls {
@@ -208,6 +207,7 @@ impl QemuTls {
     }
 }
 
+/// QEMU, the peer: the same guest and the same moves, through QMP; over TLS with `tls`.
 fn qemu(qemu: &Path, guest: &Path, runs: usize, churn: bool, dir: &Path, tls: Option<&QemuTls>) -> Numbers {
     let files = |run: usize| (dir.join(format!("qemu-{run}.serial")), dir.join(format!("qemu-{run}.qmp")));
     let tls_args = tls.map(QemuTls::args).unwrap_or_default();
@@ -303,6 +303,7 @@ pub fn run(runs: usize) {
     let guest = scratch.0.join("counter.elf");
     std::fs::write(&guest, ferro_guests::get("counter").expect("built-in counter guest")).expect("write the guest");
     let peer = qemu_bin();
+    let tls = peer.as_ref().map(|_| QemuTls::new(&scratch.0));
     println!("== live migration over loopback TCP, counter guest {MEMORY_MIB} MiB, {runs} moves each, medians");
     for (churn, workload) in [(false, "idle (16 MiB written)"), (true, "dirtying (16 MiB churned)")] {
         println!("  -- {workload}");
@@ -316,29 +317,18 @@ pub fn run(runs: usize) {
             Some(qemu_path) => {
                 let theirs = qemu(qemu_path, &guest, runs, churn, &scratch.0, None);
                 show("qemu -M microvm", &theirs);
-                let tls = QemuTls::new(&scratch.0);
-                let theirs_tls = qemu(qemu_path, &guest, runs, churn, &scratch.0, Some(&tls));
+                let theirs_tls = qemu(qemu_path, &guest, runs, churn, &scratch.0, tls.as_ref());
                 show("qemu, TLS", &theirs_tls);
-                let their_downtime = theirs.stop_to_resume_ms.unwrap_or(theirs.downtime_ms);
-                for (who, n) in [("ferro/qemu", &ours), ("ferrod/qemu", &relayed)] {
+                // The last pair both encrypt: ferrod's relays carry the stream in TLS, QEMU its own.
+                for (who, n, peer) in [("ferro/qemu", &ours, &theirs), ("ferrod/qemu", &relayed, &theirs), ("ferrod/qemu-tls", &relayed, &theirs_tls)] {
                     println!(
                         "  ratio {who:<12} downtime {:.3} (against STOP -> RESUME; {:.3} against QEMU's own figure)   total {:.3}   answering {:.3}",
-                        n.downtime_ms / their_downtime,
-                        n.downtime_ms / theirs.downtime_ms,
-                        n.total_ms / theirs.total_ms,
-                        n.answering_ms / theirs.answering_ms
+                        n.downtime_ms / peer.stop_to_resume_ms.unwrap_or(peer.downtime_ms),
+                        n.downtime_ms / peer.downtime_ms,
+                        n.total_ms / peer.total_ms,
+                        n.answering_ms / peer.answering_ms
                     );
                 }
-                // Both encrypt: ferrod's relays carry the stream in TLS, QEMU its own.
-                let their_downtime = theirs_tls.stop_to_resume_ms.unwrap_or(theirs_tls.downtime_ms);
-                println!(
-                    "  ratio {:<12} downtime {:.3} (against STOP -> RESUME; {:.3} against QEMU's own figure)   total {:.3}   answering {:.3}",
-                    "ferrod/qemu-tls",
-                    relayed.downtime_ms / their_downtime,
-                    relayed.downtime_ms / theirs_tls.downtime_ms,
-                    relayed.total_ms / theirs_tls.total_ms,
-                    relayed.answering_ms / theirs_tls.answering_ms
-                );
             }
             None => println!("  (no QEMU peer: see scripts/qemu-peer.sh)"),
         }

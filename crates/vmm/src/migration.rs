@@ -389,7 +389,7 @@ impl<'a> Sender<'a> {
             started,
             sent: 0,
             capped_since: None,
-            buf: vec![0; RUN * PAGE],
+            buf: vec![0; SEND_BUFFER],
             iterations: 0,
             disks,
             disk_buf: Vec::new(),
@@ -693,8 +693,8 @@ impl<'a> Sender<'a> {
         let run = memory.get_slice(GuestAddress(gpa), count * PAGE).map_err(|e| format!("reading guest memory at {gpa:#x}: {e}"))?;
         let page = |i: usize| run.subslice(i * PAGE, PAGE).map_err(unreadable);
         let mut at = 0;
+        let mut zero = count > 0 && page_is_zero(&page(0)?);
         while at < count {
-            let zero = page_is_zero(&page(at)?);
             let mut end = at + 1;
             while end < count && page_is_zero(&page(end)?) == zero {
                 end += 1;
@@ -707,7 +707,9 @@ impl<'a> Sender<'a> {
             } else if zeros_matter {
                 self.record_header(RECORD_ZEROS, addr, n)?;
             }
+            // The run ended at a page of the other kind (or at the end): each page is read once.
             at = end;
+            zero = !zero;
         }
         let sent = self.sent;
         self.vm.migration().update(|i| i.transferred_bytes = sent);
