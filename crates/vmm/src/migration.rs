@@ -200,7 +200,13 @@ impl Link {
     pub fn accept(spec: &str) -> std::result::Result<Link, String> {
         let link = if let Some(path) = spec.strip_prefix("unix:") {
             let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path).map_err(|e| format!("--incoming {spec}: {e}"))?;
+            // Bound and listening under another name first, then renamed into place: a source
+            // that finds the path finds it listening (between bind and listen a connect is
+            // refused).
+            let binding = format!("{path}.binding");
+            let _ = std::fs::remove_file(&binding);
+            let listener = UnixListener::bind(&binding).map_err(|e| format!("--incoming {spec}: {e}"))?;
+            std::fs::rename(&binding, path).map_err(|e| format!("--incoming {spec}: {e}"))?;
             let accepted = listener.accept().map(|(s, _)| Link::Unix(s));
             let _ = std::fs::remove_file(path);
             accepted
