@@ -492,9 +492,10 @@ impl Migrations {
     /// Starts the domain's VMM waiting for the VM and connects to it.
     async fn start_incoming_vmm(&self, name: &str) -> Result<UnixStream> {
         let socket = self.domains.start_incoming(name).await?;
-        // The socket file appears when the VMM binds it, a moment before it listens: a connect in
-        // between is refused, so refusals are retried for a while (the first connection that gets
-        // through is the migration's own; the VMM takes one).
+        // The VMM renames the socket into place once it listens, so the first connect normally
+        // gets through; a refusal (a VMM still starting over a stale file) is retried for a
+        // while (the first connection that gets through is the migration's own; the VMM takes
+        // one).
         let deadline = Instant::now() + Duration::from_secs(5);
         let vmm = loop {
             match UnixStream::connect(&socket).await {
