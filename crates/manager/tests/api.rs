@@ -136,7 +136,11 @@ fn unknown_objects_wrong_states_and_bad_requests() {
     api.expect("GET", "/v1/domains/idle1/stats", None, 409);
     api.expect("GET", "/v1/domains/idle1/console", None, 400);
     api.expect("POST", "/v1/domains/idle1/shutdown", Some(r#"{"timeout": "soon"}"#), 400);
-    api.expect("POST", "/v1/domains/idle1/autostart", Some(r#"{"enabled": "yes"}"#), 400);
+    // A true/false field given anything else is refused naming the field (null means its default).
+    let v = api.expect("POST", "/v1/domains/idle1/autostart", Some(r#"{"enabled": "yes"}"#), 400);
+    assert_eq!(message(&v), "enabled: must be true or false", "{v}");
+    let v = api.expect("POST", "/v1/domains/idle1/emulatorpin", Some(r#"{"cpus": "0", "config": 1}"#), 400);
+    assert_eq!(message(&v), "config: must be true or false", "{v}");
     api.expect("POST", "/v1/domains/idle1/start", Some("not json"), 400);
     api.expect("POST", "/v1/domains/idle1/start", Some("[1]"), 400);
     api.expect("GET", "/v1/domains/bad%20name", None, 400);

@@ -1,7 +1,7 @@
 //! `/v1/domains`: definitions, lifecycle actions, stats, the TOML definition and the console (raw
 //! upgrade for the CLI, WebSocket for browsers).
 
-use super::{ApiError, ApiResult, Svc, check_name, enabled_flag, json, ok, only_fields, read_body, read_json};
+use super::{ApiError, ApiResult, Svc, body_flag, check_name, enabled_flag, json, ok, only_fields, read_body, read_json};
 use crate::daemon::Services;
 use crate::domain::parse_size;
 use crate::domains::{Domains, PinTarget};
@@ -94,11 +94,7 @@ pub(super) async fn action(State(svc): Svc, Path((name, action)): Path<(String, 
             };
             let cpus = body["cpus"].as_str().ok_or_else(|| ApiError::invalid("cpus: give a host CPU list such as \"0\" or \"2-3\""))?;
             let cpus = cpus.parse::<CpuList>().map_err(|e| ApiError::invalid(format!("cpus: {e}")))?;
-            let config = match body.get("config") {
-                None => false,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => return Err(ApiError::invalid("config: must be true or false")),
-            };
+            let config = body_flag(&body, "config", false)?;
             domains.pin(&name, target, cpus, config).await?
         }
         _ => return Err(ApiError::not_found(format!("domains have no action {action:?}"))),

@@ -3,7 +3,7 @@
 //! destination, `POST /v1/migrations/incoming`, which another ferrod calls with
 //! `Upgrade: ferro-migration` and whose connection then carries the migration stream.
 
-use super::{ApiError, ApiResult, Svc, check_name, from_json, json, ok, only_fields, read_json};
+use super::{ApiError, ApiResult, Svc, body_flag, check_name, from_json, json, ok, only_fields, read_json};
 use crate::migration::{DiskClaim, MigrateRequest};
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -16,15 +16,6 @@ use serde_json::Value;
 const UPGRADE: &str = "ferro-migration";
 /// The longest downtime budget a request may set (10 minutes).
 const MAX_DOWNTIME_MS: u64 = 600_000;
-
-/// An optional true/false field of a request body (missing or null: false).
-fn flag(body: &Value, key: &str) -> ApiResult<bool> {
-    match body.get(key) {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(ApiError::invalid(format!("{key}: must be true or false"))),
-    }
-}
 
 /// Starts migrating the domain: `{"destination": "tls://HOST:PORT", "dest_token", "dest_ca"?,
 /// "live"?, "offline"?, "max_downtime_ms"?, "bandwidth_mib"?, "auto_converge"?, "copy_storage_all"?,
@@ -52,7 +43,7 @@ pub(super) async fn migrate(State(svc): Svc, Path(name): Path<String>, body: Bod
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(_) => Err(ApiError::invalid(format!("{key}: must be a string"))),
     };
-    let flag = |key: &str| flag(&body, key);
+    let flag = |key: &str| body_flag(&body, key, false);
     let number = |key: &str, range: std::ops::RangeInclusive<u64>| match body.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_u64() {
@@ -100,7 +91,7 @@ pub(super) async fn incoming(State(svc): Svc, mut req: Request) -> ApiResult<Res
     only_fields(&body, &["definition", "disks", "offline", "copy_storage"])?;
     let definition = body.get("definition").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("definition: missing (the domain's TOML)"))?;
     let disks: Vec<DiskClaim> = from_json(body.get("disks").cloned().unwrap_or(Value::Array(Vec::new())))?;
-    let flag = |key: &str| flag(&body, key);
+    let flag = |key: &str| body_flag(&body, key, false);
     let (offline, copy_storage) = (flag("offline")?, flag("copy_storage")?);
     if offline && copy_storage {
         return Err(ApiError::invalid("copy_storage: a live migration's; offline copies the disks missing here anyway"));

@@ -171,13 +171,19 @@ fn only_fields(body: &Value, fields: &[&str]) -> ApiResult<()> {
     }
 }
 
+/// An optional true/false field of a request body: missing or null gives `default`, anything
+/// but a boolean is refused naming the field.
+fn body_flag(body: &Value, key: &str, default: bool) -> ApiResult<bool> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::invalid(format!("{key}: must be true or false"))),
+    }
+}
+
 /// Reads `{"enabled": bool}` (missing means true).
 fn enabled_flag(body: &Value) -> ApiResult<bool> {
-    match body.get("enabled") {
-        None => Ok(true),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(ApiError::invalid("enabled: must be true or false")),
-    }
+    body_flag(body, "enabled", true)
 }
 
 fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {

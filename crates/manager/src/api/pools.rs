@@ -1,6 +1,6 @@
 //! `/v1/pools` and their volumes: definitions, actions, volume data up and down, copies as jobs.
 
-use super::{ApiError, ApiResult, Svc, check_name, enabled_flag, from_json, json, ok, only_fields, query_flag, read_json};
+use super::{ApiError, ApiResult, Svc, body_flag, check_name, enabled_flag, from_json, json, ok, only_fields, query_flag, read_json};
 use crate::daemon::Services;
 use crate::model::JobState;
 use crate::pools::{CopyKind, Imported, PoolDefinition, Size, VolumeDefinition};
@@ -135,11 +135,7 @@ async fn import(svc: &Services, pool: &str, body: &Value) -> ApiResult<Response>
     let source = text("source")?.ok_or_else(|| ApiError::invalid("source: missing (an image file on ferrod's host)"))?;
     let name = text("name")?.ok_or_else(|| ApiError::invalid("name: missing (the name of the new volume)"))?;
     let format = text("format")?.unwrap_or("qcow2");
-    let linked = match body.get("linked") {
-        None => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::invalid("linked: must be true or false")),
-    };
+    let linked = body_flag(&body, "linked", false)?;
     match svc.pools.import_image(pool, std::path::Path::new(source), name, format, linked)? {
         Imported::Job(job) => Ok(json(StatusCode::ACCEPTED, &job.info())),
         Imported::Volume(info) => Ok(json(StatusCode::CREATED, &info)),

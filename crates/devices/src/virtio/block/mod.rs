@@ -187,8 +187,8 @@ impl BlockDisk {
     /// naming it.
     fn with_qcow2<T>(&self, f: impl FnOnce(&mut ferro_block::qcow2::Qcow2) -> ferro_block::Result<T>) -> Result<T, String> {
         let mut guard = self.lock();
-        let why = if guard.inactive.is_some() { "inactive (handed over to another VMM by a migration)" } else { "closed" };
-        let disk = guard.image.as_mut().ok_or_else(|| format!("disk {} is {why}", self.path.display()))?;
+        let Slot { image, inactive, .. } = &mut *guard;
+        let disk = image.as_mut().ok_or_else(|| self.unavailable(inactive.is_some()))?;
         let qcow2 = ferro_block::snapshot_capable(disk.as_mut()).map_err(|e| format!("disk {e}"))?;
         f(qcow2).map_err(|e| format!("disk {e}"))
     }
@@ -265,12 +265,17 @@ impl BlockDisk {
         self.disk.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Why the image is not open, naming the disk: handed over by a migration, or closed.
+    fn unavailable(&self, inactive: bool) -> String {
+        let why = if inactive { "inactive (handed over to another VMM by a migration)" } else { "closed" };
+        format!("disk {} is {why}", self.path.display())
+    }
+
     /// Runs `f` on the open image; a closed or inactive one is refused naming the disk.
     fn with_image<T>(&self, f: impl FnOnce(&mut dyn DiskImage, &mut Option<DirtyGranules>) -> ferro_block::Result<T>) -> Result<T, String> {
         let mut guard = self.lock();
         let Slot { image, mirror, inactive } = &mut *guard;
-        let why = if inactive.is_some() { "inactive (handed over to another VMM by a migration)" } else { "closed" };
-        let disk = image.as_mut().ok_or_else(|| format!("disk {} is {why}", self.path.display()))?;
+        let disk = image.as_mut().ok_or_else(|| self.unavailable(inactive.is_some()))?;
         f(disk.as_mut(), mirror).map_err(|e| format!("disk {}: {e}", self.path.display()))
     }
 
