@@ -152,7 +152,6 @@ const THREAD_LIFE: &[i64] = &[
     libc::SYS_sched_getaffinity,
     libc::SYS_gettid,
     libc::SYS_getpid,
-    libc::SYS_tgkill,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
@@ -163,17 +162,26 @@ const THREAD_LIFE: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// Calls every thread may make with one argument only: `fcntl(fd, F_GETFD)`, which Rust's
+/// Calls every thread may make with one argument fixed: `fcntl(fd, F_GETFD)`, which Rust's
 /// standard library makes (in debug builds) before it closes a descriptor it owns, to catch a
-/// descriptor closed twice.
-fn narrowed_calls() -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError> {
+/// descriptor closed twice; and signals to this process only, `tgkill(own_pid, ...)` (a vCPU
+/// kicked out of KVM_RUN, the SIGSYS report, an abort) and `kill(own_pid, ...)`. Every VMM runs
+/// as the same user, so without the pid fixed a compromised VMM could signal another VM's.
+fn narrowed_calls(own_pid: u32) -> Result<Vec<(i64, SeccompRule)>, seccompiler::BackendError> {
     let f_getfd = SeccompCondition::new(
         1,
         SeccompCmpArgLen::Dword,
         SeccompCmpOp::Eq,
         libc::F_GETFD as u64,
     )?;
-    Ok(vec![(libc::SYS_fcntl, SeccompRule::new(vec![f_getfd])?)])
+    let this_process = || {
+        SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, u64::from(own_pid))
+    };
+    Ok(vec![
+        (libc::SYS_fcntl, SeccompRule::new(vec![f_getfd])?),
+        (libc::SYS_tgkill, SeccompRule::new(vec![this_process()?])?),
+        (libc::SYS_kill, SeccompRule::new(vec![this_process()?])?),
+    ])
 }
 
 /// Starting a thread (in the parent and in the child before its work begins, which includes
@@ -316,7 +324,6 @@ const MAIN: &[i64] = &[
     libc::SYS_pipe2,
     libc::SYS_close_range,
     libc::SYS_wait4,
-    libc::SYS_kill,
     libc::SYS_sigaltstack,
 ];
 
@@ -333,6 +340,7 @@ thread_local! {
 /// call, and turns filtering on for threads started through [`spawn`] from now on and for
 /// [`install`]. Call it before the process starts its threads.
 pub fn enable() -> Result<(), String> {
+    let own_pid = std::process::id();
     let mut programs = BTreeMap::new();
     for kind in ThreadKind::all() {
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> = kind
@@ -341,7 +349,7 @@ pub fn enable() -> Result<(), String> {
             .map(|call| (call, Vec::new()))
             .collect();
         // A call a kind may make with any arguments stays unconditional.
-        for (call, rule) in narrowed_calls()
+        for (call, rule) in narrowed_calls(own_pid)
             .map_err(|e| format!("seccomp filter of {} threads: {e}", kind.name()))?
         {
             if let Entry::Vacant(entry) = rules.entry(call) {
@@ -602,6 +610,49 @@ mod tests {
                 .contains(&libc::SYS_openat),
             "a disk worker opens no files"
         );
+    }
+
+    /// Signals reach this process only: a filtered thread may signal its own process (kill and
+    /// tgkill with its pid, as a vCPU kick or an abort does), and the same call aimed at another
+    /// process (here the test process, of the same user, as another VMM would be) kills it with
+    /// SIGSYS naming the call. Run in child processes, one per call.
+    #[test]
+    fn signals_reach_only_the_own_process() {
+        if let Ok(target) = std::env::var("FERRO_SECCOMP_SIGNAL_TARGET") {
+            let target: libc::pid_t = target.parse().unwrap();
+            let call = std::env::var("FERRO_SECCOMP_SIGNAL_CALL").unwrap();
+            enable().unwrap();
+            let t = spawn(ThreadKind::Main, "main-test", move || {
+                // SAFETY: signal 0 only checks the target exists; no memory is touched.
+                unsafe {
+                    let own = libc::getpid();
+                    assert_eq!(libc::kill(own, 0), 0, "kill of its own process");
+                    assert_eq!(libc::syscall(libc::SYS_tgkill, own, libc::syscall(libc::SYS_gettid), 0), 0, "tgkill in its own process");
+                    eprintln!("own process signalled");
+                    if call == "kill" {
+                        libc::kill(target, 0);
+                    } else {
+                        libc::syscall(libc::SYS_tgkill, target, target, 0);
+                    }
+                }
+            })
+            .unwrap();
+            let _ = t.join();
+            std::process::exit(0);
+        }
+        for (call, number) in [("kill", libc::SYS_kill), ("tgkill", libc::SYS_tgkill)] {
+            let child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "seccomp::tests::signals_reach_only_the_own_process", "--nocapture"])
+                .env("FERRO_SECCOMP_SIGNAL_TARGET", std::process::id().to_string())
+                .env("FERRO_SECCOMP_SIGNAL_CALL", call)
+                .output()
+                .unwrap();
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(child.status.signal(), Some(libc::SIGSYS), "{call}: {child:?}");
+            let stderr = String::from_utf8_lossy(&child.stderr);
+            assert!(stderr.contains("own process signalled"), "{call}: its own process first: {stderr}");
+            assert_eq!(stderr.lines().find_map(forbidden_call_in), Some(("main", number)), "{call}: {stderr}");
+        }
     }
 
     /// A filtered thread that makes a forbidden call kills its whole process with SIGSYS: run in
