@@ -71,11 +71,35 @@ impl RunFiles {
         self.vmm_dir().join("outgoing.sock")
     }
     /// Makes a file or directory ferrod made in [`RunFiles::vmm_dir`] the VMM's, like that
-    /// directory: a jailed VMM runs as an unprivileged user (docs/isolation.md).
+    /// directory: a jailed VMM runs as an unprivileged user (docs/isolation.md). A symbolic link
+    /// found there (the VMM may write the directory, so it could swap one in) is what changes
+    /// owner, never the file it points to.
     pub fn give_to_vmm(&self, path: &Path) -> std::io::Result<()> {
         let owner = std::fs::metadata(self.vmm_dir())?;
-        std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid()))
+        std::os::unix::fs::lchown(path, Some(owner.uid()), Some(owner.gid()))
     }
+}
+
+/// Connects to a socket in a VMM's directory without following a symbolic link. A jailed VMM
+/// may write that directory; a link it put in place of its own socket, naming another VM's
+/// socket by its host path, would otherwise send ferrod's requests for this VM to that one. The
+/// name is opened as a path only (`O_PATH | O_NOFOLLOW`: a link is opened as itself), must be a
+/// socket, and is connected to through that descriptor, so the socket checked is the one used.
+pub async fn connect(socket: &Path) -> std::io::Result<UnixStream> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let node = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_NOFOLLOW).open(socket)?;
+    let kind = node.metadata()?.file_type();
+    if !kind.is_socket() {
+        let what = if kind.is_symlink() { "a symbolic link" } else { "not a socket" };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is {what}; refusing to connect through it", socket.display()),
+        ));
+    }
+    let stream = UnixStream::connect(format!("/proc/self/fd/{}", node.as_raw_fd())).await;
+    drop(node);
+    stream
 }
 
 /// A disk as handed to the VMM, after pool volumes have been resolved to paths.
@@ -243,9 +267,27 @@ pub fn jail_spec(files: &RunFiles, vm: &VmConfig, jailer: &Jailer, snapshots: &P
 /// Sends one request on a fresh connection to the VMM's control socket and returns its typed
 /// reply; an error is one line for the caller (the VMM's own message when it refused).
 pub async fn call<R: DeserializeOwned>(socket: &Path, request: &Request, timeout: Duration) -> Result<R, String> {
+    call_peer(socket, request, timeout).await.map(|(reply, _)| reply)
+}
+
+/// The process a VMM's `info` is from, and its answer. The pid is the kernel's word (the
+/// credentials of the process listening on the socket), not the pid the VMM reports about
+/// itself, which a compromised VMM could make any process's.
+pub async fn info(socket: &Path, timeout: Duration) -> Result<(control::InfoReply, i32), String> {
+    let (reply, pid) = call_peer::<control::InfoReply>(socket, &Request::Info, timeout).await?;
+    let pid = pid.ok_or_else(|| format!("{}: the kernel did not say which process listens there", socket.display()))?;
+    if u64::from(reply.pid) != pid as u64 {
+        tracing::warn!(socket = %socket.display(), reported = reply.pid, pid, "a VMM reported another pid than its own");
+    }
+    Ok((reply, pid))
+}
+
+/// [`call`], also giving the pid of the process that listens on the socket.
+async fn call_peer<R: DeserializeOwned>(socket: &Path, request: &Request, timeout: Duration) -> Result<(R, Option<i32>), String> {
     let op = request.op();
     let exchange = async {
-        let mut stream = UnixStream::connect(socket).await.map_err(|e| format!("cannot connect to VMM: {e}"))?;
+        let mut stream = connect(socket).await.map_err(|e| format!("cannot connect to VMM: {e}"))?;
+        let pid = stream.peer_cred().ok().and_then(|c| c.pid());
         let mut line = serde_json::to_string(request).map_err(|e| format!("cannot encode `{op}`: {e}"))?;
         line.push('\n');
         stream.write_all(line.as_bytes()).await.map_err(|e| format!("VMM control socket: {e}"))?;
@@ -255,12 +297,13 @@ pub async fn call<R: DeserializeOwned>(socket: &Path, request: &Request, timeout
         if n == 0 {
             return Err("VMM closed the control socket without answering".to_string());
         }
-        Ok(answer)
+        Ok((answer, pid))
     };
-    let answer = tokio::time::timeout(timeout, exchange)
+    let (answer, pid) = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| format!("VMM did not answer `{op}` within {} ms", timeout.as_millis()))??;
-    control::decode_reply(&answer).map_err(|e| format!("`{op}` on the VMM failed: {e}"))
+    let reply = control::decode_reply(&answer).map_err(|e| format!("`{op}` on the VMM failed: {e}"))?;
+    Ok((reply, pid))
 }
 
 #[cfg(test)]

@@ -255,6 +255,25 @@ fn ferrod_jails_each_vmm_in_its_own_root_as_the_vmm_user() {
     assert_eq!(limit("Max open files"), "4096 4096");
     assert_eq!(limit("Max core file size"), "0 0");
 
+    // The VMM may write its socket directory. A link it puts in place of its control socket,
+    // naming the other VM's socket by its host path, must not lead ferrod's requests for this
+    // VM to that one: the request fails naming the link, and the other VM runs on.
+    let sockets = |name: &str| home.path().join("run").join(info(&d, name)["uuid"].as_str().unwrap()).join("vmm");
+    let (own, others) = (sockets("a").join("api.sock"), sockets("b").join("api.sock"));
+    let aside = sockets("a").join("api.sock.aside");
+    std::fs::rename(&own, &aside).unwrap();
+    std::os::unix::fs::symlink(&others, &own).unwrap();
+    let out = d.ferro(&["suspend", "a"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("is a symbolic link; refusing to connect through it"), "{out:?}");
+    assert_eq!(info(&d, "b")["state"], "running", "the other VM was not paused");
+    assert_eq!(info(&d, "a")["state"], "running");
+    std::fs::remove_file(&own).unwrap();
+    std::fs::rename(&aside, &own).unwrap();
+    d.ferro_ok(&["suspend", "a"]);
+    assert_eq!(info(&d, "a")["state"], "paused", "through its real socket the VMM answers");
+    d.ferro_ok(&["resume", "a"]);
+
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&overlay).unwrap().uid(), vmm_user.uid, "the VMM user owns the disk it writes while it runs");
     assert_eq!(std::fs::metadata(&base).unwrap().uid(), 0, "a backing file others may read keeps its owner");

@@ -32,10 +32,32 @@ pub fn seal(body: &[u8]) -> Vec<u8> {
 
 /// Reads state file `path` and returns its body once the header checks out: the magic, the
 /// format version, the length and the checksum. The error is one line naming the file.
+///
+/// The file lies in a snapshot directory the VMM writes, and ferrod (root) reads it too: a
+/// symbolic link there is not followed, and anything but a regular file of at most a state
+/// file's size is refused before it is read (a link to /dev/zero would never end, a FIFO would
+/// never answer).
 pub fn read_body(path: &Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
     let name = path.display();
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => format!("state file {name}: is a symbolic link, which is not followed"),
+            _ => format!("state file {name}: {e}"),
+        })?;
+    let meta = file.metadata().map_err(|e| format!("state file {name}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("state file {name}: not a regular file"));
+    }
+    let most = HEADER_LEN as u64 + MAX_BODY;
+    if meta.len() > most {
+        return Err(format!("state file {name}: {} bytes, larger than any state file ({most})", meta.len()));
+    }
     let mut bytes = Vec::new();
-    File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| format!("state file {name}: {e}"))?;
+    file.take(most + 1).read_to_end(&mut bytes).map_err(|e| format!("state file {name}: {e}"))?;
     if bytes.len() < HEADER_LEN {
         return Err(format!("state file {name}: truncated ({} bytes, the header alone is {HEADER_LEN})", bytes.len()));
     }
@@ -84,6 +106,15 @@ mod tests {
         damaged(HEADER_LEN + 3, "checksum mismatch");
         std::fs::write(&path, &sealed[..HEADER_LEN - 1]).unwrap();
         assert!(read_body(&path).unwrap_err().contains("truncated (55 bytes"));
+        // What a VMM could plant in its snapshot directory for ferrod to read.
+        std::fs::write(&path, &sealed).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert_eq!(read_body(&link).unwrap_err(), format!("state file {}: is a symbolic link, which is not followed", link.display()));
+        let zero = dir.join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        assert!(read_body(&zero).unwrap_err().contains("symbolic link"));
+        assert_eq!(read_body(Path::new("/dev/zero")).unwrap_err(), "state file /dev/zero: not a regular file");
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(read_body(&path).unwrap_err().starts_with(&format!("state file {}: ", path.display())));
     }

@@ -156,7 +156,7 @@ async fn console(domains: &Domains, name: &str, req: Request) -> ApiResult<Respo
         return Err(ApiError::invalid("the console needs an upgrade: Upgrade: websocket, or Upgrade: ferro-console"));
     }
     let socket = domains.serial_socket(name)?;
-    let serial = tokio::net::UnixStream::connect(&socket)
+    let serial = crate::vmm::connect(&socket)
         .await
         .map_err(|e| crate::error::Error::vmm(format!("domain {name}: cannot connect to the serial console: {e}")))?;
     let domain = name.to_string();

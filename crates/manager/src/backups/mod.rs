@@ -32,6 +32,7 @@ use crate::events::EventHub;
 use crate::jobs::{JobContext, JobError, Jobs, NewJob};
 use crate::model::{JobInfo, ProgressUnit, now_ms, rfc3339};
 use crate::store::{Store, StoredCheckpoint};
+use crate::vmm::RunFiles;
 use disk::{Since, Source};
 use ferro_vmm_api::control::{BackupBeginReply, Done, Request};
 use serde::{Deserialize, Serialize};
@@ -157,9 +158,50 @@ fn ranges_dir(dir: &Path, checkpoint: &str) -> PathBuf {
     dir.join(format!("ranges-{checkpoint}"))
 }
 
-/// Reads a VMM's ranges file: pairs of little-endian u64 offset and length.
-fn read_ranges(file: &Path) -> std::result::Result<Vec<(u64, u64)>, String> {
-    let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+/// Makes the directory the VMM writes the ranges in and gives it to the VMM. Whatever the VMM
+/// left under that name (a symbolic link it swapped in, a file) is removed first, so ferrod
+/// never creates or hands over anything through a link.
+fn make_ranges_dir(files: &RunFiles, dir: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| !m.is_dir()) {
+        std::fs::remove_file(dir)?;
+    }
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && std::fs::symlink_metadata(dir)?.is_dir() => {}
+        other => other?,
+    }
+    files.give_to_vmm(dir)
+}
+
+/// No ranges file is anywhere near this: a 64 KiB granule changed in every other place of a
+/// 1 TiB disk is 8 million ranges, 128 MiB.
+const MAX_RANGES_FILE: u64 = 256 << 20;
+
+/// Reads ranges file `name` of the VMM's ranges directory `dir`: pairs of little-endian u64
+/// offset and length. The VMM wrote both, so neither is followed if it is a symbolic link, the
+/// file must be a regular file (a FIFO would hold ferrod's read forever, a device never end)
+/// and no larger than any ranges file can be.
+fn read_ranges(dir: &Path, name: &str) -> std::result::Result<Vec<(u64, u64)>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let file = dir.join(name);
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", file.display());
+    let nofollow = |flags: i32| {
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).custom_flags(libc::O_NOFOLLOW | flags);
+        options
+    };
+    let directory = nofollow(libc::O_DIRECTORY).open(dir).map_err(|e| format!("cannot open {} (a symbolic link?): {e}", dir.display()))?;
+    let opened = nofollow(libc::O_NONBLOCK).open(format!("/proc/self/fd/{}/{name}", directory.as_raw_fd())).map_err(cannot)?;
+    let meta = opened.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", file.display()));
+    }
+    if meta.len() > MAX_RANGES_FILE {
+        return Err(format!("{}: {} bytes is larger than any ranges file", file.display(), meta.len()));
+    }
+    let mut bytes = Vec::new();
+    opened.take(MAX_RANGES_FILE + 1).read_to_end(&mut bytes).map_err(cannot)?;
     if bytes.len() % 16 != 0 {
         return Err(format!("{}: {} bytes is not a list of ranges", file.display(), bytes.len()));
     }
@@ -448,8 +490,7 @@ impl Backups {
         let ranges = (!plan.since.is_empty()).then(|| ranges_dir(&files.vmm_dir(), &plan.checkpoint));
         if let Some(dir) = &ranges {
             let cannot = |e: std::io::Error| JobError::Failed(format!("cannot create {}: {e}", dir.display()));
-            std::fs::create_dir_all(dir).map_err(cannot)?;
-            files.give_to_vmm(dir).map_err(cannot)?;
+            make_ranges_dir(&files, dir).map_err(cannot)?;
         }
         let request = Request::BackupBegin {
             checkpoint: plan.checkpoint.clone(),
@@ -470,7 +511,7 @@ impl Backups {
         let mut sources = Vec::new();
         for i in 0..plan.disks.len() {
             let changed = match &ranges {
-                Some(dir) => Some(read_ranges(&dir.join(i.to_string())).map_err(JobError::Failed)?),
+                Some(dir) => Some(read_ranges(dir, &i.to_string()).map_err(JobError::Failed)?),
                 None => None,
             };
             sources.push(Source::Snapshot { name: snapshot.clone(), changed });
@@ -584,5 +625,41 @@ mod tests {
     fn disks_are_named_as_the_guest_sees_them() {
         let names: Vec<String> = [0, 1, 25, 26, 27, 51, 52].into_iter().map(target_name).collect();
         assert_eq!(names, ["vda", "vdb", "vdz", "vdaa", "vdab", "vdaz", "vdba"]);
+    }
+
+    /// What a compromised VMM could leave in its directory for ferrod (root) to follow: a link
+    /// in place of the ranges directory or of a ranges file, a FIFO, a device. Each is refused
+    /// naming it; ferrod reads nothing through them and makes the directory afresh.
+    #[test]
+    fn ranges_planted_by_the_vmm_are_never_followed() {
+        let run = std::env::temp_dir().join(format!("ferro-ranges-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        let files = RunFiles { dir: run.clone() };
+        std::fs::create_dir_all(files.vmm_dir()).unwrap();
+        let elsewhere = run.join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        let mut pairs = 5u64.to_le_bytes().to_vec();
+        pairs.extend(7u64.to_le_bytes());
+        std::fs::write(elsewhere.join("0"), &pairs).unwrap();
+
+        let dir = ranges_dir(&files.vmm_dir(), "c1");
+        std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+        let e = read_ranges(&dir, "0").unwrap_err();
+        assert!(e.contains("a symbolic link?"), "{e}");
+        make_ranges_dir(&files, &dir).unwrap();
+        assert!(std::fs::symlink_metadata(&dir).unwrap().is_dir(), "the link is replaced by a directory");
+        assert!(elsewhere.join("0").exists(), "nothing behind the link is touched");
+
+        std::fs::write(dir.join("0"), &pairs).unwrap();
+        assert_eq!(read_ranges(&dir, "0").unwrap(), [(5, 7)]);
+        std::os::unix::fs::symlink(elsewhere.join("0"), dir.join("1")).unwrap();
+        assert!(read_ranges(&dir, "1").unwrap_err().starts_with(&format!("cannot read {}", dir.join("1").display())));
+        let fifo = std::ffi::CString::new(dir.join("2").to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert_eq!(read_ranges(&dir, "2").unwrap_err(), format!("{} is not a regular file", dir.join("2").display()));
+        std::fs::write(dir.join("3"), [0u8; 17]).unwrap();
+        assert!(read_ranges(&dir, "3").unwrap_err().contains("17 bytes is not a list of ranges"));
+        let _ = std::fs::remove_dir_all(&run);
     }
 }

@@ -7,7 +7,7 @@ use super::{Domains, not_running};
 use crate::error::{Error, Result};
 use crate::model::{DomainInfo, DomainState, DomainStats};
 use crate::vmm;
-use ferro_vmm_api::control::{BalloonReply, Done, InfoReply, Request, SnapshotReply, StatsReply};
+use ferro_vmm_api::control::{BalloonReply, Done, Request, SnapshotReply, StatsReply};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -92,8 +92,8 @@ impl Domains {
         Self::request(&socket, Request::Reset).await?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Ok(info) = vmm::call::<InfoReply>(&socket, &Request::Info, VMM_TIMEOUT).await {
-                let pid = Some(info.pid as i32);
+            if let Ok((_, pid)) = vmm::info(&socket, VMM_TIMEOUT).await {
+                let pid = Some(pid);
                 if pid != old {
                     self.update(name, |d| {
                         d.rt.vmm_pid = pid;

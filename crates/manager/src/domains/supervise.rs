@@ -24,7 +24,7 @@ use crate::vmm::{self, ResolvedDisk, RunFiles, VmNic};
 use ferro_jail::cgroup::VmCgroup;
 use ferro_vmm_api::{DiskFormat, MacAddr};
 use std::os::fd::AsRawFd;
-use ferro_vmm_api::control::{InfoReply, Request, RunState};
+use ferro_vmm_api::control::RunState;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -76,11 +76,11 @@ impl Domains {
             self.watch_pidfd(name.clone(), pid, token.to_string(), pidfd);
             // Refresh what the VMM says about itself; a failure here is not fatal.
             if let Some(files) = self.files(&name)
-                && let Ok(info) = vmm::call::<InfoReply>(&files.api_socket(), &Request::Info, VMM_TIMEOUT).await
+                && let Ok((info, vmm_pid)) = vmm::info(&files.api_socket(), VMM_TIMEOUT).await
             {
                 let _ = self.update(&name, |d| {
                     if d.rt.monitor_pid == Some(pid) {
-                        d.rt.vmm_pid = Some(info.pid as i32);
+                        d.rt.vmm_pid = Some(vmm_pid);
                         d.rt.state = match info.state {
                             RunState::Paused => DomainState::Paused,
                             RunState::Running => DomainState::Running,
@@ -150,14 +150,14 @@ impl Domains {
                 let reason = self.info(name)?.crash.map(|c| c.reason).unwrap_or_else(|| "its VMM exited".to_string());
                 return Err(Error::vmm(format!("domain {name}: the VM did not arrive: {reason}")));
             }
-            if let Ok(info) = vmm::call::<InfoReply>(&files.api_socket(), &Request::Info, VMM_TIMEOUT).await {
+            if let Ok((info, vmm_pid)) = vmm::info(&files.api_socket(), VMM_TIMEOUT).await {
                 self.update(name, |d| {
                     if d.rt.monitor_pid == Some(pid) {
-                        d.rt.vmm_pid = Some(info.pid as i32);
+                        d.rt.vmm_pid = Some(vmm_pid);
                         d.rt.state = if info.state == RunState::Paused { DomainState::Paused } else { DomainState::Running };
                     }
                 })?;
-                self.events.emit("domain", name, "migrated_in", format!("VMM pid {}", info.pid));
+                self.events.emit("domain", name, "migrated_in", format!("VMM pid {vmm_pid}"));
                 return self.info(name);
             }
             if Instant::now() > deadline {
@@ -268,11 +268,11 @@ impl Domains {
                 let reason = info.crash.map(|c| c.reason).unwrap_or_else(|| "it exited at once".to_string());
                 return Err(Error::vmm(format!("domain {name} failed to start: {reason}")));
             }
-            match vmm::call::<InfoReply>(&files.api_socket(), &Request::Info, VMM_TIMEOUT).await {
-                Ok(info) => {
+            match vmm::info(&files.api_socket(), VMM_TIMEOUT).await {
+                Ok((_, vmm_pid)) => {
                     self.update(name, |d| {
                         if d.rt.monitor_pid == Some(pid) {
-                            d.rt.vmm_pid = Some(info.pid as i32);
+                            d.rt.vmm_pid = Some(vmm_pid);
                             // Not from `info`: a booting VMM answers before its vCPUs first run.
                             if paused {
                                 d.rt.state = DomainState::Paused;

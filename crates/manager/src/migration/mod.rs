@@ -498,7 +498,7 @@ impl Migrations {
         // one).
         let deadline = Instant::now() + Duration::from_secs(5);
         let vmm = loop {
-            match UnixStream::connect(&socket).await {
+            match crate::vmm::connect(&socket).await {
                 Ok(vmm) => break vmm,
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
