@@ -219,7 +219,9 @@ pub fn grant(spec: &JailSpec) -> Result<Vec<Owner>, String> {
         if allowed {
             continue;
         }
-        if let Some(dir) = system_directory(&bind.path).or((bind.access == Access::Device).then_some("/dev")) {
+        // Judged where the path leads: a link to a system file is a system file.
+        let resolved = std::fs::canonicalize(&bind.path).map_err(|e| format!("jail: {}: {e}", bind.path.display()))?;
+        if let Some(dir) = system_directory(&resolved).or((bind.access == Access::Device).then_some("/dev")) {
             let how = if needs & 0o2 != 0 { "read and write" } else { "read" };
             return Err(format!(
                 "jail: the VMM user (uid {}) may not {how} {}, and files in {dir} are not handed over: give the user access, or run VMMs unjailed (jail = false)",
@@ -499,6 +501,12 @@ mod tests {
         let error = grant(&spec(vec![Bind { path: shadow.to_path_buf(), access: Access::Read }])).unwrap_err();
         assert!(error.contains("may not read /etc/shadow, and files in /etc are not handed over"), "{error}");
         assert_eq!(meta(shadow).uid(), 0);
+        // A link to it, wherever it lies, is judged where it leads.
+        let link = dir.join("innocent.raw");
+        std::os::unix::fs::symlink(shadow, &link).unwrap();
+        let error = grant(&spec(vec![Bind { path: link.clone(), access: Access::Write }])).unwrap_err();
+        assert!(error.contains(&format!("may not read and write {}, and files in /etc are not handed over", link.display())), "{error}");
+        assert_eq!((meta(shadow).uid(), meta(shadow).mode() & 0o777), (0, 0o640));
     }
 
     #[test]

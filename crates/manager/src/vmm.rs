@@ -223,6 +223,12 @@ pub fn jail_spec(files: &RunFiles, vm: &VmConfig, jailer: &Jailer, snapshots: &P
     // Pinning checks CPU lists against it.
     bind(Path::new(CpuList::ONLINE), Access::Read);
     if let Some(dir) = restore {
+        // The VMM that took the snapshot wrote this directory's parent: a link it put in the
+        // snapshot's place would have the jail bind, and hand over, whatever it names.
+        let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("snapshot {}: {e}", dir.display()))?;
+        if !meta.is_dir() {
+            return Err(format!("snapshot {} is not a directory (a symbolic link?); refusing to restore from it", dir.display()));
+        }
         bind(dir, Access::Read);
     }
     if let Kernel::Path(kernel) = &vm.boot.kernel {

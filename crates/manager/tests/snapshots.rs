@@ -220,9 +220,22 @@ fn snapshots_over_rest_with_damaged_files_raw_disks_and_bad_input() {
     command(&mut con, b'c', "counter: 2 seed=");
     drop(con);
 
-    // A damaged state file is refused by name; a missing one too.
+    // The VMM writes its snapshots' directory: a link it put in a snapshot's place (here to the
+    // real snapshot, moved aside) is refused before the running guest is touched.
     let uuid = api.expect("GET", "/v1/domains/c2", None, 200)["uuid"].as_str().unwrap().to_string();
     let dir = home.path().join("snapshots").join(&uuid).join("a");
+    let aside = dir.with_file_name("a.aside");
+    std::fs::rename(&dir, &aside).unwrap();
+    std::os::unix::fs::symlink(&aside, &dir).unwrap();
+    let job = api.expect("POST", "/v1/domains/c2/snapshots/a/revert", None, 202);
+    let done = api.wait_job(job["id"].as_u64().unwrap());
+    assert_eq!(done["state"], "failed", "{done}");
+    assert!(done["error"].as_str().unwrap().contains("is not a directory (a symbolic link?); refusing to restore from it"), "{done}");
+    assert_eq!(domain_state(&d, "c2"), "running");
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::rename(&aside, &dir).unwrap();
+
+    // A damaged state file is refused by name; a missing one too.
     let mut state = std::fs::read(dir.join("state")).unwrap();
     let last = state.len() - 2;
     state[last] ^= 0x20;

@@ -363,6 +363,11 @@ fn check_disks(info: &DomainInfo) -> Result<()> {
 /// Checks the frame of a snapshot's state file (magic, version, length, checksum) and that its
 /// body is a JSON object; the VMM checks the rest when it restores.
 fn check_state_file(dir: &Path) -> Result<()> {
+    // The domain's VMM writes the directory holding its snapshots: a link it put in a
+    // snapshot's place is never restored from (the jail would bind whatever it names).
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| !m.is_dir()) {
+        return Err(Error::conflict(format!("snapshot {} is not a directory (a symbolic link?); refusing to restore from it", dir.display())));
+    }
     let body = ferro_vmm_api::snapshot_file::read_body(&dir.join("state")).map_err(Error::conflict)?;
     match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(serde_json::Value::Object(_)) => Ok(()),
