@@ -39,7 +39,13 @@ pub(super) async fn get(State(svc): Svc, Path(name): Path<String>) -> ApiResult<
 pub(super) async fn resource(State(svc): Svc, Path((name, sub)): Path<(String, String)>, req: Request) -> ApiResult<Response> {
     check_name("domain", &name)?;
     match sub.as_str() {
-        "stats" => ok(&svc.domains.stats(&name).await?),
+        // A revert stops the domain's VMM and starts another: a request meeting it in between
+        // waits for the revert (as virsh waits for a domain's job) and asks again.
+        "stats" => match svc.domains.stats(&name).await {
+            Ok(stats) => ok(&stats),
+            Err(_) if svc.snapshots.settle(&name).await => ok(&svc.domains.stats(&name).await?),
+            Err(e) => Err(e.into()),
+        },
         "interfaces" => ok(&svc.domains.interfaces(&name)?),
         "config" => Ok(([(header::CONTENT_TYPE, "application/toml")], svc.domains.definition(&name)?).into_response()),
         "console" => console(&svc.domains, &name, req).await,

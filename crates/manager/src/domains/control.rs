@@ -181,8 +181,20 @@ impl Domains {
     /// Counters of a running domain: what the VMM reports plus the configured sizes.
     pub async fn stats(&self, name: &str) -> Result<DomainStats> {
         let socket = self.active_socket(name, true)?;
+        // A VMM just started (a start, a revert) is not listening at once: until the start has
+        // seen it answer (and so knows its pid), a failed request is tried again, as the
+        // start's own is, rather than failing a client that asked a moment too early.
+        let deadline = Instant::now() + START_TIMEOUT;
+        let vmm = loop {
+            match vmm::call::<StatsReply>(&socket, &Request::Stats, VMM_TIMEOUT).await {
+                Ok(reply) => break reply,
+                Err(_) if self.info(name)?.pid.is_none() && self.current_monitor(name).is_some() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(Error::vmm(e)),
+            }
+        };
         let info = self.info(name)?;
-        let vmm = vmm::call::<StatsReply>(&socket, &Request::Stats, VMM_TIMEOUT).await.map_err(Error::vmm)?;
         Ok(DomainStats {
             name: name.to_string(),
             state: info.state,

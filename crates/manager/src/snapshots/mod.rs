@@ -77,6 +77,17 @@ impl Snapshots {
         m.lock_owned().await
     }
 
+    /// Waits until no snapshot operation (take, revert, delete) of `domain` is under way;
+    /// whether one was.
+    pub async fn settle(&self, domain: &str) -> bool {
+        let m = self.op_locks.lock().unwrap_or_else(|p| p.into_inner()).entry(domain.to_string()).or_default().clone();
+        if m.try_lock().is_ok() {
+            return false;
+        }
+        drop(m.lock().await);
+        true
+    }
+
     fn domain_dir(&self, uuid: &str) -> PathBuf {
         self.root.join(uuid)
     }
