@@ -304,10 +304,13 @@ fn the_destinations_word_after_the_state_decides_where_the_guest_runs() {
 }
 
 /// The counter guest rewrites its 16 MiB pattern in a few milliseconds, over a gigabyte a second,
-/// and the link is capped at 256 MiB/s with a 10 ms budget: a round of 16 MiB takes 62 ms, in
-/// which the guest dirties all of it again. Without auto-converge the rounds go on and the
+/// and the link is capped with a 10 ms budget. Without auto-converge (link at 64 MiB/s: a round
+/// of 16 MiB takes 250 ms, and to fit the budget the guest would have to dirty under 640 KiB in
+/// it, so run well under a millisecond of it however loaded the host) the rounds go on and the
 /// expected downtime stays above the budget (seen at the tenth round, still copying) until the
-/// move is cancelled, the guest running on. With it, the vCPU throttle rises a step every two
+/// move is cancelled, the guest running on. (At 256 MiB/s a guest starved of CPU by a loaded
+/// host once converged on its own and the source left.) With it (256 MiB/s: a round of 62 ms,
+/// in which the guest dirties all of it again), the vCPU throttle rises a step every two
 /// such rounds; once the guest writes slower than the link (from about 80 %), each round leaves
 /// less than the one before, shorter rounds leave less again, and the move completes with every
 /// page right. The guest's rate sits about five times above the cap unthrottled and well below
@@ -318,7 +321,7 @@ fn a_guest_outrunning_the_link_converges_only_with_auto_converge() {
     let (mut source, console, seed) = churning_source("mig-ac");
 
     let dest = Destination::start("mig-ac-plain", &[]);
-    let plain = migrate_in_background(&source, json!({"op": "migrate_send", "to": dest.address(), "bandwidth_mib": 256, "max_downtime_ms": 10}));
+    let plain = migrate_in_background(&source, json!({"op": "migrate_send", "to": dest.address(), "bandwidth_mib": 64, "max_downtime_ms": 10}));
     wait_for("ten rounds", Duration::from_secs(120), || source.request(r#"{"op":"migrate_info"}"#)["iteration"].as_u64().unwrap_or(0) >= 10);
     let info = source.request(r#"{"op":"migrate_info"}"#);
     assert_eq!(info["state"], "active", "without auto-converge the move must not have converged: {info}");
