@@ -17,6 +17,7 @@ pub mod cpulist;
 pub mod mac;
 pub mod size;
 pub mod snapshot_file;
+pub mod vmm_file;
 
 pub use config::{BootConfig, ConsoleBackend, DeviceConfig, DeviceKind, DiskFormat, Kernel, MemoryConfig, Pinning, Transport, VmConfig};
 pub use control::{ExitReason, Request, VmEvent};

@@ -4,8 +4,6 @@
 //! to revert to that snapshot.
 
 use sha2::{Digest, Sha256};
-use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 
 /// The first bytes of every state file.
@@ -38,26 +36,15 @@ pub fn seal(body: &[u8]) -> Vec<u8> {
 /// file's size is refused before it is read (a link to /dev/zero would never end, a FIFO would
 /// never answer).
 pub fn read_body(path: &Path) -> Result<Vec<u8>, String> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use crate::vmm_file::{self, Unreadable};
     let name = path.display();
-    let file = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => format!("state file {name}: is a symbolic link, which is not followed"),
-            _ => format!("state file {name}: {e}"),
-        })?;
-    let meta = file.metadata().map_err(|e| format!("state file {name}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("state file {name}: not a regular file"));
-    }
     let most = HEADER_LEN as u64 + MAX_BODY;
-    if meta.len() > most {
-        return Err(format!("state file {name}: {} bytes, larger than any state file ({most})", meta.len()));
-    }
-    let mut bytes = Vec::new();
-    file.take(most + 1).read_to_end(&mut bytes).map_err(|e| format!("state file {name}: {e}"))?;
+    let bytes = vmm_file::read(path, most).map_err(|e| match e {
+        _ if e.is_link() => format!("state file {name}: is a symbolic link, which is not followed"),
+        Unreadable::Open(e) | Unreadable::Read(e) => format!("state file {name}: {e}"),
+        Unreadable::NotRegular => format!("state file {name}: not a regular file"),
+        Unreadable::TooLarge(len) => format!("state file {name}: {len} bytes, larger than any state file ({most})"),
+    })?;
     if bytes.len() < HEADER_LEN {
         return Err(format!("state file {name}: truncated ({} bytes, the header alone is {HEADER_LEN})", bytes.len()));
     }

@@ -181,27 +181,21 @@ const MAX_RANGES_FILE: u64 = 256 << 20;
 /// file must be a regular file (a FIFO would hold ferrod's read forever, a device never end)
 /// and no larger than any ranges file can be.
 fn read_ranges(dir: &Path, name: &str) -> std::result::Result<Vec<(u64, u64)>, String> {
-    use std::io::Read;
+    use ferro_vmm_api::vmm_file::{self, Unreadable};
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
     let file = dir.join(name);
     let cannot = |e: std::io::Error| format!("cannot read {}: {e}", file.display());
-    let nofollow = |flags: i32| {
-        let mut options = std::fs::OpenOptions::new();
-        options.read(true).custom_flags(libc::O_NOFOLLOW | flags);
-        options
-    };
-    let directory = nofollow(libc::O_DIRECTORY).open(dir).map_err(|e| format!("cannot open {} (a symbolic link?): {e}", dir.display()))?;
-    let opened = nofollow(libc::O_NONBLOCK).open(format!("/proc/self/fd/{}/{name}", directory.as_raw_fd())).map_err(cannot)?;
-    let meta = opened.metadata().map_err(cannot)?;
-    if !meta.is_file() {
-        return Err(format!("{} is not a regular file", file.display()));
-    }
-    if meta.len() > MAX_RANGES_FILE {
-        return Err(format!("{}: {} bytes is larger than any ranges file", file.display(), meta.len()));
-    }
-    let mut bytes = Vec::new();
-    opened.take(MAX_RANGES_FILE + 1).read_to_end(&mut bytes).map_err(cannot)?;
+    let directory = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(|e| format!("cannot open {} (a symbolic link?): {e}", dir.display()))?;
+    let bytes = vmm_file::read(Path::new(&format!("/proc/self/fd/{}/{name}", directory.as_raw_fd())), MAX_RANGES_FILE).map_err(|e| match e {
+        Unreadable::Open(e) | Unreadable::Read(e) => cannot(e),
+        Unreadable::NotRegular => format!("{} is not a regular file", file.display()),
+        Unreadable::TooLarge(len) => format!("{}: {len} bytes is larger than any ranges file", file.display()),
+    })?;
     if bytes.len() % 16 != 0 {
         return Err(format!("{}: {} bytes is not a list of ranges", file.display(), bytes.len()));
     }
