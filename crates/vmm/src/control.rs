@@ -86,10 +86,16 @@ pub fn handle(vm: &VmControl, line: &str) -> (String, Option<ExitReason>) {
     (reply, None)
 }
 
-/// Binds `path` (replacing a stale socket file) and serves requests on background threads.
-pub fn serve(path: &Path, vm: Arc<VmControl>) -> std::io::Result<()> {
+/// Binds the control socket at `path` (replacing a stale socket file). A client may connect at
+/// once; its requests wait in the backlog until [`serve`] starts answering.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+    UnixListener::bind(path)
+}
+
+/// Answers requests on `listener` (from [`bind`]) from a thread of its own, a thread per
+/// connection.
+pub fn serve(listener: UnixListener, vm: Arc<VmControl>) -> std::io::Result<()> {
     seccomp::spawn(ThreadKind::ControlListener, "api", move || {
         for stream in listener.incoming().flatten() {
             let vm = vm.clone();
