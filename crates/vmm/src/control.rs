@@ -86,16 +86,10 @@ pub fn handle(vm: &VmControl, line: &str) -> (String, Option<ExitReason>) {
     (reply, None)
 }
 
-/// Binds the control socket at `path` (replacing a stale socket file). A client may connect at
-/// once; its requests wait in the backlog until [`serve`] starts answering.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// Binds `path` (replacing a stale socket file) and serves requests on background threads.
+pub fn serve(path: &Path, vm: Arc<VmControl>) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path)
-}
-
-/// Answers requests on `listener` (from [`bind`]) from a thread of its own, a thread per
-/// connection.
-pub fn serve(listener: UnixListener, vm: Arc<VmControl>) -> std::io::Result<()> {
+    let listener = UnixListener::bind(path)?;
     seccomp::spawn(ThreadKind::ControlListener, "api", move || {
         for stream in listener.incoming().flatten() {
             let vm = vm.clone();

@@ -379,21 +379,11 @@ impl Vm {
             let to = if console_input.is_some() { "the virtio console" } else { "COM1" };
             eprintln!("ferro: console attached to {to}; press Ctrl-A x to quit\r");
         }
-        // The socket is bound before the guest runs (a VMM that cannot be controlled never runs
-        // it) but answered only once the vCPUs run, so no client sees a fresh VM as paused.
-        let bound = match &opts.api_socket {
-            Some(path) => control::bind(path).map(|l| Some((l, path))).map_err(|e| format!("control socket {}: {e}", path.display())),
-            None => Ok(None),
+        let served = match &opts.api_socket {
+            Some(path) => control::serve(path, self.control.clone()).map_err(|e| format!("control socket {}: {e}", path.display())),
+            None => Ok(()),
         };
-        let resumed = bound.and_then(|bound| {
-            if !opts.paused {
-                self.control.resume()?;
-            }
-            match bound {
-                Some((listener, path)) => control::serve(listener, self.control.clone()).map_err(|e| format!("control socket {}: {e}", path.display())),
-                None => Ok(()),
-            }
-        });
+        let resumed = served.and_then(|()| if opts.paused { Ok(()) } else { self.control.resume() });
         let reason = match resumed {
             Ok(()) => {
                 self.control.events.emit(&VmEvent::Started { pid: std::process::id() });
