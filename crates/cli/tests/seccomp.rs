@@ -32,8 +32,9 @@ fn every_thread_of_a_running_vmm_is_filtered() {
         ],
     );
     let _console = std::os::unix::net::UnixStream::connect(&serial).expect("serial socket");
-    // A request, so the connection thread exists too.
-    assert_eq!(vmm.request(r#"{"op":"info"}"#)["state"], "running");
+    // Requests, so the connection thread exists too. The socket answers from just before the
+    // first resume, so a fresh VMM may still say "paused" for a moment.
+    wait_for("the VMM to report running", Duration::from_secs(10), || vmm.request(r#"{"op":"info"}"#)["state"] == "running");
     let pid = vmm.child.id();
     let threads = || -> Vec<(String, String)> {
         std::fs::read_dir(format!("/proc/{pid}/task"))
